@@ -1,0 +1,40 @@
+//! gRPC services. Turns wire requests into domain requests (parsing at the edge) and
+//! domain errors into `Status` in exactly one place (`status`). Decides nothing.
+
+pub mod broker;
+
+use tonic::{Code, Status};
+
+use crate::attest::AttestError;
+use crate::issue::IssueError;
+use crate::mint::MintError;
+
+/// The generated `mayfly.v1` types.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("mayfly.v1");
+}
+
+/// The one mapping from a domain error to what the peer sees: the category and a message
+/// that names no secret. Details beyond that go to the log and the ledger.
+pub fn status(err: &IssueError) -> Status {
+    let code = match err {
+        IssueError::Attest(AttestError::PeerWithoutCredentials | AttestError::Proc { .. }) => Code::Unauthenticated,
+        IssueError::Attest(AttestError::CallerExited { .. }) => Code::PermissionDenied,
+        IssueError::NoEntry | IssueError::EntryExpired { .. } | IssueError::Denied { .. } => Code::PermissionDenied,
+        IssueError::Ambiguous(_) => Code::FailedPrecondition,
+        IssueError::Ledger(_) => Code::Unavailable,
+        IssueError::Mint(MintError::CsrEncoding(_) | MintError::CsrSignature | MintError::CsrKeyAlgorithm) => {
+            Code::InvalidArgument
+        }
+        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_)) => Code::Internal,
+    };
+    if code == Code::Internal || code == Code::Unavailable {
+        tracing::error!(error = %err, "issuance failed");
+    }
+    Status::new(code, err.to_string())
+}
+
+pub fn invalid(what: &str, err: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{what}: {err}"))
+}

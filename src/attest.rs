@@ -1,0 +1,52 @@
+//! Attestation: turns a caller into `Selectors`. Owns the `Attestor` seam and the peer
+//! facts captured when a connection is accepted; knows nothing of policy or keys.
+
+pub mod unix;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::identity::Selectors;
+
+pub use unix::{PeerInfo, PeerStream, UnixAttestor};
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AttestError {
+    #[error("the peer has no process credentials")]
+    PeerWithoutCredentials,
+    /// Why it matters: the kernel recycles PIDs; a caller that is gone (or replaced) gets nothing.
+    #[error("the calling process `{pid}` exited or was replaced before attestation finished")]
+    CallerExited { pid: i32 },
+    #[error("cannot read /proc for pid `{pid}`: {why}")]
+    Proc { pid: i32, why: String },
+}
+
+/// What attestation established about the caller. `caller` is a summary for the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    pub selectors: Selectors,
+    pub caller: CallerSummary,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CallerSummary {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    pub exe: Option<String>,
+    pub sha256: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Attests a caller from what was captured at connect time. Blocking (reads /proc):
+/// callers run it on a blocking thread.
+pub trait Attestor: Send + Sync + 'static {
+    fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError>;
+}
+
+impl<A: Attestor + ?Sized> Attestor for Arc<A> {
+    fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+        (**self).attest(peer)
+    }
+}

@@ -1,0 +1,331 @@
+//! The Unix attestor: SO_PEERCRED (uid, gid, pid) captured at accept, then /proc for the
+//! executable path, its SHA-256 and the container id.
+//!
+//! PID reuse: at accept we open a pidfd for the peer and note its start time. At request
+//! time /proc/<pid> is opened once as a directory fd and everything is read through it;
+//! afterwards the pidfd must still be alive and the start time unchanged. A caller that
+//! exited (even if its connection lives on in a child) or whose PID now names another
+//! process gets no selectors. This is the same approach as SPIRE's peer tracker, with a
+//! pidfd added.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, PidfdFlags};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+
+use super::{AttestError, Attestation, Attestor, CallerSummary};
+use crate::identity::{Selector, Selectors};
+
+/// Peer facts captured at accept time, before the caller can hand the connection on.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    pidfd: Option<Arc<OwnedFd>>,
+    start_time: Option<u64>,
+}
+
+impl PeerInfo {
+    pub fn capture(stream: &UnixStream) -> Self {
+        let cred = stream.peer_cred().ok();
+        let pid = cred.as_ref().and_then(|c| c.pid()).filter(|p| *p > 0);
+        let pidfd = pid
+            .and_then(Pid::from_raw)
+            .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
+            .map(Arc::new);
+        let start_time = pid.and_then(|p| {
+            let dir = open_proc(p).ok()?;
+            read_stat(&dir).ok().map(|s| s.start_time)
+        });
+        Self {
+            uid: cred.as_ref().map_or(u32::MAX, |c| c.uid()),
+            gid: cred.as_ref().map_or(u32::MAX, |c| c.gid()),
+            pid: if cred.is_some() { pid } else { None },
+            pidfd,
+            start_time,
+        }
+    }
+
+    /// A peer whose credentials could not be read (for tests of that path).
+    pub fn without_credentials() -> Self {
+        Self { uid: u32::MAX, gid: u32::MAX, pid: None, pidfd: None, start_time: None }
+    }
+}
+
+/// A connection on the workload socket, carrying what was captured at accept.
+pub struct PeerStream {
+    inner: UnixStream,
+    info: PeerInfo,
+}
+
+impl PeerStream {
+    pub fn new(inner: UnixStream) -> Self {
+        let info = PeerInfo::capture(&inner);
+        Self { inner, info }
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Cache key for executable hashes: the file's identity and change times. A rewritten
+/// binary changes mtime/ctime (ctime cannot be set from user space), so it is re-hashed.
+type ExeKey = (u64, u64, u64, i64, i64, i64, i64);
+
+pub struct UnixAttestor {
+    daemon_uid: u32,
+    max_binary_bytes: u64,
+    hashes: moka::sync::Cache<ExeKey, String>,
+}
+
+impl UnixAttestor {
+    pub fn new(max_binary_bytes: u64) -> Self {
+        Self {
+            daemon_uid: rustix::process::geteuid().as_raw(),
+            max_binary_bytes,
+            hashes: moka::sync::Cache::new(4096),
+        }
+    }
+
+    fn exe_sha256(&self, file: &mut File) -> std::io::Result<Option<String>> {
+        let meta = file.metadata()?;
+        if meta.len() > self.max_binary_bytes {
+            return Ok(None);
+        }
+        let key = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
+        if let Some(hit) = self.hashes.get(&key) {
+            return Ok(Some(hit));
+        }
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > self.max_binary_bytes {
+                return Ok(None);
+            }
+            ctx.update(&buf[..n]);
+        }
+        let digest = hex::encode(ctx.finish());
+        self.hashes.insert(key, digest.clone());
+        Ok(Some(digest))
+    }
+}
+
+impl Attestor for UnixAttestor {
+    fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+        let pid = peer.pid.ok_or(AttestError::PeerWithoutCredentials)?;
+        let exited = AttestError::CallerExited { pid };
+        let (pidfd, start_time) = match (&peer.pidfd, peer.start_time) {
+            (Some(fd), Some(t)) => (fd, t),
+            _ => return Err(exited),
+        };
+        if has_exited(pidfd) {
+            return Err(exited);
+        }
+        let proc_err = |why: String| AttestError::Proc { pid, why };
+        let dir = open_proc(pid).map_err(|_| exited.clone())?;
+        let stat = read_stat(&dir).map_err(|_| exited.clone())?;
+        if stat.start_time != start_time || stat.is_dead() {
+            return Err(exited);
+        }
+
+        let exe = rustix::fs::readlinkat(&dir, "exe", Vec::new())
+            .map(|p| p.to_string_lossy().into_owned())
+            .map_err(|e| proc_err(format!("exe: {e}")))?;
+        let mut exe_file = rustix::fs::openat(&dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map(File::from)
+            .map_err(|e| proc_err(format!("exe: {e}")))?;
+        let sha256 = self.exe_sha256(&mut exe_file).map_err(|e| proc_err(format!("exe: {e}")))?;
+        if sha256.is_none() {
+            tracing::warn!(pid, exe, limit = self.max_binary_bytes, "executable over the hash size cap; no unix:sha256 selector");
+        }
+        let container = read_at(&dir, "cgroup").ok().and_then(|text| container_id(&text));
+
+        // Why: everything above was read through `dir`, which pins the process we opened;
+        // if that process is gone or is no longer the one that connected, discard it all.
+        let still = read_stat(&dir).map_err(|_| exited.clone())?;
+        if has_exited(pidfd) || still.start_time != start_time || still.is_dead() {
+            return Err(exited);
+        }
+
+        let mut selectors = Selectors::new();
+        selectors.insert(Selector::new("unix", "uid", peer.uid));
+        selectors.insert(Selector::new("unix", "gid", peer.gid));
+        if peer.uid == self.daemon_uid {
+            selectors.insert(Selector::new("unix", "uid", "self"));
+        }
+        selectors.insert(Selector::new("unix", "path", &exe));
+        if let Some(h) = &sha256 {
+            selectors.insert(Selector::new("unix", "sha256", h));
+        }
+        if let Some(c) = &container {
+            selectors.insert(Selector::new("unix", "container", c));
+        }
+        Ok(Attestation {
+            selectors,
+            caller: CallerSummary { uid: peer.uid, gid: peer.gid, pid, exe: Some(exe), sha256, container },
+        })
+    }
+}
+
+fn open_proc(pid: i32) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::open(format!("/proc/{pid}"), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+}
+
+fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<String> {
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut text = String::new();
+    File::from(fd).take(1 << 20).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+struct Stat {
+    state: char,
+    start_time: u64,
+}
+
+impl Stat {
+    fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+fn read_stat(dir: &OwnedFd) -> std::io::Result<Stat> {
+    parse_stat(&read_at(dir, "stat")?).ok_or_else(|| std::io::Error::other("malformed /proc/<pid>/stat"))
+}
+
+/// `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so fields are counted
+/// from the last `)`. starttime is field 22.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat { state: fields.first()?.chars().next()?, start_time: fields.get(19)?.parse().ok()? })
+}
+
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(0) => false,
+        // Readable (or an error on the fd) means the process is gone: fail closed.
+        _ => true,
+    }
+}
+
+/// A 64-hex container id from a cgroup path (docker, containerd/CRI, CRI-O, podman).
+fn container_id(cgroup: &str) -> Option<String> {
+    for line in cgroup.lines() {
+        let path = line.splitn(3, ':').nth(2)?;
+        for segment in path.rsplit('/') {
+            let mut s = segment.strip_suffix(".scope").unwrap_or(segment);
+            for prefix in ["docker-", "cri-containerd-", "crio-", "libpod-"] {
+                s = s.strip_prefix(prefix).unwrap_or(s);
+            }
+            if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Some(s.to_ascii_lowercase());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_survives_hostile_process_names() {
+        let line = "1234 (evil) 9 R (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 99 100\n";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.start_time, 424242);
+    }
+
+    #[test]
+    fn container_ids_are_found_in_common_cgroup_layouts() {
+        let id = "a".repeat(64);
+        assert_eq!(container_id(&format!("0::/system.slice/docker-{id}.scope\n")), Some(id.clone()));
+        assert_eq!(container_id(&format!("0::/kubepods/besteffort/pod1234/{id}\n")), Some(id.clone()));
+        assert_eq!(container_id(&format!("0::/kubepods.slice/cri-containerd-{id}.scope\n")), Some(id));
+        assert_eq!(container_id("0::/user.slice/user-1000.slice/session-2.scope\n"), None);
+    }
+
+    #[tokio::test]
+    async fn attests_a_live_peer_and_refuses_one_without_credentials() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = PeerInfo::capture(&a);
+        let att = UnixAttestor::new(1 << 30).attest(&peer).unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        assert!(att.selectors.contains(&Selector::new("unix", "uid", me)));
+        assert!(att.selectors.contains(&Selector::new("unix", "uid", "self")));
+        let exe = std::env::current_exe().unwrap();
+        assert!(att.selectors.contains(&Selector::new("unix", "path", exe.display())));
+        let sha = att.caller.sha256.clone().unwrap();
+        let expected = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &std::fs::read(&exe).unwrap()));
+        assert_eq!(sha, expected);
+        assert_eq!(
+            UnixAttestor::new(1 << 30).attest(&PeerInfo::without_credentials()),
+            Err(AttestError::PeerWithoutCredentials)
+        );
+    }
+
+    #[tokio::test]
+    async fn binaries_over_the_size_cap_get_no_hash_selector() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let att = UnixAttestor::new(1024).attest(&PeerInfo::capture(&a)).unwrap();
+        assert!(att.caller.sha256.is_none());
+        assert!(!att.selectors.iter().any(|s| s.as_str().starts_with("unix:sha256:")));
+    }
+}

@@ -1,0 +1,108 @@
+//! Argument parsing and the client subcommands. Business logic stays in the library; this
+//! prints results for people (and `--json` for programs).
+
+mod audit;
+mod x509;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::daemon::Daemon;
+
+#[derive(Parser)]
+#[command(name = "mayfly", version, about = "Ephemeral credential broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with embedded defaults: generated CA and SQLite ledger in the data dir.
+    Dev {
+        #[arg(long, default_value = ".mayfly")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        #[arg(long, default_value = "mayfly.sock")]
+        socket: PathBuf,
+    },
+    /// Run from a configuration file (see deploy/mayfly.toml).
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Get an X.509 SVID from a running daemon and write cert.pem, key.pem, bundle.pem.
+    X509(x509::Args),
+    /// Read and check the ledger.
+    Audit {
+        #[command(subcommand)]
+        command: audit::Command,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Dev { data_dir, policies, socket } => match Config::dev(data_dir, policies, socket) {
+                Ok(config) => run_daemon(config).await,
+                Err(e) => fail(e),
+            },
+            Command::Serve { config } => match Config::from_file(&config) {
+                Ok(config) => run_daemon(config).await,
+                Err(e) => fail(e),
+            },
+            Command::X509(args) => x509::run(args).await,
+            Command::Audit { command } => audit::run(command).await,
+        }
+    })
+}
+
+async fn run_daemon(config: Config) -> ExitCode {
+    init_logging();
+    let daemon = match Daemon::build(config, Arc::new(SystemClock)).await {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match daemon.run(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn fail(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mayfly: {err}");
+    ExitCode::FAILURE
+}

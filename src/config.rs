@@ -1,0 +1,222 @@
+//! Configuration: `RawConfig` (what mayfly.toml says, unknown keys refused) is validated
+//! once into `Config`; every error names the key. Opens nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::{TrustDomain, Ttl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("`{path}`: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {why}")]
+    Key { key: &'static str, why: String },
+}
+
+fn key(key: &'static str) -> impl Fn(String) -> ConfigError {
+    move |why| ConfigError::Key { key, why }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub trust_domain: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    #[serde(default)]
+    pub workload_api: RawWorkloadApi,
+    pub ca: Option<RawCa>,
+    #[serde(default)]
+    pub ledger: RawLedger,
+    #[serde(default)]
+    pub issuance: RawIssuance,
+    #[serde(default)]
+    pub attestation: RawAttestation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkloadApi {
+    pub socket: Option<PathBuf>,
+    pub max_request_bytes: Option<usize>,
+    pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCa {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub generate: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    pub path: Option<PathBuf>,
+    pub busy_timeout: Option<String>,
+    pub max_batch: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuance {
+    pub default_ttl: Option<String>,
+    pub max_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAttestation {
+    pub max_binary_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    Files { cert: PathBuf, key: PathBuf },
+    /// Generated on first start and persisted in this directory (dev, or `ca.generate = true`).
+    Generated { dir: PathBuf },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub trust_domain: TrustDomain,
+    pub data_dir: PathBuf,
+    pub policies: PathBuf,
+    pub socket: PathBuf,
+    pub max_request_bytes: usize,
+    pub request_timeout: Duration,
+    pub ca: CaSource,
+    pub ledger_path: PathBuf,
+    pub ledger_busy_timeout: Duration,
+    pub ledger_max_batch: usize,
+    pub default_ttl: Ttl,
+    pub max_ttl: Ttl,
+    pub max_binary_bytes: u64,
+}
+
+pub const DEV_TRUST_DOMAIN: &str = "mayfly.local";
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
+        Self::try_from(raw)
+    }
+
+    /// `mayfly dev`: embedded defaults, a generated CA in the data dir.
+    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf) -> Result<Self, ConfigError> {
+        Self::try_from(RawConfig {
+            trust_domain: Some(DEV_TRUST_DOMAIN.into()),
+            ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
+            data_dir: Some(data_dir),
+            policies: Some(policies),
+            workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
+            ..RawConfig::default()
+        })
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let trust_domain = raw
+            .trust_domain
+            .ok_or_else(|| key("trust_domain")("required (e.g. \"example.org\")".into()))
+            .and_then(|s| TrustDomain::parse(&s).map_err(|e| key("trust_domain")(e.to_string())))?;
+        let data_dir = raw.data_dir.ok_or_else(|| key("data_dir")("required".into()))?;
+        let policies = raw.policies.ok_or_else(|| key("policies")("required (the policies/ directory)".into()))?;
+        let socket = raw.workload_api.socket.ok_or_else(|| key("workload_api.socket")("required".into()))?;
+        let max_request_bytes = raw.workload_api.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+        if !(1024..=16 * 1024 * 1024).contains(&max_request_bytes) {
+            return Err(key("workload_api.max_request_bytes")(format!("`{max_request_bytes}` must be 1024..=16777216")));
+        }
+        let duration = |k: &'static str, v: Option<String>, default: &str| -> Result<Ttl, ConfigError> {
+            Ttl::parse(v.as_deref().unwrap_or(default)).map_err(|e| key(k)(e.to_string()))
+        };
+        let request_timeout = duration("workload_api.request_timeout", raw.workload_api.request_timeout, "30s")?;
+        let ca = match raw.ca {
+            None => return Err(key("ca")("required: `cert` and `key` files, or `generate = true`".into())),
+            Some(RawCa { cert: Some(cert), key: Some(k), generate: None | Some(false) }) => CaSource::Files { cert, key: k },
+            Some(RawCa { cert: None, key: None, generate: Some(true) }) => CaSource::Generated { dir: data_dir.clone() },
+            Some(_) => return Err(key("ca")("set both `cert` and `key`, or only `generate = true`".into())),
+        };
+        let ledger_path = raw.ledger.path.unwrap_or_else(|| data_dir.join("ledger.db"));
+        let busy = duration("ledger.busy_timeout", raw.ledger.busy_timeout, "5s")?;
+        let ledger_max_batch = raw.ledger.max_batch.unwrap_or(256);
+        if !(1..=4096).contains(&ledger_max_batch) {
+            return Err(key("ledger.max_batch")(format!("`{ledger_max_batch}` must be 1..=4096")));
+        }
+        let default_ttl = duration("issuance.default_ttl", raw.issuance.default_ttl, "1h")?;
+        let max_ttl = duration("issuance.max_ttl", raw.issuance.max_ttl, "24h")?;
+        if default_ttl > max_ttl {
+            return Err(key("issuance.default_ttl")(format!("`{default_ttl}` is over issuance.max_ttl `{max_ttl}`")));
+        }
+        let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
+        if max_binary_bytes == 0 {
+            return Err(key("attestation.max_binary_bytes")("must be positive".into()));
+        }
+        Ok(Self {
+            trust_domain,
+            data_dir,
+            policies,
+            socket,
+            max_request_bytes,
+            request_timeout: request_timeout.as_duration(),
+            ca,
+            ledger_path,
+            ledger_busy_timeout: busy.as_duration(),
+            ledger_max_batch,
+            default_ttl,
+            max_ttl,
+            max_binary_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::try_from(toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Syntax { path: "t".into(), message: e.to_string() })?)
+    }
+
+    const BASE: &str = r#"
+        trust_domain = "example.org"
+        data_dir = "/var/lib/mayfly"
+        policies = "/etc/mayfly/policies"
+        [workload_api]
+        socket = "/run/mayfly/workload.sock"
+        [ca]
+        generate = true
+    "#;
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mayfly.toml")).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.default_ttl.as_secs(), 3600);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(parse(BASE).is_ok());
+        let unknown = format!("{BASE}\n[issuance]\nmax_tll = \"1h\"\n");
+        assert!(parse(&unknown).unwrap_err().to_string().contains("max_tll"));
+        let bad = format!("{BASE}\n[issuance]\nmax_ttl = \"banana\"\n");
+        assert!(parse(&bad).unwrap_err().to_string().contains("issuance.max_ttl"));
+        let no_td = BASE.replace("trust_domain = \"example.org\"", "");
+        assert!(parse(&no_td).unwrap_err().to_string().contains("trust_domain"));
+        let half_ca = BASE.replace("generate = true", "cert = \"/x.pem\"");
+        assert!(parse(&half_ca).unwrap_err().to_string().contains("`ca`"));
+    }
+}

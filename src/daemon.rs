@@ -1,0 +1,186 @@
+//! Builds everything from `Config` — the only module that names concrete implementations —
+//! and runs it: binds the workload socket, serves, and on shutdown stops accepting, lets
+//! in-flight issuances finish, records the stop and flushes the ledger.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::broker::BrokerService;
+use crate::api::pb::broker_server::BrokerServer;
+use crate::attest::{PeerStream, UnixAttestor};
+use crate::clock::Clock;
+use crate::config::{CaSource, Config};
+use crate::identity::Inventory;
+use crate::issue::Issuer;
+use crate::keys::{CertificateAuthority, KeyError};
+use crate::ledger::sqlite::SqliteBackend;
+use crate::ledger::{EventKind, GroupCommitLedger, Ledger, LedgerError, NewEvent};
+use crate::mint::x509::X509Minter;
+use crate::policy::{Engine, PolicyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create data dir `{path}`: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("`{path}`: {why}")]
+    Inventory { path: PathBuf, why: String },
+    #[error("ledger `{path}`: {source}")]
+    Ledger { path: PathBuf, source: LedgerError },
+    #[error("socket `{path}`: {why}")]
+    Socket { path: PathBuf, why: String },
+    #[error("server: {0}")]
+    Serve(String),
+}
+
+pub struct Daemon {
+    config: Config,
+    issuer: Arc<Issuer>,
+    ledger: Arc<GroupCommitLedger>,
+    writer: JoinHandle<()>,
+    listener: UnixListener,
+    clock: Arc<dyn Clock>,
+}
+
+impl Daemon {
+    /// Loads keys, policy and inventory, opens the ledger and binds the socket. When this
+    /// returns, the socket accepts connections.
+    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, DaemonError> {
+        create_private_dir(&config.data_dir)?;
+        let now = clock.now();
+        let ca = match &config.ca {
+            CaSource::Files { cert, key } => CertificateAuthority::load(cert, key, now)?,
+            CaSource::Generated { dir } => CertificateAuthority::load_or_generate(dir, &config.trust_domain, now)?,
+        };
+        let engine = Engine::load(&config.policies)?;
+        let inventory_path = config.policies.join("inventory.toml");
+        let inventory = std::fs::read_to_string(&inventory_path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Inventory::parse(&text, &config.trust_domain).map_err(|e| e.to_string()))
+            .map_err(|why| DaemonError::Inventory { path: inventory_path.clone(), why })?;
+        let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
+        let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
+        let (ledger, writer) = GroupCommitLedger::start(backend, config.ledger_max_batch).await.map_err(ledger_err)?;
+        let ledger = Arc::new(ledger);
+        let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
+        let policy_version = engine.version().to_owned();
+        let entries = inventory.entries().len();
+        let issuer = Arc::new(Issuer::new(
+            Arc::new(UnixAttestor::new(config.max_binary_bytes)),
+            inventory,
+            engine,
+            Arc::new(X509Minter::new(Arc::new(ca))),
+            ledger.clone() as Arc<dyn Ledger>,
+            clock.clone(),
+        ));
+        let listener = bind_workload_socket(&config.socket)?;
+        ledger
+            .record(NewEvent {
+                kind: EventKind::DaemonStarted,
+                at: clock.now(),
+                body: json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "trust_domain": config.trust_domain.as_str(),
+                    "policy_version": policy_version,
+                    "inventory_entries": entries,
+                    "ca_sha256": ca_fingerprint,
+                    "socket": config.socket.display().to_string(),
+                }),
+                credential: None,
+            })
+            .await
+            .map_err(ledger_err)?;
+        tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
+        Ok(Self { config, issuer, ledger, writer, listener, clock })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    /// Serves until `shutdown` resolves, then drains and records the stop.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+        let Self { config, issuer, ledger, writer, listener, clock } = self;
+        let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
+            .max_decoding_message_size(config.max_request_bytes);
+        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
+        let served = tonic::transport::Server::builder()
+            .timeout(config.request_timeout)
+            .concurrency_limit_per_connection(64)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        let _ = std::fs::remove_file(&config.socket);
+        let stopped = ledger
+            .record(NewEvent {
+                kind: EventKind::DaemonStopped,
+                at: clock.now(),
+                body: json!({ "clean": served.is_ok() }),
+                credential: None,
+            })
+            .await;
+        drop(issuer);
+        drop(ledger);
+        let _ = writer.await;
+        tracing::info!("mayfly stopped");
+        served.map_err(|e| DaemonError::Serve(e.to_string()))?;
+        stopped.map_err(|source| DaemonError::Ledger { path: config.ledger_path, source })?;
+        Ok(())
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::DataDir { path: path.into(), source };
+    if !path.exists() {
+        std::fs::create_dir_all(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Binds the workload socket. Any local user may connect (attestation is the gate), but the
+/// socket's directory must not be writable by others, a symlink is refused, a stale socket
+/// is removed, and a live one (another daemon) is left alone.
+fn bind_workload_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    let fail = |why: String| DaemonError::Socket { path: path.into(), why };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = std::fs::metadata(&parent).map_err(|e| fail(format!("directory `{}`: {e}", parent.display())))?;
+    let me = rustix::process::geteuid().as_raw();
+    if dir.mode() & 0o022 != 0 || (dir.uid() != me && dir.uid() != 0) {
+        return Err(fail(format!(
+            "directory `{}` is writable by others or owned by another user (mode {:o}, uid {}); others could replace the socket",
+            parent.display(),
+            dir.mode() & 0o7777,
+            dir.uid()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(fail("is a symlink; refusing to use it".into())),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail("another process is serving on it".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| fail(format!("removing stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(fail("exists and is not a socket; refusing to remove it".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| fail(e.to_string()))?;
+    Ok(listener)
+}

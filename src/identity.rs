@@ -1,0 +1,404 @@
+//! Who a workload is: `TrustDomain`, `WorkloadId` (a SPIFFE ID), `Selector`s produced by
+//! attestation, `Ttl`, and the inventory that maps selectors to registered identities.
+//!
+//! Pure values and matching only; reading the inventory file is the caller's job
+//! (`Inventory::parse` takes the text).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use time::Date;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("`{0}` is not a valid trust domain (lowercase letters, digits, `.`, `-`, `_`)")]
+    TrustDomain(String),
+    #[error("`{id}` is not a valid SPIFFE ID: {why}")]
+    SpiffeId { id: String, why: &'static str },
+    #[error("`{0}` is not a valid selector (expected `type:key:value`)")]
+    Selector(String),
+    #[error("`{0}` is not a valid duration (examples: `90s`, `30m`, `1h`)")]
+    Duration(String),
+    #[error("ttl must be positive, got `{0}s`")]
+    TtlNotPositive(i64),
+    #[error("ttl `{requested}s` is over the maximum `{max}s`")]
+    TtlOverMaximum { requested: u64, max: u64 },
+    #[error("inventory: {0}")]
+    Inventory(String),
+}
+
+/// A SPIFFE trust domain name, valid by construction.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let ok = !s.is_empty()
+            && s.len() <= 255
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if ok { Ok(Self(s.to_owned())) } else { Err(IdentityError::TrustDomain(s.to_owned())) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE ID (`spiffe://trust-domain/path`), valid by construction per the SPIFFE-ID
+/// standard: lowercase trust domain, a non-empty path of non-empty segments from the
+/// allowed character set, no `.`/`..` segments, no query or fragment, at most 2048 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadId {
+    uri: String,
+    domain_len: usize,
+}
+
+impl WorkloadId {
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let err = |why| IdentityError::SpiffeId { id: s.to_owned(), why };
+        if s.len() > 2048 {
+            return Err(err("longer than 2048 bytes"));
+        }
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| err("scheme must be `spiffe://`"))?;
+        let (domain, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => return Err(err("a workload ID needs a path")),
+        };
+        TrustDomain::parse(domain).map_err(|_| err("bad trust domain"))?;
+        for segment in path[1..].split('/') {
+            if segment.is_empty() {
+                return Err(err("empty path segment"));
+            }
+            if segment == "." || segment == ".." {
+                return Err(err("`.` and `..` segments are not allowed"));
+            }
+            if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err(err("path characters must be letters, digits, `-`, `.`, `_`"));
+            }
+        }
+        Ok(Self { uri: s.to_owned(), domain_len: domain.len() })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri["spiffe://".len().."spiffe://".len() + self.domain_len]
+    }
+
+    pub fn path(&self) -> &str {
+        &self.uri["spiffe://".len() + self.domain_len..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn is_member_of(&self, td: &TrustDomain) -> bool {
+        self.trust_domain() == td.as_str()
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+/// One attested fact about a caller, `type:key:value` (e.g. `unix:uid:1001`).
+/// The value may itself contain `:`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selector(String);
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let mut parts = s.splitn(3, ':');
+        let ok = matches!(
+            (parts.next(), parts.next(), parts.next()),
+            (Some(t), Some(k), Some(v)) if !t.is_empty() && !k.is_empty() && !v.is_empty()
+        ) && !s.chars().any(char::is_control);
+        if ok { Ok(Self(s.to_owned())) } else { Err(IdentityError::Selector(s.to_owned())) }
+    }
+
+    /// For attestors, which build selectors from values they read themselves.
+    pub fn new(kind: &str, key: &str, value: impl fmt::Display) -> Self {
+        Self(format!("{kind}:{key}:{value}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Selectors = BTreeSet<Selector>;
+
+/// A credential lifetime: positive, whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ttl(Duration);
+
+impl Ttl {
+    /// A requested TTL in seconds, checked against the configured ceiling.
+    pub fn from_request(secs: i64, max: Ttl) -> Result<Self, IdentityError> {
+        let secs = u64::try_from(secs).ok().filter(|s| *s > 0).ok_or(IdentityError::TtlNotPositive(secs))?;
+        if secs > max.as_secs() {
+            return Err(IdentityError::TtlOverMaximum { requested: secs, max: max.as_secs() });
+        }
+        Ok(Self(Duration::from_secs(secs)))
+    }
+
+    pub fn from_secs(secs: u64) -> Result<Self, IdentityError> {
+        if secs == 0 {
+            return Err(IdentityError::TtlNotPositive(0));
+        }
+        Ok(Self(Duration::from_secs(secs)))
+    }
+
+    /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::Duration(s.to_owned());
+        let s = s.trim();
+        let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let mult = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        Self::from_secs(n.checked_mul(mult).ok_or_else(bad)?).map_err(|_| bad())
+    }
+
+    pub fn as_secs(&self) -> u64 {
+        self.0.as_secs()
+    }
+
+    pub fn as_duration(&self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Display for Ttl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}s", self.0.as_secs())
+    }
+}
+
+/// A registered non-human identity: who owns it, why it exists, until when, and which
+/// attested selectors prove a caller is it (all of them must be present).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InventoryEntry {
+    pub id: WorkloadId,
+    pub owner: String,
+    pub purpose: String,
+    /// Last day (UTC) on which the entry is valid.
+    pub expires: Date,
+    pub selectors: Selectors,
+}
+
+impl InventoryEntry {
+    pub fn is_expired(&self, today: Date) -> bool {
+        today > self.expires
+    }
+}
+
+/// Result of looking a caller up in the inventory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    Found(&'a InventoryEntry),
+    /// No entry's selectors are all satisfied by the caller.
+    NoMatch,
+    /// Matching entries exist but every one of them has expired.
+    Expired(&'a InventoryEntry),
+    /// Several live entries match and the request did not say which one.
+    Ambiguous(Vec<&'a WorkloadId>),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Inventory {
+    entries: Vec<InventoryEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default)]
+    workload: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    id: String,
+    owner: String,
+    purpose: String,
+    expires: toml::value::Datetime,
+    selectors: Vec<String>,
+}
+
+impl Inventory {
+    /// Parses inventory.toml. Every entry must be inside `trust_domain`, have an owner, a
+    /// purpose, an expiry date and at least one well-formed selector; ids are unique.
+    pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Self, IdentityError> {
+        let raw: RawInventory = toml::from_str(text).map_err(|e| IdentityError::Inventory(e.to_string()))?;
+        let mut entries = Vec::with_capacity(raw.workload.len());
+        let mut seen = BTreeSet::new();
+        for (i, e) in raw.workload.into_iter().enumerate() {
+            let at = |what: String| IdentityError::Inventory(format!("workload #{} (`{}`): {what}", i + 1, e.id));
+            let id = WorkloadId::parse(&e.id).map_err(|err| at(err.to_string()))?;
+            if !id.is_member_of(trust_domain) {
+                return Err(at(format!("not in the trust domain `{trust_domain}`")));
+            }
+            if !seen.insert(id.clone()) {
+                return Err(at("duplicate id".into()));
+            }
+            if e.owner.trim().is_empty() || e.purpose.trim().is_empty() {
+                return Err(at("`owner` and `purpose` must not be empty".into()));
+            }
+            let expires = match (e.expires.date, e.expires.time) {
+                (Some(d), None) => Date::from_calendar_date(
+                    i32::from(d.year),
+                    time::Month::try_from(d.month).map_err(|err| at(err.to_string()))?,
+                    d.day,
+                )
+                .map_err(|err| at(err.to_string()))?,
+                _ => return Err(at("`expires` must be a date like 2027-06-30".into())),
+            };
+            if e.selectors.is_empty() {
+                return Err(at("needs at least one selector".into()));
+            }
+            let selectors = e
+                .selectors
+                .iter()
+                .map(|s| Selector::parse(s))
+                .collect::<Result<Selectors, _>>()
+                .map_err(|err| at(err.to_string()))?;
+            entries.push(InventoryEntry { id, owner: e.owner, purpose: e.purpose, expires, selectors });
+        }
+        Ok(Self { entries })
+    }
+
+    pub fn entries(&self) -> &[InventoryEntry] {
+        &self.entries
+    }
+
+    /// Finds the caller's identity. An entry matches when all its selectors are among the
+    /// caller's. `wanted` picks one identity when the caller asked for a specific one.
+    pub fn lookup(&self, caller: &Selectors, wanted: Option<&WorkloadId>, today: Date) -> Lookup<'_> {
+        let matching: Vec<&InventoryEntry> = self
+            .entries
+            .iter()
+            .filter(|e| e.selectors.is_subset(caller))
+            .filter(|e| wanted.is_none_or(|w| &e.id == w))
+            .collect();
+        let live: Vec<&InventoryEntry> = matching.iter().copied().filter(|e| !e.is_expired(today)).collect();
+        match (live.as_slice(), matching.first()) {
+            ([one], _) => Lookup::Found(one),
+            ([], Some(expired)) => Lookup::Expired(expired),
+            ([], None) => Lookup::NoMatch,
+            (many, _) => Lookup::Ambiguous(many.iter().map(|e| &e.id).collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    #[test]
+    fn spiffe_ids_are_checked_by_the_standard() {
+        let id = WorkloadId::parse("spiffe://example.org/ns/prod/sa/api").unwrap();
+        assert_eq!(id.trust_domain(), "example.org");
+        assert_eq!(id.path(), "/ns/prod/sa/api");
+        for bad in [
+            "https://example.org/x",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://Example.org/x",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a?b",
+            "spiffe://example.org/a b",
+        ] {
+            assert!(WorkloadId::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn ttl_rejects_zero_negative_and_over_maximum() {
+        let max = Ttl::parse("24h").unwrap();
+        assert_eq!(Ttl::from_request(0, max), Err(IdentityError::TtlNotPositive(0)));
+        assert_eq!(Ttl::from_request(-5, max), Err(IdentityError::TtlNotPositive(-5)));
+        assert_eq!(
+            Ttl::from_request(86_401, max),
+            Err(IdentityError::TtlOverMaximum { requested: 86_401, max: 86_400 })
+        );
+        assert_eq!(Ttl::from_request(60, max).unwrap().as_secs(), 60);
+        assert_eq!(Ttl::parse("30m").unwrap().as_secs(), 1800);
+        assert!(Ttl::parse("10x").is_err());
+        assert!(Ttl::parse("0s").is_err());
+    }
+
+    const INVENTORY: &str = r#"
+        [[workload]]
+        id = "spiffe://example.org/api"
+        owner = "team-api"
+        purpose = "serves the api"
+        expires = 2030-01-01
+        selectors = ["unix:uid:1001", "unix:sha256:ab"]
+
+        [[workload]]
+        id = "spiffe://example.org/old"
+        owner = "team-old"
+        purpose = "retired"
+        expires = 2020-01-01
+        selectors = ["unix:uid:1002"]
+    "#;
+
+    fn sel(list: &[&str]) -> Selectors {
+        list.iter().map(|s| Selector::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn lookup_needs_every_selector_and_a_live_entry() {
+        let inv = Inventory::parse(INVENTORY, &td()).unwrap();
+        let today = time::macros::date!(2026 - 11 - 23);
+        assert!(matches!(
+            inv.lookup(&sel(&["unix:uid:1001", "unix:sha256:ab", "unix:gid:5"]), None, today),
+            Lookup::Found(e) if e.id.as_str() == "spiffe://example.org/api"
+        ));
+        assert_eq!(inv.lookup(&sel(&["unix:uid:1001"]), None, today), Lookup::NoMatch);
+        assert!(matches!(inv.lookup(&sel(&["unix:uid:1002"]), None, today), Lookup::Expired(_)));
+        // The last valid day is still valid.
+        let entry = &inv.entries()[0];
+        assert!(!entry.is_expired(time::macros::date!(2030 - 01 - 01)));
+        assert!(entry.is_expired(time::macros::date!(2030 - 01 - 02)));
+    }
+
+    #[test]
+    fn inventory_rejects_foreign_domains_duplicates_and_missing_fields() {
+        let foreign = INVENTORY.replace("spiffe://example.org/api", "spiffe://evil.org/api");
+        assert!(Inventory::parse(&foreign, &td()).unwrap_err().to_string().contains("trust domain"));
+        let dup = INVENTORY.replace("spiffe://example.org/old", "spiffe://example.org/api");
+        assert!(Inventory::parse(&dup, &td()).unwrap_err().to_string().contains("duplicate"));
+        let no_owner = INVENTORY.replace("owner = \"team-api\"\n", "");
+        assert!(Inventory::parse(&no_owner, &td()).is_err());
+        let bad_sel = INVENTORY.replace("unix:sha256:ab", "nocolons");
+        assert!(Inventory::parse(&bad_sel, &td()).unwrap_err().to_string().contains("nocolons"));
+    }
+}

@@ -1,0 +1,255 @@
+//! Signing keys and the certificate authority built on them. Key material is zeroized on
+//! drop and its `Debug` prints no bytes. Loads or generates the CA; knows nothing of
+//! policy, ledgers or sockets.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SanType, SignatureAlgorithm, SigningKey,
+};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::identity::TrustDomain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write `{path}`: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("`{path}` is not a usable {what}: {why}")]
+    Parse { path: PathBuf, what: &'static str, why: String },
+    #[error("the CA certificate `{path}` does not match its private key")]
+    Mismatch { path: PathBuf },
+    #[error("the CA certificate `{path}` expired at {not_after}; remove it (dev) or install a new one")]
+    Expired { path: PathBuf, not_after: String },
+    #[error("the CA private key `{path}` is readable by group or others (mode {mode:o}); chmod 600 it")]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("generating the CA failed: {0}")]
+    Generate(String),
+}
+
+/// A private signing key. Zeroized on drop; `Debug` shows only the algorithm.
+pub struct CaKey(KeyPair);
+
+impl CaKey {
+    pub fn generate_p256() -> Result<Self, KeyError> {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map(Self)
+            .map_err(|e| KeyError::Generate(e.to_string()))
+    }
+
+    /// PKCS#8 PEM of the private key, in a buffer zeroized on drop.
+    pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.0.serialize_pem())
+    }
+}
+
+impl Drop for CaKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaKey({:?}, private bytes redacted)", self.0.algorithm())
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
+
+/// The X.509 CA: its certificate, its key (inside the rcgen `Issuer`) and its lifetime.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, CaKey>,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    not_after: SystemTime,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority").field("not_after", &self.not_after).finish_non_exhaustive()
+    }
+}
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+impl CertificateAuthority {
+    /// A new self-signed ECDSA P-256 root for `trust_domain`, valid from `now` for `validity`.
+    pub fn generate(trust_domain: &TrustDomain, now: SystemTime, validity: Duration) -> Result<Self, KeyError> {
+        let key = CaKey::generate_p256()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "mayfly");
+        dn.push(DnType::CommonName, format!("mayfly CA for {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let uri = format!("spiffe://{trust_domain}");
+        params.subject_alt_names =
+            vec![SanType::URI(uri.try_into().map_err(|e: rcgen::Error| KeyError::Generate(e.to_string()))?)];
+        params.not_before = now.into();
+        params.not_after = (now + validity).into();
+        params.serial_number = Some(random_serial().into());
+        let cert = params.self_signed(&key).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let cert_der = cert.der().to_vec();
+        Self::from_parts(cert_der, key, Path::new("(generated)"))
+    }
+
+    /// Loads a CA from PEM files. The key file must not be readable by group or others.
+    pub fn load(cert_path: &Path, key_path: &Path, now: SystemTime) -> Result<Self, KeyError> {
+        let cert_pem = fs::read_to_string(cert_path).map_err(|source| KeyError::Read { path: cert_path.into(), source })?;
+        let meta = fs::metadata(key_path).map_err(|source| KeyError::Read { path: key_path.into(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::KeyPermissions { path: key_path.into(), mode });
+        }
+        let key_pem = Zeroizing::new(
+            fs::read_to_string(key_path).map_err(|source| KeyError::Read { path: key_path.into(), source })?,
+        );
+        let key = KeyPair::from_pem(&key_pem)
+            .map(CaKey)
+            .map_err(|e| KeyError::Parse { path: key_path.into(), what: "private key", why: e.to_string() })?;
+        let cert_der = pem::parse(&cert_pem)
+            .map_err(|e| KeyError::Parse { path: cert_path.into(), what: "certificate", why: e.to_string() })?
+            .into_contents();
+        let ca = Self::from_parts(cert_der, key, cert_path)?;
+        if ca.not_after <= now {
+            return Err(KeyError::Expired {
+                path: cert_path.into(),
+                not_after: time::OffsetDateTime::from(ca.not_after).to_string(),
+            });
+        }
+        Ok(ca)
+    }
+
+    /// The dev CA: reused from `dir` when present, otherwise generated (1 year) and persisted
+    /// there with the key at mode 0600.
+    pub fn load_or_generate(dir: &Path, trust_domain: &TrustDomain, now: SystemTime) -> Result<Self, KeyError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        if cert_path.exists() || key_path.exists() {
+            return Self::load(&cert_path, &key_path, now);
+        }
+        let ca = Self::generate(trust_domain, now, Duration::from_secs(365 * 86_400))?;
+        write_private(&key_path, ca.issuer.key().to_pkcs8_pem().as_bytes())?;
+        fs::write(&cert_path, ca.cert_pem.as_bytes()).map_err(|source| KeyError::Write { path: cert_path, source })?;
+        Ok(ca)
+    }
+
+    fn from_parts(cert_der: Vec<u8>, key: CaKey, path: &Path) -> Result<Self, KeyError> {
+        let parse_err = |why: String| KeyError::Parse { path: path.into(), what: "CA certificate", why };
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert_der).map_err(|e| parse_err(e.to_string()))?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(KeyError::Mismatch { path: path.into() });
+        }
+        let not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0));
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(|e| parse_err(e.to_string()))?;
+        let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
+        Ok(Self { issuer, cert_der, cert_pem, not_after })
+    }
+
+    pub fn issuer(&self) -> &Issuer<'static, CaKey> {
+        &self.issuer
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+}
+
+/// A positive serial of 127 random bits (RFC 5280 allows up to 20 octets; CAB forum asks
+/// for at least 64 bits of entropy). The top byte is fixed to 01xxxxxx so the encoding is
+/// always 16 octets and never negative.
+pub fn random_serial() -> Vec<u8> {
+    let mut serial = vec![0u8; 16];
+    // Why no error path: aws-lc's RNG aborts the process rather than fail on Linux.
+    if aws_lc_rs::rand::fill(&mut serial).is_err() {
+        serial.iter_mut().for_each(|b| *b = 0);
+    }
+    serial[0] = (serial[0] & 0x3f) | 0x40;
+    serial
+}
+
+/// Writes a secret file created with mode 0600 (never briefly world-readable).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().map_err(|source| KeyError::Write { path: path.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_keys_shows_no_key_bytes() {
+        let key = CaKey::generate_p256().unwrap();
+        let pem = key.to_pkcs8_pem();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let shown = format!("{key:?}");
+        assert!(shown.contains("redacted"), "{shown}");
+        assert!(!shown.contains(&body[..16]));
+    }
+
+    #[test]
+    fn dev_ca_is_persisted_and_reused_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::parse("example.org").unwrap();
+        let now = SystemTime::now();
+        let first = CertificateAuthority::load_or_generate(dir.path(), &td, now).unwrap();
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = CertificateAuthority::load_or_generate(dir.path(), &td, now).unwrap();
+        assert_eq!(first.cert_der(), again.cert_der());
+        // A group-readable key is refused.
+        fs::set_permissions(dir.path().join(CA_KEY_FILE), fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_generate(dir.path(), &td, now),
+            Err(KeyError::KeyPermissions { .. })
+        ));
+    }
+
+    #[test]
+    fn serials_are_random_positive_and_16_octets() {
+        let a = random_serial();
+        let b = random_serial();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+        assert_eq!(a[0] & 0xc0, 0x40);
+    }
+}

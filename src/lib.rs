@@ -1,0 +1,15 @@
+//! mayfly: an ephemeral credential broker. See DESIGN.md for the module map; `issue` holds
+//! the order of an issuance, `daemon` wires the concrete pieces together.
+
+pub mod api;
+pub mod attest;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod issue;
+pub mod keys;
+pub mod ledger;
+pub mod mint;
+pub mod policy;

@@ -1,0 +1,164 @@
+//! X.509 SVIDs signed by the local CA (rcgen). The profile follows the X509-SVID standard:
+//! exactly one URI SAN (the SPIFFE ID), CA=false, digitalSignature (critical),
+//! serverAuth + clientAuth, a random 127-bit serial, not-after clamped to the CA's.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+};
+use x509_parser::prelude::FromDer;
+
+use super::{MintError, Minter, VerifiedCsr, X509Svid};
+use crate::keys::{random_serial, CertificateAuthority};
+use crate::policy::Grant;
+
+impl VerifiedCsr {
+    /// Parses a PKCS#10 CSR (PEM or DER) and verifies its self-signature.
+    pub fn parse(bytes: &[u8]) -> Result<Self, MintError> {
+        let der = if bytes.starts_with(b"-----BEGIN") {
+            let p = pem::parse(bytes).map_err(|e| MintError::CsrEncoding(e.to_string()))?;
+            if p.tag() != "CERTIFICATE REQUEST" && p.tag() != "NEW CERTIFICATE REQUEST" {
+                return Err(MintError::CsrEncoding(format!("PEM label `{}` is not a certificate request", p.tag())));
+            }
+            p.into_contents()
+        } else {
+            bytes.to_vec()
+        };
+        let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+            .map_err(|e| MintError::CsrEncoding(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(MintError::CsrEncoding("trailing bytes after the CSR".into()));
+        }
+        csr.verify_signature().map_err(|_| MintError::CsrSignature)?;
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+            .map_err(|_| MintError::CsrKeyAlgorithm)?;
+        Ok(Self { public_key })
+    }
+}
+
+pub struct X509Minter {
+    ca: Arc<CertificateAuthority>,
+}
+
+impl X509Minter {
+    pub fn new(ca: Arc<CertificateAuthority>) -> Self {
+        Self { ca }
+    }
+}
+
+impl Minter for X509Minter {
+    fn mint_x509(&self, csr: &VerifiedCsr, grant: &Grant, now: SystemTime) -> Result<X509Svid, MintError> {
+        let ca_not_after = self.ca.not_after();
+        if ca_not_after <= now {
+            return Err(MintError::CaExpired(time::OffsetDateTime::from(ca_not_after).to_string()));
+        }
+        // Whole seconds: X.509 times carry no fractions, and the ledger must show the same value.
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(crate::clock::unix_secs(now).max(0).unsigned_abs());
+        let not_after = (now + grant.ttl().as_duration()).min(ca_not_after);
+
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "mayfly");
+        params.distinguished_name = dn;
+        let uri = grant.identity().as_str().to_owned().try_into().map_err(|e: rcgen::Error| MintError::Signing(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone().into());
+        params.not_before = now.into();
+        params.not_after = not_after.into();
+
+        let cert = params
+            .signed_by(&csr.public_key, self.ca.issuer())
+            .map_err(|e| MintError::Signing(e.to_string()))?;
+        let cert_der = cert.der().to_vec();
+        let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert_der));
+        Ok(X509Svid { cert_der, serial: hex::encode(serial), fingerprint, not_before: now, not_after })
+    }
+
+    fn x509_bundle(&self) -> Vec<Vec<u8>> {
+        vec![self.ca.cert_der().to_vec()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    use super::*;
+    use crate::identity::{TrustDomain, Ttl, WorkloadId};
+
+    fn csr_with_extras() -> (rcgen::KeyPair, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example.com".to_string()]).unwrap();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.der().to_vec())
+    }
+
+    fn minter(now: SystemTime, ca_validity: Duration) -> X509Minter {
+        let td = TrustDomain::parse("example.org").unwrap();
+        X509Minter::new(Arc::new(CertificateAuthority::generate(&td, now, ca_validity).unwrap()))
+    }
+
+    #[test]
+    fn certificate_follows_the_svid_profile_and_ignores_csr_names() {
+        let now = SystemTime::now();
+        let m = minter(now, Duration::from_secs(86_400));
+        let (_key, csr) = csr_with_extras();
+        let csr = VerifiedCsr::parse(&csr).unwrap();
+        let id = WorkloadId::parse("spiffe://example.org/api").unwrap();
+        let grant = Grant::for_tests(id, Ttl::parse("30m").unwrap());
+        let svid = m.mint_x509(&csr, &grant, now).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_der).unwrap();
+
+        let sans: Vec<_> = cert.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        assert_eq!(sans, vec![GeneralName::URI("spiffe://example.org/api")]);
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(!bc.value.ca);
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(cert.raw_serial().len() * 8 >= 64);
+        assert_eq!(hex::encode(cert.raw_serial()), svid.serial);
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 1800);
+        assert!(!cert.extensions().iter().any(|e| matches!(e.parsed_extension(), ParsedExtension::NameConstraints(_))));
+        // Signed by the CA.
+        let bundle = m.x509_bundle();
+        let (_, ca) = x509_parser::parse_x509_certificate(&bundle[0]).unwrap();
+        cert.verify_signature(Some(ca.public_key())).unwrap();
+    }
+
+    #[test]
+    fn not_after_never_passes_the_ca() {
+        let now = SystemTime::now();
+        let m = minter(now, Duration::from_secs(600));
+        let (_key, csr) = csr_with_extras();
+        let grant = Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
+        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now).unwrap();
+        assert!(svid.not_after <= m.ca.not_after());
+        assert!(m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now + Duration::from_secs(601)).is_err());
+    }
+
+    #[test]
+    fn garbage_and_tampered_csrs_are_refused() {
+        assert!(matches!(VerifiedCsr::parse(b"not a csr"), Err(MintError::CsrEncoding(_))));
+        let (_key, mut csr) = csr_with_extras();
+        // Flip a byte inside the signed part (the subject public key sits near the middle).
+        let mid = csr.len() / 2;
+        csr[mid] ^= 0x01;
+        assert!(VerifiedCsr::parse(&csr).is_err());
+        let (_key, good) = csr_with_extras();
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", good));
+        assert!(VerifiedCsr::parse(pem.as_bytes()).is_ok());
+    }
+}
