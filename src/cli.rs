@@ -2,7 +2,9 @@
 //! prints results for people (and `--json` for programs).
 
 mod audit;
-mod x509;
+
+pub use x509::connect;
+pub mod x509;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
