@@ -1,3 +1,5 @@
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on any unexpected error")]
+
 //! The spine, end to end: a real daemon in-process on a temporary socket, SQLite in a temp
 //! dir, a fixed clock; requests over the real Unix socket with the real gRPC client.
 
