@@ -2,6 +2,7 @@
 //! prints results for people (and `--json` for programs).
 
 mod audit;
+mod bench;
 
 pub use x509::connect;
 pub mod x509;
@@ -46,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
+    /// Measure and print figures (throughput, latency).
+    Bench {
+        #[command(subcommand)]
+        command: bench::Command,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -66,6 +72,7 @@ pub fn main() -> ExitCode {
             },
             Command::X509(args) => x509::run(args).await,
             Command::Audit { command } => audit::run(command).await,
+            Command::Bench { command } => bench::run(command).await,
         }
     })
 }

@@ -44,6 +44,9 @@ pub enum DaemonError {
     Serve(String),
 }
 
+/// How long shutdown waits for in-flight requests before closing their connections.
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Daemon {
     config: Config,
     issuer: Arc<Issuer>,
@@ -71,6 +74,8 @@ impl Daemon {
             .map_err(|why| DaemonError::Inventory { path: inventory_path.clone(), why })?;
         let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
         let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
+        // The ledger holds no secrets, but it maps every identity and binary on the host.
+        let _ = std::fs::set_permissions(&config.ledger_path, std::fs::Permissions::from_mode(0o600));
         let (ledger, writer) = GroupCommitLedger::start(backend, config.ledger_max_batch).await.map_err(ledger_err)?;
         let ledger = Arc::new(ledger);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
@@ -115,12 +120,32 @@ impl Daemon {
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
-        let served = tonic::transport::Server::builder()
+        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = draining.send(());
+        };
+        let serve = tonic::transport::Server::builder()
             .timeout(config.request_timeout)
             .concurrency_limit_per_connection(64)
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        // Why bounded: graceful shutdown waits for every connection to finish; a client that
+        // holds a stream open must not keep the daemon (and its ledger) from stopping.
+        let drain_limit = async {
+            if drain_started.await.is_ok() {
+                tokio::time::sleep(DRAIN_LIMIT).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let served = tokio::select! {
+            result = serve => result,
+            () = drain_limit => {
+                tracing::warn!(limit_secs = DRAIN_LIMIT.as_secs(), "in-flight requests did not finish in time; closing them");
+                Ok(())
+            }
+        };
         let _ = std::fs::remove_file(&config.socket);
         let stopped = ledger
             .record(NewEvent {

@@ -379,7 +379,11 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
     let dir = d.shutdown().await;
     let d = TestDaemon::start_with(dir, &repo_policies(), SystemTime::now()).await;
     assert_eq!(d.issue(request(None)).await.unwrap().trust_bundle, first_bundle, "dev CA reused on restart");
-    let dir = d.shutdown().await;
+    // A client that keeps its connection open does not hold the daemon up at shutdown.
+    let mut idle = d.client().await;
+    idle.issue_x509(request(None)).await.unwrap();
+    let dir = tokio::time::timeout(Duration::from_secs(20), d.shutdown()).await.expect("shutdown is bounded");
+    drop(idle);
 
     // A symlink at the socket path is refused.
     std::os::unix::fs::symlink("/tmp/elsewhere.sock", dir.path().join("mayfly.sock")).unwrap();

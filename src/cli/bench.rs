@@ -1,0 +1,163 @@
+//! `mayfly bench`: commands that measure and print figures (never assertions).
+//! `issue` drives a running daemon over its socket; `ledger` drives the group-commit writer
+//! on a fresh SQLite file. Both are bounded by their request/event counts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::fail;
+use crate::api::pb::broker_client::BrokerClient;
+use crate::api::pb::IssueX509Request;
+use crate::ledger::sqlite::SqliteBackend;
+use crate::ledger::{EventKind, GroupCommitLedger, Ledger, NewEvent};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Issue X.509 SVIDs from a running daemon; print throughput and latency.
+    Issue {
+        #[arg(long, default_value = "mayfly.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        requests: u32,
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
+    },
+    /// Append events to a fresh SQLite ledger through the group-commit writer.
+    Ledger {
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        events: u32,
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        concurrency: u32,
+        /// Largest group commit (1 = one transaction and fsync per event).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_batch: u32,
+    },
+}
+
+pub async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Issue { socket, requests, concurrency } => bench_issue(socket, requests, concurrency).await,
+        Command::Ledger { events, concurrency, max_batch } => bench_ledger(events, concurrency, max_batch).await,
+    }
+}
+
+async fn bench_issue(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode {
+    let key = match rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let csr = match rcgen::CertificateParams::default().serialize_request(&key) {
+        Ok(c) => c.der().to_vec(),
+        Err(e) => return fail(e),
+    };
+    let channel = match super::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
+    };
+    let client = BrokerClient::new(channel);
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut client = client.clone();
+        let req = IssueX509Request { csr: csr.clone(), ttl_seconds: Some(300), spiffe_id: String::new() };
+        async move { client.issue_x509(req).await.is_ok() }
+    })
+    .await;
+    report("issue x509 over the workload socket", elapsed, &mut latencies, errors, concurrency);
+    ExitCode::SUCCESS
+}
+async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode {
+    let dir = std::env::temp_dir().join(format!("mayfly-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return fail(e);
+    }
+    let path = dir.join("ledger.db");
+    let result = async {
+        let backend = SqliteBackend::open(&path, Duration::from_secs(5)).await?;
+        let (ledger, writer) = GroupCommitLedger::start(backend, max_batch as usize).await?;
+        let writer_handle = ledger.clone();
+        let (elapsed, mut latencies, errors) = drive(events, concurrency, move |worker, i| {
+            let ledger = writer_handle.clone();
+            async move {
+                let event = NewEvent {
+                    kind: EventKind::Decision,
+                    at: SystemTime::now(),
+                    body: serde_json::json!({ "worker": worker, "i": i, "outcome": "allow", "rules": ["bench"] }),
+                    credential: None,
+                };
+                ledger.record(event).await.is_ok()
+            }
+        })
+        .await;
+        drop(ledger);
+        let _ = writer.await;
+        report(&format!("ledger appends (sqlite WAL, synchronous=FULL, max batch {max_batch})"), elapsed, &mut latencies, errors, concurrency);
+        Ok::<(), crate::ledger::LedgerError>(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs `total` operations spread over `concurrency` tasks; returns the wall time, the
+/// latency of each successful operation and the number that failed.
+async fn drive<F, Fut>(total: u32, concurrency: u32, op: F) -> (Duration, Vec<Duration>, u32)
+where
+    F: Fn(u32, u32) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let per_worker = total.div_ceil(concurrency);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let op = op.clone();
+            let n = per_worker.min(total.saturating_sub(worker * per_worker));
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(n as usize);
+                let mut errors = 0u32;
+                for i in 0..n {
+                    let t = Instant::now();
+                    if op(worker, i).await {
+                        latencies.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut errors = 0;
+    for w in workers {
+        match w.await {
+            Ok((l, e)) => {
+                latencies.extend(l);
+                errors += e;
+            }
+            Err(_) => errors += per_worker,
+        }
+    }
+    (started.elapsed(), latencies, errors)
+}
+
+fn report(what: &str, elapsed: Duration, latencies: &mut [Duration], errors: u32, concurrency: u32) {
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
+        latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let ok = latencies.len();
+    println!("{what}");
+    println!("  {ok} ok, {errors} failed, concurrency {concurrency}, {:.2} s", elapsed.as_secs_f64());
+    println!("  throughput {:.0}/s", ok as f64 / elapsed.as_secs_f64().max(1e-9));
+    println!(
+        "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+}
