@@ -35,6 +35,8 @@ pub fn status(err: &IssueError) -> Status {
     Status::new(code, err.to_string())
 }
 
+/// A request refused at the edge, before attestation or policy: logged, not a ledger decision.
 pub fn invalid(what: &str, err: impl std::fmt::Display) -> Status {
+    tracing::info!(field = what, error = %err, "request refused as invalid");
     Status::invalid_argument(format!("{what}: {err}"))
 }

@@ -85,9 +85,12 @@ pub async fn run(args: Args) -> ExitCode {
 }
 
 fn new_key_and_csr() -> Result<(Vec<u8>, Zeroizing<String>), rcgen::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-    Ok((csr.der().to_vec(), Zeroizing::new(key.serialize_pem())))
+    use zeroize::Zeroize;
+    let mut key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key);
+    let pem = Zeroizing::new(key.serialize_pem());
+    key.zeroize();
+    Ok((csr?.der().to_vec(), pem))
 }
 
 fn write_out(dir: &Path, cert: &str, bundle: &str, key: Option<&str>) -> std::io::Result<()> {
