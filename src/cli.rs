@@ -3,6 +3,7 @@
 
 mod audit;
 mod bench;
+mod policy;
 
 pub use x509::connect;
 pub mod x509;
@@ -47,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
+    /// Check the policies/ tree: validate, run its tests.
+    Policy {
+        #[command(subcommand)]
+        command: policy::Command,
+    },
     /// Measure and print figures (throughput, latency).
     Bench {
         #[command(subcommand)]
@@ -73,6 +79,7 @@ pub fn main() -> ExitCode {
             Command::X509(args) => x509::run(args).await,
             Command::Audit { command } => audit::run(command).await,
             Command::Bench { command } => bench::run(command).await,
+            Command::Policy { command } => policy::run(command),
         }
     })
 }

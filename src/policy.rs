@@ -5,6 +5,8 @@
 //! Every permit rule carries `@id("...")` and `@max_ttl("...")`; forbid rules carry `@id`.
 //! The bundle version is the SHA-256 of the files the engine was built from.
 
+pub mod cases;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -167,7 +169,9 @@ impl Engine {
         files: &BTreeMap<PathBuf, String>,
     ) -> Result<Self, PolicyError> {
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
-            .map_err(|e| PolicyError::Parse { path: schema_path.into(), why: format!("{e:?}") })?;
+            .map_err(|e| PolicyError::Parse { path: schema_path.into(), why: located(schema_src, &e) })?;
+        let validator = Validator::new(schema.clone());
+        let mut invalid = Vec::new();
         let mut policies = PolicySet::new();
         let mut max_ttl = HashMap::new();
         let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -176,7 +180,8 @@ impl Engine {
             hasher.update(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
             hasher.update(&(text.len() as u64).to_be_bytes());
             hasher.update(text.as_bytes());
-            let set = PolicySet::from_str(text).map_err(|e| PolicyError::Parse { path: path.clone(), why: format!("{e:?}") })?;
+            let set = PolicySet::from_str(text).map_err(|e| PolicyError::Parse { path: path.clone(), why: located(text, &e) })?;
+            let mut file_set = PolicySet::new();
             for policy in set.policies() {
                 let id = policy
                     .annotation("id")
@@ -191,15 +196,20 @@ impl Engine {
                     })?;
                     max_ttl.insert(id.clone(), ttl);
                 }
+                let policy = policy.new_id(PolicyId::new(&id));
                 policies
-                    .add(policy.new_id(PolicyId::new(&id)))
+                    .add(policy.clone())
                     .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                file_set.add(policy).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+            }
+            // Strict validation is per rule, so validating file by file loses nothing and lets
+            // every error point at its own file, line and rule id.
+            for e in validator.validate(&file_set, ValidationMode::Strict).validation_errors() {
+                invalid.push(format!("  - `{}`: {}", path.display(), located(text, e)));
             }
         }
-        let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-        if !result.validation_passed() {
-            let errors: Vec<String> = result.validation_errors().map(|e| format!("  - {e}")).collect();
-            return Err(PolicyError::Validation(errors.join("\n")));
+        if !invalid.is_empty() {
+            return Err(PolicyError::Validation(invalid.join("\n")));
         }
         let version = format!("sha256:{}", &hex::encode(hasher.finish())[..16]);
         Ok(Self { policies, schema, max_ttl, version, authorizer: Authorizer::new() })
@@ -271,6 +281,24 @@ impl Engine {
         .map_err(|e| e.to_string())?;
         let request = Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
         Ok((request, entities))
+    }
+}
+
+/// A Cedar diagnostic as `message (line L, column C)`, located in `src` by its first label.
+fn located(src: &str, err: &dyn miette::Diagnostic) -> String {
+    let mut message = err.to_string();
+    if let Some(help) = err.help() {
+        message.push_str(&format!("; {help}"));
+    }
+    let offset = err.labels().and_then(|mut labels| labels.next()).map(|l| l.offset());
+    match offset.filter(|o| *o <= src.len()) {
+        Some(o) => {
+            let before = &src[..o];
+            let line = before.matches('\n').count() + 1;
+            let column = o - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
     }
 }
 
