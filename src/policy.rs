@@ -3,6 +3,8 @@
 //! in). A `Grant` can only be built here, so nothing can be minted without an allow.
 //!
 //! Every permit rule carries `@id("...")` and `@max_ttl("...")`; forbid rules carry `@id`.
+//! Rules in `exceptions/` are permits that also carry `@owner` and `@expires("YYYY-MM-DD")`:
+//! after that day they grant nothing.
 //! The bundle version is the SHA-256 of the files the engine was built from.
 
 pub mod cases;
@@ -34,6 +36,8 @@ pub enum PolicyError {
     DuplicateId { path: PathBuf, id: String },
     #[error("the rules do not validate against schema.cedarschema:\n{0}")]
     Validation(String),
+    #[error("`{path}`: exception `{id}` {why}")]
+    Exception { path: PathBuf, id: String, why: String },
     #[error("`{dir}` has no issuance rules (issuance/*.cedar)")]
     Empty { dir: PathBuf },
 }
@@ -78,7 +82,8 @@ impl Grant {
         self.kind
     }
 
-    /// The lifetime to mint: the smaller of the request and the permitting rules' maximum.
+    /// The lifetime to mint: the request, capped by the largest `@max_ttl` among the live
+    /// permitting rules (permits are a union; forbids still deny outright).
     pub fn ttl(&self) -> Ttl {
         self.ttl
     }
@@ -123,7 +128,24 @@ impl Decision {
     }
 }
 
+/// A time-bound exception (a permit in exceptions/): who owns it and the last day (UTC) it
+/// applies. After that day it stops granting anything, without anyone editing a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exception {
+    pub id: String,
+    pub owner: String,
+    pub expires: time::Date,
+    pub path: PathBuf,
+}
+
+impl Exception {
+    pub fn is_expired(&self, today: time::Date) -> bool {
+        today > self.expires
+    }
+}
+
 pub struct Engine {
+    exceptions: HashMap<String, Exception>,
     policies: PolicySet,
     schema: Schema,
     max_ttl: HashMap<String, Ttl>,
@@ -160,6 +182,18 @@ impl Engine {
         if files.is_empty() {
             return Err(PolicyError::Empty { dir: dir.into() });
         }
+        let exceptions = dir.join("exceptions");
+        if exceptions.is_dir() {
+            let listing =
+                std::fs::read_dir(&exceptions).map_err(|source| PolicyError::Read { path: exceptions.clone(), source })?;
+            for entry in listing {
+                let path = entry.map_err(|source| PolicyError::Read { path: exceptions.clone(), source })?.path();
+                if path.extension().is_some_and(|e| e == "cedar") {
+                    let text = read(&path)?;
+                    files.insert(path, text);
+                }
+            }
+        }
         Self::from_sources(&schema_path, &schema_src, &files)
     }
 
@@ -174,6 +208,7 @@ impl Engine {
         let mut invalid = Vec::new();
         let mut policies = PolicySet::new();
         let mut max_ttl = HashMap::new();
+        let mut exceptions = HashMap::new();
         let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         hasher.update(schema_src.as_bytes());
         for (path, text) in files {
@@ -187,6 +222,20 @@ impl Engine {
                     .annotation("id")
                     .ok_or_else(|| PolicyError::MissingId { path: path.clone(), rule: policy.to_string() })?
                     .to_owned();
+                let in_exceptions = path.parent().and_then(Path::file_name).is_some_and(|n| n == "exceptions");
+                if in_exceptions {
+                    let exception = |why: &str| PolicyError::Exception { path: path.clone(), id: id.clone(), why: why.into() };
+                    if policy.effect() != Effect::Permit {
+                        return Err(exception("must be a permit (guardrail forbids are never exceptions)"));
+                    }
+                    let owner = policy.annotation("owner").filter(|o| !o.trim().is_empty());
+                    let owner = owner.ok_or_else(|| exception("needs @owner(\"...\")"))?.to_owned();
+                    let expires = policy
+                        .annotation("expires")
+                        .and_then(|d| time::Date::parse(d, time::macros::format_description!("[year]-[month]-[day]")).ok())
+                        .ok_or_else(|| exception("needs @expires(\"YYYY-MM-DD\"), the last day it applies"))?;
+                    exceptions.insert(id.clone(), Exception { id: id.clone(), owner, expires, path: path.clone() });
+                }
                 if policy.effect() == Effect::Permit {
                     let raw = policy.annotation("max_ttl").unwrap_or("");
                     let ttl = Ttl::parse(raw).map_err(|e| PolicyError::MaxTtl {
@@ -212,11 +261,18 @@ impl Engine {
             return Err(PolicyError::Validation(invalid.join("\n")));
         }
         let version = format!("sha256:{}", &hex::encode(hasher.finish())[..16]);
-        Ok(Self { policies, schema, max_ttl, version, authorizer: Authorizer::new() })
+        Ok(Self { exceptions, policies, schema, max_ttl, version, authorizer: Authorizer::new() })
     }
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The time-bound exceptions, soonest expiry first.
+    pub fn exceptions(&self) -> Vec<&Exception> {
+        let mut list: Vec<&Exception> = self.exceptions.values().collect();
+        list.sort_by(|a, b| (a.expires, &a.id).cmp(&(b.expires, &b.id)));
+        list
     }
 
     /// Decides a request at time `now`. Default deny; any forbid wins; a request that does
@@ -233,17 +289,31 @@ impl Engine {
             Err(why) => return deny(vec![why]),
         };
         let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
-        let rules: Vec<String> = response.diagnostics().reason().map(ToString::to_string).collect();
-        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let mut rules: Vec<String> = response.diagnostics().reason().map(ToString::to_string).collect();
+        let mut errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
         let verdict = match response.decision() {
             cedar_policy::Decision::Allow => {
-                let ceiling = rules.iter().filter_map(|id| self.max_ttl.get(id)).min().copied();
+                // Why: exceptions are permits only, so dropping an expired one from the
+                // permitting set is exactly "the rule no longer exists" for this decision.
+                let today = crate::clock::utc_date(now);
+                let (expired, live): (Vec<String>, Vec<String>) =
+                    rules.into_iter().partition(|id| self.exceptions.get(id).is_some_and(|e| e.is_expired(today)));
+                rules = live;
+                // Permits are a union: each one authorises up to its own @max_ttl.
+                let ceiling = rules.iter().filter_map(|id| self.max_ttl.get(id)).max().copied();
                 match ceiling {
                     Some(max) => Verdict::Allow(Grant {
                         identity: req.workload.id.clone(),
                         kind: req.kind,
                         ttl: req.requested_ttl.min(max),
                     }),
+                    None if !expired.is_empty() => {
+                        errors.extend(expired.iter().map(|id| {
+                            let until = self.exceptions.get(id).map(|e| e.expires.to_string()).unwrap_or_default();
+                            format!("exception `{id}` expired after {until}")
+                        }));
+                        Verdict::Deny
+                    }
                     // Why: an allow can only come from a permit, and every permit has a max_ttl
                     // (checked at load); deny rather than mint without a ceiling.
                     None => return deny(vec!["permitting rule has no max_ttl".into()]),
@@ -347,6 +417,51 @@ mod tests {
         assert_eq!(d.verdict, Verdict::Deny);
         assert_eq!(d.rules, vec!["forbid-ttl-over-12h"]);
         assert!(d.explain().contains("forbid-ttl-over-12h"));
+    }
+
+    fn with_exception(exception: &str) -> Result<Engine, PolicyError> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let schema = std::fs::read_to_string(dir.join("schema.cedarschema")).unwrap();
+        let guardrails = std::fs::read_to_string(dir.join("issuance/guardrails.cedar")).unwrap();
+        Engine::from_sources(
+            Path::new("s"),
+            &schema,
+            &BTreeMap::from([
+                (PathBuf::from("issuance/guardrails.cedar"), guardrails),
+                (PathBuf::from("exceptions/x.cedar"), exception.to_owned()),
+            ]),
+        )
+    }
+
+    const EXCEPTION: &str = r#"@id("exc") @owner("team") @expires("2027-03-31") @max_ttl("2h")
+        permit(principal, action == Mayfly::Action::"issue_x509", resource);"#;
+
+    #[test]
+    fn an_exception_grants_until_its_last_day_and_nothing_after() {
+        let e = with_exception(EXCEPTION).unwrap();
+        let w = workload("spiffe://mayfly.local/dev/quickstart");
+        let selectors = Selectors::new();
+        let req = DecisionRequest { workload: &w, selectors: &selectors, kind: CredentialKind::X509, requested_ttl: Ttl::parse("2h").unwrap() };
+        let at = |s: &str| SystemTime::from(time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap());
+        let during = e.decide(&req, at("2027-03-31T23:59:59Z"));
+        assert!(matches!(&during.verdict, Verdict::Allow(g) if g.ttl().as_secs() == 7200), "{during:?}");
+        assert_eq!(during.rules, vec!["exc"]);
+        let after = e.decide(&req, at("2027-04-01T00:00:00Z"));
+        assert_eq!(after.verdict, Verdict::Deny);
+        assert!(after.explain().contains("exception `exc` expired after 2027-03-31"), "{}", after.explain());
+        // Guardrails still win while it lasts.
+        let long = DecisionRequest { requested_ttl: Ttl::parse("13h").unwrap(), ..req };
+        assert_eq!(e.decide(&long, at("2027-01-01T00:00:00Z")).rules, vec!["forbid-ttl-over-12h"]);
+    }
+
+    #[test]
+    fn exceptions_need_an_owner_an_expiry_and_must_be_permits() {
+        let no_owner = EXCEPTION.replace("@owner(\"team\") ", "");
+        assert!(with_exception(&no_owner).unwrap_err().to_string().contains("@owner"));
+        let bad_date = EXCEPTION.replace("2027-03-31", "next spring");
+        assert!(with_exception(&bad_date).unwrap_err().to_string().contains("@expires"));
+        let forbid = r#"@id("f") @owner("t") @expires("2027-01-01") forbid(principal, action, resource);"#;
+        assert!(with_exception(forbid).unwrap_err().to_string().contains("must be a permit"));
     }
 
     #[test]

@@ -43,11 +43,34 @@ pub fn run(command: Command) -> ExitCode {
     };
     if !test {
         println!(
-            "policy `{}`: valid (version {}, {} inventory entries)",
+            "policy `{}`: valid (version {}, {} inventory entries, {} exceptions)",
             dir.display(),
             engine.version(),
-            inventory.entries().len()
+            inventory.entries().len(),
+            engine.exceptions().len()
         );
+        let today = crate::clock::utc_date(SystemTime::now());
+        for e in engine.exceptions() {
+            let days_left = (e.expires - today).whole_days();
+            if e.is_expired(today) {
+                println!(
+                    "debt: exception `{}` ({}) expired after {}; it grants nothing; owner {} should remove it",
+                    e.id,
+                    e.path.display(),
+                    e.expires,
+                    e.owner
+                );
+            } else if days_left < 14 {
+                println!(
+                    "warning: exception `{}` ({}) stops applying after {} ({} days); owner {}",
+                    e.id,
+                    e.path.display(),
+                    e.expires,
+                    days_left,
+                    e.owner
+                );
+            }
+        }
         return ExitCode::SUCCESS;
     }
     run_cases(&dir, &engine, &inventory)
