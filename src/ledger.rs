@@ -98,6 +98,8 @@ pub trait Backend: Send + 'static {
         events: &[StoredEvent],
         credentials: &[(EventId, CredentialRecord)],
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Flushes and releases storage once the writer has drained (shutdown).
+    fn close(self) -> impl Future<Output = Result<(), LedgerError>> + Send;
 }
 
 /// SHA-256 over the previous hash and this event's fields, each length-prefixed.
@@ -216,6 +218,9 @@ async fn write_loop<B: Backend>(
                 }
             }
         }
+    }
+    if let Err(e) = backend.close().await {
+        tracing::warn!(error = %e, "closing the ledger failed; committed events are safe in the WAL");
     }
 }
 

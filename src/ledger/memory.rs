@@ -45,4 +45,8 @@ impl Backend for MemoryBackend {
         self.credentials.lock().unwrap().extend_from_slice(credentials);
         Ok(())
     }
+
+    async fn close(self) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }

@@ -108,6 +108,13 @@ impl Backend for SqliteBackend {
         }
         tx.commit().await.map_err(storage)
     }
+
+    async fn close(mut self) -> Result<(), LedgerError> {
+        // Why: fold the WAL into the main file so the database is one self-contained file
+        // after a clean stop (backups and copies of ledger.db alone are then complete).
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut self.conn).await.map_err(storage)?;
+        self.conn.close().await.map_err(storage)
+    }
 }
 
 /// Read-only access for `mayfly audit`.
