@@ -139,6 +139,8 @@ async fn a_local_workload_gets_a_short_lived_svid_recorded_before_it_is_returned
     let events = LedgerReader::open(&dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap();
     assert_eq!(kinds(&events).last(), Some(&"daemon_stopped"));
     assert!(!dir.path().join("mayfly.sock").exists(), "socket removed at shutdown");
+    let wal = dir.path().join("data/ledger.db-wal");
+    assert!(std::fs::metadata(&wal).map_or(true, |m| m.len() == 0), "WAL folded into ledger.db at a clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread")]
