@@ -151,12 +151,13 @@ impl Issuer {
         };
         // Why: the certificate exists only in this stack frame until its record is durable;
         // on a ledger error it is dropped here and the caller learns nothing but UNAVAILABLE.
+        let body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
         let issued_id = self
             .ledger
             .record(NewEvent {
                 kind: EventKind::Issued,
                 at: now,
-                body: serde_json::to_value(&record).unwrap_or_default(),
+                body,
                 credential: Some(record),
             })
             .await?;

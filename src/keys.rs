@@ -112,7 +112,7 @@ impl CertificateAuthority {
             vec![SanType::URI(uri.try_into().map_err(|e: rcgen::Error| KeyError::Generate(e.to_string()))?)];
         params.not_before = now.into();
         params.not_after = (now + validity).into();
-        params.serial_number = Some(random_serial().into());
+        params.serial_number = Some(random_serial()?.into());
         let cert = params.self_signed(&key).map_err(|e| KeyError::Generate(e.to_string()))?;
         let cert_der = cert.der().to_vec();
         Self::from_parts(cert_der, key, Path::new("(generated)"))
@@ -191,15 +191,12 @@ impl CertificateAuthority {
 
 /// A positive serial of 127 random bits (RFC 5280 allows up to 20 octets; CAB forum asks
 /// for at least 64 bits of entropy). The top byte is fixed to 01xxxxxx so the encoding is
-/// always 16 octets and never negative.
-pub fn random_serial() -> Vec<u8> {
+/// always 16 octets and never negative. Fails closed: no randomness, no serial.
+pub fn random_serial() -> Result<Vec<u8>, KeyError> {
     let mut serial = vec![0u8; 16];
-    // Why no error path: aws-lc's RNG aborts the process rather than fail on Linux.
-    if aws_lc_rs::rand::fill(&mut serial).is_err() {
-        serial.iter_mut().for_each(|b| *b = 0);
-    }
+    aws_lc_rs::rand::fill(&mut serial).map_err(|_| KeyError::Generate("the system RNG failed".into()))?;
     serial[0] = (serial[0] & 0x3f) | 0x40;
-    serial
+    Ok(serial)
 }
 
 /// Writes a secret file created with mode 0600 (never briefly world-readable).
@@ -246,8 +243,8 @@ mod tests {
 
     #[test]
     fn serials_are_random_positive_and_16_octets() {
-        let a = random_serial();
-        let b = random_serial();
+        let a = random_serial().unwrap();
+        let b = random_serial().unwrap();
         assert_eq!(a.len(), 16);
         assert_ne!(a, b);
         assert_eq!(a[0] & 0xc0, 0x40);

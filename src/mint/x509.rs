@@ -68,7 +68,7 @@ impl Minter for X509Minter {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let serial = random_serial();
+        let serial = random_serial().map_err(|e| MintError::Signing(e.to_string()))?;
         params.serial_number = Some(serial.clone().into());
         params.not_before = now.into();
         params.not_after = not_after.into();
