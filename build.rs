@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_with_config(config, &["proto/mayfly/v1/broker.proto"], &["proto"])?;
+        .compile_with_config(config, &["proto/mayfly/v1/broker.proto", "proto/mayfly/v1/admin.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

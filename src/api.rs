@@ -1,6 +1,7 @@
 //! gRPC services. Turns wire requests into domain requests (parsing at the edge) and
 //! domain errors into `Status` in exactly one place (`status`). Decides nothing.
 
+pub mod admin;
 pub mod broker;
 
 use tonic::{Code, Status};

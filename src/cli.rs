@@ -35,6 +35,9 @@ enum Command {
         policies: PathBuf,
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// Admin socket (mode 0600): `mayfly policy status|rollback`.
+        #[arg(long, default_value = "mayfly-admin.sock")]
+        admin_socket: PathBuf,
     },
     /// Run from a configuration file (see deploy/mayfly.toml).
     Serve {
@@ -48,7 +51,7 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
-    /// Check the policies/ tree: validate, run its tests.
+    /// Policy releases: validate, test, build, sign, verify, keygen; status and rollback on a running daemon.
     Policy {
         #[command(subcommand)]
         command: policy::Command,
@@ -68,7 +71,7 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket } => match Config::dev(data_dir, policies, socket) {
+            Command::Dev { data_dir, policies, socket, admin_socket } => match Config::dev(data_dir, policies, socket, admin_socket) {
                 Ok(config) => run_daemon(config).await,
                 Err(e) => fail(e),
             },
@@ -79,7 +82,7 @@ pub fn main() -> ExitCode {
             Command::X509(args) => x509::run(args).await,
             Command::Audit { command } => audit::run(command).await,
             Command::Bench { command } => bench::run(command).await,
-            Command::Policy { command } => policy::run(command),
+            Command::Policy { command } => policy::run(command).await,
         }
     })
 }

@@ -27,9 +27,12 @@ fn key(key: &'static str) -> impl Fn(String) -> ConfigError {
 pub struct RawConfig {
     pub trust_domain: Option<String>,
     pub data_dir: Option<PathBuf>,
-    pub policies: Option<PathBuf>,
+    #[serde(default)]
+    pub policy: RawPolicy,
     #[serde(default)]
     pub workload_api: RawWorkloadApi,
+    #[serde(default)]
+    pub admin: RawAdmin,
     pub ca: Option<RawCa>,
     #[serde(default)]
     pub ledger: RawLedger,
@@ -45,6 +48,21 @@ pub struct RawWorkloadApi {
     pub socket: Option<PathBuf>,
     pub max_request_bytes: Option<usize>,
     pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub bundle: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    pub poll_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,12 +101,26 @@ pub enum CaSource {
     Generated { dir: PathBuf },
 }
 
+/// Where the daemon's policy comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    /// A signed bundle file, or a directory whose newest `*.bundle` is used; activated only
+    /// when its signature verifies with one of `trusted_keys` (Ed25519 public key PEM files).
+    Bundle { path: PathBuf, trusted_keys: Vec<PathBuf> },
+    /// `mayfly dev` only: a policies/ tree read unsigned.
+    UnsignedDir(PathBuf),
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub trust_domain: TrustDomain,
     pub data_dir: PathBuf,
-    pub policies: PathBuf,
+    pub policy: PolicySource,
+    /// How often the policy source is checked for a new release.
+    pub policy_poll: Duration,
     pub socket: PathBuf,
+    /// The admin socket (mode 0600): rollback, status. `None`: no admin interface.
+    pub admin_socket: Option<PathBuf>,
     pub max_request_bytes: usize,
     pub request_timeout: Duration,
     pub ca: CaSource,
@@ -111,16 +143,19 @@ impl Config {
         Self::try_from(raw)
     }
 
-    /// `mayfly dev`: embedded defaults, a generated CA in the data dir.
-    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf) -> Result<Self, ConfigError> {
-        Self::try_from(RawConfig {
+    /// `mayfly dev`: embedded defaults, a generated CA in the data dir, and the policies/
+    /// tree read unsigned (re-read when it changes).
+    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf, admin_socket: PathBuf) -> Result<Self, ConfigError> {
+        let raw = RawConfig {
             trust_domain: Some(DEV_TRUST_DOMAIN.into()),
             ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
             data_dir: Some(data_dir),
-            policies: Some(policies),
+            policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
+            admin: RawAdmin { socket: Some(admin_socket) },
             ..RawConfig::default()
-        })
+        };
+        Self::from_raw(raw, Some(PolicySource::UnsignedDir(policies)))
     }
 }
 
@@ -128,12 +163,26 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        Self::from_raw(raw, None)
+    }
+}
+
+impl Config {
+    /// `dev_policy` is how `mayfly dev` reads policies/ unsigned; a config file cannot.
+    fn from_raw(raw: RawConfig, dev_policy: Option<PolicySource>) -> Result<Self, ConfigError> {
         let trust_domain = raw
             .trust_domain
             .ok_or_else(|| key("trust_domain")("required (e.g. \"example.org\")".into()))
             .and_then(|s| TrustDomain::parse(&s).map_err(|e| key("trust_domain")(e.to_string())))?;
         let data_dir = raw.data_dir.ok_or_else(|| key("data_dir")("required".into()))?;
-        let policies = raw.policies.ok_or_else(|| key("policies")("required (the policies/ directory)".into()))?;
+        let policy = match (dev_policy, raw.policy.bundle) {
+            (Some(dev), _) => dev,
+            (None, None) => return Err(key("policy.bundle")("required: a signed bundle file or a directory of them".into())),
+            (None, Some(_)) if raw.policy.trusted_keys.is_empty() => {
+                return Err(key("policy.trusted_keys")("required: the Ed25519 public key files bundles must be signed with".into()));
+            }
+            (None, Some(path)) => PolicySource::Bundle { path, trusted_keys: raw.policy.trusted_keys },
+        };
         let socket = raw.workload_api.socket.ok_or_else(|| key("workload_api.socket")("required".into()))?;
         let max_request_bytes = raw.workload_api.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
         if !(1024..=16 * 1024 * 1024).contains(&max_request_bytes) {
@@ -143,6 +192,7 @@ impl TryFrom<RawConfig> for Config {
             Ttl::parse(v.as_deref().unwrap_or(default)).map_err(|e| key(k)(e.to_string()))
         };
         let request_timeout = duration("workload_api.request_timeout", raw.workload_api.request_timeout, "30s")?;
+        let policy_poll = duration("policy.poll_interval", raw.policy.poll_interval, "5s")?;
         let ca = match raw.ca {
             None => return Err(key("ca")("required: `cert` and `key` files, or `generate = true`".into())),
             Some(RawCa { cert: Some(cert), key: Some(k), generate: None | Some(false) }) => CaSource::Files { cert, key: k },
@@ -167,8 +217,10 @@ impl TryFrom<RawConfig> for Config {
         Ok(Self {
             trust_domain,
             data_dir,
-            policies,
+            policy,
+            policy_poll: policy_poll.as_duration(),
             socket,
+            admin_socket: raw.admin.socket,
             max_request_bytes,
             request_timeout: request_timeout.as_duration(),
             ca,
@@ -193,7 +245,9 @@ mod tests {
     const BASE: &str = r#"
         trust_domain = "example.org"
         data_dir = "/var/lib/mayfly"
-        policies = "/etc/mayfly/policies"
+        [policy]
+        bundle = "/etc/mayfly/policy.bundle"
+        trusted_keys = ["/etc/mayfly/policy-signing.pub"]
         [workload_api]
         socket = "/run/mayfly/workload.sock"
         [ca]
@@ -218,5 +272,7 @@ mod tests {
         assert!(parse(&no_td).unwrap_err().to_string().contains("trust_domain"));
         let half_ca = BASE.replace("generate = true", "cert = \"/x.pem\"");
         assert!(parse(&half_ca).unwrap_err().to_string().contains("`ca`"));
+        let unsigned = BASE.replace("trusted_keys = [\"/etc/mayfly/policy-signing.pub\"]", "");
+        assert!(parse(&unsigned).unwrap_err().to_string().contains("policy.trusted_keys"));
     }
 }

@@ -13,18 +13,19 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::api::admin::AdminService;
 use crate::api::broker::BrokerService;
+use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
 use crate::attest::{PeerStream, UnixAttestor};
 use crate::clock::Clock;
 use crate::config::{CaSource, Config};
-use crate::identity::Inventory;
 use crate::issue::Issuer;
 use crate::keys::{CertificateAuthority, KeyError};
 use crate::ledger::sqlite::SqliteBackend;
 use crate::ledger::{EventKind, GroupCommitLedger, Ledger, LedgerError, NewEvent};
 use crate::mint::x509::X509Minter;
-use crate::policy::{Engine, PolicyError};
+use crate::policy::activation::{ActivationError, PolicyController};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -32,10 +33,8 @@ pub enum DaemonError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Keys(#[from] KeyError),
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error("`{path}`: {why}")]
-    Inventory { path: PathBuf, why: String },
+    #[error("policy: {0}")]
+    Policy(#[from] ActivationError),
     #[error("ledger `{path}`: {source}")]
     Ledger { path: PathBuf, source: LedgerError },
     #[error("socket `{path}`: {why}")]
@@ -53,6 +52,8 @@ pub struct Daemon {
     ledger: Arc<GroupCommitLedger>,
     writer: JoinHandle<()>,
     listener: UnixListener,
+    admin: Option<UnixListener>,
+    policy: Arc<PolicyController>,
     clock: Arc<dyn Clock>,
 }
 
@@ -66,12 +67,6 @@ impl Daemon {
             CaSource::Files { cert, key } => CertificateAuthority::load(cert, key, now)?,
             CaSource::Generated { dir } => CertificateAuthority::load_or_generate(dir, &config.trust_domain, now)?,
         };
-        let engine = Engine::load(&config.policies)?;
-        let inventory_path = config.policies.join("inventory.toml");
-        let inventory = std::fs::read_to_string(&inventory_path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| Inventory::parse(&text, &config.trust_domain).map_err(|e| e.to_string()))
-            .map_err(|why| DaemonError::Inventory { path: inventory_path.clone(), why })?;
         let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
         let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
         // The ledger holds no secrets, but it maps every identity and binary on the host.
@@ -79,17 +74,29 @@ impl Daemon {
         let (ledger, writer) = GroupCommitLedger::start(backend, config.ledger_max_batch).await.map_err(ledger_err)?;
         let ledger = Arc::new(ledger);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
-        let policy_version = engine.version().to_owned();
-        let entries = inventory.entries().len();
+        // Why before anything is recorded: binding is what refuses a second daemon on the same
+        // socket, and a second daemon must not append to this ledger.
+        let listener = bind_socket(&config.socket, 0o666)?;
+        let admin = config.admin_socket.as_deref().map(|path| bind_socket(path, 0o600)).transpose()?;
+        let policy = PolicyController::start(
+            config.policy.clone(),
+            config.trust_domain.clone(),
+            &config.data_dir,
+            ledger.clone() as Arc<dyn Ledger>,
+            clock.clone(),
+        )
+        .await?;
+        let policy = Arc::new(policy);
+        let store = policy.store();
+        let policy_version = store.current().version().to_owned();
+        let entries = store.current().inventory.entries().len();
         let issuer = Arc::new(Issuer::new(
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
-            inventory,
-            engine,
+            store,
             Arc::new(X509Minter::new(Arc::new(ca))),
             ledger.clone() as Arc<dyn Ledger>,
             clock.clone(),
         ));
-        let listener = bind_workload_socket(&config.socket)?;
         ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStarted,
@@ -101,13 +108,14 @@ impl Daemon {
                     "inventory_entries": entries,
                     "ca_sha256": ca_fingerprint,
                     "socket": config.socket.display().to_string(),
+                    "admin_socket": config.admin_socket.as_ref().map(|p| p.display().to_string()),
                 }),
                 credential: None,
             })
             .await
             .map_err(ledger_err)?;
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
-        Ok(Self { config, issuer, ledger, writer, listener, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -116,15 +124,32 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
+            let _ = stop_tx.send(true);
             let _ = draining.send(());
         };
+        let watcher = tokio::spawn(watch_policy(policy.clone(), config.policy_poll, stop_rx.clone()));
+        let admin_server = admin.map(|listener| {
+            let service = AdminServer::new(AdminService::new(policy.clone(), rustix::process::geteuid().as_raw()))
+                .max_decoding_message_size(64 * 1024);
+            let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
+            let mut stop = stop_rx.clone();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .timeout(config.request_timeout)
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    }),
+            )
+        });
         let serve = tonic::transport::Server::builder()
             .timeout(config.request_timeout)
             .concurrency_limit_per_connection(64)
@@ -147,6 +172,16 @@ impl Daemon {
             }
         };
         let _ = std::fs::remove_file(&config.socket);
+        watcher.abort();
+        let _ = watcher.await;
+        if let Some(server) = admin_server {
+            server.abort();
+            let _ = server.await;
+        }
+        if let Some(path) = &config.admin_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        drop(policy);
         let stopped = ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStopped,
@@ -174,10 +209,24 @@ fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Binds the workload socket. Any local user may connect (attestation is the gate), but the
-/// socket's directory must not be writable by others, a symlink is refused, a stale socket
-/// is removed, and a live one (another daemon) is left alone.
-fn bind_workload_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Checks the policy source every `every` until shutdown.
+async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => policy.poll().await,
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
+/// Binds a socket with `mode`: the workload socket 0666 (any local user may connect;
+/// attestation is the gate), the admin socket 0600. The socket's directory must not be
+/// writable by others, a symlink is refused, a stale socket is removed, and a live one
+/// (another daemon) is left alone.
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
     let fail = |why: String| DaemonError::Socket { path: path.into(), why };
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -206,6 +255,6 @@ fn bind_workload_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         Err(e) => return Err(fail(e.to_string())),
     }
     let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| fail(e.to_string()))?;
     Ok(listener)
 }

@@ -110,6 +110,14 @@ impl fmt::Display for WorkloadId {
     }
 }
 
+/// The 1-based line and column of byte `offset` in `src` (for errors that point into a file).
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
 /// One attested fact about a caller, `type:key:value` (e.g. `unix:uid:1001`).
 /// The value may itself contain `:`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -132,6 +140,85 @@ impl Selector {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Checks the selector is one an attestor can produce, with a value of the right shape,
+    /// so a typo in inventory.toml (`unix:uid:jenkins`) is an error, not an entry that
+    /// silently never matches.
+    pub fn check_known(&self) -> Result<(), String> {
+        let mut parts = self.0.splitn(3, ':');
+        let (kind, key, value) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let digits = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
+        let ok = match (kind, key) {
+            ("unix", "uid") => value == "self" || digits(value),
+            ("unix", "gid") => digits(value),
+            ("unix", "path") => value.starts_with('/'),
+            ("unix", "sha256") => value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            ("unix", "container") => value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            ("oidc", k) if OidcClaims::SELECTOR_KEYS.contains(&k) => !value.is_empty(),
+            _ => {
+                return Err(format!(
+                    "`{self}`: unknown selector type `{kind}:{key}` (known: unix:uid|gid|path|sha256|container, oidc:{})",
+                    OidcClaims::SELECTOR_KEYS.join("|")
+                ));
+            }
+        };
+        if ok { Ok(()) } else { Err(format!("`{self}`: the value does not fit `{kind}:{key}`")) }
+    }
+}
+
+/// The claims of a verified OIDC id-token that policy and the inventory may use. Raw
+/// claims are mapped to these typed fields before policy sees them (GitHub's `ref` is
+/// `git_ref` here, since `ref` reads as a keyword).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcClaims {
+    pub issuer: String,
+    pub subject: String,
+    pub repository: Option<String>,
+    pub repository_owner: Option<String>,
+    pub git_ref: Option<String>,
+    pub ref_type: Option<String>,
+    pub environment: Option<String>,
+    pub workflow_ref: Option<String>,
+    pub event_name: Option<String>,
+}
+
+impl OidcClaims {
+    /// The `oidc:<key>:<value>` selector keys an id-token yields.
+    pub const SELECTOR_KEYS: [&'static str; 9] =
+        ["iss", "sub", "repository", "repository_owner", "ref", "ref_type", "environment", "workflow_ref", "event_name"];
+
+    /// The present claims as (Cedar attribute name, value).
+    pub fn fields(&self) -> Vec<(&'static str, &str)> {
+        let mut out = vec![("issuer", self.issuer.as_str()), ("subject", self.subject.as_str())];
+        let optional = [
+            ("repository", &self.repository),
+            ("repository_owner", &self.repository_owner),
+            ("git_ref", &self.git_ref),
+            ("ref_type", &self.ref_type),
+            ("environment", &self.environment),
+            ("workflow_ref", &self.workflow_ref),
+            ("event_name", &self.event_name),
+        ];
+        out.extend(optional.into_iter().filter_map(|(k, v)| v.as_deref().map(|v| (k, v))));
+        out
+    }
+
+    /// The selectors a caller with these claims presents to the inventory.
+    pub fn selectors(&self) -> Selectors {
+        self.fields()
+            .into_iter()
+            .map(|(k, v)| {
+                let key = match k {
+                    "issuer" => "iss",
+                    "subject" => "sub",
+                    "git_ref" => "ref",
+                    other => other,
+                };
+                Selector::new("oidc", key, v)
+            })
+            .collect()
     }
 }
 
@@ -202,6 +289,10 @@ pub struct InventoryEntry {
     pub id: WorkloadId,
     pub owner: String,
     pub purpose: String,
+    /// Where it runs, e.g. `prod`, `staging`, `dev`, `ci`.
+    pub environment: String,
+    /// How critical it is, e.g. `critical`, `standard`, `experimental`.
+    pub tier: String,
     /// Last day (UTC) on which the entry is valid.
     pub expires: Date,
     pub selectors: Selectors,
@@ -240,31 +331,38 @@ struct RawInventory {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEntry {
-    id: String,
+    id: toml::Spanned<String>,
     owner: String,
     purpose: String,
+    environment: String,
+    tier: String,
     expires: toml::value::Datetime,
     selectors: Vec<String>,
 }
 
 impl Inventory {
     /// Parses inventory.toml. Every entry must be inside `trust_domain`, have an owner, a
-    /// purpose, an expiry date and at least one well-formed selector; ids are unique.
+    /// purpose, an environment, a tier, an expiry date and at least one selector an attestor
+    /// can produce; ids are unique. Errors name the line of the entry's `id`.
     pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Self, IdentityError> {
-        let raw: RawInventory = toml::from_str(text).map_err(|e| IdentityError::Inventory(e.to_string()))?;
+        let raw: RawInventory = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| format!("line {}: ", line_col(text, s.start).0)).unwrap_or_default();
+            IdentityError::Inventory(format!("{line}{}", e.message()))
+        })?;
         let mut entries = Vec::with_capacity(raw.workload.len());
         let mut seen = BTreeSet::new();
-        for (i, e) in raw.workload.into_iter().enumerate() {
-            let at = |what: String| IdentityError::Inventory(format!("workload #{} (`{}`): {what}", i + 1, e.id));
-            let id = WorkloadId::parse(&e.id).map_err(|err| at(err.to_string()))?;
+        for e in raw.workload {
+            let line = line_col(text, e.id.span().start).0;
+            let at = |what: String| IdentityError::Inventory(format!("line {line}, workload `{}`: {what}", e.id.get_ref()));
+            let id = WorkloadId::parse(e.id.get_ref()).map_err(|err| at(err.to_string()))?;
             if !id.is_member_of(trust_domain) {
                 return Err(at(format!("not in the trust domain `{trust_domain}`")));
             }
             if !seen.insert(id.clone()) {
                 return Err(at("duplicate id".into()));
             }
-            if e.owner.trim().is_empty() || e.purpose.trim().is_empty() {
-                return Err(at("`owner` and `purpose` must not be empty".into()));
+            if [&e.owner, &e.purpose, &e.environment, &e.tier].iter().any(|v| v.trim().is_empty()) {
+                return Err(at("`owner`, `purpose`, `environment` and `tier` must not be empty".into()));
             }
             let expires = match (e.expires.date, e.expires.time) {
                 (Some(d), None) => Date::from_calendar_date(
@@ -284,7 +382,18 @@ impl Inventory {
                 .map(|s| Selector::parse(s))
                 .collect::<Result<Selectors, _>>()
                 .map_err(|err| at(err.to_string()))?;
-            entries.push(InventoryEntry { id, owner: e.owner, purpose: e.purpose, expires, selectors });
+            for s in &selectors {
+                s.check_known().map_err(&at)?;
+            }
+            entries.push(InventoryEntry {
+                id,
+                owner: e.owner,
+                purpose: e.purpose,
+                environment: e.environment,
+                tier: e.tier,
+                expires,
+                selectors,
+            });
         }
         Ok(Self { entries })
     }
@@ -359,13 +468,17 @@ mod tests {
         id = "spiffe://example.org/api"
         owner = "team-api"
         purpose = "serves the api"
+        environment = "prod"
+        tier = "critical"
         expires = 2030-01-01
-        selectors = ["unix:uid:1001", "unix:sha256:ab"]
+        selectors = ["unix:uid:1001", "unix:sha256:abababababababababababababababababababababababababababababababab"]
 
         [[workload]]
         id = "spiffe://example.org/old"
         owner = "team-old"
         purpose = "retired"
+        environment = "prod"
+        tier = "standard"
         expires = 2020-01-01
         selectors = ["unix:uid:1002"]
     "#;
@@ -379,7 +492,7 @@ mod tests {
         let inv = Inventory::parse(INVENTORY, &td()).unwrap();
         let today = time::macros::date!(2026 - 11 - 23);
         assert!(matches!(
-            inv.lookup(&sel(&["unix:uid:1001", "unix:sha256:ab", "unix:gid:5"]), None, today),
+            inv.lookup(&sel(&["unix:uid:1001", "unix:sha256:abababababababababababababababababababababababababababababababab", "unix:gid:5"]), None, today),
             Lookup::Found(e) if e.id.as_str() == "spiffe://example.org/api"
         ));
         assert_eq!(inv.lookup(&sel(&["unix:uid:1001"]), None, today), Lookup::NoMatch);
@@ -398,7 +511,49 @@ mod tests {
         assert!(Inventory::parse(&dup, &td()).unwrap_err().to_string().contains("duplicate"));
         let no_owner = INVENTORY.replace("owner = \"team-api\"\n", "");
         assert!(Inventory::parse(&no_owner, &td()).is_err());
-        let bad_sel = INVENTORY.replace("unix:sha256:ab", "nocolons");
+        let bad_sel = INVENTORY.replace("unix:sha256:abababababababababababababababababababababababababababababababab", "nocolons");
         assert!(Inventory::parse(&bad_sel, &td()).unwrap_err().to_string().contains("nocolons"));
+    }
+
+    #[test]
+    fn inventory_errors_name_the_line_and_unknown_selectors_are_refused() {
+        // The second entry's `id` is on line 10 of the fixture.
+        let dup = INVENTORY.replace("spiffe://example.org/old", "spiffe://example.org/api");
+        let err = Inventory::parse(&dup, &td()).unwrap_err().to_string();
+        let line = dup.lines().position(|l| l.contains("id = ") && l.contains("/api")).unwrap();
+        let second = dup.lines().skip(line + 1).position(|l| l.contains("id = ")).unwrap() + line + 2;
+        assert!(err.contains(&format!("line {second}")), "{err}");
+        for (typo, why) in [
+            ("unix:uid:jenkins", "does not fit"),
+            ("unix:sha256:abc", "does not fit"),
+            ("unix:pid:42", "unknown selector type"),
+            ("k8s:ns:default", "unknown selector type"),
+            ("oidc:repo:acme/app", "unknown selector type"),
+        ] {
+            let text = INVENTORY.replace("unix:uid:1002", typo);
+            let err = Inventory::parse(&text, &td()).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(typo), "{typo}: {err}");
+        }
+        let no_tier = INVENTORY.replace("tier = \"critical\"\n", "");
+        assert!(Inventory::parse(&no_tier, &td()).unwrap_err().to_string().contains("tier"));
+    }
+
+    #[test]
+    fn oidc_claims_become_selectors_an_inventory_can_require() {
+        let claims = OidcClaims {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            subject: "repo:acme/app:ref:refs/heads/main".into(),
+            repository: Some("acme/app".into()),
+            git_ref: Some("refs/heads/main".into()),
+            ..OidcClaims::default()
+        };
+        let selectors = claims.selectors();
+        for s in &selectors {
+            s.check_known().unwrap();
+        }
+        assert!(selectors.contains(&Selector::parse("oidc:repository:acme/app").unwrap()));
+        assert!(selectors.contains(&Selector::parse("oidc:ref:refs/heads/main").unwrap()));
+        assert!(selectors.contains(&Selector::parse("oidc:iss:https://token.actions.githubusercontent.com").unwrap()));
+        assert_eq!(selectors.len(), 4);
     }
 }

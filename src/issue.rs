@@ -8,10 +8,11 @@ use serde_json::json;
 
 use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::clock::{unix_secs, utc_date, Clock};
-use crate::identity::{Inventory, Lookup, Ttl, WorkloadId};
+use crate::identity::{Lookup, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::mint::{MintError, Minter, VerifiedCsr, X509Svid};
-use crate::policy::{CredentialKind, DecisionRequest, Engine, Verdict};
+use crate::policy::store::PolicyStore;
+use crate::policy::{CredentialKind, DecisionRequest, RequestContext, Resource, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -50,8 +51,7 @@ pub struct IssuedX509 {
 
 pub struct Issuer {
     attestor: Arc<dyn Attestor>,
-    inventory: Inventory,
-    engine: Engine,
+    policy: Arc<PolicyStore>,
     minter: Arc<dyn Minter>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
@@ -60,17 +60,16 @@ pub struct Issuer {
 impl Issuer {
     pub fn new(
         attestor: Arc<dyn Attestor>,
-        inventory: Inventory,
-        engine: Engine,
+        policy: Arc<PolicyStore>,
         minter: Arc<dyn Minter>,
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { attestor, inventory, engine, minter, ledger, clock }
+        Self { attestor, policy, minter, ledger, clock }
     }
 
-    pub fn policy_version(&self) -> &str {
-        self.engine.version()
+    pub fn policy_version(&self) -> String {
+        self.policy.current().version().to_owned()
     }
 
     pub fn x509_bundle(&self) -> Vec<Vec<u8>> {
@@ -79,16 +78,20 @@ impl Issuer {
 
     pub async fn issue_x509(&self, peer: &PeerInfo, req: X509Request) -> Result<IssuedX509, IssueError> {
         let kind = CredentialKind::X509;
+        // One snapshot for the whole request: the inventory and rules it is decided under
+        // belong to one release even if another is activated meanwhile.
+        let release = self.policy.current();
+        let version = release.version();
         let attestation = match self.attest(peer).await {
             Ok(a) => a,
             Err(e) => {
                 let caller = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
-                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string()).await?;
+                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), version).await?;
                 return Err(e.into());
             }
         };
         let now = self.clock.now();
-        let entry = match self.inventory.lookup(&attestation.selectors, req.spiffe_id.as_ref(), utc_date(now)) {
+        let entry = match release.inventory.lookup(&attestation.selectors, req.spiffe_id.as_ref(), utc_date(now)) {
             Lookup::Found(entry) => entry,
             other => {
                 let err = match other {
@@ -96,13 +99,23 @@ impl Issuer {
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
                     _ => IssueError::NoEntry,
                 };
-                self.record_refusal(kind, &attestation.caller, req.spiffe_id.as_ref(), &req.ttl, &err.to_string()).await?;
+                self.record_refusal(kind, &attestation.caller, req.spiffe_id.as_ref(), &req.ttl, &err.to_string(), version)
+                    .await?;
                 return Err(err);
             }
         };
 
-        let decision = self.engine.decide(
-            &DecisionRequest { workload: entry, selectors: &attestation.selectors, kind, requested_ttl: req.ttl },
+        let resource = Resource::X509;
+        let context = RequestContext::default();
+        let decision = release.engine.decide(
+            &DecisionRequest {
+                workload: entry,
+                attestation: "unix",
+                selectors: &attestation.selectors,
+                resource: &resource,
+                requested_ttl: req.ttl,
+                context: &context,
+            },
             now,
         );
         let granted = match &decision.verdict {
@@ -116,6 +129,7 @@ impl Issuer {
                 at: now,
                 body: json!({
                     "action": format!("issue_{}", kind.as_str()),
+                    "resource": resource.describe(),
                     "outcome": if decision.is_allow() { "allow" } else { "deny" },
                     "reason": decision.explain(),
                     "rules": decision.rules,
@@ -191,6 +205,7 @@ impl Issuer {
         wanted: Option<&WorkloadId>,
         ttl: &Ttl,
         reason: &str,
+        policy_version: &str,
     ) -> Result<EventId, LedgerError> {
         tracing::info!(uid = caller.uid, pid = caller.pid, reason, "issuance refused");
         self.ledger
@@ -202,7 +217,7 @@ impl Issuer {
                     "outcome": "deny",
                     "reason": reason,
                     "rules": [],
-                    "policy_version": self.engine.version(),
+                    "policy_version": policy_version,
                     "identity": wanted.map(WorkloadId::as_str),
                     "caller": caller,
                     "requested_ttl_secs": ttl.as_secs(),
@@ -215,8 +230,6 @@ impl Issuer {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
     use std::time::{Duration, SystemTime};
 
     use super::*;
@@ -226,6 +239,7 @@ mod tests {
     use crate::ledger::memory::MemoryBackend;
     use crate::ledger::{verify_chain, GroupCommitLedger};
     use crate::mint::x509::X509Minter;
+    use crate::policy::release::Release;
 
     /// Attests every caller with fixed selectors.
     struct FakeAttestor(Result<Selectors, AttestError>);
@@ -258,6 +272,8 @@ mod tests {
         id = "spiffe://mayfly.local/api"
         owner = "team-api"
         purpose = "test"
+        environment = "prod"
+        tier = "standard"
         expires = 2030-01-01
         selectors = ["unix:uid:1001"]
     "#;
@@ -266,10 +282,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let td = TrustDomain::parse("mayfly.local").unwrap();
         let ca = CertificateAuthority::generate(&td, now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let schema = std::fs::read_to_string(dir.join("schema.cedarschema")).unwrap();
-        let rules = std::fs::read_to_string(dir.join("issuance/local.cedar")).unwrap();
-        let engine = Engine::from_sources(Path::new("s"), &schema, &BTreeMap::from([(PathBuf::from("l.cedar"), rules)])).unwrap();
+        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None)]);
+        let release = Release::build(&files, &td, None, None, "test".into()).unwrap();
         let backend = MemoryBackend::default();
         let (gc, _task) = GroupCommitLedger::start(backend.clone(), 16).await.unwrap();
         let ledger: Arc<dyn Ledger> = match ledger_ok_records {
@@ -279,8 +293,7 @@ mod tests {
         let selectors = selectors.iter().map(|s| Selector::parse(s).unwrap()).collect();
         let issuer = Issuer::new(
             Arc::new(FakeAttestor(Ok(selectors))),
-            Inventory::parse(INVENTORY, &td).unwrap(),
-            engine,
+            Arc::new(PolicyStore::new(Arc::new(release), None)),
             Arc::new(X509Minter::new(Arc::new(ca))),
             ledger,
             Arc::new(FixedClock::new(now)),

@@ -37,6 +37,9 @@ pub enum EventKind {
     Issued,
     DaemonStarted,
     DaemonStopped,
+    PolicyActivated,
+    PolicyRejected,
+    PolicyRolledBack,
 }
 
 impl EventKind {
@@ -46,6 +49,9 @@ impl EventKind {
             EventKind::Issued => "issued",
             EventKind::DaemonStarted => "daemon_started",
             EventKind::DaemonStopped => "daemon_stopped",
+            EventKind::PolicyActivated => "policy_activated",
+            EventKind::PolicyRejected => "policy_rejected",
+            EventKind::PolicyRolledBack => "policy_rolled_back",
         }
     }
 }

@@ -1,75 +1,178 @@
-//! Issuance policy: loads the Cedar schema and rules from `policies/`, validates them, and
-//! decides. `Engine::decide` is pure and synchronous: no I/O, no clock read (time is passed
+//! Issuance policy: the Cedar schema and rules of one release, validated, indexed, and
+//! deciding. `Engine::decide` is pure and synchronous: no I/O, no clock read (time is passed
 //! in). A `Grant` can only be built here, so nothing can be minted without an allow.
 //!
-//! Every permit rule carries `@id("...")` and `@max_ttl("...")`; forbid rules carry `@id`.
-//! Rules in `exceptions/` are permits that also carry `@owner` and `@expires("YYYY-MM-DD")`:
-//! after that day they grant nothing.
-//! The bundle version is the SHA-256 of the files the engine was built from.
+//! Rule annotations: every rule has `@id("...")`; every permit has `@max_ttl("...")` (the
+//! grant's ceiling); every forbid has `@reason("...")` (what the denied caller is told, so
+//! they can act on it). Rules in `exceptions/` are permits that also carry `@owner` and
+//! `@expires("YYYY-MM-DD")`: after that day they grant nothing.
+//!
+//! The version is the content digest of the release's files (`bundle::PolicyFiles::version`),
+//! the same whether the files came from a directory or a signed bundle.
 
+pub mod activation;
+pub mod bundle;
 pub mod cases;
+pub mod release;
+pub mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::SystemTime;
 
 use cedar_policy::{
-    Authorizer, Context, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, PrincipalConstraint, Request, ResourceConstraint, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 
 use crate::clock::unix_secs;
-use crate::identity::{InventoryEntry, Selectors, Ttl, WorkloadId};
+use crate::identity::{InventoryEntry, OidcClaims, Selectors, Ttl, WorkloadId};
+use bundle::{BundleError, PolicyFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("cannot read `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Files(#[from] BundleError),
     #[error("`{path}`: {why}")]
     Parse { path: PathBuf, why: String },
     #[error("`{path}`: a rule has no @id(\"...\") annotation:\n{rule}")]
     MissingId { path: PathBuf, rule: String },
     #[error("`{path}`: permit rule `{id}` needs @max_ttl(\"...\") (e.g. \"1h\"): {why}")]
     MaxTtl { path: PathBuf, id: String, why: String },
+    #[error("`{path}`: forbid rule `{id}` needs @reason(\"...\"): what a denied caller should know or do")]
+    Reason { path: PathBuf, id: String },
     #[error("rule id `{id}` is used twice (second time in `{path}`)")]
     DuplicateId { path: PathBuf, id: String },
     #[error("the rules do not validate against schema.cedarschema:\n{0}")]
     Validation(String),
     #[error("`{path}`: exception `{id}` {why}")]
     Exception { path: PathBuf, id: String, why: String },
-    #[error("`{dir}` has no issuance rules (issuance/*.cedar)")]
-    Empty { dir: PathBuf },
+    #[error("the release has no issuance rules (issuance/*.cedar)")]
+    Empty,
 }
 
 /// The credential kinds policy can grant. Each is a Cedar action `Mayfly::Action::"issue_<kind>"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CredentialKind {
     X509,
+    Jwt,
+    Aws,
 }
 
 impl CredentialKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             CredentialKind::X509 => "x509",
+            CredentialKind::Jwt => "jwt",
+            CredentialKind::Aws => "aws",
         }
     }
+
+    pub fn from_action(action: &str) -> Option<Self> {
+        match action {
+            "issue_x509" => Some(Self::X509),
+            "issue_jwt" => Some(Self::Jwt),
+            "issue_aws" => Some(Self::Aws),
+            _ => None,
+        }
+    }
+}
+
+/// An IAM role ARN, split into the parts policy can test (`resource.account`, `resource.name`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AwsRole {
+    arn: String,
+    account: String,
+    name: String,
+}
+
+impl AwsRole {
+    /// `arn:<partition>:iam::<12-digit account>:role/[<path>/]<name>`.
+    pub fn parse(arn: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("`{arn}` is not an IAM role ARN: {why}");
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
+            return Err(bad("expected arn:aws:iam::<account>:role/<name>"));
+        };
+        if *scheme != "arn" || partition.is_empty() || *service != "iam" || !region.is_empty() {
+            return Err(bad("expected arn:<partition>:iam::…"));
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("the account must be 12 digits"));
+        }
+        let path = resource.strip_prefix("role/").ok_or_else(|| bad("not a role"))?;
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let name_ok = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
+        if !name_ok {
+            return Err(bad("the role name must be 1-64 of A-Z a-z 0-9 +=,.@_-"));
+        }
+        Ok(Self { arn: arn.to_owned(), account: (*account).to_owned(), name: name.to_owned() })
+    }
+
+    pub fn arn(&self) -> &str {
+        &self.arn
+    }
+}
+
+/// What a credential is for: the Cedar resource of the request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Resource {
+    X509,
+    /// A JWT for this audience.
+    Jwt { audience: String },
+    /// AWS credentials of this role.
+    Aws { role: AwsRole },
+}
+
+impl Resource {
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            Resource::X509 => CredentialKind::X509,
+            Resource::Jwt { .. } => CredentialKind::Jwt,
+            Resource::Aws { .. } => CredentialKind::Aws,
+        }
+    }
+
+    /// The resource as a person reads it in a decision record.
+    pub fn describe(&self) -> String {
+        match self {
+            Resource::X509 => "x509".into(),
+            Resource::Jwt { audience } => format!("audience {audience}"),
+            Resource::Aws { role } => format!("role {}", role.arn),
+        }
+    }
+}
+
+/// What the request says beyond who is asking: its stated purpose and target, the
+/// break-glass flag and ticket, and the id-token claims it came with (OIDC callers).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    pub purpose: Option<String>,
+    pub target: Option<String>,
+    pub break_glass: bool,
+    pub ticket: Option<String>,
+    pub oidc: Option<OidcClaims>,
 }
 
 /// What the caller asked for, after attestation and the inventory lookup.
 #[derive(Debug)]
 pub struct DecisionRequest<'a> {
     pub workload: &'a InventoryEntry,
+    /// How the caller was attested: `unix` (kernel peer credentials) or `oidc` (an id-token).
+    pub attestation: &'a str,
     pub selectors: &'a Selectors,
-    pub kind: CredentialKind,
+    pub resource: &'a Resource,
     pub requested_ttl: Ttl,
+    pub context: &'a RequestContext,
 }
 
-/// Permission to mint exactly this: one identity, one kind, at most this lifetime.
+/// Permission to mint exactly this: one identity, one resource, at most this lifetime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     identity: WorkloadId,
-    kind: CredentialKind,
+    resource: Resource,
     ttl: Ttl,
 }
 
@@ -79,7 +182,11 @@ impl Grant {
     }
 
     pub fn kind(&self) -> CredentialKind {
-        self.kind
+        self.resource.kind()
+    }
+
+    pub fn resource(&self) -> &Resource {
+        &self.resource
     }
 
     /// The lifetime to mint: the request, capped by the largest `@max_ttl` among the live
@@ -90,7 +197,7 @@ impl Grant {
 
     #[cfg(test)]
     pub(crate) fn for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
-        Self { identity, kind: CredentialKind::X509, ttl }
+        Self { identity, resource: Resource::X509, ttl }
     }
 }
 
@@ -101,11 +208,13 @@ pub enum Verdict {
 }
 
 /// A decision and why: the ids of the rules that decided (permits for an allow, forbids
-/// for a deny; none when nothing permitted), evaluation errors, and the bundle version.
+/// for a deny; none when nothing permitted), the forbids' reasons, evaluation errors (for
+/// the ledger, not the caller), and the release version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
     pub rules: Vec<String>,
+    pub reasons: Vec<String>,
     pub errors: Vec<String>,
     pub policy_version: String,
 }
@@ -115,15 +224,21 @@ impl Decision {
         matches!(self.verdict, Verdict::Allow(_))
     }
 
-    /// One line for the caller and the ledger.
+    /// One line for the caller and the ledger: the deciding rules and, on a deny, what to
+    /// do about it. Names rule ids, never evaluation internals.
     pub fn explain(&self) -> String {
         match (&self.verdict, self.rules.is_empty()) {
             (Verdict::Allow(g), _) => format!("allowed by {} (ttl {})", self.rules.join(", "), g.ttl()),
-            (Verdict::Deny, false) => format!("denied by {}", self.rules.join(", ")),
-            (Verdict::Deny, true) if !self.errors.is_empty() => {
-                format!("denied: no rule permits ({})", self.errors.join("; "))
+            (Verdict::Deny, false) => {
+                let reasons = if self.reasons.is_empty() { String::new() } else { format!(": {}", self.reasons.join("; ")) };
+                format!("denied by {}{reasons}", self.rules.join(", "))
             }
-            (Verdict::Deny, true) => "denied: no rule permits this request".to_owned(),
+            (Verdict::Deny, true) => {
+                let hint = if self.reasons.is_empty() { String::new() } else { format!(" ({})", self.reasons.join("; ")) };
+                format!(
+                    "denied: no rule permits this request{hint}; ask the identity's owner to add a permit to policies/issuance/ or check the inventory entry"
+                )
+            }
         }
     }
 }
@@ -144,77 +259,105 @@ impl Exception {
     }
 }
 
+/// Rules grouped by the exact action / principal / resource their scope names (`==`), so a
+/// request is evaluated only against rules that can apply to it. `""` is "any" (rules whose
+/// scope is unconstrained, `in`, or `is`: those are evaluated for every request). Cedar
+/// allows iff some permit holds and no forbid holds, so evaluating disjoint groups and
+/// combining (any forbid → deny; else any permit → allow) is the same decision as one scan.
+#[derive(Default)]
+struct ScopeIndex {
+    buckets: HashMap<String, HashMap<String, HashMap<String, PolicySet>>>,
+    groups: usize,
+}
+
+impl ScopeIndex {
+    fn build(policies: &PolicySet) -> Result<Self, String> {
+        let mut index = Self::default();
+        for policy in policies.policies() {
+            let action = match policy.action_constraint() {
+                ActionConstraint::Eq(uid) => uid.to_string(),
+                _ => String::new(),
+            };
+            let principal = match policy.principal_constraint() {
+                PrincipalConstraint::Eq(uid) => uid.to_string(),
+                _ => String::new(),
+            };
+            let resource = match policy.resource_constraint() {
+                ResourceConstraint::Eq(uid) => uid.to_string(),
+                _ => String::new(),
+            };
+            let set = index.buckets.entry(action).or_default().entry(principal).or_default().entry(resource).or_default();
+            set.add(policy.clone()).map_err(|e| e.to_string())?;
+        }
+        index.groups = index.buckets.values().flat_map(HashMap::values).map(HashMap::len).sum();
+        Ok(index)
+    }
+
+    /// The groups that can apply to a request with these scope strings.
+    fn for_request<'a>(&'a self, action: &'a str, principal: &'a str, resource: &'a str) -> impl Iterator<Item = &'a PolicySet> + 'a {
+        [action, ""].into_iter().filter_map(|a| self.buckets.get(a)).flat_map(move |by_p| {
+            [principal, ""].into_iter().filter_map(|p| by_p.get(p)).flat_map(move |by_r| {
+                [resource, ""].into_iter().filter_map(|r| by_r.get(r))
+            })
+        })
+    }
+}
+
 pub struct Engine {
     exceptions: HashMap<String, Exception>,
     policies: PolicySet,
+    index: ScopeIndex,
     schema: Schema,
     max_ttl: HashMap<String, Ttl>,
+    reasons: HashMap<String, String>,
     version: String,
     authorizer: Authorizer,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("version", &self.version).field("rules", &self.max_ttl.len()).finish()
+        f.debug_struct("Engine")
+            .field("version", &self.version)
+            .field("rules", &self.rule_count())
+            .field("scope_groups", &self.index.groups)
+            .finish()
     }
 }
 
 const WORKLOAD_TYPE: &str = "Mayfly::Workload";
 const KIND_TYPE: &str = "Mayfly::CredentialKind";
+const AUDIENCE_TYPE: &str = "Mayfly::Audience";
+const ROLE_TYPE: &str = "Mayfly::AwsRole";
 const ACTION_TYPE: &str = "Mayfly::Action";
 
 impl Engine {
-    /// Loads `dir/schema.cedarschema` and `dir/issuance/*.cedar`, checks every rule has its
-    /// annotations and validates against the schema (strict mode).
+    /// Reads a policies/ directory (see `PolicyFiles::read_dir`) and builds its engine.
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
-        let schema_path = dir.join("schema.cedarschema");
-        let schema_src = read(&schema_path)?;
-        let mut files = BTreeMap::new();
-        let issuance = dir.join("issuance");
-        let listing = std::fs::read_dir(&issuance).map_err(|source| PolicyError::Read { path: issuance.clone(), source })?;
-        for entry in listing {
-            let path = entry.map_err(|source| PolicyError::Read { path: issuance.clone(), source })?.path();
-            if path.extension().is_some_and(|e| e == "cedar") {
-                let text = read(&path)?;
-                files.insert(path, text);
-            }
-        }
-        if files.is_empty() {
-            return Err(PolicyError::Empty { dir: dir.into() });
-        }
-        let exceptions = dir.join("exceptions");
-        if exceptions.is_dir() {
-            let listing =
-                std::fs::read_dir(&exceptions).map_err(|source| PolicyError::Read { path: exceptions.clone(), source })?;
-            for entry in listing {
-                let path = entry.map_err(|source| PolicyError::Read { path: exceptions.clone(), source })?.path();
-                if path.extension().is_some_and(|e| e == "cedar") {
-                    let text = read(&path)?;
-                    files.insert(path, text);
-                }
-            }
-        }
-        Self::from_sources(&schema_path, &schema_src, &files)
+        Self::from_files(&PolicyFiles::read_dir(dir)?)
     }
 
-    pub fn from_sources(
-        schema_path: &Path,
-        schema_src: &str,
-        files: &BTreeMap<PathBuf, String>,
-    ) -> Result<Self, PolicyError> {
+    /// Parses schema.cedarschema and the rules in issuance/ and exceptions/, checks every
+    /// rule's annotations, validates every rule against the schema (strict mode, errors with
+    /// file, line and rule id) and indexes the rules by scope.
+    pub fn from_files(files: &PolicyFiles) -> Result<Self, PolicyError> {
+        let schema_path = Path::new("schema.cedarschema");
+        let schema_src = files
+            .get("schema.cedarschema")
+            .ok_or_else(|| BundleError::Missing { path: schema_path.into() })?;
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
             .map_err(|e| PolicyError::Parse { path: schema_path.into(), why: located(schema_src, &e) })?;
         let validator = Validator::new(schema.clone());
         let mut invalid = Vec::new();
         let mut policies = PolicySet::new();
         let mut max_ttl = HashMap::new();
+        let mut reasons = HashMap::new();
         let mut exceptions = HashMap::new();
-        let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        hasher.update(schema_src.as_bytes());
-        for (path, text) in files {
-            hasher.update(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-            hasher.update(&(text.len() as u64).to_be_bytes());
-            hasher.update(text.as_bytes());
+        let rule_files: Vec<(&str, &str)> = files.under("issuance", "cedar").chain(files.under("exceptions", "cedar")).collect();
+        if files.under("issuance", "cedar").next().is_none() {
+            return Err(PolicyError::Empty);
+        }
+        for (name, text) in rule_files {
+            let path = PathBuf::from(name);
             let set = PolicySet::from_str(text).map_err(|e| PolicyError::Parse { path: path.clone(), why: located(text, &e) })?;
             let mut file_set = PolicySet::new();
             for policy in set.policies() {
@@ -222,28 +365,24 @@ impl Engine {
                     .annotation("id")
                     .ok_or_else(|| PolicyError::MissingId { path: path.clone(), rule: policy.to_string() })?
                     .to_owned();
-                let in_exceptions = path.parent().and_then(Path::file_name).is_some_and(|n| n == "exceptions");
-                if in_exceptions {
-                    let exception = |why: &str| PolicyError::Exception { path: path.clone(), id: id.clone(), why: why.into() };
-                    if policy.effect() != Effect::Permit {
-                        return Err(exception("must be a permit (guardrail forbids are never exceptions)"));
-                    }
-                    let owner = policy.annotation("owner").filter(|o| !o.trim().is_empty());
-                    let owner = owner.ok_or_else(|| exception("needs @owner(\"...\")"))?.to_owned();
-                    let expires = policy
-                        .annotation("expires")
-                        .and_then(|d| time::Date::parse(d, time::macros::format_description!("[year]-[month]-[day]")).ok())
-                        .ok_or_else(|| exception("needs @expires(\"YYYY-MM-DD\"), the last day it applies"))?;
-                    exceptions.insert(id.clone(), Exception { id: id.clone(), owner, expires, path: path.clone() });
+                if name.starts_with("exceptions/") {
+                    exceptions.insert(id.clone(), exception(&path, &id, policy)?);
                 }
-                if policy.effect() == Effect::Permit {
-                    let raw = policy.annotation("max_ttl").unwrap_or("");
-                    let ttl = Ttl::parse(raw).map_err(|e| PolicyError::MaxTtl {
-                        path: path.clone(),
-                        id: id.clone(),
-                        why: e.to_string(),
-                    })?;
-                    max_ttl.insert(id.clone(), ttl);
+                match policy.effect() {
+                    Effect::Permit => {
+                        let raw = policy.annotation("max_ttl").unwrap_or("");
+                        let ttl = Ttl::parse(raw).map_err(|e| PolicyError::MaxTtl {
+                            path: path.clone(),
+                            id: id.clone(),
+                            why: e.to_string(),
+                        })?;
+                        max_ttl.insert(id.clone(), ttl);
+                    }
+                    Effect::Forbid => {
+                        let reason = policy.annotation("reason").filter(|r| !r.trim().is_empty());
+                        let reason = reason.ok_or_else(|| PolicyError::Reason { path: path.clone(), id: id.clone() })?;
+                        reasons.insert(id.clone(), reason.to_owned());
+                    }
                 }
                 let policy = policy.new_id(PolicyId::new(&id));
                 policies
@@ -251,8 +390,8 @@ impl Engine {
                     .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
                 file_set.add(policy).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
             }
-            // Strict validation is per rule, so validating file by file loses nothing and lets
-            // every error point at its own file, line and rule id.
+            // Why: strict validation is per rule, so validating file by file loses nothing and
+            // lets every error point at its own file, line and rule id.
             for e in validator.validate(&file_set, ValidationMode::Strict).validation_errors() {
                 invalid.push(format!("  - `{}`: {}", path.display(), located(text, e)));
             }
@@ -260,12 +399,25 @@ impl Engine {
         if !invalid.is_empty() {
             return Err(PolicyError::Validation(invalid.join("\n")));
         }
-        let version = format!("sha256:{}", &hex::encode(hasher.finish())[..16]);
-        Ok(Self { exceptions, policies, schema, max_ttl, version, authorizer: Authorizer::new() })
+        let index = ScopeIndex::build(&policies).map_err(PolicyError::Validation)?;
+        Ok(Self {
+            exceptions,
+            policies,
+            index,
+            schema,
+            max_ttl,
+            reasons,
+            version: files.version(),
+            authorizer: Authorizer::new(),
+        })
     }
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.policies.policies().count()
     }
 
     /// The time-bound exceptions, soonest expiry first.
@@ -278,80 +430,145 @@ impl Engine {
     /// Decides a request at time `now`. Default deny; any forbid wins; a request that does
     /// not fit the schema is denied with the reason.
     pub fn decide(&self, req: &DecisionRequest<'_>, now: SystemTime) -> Decision {
+        self.decide_with(req, now, true)
+    }
+
+    /// `decide` evaluating every rule instead of the scope index: for tests and benchmarks
+    /// that show the two agree and what the index saves.
+    pub fn decide_full_scan(&self, req: &DecisionRequest<'_>, now: SystemTime) -> Decision {
+        self.decide_with(req, now, false)
+    }
+
+    fn decide_with(&self, req: &DecisionRequest<'_>, now: SystemTime, indexed: bool) -> Decision {
         let deny = |errors: Vec<String>| Decision {
             verdict: Verdict::Deny,
             rules: vec![],
+            reasons: vec![],
             errors,
             policy_version: self.version.clone(),
         };
-        let (request, entities) = match self.build(req, now) {
+        let (request, entities, scope) = match self.build(req, now) {
             Ok(parts) => parts,
             Err(why) => return deny(vec![why]),
         };
-        let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
-        let mut rules: Vec<String> = response.diagnostics().reason().map(ToString::to_string).collect();
-        let mut errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
-        let verdict = match response.decision() {
-            cedar_policy::Decision::Allow => {
-                // Why: exceptions are permits only, so dropping an expired one from the
-                // permitting set is exactly "the rule no longer exists" for this decision.
-                let today = crate::clock::utc_date(now);
-                let (expired, live): (Vec<String>, Vec<String>) =
-                    rules.into_iter().partition(|id| self.exceptions.get(id).is_some_and(|e| e.is_expired(today)));
-                rules = live;
-                // Permits are a union: each one authorises up to its own @max_ttl.
-                let ceiling = rules.iter().filter_map(|id| self.max_ttl.get(id)).max().copied();
-                match ceiling {
-                    Some(max) => Verdict::Allow(Grant {
-                        identity: req.workload.id.clone(),
-                        kind: req.kind,
-                        ttl: req.requested_ttl.min(max),
-                    }),
-                    None if !expired.is_empty() => {
-                        errors.extend(expired.iter().map(|id| {
-                            let until = self.exceptions.get(id).map(|e| e.expires.to_string()).unwrap_or_default();
-                            format!("exception `{id}` expired after {until}")
-                        }));
-                        Verdict::Deny
-                    }
-                    // Why: an allow can only come from a permit, and every permit has a max_ttl
-                    // (checked at load); deny rather than mint without a ceiling.
-                    None => return deny(vec!["permitting rule has no max_ttl".into()]),
-                }
+        let (mut forbids, mut permits, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        let mut evaluate = |set: &PolicySet| {
+            let response = self.authorizer.is_authorized(&request, set, &entities);
+            errors.extend(response.diagnostics().errors().map(ToString::to_string));
+            let reasons = response.diagnostics().reason().map(ToString::to_string);
+            match response.decision() {
+                cedar_policy::Decision::Allow => permits.extend(reasons),
+                cedar_policy::Decision::Deny => forbids.extend(reasons),
             }
-            cedar_policy::Decision::Deny => Verdict::Deny,
         };
-        Decision { verdict, rules, errors, policy_version: self.version.clone() }
+        if indexed {
+            self.index.for_request(&scope[0], &scope[1], &scope[2]).for_each(&mut evaluate);
+        } else {
+            evaluate(&self.policies);
+        }
+        forbids.sort();
+        permits.sort();
+        if !forbids.is_empty() {
+            let reasons = forbids.iter().filter_map(|id| self.reasons.get(id).cloned()).collect();
+            return Decision { verdict: Verdict::Deny, rules: forbids, reasons, errors, policy_version: self.version.clone() };
+        }
+        // Why: exceptions are permits only, so dropping an expired one from the permitting
+        // set is exactly "the rule no longer exists" for this decision.
+        let today = crate::clock::utc_date(now);
+        let (expired, live): (Vec<String>, Vec<String>) =
+            permits.into_iter().partition(|id| self.exceptions.get(id).is_some_and(|e| e.is_expired(today)));
+        // Permits are a union: each one authorises up to its own @max_ttl.
+        let ceiling = live.iter().filter_map(|id| self.max_ttl.get(id)).max().copied();
+        match ceiling {
+            Some(max) => Decision {
+                verdict: Verdict::Allow(Grant {
+                    identity: req.workload.id.clone(),
+                    resource: req.resource.clone(),
+                    ttl: req.requested_ttl.min(max),
+                }),
+                rules: live,
+                reasons: vec![],
+                errors,
+                policy_version: self.version.clone(),
+            },
+            None => {
+                let reasons = expired
+                    .iter()
+                    .map(|id| {
+                        let until = self.exceptions.get(id).map(|e| e.expires.to_string()).unwrap_or_default();
+                        format!("exception `{id}` expired after {until}")
+                    })
+                    .collect();
+                Decision { verdict: Verdict::Deny, rules: vec![], reasons, errors, policy_version: self.version.clone() }
+            }
+        }
     }
 
-    fn build(&self, req: &DecisionRequest<'_>, now: SystemTime) -> Result<(Request, Entities), String> {
+    fn build(&self, req: &DecisionRequest<'_>, now: SystemTime) -> Result<(Request, Entities, [String; 3]), String> {
         let uid = |ty: &str, id: &str| -> Result<EntityUid, String> {
             let ty = EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
             Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
         };
-        let principal = uid(WORKLOAD_TYPE, req.workload.id.as_str())?;
-        let action = uid(ACTION_TYPE, &format!("issue_{}", req.kind.as_str()))?;
-        let resource = uid(KIND_TYPE, req.kind.as_str())?;
         let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let principal = uid(WORKLOAD_TYPE, req.workload.id.as_str())?;
+        let action = uid(ACTION_TYPE, &format!("issue_{}", req.resource.kind().as_str()))?;
+        let (resource, resource_attrs) = match req.resource {
+            Resource::X509 => (uid(KIND_TYPE, "x509")?, HashMap::new()),
+            Resource::Jwt { audience } => (uid(AUDIENCE_TYPE, audience)?, HashMap::new()),
+            Resource::Aws { role } => (
+                uid(ROLE_TYPE, &role.arn)?,
+                HashMap::from([("account".to_owned(), s(&role.account)), ("name".to_owned(), s(&role.name))]),
+            ),
+        };
+        let w = req.workload;
         let attrs = HashMap::from([
-            ("owner".to_owned(), s(&req.workload.owner)),
-            ("purpose".to_owned(), s(&req.workload.purpose)),
-            ("trust_domain".to_owned(), s(req.workload.id.trust_domain())),
-            ("path".to_owned(), s(req.workload.id.path())),
+            ("owner".to_owned(), s(&w.owner)),
+            ("purpose".to_owned(), s(&w.purpose)),
+            ("environment".to_owned(), s(&w.environment)),
+            ("tier".to_owned(), s(&w.tier)),
+            ("trust_domain".to_owned(), s(w.id.trust_domain())),
+            ("path".to_owned(), s(w.id.path())),
+            ("attestation".to_owned(), s(req.attestation)),
         ]);
         let workload = Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-        let kind = Entity::new_no_attrs(resource.clone(), HashSet::new());
-        let entities = Entities::from_entities([workload, kind], Some(&self.schema)).map_err(|e| e.to_string())?;
+        let target = Entity::new(resource.clone(), resource_attrs, HashSet::new()).map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities([workload, target], Some(&self.schema)).map_err(|e| e.to_string())?;
         let ttl = i64::try_from(req.requested_ttl.as_secs()).map_err(|e| e.to_string())?;
-        let context = Context::from_pairs([
+        let c = req.context;
+        let mut context = vec![
             ("requested_ttl_secs".to_owned(), RestrictedExpression::new_long(ttl)),
             ("now_unix".to_owned(), RestrictedExpression::new_long(unix_secs(now))),
             ("selectors".to_owned(), RestrictedExpression::new_set(req.selectors.iter().map(|x| s(x.as_str())))),
-        ])
-        .map_err(|e| e.to_string())?;
+            ("break_glass".to_owned(), RestrictedExpression::new_bool(c.break_glass)),
+        ];
+        for (key, value) in [("purpose", &c.purpose), ("target", &c.target), ("ticket", &c.ticket)] {
+            if let Some(v) = value {
+                context.push((key.to_owned(), s(v)));
+            }
+        }
+        if let Some(claims) = &c.oidc {
+            let record = claims.fields().into_iter().map(|(k, v)| (k.to_owned(), s(v)));
+            context.push(("oidc".to_owned(), RestrictedExpression::new_record(record).map_err(|e| e.to_string())?));
+        }
+        let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
+        let scope = [action.to_string(), principal.to_string(), resource.to_string()];
         let request = Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
-        Ok((request, entities))
+        Ok((request, entities, scope))
     }
+}
+
+fn exception(path: &Path, id: &str, policy: &Policy) -> Result<Exception, PolicyError> {
+    let fail = |why: &str| PolicyError::Exception { path: path.into(), id: id.into(), why: why.into() };
+    if policy.effect() != Effect::Permit {
+        return Err(fail("must be a permit (guardrail forbids are never exceptions)"));
+    }
+    let owner = policy.annotation("owner").filter(|o| !o.trim().is_empty());
+    let owner = owner.ok_or_else(|| fail("needs @owner(\"...\")"))?.to_owned();
+    let expires = policy
+        .annotation("expires")
+        .and_then(|d| time::Date::parse(d, time::macros::format_description!("[year]-[month]-[day]")).ok())
+        .ok_or_else(|| fail("needs @expires(\"YYYY-MM-DD\"), the last day it applies"))?;
+    Ok(Exception { id: id.into(), owner, expires, path: path.into() })
 }
 
 /// A Cedar diagnostic as `message (line L, column C)`, located in `src` by its first label.
@@ -363,26 +580,34 @@ fn located(src: &str, err: &dyn miette::Diagnostic) -> String {
     let offset = err.labels().and_then(|mut labels| labels.next()).map(|l| l.offset());
     match offset.filter(|o| *o <= src.len()) {
         Some(o) => {
-            let before = &src[..o];
-            let line = before.matches('\n').count() + 1;
-            let column = o - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let (line, column) = crate::identity::line_col(src, o);
             format!("{message} (line {line}, column {column})")
         }
         None => message,
     }
 }
 
-fn read(path: &Path) -> Result<String, PolicyError> {
-    std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.into(), source })
+/// The shipped policies/ files with some replaced (`Some`) or removed (`None`), for tests.
+#[cfg(test)]
+pub(crate) fn shipped_files_with(changes: &[(&str, Option<&str>)]) -> PolicyFiles {
+    let mut files: std::collections::BTreeMap<String, String> =
+        PolicyFiles::read_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap().iter().map(|(p, t)| (p.to_owned(), t.to_owned())).collect();
+    for (path, text) in changes {
+        match text {
+            Some(t) => files.insert((*path).to_owned(), (*t).to_owned()),
+            None => files.remove(*path),
+        };
+    }
+    PolicyFiles::from_map(files)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Selector;
+    use crate::identity::{Inventory, Selector, TrustDomain};
 
     fn engine() -> Engine {
-        Engine::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
+        Engine::from_files(&shipped_files_with(&[])).unwrap()
     }
 
     fn workload(id: &str) -> InventoryEntry {
@@ -390,16 +615,24 @@ mod tests {
             id: WorkloadId::parse(id).unwrap(),
             owner: "team".into(),
             purpose: "test".into(),
+            environment: "dev".into(),
+            tier: "standard".into(),
             expires: time::macros::date!(2030 - 01 - 01),
             selectors: Selectors::new(),
         }
     }
 
+    fn decide_at(e: &Engine, w: &InventoryEntry, resource: &Resource, ttl: &str, ctx: &RequestContext, now: SystemTime) -> Decision {
+        let selectors: Selectors = [Selector::parse("unix:uid:1000").unwrap()].into();
+        let req = DecisionRequest { workload: w, attestation: "unix", selectors: &selectors, resource, requested_ttl: Ttl::parse(ttl).unwrap(), context: ctx };
+        let indexed = e.decide(&req, now);
+        assert_eq!(indexed, e.decide_full_scan(&req, now), "the scope index must not change a decision");
+        indexed
+    }
+
     fn decide(e: &Engine, ttl: &str) -> Decision {
         let w = workload("spiffe://mayfly.local/dev/quickstart");
-        let selectors: Selectors = [Selector::parse("unix:uid:1000").unwrap()].into();
-        let req = DecisionRequest { workload: &w, selectors: &selectors, kind: CredentialKind::X509, requested_ttl: Ttl::parse(ttl).unwrap() };
-        e.decide(&req, SystemTime::now())
+        decide_at(e, &w, &Resource::X509, ttl, &RequestContext::default(), SystemTime::now())
     }
 
     #[test]
@@ -408,50 +641,74 @@ mod tests {
         let Verdict::Allow(grant) = &d.verdict else { panic!("{d:?}") };
         assert_eq!(grant.ttl().as_secs(), 3600);
         assert_eq!(d.rules, vec!["local-workloads-x509"]);
-        assert!(d.policy_version.starts_with("sha256:"));
+        assert_eq!(d.policy_version, shipped_files_with(&[]).version());
     }
 
     #[test]
-    fn guardrail_forbid_names_its_rule() {
+    fn a_forbid_names_its_rule_and_its_reason() {
         let d = decide(&engine(), "13h");
         assert_eq!(d.verdict, Verdict::Deny);
         assert_eq!(d.rules, vec!["forbid-ttl-over-12h"]);
-        assert!(d.explain().contains("forbid-ttl-over-12h"));
+        assert_eq!(d.explain(), "denied by forbid-ttl-over-12h: credentials live at most 12 h; ask for less and renew");
     }
 
-    fn with_exception(exception: &str) -> Result<Engine, PolicyError> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let schema = std::fs::read_to_string(dir.join("schema.cedarschema")).unwrap();
-        let guardrails = std::fs::read_to_string(dir.join("issuance/guardrails.cedar")).unwrap();
-        Engine::from_sources(
-            Path::new("s"),
-            &schema,
-            &BTreeMap::from([
-                (PathBuf::from("issuance/guardrails.cedar"), guardrails),
-                (PathBuf::from("exceptions/x.cedar"), exception.to_owned()),
-            ]),
-        )
+    #[test]
+    fn a_default_deny_says_what_to_do_and_shows_no_internals() {
+        let w = workload("spiffe://mayfly.local/dev/quickstart");
+        let jwt = Resource::Jwt { audience: "https://payments.example.org".into() };
+        let d = decide_at(&engine(), &w, &jwt, "5m", &RequestContext::default(), SystemTime::now());
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(d.rules.is_empty());
+        assert!(d.explain().contains("no rule permits") && d.explain().contains("policies/issuance"), "{}", d.explain());
+    }
+
+    #[test]
+    fn aws_roles_parse_into_what_policy_tests() {
+        let r = AwsRole::parse("arn:aws:iam::111122223333:role/ci/acme-app-deploy").unwrap();
+        assert_eq!((r.account.as_str(), r.name.as_str()), ("111122223333", "acme-app-deploy"));
+        for bad in ["arn:aws:s3:::bucket", "arn:aws:iam::12:role/x", "arn:aws:iam::111122223333:user/x", "arn:aws:iam::111122223333:role/", "role/x"] {
+            assert!(AwsRole::parse(bad).is_err(), "{bad}");
+        }
     }
 
     const EXCEPTION: &str = r#"@id("exc") @owner("team") @expires("2027-03-31") @max_ttl("2h")
         permit(principal, action == Mayfly::Action::"issue_x509", resource);"#;
 
+    fn with_exception(exception: &str) -> Result<Engine, PolicyError> {
+        Engine::from_files(&shipped_files_with(&[("exceptions/legacy-batch.cedar", None), ("exceptions/x.cedar", Some(exception))]))
+    }
+
+    fn at(s: &str) -> SystemTime {
+        SystemTime::from(time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap())
+    }
+
     #[test]
     fn an_exception_grants_until_its_last_day_and_nothing_after() {
         let e = with_exception(EXCEPTION).unwrap();
         let w = workload("spiffe://mayfly.local/dev/quickstart");
-        let selectors = Selectors::new();
-        let req = DecisionRequest { workload: &w, selectors: &selectors, kind: CredentialKind::X509, requested_ttl: Ttl::parse("2h").unwrap() };
-        let at = |s: &str| SystemTime::from(time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap());
-        let during = e.decide(&req, at("2027-03-31T23:59:59Z"));
+        let ctx = RequestContext::default();
+        let during = decide_at(&e, &w, &Resource::X509, "2h", &ctx, at("2027-03-31T23:59:59Z"));
         assert!(matches!(&during.verdict, Verdict::Allow(g) if g.ttl().as_secs() == 7200), "{during:?}");
-        assert_eq!(during.rules, vec!["exc"]);
-        let after = e.decide(&req, at("2027-04-01T00:00:00Z"));
-        assert_eq!(after.verdict, Verdict::Deny);
-        assert!(after.explain().contains("exception `exc` expired after 2027-03-31"), "{}", after.explain());
+        assert_eq!(during.rules, vec!["exc", "local-workloads-x509"]);
+        // After its last day only the local rule is left: 1 h.
+        let after = decide_at(&e, &w, &Resource::X509, "2h", &ctx, at("2027-04-01T00:00:00Z"));
+        assert!(matches!(&after.verdict, Verdict::Allow(g) if g.ttl().as_secs() == 3600), "{after:?}");
+        assert_eq!(after.rules, vec!["local-workloads-x509"]);
         // Guardrails still win while it lasts.
-        let long = DecisionRequest { requested_ttl: Ttl::parse("13h").unwrap(), ..req };
-        assert_eq!(e.decide(&long, at("2027-01-01T00:00:00Z")).rules, vec!["forbid-ttl-over-12h"]);
+        let long = decide_at(&e, &w, &Resource::X509, "13h", &ctx, at("2027-01-01T00:00:00Z"));
+        assert_eq!(long.rules, vec!["forbid-ttl-over-12h"]);
+    }
+
+    #[test]
+    fn an_expired_exception_that_was_the_only_permit_is_named_in_the_denial() {
+        let jwt_exception = r#"@id("exc-jwt") @owner("team") @expires("2027-03-31") @max_ttl("10m")
+            permit(principal, action == Mayfly::Action::"issue_jwt", resource);"#;
+        let e = with_exception(jwt_exception).unwrap();
+        let w = workload("spiffe://mayfly.local/dev/quickstart");
+        let jwt = Resource::Jwt { audience: "x".into() };
+        let d = decide_at(&e, &w, &jwt, "5m", &RequestContext::default(), at("2027-04-01T00:00:00Z"));
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(d.explain().contains("exception `exc-jwt` expired after 2027-03-31"), "{}", d.explain());
     }
 
     #[test]
@@ -460,21 +717,65 @@ mod tests {
         assert!(with_exception(&no_owner).unwrap_err().to_string().contains("@owner"));
         let bad_date = EXCEPTION.replace("2027-03-31", "next spring");
         assert!(with_exception(&bad_date).unwrap_err().to_string().contains("@expires"));
-        let forbid = r#"@id("f") @owner("t") @expires("2027-01-01") forbid(principal, action, resource);"#;
+        let forbid = r#"@id("f") @reason("r") @owner("t") @expires("2027-01-01") forbid(principal, action, resource);"#;
         assert!(with_exception(forbid).unwrap_err().to_string().contains("must be a permit"));
     }
 
     #[test]
-    fn rules_without_annotations_or_off_schema_are_refused() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let schema = std::fs::read_to_string(dir.join("schema.cedarschema")).unwrap();
-        let p = Path::new("x.cedar");
-        let load = |rule: &str| Engine::from_sources(Path::new("s"), &schema, &BTreeMap::from([(p.to_path_buf(), rule.to_owned())]));
+    fn rules_without_annotations_or_off_schema_are_refused_with_file_and_line() {
+        let load = |rule: &str| Engine::from_files(&shipped_files_with(&[("issuance/x.cedar", Some(rule))]));
         assert!(matches!(load("permit(principal, action, resource);"), Err(PolicyError::MissingId { .. })));
         assert!(matches!(load("@id(\"a\") permit(principal, action, resource);"), Err(PolicyError::MaxTtl { .. })));
-        assert!(matches!(
-            load("@id(\"a\") @max_ttl(\"1h\") permit(principal, action, resource) when { principal.nope == 1 };"),
-            Err(PolicyError::Validation(_))
-        ));
+        assert!(matches!(load("@id(\"a\") forbid(principal, action, resource);"), Err(PolicyError::Reason { .. })));
+        assert!(matches!(load("@id(\"local-workloads-x509\") @max_ttl(\"1h\") permit(principal, action, resource);"), Err(PolicyError::DuplicateId { .. })));
+        let off_schema = "// a comment\n@id(\"a\") @max_ttl(\"1h\")\npermit(principal, action, resource) when { principal.nope == 1 };";
+        let err = load(off_schema).unwrap_err().to_string();
+        assert!(err.contains("issuance/x.cedar") && err.contains("line 3"), "{err}");
+    }
+
+    /// Many per-workload and per-role rules plus generic ones: the index must agree with a
+    /// full scan on every request, allow or deny, whichever rules decide.
+    #[test]
+    fn the_scope_index_decides_exactly_like_a_full_scan() {
+        let mut rules = String::new();
+        for i in 0..60 {
+            rules.push_str(&format!(
+                "@id(\"w{i}\") @max_ttl(\"{}m\") permit(principal == Mayfly::Workload::\"spiffe://mayfly.local/svc/{i}\", action == Mayfly::Action::\"issue_jwt\", resource == Mayfly::Audience::\"aud-{}\");\n",
+                i + 1,
+                i % 7
+            ));
+            rules.push_str(&format!(
+                "@id(\"r{i}\") @max_ttl(\"20m\") permit(principal, action == Mayfly::Action::\"issue_aws\", resource == Mayfly::AwsRole::\"arn:aws:iam::111122223333:role/r{}\") when {{ principal.path like \"/svc/{}*\" }};\n",
+                i % 5,
+                i % 3
+            ));
+        }
+        rules.push_str("@id(\"f-aud-3\") @reason(\"no\") forbid(principal, action, resource == Mayfly::Audience::\"aud-3\") when { context.requested_ttl_secs > 600 };\n");
+        rules.push_str("@id(\"f-svc-9\") @reason(\"no\") forbid(principal == Mayfly::Workload::\"spiffe://mayfly.local/svc/9\", action, resource);\n");
+        let e = Engine::from_files(&shipped_files_with(&[("issuance/many.cedar", Some(&rules))])).unwrap();
+        assert!(e.index.groups > 60, "{}", e.index.groups);
+        let (mut allows, mut denies) = (0, 0);
+        for w in 0..70 {
+            let w = workload(&format!("spiffe://mayfly.local/svc/{w}"));
+            for resource in (0..8)
+                .map(|a| Resource::Jwt { audience: format!("aud-{a}") })
+                .chain((0..6).map(|r| Resource::Aws { role: AwsRole::parse(&format!("arn:aws:iam::111122223333:role/r{r}")).unwrap() }))
+                .chain([Resource::X509])
+            {
+                for ttl in ["5m", "15m", "13h"] {
+                    let d = decide_at(&e, &w, &resource, ttl, &RequestContext::default(), SystemTime::now());
+                    if d.is_allow() { allows += 1 } else { denies += 1 }
+                }
+            }
+        }
+        assert!(allows > 100 && denies > 100, "{allows} {denies}");
+    }
+
+    #[test]
+    fn the_shipped_inventory_and_rules_agree() {
+        let files = shipped_files_with(&[]);
+        let inv = Inventory::parse(files.get("inventory.toml").unwrap(), &TrustDomain::parse("mayfly.local").unwrap()).unwrap();
+        assert!(inv.entries().iter().any(|e| e.environment == "ci"));
+        assert!(engine().exceptions().iter().all(|e| !e.owner.is_empty()));
     }
 }

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::pb::{IssueX509Request, IssueX509Response};
 use mayfly::clock::FixedClock;
-use mayfly::config::{Config, RawCa, RawConfig, RawLedger, RawWorkloadApi};
+use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawLedger, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{verify_chain, StoredEvent};
@@ -37,16 +37,19 @@ fn repo_policies() -> PathBuf {
 }
 
 fn config(dir: &Path, policies: &Path, busy: &str) -> Config {
-    Config::try_from(RawConfig {
+    let mut config = Config::try_from(RawConfig {
         trust_domain: Some("mayfly.local".into()),
         data_dir: Some(dir.join("data")),
-        policies: Some(policies.to_path_buf()),
+        policy: RawPolicy { bundle: Some(dir.join("unused.bundle")), trusted_keys: vec![dir.join("unused.pub")], ..Default::default() },
         workload_api: RawWorkloadApi { socket: Some(dir.join("mayfly.sock")), ..Default::default() },
         ca: Some(RawCa { generate: Some(true), ..Default::default() }),
         ledger: RawLedger { busy_timeout: Some(busy.into()), ..Default::default() },
         ..Default::default()
     })
-    .unwrap()
+    .unwrap();
+    // These tests are about issuance, not releases: read policies/ as `mayfly dev` does.
+    config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
+    config
 }
 
 impl TestDaemon {
@@ -124,14 +127,15 @@ async fn a_local_workload_gets_a_short_lived_svid_recorded_before_it_is_returned
     cert.verify_signature(Some(ca.public_key())).unwrap();
 
     let events = d.events().await;
-    assert_eq!(kinds(&events), ["daemon_started", "decision", "issued"]);
-    assert!(events[1].body.contains("\"outcome\":\"allow\"") && events[1].body.contains("local-workloads-x509"));
-    assert!(events[2].body.contains(&reply.serial) && events[2].body.contains(&reply.credential_id));
+    assert_eq!(kinds(&events), ["policy_activated", "daemon_started", "decision", "issued"]);
+    assert!(events[0].body.contains("\"unsigned\":true"), "dev reads policies/ unsigned and says so");
+    assert!(events[2].body.contains("\"outcome\":\"allow\"") && events[2].body.contains("local-workloads-x509"));
+    assert!(events[3].body.contains(&reply.serial) && events[3].body.contains(&reply.credential_id));
     let creds = LedgerReader::open(&d.ledger_path()).await.unwrap().credentials().await.unwrap();
     assert_eq!(creds.len(), 1);
     assert_eq!(creds[0].1.serial, reply.serial);
-    assert_eq!(creds[0].1.decision_id, events[1].seq);
-    assert_eq!(verify_chain(&events), Ok(3));
+    assert_eq!(creds[0].1.decision_id, events[2].seq);
+    assert_eq!(verify_chain(&events), Ok(4));
     // Nothing secret in the ledger: no PEM, no key.
     assert!(!events.iter().any(|e| e.body.contains("PRIVATE KEY") || e.body.contains("BEGIN")));
 
@@ -218,6 +222,8 @@ async fn callers_without_a_live_inventory_entry_are_denied_saying_which() {
         id = "spiffe://mayfly.local/other"
         owner = "team-other"
         purpose = "another uid"
+        environment = "dev"
+        tier = "standard"
         expires = 2030-01-01
         selectors = ["unix:uid:4242424"]
         "#,

@@ -1,14 +1,21 @@
-//! `mayfly policy validate|test`: check a policies/ tree before it ships. Exit 0 only when
-//! everything holds; output names the file, line and rule.
+//! `mayfly policy …`: the release path of a policies/ change — validate, test, build, sign,
+//! verify — and the admin side on a running daemon — status, rollback. Each step exits 0
+//! only when it fully succeeded; output names the file, line and rule.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+use crate::api::pb::admin_client::AdminClient;
+use crate::api::pb::{PolicyRelease, PolicyRollbackRequest, PolicyStatusRequest};
 use crate::config::DEV_TRUST_DOMAIN;
 use crate::identity::{Inventory, TrustDomain};
 use crate::policy::Engine;
-use crate::policy::cases::{self, CaseFile};
+use crate::policy::bundle::{Bundle, PolicyFiles, PublicKey, SigningKey, keygen};
+use crate::policy::cases;
+use crate::policy::release::Release;
+
+const DEFAULT_ADMIN_SOCKET: &str = "mayfly-admin.sock";
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -27,105 +34,317 @@ pub enum Command {
         #[arg(long, default_value = DEV_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Validate and test DIR, then write it as one content-addressed bundle (unsigned).
+    Build {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A human label carried in the manifest, e.g. a git commit (not part of the version).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value = DEV_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Sign a bundle with an Ed25519 private key (PKCS#8 PEM); rewrites FILE in place.
+    Sign {
+        file: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check a bundle's signature against a public key (PEM), and that it validates and its tests pass.
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        key: Vec<PathBuf>,
+        #[arg(long, default_value = DEV_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Make an Ed25519 signing pair: PREFIX.key (PKCS#8 PEM, mode 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long, default_value = "policy-signing")]
+        out: PathBuf,
+    },
+    /// Show the running daemon's active and previous policy release (admin socket).
+    Status {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Return the running daemon to its previous good release (admin socket).
+    Rollback {
+        /// Why: recorded in the ledger with the operator.
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
 }
 
-pub fn run(command: Command) -> ExitCode {
-    let (dir, trust_domain, test) = match command {
-        Command::Validate { dir, trust_domain } => (dir, trust_domain, false),
-        Command::Test { dir, trust_domain } => (dir, trust_domain, true),
-    };
-    let (engine, inventory) = match load(&dir, &trust_domain) {
-        Ok(loaded) => loaded,
-        Err(why) => {
-            eprintln!("policy `{}`: INVALID\n{why}", dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    if !test {
-        println!(
-            "policy `{}`: valid (version {}, {} inventory entries, {} exceptions)",
-            dir.display(),
-            engine.version(),
-            inventory.entries().len(),
-            engine.exceptions().len()
-        );
-        let today = crate::clock::utc_date(SystemTime::now());
-        for e in engine.exceptions() {
-            let days_left = (e.expires - today).whole_days();
-            if e.is_expired(today) {
-                println!(
-                    "debt: exception `{}` ({}) expired after {}; it grants nothing; owner {} should remove it",
-                    e.id,
-                    e.path.display(),
-                    e.expires,
-                    e.owner
-                );
-            } else if days_left < 14 {
-                println!(
-                    "warning: exception `{}` ({}) stops applying after {} ({} days); owner {}",
-                    e.id,
-                    e.path.display(),
-                    e.expires,
-                    days_left,
-                    e.owner
-                );
-            }
-        }
-        return ExitCode::SUCCESS;
+pub async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Validate { dir, trust_domain } => validate(&dir, &trust_domain),
+        Command::Test { dir, trust_domain } => test(&dir, &trust_domain),
+        Command::Build { dir, out, label, trust_domain } => build(&dir, &out, label, &trust_domain),
+        Command::Sign { file, key } => sign(&file, &key),
+        Command::Verify { file, key, trust_domain } => verify(&file, &key, &trust_domain),
+        Command::Keygen { out } => keygen_files(&out),
+        Command::Status { admin_socket } => status(&admin_socket).await,
+        Command::Rollback { reason, admin_socket } => rollback(&admin_socket, reason).await,
     }
-    run_cases(&dir, &engine, &inventory)
 }
 
-fn load(dir: &Path, trust_domain: &str) -> Result<(Engine, Inventory), String> {
+fn fail(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{what}");
+    ExitCode::FAILURE
+}
+
+fn load(dir: &Path, trust_domain: &str) -> Result<(PolicyFiles, Engine, Inventory), String> {
     let td = TrustDomain::parse(trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
-    let engine = Engine::load(dir).map_err(|e| e.to_string())?;
-    let path = dir.join("inventory.toml");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    let inventory = Inventory::parse(&text, &td).map_err(|e| format!("`{}`: {e}", path.display()))?;
-    Ok((engine, inventory))
+    let files = PolicyFiles::read_dir(dir).map_err(|e| e.to_string())?;
+    let engine = Engine::from_files(&files).map_err(|e| e.to_string())?;
+    let text = files.get("inventory.toml").unwrap_or_default();
+    let inventory = Inventory::parse(text, &td).map_err(|e| format!("`{}`: {e}", dir.join("inventory.toml").display()))?;
+    Ok((files, engine, inventory))
 }
 
-fn run_cases(dir: &Path, engine: &Engine, inventory: &Inventory) -> ExitCode {
-    let tests = dir.join("tests");
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&tests) {
-        Ok(entries) => entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect(),
-        Err(e) => {
-            eprintln!("cannot read `{}`: {e}", tests.display());
-            return ExitCode::FAILURE;
-        }
+fn validate(dir: &Path, trust_domain: &str) -> ExitCode {
+    let (_, engine, inventory) = match load(dir, trust_domain) {
+        Ok(loaded) => loaded,
+        Err(why) => return fail(format!("policy `{}`: INVALID\n{why}", dir.display())),
     };
-    files.sort();
+    println!(
+        "policy `{}`: valid (version {}, {} rules, {} inventory entries, {} exceptions)",
+        dir.display(),
+        engine.version(),
+        engine.rule_count(),
+        inventory.entries().len(),
+        engine.exceptions().len()
+    );
+    let today = crate::clock::utc_date(SystemTime::now());
+    for e in engine.exceptions() {
+        let days_left = (e.expires - today).whole_days();
+        if e.is_expired(today) {
+            println!(
+                "debt: exception `{}` ({}) expired after {}; it grants nothing; owner {} should remove it",
+                e.id,
+                e.path.display(),
+                e.expires,
+                e.owner
+            );
+        } else if days_left < 14 {
+            println!(
+                "warning: exception `{}` ({}) stops applying after {} ({} days); owner {}",
+                e.id,
+                e.path.display(),
+                e.expires,
+                days_left,
+                e.owner
+            );
+        }
+    }
+    for entry in inventory.entries().iter().filter(|e| e.is_expired(today)) {
+        println!("debt: inventory entry `{}` expired on {}; owner {} should renew or remove it", entry.id, entry.expires, entry.owner);
+    }
+    ExitCode::SUCCESS
+}
+
+fn test(dir: &Path, trust_domain: &str) -> ExitCode {
+    let (files, engine, inventory) = match load(dir, trust_domain) {
+        Ok(loaded) => loaded,
+        Err(why) => return fail(format!("policy `{}`: INVALID\n{why}", dir.display())),
+    };
+    let outcomes = cases::run_all(&engine, &inventory, &files, SystemTime::now());
     let (mut passed, mut failed) = (0usize, 0usize);
-    let now = SystemTime::now();
-    for path in &files {
-        let parsed = std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| toml::from_str::<CaseFile>(&text).map_err(|e| e.to_string()));
-        let file = match parsed {
-            Ok(f) => f,
-            Err(why) => {
-                eprintln!("FAIL  `{}`: {why}", path.display());
-                failed += 1;
-                continue;
+    for o in &outcomes {
+        match &o.failure {
+            None => {
+                passed += 1;
+                println!("ok    {}", o.name);
             }
-        };
-        for outcome in cases::run(engine, inventory, &file, now) {
-            match outcome.failure {
-                None => {
-                    passed += 1;
-                    println!("ok    {}", outcome.name);
-                }
-                Some(why) => {
-                    failed += 1;
-                    println!("FAIL  {} ({})\n      {why}", outcome.name, path.display());
-                }
+            Some(why) => {
+                failed += 1;
+                println!("FAIL  {} ({})\n      {why}", o.name, dir.join(&o.file).display());
             }
         }
     }
-    if passed + failed == 0 {
-        eprintln!("no cases in `{}`", tests.display());
-        return ExitCode::FAILURE;
+    if outcomes.is_empty() {
+        return fail(format!("no cases in `{}`", dir.join("tests").display()));
     }
     println!("policy: {passed} passed, {failed} failed");
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn build(dir: &Path, out: &Path, label: Option<String>, trust_domain: &str) -> ExitCode {
+    let td = match TrustDomain::parse(trust_domain) {
+        Ok(td) => td,
+        Err(e) => return fail(format!("--trust-domain: {e}")),
+    };
+    let files = match PolicyFiles::read_dir(dir) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let release = match Release::build(&files, &td, label.clone(), None, dir.display().to_string()) {
+        Ok(r) => r,
+        Err(why) => return fail(format!("policy `{}`: not built: {why}", dir.display())),
+    };
+    let cases = match release.test(&files, SystemTime::now()) {
+        Ok(n) if n > 0 => n,
+        Ok(_) => return fail(format!("policy `{}`: not built: tests/ has no cases; a release is tested before it ships", dir.display())),
+        Err(why) => return fail(format!("policy `{}`: not built: {why}", dir.display())),
+    };
+    let bytes = match Bundle::build(&files, label) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = write_atomic(out, &bytes) {
+        return fail(format!("cannot write `{}`: {e}", out.display()));
+    }
+    println!(
+        "built `{}`: version {} ({} files, {} rules, {} test cases passed); unsigned: run `mayfly policy sign {} --key KEY`",
+        out.display(),
+        release.version(),
+        files.len(),
+        release.engine.rule_count(),
+        cases,
+        out.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn sign(file: &Path, key: &Path) -> ExitCode {
+    let key = match SigningKey::load(key) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let bundle = match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string())) {
+        Ok(b) => b,
+        Err(why) => return fail(format!("`{}`: {why}", file.display())),
+    };
+    let signed = match bundle.sign(&key) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = write_atomic(file, &signed) {
+        return fail(format!("cannot write `{}`: {e}", file.display()));
+    }
+    println!("signed `{}`: version {} with key {}", file.display(), bundle.version(), key.key_id());
+    ExitCode::SUCCESS
+}
+
+fn verify(file: &Path, keys: &[PathBuf], trust_domain: &str) -> ExitCode {
+    if keys.is_empty() {
+        return fail("--key PUBKEY is required (repeatable)");
+    }
+    let keys = match keys.iter().map(|k| PublicKey::load(k)).collect::<Result<Vec<_>, _>>() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let td = match TrustDomain::parse(trust_domain) {
+        Ok(td) => td,
+        Err(e) => return fail(format!("--trust-domain: {e}")),
+    };
+    let bundle = match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string())) {
+        Ok(b) => b,
+        Err(why) => return fail(format!("`{}`: REJECTED: {why}", file.display())),
+    };
+    let key_id = match bundle.verify(&keys) {
+        Ok(id) => id,
+        Err(e) => return fail(format!("`{}`: REJECTED: {e}", file.display())),
+    };
+    let label = bundle.manifest.label.clone();
+    let tested = Release::build(&bundle.files, &td, label, Some(key_id.clone()), file.display().to_string())
+        .and_then(|r| r.test(&bundle.files, SystemTime::now()).map(|cases| (r, cases)));
+    match tested {
+        Ok((r, cases)) => {
+            println!(
+                "verified `{}`: version {}{}, signed by {key_id}, {} rules, {} test cases passed",
+                file.display(),
+                r.version(),
+                r.provenance.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
+                r.engine.rule_count(),
+                cases
+            );
+            ExitCode::SUCCESS
+        }
+        Err(why) => fail(format!("`{}`: REJECTED: signature good but the release is not: {why}", file.display())),
+    }
+}
+
+fn keygen_files(prefix: &Path) -> ExitCode {
+    let (private, public, key_id) = match keygen() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let (key_path, pub_path) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    if let Err(e) = crate::keys::write_private(&key_path, private.as_bytes()) {
+        return fail(e);
+    }
+    if let Err(e) = std::fs::write(&pub_path, public) {
+        return fail(format!("cannot write `{}`: {e}", pub_path.display()));
+    }
+    println!(
+        "key {key_id}: private `{}` (mode 0600; keep it off the daemon's host), public `{}` (list it in policy.trusted_keys)",
+        key_path.display(),
+        pub_path.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn describe(r: &PolicyRelease) -> String {
+    let label = if r.label.is_empty() { String::new() } else { format!(" ({})", r.label) };
+    let signer = if r.signed_by.is_empty() { "UNSIGNED".to_owned() } else { format!("signed by {}", r.signed_by) };
+    format!("{}{label}, {signer}, {} rules, {} inventory entries, from {}", r.version, r.rules, r.inventory_entries, r.source)
+}
+
+async fn admin(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
+    match super::connect(socket).await {
+        Ok(channel) => Ok(AdminClient::new(channel)),
+        Err(e) => Err(fail(format!("cannot reach the admin socket `{}`: {e}", socket.display()))),
+    }
+}
+
+async fn status(socket: &Path) -> ExitCode {
+    let mut client = match admin(socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.policy_status(PolicyStatusRequest {}).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            println!("current:  {}", r.current.as_ref().map(describe).unwrap_or_default());
+            println!("previous: {}", r.previous.as_ref().map(describe).unwrap_or_else(|| "none".into()));
+            if !r.held.is_empty() {
+                println!("held:     {} (rolled back; not re-activated until a different version is published)", r.held);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(format!("policy status: {}", s.message())),
+    }
+}
+
+async fn rollback(socket: &Path, reason: String) -> ExitCode {
+    let mut client = match admin(socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.policy_rollback(PolicyRollbackRequest { reason }).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            println!(
+                "rolled back: {} -> {} (ledger event {})",
+                r.from.map(|f| f.version).unwrap_or_default(),
+                r.to.as_ref().map(describe).unwrap_or_default(),
+                r.event_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(format!("policy rollback refused: {}", s.message())),
+    }
 }

@@ -1,13 +1,16 @@
-//! Policy test cases (`policies/tests/*.toml`): a request as attestation would present it →
-//! the expected decision, optionally the deciding rule ids and the granted TTL. Pure: the
-//! caller reads the files; `run` decides each case with the given engine and inventory.
+//! Policy test cases (`policies/tests/*.toml`): a request as attestation would present it
+//! (selectors and/or id-token claims, optionally the identity it asks for), the action, the
+//! resource and context → the expected decision, optionally the deciding rule ids and the
+//! granted TTL. The inventory lookup runs exactly as in the daemon, so a case also proves
+//! which callers reach an identity at all. Pure: `run_all` takes the files and the time.
 
 use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use super::{CredentialKind, DecisionRequest, Engine, Verdict};
-use crate::identity::{Inventory, Selector, Selectors, Ttl};
+use super::bundle::PolicyFiles;
+use super::{AwsRole, CredentialKind, DecisionRequest, Engine, RequestContext, Resource, Verdict};
+use crate::identity::{Inventory, Lookup, OidcClaims, Selector, Selectors, Ttl, WorkloadId};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,15 +23,29 @@ pub struct CaseFile {
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
-    /// A SPIFFE ID registered in inventory.toml.
-    pub identity: String,
-    /// `issue_x509`.
+    /// The SPIFFE ID the caller asks for (as `spiffe_id` in a request). Absent: whichever
+    /// inventory entry the selectors match.
+    pub identity: Option<String>,
+    /// `issue_x509`, `issue_jwt` or `issue_aws`.
     pub action: String,
+    /// The JWT audience (`issue_jwt`).
+    pub audience: Option<String>,
+    /// The IAM role ARN (`issue_aws`).
+    pub role: Option<String>,
     /// Requested lifetime, e.g. "30m".
     pub ttl: String,
     /// Attested selectors the request carries (default: none).
     #[serde(default)]
     pub selectors: Vec<String>,
+    /// Verified id-token claims (CI callers); they add `oidc:*` selectors and `context.oidc`.
+    pub oidc: Option<OidcClaims>,
+    /// `unix` or `oidc` (default: `oidc` when claims are given, else `unix`).
+    pub attestation: Option<String>,
+    pub purpose: Option<String>,
+    pub target: Option<String>,
+    #[serde(default)]
+    pub break_glass: bool,
+    pub ticket: Option<String>,
     /// Decision time, RFC 3339 (default: now).
     pub now: Option<toml::value::Datetime>,
     /// "allow" or "deny".
@@ -40,60 +57,104 @@ pub struct Case {
 }
 
 /// One case's result: `None` when it passed, otherwise what went wrong.
+#[derive(Debug)]
 pub struct Outcome {
+    pub file: String,
     pub name: String,
     pub failure: Option<String>,
 }
 
-pub fn run(engine: &Engine, inventory: &Inventory, file: &CaseFile, default_now: SystemTime) -> Vec<Outcome> {
-    file.cases
-        .iter()
-        .map(|case| Outcome { name: case.name.clone(), failure: check(engine, inventory, case, default_now).err() })
-        .collect()
+/// Runs every case of every `tests/*.toml` in `files`. A file that does not parse is one
+/// failed outcome named after the file.
+pub fn run_all(engine: &Engine, inventory: &Inventory, files: &PolicyFiles, default_now: SystemTime) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for (path, text) in files.under("tests", "toml") {
+        match toml::from_str::<CaseFile>(text) {
+            Ok(file) => outcomes.extend(file.cases.iter().map(|case| Outcome {
+                file: path.to_owned(),
+                name: case.name.clone(),
+                failure: check(engine, inventory, case, default_now).err(),
+            })),
+            Err(e) => outcomes.push(Outcome { file: path.to_owned(), name: "(file)".into(), failure: Some(e.to_string()) }),
+        }
+    }
+    outcomes
 }
 
 fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: SystemTime) -> Result<(), String> {
-    let workload = inventory
-        .entries()
-        .iter()
-        .find(|e| e.id.as_str() == case.identity)
-        .ok_or_else(|| format!("identity `{}` is not in inventory.toml", case.identity))?;
-    let kind = match case.action.as_str() {
-        "issue_x509" => CredentialKind::X509,
-        other => return Err(format!("unknown action `{other}` (known: issue_x509)")),
+    let kind = CredentialKind::from_action(&case.action)
+        .ok_or_else(|| format!("unknown action `{}` (known: issue_x509, issue_jwt, issue_aws)", case.action))?;
+    let resource = match (kind, &case.audience, &case.role) {
+        (CredentialKind::X509, None, None) => Resource::X509,
+        (CredentialKind::Jwt, Some(audience), None) => Resource::Jwt { audience: audience.clone() },
+        (CredentialKind::Aws, None, Some(role)) => Resource::Aws { role: AwsRole::parse(role)? },
+        _ => return Err("issue_jwt needs `audience`, issue_aws needs `role`, issue_x509 neither".into()),
     };
     let requested_ttl = Ttl::parse(&case.ttl).map_err(|e| format!("ttl: {e}"))?;
-    let selectors = case
+    let mut selectors = case
         .selectors
         .iter()
         .map(|s| Selector::parse(s))
         .collect::<Result<Selectors, _>>()
         .map_err(|e| e.to_string())?;
+    if let Some(claims) = &case.oidc {
+        selectors.extend(claims.selectors());
+    }
     let now = match &case.now {
         Some(dt) => time::OffsetDateTime::parse(&dt.to_string(), &time::format_description::well_known::Rfc3339)
             .map_err(|e| format!("now `{dt}`: {e} (use RFC 3339, e.g. 2026-11-23T12:00:00Z)"))?
             .into(),
         None => default_now,
     };
-    let decision = engine.decide(&DecisionRequest { workload, selectors: &selectors, kind, requested_ttl }, now);
-    let decided = if decision.is_allow() { "allow" } else { "deny" };
+    let wanted = match &case.identity {
+        Some(id) => {
+            let id = WorkloadId::parse(id).map_err(|e| e.to_string())?;
+            if !inventory.entries().iter().any(|e| e.id == id) {
+                return Err(format!("identity `{id}` is not in inventory.toml"));
+            }
+            Some(id)
+        }
+        None => None,
+    };
+    let attestation = case.attestation.clone().unwrap_or_else(|| if case.oidc.is_some() { "oidc" } else { "unix" }.into());
+    let context = RequestContext {
+        purpose: case.purpose.clone(),
+        target: case.target.clone(),
+        break_glass: case.break_glass,
+        ticket: case.ticket.clone(),
+        oidc: case.oidc.clone(),
+    };
+    let (decided, explain, rules, verdict) = match inventory.lookup(&selectors, wanted.as_ref(), crate::clock::utc_date(now)) {
+        Lookup::Found(workload) => {
+            let req = DecisionRequest { workload, attestation: &attestation, selectors: &selectors, resource: &resource, requested_ttl, context: &context };
+            let decision = engine.decide(&req, now);
+            let decided = if decision.is_allow() { "allow" } else { "deny" };
+            (decided, decision.explain(), decision.rules.clone(), Some(decision.verdict))
+        }
+        Lookup::NoMatch => ("deny", "no inventory entry matches these selectors".to_owned(), vec![], None),
+        Lookup::Expired(e) => ("deny", format!("the inventory entry `{}` expired on {}", e.id, e.expires), vec![], None),
+        Lookup::Ambiguous(ids) => {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            ("deny", format!("the selectors match several identities ({}); name one", ids.join(", ")), vec![], None)
+        }
+    };
     if decided != case.expect {
-        return Err(format!("expected {}, decided {decided}: {}", case.expect, decision.explain()));
+        return Err(format!("expected {}, decided {decided}: {explain}", case.expect));
     }
     if let Some(expected) = &case.rules {
-        let (mut want, mut got) = (expected.clone(), decision.rules.clone());
+        let (mut want, mut got) = (expected.clone(), rules);
         want.sort();
         got.sort();
         if want != got {
-            return Err(format!("expected deciding rules {want:?}, got {got:?}: {}", decision.explain()));
+            return Err(format!("expected deciding rules {want:?}, got {got:?}: {explain}"));
         }
     }
     if let Some(ttl) = &case.granted_ttl {
         let want = Ttl::parse(ttl).map_err(|e| format!("granted_ttl: {e}"))?;
-        match &decision.verdict {
-            Verdict::Allow(grant) if grant.ttl() == want => {}
-            Verdict::Allow(grant) => return Err(format!("expected granted ttl {want}, got {}", grant.ttl())),
-            Verdict::Deny => return Err("granted_ttl given for a denied request".into()),
+        match &verdict {
+            Some(Verdict::Allow(grant)) if grant.ttl() == want => {}
+            Some(Verdict::Allow(grant)) => return Err(format!("expected granted ttl {want}, got {}", grant.ttl())),
+            _ => return Err("granted_ttl given for a denied request".into()),
         }
     }
     Ok(())
@@ -101,49 +162,59 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::identity::TrustDomain;
+    use crate::policy::shipped_files_with;
 
-    fn shipped() -> (Engine, Inventory, String) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let engine = Engine::load(&dir).unwrap();
+    fn outcomes(files: &PolicyFiles) -> Vec<Outcome> {
+        let engine = Engine::from_files(files).unwrap();
         let td = TrustDomain::parse("mayfly.local").unwrap();
-        let inventory = Inventory::parse(&std::fs::read_to_string(dir.join("inventory.toml")).unwrap(), &td).unwrap();
-        (engine, inventory, std::fs::read_to_string(dir.join("tests/local.toml")).unwrap())
+        let inventory = Inventory::parse(files.get("inventory.toml").unwrap(), &td).unwrap();
+        run_all(&engine, &inventory, files, SystemTime::now())
+    }
+
+    fn failures(files: &PolicyFiles) -> Vec<String> {
+        outcomes(files).into_iter().filter_map(|o| o.failure).collect()
     }
 
     #[test]
     fn shipped_cases_pass() {
-        let (engine, inventory, text) = shipped();
-        let file: CaseFile = toml::from_str(&text).unwrap();
-        let outcomes = run(&engine, &inventory, &file, SystemTime::now());
-        assert!(outcomes.len() >= 4);
-        for o in outcomes {
-            assert!(o.failure.is_none(), "{}: {:?}", o.name, o.failure);
+        let all = outcomes(&shipped_files_with(&[]));
+        assert!(all.len() >= 15, "{}", all.len());
+        for o in all {
+            assert!(o.failure.is_none(), "{} / {}: {:?}", o.file, o.name, o.failure);
         }
     }
 
     #[test]
     fn a_wrong_expectation_fails_with_what_was_decided_and_why() {
-        let (engine, inventory, text) = shipped();
-        let file: CaseFile = toml::from_str(&text.replacen("expect = \"deny\"", "expect = \"allow\"", 1)).unwrap();
-        let failures: Vec<String> =
-            run(&engine, &inventory, &file, SystemTime::now()).into_iter().filter_map(|o| o.failure).collect();
-        assert_eq!(failures.len(), 1);
-        assert!(failures[0].contains("expected allow, decided deny") && failures[0].contains("forbid-ttl-over-12h"));
+        let shipped = shipped_files_with(&[]);
+        let local = shipped.get("tests/local.toml").unwrap();
+        let flipped = local.replacen("expect = \"deny\"", "expect = \"allow\"", 1);
+        let f = failures(&shipped_files_with(&[("tests/local.toml", Some(&flipped))]));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].contains("expected allow, decided deny") && f[0].contains("forbid-ttl-over-12h"), "{f:?}");
 
-        let wrong_rule = text.replacen("rules = [\"local-workloads-x509\"]", "rules = [\"other\"]", 1);
-        let file: CaseFile = toml::from_str(&wrong_rule).unwrap();
-        let failures: Vec<String> =
-            run(&engine, &inventory, &file, SystemTime::now()).into_iter().filter_map(|o| o.failure).collect();
-        assert!(failures[0].contains("expected deciding rules"), "{failures:?}");
+        let wrong_rule = local.replacen("rules = [\"local-workloads-x509\"]", "rules = [\"other\"]", 1);
+        let f = failures(&shipped_files_with(&[("tests/local.toml", Some(&wrong_rule))]));
+        assert!(f[0].contains("expected deciding rules"), "{f:?}");
 
-        let unknown = text.replacen("spiffe://mayfly.local/dev/quickstart", "spiffe://mayfly.local/nobody", 1);
-        let file: CaseFile = toml::from_str(&unknown).unwrap();
-        let failures: Vec<String> =
-            run(&engine, &inventory, &file, SystemTime::now()).into_iter().filter_map(|o| o.failure).collect();
-        assert!(failures[0].contains("not in inventory.toml"));
+        let unknown = local.replacen("spiffe://mayfly.local/dev/quickstart", "spiffe://mayfly.local/nobody", 1);
+        let f = failures(&shipped_files_with(&[("tests/local.toml", Some(&unknown))]));
+        assert!(f[0].contains("not in inventory.toml"), "{f:?}");
+    }
+
+    #[test]
+    fn a_policy_change_that_opens_deploys_to_branches_fails_the_shipped_escalation_cases() {
+        let shipped = shipped_files_with(&[]);
+        let pin = "context.oidc.git_ref == \"refs/heads/main\"";
+        let loosen = |path: &str| {
+            let text = shipped.get(path).unwrap();
+            assert!(text.contains(pin), "{path} must pin main");
+            text.replace(pin, "context.oidc.git_ref like \"refs/heads/*\"")
+        };
+        let (ci, guard) = (loosen("issuance/ci.cedar"), loosen("issuance/guardrails.cedar"));
+        let f = failures(&shipped_files_with(&[("issuance/ci.cedar", Some(&ci)), ("issuance/guardrails.cedar", Some(&guard))]));
+        assert!(f.iter().any(|f| f.contains("expected deny, decided allow")), "{f:?}");
     }
 }

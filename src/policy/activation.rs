@@ -1,0 +1,418 @@
+//! Policy activation: reads the configured source (a signed bundle, or the unsigned dev
+//! tree), verifies and validates each new release off the request path, swaps it in,
+//! keeps the previous good one, and records every activation, rejection and rollback.
+//!
+//! Signed mode keeps the last two good bundles in `<data_dir>/policy/` (`current.bundle`,
+//! `previous.bundle`, re-verified on every start) and the version an operator rolled back
+//! from (`held`), so a restart neither loses a rollback nor fails on a bad published bundle.
+//! Order of an activation: build the release → record `policy_activated` → persist → swap.
+//! A release that cannot be recorded is not activated.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::clock::Clock;
+use crate::config::PolicySource;
+use crate::identity::TrustDomain;
+use crate::ledger::{EventId, EventKind, Ledger, LedgerError, NewEvent};
+use crate::policy::bundle::{Bundle, PolicyFiles, PublicKey, sha256_hex};
+use crate::policy::release::Release;
+use crate::policy::store::PolicyStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("no usable policy release: {0}")]
+    NoRelease(String),
+    #[error("there is no previous good release to roll back to")]
+    NoPrevious,
+    #[error("cannot record the policy change; nothing changed: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    Keys(String),
+}
+
+/// A release read from the source, before it is built: the bundle bytes (signed mode) or
+/// the files (dev), with a fingerprint of what was read.
+struct Candidate {
+    fingerprint: String,
+    source: String,
+    content: Content,
+}
+
+enum Content {
+    Bundle(Vec<u8>),
+    Files(PolicyFiles),
+}
+
+struct Watch {
+    /// Fingerprint of the source as last considered: an unchanged source is not rebuilt.
+    last_seen: Option<String>,
+    /// Version rolled back from: not re-activated from the source.
+    held: Option<String>,
+}
+
+/// Reads and builds releases from the configured source.
+struct Loader {
+    source: PolicySource,
+    keys: Vec<PublicKey>,
+    trust_domain: TrustDomain,
+}
+
+pub struct PolicyController {
+    loader: Loader,
+    source: PolicySource,
+    state_dir: PathBuf,
+    store: Arc<PolicyStore>,
+    ledger: Arc<dyn Ledger>,
+    clock: Arc<dyn Clock>,
+    watch: tokio::sync::Mutex<Watch>,
+}
+
+/// What `status` reports.
+pub struct Status {
+    pub current: Arc<Release>,
+    pub previous: Option<Arc<Release>>,
+    pub held: Option<String>,
+}
+
+impl PolicyController {
+    /// Loads the first release: the configured source if it is good (and not held),
+    /// otherwise the last good bundle kept in the data dir. Fails only when there is none.
+    pub async fn start(
+        source: PolicySource,
+        trust_domain: TrustDomain,
+        data_dir: &Path,
+        ledger: Arc<dyn Ledger>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ActivationError> {
+        let keys = match &source {
+            PolicySource::Bundle { trusted_keys, .. } => trusted_keys
+                .iter()
+                .map(|p| PublicKey::load(p).map_err(|e| ActivationError::Keys(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?,
+            PolicySource::UnsignedDir(dir) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "DEV MODE: policy is read UNSIGNED from this directory and re-read when it changes; `mayfly serve` accepts only signed bundles"
+                );
+                Vec::new()
+            }
+        };
+        let state_dir = data_dir.join("policy");
+        let signed = matches!(source, PolicySource::Bundle { .. });
+        if signed {
+            std::fs::create_dir_all(&state_dir).map_err(|e| ActivationError::NoRelease(format!("`{}`: {e}", state_dir.display())))?;
+        }
+        let held = if signed { read_held(&state_dir) } else { None };
+        let loader = Loader { source: source.clone(), keys, trust_domain };
+        let kept = |name: &str| -> Option<Release> {
+            let path = state_dir.join(name);
+            let bytes = std::fs::read(&path).ok()?;
+            match loader.build(&Content::Bundle(bytes), path.display().to_string()) {
+                Ok(r) => Some(r),
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), why, "kept policy bundle no longer verifies; ignoring it");
+                    None
+                }
+            }
+        };
+        let (stored_current, stored_previous) = if signed { (kept("current.bundle"), kept("previous.bundle")) } else { (None, None) };
+        let candidate = loader.read_source();
+        let fingerprint = candidate.as_ref().map(|c| c.fingerprint.clone()).unwrap_or_else(|e| format!("error:{e}"));
+        let built = candidate.and_then(|c| {
+            let release = loader.build(&c.content, c.source.clone())?;
+            Ok((c, release))
+        });
+        let record = |kind, body| {
+            let (ledger, at) = (ledger.clone(), clock.now());
+            async move { ledger.record(NewEvent { kind, at, body, credential: None }).await }
+        };
+        let (current, previous, via) = match built {
+            Ok((_, release)) if held.as_deref() == Some(release.version()) && stored_current.is_some() => {
+                tracing::warn!(version = release.version(), "the published policy is held after a rollback; keeping the kept release");
+                (stored_current, stored_previous, "startup (published release held)")
+            }
+            Ok((candidate, release)) => {
+                let same = stored_current.as_ref().is_some_and(|s| s.version() == release.version());
+                let previous = if same { stored_previous } else { stored_current };
+                if let (true, Content::Bundle(bytes)) = (signed && !same, &candidate.content) {
+                    persist_new(&state_dir, bytes);
+                }
+                (Some(release), previous, "startup")
+            }
+            Err(why) => {
+                let kept = stored_current.as_ref().map(|r| r.version().to_owned());
+                record(EventKind::PolicyRejected, json!({ "source": source_name(&source), "reason": why, "kept": kept })).await?;
+                tracing::error!(reason = %why, "policy release rejected at start-up");
+                match stored_current {
+                    Some(kept) => (Some(kept), stored_previous, "startup (kept release)"),
+                    None => return Err(ActivationError::NoRelease(why)),
+                }
+            }
+        };
+        let current = Arc::new(current.ok_or_else(|| ActivationError::NoRelease("no release".into()))?);
+        let previous = previous.map(Arc::new);
+        record(EventKind::PolicyActivated, activated_body(&current, previous.as_deref(), via)).await?;
+        tracing::info!(
+            version = current.version(),
+            label = current.provenance.label.as_deref().unwrap_or(""),
+            signed_by = current.provenance.signed_by.as_deref().unwrap_or("UNSIGNED"),
+            rules = current.engine.rule_count(),
+            "policy active"
+        );
+        Ok(Self {
+            loader,
+            source,
+            state_dir,
+            store: Arc::new(PolicyStore::new(current, previous)),
+            ledger,
+            clock,
+            watch: tokio::sync::Mutex::new(Watch { last_seen: Some(fingerprint), held }),
+        })
+    }
+
+    pub fn store(&self) -> Arc<PolicyStore> {
+        self.store.clone()
+    }
+
+    pub async fn status(&self) -> Status {
+        let held = self.watch.lock().await.held.clone();
+        Status { current: self.store.current(), previous: self.store.previous(), held }
+    }
+
+    /// Checks the source once; activates a new good release, records a bad one. Building
+    /// runs on a blocking thread: issuance keeps using the current release meanwhile.
+    pub async fn poll(self: &Arc<Self>) {
+        let mut watch = self.watch.lock().await;
+        let me = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || {
+            let candidate = me.loader.read_source()?;
+            Ok::<_, String>((candidate.fingerprint.clone(), candidate.source.clone(), candidate))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reading the policy source failed: {e}")));
+        let (fingerprint, source, candidate) = match read {
+            Ok(parts) => parts,
+            Err(why) => {
+                let fingerprint = format!("error:{why}");
+                if watch.last_seen.as_deref() != Some(fingerprint.as_str()) {
+                    watch.last_seen = Some(fingerprint);
+                    self.reject(&why, None).await;
+                }
+                return;
+            }
+        };
+        if watch.last_seen.as_deref() == Some(fingerprint.as_str()) {
+            return;
+        }
+        watch.last_seen = Some(fingerprint);
+        let me = Arc::clone(self);
+        let built = tokio::task::spawn_blocking(move || {
+            let release = me.loader.build(&candidate.content, source)?;
+            Ok::<_, String>((release, candidate))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("building the release failed: {e}")));
+        let (release, candidate) = match built {
+            Ok(parts) => parts,
+            Err(why) => return self.reject(&why, None).await,
+        };
+        let current = self.store.current();
+        if release.version() == current.version() {
+            tracing::debug!(version = release.version(), "policy source re-published the active version");
+            return;
+        }
+        if watch.held.as_deref() == Some(release.version()) {
+            let why = "this version was rolled back by an operator; publish a different version to move on";
+            return self.reject(why, Some(release.version())).await;
+        }
+        let release = Arc::new(release);
+        if let Err(e) = self.record(EventKind::PolicyActivated, activated_body(&release, Some(&current), "watch")).await {
+            tracing::error!(error = %e, version = release.version(), "cannot record the activation; keeping the current policy");
+            watch.last_seen = None;
+            return;
+        }
+        if let Content::Bundle(bytes) = &candidate.content {
+            persist_new(&self.state_dir, bytes);
+        }
+        watch.held = None;
+        self.write_held(None);
+        self.store.activate(release.clone());
+        tracing::info!(from = current.version(), to = release.version(), "policy activated");
+    }
+
+    /// Returns to the previous good release and holds the one rolled back from.
+    pub async fn rollback(&self, operator: serde_json::Value, reason: &str) -> Result<(Arc<Release>, Arc<Release>, EventId), ActivationError> {
+        let mut watch = self.watch.lock().await;
+        let (from, to) = (self.store.current(), self.store.previous().ok_or(ActivationError::NoPrevious)?);
+        let event = self
+            .record(EventKind::PolicyRolledBack, json!({
+                "from": from.version(),
+                "to": to.version(),
+                "to_label": to.provenance.label,
+                "operator": operator,
+                "reason": reason,
+            }))
+            .await?;
+        if matches!(self.source, PolicySource::Bundle { .. }) {
+            self.persist_swap();
+        }
+        watch.held = Some(from.version().to_owned());
+        self.write_held(Some(from.version()));
+        self.store.rollback();
+        tracing::warn!(from = from.version(), to = to.version(), reason, "policy rolled back");
+        Ok((from, to, event))
+    }
+
+    async fn reject(&self, why: &str, version: Option<&str>) {
+        tracing::error!(reason = why, "policy release rejected; keeping the active one");
+        let body = json!({
+            "source": source_name(&self.source),
+            "reason": why,
+            "version": version,
+            "kept": self.store.current().version(),
+        });
+        if let Err(e) = self.record(EventKind::PolicyRejected, body).await {
+            tracing::error!(error = %e, "cannot record the policy rejection");
+        }
+    }
+
+    async fn record(&self, kind: EventKind, body: serde_json::Value) -> Result<EventId, LedgerError> {
+        self.ledger.record(NewEvent { kind, at: self.clock.now(), body, credential: None }).await
+    }
+
+}
+
+fn source_name(source: &PolicySource) -> String {
+    match source {
+        PolicySource::Bundle { path, .. } | PolicySource::UnsignedDir(path) => path.display().to_string(),
+    }
+}
+
+impl Loader {
+    /// Reads what the source holds now. A directory of bundles yields its newest `*.bundle`.
+    fn read_source(&self) -> Result<Candidate, String> {
+        match &self.source {
+            PolicySource::UnsignedDir(dir) => {
+                let files = PolicyFiles::read_dir(dir).map_err(|e| e.to_string())?;
+                Ok(Candidate { fingerprint: files.version(), source: dir.display().to_string(), content: Content::Files(files) })
+            }
+            PolicySource::Bundle { path, .. } => {
+                let file = if path.is_dir() { newest_bundle(path)? } else { path.clone() };
+                let bytes = read_bounded(&file)?;
+                Ok(Candidate { fingerprint: sha256_hex(&bytes), source: file.display().to_string(), content: Content::Bundle(bytes) })
+            }
+        }
+    }
+
+    /// Verifies (signed mode) and validates a release. CPU only: call off the runtime.
+    fn build(&self, content: &Content, source: String) -> Result<Release, String> {
+        match content {
+            Content::Files(files) => Release::build(files, &self.trust_domain, None, None, source),
+            Content::Bundle(bytes) => {
+                let bundle = Bundle::parse(bytes).map_err(|e| e.to_string())?;
+                let key_id = bundle.verify(&self.keys).map_err(|e| e.to_string())?;
+                let label = bundle.manifest.label.clone();
+                Release::build(&bundle.files, &self.trust_domain, label, Some(key_id), source)
+            }
+        }
+    }
+}
+
+/// current.bundle → previous.bundle, the new bundle → current.bundle. Best effort: the
+/// kept copies are a fallback for restarts, not the source of truth.
+fn persist_new(state_dir: &Path, bytes: &[u8]) {
+    let (current, previous) = (state_dir.join("current.bundle"), state_dir.join("previous.bundle"));
+    let result = (|| -> std::io::Result<()> {
+        if current.exists() {
+            std::fs::rename(&current, &previous)?;
+        }
+        write_atomic(&current, bytes)
+    })();
+    if let Err(e) = result {
+        tracing::error!(error = %e, dir = %state_dir.display(), "cannot keep a copy of the activated bundle");
+    }
+}
+
+impl PolicyController {
+    fn persist_swap(&self) {
+        let (current, previous, tmp) =
+            (self.state_dir.join("current.bundle"), self.state_dir.join("previous.bundle"), self.state_dir.join("swap.tmp"));
+        let result = (|| -> std::io::Result<()> {
+            std::fs::rename(&current, &tmp)?;
+            std::fs::rename(&previous, &current)?;
+            std::fs::rename(&tmp, &previous)
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, dir = %self.state_dir.display(), "cannot swap the kept bundles");
+        }
+    }
+
+    fn write_held(&self, version: Option<&str>) {
+        if !matches!(self.source, PolicySource::Bundle { .. }) {
+            return;
+        }
+        let path = self.state_dir.join("held");
+        let result = match version {
+            Some(v) => write_atomic(&path, v.as_bytes()),
+            None if path.exists() => std::fs::remove_file(&path),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, path = %path.display(), "cannot record the held policy version");
+        }
+    }
+}
+
+fn read_held(state_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(state_dir.join("held")).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+fn activated_body(release: &Release, previous: Option<&Release>, via: &str) -> serde_json::Value {
+    let p = &release.provenance;
+    json!({
+        "version": p.version,
+        "label": p.label,
+        "signed_by": p.signed_by,
+        "unsigned": p.signed_by.is_none(),
+        "source": p.source,
+        "previous": previous.map(Release::version),
+        "rules": release.engine.rule_count(),
+        "inventory_entries": release.inventory.entries().len(),
+        "via": via,
+    })
+}
+
+fn newest_bundle(dir: &Path) -> Result<PathBuf, String> {
+    let listing = std::fs::read_dir(dir).map_err(|e| format!("`{}`: {e}", dir.display()))?;
+    listing
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle") && p.is_file())
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| format!("`{}` holds no *.bundle file", dir.display()))
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(crate::policy::bundle::MAX_BUNDLE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    if bytes.len() as u64 > crate::policy::bundle::MAX_BUNDLE_BYTES {
+        return Err(format!("`{}` is larger than {} bytes", path.display(), crate::policy::bundle::MAX_BUNDLE_BYTES));
+    }
+    Ok(bytes)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
