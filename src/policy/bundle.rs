@@ -400,8 +400,13 @@ impl PublicKey {
         // (SEQUENCE, AlgorithmIdentifier 1.3.101.112, BIT STRING of 32 bytes) + the raw key.
         let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
         der.extend_from_slice(&self.raw);
-        pem::encode(&pem::Pem::new("PUBLIC KEY", der))
+        pem_lf(&pem::Pem::new("PUBLIC KEY", der))
     }
+}
+
+/// PEM with `\n` line endings, as OpenSSL writes it (the pem crate defaults to `\r\n`).
+fn pem_lf(block: &pem::Pem) -> String {
+    pem::encode_config(block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }
 
 /// A key's id: the first 16 hex digits of the SHA-256 of its raw public key.
@@ -415,7 +420,7 @@ pub fn keygen() -> Result<(Zeroizing<String>, String, String), BundleError> {
     let fail = |why: String| BundleError::Key { path: PathBuf::from("<generated>"), what: "key pair", why };
     let pair = Ed25519KeyPair::generate().map_err(|e| fail(e.to_string()))?;
     let pkcs8 = pair.to_pkcs8v1().map_err(|e| fail(e.to_string()))?;
-    let private = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec())));
+    let private = Zeroizing::new(pem_lf(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec())));
     let raw: [u8; 32] = pair.public_key().as_ref().try_into().map_err(|_| fail("public key is not 32 bytes".into()))?;
     let public = PublicKey { raw, key_id: key_id(&raw) };
     Ok((private, public.to_pem(), public.key_id))
