@@ -155,7 +155,7 @@ async fn a_signed_release_is_activated_hot_bad_ones_are_refused_and_an_operator_
     let seen = load.await.unwrap();
     assert!(seen.iter().all(|l| *l == 3600 || *l == 1200), "{seen:?}");
     assert_eq!(lifetime(dir).await, 1200);
-    let last_decision = events(dir).await.into_iter().filter(|e| e.kind == "decision").next_back().unwrap();
+    let last_decision = events(dir).await.into_iter().rfind(|e| e.kind == "decision").unwrap();
     assert!(last_decision.body.contains(&v2.version()), "decisions name the release they were made under");
 
     // Tampered after signing: a rule's ceiling edited inside the archive.

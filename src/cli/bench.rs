@@ -1,6 +1,7 @@
 //! `mayfly bench`: commands that measure and print figures (never assertions).
 //! `issue` drives a running daemon over its socket; `ledger` drives the group-commit writer
-//! on a fresh SQLite file. Both are bounded by their request/event counts.
+//! on a fresh SQLite file; `policy` times decisions in-process over the shipped rules and
+//! a generated rule set. All are bounded by their request/event/decision counts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,13 +34,100 @@ pub enum Command {
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_batch: u32,
     },
+    /// Time policy decisions (request building included): the shipped rules, then with
+    /// RULES generated per-workload rules added, each through the scope index and as a full scan.
+    Policy {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        rules: u32,
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        decisions: u32,
+    },
 }
 
 pub async fn run(command: Command) -> ExitCode {
     match command {
         Command::Issue { socket, requests, concurrency } => bench_issue(socket, requests, concurrency).await,
         Command::Ledger { events, concurrency, max_batch } => bench_ledger(events, concurrency, max_batch).await,
+        Command::Policy { dir, rules, decisions } => bench_policy(&dir, rules, decisions),
     }
+}
+
+fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCode {
+    use crate::identity::{InventoryEntry, Selector, Selectors, Ttl, WorkloadId};
+    use crate::policy::bundle::PolicyFiles;
+    use crate::policy::{DecisionRequest, Engine, RequestContext, Resource};
+
+    let shipped = match PolicyFiles::read_dir(dir) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    // Generated: one permit per workload for its own JWT audience, and one forbid per tenth.
+    let mut rules = String::new();
+    for i in 0..generated {
+        rules.push_str(&format!(
+            "@id(\"gen-{i}\") @max_ttl(\"10m\")\npermit (principal == Mayfly::Workload::\"spiffe://mayfly.local/svc/{i}\", action == Mayfly::Action::\"issue_jwt\", resource == Mayfly::Audience::\"https://svc-{i}.example.org\")\nwhen {{ principal.attestation == \"unix\" && context.requested_ttl_secs <= 3600 }};\n"
+        ));
+        if i % 10 == 0 {
+            rules.push_str(&format!(
+                "@id(\"gen-forbid-{i}\") @reason(\"frozen\")\nforbid (principal == Mayfly::Workload::\"spiffe://mayfly.local/svc/{i}\", action, resource) when {{ context.break_glass }};\n"
+            ));
+        }
+    }
+    let big = PolicyFiles::from_map(
+        shipped.iter().map(|(p, t)| (p.to_owned(), t.to_owned())).chain([("issuance/generated.cedar".to_owned(), rules)]).collect(),
+    );
+    let started = Instant::now();
+    let engines = Engine::from_files(&shipped).and_then(|small| Ok((small, Engine::from_files(&big)?)));
+    let (small, large) = match engines {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let load = started.elapsed();
+    let entries = (0..generated.max(1))
+        .map(|i| {
+            WorkloadId::parse(&format!("spiffe://mayfly.local/svc/{i}")).map(|id| InventoryEntry {
+                id,
+                owner: "bench".into(),
+                purpose: "bench".into(),
+                environment: "prod".into(),
+                tier: "standard".into(),
+                expires: time::macros::date!(2099 - 12 - 31),
+                selectors: Selectors::new(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>();
+    let (entries, ttl) = match (entries, Ttl::parse("5m")) {
+        (Ok(e), Ok(t)) => (e, t),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let selectors: Selectors = [Selector::new("unix", "uid", 1000)].into();
+    let context = RequestContext::default();
+    let now = SystemTime::now();
+    println!("policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms", load.as_secs_f64() * 1000.0);
+    println!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
+    for (name, engine) in [("shipped", &small), ("shipped + generated", &large)] {
+        for indexed in [true, false] {
+            let mut latencies = Vec::with_capacity(decisions as usize);
+            let mut allowed = 0u32;
+            for n in 0..decisions {
+                let i = n as usize % entries.len();
+                let resource = Resource::Jwt { audience: format!("https://svc-{i}.example.org") };
+                let req = DecisionRequest { workload: &entries[i], attestation: "unix", selectors: &selectors, resource: &resource, requested_ttl: ttl, context: &context };
+                let t = Instant::now();
+                let d = if indexed { engine.decide(&req, now) } else { engine.decide_full_scan(&req, now) };
+                latencies.push(t.elapsed());
+                allowed += u32::from(d.is_allow());
+            }
+            latencies.sort();
+            let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+            let mean = latencies.iter().sum::<Duration>().as_secs_f64() * 1e6 / latencies.len() as f64;
+            let label = format!("{name} ({} rules), {}", engine.rule_count(), if indexed { "scope index" } else { "full scan" });
+            println!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn bench_issue(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode {

@@ -90,7 +90,7 @@ impl PolicyFiles {
                 let entry = entry.map_err(|source| BundleError::Read { path: sub_dir.clone(), source })?;
                 let path = entry.path();
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-                if !path.extension().is_some_and(|e| e == ext) || !path.is_file() {
+                if path.extension().is_none_or(|e| e != ext) || !path.is_file() {
                     continue;
                 }
                 let rel = format!("{sub}/{name}");
@@ -461,10 +461,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (key, public) = keys(dir.path());
         let unsigned = Bundle::build(&shipped(), None).unwrap();
-        assert!(matches!(Bundle::parse(&unsigned).unwrap().verify(&[public.clone()]), Err(BundleError::Unsigned)));
+        assert!(matches!(Bundle::parse(&unsigned).unwrap().verify(std::slice::from_ref(&public)), Err(BundleError::Unsigned)));
         let signed = Bundle::parse(&unsigned).unwrap().sign(&key).unwrap();
         let bundle = Bundle::parse(&signed).unwrap();
-        assert_eq!(bundle.verify(&[public.clone()]).unwrap(), key.key_id());
+        assert_eq!(bundle.verify(std::slice::from_ref(&public)).unwrap(), key.key_id());
 
         // Another key is not trusted.
         let (_, stranger) = keys(tempfile::tempdir().unwrap().path());
