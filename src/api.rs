@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod workload;
 
 use tonic::{Code, Status};
 
@@ -14,6 +15,12 @@ use crate::mint::MintError;
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("mayfly.v1");
+}
+
+/// The generated SPIFFE Workload API types (the standard proto has no package).
+pub mod spiffe {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("_");
 }
 
 /// The one mapping from a domain error to what the peer sees: the category and a message
@@ -28,7 +35,8 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Mint(MintError::CsrEncoding(_) | MintError::CsrSignature | MintError::CsrKeyAlgorithm) => {
             Code::InvalidArgument
         }
-        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_)) => Code::Internal,
+        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_)) => Code::Internal,
+        IssueError::InvalidJwt(_) => Code::InvalidArgument,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");

@@ -72,11 +72,11 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Dev { data_dir, policies, socket, admin_socket } => match Config::dev(data_dir, policies, socket, admin_socket) {
-                Ok(config) => run_daemon(config).await,
+                Ok(config) => run_daemon(config, true).await,
                 Err(e) => fail(e),
             },
             Command::Serve { config } => match Config::from_file(&config) {
-                Ok(config) => run_daemon(config).await,
+                Ok(config) => run_daemon(config, false).await,
                 Err(e) => fail(e),
             },
             Command::X509(args) => x509::run(args).await,
@@ -87,12 +87,18 @@ pub fn main() -> ExitCode {
     })
 }
 
-async fn run_daemon(config: Config) -> ExitCode {
+async fn run_daemon(config: Config, announce_socket: bool) -> ExitCode {
     init_logging();
     let daemon = match Daemon::build(config, Arc::new(SystemClock)).await {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
+    if announce_socket {
+        // SPIFFE clients find the Workload API through this variable (SPIFFE Workload Endpoint spec).
+        let socket = std::path::absolute(daemon.socket()).unwrap_or_else(|_| daemon.socket().to_path_buf());
+        println!("SPIFFE Workload API and mayfly.v1 on {}; for SPIFFE clients:", socket.display());
+        println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
+    }
     match daemon.run(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

@@ -35,6 +35,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub ca: Option<RawCa>,
     #[serde(default)]
+    pub jwt: RawJwt,
+    #[serde(default)]
     pub ledger: RawLedger,
     #[serde(default)]
     pub issuance: RawIssuance,
@@ -48,6 +50,13 @@ pub struct RawWorkloadApi {
     pub socket: Option<PathBuf>,
     pub max_request_bytes: Option<usize>,
     pub request_timeout: Option<String>,
+    pub rotate_at_percent: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +94,7 @@ pub struct RawLedger {
 #[serde(deny_unknown_fields)]
 pub struct RawIssuance {
     pub default_ttl: Option<String>,
+    pub jwt_ttl: Option<String>,
     pub max_ttl: Option<String>,
 }
 
@@ -124,11 +134,18 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub request_timeout: Duration,
     pub ca: CaSource,
+    /// The ES256 key that signs JWT-SVIDs: a PKCS#8 PEM file, or `None` for one generated
+    /// on first start and kept in data_dir (jwt-key.pem, mode 0600).
+    pub jwt_key: Option<PathBuf>,
     pub ledger_path: PathBuf,
     pub ledger_busy_timeout: Duration,
     pub ledger_max_batch: usize,
     pub default_ttl: Ttl,
+    /// Lifetime asked for JWT-SVIDs (policy may grant less).
+    pub jwt_ttl: Ttl,
     pub max_ttl: Ttl,
+    /// Workload API streams renew an SVID when this share of its lifetime has passed.
+    pub rotate_at_percent: u32,
     pub max_binary_bytes: u64,
 }
 
@@ -210,6 +227,14 @@ impl Config {
         if default_ttl > max_ttl {
             return Err(key("issuance.default_ttl")(format!("`{default_ttl}` is over issuance.max_ttl `{max_ttl}`")));
         }
+        let jwt_ttl = duration("issuance.jwt_ttl", raw.issuance.jwt_ttl, "5m")?;
+        if jwt_ttl > max_ttl {
+            return Err(key("issuance.jwt_ttl")(format!("`{jwt_ttl}` is over issuance.max_ttl `{max_ttl}`")));
+        }
+        let rotate_at_percent = raw.workload_api.rotate_at_percent.unwrap_or(50);
+        if !(10..=90).contains(&rotate_at_percent) {
+            return Err(key("workload_api.rotate_at_percent")(format!("`{rotate_at_percent}` must be 10..=90")));
+        }
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
@@ -224,11 +249,14 @@ impl Config {
             max_request_bytes,
             request_timeout: request_timeout.as_duration(),
             ca,
+            jwt_key: raw.jwt.key,
             ledger_path,
             ledger_busy_timeout: busy.as_duration(),
             ledger_max_batch,
             default_ttl,
+            jwt_ttl,
             max_ttl,
+            rotate_at_percent,
             max_binary_bytes,
         })
     }
@@ -272,6 +300,9 @@ mod tests {
         assert!(parse(&no_td).unwrap_err().to_string().contains("trust_domain"));
         let half_ca = BASE.replace("generate = true", "cert = \"/x.pem\"");
         assert!(parse(&half_ca).unwrap_err().to_string().contains("`ca`"));
+        let with_rotation = |pct: u32| BASE.replace("socket = \"/run/mayfly/workload.sock\"", &format!("socket = \"/run/mayfly/workload.sock\"\nrotate_at_percent = {pct}"));
+        assert_eq!(parse(&with_rotation(80)).unwrap().rotate_at_percent, 80);
+        assert!(parse(&with_rotation(100)).unwrap_err().to_string().contains("workload_api.rotate_at_percent"));
         let unsigned = BASE.replace("trusted_keys = [\"/etc/mayfly/policy-signing.pub\"]", "");
         assert!(parse(&unsigned).unwrap_err().to_string().contains("policy.trusted_keys"));
     }

@@ -17,14 +17,18 @@ use crate::api::admin::AdminService;
 use crate::api::broker::BrokerService;
 use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
+use crate::api::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::api::workload::{WorkloadApiService, WorkloadApiSettings};
 use crate::attest::{PeerStream, UnixAttestor};
 use crate::clock::Clock;
 use crate::config::{CaSource, Config};
 use crate::issue::Issuer;
-use crate::keys::{CertificateAuthority, KeyError};
+use crate::keys::{CertificateAuthority, JwtKey, KeyError};
 use crate::ledger::sqlite::SqliteBackend;
 use crate::ledger::{EventKind, GroupCommitLedger, Ledger, LedgerError, NewEvent};
+use crate::mint::jwt::Es256Minter;
 use crate::mint::x509::X509Minter;
+use crate::mint::{MintError, TrustBundle};
 use crate::policy::activation::{ActivationError, PolicyController};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,8 @@ pub enum DaemonError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error("JWT signer: {0}")]
+    Jwt(#[from] MintError),
     #[error("policy: {0}")]
     Policy(#[from] ActivationError),
     #[error("ledger `{path}`: {source}")]
@@ -54,6 +60,8 @@ pub struct Daemon {
     listener: UnixListener,
     admin: Option<UnixListener>,
     policy: Arc<PolicyController>,
+    /// What relying parties trust now; every bundle stream follows it.
+    bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -67,6 +75,12 @@ impl Daemon {
             CaSource::Files { cert, key } => CertificateAuthority::load(cert, key, now)?,
             CaSource::Generated { dir } => CertificateAuthority::load_or_generate(dir, &config.trust_domain, now)?,
         };
+        let jwt_key = match &config.jwt_key {
+            Some(path) => JwtKey::load(path)?,
+            None => JwtKey::load_or_generate(&config.data_dir)?,
+        };
+        let jwt_kid = jwt_key.kid().to_owned();
+        let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?);
         let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
         let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
         // The ledger holds no secrets, but it maps every identity and binary on the host.
@@ -94,9 +108,11 @@ impl Daemon {
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             store,
             Arc::new(X509Minter::new(Arc::new(ca))),
+            jwt,
             ledger.clone() as Arc<dyn Ledger>,
             clock.clone(),
         ));
+        let bundles = tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: issuer.x509_bundle(), jwks: issuer.jwks() }));
         ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStarted,
@@ -107,6 +123,7 @@ impl Daemon {
                     "policy_version": policy_version,
                     "inventory_entries": entries,
                     "ca_sha256": ca_fingerprint,
+                    "jwt_kid": jwt_kid,
                     "socket": config.socket.display().to_string(),
                     "admin_socket": config.admin_socket.as_ref().map(|p| p.display().to_string()),
                 }),
@@ -115,7 +132,7 @@ impl Daemon {
             .await
             .map_err(ledger_err)?;
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -124,12 +141,20 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let settings = WorkloadApiSettings {
+            trust_domain: config.trust_domain.clone(),
+            x509_ttl: config.default_ttl,
+            jwt_ttl: config.jwt_ttl,
+            rotate_at_percent: config.rotate_at_percent,
+        };
+        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(issuer.clone(), settings, bundles.subscribe(), stop_rx.clone()))
+            .max_decoding_message_size(config.max_request_bytes);
         let shutdown = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -154,6 +179,7 @@ impl Daemon {
             .timeout(config.request_timeout)
             .concurrency_limit_per_connection(64)
             .add_service(service)
+            .add_service(workload_api)
             .serve_with_incoming_shutdown(incoming, shutdown);
         // Why bounded: graceful shutdown waits for every connection to finish; a client that
         // holds a stream open must not keep the daemon (and its ledger) from stopping.
@@ -182,6 +208,7 @@ impl Daemon {
             let _ = std::fs::remove_file(path);
         }
         drop(policy);
+        drop(bundles);
         let stopped = ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStopped,

@@ -4,15 +4,18 @@
 //! `decision`. Knows nothing of protobuf or sockets.
 
 use std::sync::Arc;
+use std::time::SystemTime;
+
 use serde_json::json;
 
 use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::clock::{unix_secs, utc_date, Clock};
 use crate::identity::{Lookup, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
-use crate::mint::{MintError, Minter, VerifiedCsr, X509Svid};
+use crate::keys::SecretDer;
+use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt, VerifiedCsr, X509Svid};
 use crate::policy::store::PolicyStore;
-use crate::policy::{CredentialKind, DecisionRequest, RequestContext, Resource, Verdict};
+use crate::policy::{CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -30,14 +33,34 @@ pub enum IssueError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Mint(#[from] MintError),
+    #[error("JWT-SVID invalid: {0}")]
+    InvalidJwt(#[from] JwtError),
+}
+
+/// Where the key of an X.509 SVID comes from.
+#[derive(Debug)]
+pub enum KeySource {
+    /// The workload made its key and sent a CSR (`mayfly.v1`): the key never travels.
+    Csr(VerifiedCsr),
+    /// The Workload API: mayfly makes the key after the decision and hands it out once.
+    ServerMade,
+}
+
+/// Which API a request came through, and whether it renews a credential the caller holds
+/// (a pushed rotation). Recorded with the decision.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    pub api: &'static str,
+    pub rotates: Option<String>,
 }
 
 /// A parsed request for an X.509 SVID.
 #[derive(Debug)]
 pub struct X509Request {
-    pub csr: VerifiedCsr,
+    pub key: KeySource,
     pub ttl: Ttl,
     pub spiffe_id: Option<WorkloadId>,
+    pub origin: Origin,
 }
 
 #[derive(Debug)]
@@ -45,14 +68,41 @@ pub struct IssuedX509 {
     pub credential_id: String,
     pub identity: WorkloadId,
     pub svid: X509Svid,
+    /// The PKCS#8 key, when mayfly made it (`KeySource::ServerMade`). Zeroized on drop.
+    pub private_key: Option<SecretDer>,
     pub bundle: Vec<Vec<u8>>,
     pub decision_id: EventId,
+}
+
+/// A parsed request for a JWT-SVID: every audience must be granted.
+#[derive(Debug)]
+pub struct JwtRequest {
+    pub audiences: Vec<String>,
+    pub ttl: Ttl,
+    pub spiffe_id: Option<WorkloadId>,
+    pub origin: Origin,
+}
+
+#[derive(Debug)]
+pub struct IssuedJwt {
+    pub credential_id: String,
+    pub identity: WorkloadId,
+    pub svid: JwtSvid,
+    pub decision_id: EventId,
+}
+
+/// What an allowed request may mint, and the decision event that allowed it.
+struct Authorized {
+    grants: Vec<Grant>,
+    decision_id: EventId,
+    now: SystemTime,
 }
 
 pub struct Issuer {
     attestor: Arc<dyn Attestor>,
     policy: Arc<PolicyStore>,
     minter: Arc<dyn Minter>,
+    jwt: Arc<dyn JwtMinter>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
 }
@@ -62,22 +112,151 @@ impl Issuer {
         attestor: Arc<dyn Attestor>,
         policy: Arc<PolicyStore>,
         minter: Arc<dyn Minter>,
+        jwt: Arc<dyn JwtMinter>,
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { attestor, policy, minter, ledger, clock }
+        Self { attestor, policy, minter, jwt, ledger, clock }
     }
 
     pub fn policy_version(&self) -> String {
         self.policy.current().version().to_owned()
     }
 
+    /// Wakes whenever another policy release becomes active (activation or rollback), so
+    /// holders of credentials (Workload API streams) re-check their entitlement.
+    pub fn policy_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy.changes()
+    }
+
     pub fn x509_bundle(&self) -> Vec<Vec<u8>> {
         self.minter.x509_bundle()
     }
 
+    pub fn jwks(&self) -> serde_json::Value {
+        self.jwt.jwks()
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// The last day an identity's inventory entry is valid under the active release, if
+    /// it still has one: streams end its SVIDs when that day is over.
+    pub fn entry_expires(&self, id: &WorkloadId) -> Option<time::Date> {
+        self.policy.current().inventory.entries().iter().find(|e| &e.id == id).map(|e| e.expires)
+    }
+
     pub async fn issue_x509(&self, peer: &PeerInfo, req: X509Request) -> Result<IssuedX509, IssueError> {
-        let kind = CredentialKind::X509;
+        let auth = self
+            .authorize(peer, CredentialKind::X509, vec![Resource::X509], req.ttl, req.spiffe_id.as_ref(), &req.origin)
+            .await?;
+        let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
+        // Why here and not earlier: a denied caller never causes a key to be made.
+        let (csr, private_key) = match req.key {
+            KeySource::Csr(csr) => (csr, None),
+            KeySource::ServerMade => {
+                let (csr, key) = VerifiedCsr::server_made()?;
+                (csr, Some(key))
+            }
+        };
+        let svid = self.minter.mint_x509(&csr, grant, auth.now)?;
+        let credential_id = uuid::Uuid::new_v4().to_string();
+        let record = CredentialRecord {
+            id: credential_id.clone(),
+            kind: CredentialKind::X509.as_str().to_owned(),
+            identity: grant.identity().to_string(),
+            serial: svid.serial.clone(),
+            fingerprint: svid.fingerprint.clone(),
+            not_before: unix_secs(svid.not_before),
+            not_after: unix_secs(svid.not_after),
+            decision_id: auth.decision_id,
+        };
+        // Why: the certificate (and key) exist only in this stack frame until the record is
+        // durable; on a ledger error they are dropped here and the caller gets UNAVAILABLE.
+        let issued_id = self.record_issued(record, auth.now).await?;
+        tracing::info!(
+            identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id = auth.decision_id, issued_id,
+            api = req.origin.api, rotation = req.origin.rotates.is_some(), not_after = unix_secs(svid.not_after), "x509 svid issued"
+        );
+        Ok(IssuedX509 {
+            credential_id,
+            identity: grant.identity().clone(),
+            svid,
+            private_key,
+            bundle: self.minter.x509_bundle(),
+            decision_id: auth.decision_id,
+        })
+    }
+
+    pub async fn issue_jwt(&self, peer: &PeerInfo, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
+        let resources = req.audiences.iter().map(|a| Resource::Jwt { audience: a.clone() }).collect();
+        let auth = self.authorize(peer, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        let grant = JwtGrant::join(&auth.grants).ok_or_else(|| IssueError::Denied {
+            explain: "denied: the audiences were not all granted to one identity".into(),
+            rules: vec![],
+        })?;
+        // The jti is the credential id: a validation names the credential without a lookup.
+        let credential_id = uuid::Uuid::new_v4().to_string();
+        let svid = self.jwt.mint_jwt(&grant, &credential_id, auth.now)?;
+        let record = CredentialRecord {
+            id: credential_id.clone(),
+            kind: CredentialKind::Jwt.as_str().to_owned(),
+            identity: grant.identity().to_string(),
+            serial: svid.jti.clone(),
+            fingerprint: svid.fingerprint.clone(),
+            not_before: unix_secs(svid.not_before),
+            not_after: unix_secs(svid.not_after),
+            decision_id: auth.decision_id,
+        };
+        let issued_id = self.record_issued(record, auth.now).await?;
+        tracing::info!(
+            identity = %grant.identity(), credential_id, decision_id = auth.decision_id, issued_id, api = req.origin.api,
+            audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
+        );
+        Ok(IssuedJwt { credential_id, identity: grant.identity().clone(), svid, decision_id: auth.decision_id })
+    }
+
+    /// Verifies one of mayfly's JWT-SVIDs for `audience`. A successful validation is a `used`
+    /// event for the token's credential, durable before the answer; a failed one is logged.
+    pub async fn validate_jwt(&self, peer: &PeerInfo, token: &str, audience: &str) -> Result<ValidatedJwt, IssueError> {
+        let now = self.clock.now();
+        let validated = match self.jwt.validate_jwt(token, audience, now) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(uid = peer.uid, pid = peer.pid.unwrap_or(0), audience, error = %e, "jwt-svid validation failed");
+                return Err(e.into());
+            }
+        };
+        self.ledger
+            .record(NewEvent {
+                kind: EventKind::Used,
+                at: now,
+                body: json!({
+                    "credential_id": validated.jti,
+                    "kind": CredentialKind::Jwt.as_str(),
+                    "identity": validated.identity.as_str(),
+                    "use": "validate_jwt_svid",
+                    "audience": audience,
+                    "by": { "uid": peer.uid, "gid": peer.gid, "pid": peer.pid },
+                }),
+                credential: None,
+            })
+            .await?;
+        Ok(validated)
+    }
+
+    /// attest → inventory → decide every resource → record one decision. Every refusal
+    /// after the request parsed is a recorded `decision`; an allow returns the grants.
+    async fn authorize(
+        &self,
+        peer: &PeerInfo,
+        kind: CredentialKind,
+        resources: Vec<Resource>,
+        ttl: Ttl,
+        wanted: Option<&WorkloadId>,
+        origin: &Origin,
+    ) -> Result<Authorized, IssueError> {
         // One snapshot for the whole request: the inventory and rules it is decided under
         // belong to one release even if another is activated meanwhile.
         let release = self.policy.current();
@@ -86,12 +265,12 @@ impl Issuer {
             Ok(a) => a,
             Err(e) => {
                 let caller = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
-                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), version).await?;
+                self.record_refusal(kind, &caller, wanted, &ttl, &e.to_string(), version, origin).await?;
                 return Err(e.into());
             }
         };
         let now = self.clock.now();
-        let entry = match release.inventory.lookup(&attestation.selectors, req.spiffe_id.as_ref(), utc_date(now)) {
+        let entry = match release.inventory.lookup(&attestation.selectors, wanted, utc_date(now)) {
             Lookup::Found(entry) => entry,
             other => {
                 let err = match other {
@@ -99,29 +278,48 @@ impl Issuer {
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
                     _ => IssueError::NoEntry,
                 };
-                self.record_refusal(kind, &attestation.caller, req.spiffe_id.as_ref(), &req.ttl, &err.to_string(), version)
-                    .await?;
+                self.record_refusal(kind, &attestation.caller, wanted, &ttl, &err.to_string(), version, origin).await?;
                 return Err(err);
             }
         };
 
-        let resource = Resource::X509;
         let context = RequestContext::default();
-        let decision = release.engine.decide(
-            &DecisionRequest {
-                workload: entry,
-                attestation: "unix",
-                selectors: &attestation.selectors,
-                resource: &resource,
-                requested_ttl: req.ttl,
-                context: &context,
-            },
-            now,
-        );
-        let granted = match &decision.verdict {
-            Verdict::Allow(g) => Some(g.ttl().as_secs()),
-            Verdict::Deny => None,
+        let decisions: Vec<Decision> = resources
+            .iter()
+            .map(|resource| {
+                release.engine.decide(
+                    &DecisionRequest {
+                        workload: entry,
+                        attestation: "unix",
+                        selectors: &attestation.selectors,
+                        resource,
+                        requested_ttl: ttl,
+                        context: &context,
+                    },
+                    now,
+                )
+            })
+            .collect();
+        // Several resources (JWT audiences) are allowed only if each one is.
+        let allowed = !decisions.is_empty() && decisions.iter().all(Decision::is_allow);
+        let mut rules: Vec<String> = decisions.iter().flat_map(|d| d.rules.iter().cloned()).collect();
+        rules.sort();
+        rules.dedup();
+        let explain = if allowed {
+            decisions.iter().map(Decision::explain).collect::<Vec<_>>().join("; ")
+        } else {
+            decisions.iter().filter(|d| !d.is_allow()).map(Decision::explain).collect::<Vec<_>>().join("; ")
         };
+        let errors: Vec<&String> = decisions.iter().flat_map(|d| d.errors.iter()).collect();
+        let granted = decisions
+            .iter()
+            .filter_map(|d| match &d.verdict {
+                Verdict::Allow(g) => Some(g.ttl().as_secs()),
+                Verdict::Deny => None,
+            })
+            .min()
+            .filter(|_| allowed);
+        let described: Vec<String> = resources.iter().map(Resource::describe).collect();
         let decision_id = self
             .ledger
             .record(NewEvent {
@@ -129,63 +327,40 @@ impl Issuer {
                 at: now,
                 body: json!({
                     "action": format!("issue_{}", kind.as_str()),
-                    "resource": resource.describe(),
-                    "outcome": if decision.is_allow() { "allow" } else { "deny" },
-                    "reason": decision.explain(),
-                    "rules": decision.rules,
-                    "errors": decision.errors,
-                    "policy_version": decision.policy_version,
+                    "resource": described.join(", "),
+                    "outcome": if allowed { "allow" } else { "deny" },
+                    "reason": explain,
+                    "rules": rules,
+                    "errors": errors,
+                    "policy_version": version,
                     "identity": entry.id.as_str(),
                     "caller": attestation.caller,
-                    "requested_ttl_secs": req.ttl.as_secs(),
+                    "requested_ttl_secs": ttl.as_secs(),
                     "granted_ttl_secs": granted,
+                    "api": origin.api,
+                    "rotates": origin.rotates,
                 }),
                 credential: None,
             })
             .await?;
-        let grant = match decision.verdict {
-            Verdict::Allow(grant) => grant,
-            Verdict::Deny => {
-                tracing::info!(identity = %entry.id, decision_id, reason = %decision.explain(), "issuance denied");
-                return Err(IssueError::Denied { explain: decision.explain(), rules: decision.rules });
-            }
-        };
-
-        let svid = self.minter.mint_x509(&req.csr, &grant, now)?;
-        let credential_id = uuid::Uuid::new_v4().to_string();
-        let record = CredentialRecord {
-            id: credential_id.clone(),
-            kind: kind.as_str().to_owned(),
-            identity: grant.identity().to_string(),
-            serial: svid.serial.clone(),
-            fingerprint: svid.fingerprint.clone(),
-            not_before: unix_secs(svid.not_before),
-            not_after: unix_secs(svid.not_after),
-            decision_id,
-        };
-        // Why: the certificate exists only in this stack frame until its record is durable;
-        // on a ledger error it is dropped here and the caller learns nothing but UNAVAILABLE.
-        let body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
-        let issued_id = self
-            .ledger
-            .record(NewEvent {
-                kind: EventKind::Issued,
-                at: now,
-                body,
-                credential: Some(record),
+        if !allowed {
+            tracing::info!(identity = %entry.id, decision_id, reason = %explain, "issuance denied");
+            let denied_rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
+            return Err(IssueError::Denied { explain, rules: denied_rules });
+        }
+        let grants = decisions
+            .into_iter()
+            .filter_map(|d| match d.verdict {
+                Verdict::Allow(g) => Some(g),
+                Verdict::Deny => None,
             })
-            .await?;
-        tracing::info!(
-            identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id, issued_id,
-            not_after = unix_secs(svid.not_after), "x509 svid issued"
-        );
-        Ok(IssuedX509 {
-            credential_id,
-            identity: grant.identity().clone(),
-            svid,
-            bundle: self.minter.x509_bundle(),
-            decision_id,
-        })
+            .collect();
+        Ok(Authorized { grants, decision_id, now })
+    }
+
+    async fn record_issued(&self, record: CredentialRecord, at: SystemTime) -> Result<EventId, IssueError> {
+        let body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
+        Ok(self.ledger.record(NewEvent { kind: EventKind::Issued, at, body, credential: Some(record) }).await?)
     }
 
     async fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
@@ -198,6 +373,7 @@ impl Issuer {
     }
 
     /// A denial that happened before policy could be asked: still a `decision` in the ledger.
+    #[expect(clippy::too_many_arguments, reason = "each argument is a recorded field of the refusal")]
     async fn record_refusal(
         &self,
         kind: CredentialKind,
@@ -206,6 +382,7 @@ impl Issuer {
         ttl: &Ttl,
         reason: &str,
         policy_version: &str,
+        origin: &Origin,
     ) -> Result<EventId, LedgerError> {
         tracing::info!(uid = caller.uid, pid = caller.pid, reason, "issuance refused");
         self.ledger
@@ -221,6 +398,8 @@ impl Issuer {
                     "identity": wanted.map(WorkloadId::as_str),
                     "caller": caller,
                     "requested_ttl_secs": ttl.as_secs(),
+                    "api": origin.api,
+                    "rotates": origin.rotates,
                 }),
                 credential: None,
             })
@@ -235,7 +414,8 @@ mod tests {
     use super::*;
     use crate::clock::FixedClock;
     use crate::identity::{Selector, Selectors, TrustDomain};
-    use crate::keys::CertificateAuthority;
+    use crate::keys::{CertificateAuthority, JwtKey};
+    use crate::mint::jwt::Es256Minter;
     use crate::ledger::memory::MemoryBackend;
     use crate::ledger::{verify_chain, GroupCommitLedger};
     use crate::mint::x509::X509Minter;
@@ -278,11 +458,20 @@ mod tests {
         selectors = ["unix:uid:1001"]
     "#;
 
+    /// The shipped rules plus a JWT permit for one audience, so a multi-audience request
+    /// can be half allowed.
+    const JWT_RULE: &str = r#"
+        @id("api-jwt-db")
+        @max_ttl("10m")
+        permit (principal, action == Mayfly::Action::"issue_jwt", resource == Mayfly::Audience::"db")
+        when { principal.attestation == "unix" };
+    "#;
+
     async fn issuer(selectors: &[&str], ledger_ok_records: Option<usize>) -> (Issuer, MemoryBackend) {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let td = TrustDomain::parse("mayfly.local").unwrap();
         let ca = CertificateAuthority::generate(&td, now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None)]);
+        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None), ("issuance/jwt-test.cedar", Some(JWT_RULE))]);
         let release = Release::build(&files, &td, None, None, "test".into()).unwrap();
         let backend = MemoryBackend::default();
         let (gc, _task) = GroupCommitLedger::start(backend.clone(), 16).await.unwrap();
@@ -295,6 +484,7 @@ mod tests {
             Arc::new(FakeAttestor(Ok(selectors))),
             Arc::new(PolicyStore::new(Arc::new(release), None)),
             Arc::new(X509Minter::new(Arc::new(ca))),
+            Arc::new(Es256Minter::new(JwtKey::generate().unwrap(), td.clone()).unwrap()),
             ledger,
             Arc::new(FixedClock::new(now)),
         );
@@ -304,7 +494,21 @@ mod tests {
     fn request(ttl: &str) -> X509Request {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
-        X509Request { csr: VerifiedCsr::parse(csr.der()).unwrap(), ttl: Ttl::parse(ttl).unwrap(), spiffe_id: None }
+        X509Request {
+            key: KeySource::Csr(VerifiedCsr::parse(csr.der()).unwrap()),
+            ttl: Ttl::parse(ttl).unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        }
+    }
+
+    fn jwt_request(audiences: &[&str], ttl: &str) -> JwtRequest {
+        JwtRequest {
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            ttl: Ttl::parse(ttl).unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        }
     }
 
     #[tokio::test]
@@ -350,5 +554,60 @@ mod tests {
         let err = issuer.issue_x509(&PeerInfo::without_credentials(), request("1h")).await.unwrap_err();
         assert!(matches!(err, IssueError::Ledger(_)));
         assert!(backend.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_server_made_key_is_made_only_after_an_allow_and_matches_the_certificate() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let req = X509Request { key: KeySource::ServerMade, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        let issued = issuer.issue_x509(&PeerInfo::without_credentials(), req).await.unwrap();
+        let key = issued.private_key.expect("server-made key returned");
+        let pair = rcgen::KeyPair::try_from(key.expose()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.svid.cert_der).unwrap();
+        assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&pair).as_slice());
+        // The ledger holds the serial, never the key.
+        let der_hex = hex::encode(key.expose());
+        assert!(!backend.events().iter().any(|e| e.body.contains(&der_hex[..32])));
+
+        let (stranger, _) = super::tests::issuer(&["unix:uid:4242"], None).await;
+        let req = X509Request { key: KeySource::ServerMade, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        assert!(matches!(stranger.issue_x509(&PeerInfo::without_credentials(), req).await, Err(IssueError::NoEntry)));
+    }
+
+    #[tokio::test]
+    async fn a_jwt_needs_every_audience_granted_and_is_recorded_by_jti() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let issued = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "1h")).await.unwrap();
+        assert_eq!(issued.svid.jti, issued.credential_id);
+        assert_eq!(unix_secs(issued.svid.not_after) - unix_secs(issued.svid.not_before), 600, "clamped to the rule's 10m");
+        let creds = backend.credentials();
+        assert_eq!(creds.len(), 1);
+        assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("jwt", issued.credential_id.as_str()));
+        // The token itself is never recorded.
+        assert!(!backend.events().iter().any(|e| e.body.contains(issued.svid.token.expose())));
+
+        // One audience not granted: the whole request is denied, naming nothing it should not.
+        let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db", "payments"], "5m")).await.unwrap_err();
+        assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
+        let events = backend.events();
+        let last = events.last().unwrap();
+        assert!(last.kind == "decision" && last.body.contains("\"outcome\":\"deny\"") && last.body.contains("audience payments"));
+        assert_eq!(backend.credentials().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_successful_validation_is_a_used_event_and_a_failed_one_is_not() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let issued = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "5m")).await.unwrap();
+        let peer = PeerInfo::without_credentials();
+        let ok = issuer.validate_jwt(&peer, issued.svid.token.expose(), "db").await.unwrap();
+        assert_eq!(ok.identity.as_str(), "spiffe://mayfly.local/api");
+        let before = backend.events().len();
+        assert!(matches!(issuer.validate_jwt(&peer, issued.svid.token.expose(), "other").await, Err(IssueError::InvalidJwt(_))));
+        let events = backend.events();
+        assert_eq!(events.len(), before);
+        let used = events.iter().find(|e| e.kind == "used").unwrap();
+        assert!(used.body.contains(&issued.credential_id) && used.body.contains("\"audience\":\"db\""));
+        assert_eq!(verify_chain(&events), Ok(events.len()));
     }
 }

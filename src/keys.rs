@@ -13,6 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PublicKeyData, SanType, SignatureAlgorithm, SigningKey,
 };
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::identity::TrustDomain;
@@ -189,6 +190,135 @@ impl CertificateAuthority {
     }
 }
 
+/// Private key bytes that leave the daemon once (the Workload API hands a workload the key
+/// of its X.509 SVID). Zeroized on drop; `Debug` shows only the length.
+pub struct SecretDer(Zeroizing<Vec<u8>>);
+
+impl SecretDer {
+    pub fn new(bytes: Zeroizing<Vec<u8>>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretDer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretDer({} bytes)", self.0.len())
+    }
+}
+
+/// A bearer token (a JWT-SVID): whoever holds it is the identity until it expires. Zeroized
+/// on drop; `Debug` shows only the length. The ledger keeps its jti and SHA-256, never it.
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretString({} bytes)", self.0.len())
+    }
+}
+
+pub const JWT_KEY_FILE: &str = "jwt-key.pem";
+
+/// The ES256 (P-256) key that signs JWT-SVIDs. The PKCS#8 bytes are zeroized on drop;
+/// `Debug` shows only the key id. The key id is the RFC 7638 JWK thumbprint, so it names
+/// the public key and changes whenever the key does.
+pub struct JwtKey {
+    pkcs8: Zeroizing<Vec<u8>>,
+    /// Uncompressed SEC1 point: 0x04 || x (32 bytes) || y (32 bytes).
+    public_point: Vec<u8>,
+    kid: String,
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JwtKey(ES256, kid {}, private bytes redacted)", self.kid)
+    }
+}
+
+impl JwtKey {
+    pub fn generate() -> Result<Self, KeyError> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| KeyError::Generate("the system RNG failed".into()))?;
+        Self::from_pkcs8(Zeroizing::new(doc.as_ref().to_vec()))
+            .map_err(KeyError::Generate)
+    }
+
+    fn from_pkcs8(pkcs8: Zeroizing<Vec<u8>>) -> Result<Self, String> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
+            .map_err(|e| format!("not a P-256 PKCS#8 private key: {e}"))?;
+        let public_point = pair.public_key().as_ref().to_vec();
+        if public_point.len() != 65 || public_point[0] != 0x04 {
+            return Err("unexpected public key encoding".into());
+        }
+        let (x, y) = (b64url(&public_point[1..33]), b64url(&public_point[33..65]));
+        // RFC 7638: the required members in lexicographic order, no whitespace.
+        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let kid = b64url(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref());
+        Ok(Self { pkcs8, public_point, kid })
+    }
+
+    /// Loads a PKCS#8 PEM P-256 key. The file must not be readable by group or others.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let meta = fs::metadata(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::KeyPermissions { path: path.into(), mode });
+        }
+        let text = Zeroizing::new(fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
+        let parse = |why: String| KeyError::Parse { path: path.into(), what: "JWT signing key", why };
+        let pem = pem::parse(text.as_bytes()).map_err(|e| parse(e.to_string()))?;
+        if pem.tag() != "PRIVATE KEY" {
+            return Err(parse(format!("PEM label `{}` is not PRIVATE KEY (PKCS#8)", pem.tag())));
+        }
+        Self::from_pkcs8(Zeroizing::new(pem.into_contents())).map_err(parse)
+    }
+
+    /// The dev / default key: reused from `dir` when present, otherwise generated and
+    /// persisted there at mode 0600.
+    pub fn load_or_generate(dir: &Path) -> Result<Self, KeyError> {
+        let path = dir.join(JWT_KEY_FILE);
+        if path.exists() {
+            return Self::load(&path);
+        }
+        let key = Self::generate()?;
+        let pem = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8.to_vec())));
+        write_private(&path, pem.as_bytes())?;
+        Ok(key)
+    }
+
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key's x and y coordinates, base64url without padding (JWK form).
+    pub fn public_xy(&self) -> (String, String) {
+        (b64url(&self.public_point[1..33]), b64url(&self.public_point[33..65]))
+    }
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// A positive serial of 127 random bits (RFC 5280 allows up to 20 octets; CAB forum asks
 /// for at least 64 bits of entropy). The top byte is fixed to 01xxxxxx so the encoding is
 /// always 16 octets and never negative. Fails closed: no randomness, no serial.
@@ -239,6 +369,29 @@ mod tests {
             CertificateAuthority::load_or_generate(dir.path(), &td, now),
             Err(KeyError::KeyPermissions { .. })
         ));
+    }
+
+    #[test]
+    fn jwt_key_is_persisted_private_reused_and_named_by_its_thumbprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = JwtKey::load_or_generate(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join(JWT_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = JwtKey::load_or_generate(dir.path()).unwrap();
+        assert_eq!(first.kid(), again.kid());
+        assert_eq!(first.public_xy(), again.public_xy());
+        assert_ne!(first.kid(), JwtKey::generate().unwrap().kid());
+        assert_eq!(first.kid().len(), 43, "base64url SHA-256 without padding");
+        let shown = format!("{first:?}");
+        assert!(shown.contains("redacted") && !shown.contains(&hex::encode(&first.pkcs8_der()[..8])));
+        fs::set_permissions(dir.path().join(JWT_KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(JwtKey::load_or_generate(dir.path()), Err(KeyError::KeyPermissions { .. })));
+    }
+
+    #[test]
+    fn secrets_debug_as_lengths() {
+        assert_eq!(format!("{:?}", SecretString::new("eyJhbGciOi.x.y".into())), "SecretString(14 bytes)");
+        assert_eq!(format!("{:?}", SecretDer::new(Zeroizing::new(vec![1, 2, 3]))), "SecretDer(3 bytes)");
     }
 
     #[test]

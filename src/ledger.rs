@@ -35,6 +35,8 @@ pub enum LedgerError {
 pub enum EventKind {
     Decision,
     Issued,
+    /// A credential was presented and checked (a JWT-SVID validation).
+    Used,
     DaemonStarted,
     DaemonStopped,
     PolicyActivated,
@@ -47,6 +49,7 @@ impl EventKind {
         match self {
             EventKind::Decision => "decision",
             EventKind::Issued => "issued",
+            EventKind::Used => "used",
             EventKind::DaemonStarted => "daemon_started",
             EventKind::DaemonStopped => "daemon_stopped",
             EventKind::PolicyActivated => "policy_activated",

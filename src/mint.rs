@@ -2,12 +2,15 @@
 //! the grant allows (identity, lifetime) and never reads names or extensions from the raw
 //! request. It does not record anything (the `issue` module does) and decides nothing.
 
+pub mod jwt;
 pub mod x509;
 
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::policy::Grant;
+use crate::identity::WorkloadId;
+use crate::keys::{SecretDer, SecretString};
+use crate::policy::{Grant, JwtGrant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
@@ -21,6 +24,29 @@ pub enum MintError {
     CaExpired(String),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("key generation failed: {0}")]
+    KeyGeneration(String),
+}
+
+/// Why a JWT-SVID did not validate. Says what is wrong, never echoes the token.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JwtError {
+    #[error("the token is malformed: {0}")]
+    Malformed(String),
+    #[error("the token's algorithm `{0}` is not ES256")]
+    Algorithm(String),
+    #[error("the token was not signed by a key of this trust domain (unknown kid)")]
+    UnknownKey,
+    #[error("the token's signature does not verify")]
+    Signature,
+    #[error("the token expired at {exp}")]
+    Expired { exp: i64 },
+    #[error("the token is not valid before {nbf}")]
+    NotYetValid { nbf: i64 },
+    #[error("the token is not for audience `{0}`")]
+    Audience(String),
+    #[error("the token's subject is not a SPIFFE ID of this trust domain: {0}")]
+    Subject(String),
 }
 
 /// A CSR whose self-signature verified. Only its public key is kept: nothing else the
@@ -36,6 +62,22 @@ impl fmt::Debug for VerifiedCsr {
     }
 }
 
+impl VerifiedCsr {
+    /// A key pair made here for the caller (the Workload API hands it out with the SVID):
+    /// its public half stands in for a CSR, and the PKCS#8 private half is returned in a
+    /// buffer zeroized on drop. The key pair itself is zeroized before this returns.
+    pub fn server_made() -> Result<(Self, SecretDer), MintError> {
+        use zeroize::Zeroize;
+        let mut pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| MintError::KeyGeneration(e.to_string()))?;
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+            .map_err(|e| MintError::KeyGeneration(e.to_string()));
+        let private = SecretDer::new(zeroize::Zeroizing::new(pair.serialize_der()));
+        pair.zeroize();
+        Ok((Self { public_key: public_key? }, private))
+    }
+}
+
 /// A freshly minted X.509 SVID. Holds no private key: the workload made its own.
 #[derive(Clone, Debug)]
 pub struct X509Svid {
@@ -46,6 +88,47 @@ pub struct X509Svid {
     pub fingerprint: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+}
+
+/// A freshly minted JWT-SVID. The token is a bearer secret: only its jti and SHA-256 are
+/// ever recorded.
+#[derive(Debug)]
+pub struct JwtSvid {
+    pub token: SecretString,
+    pub jti: String,
+    /// SHA-256 of the compact token, lower-case hex.
+    pub fingerprint: String,
+    pub audiences: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// A JWT-SVID that verified: signed by this trust domain's key, unexpired, for the audience.
+#[derive(Debug)]
+pub struct ValidatedJwt {
+    pub identity: WorkloadId,
+    pub jti: String,
+    pub exp: i64,
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What relying parties trust right now: the trust domain's X.509 CA certificates (DER)
+/// and its JWKS. Published through a watch channel so every open bundle stream sees each
+/// change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrustBundle {
+    pub x509: Vec<Vec<u8>>,
+    pub jwks: serde_json::Value,
+}
+
+/// Signs JWT-SVIDs and verifies its own; publishes the public keys as a JWKS.
+pub trait JwtMinter: Send + Sync + 'static {
+    fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError>;
+
+    /// The JWKS (RFC 7517) of every key whose tokens may still be live.
+    fn jwks(&self) -> serde_json::Value;
+
+    fn validate_jwt(&self, token: &str, audience: &str, now: SystemTime) -> Result<ValidatedJwt, JwtError>;
 }
 
 pub trait Minter: Send + Sync + 'static {

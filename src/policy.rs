@@ -199,6 +199,49 @@ impl Grant {
     pub(crate) fn for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
         Self { identity, resource: Resource::X509, ttl }
     }
+
+    #[cfg(test)]
+    pub(crate) fn jwt_for_tests(identity: WorkloadId, audience: &str, ttl: Ttl) -> Self {
+        Self { identity, resource: Resource::Jwt { audience: audience.into() }, ttl }
+    }
+}
+
+/// Permission to mint one JWT for several audiences: each audience was granted on its own
+/// to the same identity, and the token lives no longer than the shortest of those grants.
+/// Built only from `Grant`s, so a JWT cannot carry an audience policy did not allow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtGrant {
+    identity: WorkloadId,
+    audiences: Vec<String>,
+    ttl: Ttl,
+}
+
+impl JwtGrant {
+    /// `None` unless there is at least one grant, all are JWT grants, and all name one identity.
+    pub fn join(grants: &[Grant]) -> Option<Self> {
+        let first = grants.first()?;
+        let mut audiences = Vec::with_capacity(grants.len());
+        for g in grants {
+            match &g.resource {
+                Resource::Jwt { audience } if g.identity == first.identity => audiences.push(audience.clone()),
+                _ => return None,
+            }
+        }
+        let ttl = grants.iter().map(|g| g.ttl).min()?;
+        Some(Self { identity: first.identity.clone(), audiences, ttl })
+    }
+
+    pub fn identity(&self) -> &WorkloadId {
+        &self.identity
+    }
+
+    pub fn audiences(&self) -> &[String] {
+        &self.audiences
+    }
+
+    pub fn ttl(&self) -> Ttl {
+        self.ttl
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

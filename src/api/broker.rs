@@ -10,7 +10,7 @@ use super::{invalid, status};
 use crate::attest::PeerInfo;
 use crate::clock::unix_secs;
 use crate::identity::{Ttl, WorkloadId};
-use crate::issue::{Issuer, X509Request};
+use crate::issue::{Issuer, KeySource, Origin, X509Request};
 use crate::mint::VerifiedCsr;
 
 pub struct BrokerService {
@@ -41,7 +41,7 @@ impl Broker for BrokerService {
         let csr = VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?;
         let issued = self
             .issuer
-            .issue_x509(&peer, X509Request { csr, ttl, spiffe_id })
+            .issue_x509(&peer, X509Request { key: KeySource::Csr(csr), ttl, spiffe_id, origin: Origin { api: "mayfly.v1", rotates: None } })
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(IssueX509Response {

@@ -12,6 +12,9 @@ pub struct PolicyStore {
     current: ArcSwap<Release>,
     /// Serialises writers; also holds the previous good release.
     previous: Mutex<Option<Arc<Release>>>,
+    /// Counts activations and rollbacks, so long-lived holders (Workload API streams)
+    /// re-check entitlement when the release changes.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -22,7 +25,11 @@ impl std::fmt::Debug for PolicyStore {
 
 impl PolicyStore {
     pub fn new(current: Arc<Release>, previous: Option<Arc<Release>>) -> Self {
-        Self { current: ArcSwap::new(current), previous: Mutex::new(previous) }
+        Self { current: ArcSwap::new(current), previous: Mutex::new(previous), changed: tokio::sync::watch::Sender::new(0) }
+    }
+
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     pub fn current(&self) -> Arc<Release> {
@@ -38,6 +45,7 @@ impl PolicyStore {
         let mut previous = self.lock();
         let replaced = self.current.swap(next);
         *previous = Some(replaced.clone());
+        self.changed.send_modify(|n| *n += 1);
         replaced
     }
 
@@ -48,6 +56,7 @@ impl PolicyStore {
         let to = previous.take()?;
         let from = self.current.swap(to.clone());
         *previous = Some(from.clone());
+        self.changed.send_modify(|n| *n += 1);
         Some((from, to))
     }
 

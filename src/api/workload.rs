@@ -1,0 +1,396 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`, the standard proto, no package) on the
+//! workload socket, beside `mayfly.v1`. Every call must carry `workload.spiffe.io: true`.
+//! Issuance goes through the one `Issuer` path (attest → inventory → policy → ledger →
+//! mint → ledger); this module only turns wire requests into domain requests and keeps
+//! streams current: a fresh SVID at a fraction of its lifetime, every bundle change, and an
+//! empty set (then PERMISSION_DENIED) when the identity loses its entitlement. Decides nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost_types::value::Kind;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+
+use super::spiffe::spiffe_workload_api_server::SpiffeWorkloadApi;
+use super::spiffe::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse, X509BundlesRequest,
+    X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+};
+use super::{invalid, status};
+use crate::attest::PeerInfo;
+use crate::identity::{TrustDomain, Ttl, WorkloadId};
+use crate::issue::{IssueError, IssuedX509, Issuer, JwtRequest, KeySource, Origin, X509Request};
+use crate::mint::TrustBundle;
+
+/// The metadata every Workload API call must carry (SPIFFE Workload Endpoint spec): it
+/// keeps a browser or an SSRF-able HTTP client from reaching the API.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+const API: &str = "spiffe_workload_api";
+/// Audiences per JWT request, and bytes per audience.
+const MAX_AUDIENCES: usize = 16;
+const MAX_AUDIENCE_BYTES: usize = 512;
+/// After a failed re-issuance that is not a denial (the ledger is unavailable), try again
+/// after this long (or sooner, if the SVID would expire first).
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct WorkloadApiSettings {
+    pub trust_domain: TrustDomain,
+    /// Requested lifetime of X.509 SVIDs (policy may grant less).
+    pub x509_ttl: Ttl,
+    /// Requested lifetime of JWT-SVIDs (policy may grant less).
+    pub jwt_ttl: Ttl,
+    /// A pushed SVID is renewed when this share of its lifetime has passed (1..=99).
+    pub rotate_at_percent: u32,
+}
+
+pub struct WorkloadApiService {
+    issuer: Arc<Issuer>,
+    settings: WorkloadApiSettings,
+    bundles: watch::Receiver<Arc<TrustBundle>>,
+    /// Flips to true at shutdown: streams end so the drain can finish.
+    stop: watch::Receiver<bool>,
+}
+
+impl WorkloadApiService {
+    pub fn new(
+        issuer: Arc<Issuer>,
+        settings: WorkloadApiSettings,
+        bundles: watch::Receiver<Arc<TrustBundle>>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Self { issuer, settings, bundles, stop }
+    }
+
+    fn trust_domain_key(&self) -> String {
+        format!("spiffe://{}", self.settings.trust_domain)
+    }
+
+    async fn issue_x509(&self, peer: &PeerInfo, rotates: Option<String>) -> Result<IssuedX509, IssueError> {
+        let req = X509Request {
+            key: KeySource::ServerMade,
+            ttl: self.settings.x509_ttl,
+            spiffe_id: None,
+            origin: Origin { api: API, rotates },
+        };
+        self.issuer.issue_x509(peer, req).await
+    }
+}
+
+/// Refuses a call without `workload.spiffe.io: true`, before anything else happens.
+fn check_header(metadata: &MetadataMap) -> Result<(), Status> {
+    match metadata.get(SECURITY_HEADER).and_then(|v| v.to_str().ok()) {
+        Some("true") => Ok(()),
+        _ => {
+            tracing::info!("workload api call without the security header refused");
+            Err(Status::invalid_argument("security header missing from request"))
+        }
+    }
+}
+
+fn peer_of<T>(request: &Request<T>) -> PeerInfo {
+    request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials)
+}
+
+fn concat(certs: &[Vec<u8>]) -> Vec<u8> {
+    certs.concat()
+}
+
+fn svid_response(issued: &IssuedX509, bundle: &TrustBundle) -> X509svidResponse {
+    X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: issued.identity.to_string(),
+            x509_svid: issued.svid.cert_der.clone(),
+            x509_svid_key: issued.private_key.as_ref().map(|k| k.expose().to_vec()).unwrap_or_default(),
+            bundle: concat(&bundle.x509),
+            hint: String::new(),
+        }],
+        crl: vec![],
+        federated_bundles: HashMap::new(),
+    }
+}
+
+/// When a pushed SVID is renewed: `percent` of the way from not-before to not-after.
+pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, percent: u32) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + life.mul_f64(f64::from(percent.clamp(1, 99)) / 100.0)
+}
+
+/// The first instant after the last valid day of an inventory entry.
+fn end_of_day(date: time::Date) -> SystemTime {
+    let next = date.next_day().unwrap_or(date);
+    SystemTime::from(next.midnight().assume_utc())
+}
+
+/// Whether a failed re-issuance means the identity is no longer entitled (drop its SVID).
+fn lost_entitlement(err: &IssueError) -> bool {
+    matches!(status(err).code(), Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition)
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApiService {
+    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
+    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+    type FetchWITSVIDStream = ReceiverStream<Result<WitsvidResponse, Status>>;
+    type FetchWITBundlesStream = ReceiverStream<Result<WitBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(&self, request: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(request.metadata())?;
+        let peer = peer_of(&request);
+        // The first SVID is issued before the call is answered: a caller with no
+        // entitlement gets PERMISSION_DENIED as the call's status, as the spec asks.
+        let first = self.issue_x509(&peer, None).await.map_err(|e| status(&e))?;
+        let (tx, rx) = mpsc::channel(2);
+        let stream = SvidStream {
+            issuer: self.issuer.clone(),
+            settings: self.settings.clone(),
+            bundles: self.bundles.clone(),
+            policy: self.issuer.policy_changes(),
+            stop: self.stop.clone(),
+            peer,
+            tx,
+        };
+        tokio::spawn(stream.run(first));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_x509_bundles(&self, request: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(request.metadata())?;
+        let key = self.trust_domain_key();
+        let make = move |b: &TrustBundle| X509BundlesResponse { crl: vec![], bundles: HashMap::from([(key.clone(), concat(&b.x509))]) };
+        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
+    }
+
+    async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(request.metadata())?;
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(invalid("audience", "at least one audience is required"));
+        }
+        if req.audience.len() > MAX_AUDIENCES {
+            return Err(invalid("audience", format!("at most {MAX_AUDIENCES} audiences")));
+        }
+        if let Some(bad) = req.audience.iter().find(|a| a.is_empty() || a.len() > MAX_AUDIENCE_BYTES || a.chars().any(char::is_control)) {
+            return Err(invalid("audience", format!("`{}` must be 1..={MAX_AUDIENCE_BYTES} bytes without control characters", bad.escape_debug())));
+        }
+        let spiffe_id = match req.spiffe_id.as_str() {
+            "" => None,
+            s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
+        };
+        let issued = self
+            .issuer
+            .issue_jwt(&peer, JwtRequest { audiences: req.audience, ttl: self.settings.jwt_ttl, spiffe_id, origin: Origin { api: API, rotates: None } })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid { spiffe_id: issued.identity.to_string(), svid: issued.svid.token.expose().to_owned(), hint: String::new() }],
+        }))
+    }
+
+    async fn fetch_jwt_bundles(&self, request: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(request.metadata())?;
+        let key = self.trust_domain_key();
+        let make = move |b: &TrustBundle| JwtBundlesResponse { bundles: HashMap::from([(key.clone(), b.jwks.to_string().into_bytes())]) };
+        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
+    }
+
+    async fn validate_jwtsvid(&self, request: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(request.metadata())?;
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(invalid("audience", "required"));
+        }
+        if req.svid.is_empty() {
+            return Err(invalid("svid", "required"));
+        }
+        let validated = self.issuer.validate_jwt(&peer, &req.svid, &req.audience).await.map_err(|e| status(&e))?;
+        let claims = prost_types::Struct { fields: validated.claims.into_iter().map(|(k, v)| (k, to_prost(v))).collect() };
+        Ok(Response::new(ValidateJwtsvidResponse { spiffe_id: validated.identity.to_string(), claims: Some(claims) }))
+    }
+
+    async fn fetch_witsvid(&self, request: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        check_header(request.metadata())?;
+        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+    }
+
+    async fn fetch_wit_bundles(&self, request: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        check_header(request.metadata())?;
+        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+    }
+}
+
+/// One open FetchX509SVID stream: owns the caller's current SVID and renews it.
+struct SvidStream {
+    issuer: Arc<Issuer>,
+    settings: WorkloadApiSettings,
+    bundles: watch::Receiver<Arc<TrustBundle>>,
+    policy: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    peer: PeerInfo,
+    tx: mpsc::Sender<Result<X509svidResponse, Status>>,
+}
+
+enum Wake {
+    Due,
+    PolicyChanged,
+    BundleChanged,
+    Gone,
+}
+
+impl SvidStream {
+    async fn run(mut self, first: IssuedX509) {
+        let mut current = first;
+        self.bundles.mark_unchanged();
+        self.policy.mark_unchanged();
+        let bundle = self.bundles.borrow().clone();
+        if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
+            return;
+        }
+        let mut retry_at: Option<SystemTime> = None;
+        loop {
+            let rotate_at = rotation_time(current.svid.not_before, current.svid.not_after, self.settings.rotate_at_percent);
+            // Why: an inventory entry that expires ends the identity's entitlement that day,
+            // not at the next rotation.
+            let entry_end = self.issuer.entry_expires(&current.identity).map(end_of_day);
+            let due = [Some(rotate_at), entry_end, retry_at].into_iter().flatten().min().unwrap_or(rotate_at);
+            let wait = due.duration_since(self.issuer.now()).unwrap_or_default();
+            let wake = tokio::select! {
+                () = tokio::time::sleep(wait) => Wake::Due,
+                r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
+                r = self.bundles.changed() => if r.is_ok() { Wake::BundleChanged } else { Wake::Gone },
+                () = self.tx.closed() => Wake::Gone,
+                _ = self.stop.wait_for(|s| *s) => Wake::Gone,
+            };
+            let why = match wake {
+                Wake::Gone => return,
+                Wake::Due => "rotation",
+                Wake::PolicyChanged => "policy release changed",
+                Wake::BundleChanged => "trust bundle changed",
+            };
+            tracing::debug!(identity = %current.identity, credential_id = current.credential_id, why, "renewing pushed x509 svid");
+            match self.renew(&current).await {
+                Ok(next) => {
+                    retry_at = None;
+                    current = next;
+                    let bundle = self.bundles.borrow_and_update().clone();
+                    if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if lost_entitlement(&e) => {
+                    tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %e, "entitlement lost; svid withdrawn from the stream");
+                    // The set without the SVID, then the spec's PERMISSION_DENIED: the client
+                    // drops the SVID and may reconnect (and be re-decided) after a backoff.
+                    let empty = X509svidResponse { svids: vec![], crl: vec![], federated_bundles: HashMap::new() };
+                    if self.tx.send(Ok(empty)).await.is_ok() {
+                        let _ = self.tx.send(Err(status(&e))).await;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let now = self.issuer.now();
+                    if current.svid.not_after <= now {
+                        let _ = self.tx.send(Err(status(&e))).await;
+                        return;
+                    }
+                    let left = current.svid.not_after.duration_since(now).unwrap_or_default();
+                    retry_at = Some(now + RETRY_AFTER.min(left / 2));
+                    tracing::warn!(identity = %current.identity, error = %e, "svid renewal failed; the current svid stays until it can be renewed");
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, current: &IssuedX509) -> Result<IssuedX509, IssueError> {
+        let req = X509Request {
+            key: KeySource::ServerMade,
+            ttl: self.settings.x509_ttl,
+            spiffe_id: Some(current.identity.clone()),
+            origin: Origin { api: API, rotates: Some(current.credential_id.clone()) },
+        };
+        self.issuer.issue_x509(&self.peer, req).await
+    }
+}
+
+/// A stream that sends the current bundle at once and again after every change, until
+/// the client goes away or the daemon stops.
+fn follow_bundles<T: Send + 'static>(
+    mut bundles: watch::Receiver<Arc<TrustBundle>>,
+    mut stop: watch::Receiver<bool>,
+    make: impl Fn(&TrustBundle) -> T + Send + 'static,
+) -> ReceiverStream<Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let message = make(&bundles.borrow_and_update());
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                r = bundles.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn to_prost(value: serde_json::Value) -> prost_types::Value {
+    use serde_json::Value as J;
+    let kind = match value {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(to_prost).collect() }),
+        J::Object(map) => Kind::StructValue(prost_types::Struct { fields: map.into_iter().map(|(k, v)| (k, to_prost(v))).collect() }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_is_due_at_the_configured_share_of_the_lifetime() {
+        let nb = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let na = nb + Duration::from_secs(3_600);
+        assert_eq!(rotation_time(nb, na, 50), nb + Duration::from_secs(1_800));
+        assert_eq!(rotation_time(nb, na, 80), nb + Duration::from_secs(2_880));
+        assert_eq!(rotation_time(nb, na, 0), nb + Duration::from_secs(36), "clamped to at least 1%");
+    }
+
+    #[test]
+    fn an_entry_ends_at_midnight_after_its_last_day() {
+        let d = time::macros::date!(2027 - 12 - 31);
+        assert_eq!(end_of_day(d), SystemTime::from(time::macros::datetime!(2028-01-01 00:00 UTC)));
+    }
+
+    #[test]
+    fn the_security_header_must_say_true() {
+        let mut m = MetadataMap::new();
+        assert_eq!(check_header(&m).unwrap_err().code(), Code::InvalidArgument);
+        m.insert(SECURITY_HEADER, "false".parse().unwrap());
+        assert_eq!(check_header(&m).unwrap_err().code(), Code::InvalidArgument);
+        m.insert(SECURITY_HEADER, "true".parse().unwrap());
+        assert!(check_header(&m).is_ok());
+    }
+
+    #[test]
+    fn claims_keep_their_json_types() {
+        let v = to_prost(serde_json::json!({ "aud": ["a"], "exp": 5, "sub": "x" }));
+        let Some(Kind::StructValue(s)) = v.kind else { panic!("not a struct") };
+        assert!(matches!(s.fields["exp"].kind, Some(Kind::NumberValue(n)) if n == 5.0));
+        assert!(matches!(&s.fields["aud"].kind, Some(Kind::ListValue(l)) if l.values.len() == 1));
+    }
+}
