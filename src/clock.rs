@@ -1,11 +1,20 @@
-//! The `Clock` seam: time comes in from outside so decisions, expiry and tests are
-//! deterministic. Owns nothing else.
+//! The `Clock` seam: time comes in from outside so decisions, expiry, rotation and tests
+//! are deterministic. Owns nothing else.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+pub type Sleep<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
+
+    /// Resolves once `now()` has reached `deadline` (at the earliest). Timers that act on
+    /// credential lifetimes (rotation) wait through this, so a test clock controls them.
+    fn sleep_until(&self, deadline: SystemTime) -> Sleep<'_>;
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -15,25 +24,46 @@ impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
     }
+
+    fn sleep_until(&self, deadline: SystemTime) -> Sleep<'_> {
+        // A wall-clock step (NTP) can wake this early or late; callers re-read `now()`.
+        let wait = deadline.duration_since(SystemTime::now()).unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
 }
 
-/// A clock that says what it is told; for tests.
+/// A paused clock: says what it is told and moves only when the test moves it; sleepers
+/// wake when it is set past their deadline.
 #[derive(Debug)]
-pub struct FixedClock(Mutex<SystemTime>);
+pub struct FixedClock(watch::Sender<SystemTime>);
 
 impl FixedClock {
     pub fn new(at: SystemTime) -> Self {
-        Self(Mutex::new(at))
+        Self(watch::Sender::new(at))
     }
 
     pub fn set(&self, at: SystemTime) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = at;
+        self.0.send_replace(at);
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        self.0.send_modify(|t| *t += by);
     }
 }
 
 impl Clock for FixedClock {
     fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, deadline: SystemTime) -> Sleep<'_> {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            if rx.wait_for(|t| *t >= deadline).await.is_err() {
+                // The clock is gone (test over): never wake.
+                std::future::pending::<()>().await;
+            }
+        })
     }
 }
 
@@ -44,4 +74,25 @@ pub fn utc_date(t: SystemTime) -> time::Date {
 
 pub fn unix_secs(t: SystemTime) -> i64 {
     time::OffsetDateTime::from(t).unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fixed_clock_wakes_sleepers_only_when_set_past_their_deadline() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let clock = std::sync::Arc::new(FixedClock::new(t0));
+        let c = clock.clone();
+        let sleeper = tokio::spawn(async move { c.sleep_until(t0 + Duration::from_secs(60)).await });
+        clock.advance(Duration::from_secs(59));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished());
+        clock.advance(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(5), sleeper).await.unwrap().unwrap();
+        assert_eq!(clock.now(), t0 + Duration::from_secs(60));
+    }
 }

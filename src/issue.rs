@@ -141,6 +141,12 @@ impl Issuer {
         self.clock.now()
     }
 
+    /// Waits until the daemon's clock reaches `deadline` (renewal timers use it, so a test
+    /// clock drives them).
+    pub async fn sleep_until(&self, deadline: SystemTime) {
+        self.clock.sleep_until(deadline).await;
+    }
+
     /// The last day an identity's inventory entry is valid under the active release, if
     /// it still has one: streams end its SVIDs when that day is over.
     pub fn entry_expires(&self, id: &WorkloadId) -> Option<time::Date> {

@@ -261,9 +261,8 @@ impl SvidStream {
             // not at the next rotation.
             let entry_end = self.issuer.entry_expires(&current.identity).map(end_of_day);
             let due = [Some(rotate_at), entry_end, retry_at].into_iter().flatten().min().unwrap_or(rotate_at);
-            let wait = due.duration_since(self.issuer.now()).unwrap_or_default();
             let wake = tokio::select! {
-                () = tokio::time::sleep(wait) => Wake::Due,
+                () = self.issuer.sleep_until(due) => Wake::Due,
                 r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
                 r = self.bundles.changed() => if r.is_ok() { Wake::BundleChanged } else { Wake::Gone },
                 () = self.tx.closed() => Wake::Gone,

@@ -1,0 +1,344 @@
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on any unexpected error")]
+
+//! The SPIFFE Workload API on a real daemon in-process: the generated client of the standard
+//! proto over the real Unix socket, SQLite in a temp dir, and a paused clock that moves only
+//! when a test moves it, so rotation and expiry are exact.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mayfly::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use mayfly::api::spiffe::{JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitsvidRequest, X509BundlesRequest, X509svidRequest, X509svidResponse};
+use mayfly::clock::FixedClock;
+use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
+use mayfly::daemon::Daemon;
+use mayfly::ledger::sqlite::LedgerReader;
+use mayfly::ledger::{verify_chain, StoredEvent};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+use x509_parser::extensions::GeneralName;
+
+const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
+/// Long enough for a daemon on a loaded 2-core machine, short enough to bound a failing test.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct TestDaemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    clock: Arc<FixedClock>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    async fn start(policies: &Path, now: SystemTime) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::try_from(RawConfig {
+            trust_domain: Some("mayfly.local".into()),
+            data_dir: Some(dir.path().join("data")),
+            policy: RawPolicy {
+                bundle: Some(dir.path().join("unused.bundle")),
+                trusted_keys: vec![dir.path().join("unused.pub")],
+                poll_interval: Some("1s".into()),
+            },
+            workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
+            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
+            ..Default::default()
+        })
+        .unwrap();
+        config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
+        let clock = Arc::new(FixedClock::new(now));
+        let daemon = Daemon::build(config, clock.clone()).await.unwrap();
+        let socket = daemon.socket().to_path_buf();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            daemon.run(async { let _ = stopped.await; }).await.unwrap();
+        });
+        Self { dir, socket, clock, stop: Some(stop), task: Some(task) }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        }
+    }
+
+    async fn client(&self) -> SpiffeWorkloadApiClient<Channel> {
+        SpiffeWorkloadApiClient::new(mayfly::cli::connect(&self.socket).await.unwrap())
+    }
+
+    async fn events(&self) -> Vec<StoredEvent> {
+        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap()
+    }
+}
+
+/// A request with the SPIFFE security header, as every SPIFFE client sends it.
+fn req<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+fn repo_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A copy of the shipped policies with another inventory.
+fn policies_with_inventory(inventory: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&repo_policies(), dir.path());
+    std::fs::remove_dir_all(dir.path().join("tests")).unwrap();
+    std::fs::write(dir.path().join("inventory.toml"), inventory).unwrap();
+    dir
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+fn dev_entry(expires: &str) -> String {
+    format!(
+        r#"
+        [[workload]]
+        id = "{DEV_ID}"
+        owner = "platform-security@example.org"
+        purpose = "tests"
+        environment = "dev"
+        tier = "standard"
+        expires = {expires}
+        selectors = ["unix:uid:self"]
+        "#
+    )
+}
+
+async fn next(stream: &mut Streaming<X509svidResponse>) -> Result<X509svidResponse, tonic::Status> {
+    tokio::time::timeout(WAIT, stream.message()).await.expect("stream message in time").map(|m| m.expect("stream still open"))
+}
+
+struct Svid {
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Checks one X509SVID the way a relying party would and returns its facts.
+fn check_svid(msg: &X509svidResponse) -> Svid {
+    assert_eq!(msg.svids.len(), 1);
+    let svid = &msg.svids[0];
+    assert_eq!(svid.spiffe_id, DEV_ID);
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.x509_svid).unwrap();
+    let sans = cert.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+    assert_eq!(sans, vec![GeneralName::URI(DEV_ID)]);
+    assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+    let (_, ca) = x509_parser::parse_x509_certificate(&svid.bundle).unwrap();
+    cert.verify_signature(Some(ca.public_key())).unwrap();
+    // The key handed out is the certificate's key, as PKCS#8.
+    let key = rcgen::KeyPair::try_from(svid.x509_svid_key.as_slice()).unwrap();
+    assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+    Svid {
+        serial: hex::encode(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    }
+}
+
+fn at(rfc3339: &str) -> SystemTime {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).unwrap().into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_the_security_header_are_refused_before_anything_happens() {
+    let d = TestDaemon::start(&repo_policies(), SystemTime::now()).await;
+    let before = d.events().await.len();
+    let mut c = d.client().await;
+    let e = c.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("security header"), "{}", e.message());
+    let e = c.fetch_jwtsvid(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c.validate_jwtsvid(ValidateJwtsvidRequest { audience: "db".into(), svid: "x.y.z".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut wrong = tonic::Request::new(X509BundlesRequest {});
+    wrong.metadata_mut().insert("workload.spiffe.io", "yes".parse().unwrap());
+    assert_eq!(c.fetch_x509_bundles(wrong).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(d.events().await.len(), before, "nothing decided, nothing issued");
+    // The WIT-SVID profile is not served.
+    assert_eq!(c.fetch_witsvid(req(WitsvidRequest { spiffe_id: String::new() })).await.unwrap_err().code(), Code::Unimplemented);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_x509svid_hands_out_a_server_made_key_recorded_like_any_issuance() {
+    let d = TestDaemon::start(&repo_policies(), SystemTime::now()).await;
+    let mut c = d.client().await;
+    let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    let first = next(&mut stream).await.unwrap();
+    let svid = check_svid(&first);
+    assert_eq!(svid.not_after - svid.not_before, 3600, "the default lifetime, within local-workloads-x509's 1 h");
+
+    let mut bundles = c.fetch_x509_bundles(req(X509BundlesRequest {})).await.unwrap().into_inner();
+    let b = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(b.bundles.get("spiffe://mayfly.local"), Some(&first.svids[0].bundle));
+
+    let events = d.events().await;
+    let decision = events.iter().rev().find(|e| e.kind == "decision").unwrap();
+    assert!(decision.body.contains("\"api\":\"spiffe_workload_api\"") && decision.body.contains("\"outcome\":\"allow\""));
+    let issued = events.iter().rev().find(|e| e.kind == "issued").unwrap();
+    assert!(issued.body.contains(&svid.serial));
+    // The private key is never recorded, in any encoding.
+    let key_hex = hex::encode(&first.svids[0].x509_svid_key);
+    assert!(!events.iter().any(|e| e.body.contains(&key_hex[key_hex.len() - 40..]) || e.body.contains("PRIVATE")));
+    assert_eq!(verify_chain(&events), Ok(events.len()));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_pushes_a_fresh_svid_at_half_its_lifetime_on_a_paused_clock() {
+    let t0 = at("2027-03-01T12:00:00Z");
+    let d = TestDaemon::start(&repo_policies(), t0).await;
+    let mut c = d.client().await;
+    let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    let first = check_svid(&next(&mut stream).await.unwrap());
+    assert_eq!(first.not_before, time::OffsetDateTime::from(t0).unix_timestamp());
+
+    // One second before half-life: nothing is pushed.
+    d.clock.advance(Duration::from_secs(30 * 60 - 1));
+    assert!(tokio::time::timeout(Duration::from_millis(500), stream.message()).await.is_err(), "no rotation before half-life");
+
+    d.clock.advance(Duration::from_secs(1));
+    let second = check_svid(&next(&mut stream).await.unwrap());
+    assert_ne!(second.serial, first.serial);
+    assert_eq!(second.not_before, first.not_before + 1800, "renewed at half of the first's lifetime");
+    assert!(second.not_before < first.not_after, "pushed before the first expired");
+
+    d.clock.advance(Duration::from_secs(30 * 60));
+    let third = check_svid(&next(&mut stream).await.unwrap());
+    assert_ne!(third.serial, second.serial);
+
+    // Every rotation is an issuance: decided, recorded, naming the credential it renews.
+    let events = d.events().await;
+    let issued: Vec<&StoredEvent> = events.iter().filter(|e| e.kind == "issued").collect();
+    assert_eq!(issued.len(), 3);
+    let rotations = events.iter().filter(|e| e.kind == "decision" && e.body.contains("\"rotates\":\"")).count();
+    assert_eq!(rotations, 2);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_inventory_entry_expires_the_stream_withdraws_the_svid() {
+    let policies = policies_with_inventory(&dev_entry("2027-06-30"));
+    let d = TestDaemon::start(policies.path(), at("2027-06-30T23:40:00Z")).await;
+    let mut c = d.client().await;
+    let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    check_svid(&next(&mut stream).await.unwrap());
+
+    // Midnight: the entry's last day is over, well before the SVID's half-life (00:10).
+    d.clock.set(at("2027-07-01T00:00:00Z"));
+    let empty = next(&mut stream).await.unwrap();
+    assert!(empty.svids.is_empty(), "a set without the SVID");
+    let end = next(&mut stream).await.unwrap_err();
+    assert_eq!(end.code(), Code::PermissionDenied);
+    assert!(end.message().contains("expired on 2027-06-30"), "{}", end.message());
+    let last = d.events().await.into_iter().rev().find(|e| e.kind == "decision").unwrap();
+    assert!(last.body.contains("\"outcome\":\"deny\"") && last.body.contains("expired"));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_that_removes_the_identity_empties_open_streams() {
+    let policies = policies_with_inventory(&dev_entry("2030-01-01"));
+    let d = TestDaemon::start(policies.path(), SystemTime::now()).await;
+    let mut c = d.client().await;
+    let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    check_svid(&next(&mut stream).await.unwrap());
+
+    // A new release without the entry (dev re-reads policies/ within a poll interval).
+    let other = dev_entry("2030-01-01").replace(DEV_ID, "spiffe://mayfly.local/other").replace("unix:uid:self", "unix:uid:4242424");
+    std::fs::write(policies.path().join("inventory.toml"), other).unwrap();
+    let empty = next(&mut stream).await.unwrap();
+    assert!(empty.svids.is_empty());
+    let end = next(&mut stream).await.unwrap_err();
+    assert_eq!(end.code(), Code::PermissionDenied);
+    assert!(end.message().contains("no inventory entry"), "{}", end.message());
+
+    // And a new call is refused as having no entitlement, recorded as a denial.
+    let e = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() })).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let events = d.events().await;
+    let denials = events.iter().filter(|e| e.kind == "decision" && e.body.contains("\"outcome\":\"deny\"")).count();
+    assert!(denials >= 3, "stream renewal and both calls recorded as denials");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiable_by_the_bundle() {
+    let d = TestDaemon::start(&repo_policies(), SystemTime::now()).await;
+    let mut c = d.client().await;
+    let reply = c
+        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["spiffe://mayfly.local/db".into()], spiffe_id: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.svids.len(), 1);
+    assert_eq!(reply.svids[0].spiffe_id, DEV_ID);
+    let token = reply.svids[0].svid.clone();
+
+    // The JWKS from FetchJWTBundles verifies it (kid, ES256), independently of ValidateJWTSVID.
+    let mut bundles = c.fetch_jwt_bundles(req(JwtBundlesRequest {})).await.unwrap().into_inner();
+    let b = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
+    let jwks: serde_json::Value = serde_json::from_slice(&b.bundles["spiffe://mayfly.local"]).unwrap();
+    let jwk = &jwks["keys"][0];
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert_eq!(header.kid.as_deref(), jwk["kid"].as_str());
+    let key = jsonwebtoken::DecodingKey::from_ec_components(jwk["x"].as_str().unwrap(), jwk["y"].as_str().unwrap()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["spiffe://mayfly.local/db"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
+    assert_eq!(data.claims["sub"], DEV_ID);
+    assert_eq!(data.claims["exp"].as_i64().unwrap() - data.claims["iat"].as_i64().unwrap(), 300, "default 5 min");
+
+    let ok = c
+        .validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "spiffe://mayfly.local/db".into(), svid: token.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, DEV_ID);
+    assert!(ok.claims.unwrap().fields.contains_key("exp"));
+    let wrong = c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "other".into(), svid: token.clone() })).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert!(wrong.message().contains("audience"), "{}", wrong.message());
+
+    // Expired on the daemon's clock: refused.
+    d.clock.advance(Duration::from_secs(301));
+    let late = c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "spiffe://mayfly.local/db".into(), svid: token.clone() })).await.unwrap_err();
+    assert!(late.message().contains("expired"), "{}", late.message());
+
+    let events = d.events().await;
+    let jti = data.claims["jti"].as_str().unwrap();
+    let used: Vec<&StoredEvent> = events.iter().filter(|e| e.kind == "used").collect();
+    assert_eq!(used.len(), 1, "one successful validation, one use");
+    assert!(used[0].body.contains(jti));
+    assert!(!events.iter().any(|e| e.body.contains(&token)), "the token itself is never recorded");
+    let creds = LedgerReader::open(&d.dir.path().join("data/ledger.db")).await.unwrap().credentials().await.unwrap();
+    assert!(creds.iter().any(|(_, c)| c.kind == "jwt" && c.id == jti));
+
+    // No audience, or too many: invalid before anything is decided.
+    let e = c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec![], spiffe_id: String::new() })).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    d.stop().await;
+}
