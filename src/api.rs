@@ -2,6 +2,7 @@
 //! domain errors into `Status` in exactly one place (`status`). Decides nothing.
 
 pub mod admin;
+pub mod authority;
 pub mod broker;
 pub mod workload;
 

@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::admin::AdminService;
+use crate::api::authority::AuthorityFix;
 use crate::api::broker::BrokerService;
 use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
@@ -144,7 +145,9 @@ impl Daemon {
         let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
-        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
+        // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
+        // which the HTTP/2 server would reject; see api::authority.
+        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = WorkloadApiSettings {

@@ -1,0 +1,322 @@
+//! Interoperability filter for the workload socket: gRPC C-core clients (grpcio, which
+//! py-spiffe uses, since 1.57) and grpc-java send the socket *path* as the HTTP/2
+//! `:authority` of a Unix-socket call. hyper's h2 server rejects that as malformed
+//! (RST_STREAM PROTOCOL_ERROR), so such a SPIFFE client could not call mayfly at all.
+//!
+//! `AuthorityFix` sits on the read side of each connection: it passes every HTTP/2 frame
+//! through untouched except header blocks, which it decodes (HPACK, fluke-hpack), replaces
+//! an `:authority` that is not a valid URI authority with `localhost` (what grpc-go and
+//! tonic send on Unix sockets), and re-encodes for the server. Every header block is
+//! re-encoded, so the encoder's dynamic table stays in step with the server's decoder
+//! (both at the HTTP/2 default of 4096 bytes). The authority carries no meaning on a Unix
+//! socket: attestation, not any header, identifies the caller. The write side is untouched.
+
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::codegen::http::uri::Authority;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// The server's SETTINGS_MAX_FRAME_SIZE (HTTP/2 default; tonic does not change it).
+const MAX_FRAME: usize = 16_384;
+/// A header block (HEADERS + CONTINUATIONs) larger than this ends the connection.
+const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// What grpc-go and tonic clients send as the authority on a Unix socket.
+const LOCAL_AUTHORITY: &[u8] = b"localhost";
+
+pub struct AuthorityFix<S> {
+    inner: S,
+    /// Bytes read from the client, not yet processed.
+    input: Vec<u8>,
+    /// Processed bytes waiting to be handed to the server.
+    output: Vec<u8>,
+    preface_seen: bool,
+    /// A header block waiting for its CONTINUATION frames: (stream, flags, priority, block).
+    pending: Option<(u32, u8, Option<[u8; 5]>, Vec<u8>)>,
+    decoder: fluke_hpack::Decoder<'static>,
+    encoder: fluke_hpack::Encoder<'static>,
+    eof: bool,
+}
+
+impl<S> AuthorityFix<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            input: Vec::new(),
+            output: Vec::new(),
+            preface_seen: false,
+            pending: None,
+            decoder: fluke_hpack::Decoder::new(),
+            encoder: fluke_hpack::Encoder::new(),
+            eof: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Moves every complete frame from `input` to `output`, rewriting header blocks.
+    fn process(&mut self) -> io::Result<()> {
+        if !self.preface_seen {
+            if self.input.len() < PREFACE.len() {
+                return Ok(());
+            }
+            if &self.input[..PREFACE.len()] != PREFACE {
+                // Not HTTP/2 with prior knowledge: pass through; the server will refuse it.
+                self.output.append(&mut self.input);
+                self.preface_seen = true;
+                return Ok(());
+            }
+            self.output.extend(self.input.drain(..PREFACE.len()));
+            self.preface_seen = true;
+        }
+        loop {
+            if self.input.len() < FRAME_HEADER {
+                return Ok(());
+            }
+            let len = usize::from(self.input[0]) << 16 | usize::from(self.input[1]) << 8 | usize::from(self.input[2]);
+            if self.input.len() < FRAME_HEADER + len {
+                return Ok(());
+            }
+            let kind = self.input[3];
+            let flags = self.input[4];
+            let stream = u32::from_be_bytes([self.input[5], self.input[6], self.input[7], self.input[8]]) & 0x7fff_ffff;
+            let frame: Vec<u8> = self.input.drain(..FRAME_HEADER + len).collect();
+            let payload = &frame[FRAME_HEADER..];
+            match (kind, &mut self.pending) {
+                (HEADERS, None) => {
+                    let (priority, block) = split_headers(flags, payload)?;
+                    if flags & END_HEADERS != 0 {
+                        self.emit(stream, flags, priority, block)?;
+                    } else {
+                        self.pending = Some((stream, flags, priority, block.to_vec()));
+                    }
+                }
+                (CONTINUATION, Some((s, _, _, block))) if *s == stream => {
+                    block.extend_from_slice(payload);
+                    if block.len() > MAX_HEADER_BLOCK {
+                        return Err(protocol("header block too large"));
+                    }
+                    if flags & END_HEADERS != 0 {
+                        if let Some((s, f, p, block)) = self.pending.take() {
+                            self.emit(s, f, p, &block)?;
+                        }
+                    }
+                }
+                (_, Some(_)) => return Err(protocol("a header block was interrupted by another frame")),
+                (_, None) => self.output.extend_from_slice(&frame),
+            }
+        }
+    }
+
+    /// Decodes one header block, fixes `:authority`, and writes it back as HEADERS (+
+    /// CONTINUATION) frames without padding.
+    fn emit(&mut self, stream: u32, flags: u8, priority: Option<[u8; 5]>, block: &[u8]) -> io::Result<()> {
+        let decoder = &mut self.decoder;
+        // Why catch_unwind: the decoder panics on some malformed integers; a bad client must
+        // lose its connection, not take a server task down with it.
+        let headers = std::panic::catch_unwind(AssertUnwindSafe(|| decoder.decode(block)))
+            .map_err(|_| protocol("malformed header block"))?
+            .map_err(|e| protocol(&format!("malformed header block: {e:?}")))?;
+        let fixed: Vec<(Vec<u8>, Vec<u8>)> = headers
+            .into_iter()
+            .map(|(name, value)| {
+                if name == b":authority" && Authority::try_from(value.as_slice()).is_err() {
+                    (name, LOCAL_AUTHORITY.to_vec())
+                } else {
+                    (name, value)
+                }
+            })
+            .collect();
+        let mut encoded = Vec::new();
+        if let Some(p) = priority {
+            encoded.extend_from_slice(&p);
+        }
+        self.encoder
+            .encode_into(fixed.iter().map(|(n, v)| (n.as_slice(), v.as_slice())), &mut encoded)?;
+        let base = flags & (END_STREAM | PRIORITY);
+        let mut chunks = encoded.chunks(MAX_FRAME).peekable();
+        let mut first = true;
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let (kind, mut f) = if first { (HEADERS, base) } else { (CONTINUATION, 0) };
+            if last {
+                f |= END_HEADERS;
+            }
+            write_frame(&mut self.output, kind, f, stream, chunk);
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+fn split_headers(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5]>, &[u8])> {
+    let mut body = payload;
+    let mut pad = 0usize;
+    if flags & PADDED != 0 {
+        let (&n, rest) = body.split_first().ok_or_else(|| protocol("empty padded HEADERS"))?;
+        pad = usize::from(n);
+        body = rest;
+    }
+    let mut priority = None;
+    if flags & PRIORITY != 0 {
+        let p: [u8; 5] = body.get(..5).and_then(|p| p.try_into().ok()).ok_or_else(|| protocol("short HEADERS priority"))?;
+        priority = Some(p);
+        body = &body[5..];
+    }
+    let end = body.len().checked_sub(pad).ok_or_else(|| protocol("HEADERS padding longer than the frame"))?;
+    Ok((priority, &body[..end]))
+}
+
+fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len();
+    // Why the casts cannot truncate: payload ≤ MAX_FRAME (16 KiB) < 2^24.
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+fn protocol(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("http/2 from the workload socket client: {why}"))
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.output.is_empty() {
+                let n = this.output.len().min(buf.remaining());
+                buf.put_slice(&this.output[..n]);
+                this.output.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    // End of stream: hand over whatever is left as it is.
+                    this.eof = true;
+                    this.output.append(&mut this.input);
+                }
+                Poll::Ready(Ok(())) => {
+                    this.input.extend_from_slice(read.filled());
+                    if this.input.len() > MAX_HEADER_BLOCK + MAX_FRAME * 64 {
+                        return Poll::Ready(Err(protocol("too much unprocessed input")));
+                    }
+                    this.process()?;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for AuthorityFix<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn headers_frame(encoder: &mut fluke_hpack::Encoder<'_>, stream: u32, headers: &[(&[u8], &[u8])], padded: bool) -> Vec<u8> {
+        let block = encoder.encode(headers.iter().copied());
+        let mut payload = Vec::new();
+        let mut flags = END_HEADERS;
+        if padded {
+            flags |= PADDED;
+            payload.push(3);
+        }
+        payload.extend_from_slice(&block);
+        if padded {
+            payload.extend_from_slice(&[0, 0, 0]);
+        }
+        let mut out = Vec::new();
+        write_frame(&mut out, HEADERS, flags, stream, &payload);
+        out
+    }
+
+    /// Reads everything the filter produces and decodes the header blocks as a server would.
+    async fn through_filter(input: Vec<u8>) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut filtered = Vec::new();
+        AuthorityFix::new(input.as_slice()).read_to_end(&mut filtered).await.unwrap();
+        assert_eq!(&filtered[..PREFACE.len()], PREFACE);
+        let mut rest = &filtered[PREFACE.len()..];
+        let mut decoder = fluke_hpack::Decoder::new();
+        let mut blocks = Vec::new();
+        while !rest.is_empty() {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            if rest[3] == HEADERS {
+                blocks.push(decoder.decode(&rest[FRAME_HEADER..FRAME_HEADER + len]).unwrap());
+            }
+            rest = &rest[FRAME_HEADER + len..];
+        }
+        blocks
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_authority_becomes_localhost_and_the_rest_is_kept() {
+        let mut client = fluke_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, 0x4, 0, 0, &[]); // SETTINGS, passed through
+        let first: &[(&[u8], &[u8])] = &[(b":method", b"POST"), (b":authority", b"/run/mayfly/workload.sock"), (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"), (b"workload.spiffe.io", b"true")];
+        input.extend(headers_frame(&mut client, 1, first, false));
+        // The second request reuses the client's dynamic table entries (indexed fields) and pads.
+        input.extend(headers_frame(&mut client, 3, first, true));
+        let ok: &[(&[u8], &[u8])] = &[(b":method", b"POST"), (b":authority", b"localhost:50051"), (b":path", b"/x")];
+        input.extend(headers_frame(&mut client, 5, ok, false));
+        let blocks = through_filter(input).await;
+        assert_eq!(blocks.len(), 3);
+        for block in &blocks[..2] {
+            let authority = block.iter().find(|(n, _)| n == b":authority").unwrap();
+            assert_eq!(authority.1, b"localhost");
+            assert!(block.iter().any(|(n, v)| n == b"workload.spiffe.io" && v == b"true"));
+            assert!(block.iter().any(|(n, v)| n == b":path" && v == b"/SpiffeWorkloadAPI/FetchX509SVID"));
+        }
+        assert!(blocks[2].iter().any(|(n, v)| n == b":authority" && v == b"localhost:50051"), "a valid authority is kept");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_header_block_ends_the_connection_without_a_panic() {
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, END_HEADERS, 1, &[0x3f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let mut out = Vec::new();
+        let err = AuthorityFix::new(input.as_slice()).read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
