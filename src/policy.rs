@@ -697,7 +697,8 @@ mod tests {
 
     #[test]
     fn a_default_deny_says_what_to_do_and_shows_no_internals() {
-        let w = workload("spiffe://mayfly.local/dev/quickstart");
+        // A production workload: only dev ones get JWT-SVIDs for any audience.
+        let w = InventoryEntry { environment: "prod".into(), ..workload("spiffe://mayfly.local/api") };
         let jwt = Resource::Jwt { audience: "https://payments.example.org".into() };
         let d = decide_at(&engine(), &w, &jwt, "5m", &RequestContext::default(), SystemTime::now());
         assert_eq!(d.verdict, Verdict::Deny);
@@ -747,7 +748,7 @@ mod tests {
         let jwt_exception = r#"@id("exc-jwt") @owner("team") @expires("2027-03-31") @max_ttl("10m")
             permit(principal, action == Mayfly::Action::"issue_jwt", resource);"#;
         let e = with_exception(jwt_exception).unwrap();
-        let w = workload("spiffe://mayfly.local/dev/quickstart");
+        let w = InventoryEntry { environment: "prod".into(), ..workload("spiffe://mayfly.local/api") };
         let jwt = Resource::Jwt { audience: "x".into() };
         let d = decide_at(&e, &w, &jwt, "5m", &RequestContext::default(), at("2027-04-01T00:00:00Z"));
         assert_eq!(d.verdict, Verdict::Deny);

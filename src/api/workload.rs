@@ -254,6 +254,8 @@ impl SvidStream {
         if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
             return;
         }
+        // Why: the key was handed over; the stream keeps only the certificate facts.
+        drop(current.private_key.take());
         let mut retry_at: Option<SystemTime> = None;
         loop {
             let rotate_at = rotation_time(current.svid.not_before, current.svid.not_after, self.settings.rotate_at_percent);
@@ -283,6 +285,7 @@ impl SvidStream {
                     if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
                         return;
                     }
+                    drop(current.private_key.take());
                 }
                 Err(e) if lost_entitlement(&e) => {
                     tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %e, "entitlement lost; svid withdrawn from the stream");
