@@ -63,6 +63,7 @@ pub struct Daemon {
     policy: Arc<PolicyController>,
     /// What relying parties trust now; every bundle stream follows it.
     bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
+    minter: Arc<X509Minter>,
     clock: Arc<dyn Clock>,
 }
 
@@ -105,10 +106,11 @@ impl Daemon {
         let store = policy.store();
         let policy_version = store.current().version().to_owned();
         let entries = store.current().inventory.entries().len();
+        let minter = Arc::new(X509Minter::new(Arc::new(ca)));
         let issuer = Arc::new(Issuer::new(
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             store,
-            Arc::new(X509Minter::new(Arc::new(ca))),
+            minter.clone(),
             jwt,
             ledger.clone() as Arc<dyn Ledger>,
             clock.clone(),
@@ -133,7 +135,7 @@ impl Daemon {
             .await
             .map_err(ledger_err)?;
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -142,7 +144,7 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
@@ -164,6 +166,21 @@ impl Daemon {
             let _ = draining.send(());
         };
         let watcher = tokio::spawn(watch_policy(policy.clone(), config.policy_poll, stop_rx.clone()));
+        let bundles = Arc::new(bundles);
+        let ca_watch = CaWatch {
+            files: match &config.ca {
+                CaSource::Files { cert, key } => Some((cert.clone(), key.clone())),
+                CaSource::Generated { .. } => None,
+            },
+            minter,
+            issuer: issuer.clone(),
+            bundles: bundles.clone(),
+            ledger: ledger.clone() as Arc<dyn Ledger>,
+            clock: clock.clone(),
+            longest_ttl: config.max_ttl.as_duration(),
+            refused: None,
+        };
+        let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
         let admin_server = admin.map(|listener| {
             let service = AdminServer::new(AdminService::new(policy.clone(), rustix::process::geteuid().as_raw()))
                 .max_decoding_message_size(64 * 1024);
@@ -203,6 +220,8 @@ impl Daemon {
         let _ = std::fs::remove_file(&config.socket);
         watcher.abort();
         let _ = watcher.await;
+        ca_watcher.abort();
+        let _ = ca_watcher.await;
         if let Some(server) = admin_server {
             server.abort();
             let _ = server.await;
@@ -249,6 +268,79 @@ async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration,
             _ = tick.tick() => policy.poll().await,
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
+    }
+}
+
+/// Keeps the X.509 CA current: with CA files configured, a new valid pair on disk becomes
+/// the signer (recorded first, `ca_rotated`), and retired CAs leave the bundle once their
+/// SVIDs have expired; every change reaches every bundle stream (and SVID streams renew).
+struct CaWatch {
+    files: Option<(PathBuf, PathBuf)>,
+    minter: Arc<X509Minter>,
+    issuer: Arc<Issuer>,
+    bundles: Arc<tokio::sync::watch::Sender<Arc<TrustBundle>>>,
+    ledger: Arc<dyn Ledger>,
+    clock: Arc<dyn Clock>,
+    longest_ttl: std::time::Duration,
+    /// The certificate file content last refused, so a bad file is reported once.
+    refused: Option<Vec<u8>>,
+}
+
+impl CaWatch {
+    async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.check().await,
+                () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+        }
+    }
+
+    async fn check(&mut self) {
+        let now = self.clock.now();
+        let mut changed = self.minter.prune(now);
+        if let Some((cert, key)) = self.files.clone() {
+            changed |= self.reload(&cert, &key, now).await;
+        }
+        if changed {
+            self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks() }));
+        }
+    }
+
+    async fn reload(&mut self, cert: &Path, key: &Path, now: std::time::SystemTime) -> bool {
+        let Ok(bytes) = std::fs::read(cert) else { return false };
+        let same = pem::parse(&bytes).is_ok_and(|p| p.contents() == self.minter.active_ca_der().as_slice());
+        if same || self.refused.as_ref() == Some(&bytes) {
+            return false;
+        }
+        let sha = |der: &[u8]| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der));
+        let from = sha(&self.minter.active_ca_der());
+        let next = match CertificateAuthority::load(cert, key, now) {
+            Ok(ca) => ca,
+            Err(e) => {
+                tracing::warn!(error = %e, "new CA files refused; the current CA keeps signing");
+                let event = NewEvent { kind: EventKind::CaRejected, at: now, body: json!({ "reason": e.to_string(), "ca_sha256": from }), credential: None };
+                if self.ledger.record(event).await.is_ok() {
+                    self.refused = Some(bytes);
+                }
+                return false;
+            }
+        };
+        let to = sha(next.cert_der());
+        // Why record first: a signer change nobody can trace is worse than a late one; on a
+        // ledger error the next tick tries again.
+        let event = NewEvent { kind: EventKind::CaRotated, at: now, body: json!({ "from_sha256": from, "to_sha256": to }), credential: None };
+        if let Err(e) = self.ledger.record(event).await {
+            tracing::error!(error = %e, "CA rotation not recorded; not rotating yet");
+            return false;
+        }
+        self.minter.rotate(Arc::new(next), now, self.longest_ttl);
+        self.refused = None;
+        tracing::info!(from_sha256 = from, to_sha256 = to, "x509 CA rotated");
+        true
     }
 }
 

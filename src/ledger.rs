@@ -42,6 +42,10 @@ pub enum EventKind {
     PolicyActivated,
     PolicyRejected,
     PolicyRolledBack,
+    /// A new X.509 CA became the signer (the old one stays in the bundle until its SVIDs expire).
+    CaRotated,
+    /// New CA files on disk were not usable; the current CA keeps signing.
+    CaRejected,
 }
 
 impl EventKind {
@@ -55,6 +59,8 @@ impl EventKind {
             EventKind::PolicyActivated => "policy_activated",
             EventKind::PolicyRejected => "policy_rejected",
             EventKind::PolicyRolledBack => "policy_rolled_back",
+            EventKind::CaRotated => "ca_rotated",
+            EventKind::CaRejected => "ca_rejected",
         }
     }
 }

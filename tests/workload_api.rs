@@ -13,6 +13,8 @@ use mayfly::api::spiffe::{JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequ
 use mayfly::clock::FixedClock;
 use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
+use mayfly::identity::TrustDomain;
+use mayfly::keys::CertificateAuthority;
 use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{verify_chain, StoredEvent};
 use tonic::transport::Channel;
@@ -33,7 +35,10 @@ struct TestDaemon {
 
 impl TestDaemon {
     async fn start(policies: &Path, now: SystemTime) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with_ca(policies, now, RawCa { generate: Some(true), ..Default::default() }, tempfile::tempdir().unwrap()).await
+    }
+
+    async fn start_with_ca(policies: &Path, now: SystemTime, ca: RawCa, dir: tempfile::TempDir) -> Self {
         let mut config = Config::try_from(RawConfig {
             trust_domain: Some("mayfly.local".into()),
             data_dir: Some(dir.path().join("data")),
@@ -43,7 +48,7 @@ impl TestDaemon {
                 poll_interval: Some("1s".into()),
             },
             workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
-            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
+            ca: Some(ca),
             ..Default::default()
         })
         .unwrap();
@@ -340,5 +345,88 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
     // No audience, or too many: invalid before anything is decided.
     let e = c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec![], spiffe_id: String::new() })).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    d.stop().await;
+}
+
+/// Writes a new CA pair the way an operator publishes one: key first, then the certificate,
+/// each renamed into place.
+fn publish_ca(dir: &Path, now: SystemTime) -> Vec<u8> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(60), Duration::from_secs(30 * 86_400)).unwrap();
+    let tmp = dir.join("ca-key.pem.new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).unwrap();
+    f.write_all(ca.issuer().key().to_pkcs8_pem().as_bytes()).unwrap();
+    std::fs::rename(&tmp, dir.join("ca-key.pem")).unwrap();
+    std::fs::write(dir.join("ca.pem.new"), ca.cert_pem()).unwrap();
+    std::fs::rename(dir.join("ca.pem.new"), dir.join("ca.pem")).unwrap();
+    ca.cert_der().to_vec()
+}
+
+fn certs_in(concatenated: &[u8]) -> Vec<Vec<u8>> {
+    let mut rest = concatenated;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (tail, _) = x509_parser::parse_x509_certificate(rest).unwrap();
+        out.push(rest[..rest.len() - tail.len()].to_vec());
+        rest = tail;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_ca_reaches_open_bundle_streams_and_svids_are_renewed_under_it() {
+    let now = SystemTime::now();
+    let dir = tempfile::tempdir().unwrap();
+    let cas = dir.path().join("ca");
+    std::fs::create_dir(&cas).unwrap();
+    let first_ca = publish_ca(&cas, now);
+    let ca = RawCa { cert: Some(cas.join("ca.pem")), key: Some(cas.join("ca-key.pem")), generate: None };
+    let d = TestDaemon::start_with_ca(&repo_policies(), now, ca, dir).await;
+    let mut c = d.client().await;
+    let mut bundles = c.fetch_x509_bundles(req(X509BundlesRequest {})).await.unwrap().into_inner();
+    let mut svids = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    let b0 = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(certs_in(&b0.bundles["spiffe://mayfly.local"]), vec![first_ca.clone()]);
+    check_svid(&next(&mut svids).await.unwrap());
+
+    let second_ca = publish_ca(&cas, now);
+    // The bundle stream gets the new CA first and keeps the old one (its SVIDs are live).
+    let b1 = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(certs_in(&b1.bundles["spiffe://mayfly.local"]), vec![second_ca.clone(), first_ca.clone()]);
+    // The SVID stream is renewed under the new CA, with the new bundle.
+    let renewed = next(&mut svids).await.unwrap();
+    let svid = &renewed.svids[0];
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.x509_svid).unwrap();
+    let (_, new_ca) = x509_parser::parse_x509_certificate(&second_ca).unwrap();
+    cert.verify_signature(Some(new_ca.public_key())).unwrap();
+    assert_eq!(certs_in(&svid.bundle), vec![second_ca.clone(), first_ca]);
+    assert!(d.events().await.iter().any(|e| e.kind == "ca_rotated"));
+
+    // Once every SVID the old CA signed has expired (issuance.max_ttl, 24 h), it leaves the bundle.
+    d.clock.advance(Duration::from_secs(24 * 3600 + 1));
+    let b2 = loop {
+        let b = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
+        if certs_in(&b.bundles["spiffe://mayfly.local"]).len() == 1 {
+            break b;
+        }
+    };
+    assert_eq!(certs_in(&b2.bundles["spiffe://mayfly.local"]), vec![second_ca]);
+
+    // A broken pair (a key that does not match) is refused and recorded; the CA stays.
+    std::fs::write(cas.join("ca.pem"), CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now, Duration::from_secs(86_400)).unwrap().cert_pem()).unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if d.events().await.iter().any(|e| e.kind == "ca_rejected" && e.body.contains("does not match")) {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the mismatched pair is recorded as refused");
+    let events = d.events().await;
+    assert_eq!(events.iter().filter(|e| e.kind == "ca_rotated").count(), 1);
+    assert_eq!(verify_chain(&events), Ok(events.len()));
     d.stop().await;
 }

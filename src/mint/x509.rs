@@ -1,10 +1,15 @@
 //! X.509 SVIDs signed by the local CA (rcgen). The profile follows the X509-SVID standard:
 //! exactly one URI SAN (the SPIFFE ID), CA=false, digitalSignature (critical),
 //! serverAuth + clientAuth, a random 127-bit serial, not-after clamped to the CA's.
+//!
+//! CA rotation: `rotate` makes a new CA the signer at once; the one it replaces stays in
+//! the trust bundle until every SVID it signed has expired, so nothing verifying against
+//! the bundle breaks mid-rotation.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
 };
@@ -39,18 +44,51 @@ impl VerifiedCsr {
 }
 
 pub struct X509Minter {
-    ca: Arc<CertificateAuthority>,
+    cas: ArcSwap<CaSet>,
+}
+
+/// The signing CA and the retired ones still trusted, each until its last SVID expires.
+struct CaSet {
+    active: Arc<CertificateAuthority>,
+    retired: Vec<(Arc<CertificateAuthority>, SystemTime)>,
 }
 
 impl X509Minter {
     pub fn new(ca: Arc<CertificateAuthority>) -> Self {
-        Self { ca }
+        Self { cas: ArcSwap::from_pointee(CaSet { active: ca, retired: vec![] }) }
+    }
+
+    /// DER of the CA that signs new SVIDs.
+    pub fn active_ca_der(&self) -> Vec<u8> {
+        self.cas.load().active.cert_der().to_vec()
+    }
+
+    /// Makes `next` the signer. The replaced CA stays in the bundle until `longest_ttl`
+    /// from `now` (no SVID it signed lives longer), or its own expiry if sooner.
+    pub fn rotate(&self, next: Arc<CertificateAuthority>, now: SystemTime, longest_ttl: std::time::Duration) {
+        self.cas.rcu(|set| {
+            let keep_until = (now + longest_ttl).min(set.active.not_after());
+            let mut retired: Vec<_> = set.retired.iter().filter(|(_, until)| *until > now).cloned().collect();
+            retired.insert(0, (set.active.clone(), keep_until));
+            CaSet { active: next.clone(), retired }
+        });
+    }
+
+    /// Drops retired CAs whose SVIDs have all expired. True when the bundle changed.
+    pub fn prune(&self, now: SystemTime) -> bool {
+        let before = self.cas.load().retired.len();
+        self.cas.rcu(|set| CaSet {
+            active: set.active.clone(),
+            retired: set.retired.iter().filter(|(_, until)| *until > now).cloned().collect(),
+        });
+        self.cas.load().retired.len() != before
     }
 }
 
 impl Minter for X509Minter {
     fn mint_x509(&self, csr: &VerifiedCsr, grant: &Grant, now: SystemTime) -> Result<X509Svid, MintError> {
-        let ca_not_after = self.ca.not_after();
+        let ca = self.cas.load().active.clone();
+        let ca_not_after = ca.not_after();
         if ca_not_after <= now {
             return Err(MintError::CaExpired(time::OffsetDateTime::from(ca_not_after).to_string()));
         }
@@ -74,7 +112,7 @@ impl Minter for X509Minter {
         params.not_after = not_after.into();
 
         let cert = params
-            .signed_by(&csr.public_key, self.ca.issuer())
+            .signed_by(&csr.public_key, ca.issuer())
             .map_err(|e| MintError::Signing(e.to_string()))?;
         let cert_der = cert.der().to_vec();
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert_der));
@@ -82,7 +120,8 @@ impl Minter for X509Minter {
     }
 
     fn x509_bundle(&self) -> Vec<Vec<u8>> {
-        vec![self.ca.cert_der().to_vec()]
+        let set = self.cas.load();
+        std::iter::once(&set.active).chain(set.retired.iter().map(|(ca, _)| ca)).map(|ca| ca.cert_der().to_vec()).collect()
     }
 }
 
@@ -145,7 +184,7 @@ mod tests {
         let (_key, csr) = csr_with_extras();
         let grant = Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
         let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now).unwrap();
-        assert!(svid.not_after <= m.ca.not_after());
+        assert!(svid.not_after <= m.cas.load().active.not_after());
         assert!(m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now + Duration::from_secs(601)).is_err());
     }
 
@@ -160,5 +199,25 @@ mod tests {
         let (_key, good) = csr_with_extras();
         let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", good));
         assert!(VerifiedCsr::parse(pem.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_rotated_ca_signs_at_once_and_the_old_one_stays_trusted_until_its_svids_expire() {
+        let now = SystemTime::now();
+        let m = minter(now, Duration::from_secs(30 * 86_400));
+        let old = m.active_ca_der();
+        let td = TrustDomain::parse("example.org").unwrap();
+        let next = Arc::new(CertificateAuthority::generate(&td, now, Duration::from_secs(60 * 86_400)).unwrap());
+        m.rotate(next.clone(), now, Duration::from_secs(86_400));
+        assert_eq!(m.x509_bundle(), vec![next.cert_der().to_vec(), old.clone()]);
+        let (_key, csr) = csr_with_extras();
+        let grant = Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
+        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_der).unwrap();
+        let (_, new_ca) = x509_parser::parse_x509_certificate(next.cert_der()).unwrap();
+        cert.verify_signature(Some(new_ca.public_key())).unwrap();
+        assert!(!m.prune(now + Duration::from_secs(86_399)), "kept while its SVIDs may live");
+        assert!(m.prune(now + Duration::from_secs(86_400)));
+        assert_eq!(m.x509_bundle(), vec![next.cert_der().to_vec()]);
     }
 }
