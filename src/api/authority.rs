@@ -34,6 +34,13 @@ const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// What grpc-go and tonic clients send as the authority on a Unix socket.
 const LOCAL_AUTHORITY: &[u8] = b"localhost";
 
+struct PendingBlock {
+    stream: u32,
+    flags: u8,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
 pub struct AuthorityFix<S> {
     inner: S,
     /// Bytes read from the client, not yet processed.
@@ -41,8 +48,8 @@ pub struct AuthorityFix<S> {
     /// Processed bytes waiting to be handed to the server.
     output: Vec<u8>,
     preface_seen: bool,
-    /// A header block waiting for its CONTINUATION frames: (stream, flags, priority, block).
-    pending: Option<(u32, u8, Option<[u8; 5]>, Vec<u8>)>,
+    /// A header block waiting for its CONTINUATION frames.
+    pending: Option<PendingBlock>,
     decoder: fluke_hpack::Decoder<'static>,
     encoder: fluke_hpack::Encoder<'static>,
     eof: bool,
@@ -100,18 +107,18 @@ impl<S> AuthorityFix<S> {
                     if flags & END_HEADERS != 0 {
                         self.emit(stream, flags, priority, block)?;
                     } else {
-                        self.pending = Some((stream, flags, priority, block.to_vec()));
+                        self.pending = Some(PendingBlock { stream, flags, priority, block: block.to_vec() });
                     }
                 }
-                (CONTINUATION, Some((s, _, _, block))) if *s == stream => {
-                    block.extend_from_slice(payload);
-                    if block.len() > MAX_HEADER_BLOCK {
+                (CONTINUATION, Some(pending)) if pending.stream == stream => {
+                    pending.block.extend_from_slice(payload);
+                    if pending.block.len() > MAX_HEADER_BLOCK {
                         return Err(protocol("header block too large"));
                     }
-                    if flags & END_HEADERS != 0 {
-                        if let Some((s, f, p, block)) = self.pending.take() {
-                            self.emit(s, f, p, &block)?;
-                        }
+                    if flags & END_HEADERS != 0
+                        && let Some(p) = self.pending.take()
+                    {
+                        self.emit(p.stream, p.flags, p.priority, &p.block)?;
                     }
                 }
                 (_, Some(_)) => return Err(protocol("a header block was interrupted by another frame")),
@@ -309,6 +316,20 @@ mod tests {
             assert!(block.iter().any(|(n, v)| n == b":path" && v == b"/SpiffeWorkloadAPI/FetchX509SVID"));
         }
         assert!(blocks[2].iter().any(|(n, v)| n == b":authority" && v == b"localhost:50051"), "a valid authority is kept");
+    }
+
+    #[tokio::test]
+    async fn a_block_split_over_continuation_frames_is_reassembled_and_fixed() {
+        let mut client = fluke_hpack::Encoder::new();
+        let block = client.encode([(&b":method"[..], &b"POST"[..]), (b":authority", b"/tmp/a b/socket"), (b":path", b"/x")]);
+        let (head, tail) = block.split_at(block.len() / 2);
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, 0, 1, head);
+        write_frame(&mut input, CONTINUATION, END_HEADERS, 1, tail);
+        let blocks = through_filter(input).await;
+        assert_eq!(blocks.len(), 1);
+        assert!(blocks[0].iter().any(|(n, v)| n == b":authority" && v == b"localhost"));
+        assert!(blocks[0].iter().any(|(n, v)| n == b":path" && v == b"/x"));
     }
 
     #[tokio::test]
