@@ -1,6 +1,7 @@
 //! Attestation: turns a caller into `Selectors`. Owns the `Attestor` seam and the peer
 //! facts captured when a connection is accepted; knows nothing of policy or keys.
 
+pub mod oidc;
 pub mod unix;
 
 use std::sync::Arc;

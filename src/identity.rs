@@ -182,12 +182,20 @@ pub struct OidcClaims {
     pub environment: Option<String>,
     pub workflow_ref: Option<String>,
     pub event_name: Option<String>,
+    /// The commit the run is for.
+    pub sha: Option<String>,
+    /// The CI run (GitHub `run_id`, GitLab `pipeline_id`).
+    pub run_id: Option<String>,
+    /// GitLab: whether the ref is protected (`"true"` / `"false"`).
+    pub ref_protected: Option<String>,
 }
 
 impl OidcClaims {
     /// The `oidc:<key>:<value>` selector keys an id-token yields.
-    pub const SELECTOR_KEYS: [&'static str; 9] =
-        ["iss", "sub", "repository", "repository_owner", "ref", "ref_type", "environment", "workflow_ref", "event_name"];
+    pub const SELECTOR_KEYS: [&'static str; 12] = [
+        "iss", "sub", "repository", "repository_owner", "ref", "ref_type", "environment", "workflow_ref", "event_name", "sha",
+        "run_id", "ref_protected",
+    ];
 
     /// The present claims as (Cedar attribute name, value).
     pub fn fields(&self) -> Vec<(&'static str, &str)> {
@@ -200,6 +208,9 @@ impl OidcClaims {
             ("environment", &self.environment),
             ("workflow_ref", &self.workflow_ref),
             ("event_name", &self.event_name),
+            ("sha", &self.sha),
+            ("run_id", &self.run_id),
+            ("ref_protected", &self.ref_protected),
         ];
         out.extend(optional.into_iter().filter_map(|(k, v)| v.as_deref().map(|v| (k, v))));
         out
