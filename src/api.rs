@@ -4,11 +4,13 @@
 pub mod admin;
 pub mod authority;
 pub mod broker;
+pub mod exchange;
 pub mod workload;
 
 use tonic::{Code, Status};
 
 use crate::attest::AttestError;
+use crate::attest::oidc::OidcError;
 use crate::issue::IssueError;
 use crate::mint::MintError;
 
@@ -38,6 +40,9 @@ pub fn status(err: &IssueError) -> Status {
         }
         IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_)) => Code::Internal,
         IssueError::InvalidJwt(_) => Code::InvalidArgument,
+        IssueError::Token(OidcError::Unavailable(_)) => Code::Unavailable,
+        IssueError::Token(_) => Code::Unauthenticated,
+        IssueError::NoExchange => Code::FailedPrecondition,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");

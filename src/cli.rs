@@ -15,7 +15,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, DevNet};
 use crate::daemon::Daemon;
 
 #[derive(Parser)]
@@ -38,6 +38,15 @@ enum Command {
         /// Admin socket (mode 0600): `mayfly policy status|rollback`.
         #[arg(long, default_value = "mayfly-admin.sock")]
         admin_socket: PathBuf,
+        /// TLS listener for the CI token exchange and the OIDC documents (certificate from
+        /// the dev CA); `none` to serve only the Unix sockets.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Trust an OIDC issuer for quick tries: `URL[=AUDIENCE]` (audience `mayfly` by
+        /// default); repeatable. Tokens matching no inventory entry get the identity
+        /// spiffe://mayfly.local/dev/oidc/<sub>.
+        #[arg(long = "oidc-issuer", value_name = "URL[=AUDIENCE]")]
+        oidc_issuers: Vec<String>,
     },
     /// Run from a configuration file (see deploy/mayfly.toml).
     Serve {
@@ -71,7 +80,13 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket, admin_socket } => match Config::dev(data_dir, policies, socket, admin_socket) {
+            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers } => match Config::dev(
+                data_dir,
+                policies,
+                socket,
+                admin_socket,
+                DevNet { listen: (listen != "none").then_some(listen), oidc_issuers },
+            ) {
                 Ok(config) => run_daemon(config, true).await,
                 Err(e) => fail(e),
             },
@@ -98,6 +113,9 @@ async fn run_daemon(config: Config, announce_socket: bool) -> ExitCode {
         let socket = std::path::absolute(daemon.socket()).unwrap_or_else(|_| daemon.socket().to_path_buf());
         println!("SPIFFE Workload API and mayfly.v1 on {}; for SPIFFE clients:", socket.display());
         println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
+        if let Some(addr) = daemon.listen_address() {
+            println!("token exchange and OIDC discovery on https://{addr} (certificate from the dev CA: curl --cacert <data dir>/ca.pem)");
+        }
     }
     match daemon.run(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::identity::{TrustDomain, Ttl};
+use crate::attest::oidc::{parse_algorithm, IssuerConfig};
+use crate::identity::{OidcClaims, TrustDomain, Ttl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -36,6 +37,9 @@ pub struct RawConfig {
     pub ca: Option<RawCa>,
     #[serde(default)]
     pub jwt: RawJwt,
+    pub listen: Option<RawListen>,
+    #[serde(default)]
+    pub oidc: RawOidc,
     #[serde(default)]
     pub ledger: RawLedger,
     #[serde(default)]
@@ -57,6 +61,34 @@ pub struct RawWorkloadApi {
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     pub key: Option<PathBuf>,
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub address: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub max_request_bytes: Option<usize>,
+    pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidc {
+    #[serde(default)]
+    pub issuer: Vec<RawIssuer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub url: Option<String>,
+    pub audiences: Option<Vec<String>>,
+    pub algorithms: Option<Vec<String>>,
+    pub clock_skew: Option<String>,
+    pub selector_claims: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +153,23 @@ pub enum PolicySource {
     UnsignedDir(PathBuf),
 }
 
+/// Where the TLS listener's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    Files { cert: PathBuf, key: PathBuf },
+    /// `mayfly dev`: a certificate for localhost / 127.0.0.1 from the daemon's own CA.
+    FromCa,
+}
+
+/// The network listener (HTTPS + gRPC over TLS): the CI exchange and the OIDC documents.
+#[derive(Clone, Debug)]
+pub struct ListenConfig {
+    pub address: std::net::SocketAddr,
+    pub tls: TlsSource,
+    pub max_request_bytes: usize,
+    pub request_timeout: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub trust_domain: TrustDomain,
@@ -137,6 +186,12 @@ pub struct Config {
     /// The ES256 key that signs JWT-SVIDs: a PKCS#8 PEM file, or `None` for one generated
     /// on first start and kept in data_dir (jwt-key.pem, mode 0600).
     pub jwt_key: Option<PathBuf>,
+    /// `iss` of mayfly's JWTs and the base URL of its discovery document. `None` with a
+    /// listener in dev: `https://<listen address>`.
+    pub jwt_issuer: Option<String>,
+    pub listen: Option<ListenConfig>,
+    /// Trusted CI / OIDC issuers for the token exchange.
+    pub oidc_issuers: Vec<IssuerConfig>,
     pub ledger_path: PathBuf,
     pub ledger_busy_timeout: Duration,
     pub ledger_max_batch: usize,
@@ -162,8 +217,18 @@ impl Config {
 
     /// `mayfly dev`: embedded defaults, a generated CA in the data dir, and the policies/
     /// tree read unsigned (re-read when it changes).
-    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf, admin_socket: PathBuf) -> Result<Self, ConfigError> {
+    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf, admin_socket: PathBuf, dev_net: DevNet) -> Result<Self, ConfigError> {
+        let issuers = dev_net
+            .oidc_issuers
+            .iter()
+            .map(|spec| {
+                let (url, audience) = spec.split_once('=').map_or((spec.as_str(), "mayfly"), |(u, a)| (u, a));
+                RawIssuer { url: Some(url.to_owned()), audiences: Some(vec![audience.to_owned()]), ..RawIssuer::default() }
+            })
+            .collect();
         let raw = RawConfig {
+            listen: dev_net.listen.map(|address| RawListen { address: Some(address), ..RawListen::default() }),
+            oidc: RawOidc { issuer: issuers },
             trust_domain: Some(DEV_TRUST_DOMAIN.into()),
             ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
             data_dir: Some(data_dir),
@@ -172,8 +237,21 @@ impl Config {
             admin: RawAdmin { socket: Some(admin_socket) },
             ..RawConfig::default()
         };
-        Self::from_raw(raw, Some(PolicySource::UnsignedDir(policies)))
+        let mut config = Self::from_raw(raw, Some(PolicySource::UnsignedDir(policies)))?;
+        // Dev only: unregistered token subjects get a dev identity (`serve` never does this).
+        for issuer in &mut config.oidc_issuers {
+            issuer.dev_fallback = true;
+        }
+        Ok(config)
     }
+}
+
+/// `mayfly dev`'s network options: the TLS listener and issuers trusted for quick tries.
+#[derive(Clone, Debug, Default)]
+pub struct DevNet {
+    pub listen: Option<String>,
+    /// `URL[=AUDIENCE]`, audience `mayfly` by default.
+    pub oidc_issuers: Vec<String>,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -187,6 +265,7 @@ impl TryFrom<RawConfig> for Config {
 impl Config {
     /// `dev_policy` is how `mayfly dev` reads policies/ unsigned; a config file cannot.
     fn from_raw(raw: RawConfig, dev_policy: Option<PolicySource>) -> Result<Self, ConfigError> {
+        let dev = dev_policy.is_some();
         let trust_domain = raw
             .trust_domain
             .ok_or_else(|| key("trust_domain")("required (e.g. \"example.org\")".into()))
@@ -235,6 +314,68 @@ impl Config {
         if !(10..=90).contains(&rotate_at_percent) {
             return Err(key("workload_api.rotate_at_percent")(format!("`{rotate_at_percent}` must be 10..=90")));
         }
+        let listen = match raw.listen {
+            None => None,
+            Some(l) => {
+                let address = l.address.as_deref().unwrap_or("127.0.0.1:8443");
+                let address = address.parse().map_err(|e| key("listen.address")(format!("`{address}`: {e}")))?;
+                let tls = match (l.cert, l.key) {
+                    (Some(cert), Some(k)) => TlsSource::Files { cert, key: k },
+                    (None, None) if dev => TlsSource::FromCa,
+                    _ => return Err(key("listen")("set both `cert` and `key` (PEM files)".into())),
+                };
+                let max_request_bytes = l.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+                if !(1024..=1024 * 1024).contains(&max_request_bytes) {
+                    return Err(key("listen.max_request_bytes")(format!("`{max_request_bytes}` must be 1024..=1048576")));
+                }
+                let request_timeout = duration("listen.request_timeout", l.request_timeout, "15s")?.as_duration();
+                Some(ListenConfig { address, tls, max_request_bytes, request_timeout })
+            }
+        };
+        let mut oidc_issuers = Vec::new();
+        for r in raw.oidc.issuer {
+            let url = r.url.ok_or_else(|| key("oidc.issuer.url")("required".into()))?;
+            crate::attest::oidc::check_fetch_url(&url).map_err(|e| key("oidc.issuer.url")(e.to_string()))?;
+            if oidc_issuers.iter().any(|i: &IssuerConfig| i.issuer == url) {
+                return Err(key("oidc.issuer.url")(format!("`{url}` is listed twice")));
+            }
+            let audiences = r.audiences.unwrap_or_else(|| vec!["mayfly".into()]);
+            if audiences.is_empty() || audiences.iter().any(String::is_empty) {
+                return Err(key("oidc.issuer.audiences")(format!("`{url}`: at least one non-empty audience")));
+            }
+            let algorithms = r
+                .algorithms
+                .unwrap_or_else(|| vec!["RS256".into(), "ES256".into()])
+                .iter()
+                .map(|a| parse_algorithm(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(key("oidc.issuer.algorithms"))?;
+            let clock_skew = duration("oidc.issuer.clock_skew", r.clock_skew, "60s")?;
+            if clock_skew.as_secs() > 300 {
+                return Err(key("oidc.issuer.clock_skew")(format!("`{clock_skew}` is over 5 minutes")));
+            }
+            let selector_claims = match r.selector_claims {
+                None => OidcClaims::SELECTOR_KEYS.iter().map(|k| (*k).to_owned()).collect(),
+                Some(list) => {
+                    if let Some(bad) = list.iter().find(|k| !OidcClaims::SELECTOR_KEYS.contains(&k.as_str())) {
+                        return Err(key("oidc.issuer.selector_claims")(format!("`{bad}` is not one of {}", OidcClaims::SELECTOR_KEYS.join(", "))));
+                    }
+                    list.into_iter().collect()
+                }
+            };
+            oidc_issuers.push(IssuerConfig { issuer: url, audiences, algorithms, clock_skew: clock_skew.as_duration(), selector_claims, dev_fallback: false });
+        }
+        if !oidc_issuers.is_empty() && listen.is_none() {
+            return Err(key("listen")("required when [[oidc.issuer]] is set: the exchange is served on the TLS listener".into()));
+        }
+        let jwt_issuer = match raw.jwt.issuer {
+            Some(url) if url.starts_with("https://") && !url.ends_with('/') => Some(url),
+            Some(url) => return Err(key("jwt.issuer")(format!("`{url}` must be an https:// URL without a trailing slash"))),
+            None => None,
+        };
+        if listen.is_some() && jwt_issuer.is_none() && !dev {
+            return Err(key("jwt.issuer")("required with [listen]: the https:// URL relying parties reach this listener at".into()));
+        }
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
@@ -250,6 +391,9 @@ impl Config {
             request_timeout: request_timeout.as_duration(),
             ca,
             jwt_key: raw.jwt.key,
+            jwt_issuer,
+            listen,
+            oidc_issuers,
             ledger_path,
             ledger_busy_timeout: busy.as_duration(),
             ledger_max_batch,

@@ -22,7 +22,10 @@ use crate::api::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::api::workload::{WorkloadApiService, WorkloadApiSettings};
 use crate::attest::{PeerStream, UnixAttestor};
 use crate::clock::Clock;
-use crate::config::{CaSource, Config};
+use crate::api::exchange::{ExchangeApi, RemoteAddr};
+use crate::attest::oidc::{HttpKeySource, OidcVerifier};
+use crate::config::{CaSource, Config, TlsSource};
+use crate::issue::ExchangeSettings;
 use crate::issue::Issuer;
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
 use crate::ledger::sqlite::SqliteBackend;
@@ -48,6 +51,20 @@ pub enum DaemonError {
     Socket { path: PathBuf, why: String },
     #[error("server: {0}")]
     Serve(String),
+    #[error("listener `{address}`: {why}")]
+    Listen { address: String, why: String },
+    #[error("OIDC: {0}")]
+    Oidc(String),
+}
+
+/// A TLS handshake that has not finished after this long is dropped.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bound TLS listener and what it serves under.
+struct NetListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    jwt_issuer: String,
 }
 
 /// How long shutdown waits for in-flight requests before closing their connections.
@@ -64,6 +81,7 @@ pub struct Daemon {
     /// What relying parties trust now; every bundle stream follows it.
     bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     minter: Arc<X509Minter>,
+    net: Option<NetListener>,
     clock: Arc<dyn Clock>,
 }
 
@@ -82,7 +100,14 @@ impl Daemon {
             None => JwtKey::load_or_generate(&config.data_dir)?,
         };
         let jwt_kid = jwt_key.kid().to_owned();
-        let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?);
+        // Why bound here: in dev the JWT issuer URL is the address actually bound.
+        let tcp = match &config.listen {
+            Some(l) => Some(tokio::net::TcpListener::bind(l.address).await.map_err(|e| DaemonError::Listen { address: l.address.to_string(), why: e.to_string() })?),
+            None => None,
+        };
+        let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
+        let jwt_issuer = config.jwt_issuer.clone().or_else(|| bound.map(|a| format!("https://{a}")));
+        let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?.with_issuer(jwt_issuer.clone()));
         let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
         let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
         // The ledger holds no secrets, but it maps every identity and binary on the host.
@@ -106,15 +131,32 @@ impl Daemon {
         let store = policy.store();
         let policy_version = store.current().version().to_owned();
         let entries = store.current().inventory.entries().len();
+        let net = match (tcp, &config.listen) {
+            (Some(tcp), Some(listen)) => {
+                let acceptor = tls_acceptor(&listen.tls, &ca, bound, now)?;
+                Some(NetListener { tcp, acceptor, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
+            }
+            _ => None,
+        };
         let minter = Arc::new(X509Minter::new(Arc::new(ca)));
-        let issuer = Arc::new(Issuer::new(
+        let issuer = Issuer::new(
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             store,
             minter.clone(),
             jwt,
             ledger.clone() as Arc<dyn Ledger>,
             clock.clone(),
-        ));
+        );
+        let issuer = Arc::new(match &net {
+            Some(_) => {
+                let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
+                issuer.with_exchange(ExchangeSettings {
+                    verifier: Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))),
+                    trust_domain: config.trust_domain.clone(),
+                })
+            }
+            None => issuer,
+        });
         let bundles = tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: issuer.x509_bundle(), jwks: issuer.jwks() }));
         ledger
             .record(NewEvent {
@@ -127,6 +169,9 @@ impl Daemon {
                     "inventory_entries": entries,
                     "ca_sha256": ca_fingerprint,
                     "jwt_kid": jwt_kid,
+                    "listen": bound.map(|a| a.to_string()),
+                    "jwt_issuer": jwt_issuer,
+                    "oidc_issuers": config.oidc_issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
                     "socket": config.socket.display().to_string(),
                     "admin_socket": config.admin_socket.as_ref().map(|p| p.display().to_string()),
                 }),
@@ -135,16 +180,24 @@ impl Daemon {
             .await
             .map_err(ledger_err)?;
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, clock })
+        if let Some(addr) = bound {
+            tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
+        }
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, net, clock })
     }
 
     pub fn socket(&self) -> &Path {
         &self.config.socket
     }
 
+    /// The TLS listener's bound address, when there is one.
+    pub fn listen_address(&self) -> Option<std::net::SocketAddr> {
+        self.net.as_ref().and_then(|n| n.tcp.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, net, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
@@ -181,6 +234,13 @@ impl Daemon {
             refused: None,
         };
         let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
+        let net_server = match (net, &config.listen) {
+            (Some(net), Some(listen)) => {
+                let api = ExchangeApi::new(issuer.clone(), net.jwt_issuer.clone(), config.default_ttl, config.jwt_ttl, config.max_ttl, listen.request_timeout);
+                Some(tokio::spawn(serve_tls(net, api.router(listen.max_request_bytes), stop_rx.clone())))
+            }
+            _ => None,
+        };
         let admin_server = admin.map(|listener| {
             let service = AdminServer::new(AdminService::new(policy.clone(), rustix::process::geteuid().as_raw()))
                 .max_decoding_message_size(64 * 1024);
@@ -222,6 +282,10 @@ impl Daemon {
         let _ = watcher.await;
         ca_watcher.abort();
         let _ = ca_watcher.await;
+        if let Some(server) = net_server {
+            // It drains its own connections (bounded) once `stop` flips.
+            let _ = server.await;
+        }
         if let Some(server) = admin_server {
             server.abort();
             let _ = server.await;
@@ -268,6 +332,94 @@ async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration,
             _ = tick.tick() => policy.poll().await,
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
+    }
+}
+
+/// The rustls server configuration: the configured certificate, or (dev) one for
+/// localhost and the bound address from the daemon's own CA. ALPN offers h2 (gRPC, curl)
+/// and http/1.1 (plain HTTPS clients fetching JWKS).
+fn tls_acceptor(
+    source: &TlsSource,
+    ca: &CertificateAuthority,
+    bound: Option<std::net::SocketAddr>,
+    now: std::time::SystemTime,
+) -> Result<tokio_rustls::TlsAcceptor, DaemonError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let fail = |why: String| DaemonError::Listen { address: bound.map(|a| a.to_string()).unwrap_or_default(), why };
+    let (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match source {
+        TlsSource::Files { cert, key } => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| fail(format!("certificate `{}`: {e}", cert.display())))?;
+            let meta = std::fs::metadata(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
+            if meta.mode() & 0o077 != 0 {
+                return Err(fail(format!("key `{}` is readable by group or others; chmod 600 it", key.display())));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
+            (chain, key)
+        }
+        TlsSource::FromCa => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            if let Some(addr) = bound.filter(|a| !a.ip().is_unspecified() && a.ip().to_string() != "127.0.0.1") {
+                names.push(addr.ip().to_string());
+            }
+            let (cert, key) = ca.issue_tls_server(&names, now, std::time::Duration::from_secs(30 * 86_400))?;
+            (vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec())))
+        }
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| fail(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts TLS connections until `stop`, then lets in-flight requests finish (bounded).
+async fn serve_tls(net: NetListener, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = net.tcp.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the TLS listener failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = net.acceptor.clone();
+                let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+                    builder.http2().max_concurrent_streams(64);
+                    let service = hyper_util::service::TowerToHyperService::new(service);
+                    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(%remote, error = %e, "TLS connection ended with an error");
+                    }
+                });
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        }
+    }
+    drop(net);
+    if tokio::time::timeout(DRAIN_LIMIT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("TLS connections did not finish in time; closing them");
     }
 }
 

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::clock::{unix_secs, utc_date, Clock};
-use crate::identity::{Lookup, Ttl, WorkloadId};
+use crate::attest::oidc::{OidcError, OidcVerifier, VerifiedToken};
+use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::keys::SecretDer;
 use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt, VerifiedCsr, X509Svid};
@@ -35,6 +36,44 @@ pub enum IssueError {
     Mint(#[from] MintError),
     #[error("JWT-SVID invalid: {0}")]
     InvalidJwt(#[from] JwtError),
+    #[error("id-token refused: {0}")]
+    Token(#[from] OidcError),
+    #[error("this daemon has no trusted OIDC issuers; the exchange is off")]
+    NoExchange,
+}
+
+/// Who is asking: a local process (kernel-attested) or the holder of a verified id-token.
+#[derive(Clone, Copy, Debug)]
+pub enum Caller<'a> {
+    Local(&'a PeerInfo),
+    Token(&'a VerifiedToken),
+}
+
+/// What the token exchange can hand out.
+#[derive(Debug)]
+pub enum ExchangeKind {
+    Jwt { audience: String },
+    X509 { csr: VerifiedCsr },
+}
+
+#[derive(Debug)]
+pub struct ExchangeRequest {
+    pub kind: ExchangeKind,
+    pub ttl: Ttl,
+    /// Where the request came from (the TLS peer address), for the ledger.
+    pub remote: String,
+}
+
+#[derive(Debug)]
+pub enum Exchanged {
+    Jwt(IssuedJwt),
+    X509(IssuedX509),
+}
+
+/// The CI exchange: trusted issuers, and the trust domain dev identities are made in.
+pub struct ExchangeSettings {
+    pub verifier: Arc<OidcVerifier>,
+    pub trust_domain: TrustDomain,
 }
 
 /// Where the key of an X.509 SVID comes from.
@@ -99,6 +138,7 @@ struct Authorized {
 }
 
 pub struct Issuer {
+    exchange: Option<ExchangeSettings>,
     attestor: Arc<dyn Attestor>,
     policy: Arc<PolicyStore>,
     minter: Arc<dyn Minter>,
@@ -116,7 +156,13 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { attestor, policy, minter, jwt, ledger, clock }
+        Self { exchange: None, attestor, policy, minter, jwt, ledger, clock }
+    }
+
+    /// Turns the token exchange on: id-tokens from these issuers are verified and exchanged.
+    pub fn with_exchange(mut self, exchange: ExchangeSettings) -> Self {
+        self.exchange = Some(exchange);
+        self
     }
 
     pub fn policy_version(&self) -> String {
@@ -154,8 +200,47 @@ impl Issuer {
     }
 
     pub async fn issue_x509(&self, peer: &PeerInfo, req: X509Request) -> Result<IssuedX509, IssueError> {
+        self.issue_x509_as(Caller::Local(peer), req).await
+    }
+
+    pub async fn issue_jwt(&self, peer: &PeerInfo, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
+        self.issue_jwt_as(Caller::Local(peer), req).await
+    }
+
+    /// The CI exchange: verify the id-token (a refusal is a recorded decision), then issue
+    /// through the same path as a local caller, with the token's claims as context.
+    pub async fn exchange(&self, token: &str, req: ExchangeRequest) -> Result<Exchanged, IssueError> {
+        let kind = match &req.kind {
+            ExchangeKind::Jwt { .. } => CredentialKind::Jwt,
+            ExchangeKind::X509 { .. } => CredentialKind::X509,
+        };
+        let origin = Origin { api: "exchange", rotates: None };
+        let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
+        let verified = match exchange.verifier.verify(token, self.clock.now()).await {
+            Ok(v) => v,
+            Err(e) => {
+                let caller = json!({ "remote": req.remote, "claimed_issuer": OidcVerifier::claimed_issuer(token) });
+                let version = self.policy.current().version().to_owned();
+                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin).await?;
+                return Err(e.into());
+            }
+        };
+        let caller = Caller::Token(&verified);
+        match req.kind {
+            ExchangeKind::Jwt { audience } => {
+                let jwt = JwtRequest { audiences: vec![audience], ttl: req.ttl, spiffe_id: None, origin };
+                Ok(Exchanged::Jwt(self.issue_jwt_as(caller, jwt).await?))
+            }
+            ExchangeKind::X509 { csr } => {
+                let x509 = X509Request { key: KeySource::Csr(csr), ttl: req.ttl, spiffe_id: None, origin };
+                Ok(Exchanged::X509(self.issue_x509_as(caller, x509).await?))
+            }
+        }
+    }
+
+    pub async fn issue_x509_as(&self, caller: Caller<'_>, req: X509Request) -> Result<IssuedX509, IssueError> {
         let auth = self
-            .authorize(peer, CredentialKind::X509, vec![Resource::X509], req.ttl, req.spiffe_id.as_ref(), &req.origin)
+            .authorize(caller, CredentialKind::X509, vec![Resource::X509], req.ttl, req.spiffe_id.as_ref(), &req.origin)
             .await?;
         let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
         // Why here and not earlier: a denied caller never causes a key to be made.
@@ -180,7 +265,7 @@ impl Issuer {
         };
         // Why: the certificate (and key) exist only in this stack frame until the record is
         // durable; on a ledger error they are dropped here and the caller gets UNAVAILABLE.
-        let issued_id = self.record_issued(record, auth.now).await?;
+        let issued_id = self.record_issued(record, auth.now, provenance(caller)).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id = auth.decision_id, issued_id,
             api = req.origin.api, rotation = req.origin.rotates.is_some(), not_after = unix_secs(svid.not_after), "x509 svid issued"
@@ -195,9 +280,9 @@ impl Issuer {
         })
     }
 
-    pub async fn issue_jwt(&self, peer: &PeerInfo, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
+    pub async fn issue_jwt_as(&self, caller: Caller<'_>, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
         let resources = req.audiences.iter().map(|a| Resource::Jwt { audience: a.clone() }).collect();
-        let auth = self.authorize(peer, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        let auth = self.authorize(caller, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
         let grant = JwtGrant::join(&auth.grants).ok_or_else(|| IssueError::Denied {
             explain: "denied: the audiences were not all granted to one identity".into(),
             rules: vec![],
@@ -215,7 +300,7 @@ impl Issuer {
             not_after: unix_secs(svid.not_after),
             decision_id: auth.decision_id,
         };
-        let issued_id = self.record_issued(record, auth.now).await?;
+        let issued_id = self.record_issued(record, auth.now, provenance(caller)).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, decision_id = auth.decision_id, issued_id, api = req.origin.api,
             audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
@@ -256,7 +341,7 @@ impl Issuer {
     /// after the request parsed is a recorded `decision`; an allow returns the grants.
     async fn authorize(
         &self,
-        peer: &PeerInfo,
+        caller: Caller<'_>,
         kind: CredentialKind,
         resources: Vec<Resource>,
         ttl: Ttl,
@@ -267,37 +352,55 @@ impl Issuer {
         // belong to one release even if another is activated meanwhile.
         let release = self.policy.current();
         let version = release.version();
-        let attestation = match self.attest(peer).await {
-            Ok(a) => a,
-            Err(e) => {
-                let caller = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
-                self.record_refusal(kind, &caller, wanted, &ttl, &e.to_string(), version, origin).await?;
-                return Err(e.into());
-            }
+        let (selectors, caller_record, attestation_kind, oidc, dev_fallback) = match caller {
+            Caller::Local(peer) => match self.attest(peer).await {
+                Ok(a) => (a.selectors, serde_json::to_value(&a.caller).unwrap_or_default(), "unix", None, false),
+                Err(e) => {
+                    let summary = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
+                    let record = serde_json::to_value(&summary).unwrap_or_default();
+                    self.record_refusal(kind, &record, wanted, &ttl, &e.to_string(), version, origin).await?;
+                    return Err(e.into());
+                }
+            },
+            Caller::Token(t) => (t.selectors.clone(), json!({ "oidc": t.provenance }), "oidc", Some(t.claims.clone()), t.dev_fallback),
         };
         let now = self.clock.now();
-        let entry = match release.inventory.lookup(&attestation.selectors, wanted, utc_date(now)) {
+        let dev_entry;
+        let entry = match release.inventory.lookup(&selectors, wanted, utc_date(now)) {
             Lookup::Found(entry) => entry,
+            Lookup::NoMatch if dev_fallback && wanted.is_none() => {
+                // `mayfly dev --oidc-issuer` only: an unregistered token subject gets a dev
+                // identity, which the dev rules may grant (serve never sets dev_fallback).
+                dev_entry = self.dev_oidc_entry(oidc.as_ref(), &selectors, now);
+                match &dev_entry {
+                    Some(e) => e,
+                    None => {
+                        let err = IssueError::NoEntry;
+                        self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin).await?;
+                        return Err(err);
+                    }
+                }
+            }
             other => {
                 let err = match other {
                     Lookup::Expired(e) => IssueError::EntryExpired { id: e.id.to_string(), expires: e.expires.to_string() },
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
                     _ => IssueError::NoEntry,
                 };
-                self.record_refusal(kind, &attestation.caller, wanted, &ttl, &err.to_string(), version, origin).await?;
+                self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin).await?;
                 return Err(err);
             }
         };
 
-        let context = RequestContext::default();
+        let context = RequestContext { oidc, ..RequestContext::default() };
         let decisions: Vec<Decision> = resources
             .iter()
             .map(|resource| {
                 release.engine.decide(
                     &DecisionRequest {
                         workload: entry,
-                        attestation: "unix",
-                        selectors: &attestation.selectors,
+                        attestation: attestation_kind,
+                        selectors: &selectors,
                         resource,
                         requested_ttl: ttl,
                         context: &context,
@@ -340,7 +443,7 @@ impl Issuer {
                     "errors": errors,
                     "policy_version": version,
                     "identity": entry.id.as_str(),
-                    "caller": attestation.caller,
+                    "caller": caller_record,
                     "requested_ttl_secs": ttl.as_secs(),
                     "granted_ttl_secs": granted,
                     "api": origin.api,
@@ -364,8 +467,35 @@ impl Issuer {
         Ok(Authorized { grants, decision_id, now })
     }
 
-    async fn record_issued(&self, record: CredentialRecord, at: SystemTime) -> Result<EventId, IssueError> {
-        let body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
+    /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
+    /// the subject reduced to the characters a SPIFFE path allows.
+    fn dev_oidc_entry(&self, claims: Option<&OidcClaims>, selectors: &Selectors, now: SystemTime) -> Option<InventoryEntry> {
+        let td = &self.exchange.as_ref()?.trust_domain;
+        let sub: String = claims?
+            .subject
+            .chars()
+            .take(128)
+            .map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' })
+            .collect();
+        let id = WorkloadId::parse(&format!("spiffe://{td}/dev/oidc/{sub}")).ok()?;
+        Some(InventoryEntry {
+            id,
+            owner: "mayfly dev (--oidc-issuer)".into(),
+            purpose: "quick tries of the token exchange".into(),
+            environment: "dev".into(),
+            tier: "experimental".into(),
+            expires: utc_date(now),
+            selectors: selectors.clone(),
+        })
+    }
+
+    /// The `issued` event: the credential row, plus (for token callers) the provenance an
+    /// auditor traces the credential back to (repository, ref, sha, workflow, run).
+    async fn record_issued(&self, record: CredentialRecord, at: SystemTime, provenance: Option<serde_json::Value>) -> Result<EventId, IssueError> {
+        let mut body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
+        if let (Some(p), Some(map)) = (provenance, body.as_object_mut()) {
+            map.insert("provenance".into(), p);
+        }
         Ok(self.ledger.record(NewEvent { kind: EventKind::Issued, at, body, credential: Some(record) }).await?)
     }
 
@@ -383,14 +513,14 @@ impl Issuer {
     async fn record_refusal(
         &self,
         kind: CredentialKind,
-        caller: &CallerSummary,
+        caller: &serde_json::Value,
         wanted: Option<&WorkloadId>,
         ttl: &Ttl,
         reason: &str,
         policy_version: &str,
         origin: &Origin,
     ) -> Result<EventId, LedgerError> {
-        tracing::info!(uid = caller.uid, pid = caller.pid, reason, "issuance refused");
+        tracing::info!(caller = %caller, reason, "issuance refused");
         self.ledger
             .record(NewEvent {
                 kind: EventKind::Decision,
@@ -410,6 +540,13 @@ impl Issuer {
                 credential: None,
             })
             .await
+    }
+}
+
+fn provenance(caller: Caller<'_>) -> Option<serde_json::Value> {
+    match caller {
+        Caller::Local(_) => None,
+        Caller::Token(t) => Some(t.provenance.clone()),
     }
 }
 

@@ -173,6 +173,27 @@ impl CertificateAuthority {
         Ok(Self { issuer, cert_der, cert_pem, not_after })
     }
 
+    /// A TLS server certificate for `names` (DNS names or IP addresses) signed by this CA,
+    /// with a fresh P-256 key: `mayfly dev`'s listener certificate.
+    pub fn issue_tls_server(&self, names: &[String], now: SystemTime, validity: Duration) -> Result<(Vec<u8>, SecretDer), KeyError> {
+        let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "mayfly");
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(random_serial()?.into());
+        params.not_before = now.into();
+        params.not_after = (now + validity).min(self.not_after).into();
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let secret = SecretDer::new(Zeroizing::new(key.serialize_der()));
+        key.zeroize();
+        Ok((cert.der().to_vec(), secret))
+    }
+
     pub fn issuer(&self) -> &Issuer<'static, CaKey> {
         &self.issuer
     }

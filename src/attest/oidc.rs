@@ -216,7 +216,7 @@ impl OidcVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(OidcError::Malformed(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| OidcError::Malformed(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| OidcError::Malformed("not a JWS (header.payload.signature, base64url JSON)".into()))?;
         // Only the issuer is read before the signature is checked, to pick its keys; an
         // unconfigured issuer is refused without any network request.
         let claimed = unverified_claims(token)?;

@@ -73,10 +73,18 @@ async fn verify(path: &std::path::Path) -> Result<usize, String> {
     // issued event must have its row: the table cannot be edited or pruned unnoticed.
     let credentials = reader.credentials().await.map_err(|e| e.to_string())?;
     let mut rows = std::collections::HashMap::new();
+    let issued: std::collections::HashMap<i64, &StoredEvent> = events.iter().filter(|e| e.kind == "issued").map(|e| (e.seq, e)).collect();
     for (seq, c) in &credentials {
-        let event = events.iter().find(|e| e.seq == *seq && e.kind == "issued");
+        let event = issued.get(seq);
+        // The event may say more (a token caller's provenance); every field of the row must
+        // equal the event's.
         let matches = event.is_some_and(|e| {
-            serde_json::from_str::<serde_json::Value>(&e.body).ok() == serde_json::to_value(c).ok()
+            let body = serde_json::from_str::<serde_json::Value>(&e.body).ok();
+            let row = serde_json::to_value(c).ok();
+            match (body.as_ref().and_then(|b| b.as_object()), row.as_ref().and_then(|r| r.as_object())) {
+                (Some(b), Some(r)) => r.iter().all(|(k, v)| b.get(k) == Some(v)),
+                _ => false,
+            }
         });
         if !matches {
             return Err(format!("credential `{}` does not match its issued event {seq} (edited)", c.id));

@@ -26,14 +26,19 @@ pub struct Es256Minter {
     encoding: EncodingKey,
     decoding: DecodingKey,
     trust_domain: TrustDomain,
+    /// `iss` of every token, when mayfly publishes OIDC discovery (the TLS listener's URL).
+    issuer: Option<String>,
 }
 
 #[derive(Serialize)]
 struct Claims<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
     sub: &'a str,
     aud: &'a [String],
     exp: i64,
     iat: i64,
+    nbf: i64,
     jti: &'a str,
 }
 
@@ -42,7 +47,13 @@ impl Es256Minter {
         let (x, y) = key.public_xy();
         let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| MintError::Signing(e.to_string()))?;
         let encoding = EncodingKey::from_ec_der(key.pkcs8_der());
-        Ok(Self { key, encoding, decoding, trust_domain })
+        Ok(Self { key, encoding, decoding, trust_domain, issuer: None })
+    }
+
+    /// Stamps `iss` on every token (the URL relying parties find discovery under).
+    pub fn with_issuer(mut self, issuer: Option<String>) -> Self {
+        self.issuer = issuer;
+        self
     }
 }
 
@@ -54,7 +65,7 @@ impl JwtMinter for Es256Minter {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key.kid().to_owned());
         header.typ = Some("JWT".into());
-        let claims = Claims { sub: grant.identity().as_str(), aud: grant.audiences(), exp, iat, jti };
+        let claims = Claims { iss: self.issuer.as_deref(), sub: grant.identity().as_str(), aud: grant.audiences(), exp, iat, nbf: iat, jti };
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()));
         let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
