@@ -225,10 +225,8 @@ impl OidcVerifier {
         if !config.algorithms.contains(&header.alg) {
             return Err(OidcError::Algorithm(format!("{:?}", header.alg)));
         }
-        if let Some(typ) = &header.typ {
-            if !typ.eq_ignore_ascii_case("JWT") {
-                return Err(OidcError::Type(typ.chars().take(64).collect()));
-            }
+        if let Some(typ) = header.typ.as_ref().filter(|t| !t.eq_ignore_ascii_case("JWT")) {
+            return Err(OidcError::Type(typ.chars().take(64).collect()));
         }
         let kid = match &header.kid {
             Some(kid) if kid_is_sane(kid) => Some(kid.as_str()),
@@ -315,10 +313,8 @@ impl OidcVerifier {
         if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
             return Err(OidcError::UnknownKey);
         }
-        if let Some(key_alg) = jwk.common.key_algorithm {
-            if format!("{key_alg:?}") != format!("{alg:?}") {
-                return Err(OidcError::Algorithm(format!("{alg:?}")));
-            }
+        if jwk.common.key_algorithm.is_some_and(|key_alg| format!("{key_alg:?}") != format!("{alg:?}")) {
+            return Err(OidcError::Algorithm(format!("{alg:?}")));
         }
         DecodingKey::from_jwk(jwk).map_err(|_| OidcError::UnknownKey)
     }

@@ -1,0 +1,331 @@
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on any unexpected error")]
+
+//! The CI token exchange on a real daemon in-process: TLS on loopback with a certificate
+//! from a test CA, an OIDC issuer on loopback serving discovery and its JWKS over HTTP, and
+//! GitHub-Actions-shaped id-tokens it signs. Every bad token is refused with 401, recorded
+//! as a denial, and issues nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mayfly::clock::FixedClock;
+use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawIssuer, RawJwt, RawListen, RawOidc, RawPolicy, RawWorkloadApi};
+use mayfly::daemon::Daemon;
+use mayfly::identity::TrustDomain;
+use mayfly::keys::{CertificateAuthority, JwtKey};
+use mayfly::ledger::sqlite::LedgerReader;
+use mayfly::ledger::{verify_chain, StoredEvent};
+use serde_json::{json, Value};
+
+const CI_ID: &str = "spiffe://mayfly.local/ci/acme/app";
+const ARTIFACTS: &str = "https://artifacts.example.org";
+
+/// An OIDC issuer on loopback: discovery and JWKS over plain HTTP (allowed for loopback).
+struct Issuer {
+    url: String,
+    key: JwtKey,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Issuer {
+    async fn start() -> Self {
+        let key = JwtKey::generate().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (x, y) = key.public_xy();
+        let jwks = json!({ "keys": [{ "kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": key.kid(), "alg": "ES256", "use": "sig" }] });
+        let discovery = json!({ "issuer": url, "jwks_uri": format!("{url}/keys") });
+        let app = axum::Router::new()
+            .route("/.well-known/openid-configuration", axum::routing::get(move || async move { axum::Json(discovery) }))
+            .route("/keys", axum::routing::get(move || async move { axum::Json(jwks) }));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { url, key, task }
+    }
+
+    /// A token shaped like GitHub Actions' for acme/app; `change` edits the claims.
+    fn token(&self, change: impl FnOnce(&mut Value)) -> String {
+        let now = mayfly::clock::unix_secs(SystemTime::now());
+        let mut claims = json!({
+            "iss": self.url, "aud": "mayfly", "sub": "repo:acme/app:ref:refs/heads/main",
+            "exp": now + 300, "iat": now, "nbf": now, "jti": uuid::Uuid::new_v4().to_string(),
+            "repository": "acme/app", "repository_owner": "acme", "ref": "refs/heads/main", "ref_type": "branch",
+            "event_name": "push", "sha": "9fceb02d0ae598e95dc970b74767f19372d61af8",
+            "job_workflow_ref": "acme/app/.github/workflows/ci.yml@refs/heads/main", "run_id": "4242",
+        });
+        change(&mut claims);
+        self.sign(&claims, Algorithm::ES256, Some(self.key.kid()))
+    }
+
+    fn sign(&self, claims: &Value, alg: Algorithm, kid: Option<&str>) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_der(self.key.pkcs8_der())).unwrap()
+    }
+}
+
+impl Drop for Issuer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct TestDaemon {
+    dir: tempfile::TempDir,
+    address: SocketAddr,
+    ca_pem: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn policies_for(issuer: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for sub in ["issuance", "exceptions"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+        for f in std::fs::read_dir(src.join(sub)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.path().join(sub).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("schema.cedarschema"), dir.path().join("schema.cedarschema")).unwrap();
+    let inventory = format!(
+        r#"
+        [[workload]]
+        id = "{CI_ID}"
+        owner = "acme-app-team@example.org"
+        purpose = "CI of acme/app"
+        environment = "ci"
+        tier = "critical"
+        expires = 2030-01-01
+        selectors = ["oidc:iss:{issuer}", "oidc:repository:acme/app"]
+        "#
+    );
+    std::fs::write(dir.path().join("inventory.toml"), inventory).unwrap();
+    dir
+}
+
+impl TestDaemon {
+    async fn start(issuer: &str, policies: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        // The listener's certificate, from a CA the client trusts.
+        let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
+        let (cert, key) = ca.issue_tls_server(&["localhost".into(), "127.0.0.1".into()], now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
+        let tls_cert = dir.path().join("tls.pem");
+        let tls_key = dir.path().join("tls-key.pem");
+        std::fs::write(&tls_cert, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).unwrap();
+        mayfly::keys::write_private(&tls_key, pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes()).unwrap();
+        let mut config = Config::try_from(RawConfig {
+            trust_domain: Some("mayfly.local".into()),
+            data_dir: Some(dir.path().join("data")),
+            policy: RawPolicy { bundle: Some(dir.path().join("unused.bundle")), trusted_keys: vec![dir.path().join("unused.pub")], ..Default::default() },
+            workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
+            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
+            listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), ..Default::default() }),
+            jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },
+            oidc: RawOidc { issuer: vec![RawIssuer { url: Some(issuer.into()), ..Default::default() }] },
+            ..Default::default()
+        })
+        .unwrap();
+        config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
+        let daemon = Daemon::build(config, Arc::new(FixedClock::new(now))).await.unwrap();
+        let address = daemon.listen_address().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            daemon.run(async { let _ = stopped.await; }).await.unwrap();
+        });
+        Self { dir, address, ca_pem: ca.cert_pem().to_owned(), stop: Some(stop), task: Some(task) }
+    }
+
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.address.port())
+    }
+
+    async fn exchange(&self, body: Value) -> (u16, Value) {
+        let response = self.client().post(self.url("/v1/exchange")).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn events(&self) -> Vec<StoredEvent> {
+        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap()
+    }
+
+    async fn credentials(&self) -> usize {
+        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().credentials().await.unwrap().len()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        }
+    }
+}
+
+fn dir_path(d: &tempfile::TempDir) -> PathBuf {
+    d.path().to_path_buf()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ci_token_is_exchanged_for_a_jwt_that_the_published_jwks_verifies() {
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
+
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS, "ttl": "10m" })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["spiffe_id"], CI_ID);
+    let token = body["token"].as_str().unwrap();
+
+    // Verify it as a relying party would: discovery → JWKS → signature, iss, aud.
+    let discovery: Value = d.client().get(d.url("/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(discovery["issuer"], "https://mayfly.test");
+    let jwks: Value = d.client().get(d.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone()).unwrap();
+    assert_eq!(jwks["keys"][0]["use"], "sig");
+    let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+    v.set_audience(&[ARTIFACTS]);
+    v.set_issuer(&["https://mayfly.test"]);
+    let claims = jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(), &v).unwrap().claims;
+    assert_eq!(claims["sub"], CI_ID);
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600, "asked 10 min, under the rule's 15");
+
+    // The ledger traces the credential to the commit and run that asked for it.
+    let events = d.events().await;
+    let issued = events.iter().rev().find(|e| e.kind == "issued").unwrap();
+    assert!(issued.body.contains("9fceb02d0ae598e95dc970b74767f19372d61af8") && issued.body.contains("\"run_id\":\"4242\""), "{}", issued.body);
+    let decision = events.iter().rev().find(|e| e.kind == "decision").unwrap();
+    assert!(decision.body.contains("ci-artifact-cache-jwt") && decision.body.contains("\"api\":\"exchange\""));
+    assert!(!events.iter().any(|e| e.body.contains(token)), "the minted token is never recorded");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_still_decides_what_a_verified_runner_gets() {
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
+
+    // A verified token, but no rule grants this audience.
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": "https://payments.example.org" })).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("access_denied")), "{body}");
+    // Another repository of the same issuer matches no inventory entry (and `serve` makes no dev identities).
+    let other = issuer.token(|c| c["repository"] = json!("acme/other"));
+    let (status, body) = d.exchange(json!({ "token": other, "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!(status, 403);
+    assert!(body["reason"].as_str().unwrap().contains("no inventory entry"), "{body}");
+    // X.509 through the exchange reuses the spine's minter; the rules give CI no X.509.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let (status, _) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "x509", "csr": csr })).await;
+    assert_eq!(status, 403);
+    // AWS is the next issue: a clear 400, nothing decided.
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" })).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("unsupported_kind")));
+    assert_eq!(d.credentials().await, 0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
+    let now = mayfly::clock::unix_secs(SystemTime::now());
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+
+    let stranger = JwtKey::generate().unwrap();
+    let mut foreign = Header::new(Algorithm::ES256);
+    foreign.kid = Some(issuer.key.kid().into());
+    let good_claims = |iss: &str| json!({ "iss": iss, "aud": "mayfly", "sub": "repo:acme/app:ref:refs/heads/main", "exp": now + 300, "iat": now, "repository": "acme/app", "jti": uuid::Uuid::new_v4().to_string() });
+    let (x, _) = issuer.key.public_xy();
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some(issuer.key.kid().into());
+    let replayed = issuer.token(|_| {});
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&good_claims(&issuer.url)))),
+        ("HS256 keyed with the public key", jsonwebtoken::encode(&hs, &good_claims(&issuer.url), &EncodingKey::from_secret(x.as_bytes()).unwrap()).unwrap()),
+        ("wrong issuer", issuer.token(|c| c["iss"] = json!("https://token.actions.githubusercontent.com"))),
+        ("wrong audience", issuer.token(|c| c["aud"] = json!("someone-else"))),
+        ("expired", issuer.token(|c| c["exp"] = json!(now - 3600))),
+        ("not yet valid", issuer.token(|c| c["nbf"] = json!(now + 3600))),
+        ("unknown kid", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("no-such-kid"))),
+        ("kid with a path", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("../../../etc/passwd"))),
+        ("kid with a URL", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("https://evil.example/jwks"))),
+        ("signed by another key", jsonwebtoken::encode(&foreign, &good_claims(&issuer.url), &EncodingKey::from_ec_der(stranger.pkcs8_der())).unwrap()),
+        ("unconfigured issuer", issuer.token(|c| c["iss"] = json!("https://gitlab.example.com"))),
+        ("garbage", "this is not a token".into()),
+        ("oversized", format!("{}.{}.x", "a".repeat(10_000), "b".repeat(10_000))),
+        ("replayed", replayed.clone()),
+    ];
+    // The first use of `replayed` succeeds; its second use is in the table.
+    let (status, _) = d.exchange(json!({ "token": replayed, "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!(status, 200);
+    let issued_before = d.credentials().await;
+    for (name, token) in &cases {
+        let before = d.events().await.len();
+        let (status, body) = d.exchange(json!({ "token": token, "kind": "jwt", "audience": ARTIFACTS })).await;
+        assert_eq!(status, 401, "{name}: {body}");
+        assert_eq!(body["error"], "invalid_token", "{name}");
+        assert!(!body["reason"].as_str().unwrap_or_default().is_empty(), "{name}: a short reason");
+        let events = d.events().await;
+        assert_eq!(events.len(), before + 1, "{name}: one recorded denial");
+        let last = events.last().unwrap();
+        assert!(last.kind == "decision" && last.body.contains("\"outcome\":\"deny\"") && last.body.contains("\"api\":\"exchange\""), "{name}: {}", last.body);
+    }
+    assert_eq!(d.credentials().await, issued_before, "no credential for any bad token");
+    let events = d.events().await;
+    assert!(events.iter().any(|e| e.body.contains("replay")));
+    assert_eq!(verify_chain(&events), Ok(events.len()));
+
+    // Bad requests are refused before anything is decided.
+    let before = d.events().await.len();
+    for body in [json!({ "token": issuer.token(|_| {}), "kind": "jwt" }), json!({ "token": "x", "kind": "ssh" }), json!({ "kind": "jwt" })] {
+        let (status, reply) = d.exchange(body).await;
+        assert_eq!(status, 400, "{reply}");
+    }
+    let huge = d.client().post(d.url("/v1/exchange")).body(vec![b'x'; 200 * 1024]).send().await.unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    assert_eq!(d.events().await.len(), before);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grpc_exchange_answers_like_the_json_one() {
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&d.ca_pem)).domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(d.url("")).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let mut client = mayfly::api::pb::exchange_client::ExchangeClient::new(channel);
+    let reply = client
+        .exchange(mayfly::api::pb::ExchangeRequest { token: issuer.token(|_| {}), kind: "jwt".into(), audience: ARTIFACTS.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.spiffe_id, CI_ID);
+    assert!(!reply.token.is_empty());
+    let err = client
+        .exchange(mayfly::api::pb::ExchangeRequest { token: "garbage".into(), kind: "jwt".into(), audience: ARTIFACTS.into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    d.stop().await;
+}
