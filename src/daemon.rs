@@ -81,6 +81,7 @@ pub struct Daemon {
     /// What relying parties trust now; every bundle stream follows it.
     bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     minter: Arc<X509Minter>,
+    jwt: Arc<Es256Minter>,
     net: Option<NetListener>,
     clock: Arc<dyn Clock>,
 }
@@ -108,6 +109,7 @@ impl Daemon {
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let jwt_issuer = config.jwt_issuer.clone().or_else(|| bound.map(|a| format!("https://{a}")));
         let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?.with_issuer(jwt_issuer.clone()));
+        let jwt_minter = jwt.clone();
         let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
         let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
         // The ledger holds no secrets, but it maps every identity and binary on the host.
@@ -183,7 +185,7 @@ impl Daemon {
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
         }
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, net, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, jwt: jwt_minter, net, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -197,7 +199,7 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, net, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, jwt, net, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
@@ -220,12 +222,15 @@ impl Daemon {
         };
         let watcher = tokio::spawn(watch_policy(policy.clone(), config.policy_poll, stop_rx.clone()));
         let bundles = Arc::new(bundles);
-        let ca_watch = CaWatch {
+        let ca_watch = KeyWatch {
             files: match &config.ca {
                 CaSource::Files { cert, key } => Some((cert.clone(), key.clone())),
                 CaSource::Generated { .. } => None,
             },
             minter,
+            jwt_file: config.jwt_key.clone(),
+            jwt,
+            jwt_refused: None,
             issuer: issuer.clone(),
             bundles: bundles.clone(),
             ledger: ledger.clone() as Arc<dyn Ledger>,
@@ -423,12 +428,18 @@ async fn serve_tls(net: NetListener, router: axum::Router, mut stop: tokio::sync
     }
 }
 
-/// Keeps the X.509 CA current: with CA files configured, a new valid pair on disk becomes
-/// the signer (recorded first, `ca_rotated`), and retired CAs leave the bundle once their
-/// SVIDs have expired; every change reaches every bundle stream (and SVID streams renew).
-struct CaWatch {
+/// Keeps the signing keys current. With CA files configured, a new valid pair on disk
+/// becomes the X.509 signer (recorded first, `ca_rotated`); with a JWT key file, a new key
+/// becomes the JWT signer (`jwt_key_rotated`). Retired CAs and keys stay in the bundles
+/// until what they signed has expired; every change reaches every bundle stream (and SVID
+/// streams renew).
+struct KeyWatch {
     files: Option<(PathBuf, PathBuf)>,
     minter: Arc<X509Minter>,
+    jwt_file: Option<PathBuf>,
+    jwt: Arc<Es256Minter>,
+    /// The JWT key file content last refused, so a bad file is reported once.
+    jwt_refused: Option<Vec<u8>>,
     issuer: Arc<Issuer>,
     bundles: Arc<tokio::sync::watch::Sender<Arc<TrustBundle>>>,
     ledger: Arc<dyn Ledger>,
@@ -438,7 +449,7 @@ struct CaWatch {
     refused: Option<Vec<u8>>,
 }
 
-impl CaWatch {
+impl KeyWatch {
     async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -454,12 +465,49 @@ impl CaWatch {
     async fn check(&mut self) {
         let now = self.clock.now();
         let mut changed = self.minter.prune(now);
+        changed |= self.jwt.prune(now);
         if let Some((cert, key)) = self.files.clone() {
             changed |= self.reload(&cert, &key, now).await;
+        }
+        if let Some(path) = self.jwt_file.clone() {
+            changed |= self.reload_jwt(&path, now).await;
         }
         if changed {
             self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks() }));
         }
+    }
+
+    async fn reload_jwt(&mut self, path: &Path, now: std::time::SystemTime) -> bool {
+        let Ok(bytes) = std::fs::read(path) else { return false };
+        if self.jwt_refused.as_ref() == Some(&bytes) {
+            return false;
+        }
+        let from = self.jwt.active_kid();
+        let next = match JwtKey::load(path) {
+            Ok(k) if k.kid() == from => return false,
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "new JWT key file refused; the current key keeps signing");
+                let event = NewEvent { kind: EventKind::JwtKeyRejected, at: now, body: json!({ "reason": e.to_string(), "kid": from }), credential: None };
+                if self.ledger.record(event).await.is_ok() {
+                    self.jwt_refused = Some(bytes);
+                }
+                return false;
+            }
+        };
+        let to = next.kid().to_owned();
+        let event = NewEvent { kind: EventKind::JwtKeyRotated, at: now, body: json!({ "from_kid": from, "to_kid": to }), credential: None };
+        if let Err(e) = self.ledger.record(event).await {
+            tracing::error!(error = %e, "JWT key rotation not recorded; not rotating yet");
+            return false;
+        }
+        if let Err(e) = self.jwt.rotate(next, now, self.longest_ttl) {
+            tracing::error!(error = %e, "JWT key rotation failed; the current key keeps signing");
+            return false;
+        }
+        self.jwt_refused = None;
+        tracing::info!(from_kid = from, to_kid = to, "JWT signing key rotated");
+        true
     }
 
     async fn reload(&mut self, cert: &Path, key: &Path, now: std::time::SystemTime) -> bool {

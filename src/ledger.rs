@@ -46,6 +46,10 @@ pub enum EventKind {
     CaRotated,
     /// New CA files on disk were not usable; the current CA keeps signing.
     CaRejected,
+    /// A new JWT signing key took over (the old one stays in the JWKS until its tokens expire).
+    JwtKeyRotated,
+    /// A new JWT key file was not usable; the current key keeps signing.
+    JwtKeyRejected,
 }
 
 impl EventKind {
@@ -61,6 +65,8 @@ impl EventKind {
             EventKind::PolicyRolledBack => "policy_rolled_back",
             EventKind::CaRotated => "ca_rotated",
             EventKind::CaRejected => "ca_rejected",
+            EventKind::JwtKeyRotated => "jwt_key_rotated",
+            EventKind::JwtKeyRejected => "jwt_key_rejected",
         }
     }
 }

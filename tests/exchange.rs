@@ -111,7 +111,10 @@ fn policies_for(issuer: &str) -> tempfile::TempDir {
 
 impl TestDaemon {
     async fn start(issuer: &str, policies: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), issuer, policies, None).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, issuer: &str, policies: &Path, jwt_key: Option<PathBuf>) -> Self {
         let now = SystemTime::now();
         // The listener's certificate, from a CA the client trusts.
         let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
@@ -123,11 +126,15 @@ impl TestDaemon {
         let mut config = Config::try_from(RawConfig {
             trust_domain: Some("mayfly.local".into()),
             data_dir: Some(dir.path().join("data")),
-            policy: RawPolicy { bundle: Some(dir.path().join("unused.bundle")), trusted_keys: vec![dir.path().join("unused.pub")], ..Default::default() },
+            policy: RawPolicy {
+                bundle: Some(dir.path().join("unused.bundle")),
+                trusted_keys: vec![dir.path().join("unused.pub")],
+                poll_interval: Some("1s".into()),
+            },
             workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
             listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), ..Default::default() }),
-            jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },
+            jwt: RawJwt { issuer: Some("https://mayfly.test".into()), key: jwt_key },
             oidc: RawOidc { issuer: vec![RawIssuer { url: Some(issuer.into()), ..Default::default() }] },
             ..Default::default()
         })
@@ -327,5 +334,55 @@ async fn the_grpc_exchange_answers_like_the_json_one() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    d.stop().await;
+}
+
+fn write_jwt_key(path: &Path) -> String {
+    let key = JwtKey::generate().unwrap();
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    mayfly::keys::write_private(&tmp, pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8_der().to_vec())).as_bytes()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    key.kid().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_jwt_key_signs_at_once_and_the_old_one_stays_published_for_its_tokens() {
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("jwt-signing.pem");
+    let first_kid = write_jwt_key(&key_path);
+    let d = TestDaemon::start_in(dir, &issuer.url, &dir_path(&policies), Some(key_path.clone())).await;
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!(status, 200, "{body}");
+    let old_token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(jsonwebtoken::decode_header(&old_token).unwrap().kid.as_deref(), Some(first_kid.as_str()));
+
+    let second_kid = write_jwt_key(&key_path);
+    let kids = |jwks: &Value| jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let mut jwks = Value::Null;
+    for _ in 0..100 {
+        jwks = d.client().get(d.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+        if kids(&jwks).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kids(&jwks), vec![second_kid.clone(), first_kid.clone()], "the new key first, the old one kept");
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!(status, 200);
+    let new_token = body["token"].as_str().unwrap();
+    assert_eq!(jsonwebtoken::decode_header(new_token).unwrap().kid.as_deref(), Some(second_kid.as_str()));
+    // Both verify against the published JWKS.
+    for token in [old_token.as_str(), new_token] {
+        let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+        let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == kid.as_str()).unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).unwrap();
+        let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+        v.set_audience(&[ARTIFACTS]);
+        jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(), &v).unwrap();
+    }
+    assert!(d.events().await.iter().any(|e| e.kind == "jwt_key_rotated" && e.body.contains(&second_kid)));
     d.stop().await;
 }

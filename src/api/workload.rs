@@ -270,6 +270,10 @@ impl SvidStream {
                 () = self.tx.closed() => Wake::Gone,
                 _ = self.stop.wait_for(|s| *s) => Wake::Gone,
             };
+            // A JWT-only change (a new JWT signing key) leaves the X.509 SVID as it is.
+            if matches!(wake, Wake::BundleChanged) && self.bundles.borrow().x509 == current.bundle {
+                continue;
+            }
             let why = match wake {
                 Wake::Gone => return,
                 Wake::Due => "rotation",

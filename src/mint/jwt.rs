@@ -4,8 +4,10 @@
 //! minter serves every path that hands out JWTs. Records nothing, decides nothing.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -22,9 +24,7 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const START_SKEW_SECS: i64 = 30;
 
 pub struct Es256Minter {
-    key: JwtKey,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    keys: ArcSwap<KeySet>,
     trust_domain: TrustDomain,
     /// `iss` of every token, when mayfly publishes OIDC discovery (the TLS listener's URL).
     issuer: Option<String>,
@@ -42,12 +42,68 @@ struct Claims<'a> {
     jti: &'a str,
 }
 
-impl Es256Minter {
-    pub fn new(key: JwtKey, trust_domain: TrustDomain) -> Result<Self, MintError> {
+/// A signing key with its jsonwebtoken forms.
+struct SigningKey {
+    key: JwtKey,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl SigningKey {
+    fn new(key: JwtKey) -> Result<Self, MintError> {
         let (x, y) = key.public_xy();
         let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| MintError::Signing(e.to_string()))?;
         let encoding = EncodingKey::from_ec_der(key.pkcs8_der());
-        Ok(Self { key, encoding, decoding, trust_domain, issuer: None })
+        Ok(Self { key, encoding, decoding })
+    }
+}
+
+/// The key that signs, and retired keys still published (and accepted) until every token
+/// they signed has expired.
+struct KeySet {
+    active: Arc<SigningKey>,
+    retired: Vec<(Arc<SigningKey>, SystemTime)>,
+}
+
+impl KeySet {
+    fn find(&self, kid: &str, now: SystemTime) -> Option<&SigningKey> {
+        std::iter::once(&self.active)
+            .chain(self.retired.iter().filter(|(_, until)| *until > now).map(|(k, _)| k))
+            .find(|k| k.key.kid() == kid)
+            .map(|k| k.as_ref())
+    }
+}
+
+impl Es256Minter {
+    pub fn new(key: JwtKey, trust_domain: TrustDomain) -> Result<Self, MintError> {
+        let active = Arc::new(SigningKey::new(key)?);
+        Ok(Self { keys: ArcSwap::from_pointee(KeySet { active, retired: vec![] }), trust_domain, issuer: None })
+    }
+
+    pub fn active_kid(&self) -> String {
+        self.keys.load().active.key.kid().to_owned()
+    }
+
+    /// Makes `next` the signing key. The replaced key stays in the JWKS, and its tokens
+    /// keep validating, for `longest_ttl` (no token it signed lives longer).
+    pub fn rotate(&self, next: JwtKey, now: SystemTime, longest_ttl: Duration) -> Result<(), MintError> {
+        let next = Arc::new(SigningKey::new(next)?);
+        self.keys.rcu(|set| {
+            let mut retired: Vec<_> = set.retired.iter().filter(|(_, until)| *until > now).cloned().collect();
+            retired.insert(0, (set.active.clone(), now + longest_ttl));
+            KeySet { active: next.clone(), retired }
+        });
+        Ok(())
+    }
+
+    /// Drops retired keys whose tokens have all expired. True when the JWKS changed.
+    pub fn prune(&self, now: SystemTime) -> bool {
+        let before = self.keys.load().retired.len();
+        self.keys.rcu(|set| KeySet {
+            active: set.active.clone(),
+            retired: set.retired.iter().filter(|(_, until)| *until > now).cloned().collect(),
+        });
+        self.keys.load().retired.len() != before
     }
 
     /// Stamps `iss` on every token (the URL relying parties find discovery under).
@@ -62,11 +118,13 @@ impl JwtMinter for Es256Minter {
         let iat = unix_secs(now);
         let ttl = i64::try_from(grant.ttl().as_secs()).map_err(|e| MintError::Signing(e.to_string()))?;
         let exp = iat + ttl;
+        let keys = self.keys.load();
+        let signer = &keys.active;
         let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.key.kid().to_owned());
+        header.kid = Some(signer.key.kid().to_owned());
         header.typ = Some("JWT".into());
         let claims = Claims { iss: self.issuer.as_deref(), sub: grant.identity().as_str(), aud: grant.audiences(), exp, iat, nbf: iat, jti };
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
+        let token = jsonwebtoken::encode(&header, &claims, &signer.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()));
         let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
         Ok(JwtSvid {
@@ -80,9 +138,16 @@ impl JwtMinter for Es256Minter {
     }
 
     fn jwks(&self) -> Value {
-        let (x, y) = self.key.public_xy();
+        let keys = self.keys.load();
+        let all = std::iter::once(&keys.active).chain(keys.retired.iter().map(|(k, _)| k));
         // `use: jwt-svid` marks a JWT authority in a SPIFFE bundle (SPIFFE Trust Domain and Bundle spec).
-        json!({ "keys": [{ "kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": self.key.kid(), "use": "jwt-svid", "alg": "ES256" }] })
+        let jwks: Vec<Value> = all
+            .map(|k| {
+                let (x, y) = k.key.public_xy();
+                json!({ "kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": k.key.kid(), "use": "jwt-svid", "alg": "ES256" })
+            })
+            .collect();
+        json!({ "keys": jwks })
     }
 
     fn validate_jwt(&self, token: &str, audience: &str, now: SystemTime) -> Result<ValidatedJwt, JwtError> {
@@ -93,10 +158,8 @@ impl JwtMinter for Es256Minter {
         if header.alg != Algorithm::ES256 {
             return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
         }
-        match header.kid.as_deref() {
-            Some(kid) if kid == self.key.kid() => {}
-            _ => return Err(JwtError::UnknownKey),
-        }
+        let keys = self.keys.load();
+        let signer = header.kid.as_deref().and_then(|kid| keys.find(kid, now)).ok_or(JwtError::UnknownKey)?;
         let mut validation = Validation::new(Algorithm::ES256);
         // Why: time comes from the injected clock (below), not the library's own clock read.
         validation.validate_exp = false;
@@ -104,7 +167,7 @@ impl JwtMinter for Es256Minter {
         validation.leeway = 0;
         validation.required_spec_claims = HashSet::from(["sub".to_owned(), "aud".to_owned(), "exp".to_owned()]);
         validation.set_audience(&[audience]);
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.decoding, &validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &signer.decoding, &validation).map_err(|e| {
             match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidAudience => JwtError::Audience(audience.to_owned()),
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::Signature,
@@ -202,5 +265,23 @@ mod tests {
         assert!(m.validate_jwt(&none, "db", now).is_err());
         assert!(matches!(m.validate_jwt("garbage", "db", now), Err(JwtError::Malformed(_))));
         assert!(matches!(m.validate_jwt(&"a".repeat(MAX_TOKEN_BYTES + 1), "db", now), Err(JwtError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_rotated_key_signs_at_once_and_the_old_one_verifies_until_its_tokens_expire() {
+        let m = minter();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let old = m.mint_jwt(&grant(&["db"], "5m"), "a", now).unwrap().token;
+        let old_kid = m.active_kid();
+        m.rotate(JwtKey::generate().unwrap(), now, Duration::from_secs(3600)).unwrap();
+        assert_ne!(m.active_kid(), old_kid);
+        let kids: Vec<String> = m.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(kids, vec![m.active_kid(), old_kid.clone()], "both published");
+        let new = m.mint_jwt(&grant(&["db"], "5m"), "b", now).unwrap().token;
+        assert!(m.validate_jwt(old.expose(), "db", now).is_ok(), "tokens of the old key still validate");
+        assert!(m.validate_jwt(new.expose(), "db", now).is_ok());
+        assert!(!m.prune(now + Duration::from_secs(3599)));
+        assert!(m.prune(now + Duration::from_secs(3600)));
+        assert_eq!(m.jwks()["keys"].as_array().unwrap().len(), 1);
     }
 }
