@@ -450,4 +450,23 @@ mod tests {
         let unsigned = BASE.replace("trusted_keys = [\"/etc/mayfly/policy-signing.pub\"]", "");
         assert!(parse(&unsigned).unwrap_err().to_string().contains("policy.trusted_keys"));
     }
+
+    #[test]
+    fn the_exchange_is_configured_strictly() {
+        let listen = "\n[listen]\naddress = \"127.0.0.1:8443\"\ncert = \"/t.pem\"\nkey = \"/k.pem\"\n";
+        let issuer = |extra: &str| format!("{BASE}{listen}[jwt]\nissuer = \"https://mayfly.example.org\"\n[[oidc.issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\n{extra}");
+        let c = parse(&issuer("")).unwrap();
+        assert_eq!(c.oidc_issuers[0].audiences, vec!["mayfly".to_owned()]);
+        assert!(!c.oidc_issuers[0].dev_fallback, "serve never makes dev identities");
+        let hs = parse(&issuer("algorithms = [\"HS256\"]\n")).unwrap_err().to_string();
+        assert!(hs.contains("oidc.issuer.algorithms") && hs.contains("symmetric"), "{hs}");
+        let plain = issuer("").replace("https://token.actions", "http://token.actions");
+        assert!(parse(&plain).unwrap_err().to_string().contains("oidc.issuer.url"));
+        let skew = parse(&issuer("clock_skew = \"10m\"\n")).unwrap_err().to_string();
+        assert!(skew.contains("oidc.issuer.clock_skew"), "{skew}");
+        let no_iss = format!("{BASE}{listen}");
+        assert!(parse(&no_iss).unwrap_err().to_string().contains("jwt.issuer"));
+        let no_listener = format!("{BASE}[[oidc.issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\n");
+        assert!(parse(&no_listener).unwrap_err().to_string().contains("`listen`"));
+    }
 }
