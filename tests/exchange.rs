@@ -386,3 +386,38 @@ async fn a_new_jwt_key_signs_at_once_and_the_old_one_stays_published_for_its_tok
     assert!(d.events().await.iter().any(|e| e.kind == "jwt_key_rotated" && e.body.contains(&second_kid)));
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries() {
+    let issuer = Issuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let config = Config::dev(
+        dir.path().join("data"),
+        policies,
+        dir.path().join("mayfly.sock"),
+        dir.path().join("admin.sock"),
+        mayfly::config::DevNet { listen: Some("127.0.0.1:0".into()), oidc_issuers: vec![issuer.url.clone()] },
+    )
+    .unwrap();
+    let daemon = Daemon::build(config, Arc::new(FixedClock::new(SystemTime::now()))).await.unwrap();
+    let address = daemon.listen_address().unwrap();
+    let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move { daemon.run(async { let _ = stopped.await; }).await.unwrap() });
+    let d = TestDaemon { dir, address, ca_pem, stop: Some(stop), task: Some(task) };
+
+    let token = issuer.token(|c| c["sub"] = json!("repo:someone/tool:ref:refs/heads/dev"));
+    let (status, body) = d.exchange(json!({ "token": token, "kind": "jwt", "audience": "anything-at-all", "ttl": "1h" })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_someone_tool_ref_refs_heads_dev");
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
+    assert_eq!(claims["iss"], format!("https://{address}"), "dev's issuer is the bound listener");
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900, "dev-oidc-jwt grants at most 15 min");
+    // The dev identity gets JWTs only: no X.509, no AWS.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let (status, _) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "x509", "csr": csr })).await;
+    assert_eq!(status, 403);
+    d.stop().await;
+}
