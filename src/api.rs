@@ -43,6 +43,8 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Token(OidcError::Unavailable(_)) => Code::Unavailable,
         IssueError::Token(_) => Code::Unauthenticated,
         IssueError::NoExchange => Code::FailedPrecondition,
+        IssueError::Locked { .. } => Code::PermissionDenied,
+        IssueError::Revoked(_) => Code::InvalidArgument,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");

@@ -4,6 +4,7 @@
 mod audit;
 mod bench;
 mod policy;
+mod respond;
 
 pub use x509::connect;
 pub mod x509;
@@ -65,6 +66,17 @@ enum Command {
         #[command(subcommand)]
         command: policy::Command,
     },
+    /// Revoke credentials (by credential, serial, identity, selector or policy bundle) on a running daemon.
+    Revoke(respond::RevokeArgs),
+    /// Lock an identity (or prefix): no new credential of any kind until unlocked.
+    Lock(respond::LockArgs),
+    /// Lift an identity's lock.
+    Unlock(respond::UnlockArgs),
+    /// Credentials on record.
+    Credentials {
+        #[command(subcommand)]
+        command: respond::CredentialsCommand,
+    },
     /// Measure and print figures (throughput, latency).
     Bench {
         #[command(subcommand)]
@@ -98,6 +110,10 @@ pub fn main() -> ExitCode {
             Command::Audit { command } => audit::run(command).await,
             Command::Bench { command } => bench::run(command).await,
             Command::Policy { command } => policy::run(command).await,
+            Command::Revoke(args) => respond::revoke(args).await,
+            Command::Lock(args) => respond::lock(args).await,
+            Command::Unlock(args) => respond::unlock(args).await,
+            Command::Credentials { command } => respond::credentials(command).await,
         }
     })
 }

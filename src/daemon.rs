@@ -26,6 +26,8 @@ use crate::api::exchange::{ExchangeApi, RemoteAddr};
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
 use crate::config::{CaSource, Config, TlsSource};
 use crate::issue::ExchangeSettings;
+use crate::ledger::sqlite::LedgerReader;
+use crate::revoke::{Desk, NoAws, Revocations};
 use crate::issue::Issuer;
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
 use crate::ledger::sqlite::SqliteBackend;
@@ -78,8 +80,8 @@ pub struct Daemon {
     listener: UnixListener,
     admin: Option<UnixListener>,
     policy: Arc<PolicyController>,
-    /// What relying parties trust now; every bundle stream follows it.
-    bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
+    /// What relying parties trust now (CAs, JWKS, CRLs); every bundle stream follows it.
+    publisher: Arc<BundlePublisher>,
     minter: Arc<X509Minter>,
     jwt: Arc<Es256Minter>,
     net: Option<NetListener>,
@@ -141,6 +143,12 @@ impl Daemon {
             _ => None,
         };
         let minter = Arc::new(X509Minter::new(Arc::new(ca)));
+        // Revocations and locks are rebuilt from the ledger: they survive restarts.
+        let revocations = {
+            let mut reader = LedgerReader::open(&config.ledger_path).await.map_err(ledger_err)?;
+            let events = reader.events_of_kinds(&["revoked", "locked", "unlocked"]).await.map_err(ledger_err)?;
+            Arc::new(Revocations::from_events(&events))
+        };
         let issuer = Issuer::new(
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             store,
@@ -158,8 +166,9 @@ impl Daemon {
                 })
             }
             None => issuer,
-        });
-        let bundles = tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: issuer.x509_bundle(), jwks: issuer.jwks() }));
+        }
+        .with_revocations(revocations));
+        let publisher = Arc::new(BundlePublisher::new(issuer.clone(), minter.clone(), clock.clone()));
         ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStarted,
@@ -185,7 +194,7 @@ impl Daemon {
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
         }
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, jwt: jwt_minter, net, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt: jwt_minter, net, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -199,7 +208,7 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, bundles, minter, jwt, net, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, clock } = self;
         let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
@@ -213,7 +222,7 @@ impl Daemon {
             jwt_ttl: config.jwt_ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(issuer.clone(), settings, bundles.subscribe(), stop_rx.clone()))
+        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(issuer.clone(), settings, publisher.subscribe(), stop_rx.clone()))
             .max_decoding_message_size(config.max_request_bytes);
         let shutdown = async move {
             shutdown.await;
@@ -221,7 +230,6 @@ impl Daemon {
             let _ = draining.send(());
         };
         let watcher = tokio::spawn(watch_policy(policy.clone(), config.policy_poll, stop_rx.clone()));
-        let bundles = Arc::new(bundles);
         let ca_watch = KeyWatch {
             files: match &config.ca {
                 CaSource::Files { cert, key } => Some((cert.clone(), key.clone())),
@@ -231,23 +239,37 @@ impl Daemon {
             jwt_file: config.jwt_key.clone(),
             jwt,
             jwt_refused: None,
-            issuer: issuer.clone(),
-            bundles: bundles.clone(),
+            publisher: publisher.clone(),
             ledger: ledger.clone() as Arc<dyn Ledger>,
             clock: clock.clone(),
             longest_ttl: config.max_ttl.as_duration(),
             refused: None,
         };
         let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
+        let crl_publisher = tokio::spawn(publish_on_revocation(publisher.clone(), stop_rx.clone()));
+        let sweeper = tokio::spawn(
+            ExpirySweep::new(config.ledger_path.clone(), ledger.clone() as Arc<dyn Ledger>, issuer.revocations().clone(), clock.clone())
+                .run(config.policy_poll, stop_rx.clone()),
+        );
         let net_server = match (net, &config.listen) {
             (Some(net), Some(listen)) => {
-                let api = ExchangeApi::new(issuer.clone(), net.jwt_issuer.clone(), config.default_ttl, config.jwt_ttl, config.max_ttl, listen.request_timeout);
+                let api = ExchangeApi::new(issuer.clone(), net.jwt_issuer.clone(), config.default_ttl, config.jwt_ttl, config.max_ttl, listen.request_timeout)
+                    .with_bundles(publisher.subscribe());
                 Some(tokio::spawn(serve_tls(net, api.router(listen.max_request_bytes), stop_rx.clone())))
             }
             _ => None,
         };
         let admin_server = admin.map(|listener| {
-            let service = AdminServer::new(AdminService::new(policy.clone(), rustix::process::geteuid().as_raw()))
+            let desk = Arc::new(Desk {
+                ledger: ledger.clone() as Arc<dyn Ledger>,
+                ledger_path: config.ledger_path.clone(),
+                revocations: issuer.revocations().clone(),
+                policy: policy.store(),
+                clock: clock.clone(),
+                trust_domain: config.trust_domain.clone(),
+                aws: Arc::new(NoAws),
+            });
+            let service = AdminServer::new(AdminService::new(policy.clone(), desk, rustix::process::geteuid().as_raw()))
                 .max_decoding_message_size(64 * 1024);
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
             let mut stop = stop_rx.clone();
@@ -285,8 +307,10 @@ impl Daemon {
         let _ = std::fs::remove_file(&config.socket);
         watcher.abort();
         let _ = watcher.await;
-        ca_watcher.abort();
-        let _ = ca_watcher.await;
+        for task in [ca_watcher, crl_publisher, sweeper] {
+            task.abort();
+            let _ = task.await;
+        }
         if let Some(server) = net_server {
             // It drains its own connections (bounded) once `stop` flips.
             let _ = server.await;
@@ -299,7 +323,7 @@ impl Daemon {
             let _ = std::fs::remove_file(path);
         }
         drop(policy);
-        drop(bundles);
+        drop(publisher);
         let stopped = ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStopped,
@@ -428,6 +452,141 @@ async fn serve_tls(net: NetListener, router: axum::Router, mut stop: tokio::sync
     }
 }
 
+/// Builds and publishes what relying parties trust: CA certificates, the JWKS, and a CRL
+/// per CA listing revoked SVIDs (re-signed on every change and at least hourly).
+struct BundlePublisher {
+    issuer: Arc<Issuer>,
+    minter: Arc<X509Minter>,
+    clock: Arc<dyn Clock>,
+    bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
+    crl_made: std::sync::Mutex<std::time::SystemTime>,
+}
+
+/// A CRL older than this is re-signed even without a change (its validity is a day).
+const CRL_REFRESH: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl BundlePublisher {
+    fn new(issuer: Arc<Issuer>, minter: Arc<X509Minter>, clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        let me = Self {
+            issuer,
+            minter,
+            clock,
+            bundles: tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: vec![], jwks: json!({ "keys": [] }), crls: vec![] })),
+            crl_made: std::sync::Mutex::new(now),
+        };
+        me.publish();
+        me
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<TrustBundle>> {
+        self.bundles.subscribe()
+    }
+
+    fn crl_is_stale(&self) -> bool {
+        let made = *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.clock.now().duration_since(made).unwrap_or_default() >= CRL_REFRESH
+    }
+
+    fn publish(&self) {
+        let now = self.clock.now();
+        let entries = self.issuer.revocations().revoked_x509(now);
+        // Why the number: CRL numbers must increase; milliseconds since the epoch do.
+        let number = u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
+        let crls = match self.minter.crls(&entries, now, number) {
+            Ok(crls) => crls,
+            Err(e) => {
+                // Keep the last CRLs rather than publish none: an empty CRL would un-revoke.
+                tracing::error!(error = %e, "CRL signing failed; the previous CRL stays published");
+                self.bundles.borrow().crls.clone()
+            }
+        };
+        *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+        self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks(), crls }));
+    }
+}
+
+/// Re-publishes the bundle (a new CRL) on every revocation, lock or unlock.
+async fn publish_on_revocation(publisher: Arc<BundlePublisher>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut changes = publisher.issuer.revocations().changes();
+    loop {
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                publisher.publish();
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
+/// Records `expired` for every credential past its not-after (the removal half of its
+/// lifecycle), in (not_after, id) order from a watermark kept in the events themselves, so
+/// a restart catches up on what expired while the daemon was down. Revoked credentials were
+/// already removed and are skipped.
+struct ExpirySweep {
+    ledger_path: PathBuf,
+    ledger: Arc<dyn Ledger>,
+    revocations: Arc<Revocations>,
+    clock: Arc<dyn Clock>,
+    watermark: Option<(i64, String)>,
+}
+
+impl ExpirySweep {
+    fn new(ledger_path: PathBuf, ledger: Arc<dyn Ledger>, revocations: Arc<Revocations>, clock: Arc<dyn Clock>) -> Self {
+        Self { ledger_path, ledger, revocations, clock, watermark: None }
+    }
+
+    async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
+                    }
+                }
+                () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+        }
+    }
+
+    async fn sweep(&mut self) -> Result<(), LedgerError> {
+        let mut reader = LedgerReader::open(&self.ledger_path).await?;
+        if self.watermark.is_none() {
+            let last = reader.events_of_kinds(&["expired"]).await?.pop();
+            let mark = last
+                .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.body).ok())
+                .and_then(|b| Some((b.get("not_after")?.as_i64()?, b.get("credential_id")?.as_str()?.to_owned())));
+            self.watermark = Some(mark.unwrap_or((i64::MIN, String::new())));
+        }
+        let now = crate::clock::unix_secs(self.clock.now());
+        loop {
+            let (after_na, after_id) = self.watermark.clone().unwrap_or((i64::MIN, String::new()));
+            let batch = reader.expiring((after_na, &after_id), now, 500).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for c in batch {
+                if !self.revocations.is_revoked(&c.id) {
+                    self.ledger
+                        .record(NewEvent {
+                            kind: EventKind::Expired,
+                            at: self.clock.now(),
+                            body: json!({ "credential_id": c.id, "kind": c.kind, "identity": c.identity, "serial": c.serial, "not_after": c.not_after }),
+                            credential: None,
+                        })
+                        .await?;
+                }
+                self.watermark = Some((c.not_after, c.id));
+            }
+        }
+    }
+}
+
 /// Keeps the signing keys current. With CA files configured, a new valid pair on disk
 /// becomes the X.509 signer (recorded first, `ca_rotated`); with a JWT key file, a new key
 /// becomes the JWT signer (`jwt_key_rotated`). Retired CAs and keys stay in the bundles
@@ -440,8 +599,7 @@ struct KeyWatch {
     jwt: Arc<Es256Minter>,
     /// The JWT key file content last refused, so a bad file is reported once.
     jwt_refused: Option<Vec<u8>>,
-    issuer: Arc<Issuer>,
-    bundles: Arc<tokio::sync::watch::Sender<Arc<TrustBundle>>>,
+    publisher: Arc<BundlePublisher>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
     longest_ttl: std::time::Duration,
@@ -472,8 +630,8 @@ impl KeyWatch {
         if let Some(path) = self.jwt_file.clone() {
             changed |= self.reload_jwt(&path, now).await;
         }
-        if changed {
-            self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks() }));
+        if changed || self.publisher.crl_is_stale() {
+            self.publisher.publish();
         }
     }
 

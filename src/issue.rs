@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::clock::{unix_secs, utc_date, Clock};
 use crate::attest::oidc::{OidcError, OidcVerifier, VerifiedToken};
+use crate::revoke::Revocations;
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::keys::SecretDer;
@@ -40,6 +41,10 @@ pub enum IssueError {
     Token(#[from] OidcError),
     #[error("this daemon has no trusted OIDC issuers; the exchange is off")]
     NoExchange,
+    #[error("the identity `{identity}` is locked: {reason}")]
+    Locked { identity: String, reason: String },
+    #[error("the credential `{0}` was revoked")]
+    Revoked(String),
 }
 
 /// Who is asking: a local process (kernel-attested) or the holder of a verified id-token.
@@ -139,6 +144,7 @@ struct Authorized {
 
 pub struct Issuer {
     exchange: Option<ExchangeSettings>,
+    revocations: Arc<Revocations>,
     attestor: Arc<dyn Attestor>,
     policy: Arc<PolicyStore>,
     minter: Arc<dyn Minter>,
@@ -156,7 +162,17 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, attestor, policy, minter, jwt, ledger, clock }
+        Self { exchange: None, revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
+    }
+
+    /// The revocation state issuance and validation consult (shared with the admin API).
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// Turns the token exchange on: id-tokens from these issuers are verified and exchanged.
@@ -311,14 +327,30 @@ impl Issuer {
     /// Verifies one of mayfly's JWT-SVIDs for `audience`. A successful validation is a `used`
     /// event for the token's credential, durable before the answer; a failed one is logged.
     pub async fn validate_jwt(&self, peer: &PeerInfo, token: &str, audience: &str) -> Result<ValidatedJwt, IssueError> {
+        let by = json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid });
+        self.check_jwt(token, Some(audience), "validate_jwt_svid", by).await
+    }
+
+    /// RFC 7662 introspection: `Ok` for a live token (recorded as a use), an error saying
+    /// why it is not active otherwise.
+    pub async fn introspect(&self, token: &str, remote: &str) -> Result<ValidatedJwt, IssueError> {
+        self.check_jwt(token, None, "introspect", json!({ "remote": remote })).await
+    }
+
+    /// Verifies one of mayfly's JWTs (signature, expiry, audience when given) and that it
+    /// was not revoked; a live token's check is a durable `used` event before the answer.
+    /// A revoked token's attempted use is recorded too (incident responders want it).
+    async fn check_jwt(&self, token: &str, audience: Option<&str>, use_kind: &str, by: serde_json::Value) -> Result<ValidatedJwt, IssueError> {
         let now = self.clock.now();
+        let audience_text = audience.unwrap_or_default();
         let validated = match self.jwt.validate_jwt(token, audience, now) {
             Ok(v) => v,
             Err(e) => {
-                tracing::info!(uid = peer.uid, pid = peer.pid.unwrap_or(0), audience, error = %e, "jwt-svid validation failed");
+                tracing::info!(by = %by, audience = audience_text, error = %e, "jwt validation failed");
                 return Err(e.into());
             }
         };
+        let revoked = self.revocations.is_revoked(&validated.jti);
         self.ledger
             .record(NewEvent {
                 kind: EventKind::Used,
@@ -327,13 +359,18 @@ impl Issuer {
                     "credential_id": validated.jti,
                     "kind": CredentialKind::Jwt.as_str(),
                     "identity": validated.identity.as_str(),
-                    "use": "validate_jwt_svid",
+                    "use": use_kind,
                     "audience": audience,
-                    "by": { "uid": peer.uid, "gid": peer.gid, "pid": peer.pid },
+                    "by": by,
+                    "refused": if revoked { Some("revoked") } else { None },
                 }),
                 credential: None,
             })
             .await?;
+        if revoked {
+            tracing::warn!(credential_id = validated.jti, identity = %validated.identity, "a revoked JWT was presented");
+            return Err(IssueError::Revoked(validated.jti));
+        }
         Ok(validated)
     }
 
@@ -392,6 +429,11 @@ impl Issuer {
             }
         };
 
+        if let Some(lock) = self.revocations.lock_for(&entry.id, now) {
+            let err = IssueError::Locked { identity: entry.id.to_string(), reason: lock.reason };
+            self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin).await?;
+            return Err(err);
+        }
         let context = RequestContext { oidc, ..RequestContext::default() };
         let decisions: Vec<Decision> = resources
             .iter()
@@ -443,6 +485,8 @@ impl Issuer {
                     "errors": errors,
                     "policy_version": version,
                     "identity": entry.id.as_str(),
+                    "owner": entry.owner,
+                    "purpose": entry.purpose,
                     "caller": caller_record,
                     "requested_ttl_secs": ttl.as_secs(),
                     "granted_ttl_secs": granted,

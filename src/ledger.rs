@@ -50,6 +50,15 @@ pub enum EventKind {
     JwtKeyRotated,
     /// A new JWT key file was not usable; the current key keeps signing.
     JwtKeyRejected,
+    /// Credentials taken back before their expiry, with who and why.
+    Revoked,
+    /// An identity (or prefix) may get no new credential.
+    Locked,
+    Unlocked,
+    /// A credential passed its not-after (the removal half of its lifecycle).
+    Expired,
+    /// An admin call (operator, reason, what it asked): every one is recorded.
+    Admin,
 }
 
 impl EventKind {
@@ -67,6 +76,11 @@ impl EventKind {
             EventKind::CaRejected => "ca_rejected",
             EventKind::JwtKeyRotated => "jwt_key_rotated",
             EventKind::JwtKeyRejected => "jwt_key_rejected",
+            EventKind::Revoked => "revoked",
+            EventKind::Locked => "locked",
+            EventKind::Unlocked => "unlocked",
+            EventKind::Expired => "expired",
+            EventKind::Admin => "admin",
         }
     }
 }

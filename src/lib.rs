@@ -13,3 +13,4 @@ pub mod keys;
 pub mod ledger;
 pub mod mint;
 pub mod policy;
+pub mod revoke;

@@ -119,6 +119,8 @@ pub struct ValidatedJwt {
 pub struct TrustBundle {
     pub x509: Vec<Vec<u8>>,
     pub jwks: serde_json::Value,
+    /// DER CRLs, one per CA in `x509`, listing revoked SVID serials.
+    pub crls: Vec<Vec<u8>>,
 }
 
 /// Signs JWT-SVIDs and verifies its own; publishes the public keys as a JWKS.
@@ -128,7 +130,8 @@ pub trait JwtMinter: Send + Sync + 'static {
     /// The JWKS (RFC 7517) of every key whose tokens may still be live.
     fn jwks(&self) -> serde_json::Value;
 
-    fn validate_jwt(&self, token: &str, audience: &str, now: SystemTime) -> Result<ValidatedJwt, JwtError>;
+    /// `audience: None` (introspection) checks everything but the audience.
+    fn validate_jwt(&self, token: &str, audience: Option<&str>, now: SystemTime) -> Result<ValidatedJwt, JwtError>;
 }
 
 pub trait Minter: Send + Sync + 'static {

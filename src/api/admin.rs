@@ -8,19 +8,25 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
-use super::pb::{PolicyRelease, PolicyRollbackRequest, PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse};
+use super::pb::revoke_request::Target as RevokeTarget;
+use super::pb::{
+    CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
+    PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
+};
+use crate::revoke::{Desk, Found, RevokeError, Target, SELECTOR_KEYS};
 use crate::attest::PeerInfo;
 use crate::policy::activation::{ActivationError, PolicyController};
 use crate::policy::release::Release;
 
 pub struct AdminService {
     policy: Arc<PolicyController>,
+    desk: Arc<Desk>,
     daemon_uid: u32,
 }
 
 impl AdminService {
-    pub fn new(policy: Arc<PolicyController>, daemon_uid: u32) -> Self {
-        Self { policy, daemon_uid }
+    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, daemon_uid: u32) -> Self {
+        Self { policy, desk, daemon_uid }
     }
 
     fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
@@ -30,6 +36,48 @@ impl AdminService {
             return Err(Status::permission_denied("admin calls are for the daemon's user or root"));
         }
         Ok(json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid }))
+    }
+
+    /// `operator`, with a refused caller recorded as an admin event.
+    async fn admin(&self, call: &str, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
+        match self.operator(request_peer) {
+            Ok(op) => Ok(op),
+            Err(status) => {
+                let uid = request_peer.map(|p| p.uid);
+                let _ = self.desk.record_admin(json!({ "call": call, "refused": status.message(), "uid": uid })).await;
+                Err(status)
+            }
+        }
+    }
+}
+
+fn info(f: &Found) -> CredentialInfo {
+    let c = &f.credential;
+    CredentialInfo {
+        credential_id: c.id.clone(),
+        kind: c.kind.clone(),
+        identity: c.identity.clone(),
+        serial: c.serial.clone(),
+        not_before: c.not_before,
+        not_after: c.not_after,
+        policy_version: f.policy_version.clone(),
+        revoked: f.revoked,
+    }
+}
+
+fn revoke_status(e: RevokeError) -> Status {
+    match e {
+        RevokeError::Invalid(m) => Status::invalid_argument(m),
+        RevokeError::NotFound(m) => Status::not_found(m),
+        RevokeError::Ledger(m) => Status::unavailable(m),
+    }
+}
+
+fn ttl(secs: i64) -> Result<Option<std::time::Duration>, Status> {
+    match secs {
+        0 => Ok(None),
+        s if s > 0 => Ok(Some(std::time::Duration::from_secs(s.unsigned_abs()))),
+        _ => Err(Status::invalid_argument("ttl: must not be negative")),
     }
 }
 
@@ -48,7 +96,7 @@ fn release(r: &Release) -> PolicyRelease {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn policy_status(&self, request: Request<PolicyStatusRequest>) -> Result<Response<PolicyStatusResponse>, Status> {
-        self.operator(request.extensions().get::<PeerInfo>())?;
+        self.admin("policy_status", request.extensions().get::<PeerInfo>()).await?;
         let status = self.policy.status().await;
         Ok(Response::new(PolicyStatusResponse {
             current: Some(release(&status.current)),
@@ -58,7 +106,7 @@ impl Admin for AdminService {
     }
 
     async fn policy_rollback(&self, request: Request<PolicyRollbackRequest>) -> Result<Response<PolicyRollbackResponse>, Status> {
-        let operator = self.operator(request.extensions().get::<PeerInfo>())?;
+        let operator = self.admin("policy_rollback", request.extensions().get::<PeerInfo>()).await?;
         let reason = request.into_inner().reason;
         if reason.trim().is_empty() || reason.len() > 1000 || reason.chars().any(|c| c.is_control() && c != '\n') {
             return Err(Status::invalid_argument("reason: required, one paragraph of at most 1000 characters"));
@@ -76,5 +124,58 @@ impl Admin for AdminService {
             }
             Err(e) => Err(Status::internal(e.to_string())),
         }
+    }
+
+    async fn revoke(&self, request: Request<RevokeRequest>) -> Result<Response<RevokeResponse>, Status> {
+        let operator = self.admin("revoke", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        let target = match req.target {
+            Some(RevokeTarget::CredentialId(id)) if !id.is_empty() => Target::Credential(id),
+            Some(RevokeTarget::Serial(s)) if !s.is_empty() => Target::Serial(s.to_ascii_lowercase()),
+            Some(RevokeTarget::Identity(id)) if !id.is_empty() => Target::Identity(id),
+            Some(RevokeTarget::Selector(sel)) => {
+                let (key, value) = sel.split_once('=').ok_or_else(|| Status::invalid_argument("selector: expected key=value"))?;
+                if !SELECTOR_KEYS.contains(&key) || value.is_empty() {
+                    return Err(Status::invalid_argument(format!("selector: `{key}` with a value; keys: {}", SELECTOR_KEYS.join(", "))));
+                }
+                Target::Selector { key: key.to_owned(), value: value.to_owned() }
+            }
+            Some(RevokeTarget::BundleVersion(v)) if !v.is_empty() => Target::Bundle(v),
+            _ => return Err(Status::invalid_argument("name what to revoke: credential, serial, identity, selector or bundle")),
+        };
+        let outcome = self
+            .desk
+            .revoke(target, &req.reason, req.dry_run, req.all, ttl(req.lock_ttl_seconds)?, operator)
+            .await
+            .map_err(revoke_status)?;
+        Ok(Response::new(RevokeResponse {
+            credentials: outcome.found.iter().map(info).collect(),
+            locked: outcome.lock.map(|l| l.target).unwrap_or_default(),
+            durable: outcome.durable,
+            event_id: outcome.event_id.unwrap_or_default(),
+        }))
+    }
+
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let operator = self.admin("lock", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        let (lock, durable) = self.desk.lock(&req.identity, &req.reason, ttl(req.ttl_seconds)?, operator).await.map_err(revoke_status)?;
+        Ok(Response::new(LockResponse { durable, until: lock.until.unwrap_or_default() }))
+    }
+
+    async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let operator = self.admin("unlock", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        self.desk.unlock(&req.identity, &req.reason, operator).await.map_err(revoke_status)?;
+        Ok(Response::new(UnlockResponse {}))
+    }
+
+    async fn list_credentials(&self, request: Request<ListCredentialsRequest>) -> Result<Response<ListCredentialsResponse>, Status> {
+        let operator = self.admin("list_credentials", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        let identity = if req.identity.is_empty() { None } else { Some(req.identity.as_str()) };
+        let _ = self.desk.record_admin(json!({ "call": "list_credentials", "operator": operator, "identity": identity, "active": req.active })).await;
+        let found = self.desk.list(identity, req.active).await.map_err(revoke_status)?;
+        Ok(Response::new(ListCredentialsResponse { credentials: found.iter().map(info).collect() }))
     }
 }

@@ -23,7 +23,7 @@ use super::status;
 use crate::clock::unix_secs;
 use crate::identity::Ttl;
 use crate::issue::{ExchangeKind, ExchangeRequest, Exchanged, IssueError, Issuer};
-use crate::mint::VerifiedCsr;
+use crate::mint::{TrustBundle, VerifiedCsr};
 
 /// The remote address of a TLS connection, put on each request by the listener.
 #[derive(Clone, Debug)]
@@ -38,11 +38,18 @@ pub struct ExchangeApi {
     jwt_ttl: Ttl,
     max_ttl: Ttl,
     request_timeout: Duration,
+    /// The published bundle: its CRLs are served at /crl.der and /crl.pem.
+    bundles: Option<tokio::sync::watch::Receiver<Arc<TrustBundle>>>,
 }
 
 impl ExchangeApi {
     pub fn new(issuer: Arc<Issuer>, jwt_issuer: String, x509_ttl: Ttl, jwt_ttl: Ttl, max_ttl: Ttl, request_timeout: Duration) -> Self {
-        Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, max_ttl, request_timeout }
+        Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, max_ttl, request_timeout, bundles: None }
+    }
+
+    pub fn with_bundles(mut self, bundles: tokio::sync::watch::Receiver<Arc<TrustBundle>>) -> Self {
+        self.bundles = Some(bundles);
+        self
     }
 
     /// Every route of the listener, with the body limit on all of them.
@@ -55,6 +62,9 @@ impl ExchangeApi {
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/.well-known/jwks.json", get(jwks))
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/crl.der", get(crl_der))
+            .route("/crl.pem", get(crl_pem))
+            .route("/v1/introspect", post(introspect))
             .with_state(self)
             .merge(grpc)
             .layer(DefaultBodyLimit::max(max_request_bytes))
@@ -221,6 +231,50 @@ fn csr_bytes(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| "neither PEM nor base64 DER".to_owned())
 }
 
+/// The active CA's CRL (DER): what `openssl crl -inform DER` reads.
+async fn crl_der(State(api): State<ExchangeApi>) -> Response {
+    let crl = api.bundles.as_ref().and_then(|b| b.borrow().crls.first().cloned());
+    match crl {
+        Some(der) => ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response(),
+        None => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "no CRL is published").into_response(),
+    }
+}
+
+/// Every CA's CRL (the active one first), PEM.
+async fn crl_pem(State(api): State<ExchangeApi>) -> Response {
+    let crls = api.bundles.as_ref().map(|b| b.borrow().crls.clone()).unwrap_or_default();
+    let text: String = crls.into_iter().map(|der| pem::encode(&pem::Pem::new("X509 CRL", der))).collect();
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], text).into_response()
+}
+
+/// RFC 7662 token introspection for mayfly's JWTs: `token=<jwt>` (form) → `{"active": …}`.
+/// A live token's introspection is a `used` event; anything else is `{"active": false}`.
+async fn introspect(State(api): State<ExchangeApi>, remote: Option<Extension<RemoteAddr>>, body: Bytes) -> Response {
+    let remote = remote.map(|Extension(r)| r.0).unwrap_or_default();
+    let token = form_value(&body, "token").unwrap_or_default();
+    if token.is_empty() {
+        return Rejection::invalid("token", "required (application/x-www-form-urlencoded `token=…`)").into_response();
+    }
+    match api.issuer.introspect(&token, &remote).await {
+        Ok(v) => {
+            let mut reply = serde_json::Map::from_iter(v.claims);
+            reply.insert("active".into(), json!(true));
+            reply.insert("token_type".into(), json!("Bearer"));
+            Json(Value::Object(reply)).into_response()
+        }
+        Err(IssueError::Ledger(_)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the use cannot be recorded").into_response(),
+        Err(e) => {
+            tracing::info!(%remote, reason = %e, "introspection: inactive token");
+            Json(json!({ "active": false })).into_response()
+        }
+    }
+}
+
+/// One field of an application/x-www-form-urlencoded body.
+fn form_value(body: &[u8], name: &str) -> Option<String> {
+    url::form_urlencoded::parse(body).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
 async fn discovery(State(api): State<ExchangeApi>) -> Json<Value> {
     Json(json!({
         "issuer": api.jwt_issuer,
@@ -229,6 +283,7 @@ async fn discovery(State(api): State<ExchangeApi>) -> Json<Value> {
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"],
+        "introspection_endpoint": format!("{}/v1/introspect", api.jwt_issuer),
     }))
 }
 

@@ -97,6 +97,10 @@ fn peer_of<T>(request: &Request<T>) -> PeerInfo {
     request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials)
 }
 
+fn bundle_crls(bundle: &TrustBundle) -> Vec<Vec<u8>> {
+    bundle.crls.clone()
+}
+
 fn concat(certs: &[Vec<u8>]) -> Vec<u8> {
     certs.concat()
 }
@@ -110,7 +114,7 @@ fn svid_response(issued: &IssuedX509, bundle: &TrustBundle) -> X509svidResponse 
             bundle: concat(&bundle.x509),
             hint: String::new(),
         }],
-        crl: vec![],
+        crl: bundle_crls(bundle),
         federated_bundles: HashMap::new(),
     }
 }
@@ -152,6 +156,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             settings: self.settings.clone(),
             bundles: self.bundles.clone(),
             policy: self.issuer.policy_changes(),
+            revocations: self.issuer.revocations().changes(),
             stop: self.stop.clone(),
             peer,
             tx,
@@ -163,7 +168,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
     async fn fetch_x509_bundles(&self, request: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(request.metadata())?;
         let key = self.trust_domain_key();
-        let make = move |b: &TrustBundle| X509BundlesResponse { crl: vec![], bundles: HashMap::from([(key.clone(), concat(&b.x509))]) };
+        let make = move |b: &TrustBundle| X509BundlesResponse { crl: bundle_crls(b), bundles: HashMap::from([(key.clone(), concat(&b.x509))]) };
         Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
     }
 
@@ -233,6 +238,7 @@ struct SvidStream {
     settings: WorkloadApiSettings,
     bundles: watch::Receiver<Arc<TrustBundle>>,
     policy: watch::Receiver<u64>,
+    revocations: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
     peer: PeerInfo,
     tx: mpsc::Sender<Result<X509svidResponse, Status>>,
@@ -242,6 +248,7 @@ enum Wake {
     Due,
     PolicyChanged,
     BundleChanged,
+    Revocation,
     Gone,
 }
 
@@ -250,8 +257,9 @@ impl SvidStream {
         let mut current = first;
         self.bundles.mark_unchanged();
         self.policy.mark_unchanged();
-        let bundle = self.bundles.borrow().clone();
-        if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
+        self.revocations.mark_unchanged();
+        let mut sent = self.bundles.borrow().clone();
+        if self.tx.send(Ok(svid_response(&current, &sent))).await.is_err() {
             return;
         }
         // Why: the key was handed over; the stream keeps only the certificate facts.
@@ -267,26 +275,54 @@ impl SvidStream {
                 () = self.issuer.sleep_until(due) => Wake::Due,
                 r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
                 r = self.bundles.changed() => if r.is_ok() { Wake::BundleChanged } else { Wake::Gone },
+                r = self.revocations.changed() => if r.is_ok() { Wake::Revocation } else { Wake::Gone },
                 () = self.tx.closed() => Wake::Gone,
                 _ = self.stop.wait_for(|s| *s) => Wake::Gone,
             };
-            // A JWT-only change (a new JWT signing key) leaves the X.509 SVID as it is.
-            if matches!(wake, Wake::BundleChanged) && self.bundles.borrow().x509 == current.bundle {
+            if matches!(wake, Wake::Revocation) {
+                // Why at once: a revoked SVID (or a locked identity's) must leave the workload
+                // now, not at the next rotation; the stream ends and is never renewed.
+                let revocations = self.issuer.revocations();
+                let refusal = if revocations.is_revoked(&current.credential_id) {
+                    Some(IssueError::Revoked(current.credential_id.clone()))
+                } else {
+                    revocations
+                        .lock_for(&current.identity, self.issuer.now())
+                        .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
+                };
+                if let Some(err) = refusal {
+                    tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
+                    let empty = X509svidResponse { svids: vec![], crl: bundle_crls(&self.bundles.borrow()), federated_bundles: HashMap::new() };
+                    if self.tx.send(Ok(empty)).await.is_ok() {
+                        let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
+                    }
+                    return;
+                }
                 continue;
+            }
+            // A JWT-only change (a new JWT signing key) leaves the X.509 SVID as it is. A new
+            // CA or CRL renews it: the key left with the last message, and a message without
+            // an SVID would read as a withdrawal.
+            if matches!(wake, Wake::BundleChanged) {
+                let now = self.bundles.borrow();
+                if now.x509 == sent.x509 && now.crls == sent.crls {
+                    continue;
+                }
             }
             let why = match wake {
                 Wake::Gone => return,
                 Wake::Due => "rotation",
                 Wake::PolicyChanged => "policy release changed",
                 Wake::BundleChanged => "trust bundle changed",
+                Wake::Revocation => "revocation",
             };
             tracing::debug!(identity = %current.identity, credential_id = current.credential_id, why, "renewing pushed x509 svid");
             match self.renew(&current).await {
                 Ok(next) => {
                     retry_at = None;
                     current = next;
-                    let bundle = self.bundles.borrow_and_update().clone();
-                    if self.tx.send(Ok(svid_response(&current, &bundle))).await.is_err() {
+                    sent = self.bundles.borrow_and_update().clone();
+                    if self.tx.send(Ok(svid_response(&current, &sent))).await.is_err() {
                         return;
                     }
                     drop(current.private_key.take());

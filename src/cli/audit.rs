@@ -22,6 +22,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole story of one identity: who owns it, each decision (rules, release), each
+    /// credential issued, used, expired or revoked, and its locks — oldest first.
+    Trace {
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value = ".mayfly")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the whole hash chain and the credential table; exit 1 naming the first bad event.
     Verify {
         #[arg(long, default_value = ".mayfly")]
@@ -49,6 +62,23 @@ pub async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Trace { identity, data_dir, ledger, json } => {
+            let path = ledger.unwrap_or_else(|| data_dir.join("ledger.db"));
+            match trace(&path, &identity).await {
+                Ok(lines) if lines.is_empty() => fail(format!("no event in `{}` names `{identity}`", path.display())),
+                Ok(lines) => {
+                    for (event, body, what) in &lines {
+                        if json {
+                            println!("{}", serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "kind": event.kind, "summary": what, "event": body }));
+                        } else {
+                            println!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Verify { data_dir, ledger } => {
             let path = ledger.unwrap_or_else(|| data_dir.join("ledger.db"));
             match verify(&path).await {
@@ -63,6 +93,75 @@ pub async fn run(command: Command) -> ExitCode {
             }
         }
     }
+}
+
+/// Every event that concerns `identity` (exact, or a prefix lock covering it), with a
+/// one-line summary. Credentials are followed by id from their `issued` event on.
+async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEvent, serde_json::Value, String)>, String> {
+    use serde_json::Value;
+    let mut reader = LedgerReader::open(path).await.map_err(|e| e.to_string())?;
+    let events = reader.events().await.map_err(|e| e.to_string())?;
+    let mut credentials = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut told_owner = false;
+    for e in events {
+        let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
+        let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let summary = match e.kind.as_str() {
+            "decision" if s("identity") == identity => {
+                let mut line = format!(
+                    "{} {} via {}: {} (rules {}; release {})",
+                    s("outcome"),
+                    s("action"),
+                    s("api"),
+                    s("reason"),
+                    body.get("rules").map(Value::to_string).unwrap_or_default(),
+                    s("policy_version")
+                );
+                if !told_owner && !s("owner").is_empty() {
+                    line = format!("[owner {}; purpose: {}] {line}", s("owner"), s("purpose"));
+                    told_owner = true;
+                }
+                Some(line)
+            }
+            "issued" if s("identity") == identity => {
+                credentials.insert(s("id"));
+                let provenance = body.get("provenance").map(|p| format!(" from {p}")).unwrap_or_default();
+                Some(format!("{} credential {} serial {} valid until {}{provenance}", s("kind"), s("id"), s("serial"), body.get("not_after").map(Value::to_string).unwrap_or_default()))
+            }
+            "used" | "expired" if credentials.contains(&s("credential_id")) => Some(match e.kind.as_str() {
+                "used" => format!("credential {} used: {} {}{}", s("credential_id"), s("use"), body.get("by").map(Value::to_string).unwrap_or_default(), if s("refused").is_empty() { String::new() } else { format!(" REFUSED: {}", s("refused")) }),
+                _ => format!("credential {} expired", s("credential_id")),
+            }),
+            "revoked" => {
+                let ids: Vec<String> = body
+                    .get("credentials")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c.get("identity").and_then(Value::as_str) == Some(identity))
+                    .filter_map(|c| c.get("credential_id").and_then(Value::as_str).map(str::to_owned))
+                    .collect();
+                let names_identity = s("target").ends_with(identity);
+                (!ids.is_empty() || names_identity).then(|| format!("revoked {} by {}: {} ({})", if ids.is_empty() { "nothing active".into() } else { ids.join(", ") }, body.get("operator").map(Value::to_string).unwrap_or_default(), s("reason"), s("target")))
+            }
+            "locked" => {
+                let target = body.pointer("/lock/target").and_then(Value::as_str).unwrap_or_default();
+                let covers = target == identity || (target.ends_with('/') && identity.starts_with(target));
+                covers.then(|| format!("locked ({target}) by {}: {}", body.pointer("/lock/operator").map(Value::to_string).unwrap_or_default(), body.pointer("/lock/reason").and_then(Value::as_str).unwrap_or_default()))
+            }
+            "unlocked" => {
+                let target = s("target");
+                let covers = target == identity || (target.ends_with('/') && identity.starts_with(&target));
+                covers.then(|| format!("unlocked ({target}) by {}: {}", body.get("operator").map(Value::to_string).unwrap_or_default(), s("reason")))
+            }
+            _ => None,
+        };
+        if let Some(summary) = summary {
+            out.push((e, body, summary));
+        }
+    }
+    Ok(out)
 }
 
 async fn verify(path: &std::path::Path) -> Result<usize, String> {

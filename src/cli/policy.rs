@@ -303,7 +303,7 @@ fn describe(r: &PolicyRelease) -> String {
     format!("{}{label}, {signer}, {} rules, {} inventory entries, from {}", r.version, r.rules, r.inventory_entries, r.source)
 }
 
-async fn admin(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
+pub(crate) async fn admin(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
     match super::connect(socket).await {
         Ok(channel) => Ok(AdminClient::new(channel)),
         Err(e) => Err(fail(format!("cannot reach the admin socket `{}`: {e}", socket.display()))),

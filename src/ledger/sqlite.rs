@@ -172,6 +172,80 @@ impl LedgerReader {
             .map_err(storage)
     }
 
+    /// Every event of these kinds, in order (revocation state, traces).
+    pub async fn events_of_kinds(&mut self, kinds: &[&str]) -> Result<Vec<StoredEvent>, LedgerError> {
+        let placeholders = vec!["?"; kinds.len()].join(", ");
+        // Why AssertSqlSafe is sound: only `?` placeholders are formatted in; kinds are bound.
+        let sql = format!("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind IN ({placeholders}) ORDER BY seq");
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for k in kinds {
+            query = query.bind(*k);
+        }
+        let rows = query.fetch_all(&mut self.conn).await.map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    seq: r.try_get("seq")?,
+                    at_ms: r.try_get("at_ms")?,
+                    kind: r.try_get("kind")?,
+                    body: r.try_get("body")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(storage)
+    }
+
+    /// The bodies of these events (decisions behind credentials), by sequence number.
+    pub async fn bodies(&mut self, seqs: &[EventId]) -> Result<std::collections::HashMap<EventId, String>, LedgerError> {
+        let mut out = std::collections::HashMap::new();
+        for chunk in seqs.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT seq, body FROM events WHERE seq IN ({placeholders})");
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for seq in chunk {
+                query = query.bind(*seq);
+            }
+            for r in query.fetch_all(&mut self.conn).await.map_err(storage)? {
+                out.insert(r.try_get("seq").map_err(storage)?, r.try_get("body").map_err(storage)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Credentials whose not-after is in `(after, until]`, ordered by (not_after, id), at
+    /// most `limit`: the expiry sweep's next batch. `after` is (not_after, id) exclusive.
+    pub async fn expiring(&mut self, after: (i64, &str), until: i64, limit: i64) -> Result<Vec<CredentialRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id FROM credentials
+             WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ?
+             ORDER BY not_after, id LIMIT ?",
+        )
+        .bind(after.0)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(credential_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
+    }
+
+    /// Credentials still valid at `now` (not_after after it), oldest first.
+    pub async fn active(&mut self, now: i64) -> Result<Vec<CredentialRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id FROM credentials
+             WHERE not_after > ? ORDER BY issued_event",
+        )
+        .bind(now)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(credential_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
+    }
+
     /// Every credential row with the sequence number of its `issued` event.
     pub async fn credentials(&mut self) -> Result<Vec<(EventId, CredentialRecord)>, LedgerError> {
         let rows = sqlx::query(
@@ -200,4 +274,17 @@ impl LedgerReader {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(storage)
     }
+}
+
+fn credential_row(r: &sqlx::sqlite::SqliteRow) -> Result<CredentialRecord, sqlx::Error> {
+    Ok(CredentialRecord {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        identity: r.try_get("identity")?,
+        serial: r.try_get("serial")?,
+        fingerprint: r.try_get("fingerprint")?,
+        not_before: r.try_get("not_before")?,
+        not_after: r.try_get("not_after")?,
+        decision_id: r.try_get("decision_id")?,
+    })
 }

@@ -150,7 +150,7 @@ impl JwtMinter for Es256Minter {
         json!({ "keys": jwks })
     }
 
-    fn validate_jwt(&self, token: &str, audience: &str, now: SystemTime) -> Result<ValidatedJwt, JwtError> {
+    fn validate_jwt(&self, token: &str, audience: Option<&str>, now: SystemTime) -> Result<ValidatedJwt, JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(JwtError::Malformed(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
@@ -166,10 +166,13 @@ impl JwtMinter for Es256Minter {
         validation.validate_nbf = false;
         validation.leeway = 0;
         validation.required_spec_claims = HashSet::from(["sub".to_owned(), "aud".to_owned(), "exp".to_owned()]);
-        validation.set_audience(&[audience]);
+        match audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &signer.decoding, &validation).map_err(|e| {
             match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidAudience => JwtError::Audience(audience.to_owned()),
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => JwtError::Audience(audience.unwrap_or_default().to_owned()),
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::Signature,
                 _ => JwtError::Malformed(e.to_string()),
             }
@@ -231,7 +234,7 @@ mod tests {
         assert_eq!(claims["aud"], json!(["db", "cache"]));
         assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 300);
         assert_eq!(claims["jti"], "cred-1");
-        let ok = m.validate_jwt(svid.token.expose(), "cache", now + Duration::from_secs(299)).unwrap();
+        let ok = m.validate_jwt(svid.token.expose(), Some("cache"), now + Duration::from_secs(299)).unwrap();
         assert_eq!(ok.identity.as_str(), "spiffe://example.org/api");
         assert_eq!(ok.jti, "cred-1");
     }
@@ -242,29 +245,29 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let token = m.mint_jwt(&grant(&["db"], "5m"), "cred-2", now).unwrap().token;
         let t = token.expose();
-        assert!(matches!(m.validate_jwt(t, "db", now + Duration::from_secs(300)), Err(JwtError::Expired { .. })));
-        assert!(matches!(m.validate_jwt(t, "other", now), Err(JwtError::Audience(_))));
-        assert!(matches!(m.validate_jwt(t, "db", now - Duration::from_secs(60)), Err(JwtError::NotYetValid { .. })));
+        assert!(matches!(m.validate_jwt(t, Some("db"), now + Duration::from_secs(300)), Err(JwtError::Expired { .. })));
+        assert!(matches!(m.validate_jwt(t, Some("other"), now), Err(JwtError::Audience(_))));
+        assert!(matches!(m.validate_jwt(t, Some("db"), now - Duration::from_secs(60)), Err(JwtError::NotYetValid { .. })));
         // A claim edited after signing (another subject) breaks the signature.
         let parts: Vec<&str> = t.split('.').collect();
         let mut claims = b64json(parts[1]);
         claims["sub"] = json!("spiffe://example.org/admin");
         use base64::Engine;
         let forged = format!("{}.{}.{}", parts[0], base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()), parts[2]);
-        assert!(matches!(m.validate_jwt(&forged, "db", now), Err(JwtError::Signature)));
+        assert!(matches!(m.validate_jwt(&forged, Some("db"), now), Err(JwtError::Signature)));
         // Signed by another key with the same kid claimed: unknown kid is refused, and a
         // token carrying our kid but another key's signature fails the signature check.
         let other = minter();
         let foreign = other.mint_jwt(&grant(&["db"], "5m"), "x", now).unwrap().token;
-        assert!(matches!(m.validate_jwt(foreign.expose(), "db", now), Err(JwtError::UnknownKey)));
+        assert!(matches!(m.validate_jwt(foreign.expose(), Some("db"), now), Err(JwtError::UnknownKey)));
         let fp: Vec<&str> = foreign.expose().split('.').collect();
         let spliced = format!("{}.{}.{}", parts[0], fp[1], fp[2]);
-        assert!(matches!(m.validate_jwt(&spliced, "db", now), Err(JwtError::Signature)));
+        assert!(matches!(m.validate_jwt(&spliced, Some("db"), now), Err(JwtError::Signature)));
         // alg none and garbage.
         let none = format!("{}.{}.", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), parts[1]);
-        assert!(m.validate_jwt(&none, "db", now).is_err());
-        assert!(matches!(m.validate_jwt("garbage", "db", now), Err(JwtError::Malformed(_))));
-        assert!(matches!(m.validate_jwt(&"a".repeat(MAX_TOKEN_BYTES + 1), "db", now), Err(JwtError::Malformed(_))));
+        assert!(m.validate_jwt(&none, Some("db"), now).is_err());
+        assert!(matches!(m.validate_jwt("garbage", Some("db"), now), Err(JwtError::Malformed(_))));
+        assert!(matches!(m.validate_jwt(&"a".repeat(MAX_TOKEN_BYTES + 1), Some("db"), now), Err(JwtError::Malformed(_))));
     }
 
     #[test]
@@ -278,8 +281,8 @@ mod tests {
         let kids: Vec<String> = m.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
         assert_eq!(kids, vec![m.active_kid(), old_kid.clone()], "both published");
         let new = m.mint_jwt(&grant(&["db"], "5m"), "b", now).unwrap().token;
-        assert!(m.validate_jwt(old.expose(), "db", now).is_ok(), "tokens of the old key still validate");
-        assert!(m.validate_jwt(new.expose(), "db", now).is_ok());
+        assert!(m.validate_jwt(old.expose(), Some("db"), now).is_ok(), "tokens of the old key still validate");
+        assert!(m.validate_jwt(new.expose(), Some("db"), now).is_ok());
         assert!(!m.prune(now + Duration::from_secs(3599)));
         assert!(m.prune(now + Duration::from_secs(3600)));
         assert_eq!(m.jwks()["keys"].as_array().unwrap().len(), 1);
