@@ -460,6 +460,9 @@ struct BundlePublisher {
     clock: Arc<dyn Clock>,
     bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     crl_made: std::sync::Mutex<std::time::SystemTime>,
+    /// The revoked serials on the published CRL: a revocation that changes none of them
+    /// (a JWT, a lock) does not re-sign it.
+    crl_entries: std::sync::Mutex<Vec<(String, i64)>>,
 }
 
 /// A CRL older than this is re-signed even without a change (its validity is a day).
@@ -474,9 +477,19 @@ impl BundlePublisher {
             clock,
             bundles: tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: vec![], jwks: json!({ "keys": [] }), crls: vec![] })),
             crl_made: std::sync::Mutex::new(now),
+            crl_entries: std::sync::Mutex::new(Vec::new()),
         };
         me.publish();
         me
+    }
+
+    /// Publishes only when the CRL's entries changed.
+    fn publish_if_crl_changed(&self) {
+        let entries = self.issuer.revocations().revoked_x509(self.clock.now());
+        let same = *self.crl_entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) == entries;
+        if !same {
+            self.publish();
+        }
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<TrustBundle>> {
@@ -502,6 +515,7 @@ impl BundlePublisher {
             }
         };
         *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+        *self.crl_entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = entries;
         self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks(), crls }));
     }
 }
@@ -515,7 +529,7 @@ async fn publish_on_revocation(publisher: Arc<BundlePublisher>, mut stop: tokio:
                 if r.is_err() {
                     return;
                 }
-                publisher.publish();
+                publisher.publish_if_crl_changed();
             }
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }

@@ -279,25 +279,28 @@ impl SvidStream {
                 () = self.tx.closed() => Wake::Gone,
                 _ = self.stop.wait_for(|s| *s) => Wake::Gone,
             };
-            if matches!(wake, Wake::Revocation) {
-                // Why at once: a revoked SVID (or a locked identity's) must leave the workload
-                // now, not at the next rotation; the stream ends and is never renewed.
-                let revocations = self.issuer.revocations();
-                let refusal = if revocations.is_revoked(&current.credential_id) {
-                    Some(IssueError::Revoked(current.credential_id.clone()))
-                } else {
-                    revocations
-                        .lock_for(&current.identity, self.issuer.now())
-                        .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
-                };
-                if let Some(err) = refusal {
-                    tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
-                    let empty = X509svidResponse { svids: vec![], crl: bundle_crls(&self.bundles.borrow()), federated_bundles: HashMap::new() };
-                    if self.tx.send(Ok(empty)).await.is_ok() {
-                        let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
-                    }
-                    return;
+            if matches!(wake, Wake::Gone) {
+                return;
+            }
+            // Whatever woke the stream, a revoked SVID (or a locked identity's) leaves the
+            // workload now, not at the next rotation; the stream ends and is never renewed.
+            let revocations = self.issuer.revocations();
+            let refusal = if revocations.is_revoked(&current.credential_id) {
+                Some(IssueError::Revoked(current.credential_id.clone()))
+            } else {
+                revocations
+                    .lock_for(&current.identity, self.issuer.now())
+                    .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
+            };
+            if let Some(err) = refusal {
+                tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
+                let empty = X509svidResponse { svids: vec![], crl: bundle_crls(&self.bundles.borrow()), federated_bundles: HashMap::new() };
+                if self.tx.send(Ok(empty)).await.is_ok() {
+                    let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
                 }
+                return;
+            }
+            if matches!(wake, Wake::Revocation) {
                 continue;
             }
             // A JWT-only change (a new JWT signing key) leaves the X.509 SVID as it is. A new
