@@ -17,6 +17,14 @@ it prints ``spiffe_check: <reason>`` on stderr and exits 1 (2 for bad usage).
                  leaf serial differs from the first one (a rotation push).
   nometa         Raw gRPC FetchX509SVID WITHOUT the `workload.spiffe.io: true`
                  header; the server must answer INVALID_ARGUMENT.
+  hold SECONDS   Stream FetchX509SVID, print the first SVID's serial at once (one JSON
+                 line, flushed), then wait up to SECONDS for the server to withdraw it
+                 (the stream errs: revocation); print {"withdrawn": true, ...}.
+  validate AUDIENCE TOKENFILE
+                 ValidateJWTSVID on the token in TOKENFILE; prints {"valid": bool,
+                 "reason": ...}; exits 0 either way (the caller checks which).
+  fetchjwt AUDIENCE TOKENFILE
+                 FetchJWTSVID and write the token (only) to TOKENFILE, mode 0600.
 
 Set up: python3 -m venv .venv && .venv/bin/pip install 'spiffe==0.3.2' cryptography
 """
@@ -197,6 +205,54 @@ def cmd_watch(seconds):
             handle.cancel()
 
 
+# ---------------------------------------------------------------- revocation
+
+def cmd_hold(seconds):
+    deadline = time.monotonic() + seconds
+    updates = queue.Queue()
+    with client() as c:
+        handle = c.stream_x509_contexts(on_success=lambda ctx: updates.put(("ok", ctx)),
+                                        on_error=lambda err: updates.put(("error", err)),
+                                        retry_connect=False)
+        try:
+            first = None
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    kind, item = updates.get(timeout=max(remaining, 0))
+                except queue.Empty:
+                    raise CheckFailed(f"the SVID was not withdrawn within {seconds}s")
+                if kind == "error":
+                    check(first is not None, f"the stream failed before any SVID: {item}")
+                    return {"withdrawn": True, "serial": first["serial"], "error": str(item)[:200]}
+                summary = check_context(item)
+                if first is None:
+                    first = summary
+                    print(json.dumps({"holding": summary["serial"], "spiffe_id": summary["spiffe_id"]}), flush=True)
+        finally:
+            handle.cancel()
+
+
+def cmd_validate(audience, token_file):
+    with open(token_file) as f:
+        token = f.read().strip()
+    with client() as c:
+        try:
+            c.validate_jwt_svid(token, audience)
+            return {"valid": True}
+        except Exception as err:
+            return {"valid": False, "reason": str(err)[:300]}
+
+
+def cmd_fetchjwt(audience, token_file):
+    with client() as c:
+        svid = c.fetch_jwt_svid({audience})
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(svid.token)
+    return {"spiffe_id": str(svid.spiffe_id)}
+
+
 # ---------------------------------------------------------------- nometa
 
 def endpoint_target():
@@ -229,14 +285,18 @@ def main(argv):
         ("jwt", 1): lambda: cmd_jwt(argv[1]),
         ("watch", 1): lambda: cmd_watch(int(argv[1])),
         ("nometa", 0): lambda: cmd_nometa(),
+        ("hold", 1): lambda: cmd_hold(int(argv[1])),
+        ("validate", 2): lambda: cmd_validate(argv[1], argv[2]),
+        ("fetchjwt", 2): lambda: cmd_fetchjwt(argv[1], argv[2]),
     }
     run = commands.get((argv[0], len(argv) - 1)) if argv else None
-    if run is None or (argv[0] == "watch" and not argv[1].isdigit()):
-        print("usage: spiffe_check.py x509 | jwt AUDIENCE | watch SECONDS | nometa", file=sys.stderr)
+    if run is None or (argv[0] in ("watch", "hold") and not argv[1].isdigit()):
+        print("usage: spiffe_check.py x509 | jwt AUDIENCE | watch SECONDS | nometa | hold SECONDS"
+              " | validate AUDIENCE TOKENFILE | fetchjwt AUDIENCE TOKENFILE", file=sys.stderr)
         return 2
 
     # Hard bound on the whole run, whatever the library does.
-    budget = 60 + (int(argv[1]) if argv[0] == "watch" else 0)
+    budget = 60 + (int(argv[1]) if argv[0] in ("watch", "hold") else 0)
 
     def out_of_time(signum, frame):
         raise CheckFailed(f"gave up after {budget}s")
