@@ -157,19 +157,7 @@ impl LedgerReader {
         .fetch_all(&mut self.conn)
         .await
         .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredEvent {
-                    seq: r.try_get("seq")?,
-                    at_ms: r.try_get("at_ms")?,
-                    kind: r.try_get("kind")?,
-                    body: r.try_get("body")?,
-                    prev_hash: r.try_get("prev_hash")?,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(storage)
+        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
     }
 
     /// Every event of these kinds, in order (revocation state, traces).
@@ -182,19 +170,7 @@ impl LedgerReader {
             query = query.bind(*k);
         }
         let rows = query.fetch_all(&mut self.conn).await.map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredEvent {
-                    seq: r.try_get("seq")?,
-                    at_ms: r.try_get("at_ms")?,
-                    kind: r.try_get("kind")?,
-                    body: r.try_get("body")?,
-                    prev_hash: r.try_get("prev_hash")?,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(storage)
+        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
     }
 
     /// The bodies of these events (decisions behind credentials), by sequence number.
@@ -255,25 +231,19 @@ impl LedgerReader {
         .fetch_all(&mut self.conn)
         .await
         .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("issued_event")?,
-                    CredentialRecord {
-                        id: r.try_get("id")?,
-                        kind: r.try_get("kind")?,
-                        identity: r.try_get("identity")?,
-                        serial: r.try_get("serial")?,
-                        fingerprint: r.try_get("fingerprint")?,
-                        not_before: r.try_get("not_before")?,
-                        not_after: r.try_get("not_after")?,
-                        decision_id: r.try_get("decision_id")?,
-                    },
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(storage)
+        rows.iter().map(|r| Ok((r.try_get("issued_event")?, credential_row(r)?))).collect::<Result<_, sqlx::Error>>().map_err(storage)
     }
+}
+
+fn event_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, sqlx::Error> {
+    Ok(StoredEvent {
+        seq: r.try_get("seq")?,
+        at_ms: r.try_get("at_ms")?,
+        kind: r.try_get("kind")?,
+        body: r.try_get("body")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
 }
 
 fn credential_row(r: &sqlx::sqlite::SqliteRow) -> Result<CredentialRecord, sqlx::Error> {
