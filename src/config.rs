@@ -104,6 +104,8 @@ pub struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub socket: Option<PathBuf>,
+    /// A uid (besides the daemon's and root) that owns the admin socket and may call it.
+    pub owner_uid: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +182,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// The admin socket (mode 0600): rollback, status. `None`: no admin interface.
     pub admin_socket: Option<PathBuf>,
+    /// The admin socket's owner (mode stays 0600) and an accepted operator uid.
+    pub admin_owner_uid: Option<u32>,
     pub max_request_bytes: usize,
     pub request_timeout: Duration,
     pub ca: CaSource,
@@ -234,7 +238,7 @@ impl Config {
             data_dir: Some(data_dir),
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
-            admin: RawAdmin { socket: Some(admin_socket) },
+            admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
             ..RawConfig::default()
         };
         let mut config = Self::from_raw(raw, Some(PolicySource::UnsignedDir(policies)))?;
@@ -387,6 +391,7 @@ impl Config {
             policy_poll: policy_poll.as_duration(),
             socket,
             admin_socket: raw.admin.socket,
+            admin_owner_uid: raw.admin.owner_uid,
             max_request_bytes,
             request_timeout: request_timeout.as_duration(),
             ca,

@@ -123,6 +123,11 @@ impl Daemon {
         // socket, and a second daemon must not append to this ledger.
         let listener = bind_socket(&config.socket, 0o666)?;
         let admin = config.admin_socket.as_deref().map(|path| bind_socket(path, 0o600)).transpose()?;
+        if let (Some(path), Some(uid)) = (&config.admin_socket, config.admin_owner_uid) {
+            // Why chown rather than widen the mode: the socket stays 0600, for exactly one owner.
+            rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None)
+                .map_err(|e| DaemonError::Socket { path: path.clone(), why: format!("chown to uid {uid} (admin.owner_uid): {e}") })?;
+        }
         let policy = PolicyController::start(
             config.policy.clone(),
             config.trust_domain.clone(),
@@ -269,7 +274,7 @@ impl Daemon {
                 trust_domain: config.trust_domain.clone(),
                 aws: Arc::new(NoAws),
             });
-            let service = AdminServer::new(AdminService::new(policy.clone(), desk, rustix::process::geteuid().as_raw()))
+            let service = AdminServer::new(AdminService::new(policy.clone(), desk, rustix::process::geteuid().as_raw(), config.admin_owner_uid))
                 .max_decoding_message_size(64 * 1024);
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
             let mut stop = stop_rx.clone();

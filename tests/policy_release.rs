@@ -65,7 +65,7 @@ async fn start(dir: &Path, trusted: &Path) -> Running {
         data_dir: Some(dir.join("data")),
         policy: RawPolicy { bundle: Some(dir.join("policy.bundle")), trusted_keys: vec![trusted.to_path_buf()], poll_interval: None },
         workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-        admin: RawAdmin { socket: Some(dir.join("admin.sock")) },
+        admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
         ca: Some(RawCa { generate: Some(true), ..Default::default() }),
         ..Default::default()
     })

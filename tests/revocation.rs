@@ -54,7 +54,7 @@ impl TestDaemon {
             data_dir: Some(dir.join("data")),
             policy: RawPolicy { bundle: Some(dir.join("unused.bundle")), trusted_keys: vec![dir.join("unused.pub")], poll_interval: Some("1s".into()) },
             workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-            admin: RawAdmin { socket: Some(dir.join("admin.sock")) },
+            admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
             listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), ..Default::default() }),
             jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },

@@ -22,18 +22,19 @@ pub struct AdminService {
     policy: Arc<PolicyController>,
     desk: Arc<Desk>,
     daemon_uid: u32,
+    owner_uid: Option<u32>,
 }
 
 impl AdminService {
-    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, daemon_uid: u32) -> Self {
-        Self { policy, desk, daemon_uid }
+    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, daemon_uid: u32, owner_uid: Option<u32>) -> Self {
+        Self { policy, desk, daemon_uid, owner_uid }
     }
 
     fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
         let peer = request_peer.ok_or_else(|| Status::unauthenticated("the admin peer has no process credentials"))?;
-        if peer.uid != self.daemon_uid && peer.uid != 0 {
-            tracing::warn!(uid = peer.uid, "admin call from a user who is neither the daemon's nor root; refused");
-            return Err(Status::permission_denied("admin calls are for the daemon's user or root"));
+        if peer.uid != self.daemon_uid && peer.uid != 0 && Some(peer.uid) != self.owner_uid {
+            tracing::warn!(uid = peer.uid, "admin call from a user who is not the daemon's, the socket's owner or root; refused");
+            return Err(Status::permission_denied("admin calls are for the daemon's user, admin.owner_uid or root"));
         }
         Ok(json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid }))
     }
@@ -96,7 +97,8 @@ fn release(r: &Release) -> PolicyRelease {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn policy_status(&self, request: Request<PolicyStatusRequest>) -> Result<Response<PolicyStatusResponse>, Status> {
-        self.admin("policy_status", request.extensions().get::<PeerInfo>()).await?;
+        let operator = self.admin("policy_status", request.extensions().get::<PeerInfo>()).await?;
+        let _ = self.desk.record_admin(json!({ "call": "policy_status", "operator": operator })).await;
         let status = self.policy.status().await;
         Ok(Response::new(PolicyStatusResponse {
             current: Some(release(&status.current)),
