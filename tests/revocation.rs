@@ -56,7 +56,7 @@ impl TestDaemon {
             workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
             admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), ..Default::default() }),
+            listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), request_timeout: Some("60s".into()), ..Default::default() }),
             jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },
             ..Default::default()
         })
