@@ -260,6 +260,8 @@ pub struct Decision {
     pub reasons: Vec<String>,
     pub errors: Vec<String>,
     pub policy_version: String,
+    /// An allowed break-glass request a deciding rule says needs a second person's approval.
+    pub needs_approval: bool,
 }
 
 impl Decision {
@@ -350,6 +352,12 @@ pub struct Engine {
     exceptions: HashMap<String, Exception>,
     policies: PolicySet,
     index: ScopeIndex,
+    /// Break-glass requests are decided by break-glass/ permits and every forbid (from any
+    /// directory), never by the normal permits; normal requests never see break-glass rules.
+    break_glass: PolicySet,
+    break_glass_index: ScopeIndex,
+    /// Break-glass permits annotated `@approval("required")`: a second person must approve.
+    needs_approval: HashSet<String>,
     schema: Schema,
     max_ttl: HashMap<String, Ttl>,
     reasons: HashMap<String, String>,
@@ -395,7 +403,10 @@ impl Engine {
         let mut max_ttl = HashMap::new();
         let mut reasons = HashMap::new();
         let mut exceptions = HashMap::new();
-        let rule_files: Vec<(&str, &str)> = files.under("issuance", "cedar").chain(files.under("exceptions", "cedar")).collect();
+        let mut break_glass = PolicySet::new();
+        let mut needs_approval = HashSet::new();
+        let rule_files: Vec<(&str, &str)> =
+            files.under("issuance", "cedar").chain(files.under("exceptions", "cedar")).chain(files.under("break-glass", "cedar")).collect();
         if files.under("issuance", "cedar").next().is_none() {
             return Err(PolicyError::Empty);
         }
@@ -427,10 +438,30 @@ impl Engine {
                         reasons.insert(id.clone(), reason.to_owned());
                     }
                 }
+                let emergency = name.starts_with("break-glass/");
+                match policy.annotation("approval") {
+                    Some("required") if emergency && policy.effect() == Effect::Permit => {
+                        needs_approval.insert(id.clone());
+                    }
+                    Some(other) => {
+                        return Err(PolicyError::Parse {
+                            path: path.clone(),
+                            why: format!("rule `{id}`: @approval(\"{other}\") is only meaningful as @approval(\"required\") on a break-glass/ permit"),
+                        });
+                    }
+                    None => {}
+                }
                 let policy = policy.new_id(PolicyId::new(&id));
-                policies
-                    .add(policy.clone())
-                    .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                // Forbids are guardrails everywhere; permits go to their own path only.
+                if emergency || policy.effect() == Effect::Forbid {
+                    break_glass.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                }
+                if !emergency {
+                    policies.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                } else if policy.effect() == Effect::Forbid {
+                    // A break-glass forbid also guards normal issuance.
+                    policies.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                }
                 file_set.add(policy).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
             }
             // Why: strict validation is per rule, so validating file by file loses nothing and
@@ -443,10 +474,14 @@ impl Engine {
             return Err(PolicyError::Validation(invalid.join("\n")));
         }
         let index = ScopeIndex::build(&policies).map_err(PolicyError::Validation)?;
+        let break_glass_index = ScopeIndex::build(&break_glass).map_err(PolicyError::Validation)?;
         Ok(Self {
             exceptions,
             policies,
             index,
+            break_glass,
+            break_glass_index,
+            needs_approval,
             schema,
             max_ttl,
             reasons,
@@ -489,6 +524,7 @@ impl Engine {
             reasons: vec![],
             errors,
             policy_version: self.version.clone(),
+            needs_approval: false,
         };
         let (request, entities, scope) = match self.build(req, now) {
             Ok(parts) => parts,
@@ -504,16 +540,17 @@ impl Engine {
                 cedar_policy::Decision::Deny => forbids.extend(reasons),
             }
         };
+        let (set, index) = if req.context.break_glass { (&self.break_glass, &self.break_glass_index) } else { (&self.policies, &self.index) };
         if indexed {
-            self.index.for_request(&scope[0], &scope[1], &scope[2]).for_each(&mut evaluate);
+            index.for_request(&scope[0], &scope[1], &scope[2]).for_each(&mut evaluate);
         } else {
-            evaluate(&self.policies);
+            evaluate(set);
         }
         forbids.sort();
         permits.sort();
         if !forbids.is_empty() {
             let reasons = forbids.iter().filter_map(|id| self.reasons.get(id).cloned()).collect();
-            return Decision { verdict: Verdict::Deny, rules: forbids, reasons, errors, policy_version: self.version.clone() };
+            return Decision { verdict: Verdict::Deny, rules: forbids, reasons, errors, policy_version: self.version.clone(), needs_approval: false };
         }
         // Why: exceptions are permits only, so dropping an expired one from the permitting
         // set is exactly "the rule no longer exists" for this decision.
@@ -529,6 +566,7 @@ impl Engine {
                     resource: req.resource.clone(),
                     ttl: req.requested_ttl.min(max),
                 }),
+                needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
                 rules: live,
                 reasons: vec![],
                 errors,
@@ -542,7 +580,7 @@ impl Engine {
                         format!("exception `{id}` expired after {until}")
                     })
                     .collect();
-                Decision { verdict: Verdict::Deny, rules: vec![], reasons, errors, policy_version: self.version.clone() }
+                Decision { verdict: Verdict::Deny, rules: vec![], reasons, errors, policy_version: self.version.clone(), needs_approval: false }
             }
         }
     }
