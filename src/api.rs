@@ -11,6 +11,7 @@ use tonic::{Code, Status};
 
 use crate::attest::AttestError;
 use crate::attest::oidc::OidcError;
+use crate::breakglass::ApprovalError;
 use crate::issue::IssueError;
 use crate::mint::MintError;
 
@@ -45,6 +46,10 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::NoExchange => Code::FailedPrecondition,
         IssueError::Locked { .. } => Code::PermissionDenied,
         IssueError::Revoked(_) => Code::InvalidArgument,
+        IssueError::BreakGlass(_) => Code::PermissionDenied,
+        IssueError::Approval(ApprovalError::Unknown(_)) => Code::NotFound,
+        IssueError::Approval(_) => Code::PermissionDenied,
+        IssueError::Elevated(_) => Code::Unavailable,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");

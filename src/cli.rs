@@ -3,6 +3,7 @@
 
 mod audit;
 mod bench;
+mod breakglass;
 mod policy;
 mod respond;
 
@@ -72,6 +73,8 @@ enum Command {
     Lock(respond::LockArgs),
     /// Lift an identity's lock.
     Unlock(respond::UnlockArgs),
+    /// Emergency access: request (workload socket), list/approve/review (admin socket), report (ledger).
+    BreakGlass(breakglass::Args),
     /// Credentials on record.
     Credentials {
         #[command(subcommand)]
@@ -114,6 +117,7 @@ pub fn main() -> ExitCode {
             Command::Lock(args) => respond::lock(args).await,
             Command::Unlock(args) => respond::unlock(args).await,
             Command::Credentials { command } => respond::credentials(command).await,
+            Command::BreakGlass(args) => breakglass::run(args).await,
         }
     })
 }

@@ -41,6 +41,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub oidc: RawOidc,
     #[serde(default)]
+    pub break_glass: RawBreakGlass,
+    #[serde(default)]
     pub ledger: RawLedger,
     #[serde(default)]
     pub issuance: RawIssuance,
@@ -62,6 +64,35 @@ pub struct RawWorkloadApi {
 pub struct RawJwt {
     pub key: Option<PathBuf>,
     pub issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreakGlass {
+    pub ticket_pattern: Option<String>,
+    pub max_ttl: Option<String>,
+    pub approval_timeout: Option<String>,
+    pub approvers: Option<Vec<u32>>,
+    pub log_file: Option<PathBuf>,
+    pub webhook: Option<String>,
+    pub webhook_retries: Option<u32>,
+    pub review_within: Option<String>,
+}
+
+/// The emergency path's own settings. Without an elevated sink it issues nothing.
+#[derive(Clone, Debug)]
+pub struct BreakGlassConfig {
+    /// Tickets must match this whole (anchored).
+    pub ticket_pattern: regex::Regex,
+    pub max_ttl: Ttl,
+    pub approval_timeout: Duration,
+    /// Uids that may approve (never the requester). Empty: approval-required requests are denied.
+    pub approvers: Vec<u32>,
+    pub log_file: Option<PathBuf>,
+    pub webhook: Option<String>,
+    pub webhook_retries: u32,
+    /// Break-glass credentials not reviewed within this are reported as overdue.
+    pub review_within: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +227,7 @@ pub struct Config {
     pub listen: Option<ListenConfig>,
     /// Trusted CI / OIDC issuers for the token exchange.
     pub oidc_issuers: Vec<IssuerConfig>,
+    pub break_glass: BreakGlassConfig,
     pub ledger_path: PathBuf,
     pub ledger_busy_timeout: Duration,
     pub ledger_max_batch: usize,
@@ -222,6 +254,7 @@ impl Config {
     /// `mayfly dev`: embedded defaults, a generated CA in the data dir, and the policies/
     /// tree read unsigned (re-read when it changes).
     pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf, admin_socket: PathBuf, dev_net: DevNet) -> Result<Self, ConfigError> {
+        let data_dir_for_dev = data_dir.clone();
         let issuers = dev_net
             .oidc_issuers
             .iter()
@@ -239,6 +272,12 @@ impl Config {
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
             admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
+            break_glass: RawBreakGlass {
+                log_file: Some(data_dir_for_dev.join("break-glass.log")),
+                // Dev: root may approve (`sudo mayfly break-glass approve …`), never the requester.
+                approvers: Some(vec![0]),
+                ..RawBreakGlass::default()
+            },
             ..RawConfig::default()
         };
         let mut config = Self::from_raw(raw, Some(PolicySource::UnsignedDir(policies)))?;
@@ -380,6 +419,26 @@ impl Config {
         if listen.is_some() && jwt_issuer.is_none() && !dev {
             return Err(key("jwt.issuer")("required with [listen]: the https:// URL relying parties reach this listener at".into()));
         }
+        let bg = raw.break_glass;
+        let pattern = bg.ticket_pattern.unwrap_or_else(|| "INC-[0-9]+".into());
+        let ticket_pattern = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| key("break_glass.ticket_pattern")(format!("`{pattern}`: {e}")))?;
+        let bg_max = duration("break_glass.max_ttl", bg.max_ttl, "15m")?;
+        if bg_max.as_secs() > 3600 {
+            return Err(key("break_glass.max_ttl")(format!("`{bg_max}` is over 1 h: emergency credentials are short")));
+        }
+        if let Some(url) = &bg.webhook {
+            crate::attest::oidc::check_fetch_url(url).map_err(|e| key("break_glass.webhook")(e.to_string()))?;
+        }
+        let break_glass = BreakGlassConfig {
+            ticket_pattern,
+            max_ttl: bg_max,
+            approval_timeout: duration("break_glass.approval_timeout", bg.approval_timeout, "10m")?.as_duration(),
+            approvers: bg.approvers.unwrap_or_default(),
+            log_file: bg.log_file,
+            webhook: bg.webhook,
+            webhook_retries: bg.webhook_retries.unwrap_or(3).min(10),
+            review_within: duration("break_glass.review_within", bg.review_within, "7d")?.as_duration(),
+        };
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
@@ -399,6 +458,7 @@ impl Config {
             jwt_issuer,
             listen,
             oidc_issuers,
+            break_glass,
             ledger_path,
             ledger_busy_timeout: busy.as_duration(),
             ledger_max_batch,

@@ -25,7 +25,9 @@ use crate::clock::Clock;
 use crate::api::exchange::{ExchangeApi, RemoteAddr};
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
 use crate::config::{CaSource, Config, TlsSource};
-use crate::issue::ExchangeSettings;
+use crate::breakglass::Approvals;
+use crate::events::{Elevated, ElevatedSink, FileSink, WebhookSink};
+use crate::issue::{BreakGlassSettings, ExchangeSettings};
 use crate::ledger::sqlite::LedgerReader;
 use crate::revoke::{Desk, NoAws, Revocations};
 use crate::issue::Issuer;
@@ -172,7 +174,8 @@ impl Daemon {
             }
             None => issuer,
         }
-        .with_revocations(revocations));
+        .with_revocations(revocations)
+        .with_break_glass(break_glass_settings(&config)?));
         let publisher = Arc::new(BundlePublisher::new(issuer.clone(), minter.clone(), clock.clone()));
         ledger
             .record(NewEvent {
@@ -274,7 +277,7 @@ impl Daemon {
                 trust_domain: config.trust_domain.clone(),
                 aws: Arc::new(NoAws),
             });
-            let service = AdminServer::new(AdminService::new(policy.clone(), desk, rustix::process::geteuid().as_raw(), config.admin_owner_uid))
+            let service = AdminServer::new(AdminService::new(policy.clone(), desk, issuer.clone(), rustix::process::geteuid().as_raw(), config.admin_owner_uid))
                 .max_decoding_message_size(64 * 1024);
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
             let mut stop = stop_rx.clone();
@@ -367,6 +370,19 @@ async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration,
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
     }
+}
+
+/// The emergency path from config: elevated sinks (file and/or webhook) and approvals.
+fn break_glass_settings(config: &Config) -> Result<BreakGlassSettings, DaemonError> {
+    let bg = &config.break_glass;
+    let mut sinks: Vec<Arc<dyn ElevatedSink>> = Vec::new();
+    if let Some(path) = &bg.log_file {
+        sinks.push(Arc::new(FileSink::new(path.clone())));
+    }
+    if let Some(url) = &bg.webhook {
+        sinks.push(Arc::new(WebhookSink::new(url.clone(), bg.webhook_retries).map_err(|e| DaemonError::Serve(format!("break_glass.webhook: {e}")))?));
+    }
+    Ok(BreakGlassSettings { config: bg.clone(), elevated: Elevated::new(sinks), approvals: Approvals::new(bg.approvers.clone(), bg.approval_timeout) })
 }
 
 /// The rustls server configuration: the configured certificate, or (dev) one for

@@ -11,6 +11,9 @@ use serde_json::json;
 use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::clock::{unix_secs, utc_date, Clock};
 use crate::attest::oidc::{OidcError, OidcVerifier, VerifiedToken};
+use crate::breakglass::{ApprovalError, Approvals, Pending, PendingKind, Waited};
+use crate::config::BreakGlassConfig;
+use crate::events::Elevated;
 use crate::revoke::Revocations;
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
@@ -45,6 +48,43 @@ pub enum IssueError {
     Locked { identity: String, reason: String },
     #[error("the credential `{0}` was revoked")]
     Revoked(String),
+    #[error("break-glass refused: {0}")]
+    BreakGlass(String),
+    #[error("break-glass: {0}")]
+    Approval(#[from] ApprovalError),
+    #[error("break-glass refused, nothing was issued: {0}")]
+    Elevated(String),
+}
+
+/// What a break-glass request asks for.
+#[derive(Debug)]
+pub enum EmergencyKind {
+    X509 { csr: VerifiedCsr },
+    Jwt { audience: String },
+}
+
+#[derive(Debug)]
+pub struct EmergencyRequest {
+    pub kind: EmergencyKind,
+    pub ttl: Ttl,
+    pub reason: String,
+    pub ticket: String,
+}
+
+#[derive(Debug)]
+pub enum EmergencyOutcome {
+    X509(IssuedX509),
+    Jwt(IssuedJwt),
+    /// Waiting for a second person: poll with the id until approved, denied or expired.
+    Pending { id: String, expires_at: SystemTime },
+}
+
+/// The emergency path's settings and state: the elevated sinks every step is written to
+/// (fail-closed), the ticket pattern and ceiling, and the requests awaiting approval.
+pub struct BreakGlassSettings {
+    pub config: BreakGlassConfig,
+    pub elevated: Elevated,
+    pub approvals: Approvals,
 }
 
 /// Who is asking: a local process (kernel-attested) or the holder of a verified id-token.
@@ -96,6 +136,14 @@ pub enum KeySource {
 pub struct Origin {
     pub api: &'static str,
     pub rotates: Option<String>,
+    /// The break-glass path: the justification and ticket, recorded verbatim.
+    pub emergency: Option<Emergency>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emergency {
+    pub reason: String,
+    pub ticket: String,
 }
 
 /// A parsed request for an X.509 SVID.
@@ -140,10 +188,13 @@ struct Authorized {
     grants: Vec<Grant>,
     decision_id: EventId,
     now: SystemTime,
+    needs_approval: bool,
+    identity_record: serde_json::Value,
 }
 
 pub struct Issuer {
     exchange: Option<ExchangeSettings>,
+    break_glass: Option<BreakGlassSettings>,
     revocations: Arc<Revocations>,
     attestor: Arc<dyn Attestor>,
     policy: Arc<PolicyStore>,
@@ -162,7 +213,17 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
+        Self { exchange: None, break_glass: None, revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
+    }
+
+    /// Turns the break-glass path on (with its elevated sinks and approvals).
+    pub fn with_break_glass(mut self, settings: BreakGlassSettings) -> Self {
+        self.break_glass = Some(settings);
+        self
+    }
+
+    pub fn pending_break_glass(&self) -> Vec<Pending> {
+        self.break_glass.as_ref().map(|b| b.approvals.list(self.clock.now())).unwrap_or_default()
     }
 
     /// The revocation state issuance and validation consult (shared with the admin API).
@@ -230,7 +291,7 @@ impl Issuer {
             ExchangeKind::Jwt { .. } => CredentialKind::Jwt,
             ExchangeKind::X509 { .. } => CredentialKind::X509,
         };
-        let origin = Origin { api: "exchange", rotates: None };
+        let origin = Origin { api: "exchange", rotates: None, emergency: None };
         let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
         let verified = match exchange.verifier.verify(token, self.clock.now()).await {
             Ok(v) => v,
@@ -259,15 +320,32 @@ impl Issuer {
             .authorize(caller, CredentialKind::X509, vec![Resource::X509], req.ttl, req.spiffe_id.as_ref(), &req.origin)
             .await?;
         let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
+        self.deliver_x509(grant, auth.decision_id, auth.now, req.key, &req.origin, provenance(caller), None).await
+    }
+
+    /// Mints what an allowed decision granted and records it: the certificate (and key)
+    /// exist only in this frame until the `issued` event is durable. For break-glass, the
+    /// elevated sinks take their line first; if they cannot, nothing is issued.
+    #[expect(clippy::too_many_arguments, reason = "each is a fact of the issuance the record needs")]
+    async fn deliver_x509(
+        &self,
+        grant: &Grant,
+        decision_id: EventId,
+        now: SystemTime,
+        key: KeySource,
+        origin: &Origin,
+        extra: Option<serde_json::Value>,
+        elevated: Option<&Elevated>,
+    ) -> Result<IssuedX509, IssueError> {
         // Why here and not earlier: a denied caller never causes a key to be made.
-        let (csr, private_key) = match req.key {
+        let (csr, private_key) = match key {
             KeySource::Csr(csr) => (csr, None),
             KeySource::ServerMade => {
                 let (csr, key) = VerifiedCsr::server_made()?;
                 (csr, Some(key))
             }
         };
-        let svid = self.minter.mint_x509(&csr, grant, auth.now)?;
+        let svid = self.minter.mint_x509(&csr, grant, now)?;
         let credential_id = uuid::Uuid::new_v4().to_string();
         let record = CredentialRecord {
             id: credential_id.clone(),
@@ -277,35 +355,42 @@ impl Issuer {
             fingerprint: svid.fingerprint.clone(),
             not_before: unix_secs(svid.not_before),
             not_after: unix_secs(svid.not_after),
-            decision_id: auth.decision_id,
+            decision_id,
         };
-        // Why: the certificate (and key) exist only in this stack frame until the record is
-        // durable; on a ledger error they are dropped here and the caller gets UNAVAILABLE.
-        let issued_id = self.record_issued(record, auth.now, provenance(caller)).await?;
+        if let Some(elevated) = elevated {
+            self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
+        }
+        let issued_id = self.record_issued(record, now, extra).await?;
         tracing::info!(
-            identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id = auth.decision_id, issued_id,
-            api = req.origin.api, rotation = req.origin.rotates.is_some(), not_after = unix_secs(svid.not_after), "x509 svid issued"
+            identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id, issued_id,
+            api = origin.api, rotation = origin.rotates.is_some(), break_glass = origin.emergency.is_some(),
+            not_after = unix_secs(svid.not_after), "x509 svid issued"
         );
-        Ok(IssuedX509 {
-            credential_id,
-            identity: grant.identity().clone(),
-            svid,
-            private_key,
-            bundle: self.minter.x509_bundle(),
-            decision_id: auth.decision_id,
-        })
+        Ok(IssuedX509 { credential_id, identity: grant.identity().clone(), svid, private_key, bundle: self.minter.x509_bundle(), decision_id })
     }
 
     pub async fn issue_jwt_as(&self, caller: Caller<'_>, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
         let resources = req.audiences.iter().map(|a| Resource::Jwt { audience: a.clone() }).collect();
         let auth = self.authorize(caller, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
-        let grant = JwtGrant::join(&auth.grants).ok_or_else(|| IssueError::Denied {
+        self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &req.origin, provenance(caller), None).await
+    }
+
+    async fn deliver_jwt(
+        &self,
+        grants: &[Grant],
+        decision_id: EventId,
+        now: SystemTime,
+        origin: &Origin,
+        extra: Option<serde_json::Value>,
+        elevated: Option<&Elevated>,
+    ) -> Result<IssuedJwt, IssueError> {
+        let grant = JwtGrant::join(grants).ok_or_else(|| IssueError::Denied {
             explain: "denied: the audiences were not all granted to one identity".into(),
             rules: vec![],
         })?;
         // The jti is the credential id: a validation names the credential without a lookup.
         let credential_id = uuid::Uuid::new_v4().to_string();
-        let svid = self.jwt.mint_jwt(&grant, &credential_id, auth.now)?;
+        let svid = self.jwt.mint_jwt(&grant, &credential_id, now)?;
         let record = CredentialRecord {
             id: credential_id.clone(),
             kind: CredentialKind::Jwt.as_str().to_owned(),
@@ -314,14 +399,156 @@ impl Issuer {
             fingerprint: svid.fingerprint.clone(),
             not_before: unix_secs(svid.not_before),
             not_after: unix_secs(svid.not_after),
-            decision_id: auth.decision_id,
+            decision_id,
         };
-        let issued_id = self.record_issued(record, auth.now, provenance(caller)).await?;
+        if let Some(elevated) = elevated {
+            self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
+        }
+        let issued_id = self.record_issued(record, now, extra).await?;
         tracing::info!(
-            identity = %grant.identity(), credential_id, decision_id = auth.decision_id, issued_id, api = req.origin.api,
-            audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
+            identity = %grant.identity(), credential_id, decision_id, issued_id, api = origin.api,
+            break_glass = origin.emergency.is_some(), audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
         );
-        Ok(IssuedJwt { credential_id, identity: grant.identity().clone(), svid, decision_id: auth.decision_id })
+        Ok(IssuedJwt { credential_id, identity: grant.identity().clone(), svid, decision_id })
+    }
+
+    /// The emergency path. The caller is attested like any other; the request is decided
+    /// only by break-glass rules (and every forbid); every step goes to the ledger (flagged
+    /// `break_glass`) and, synchronously, to the elevated sinks; a grant that needs a second
+    /// person waits for one. Fails closed at each step.
+    pub async fn break_glass(&self, peer: &PeerInfo, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
+        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+        let kind = match &req.kind {
+            EmergencyKind::X509 { .. } => CredentialKind::X509,
+            EmergencyKind::Jwt { .. } => CredentialKind::Jwt,
+        };
+        let emergency = Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() };
+        let origin = Origin { api: "break_glass", rotates: None, emergency: Some(emergency) };
+        let ttl = req.ttl.min(bg.config.max_ttl);
+        let version = self.policy.current().version().to_owned();
+        let caller = json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid });
+        // Refusals before policy is asked are still recorded (and flagged).
+        let early = if !bg.config.ticket_pattern.is_match(&req.ticket) {
+            Some(format!("the ticket `{}` does not match break_glass.ticket_pattern `{}`", req.ticket.escape_debug(), bg.config.ticket_pattern.as_str()))
+        } else if !bg.elevated.is_configured() {
+            Some("no elevated sink is configured, so nothing can be issued".into())
+        } else {
+            None
+        };
+        if let Some(why) = early {
+            self.record_refusal(kind, &caller, None, &ttl, &why, &version, &origin).await?;
+            return Err(IssueError::BreakGlass(why));
+        }
+        let resources = match &req.kind {
+            EmergencyKind::X509 { .. } => vec![Resource::X509],
+            EmergencyKind::Jwt { audience } => vec![Resource::Jwt { audience: audience.clone() }],
+        };
+        let auth = self.authorize(Caller::Local(peer), kind, resources, ttl, None, &origin).await?;
+        let extra = json!({ "break_glass": true, "ticket": req.ticket, "justification": req.reason });
+        self.elevate(&bg.elevated, "requested", json!({ "decision_id": auth.decision_id, "who": auth.identity_record, "ticket": req.ticket, "justification": req.reason, "kind": kind.as_str(), "needs_approval": auth.needs_approval })).await?;
+        if auth.needs_approval {
+            let id = uuid::Uuid::new_v4().to_string();
+            let expires_at = auth.now + bg.approvals.timeout();
+            let identity = auth.grants.first().map(|g| g.identity().to_string()).unwrap_or_default();
+            let pending = Pending {
+                id: id.clone(),
+                requester_uid: peer.uid,
+                identity: identity.clone(),
+                grants: auth.grants,
+                decision_id: auth.decision_id,
+                kind: match req.kind {
+                    EmergencyKind::X509 { csr } => PendingKind::X509 { csr },
+                    EmergencyKind::Jwt { .. } => PendingKind::Jwt,
+                },
+                reason: req.reason,
+                ticket: req.ticket,
+                requested_at: auth.now,
+                expires_at,
+                approved_by: None,
+            };
+            if let Err(e) = bg.approvals.add(pending) {
+                self.record_break_glass("denied", json!({ "request": id, "decision_id": auth.decision_id, "identity": identity, "why": e.to_string() })).await?;
+                return Err(e.into());
+            }
+            self.record_break_glass("pending", json!({ "request": id, "decision_id": auth.decision_id, "identity": identity, "expires_at": unix_secs(expires_at) })).await?;
+            return Ok(EmergencyOutcome::Pending { id, expires_at });
+        }
+        match req.kind {
+            EmergencyKind::X509 { csr } => {
+                let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
+                Ok(EmergencyOutcome::X509(self.deliver_x509(grant, auth.decision_id, auth.now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
+            }
+            EmergencyKind::Jwt { .. } => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+        }
+    }
+
+    /// The requester waits (at most `at_most`) for an approval; approved → issued once.
+    pub async fn break_glass_wait(&self, peer: &PeerInfo, id: &str, at_most: std::time::Duration) -> Result<EmergencyOutcome, IssueError> {
+        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+        match bg.approvals.wait(id, peer.uid, at_most, self.clock.as_ref()).await? {
+            Waited::StillPending(p) => Ok(EmergencyOutcome::Pending { id: p.id.clone(), expires_at: p.expires_at }),
+            Waited::Expired(p) => {
+                let why = format!("no approval within {} s", bg.approvals.timeout().as_secs());
+                self.record_break_glass("denied", json!({ "request": p.id, "decision_id": p.decision_id, "identity": p.identity, "why": why })).await?;
+                let _ = bg.elevated.write(&json!({ "break_glass": "denied", "request": p.id, "identity": p.identity, "why": why })).await;
+                Err(IssueError::BreakGlass(why))
+            }
+            Waited::Approved(p) => {
+                let emergency = Emergency { reason: p.reason.clone(), ticket: p.ticket.clone() };
+                let origin = Origin { api: "break_glass", rotates: None, emergency: Some(emergency) };
+                let extra = json!({ "break_glass": true, "ticket": p.ticket, "justification": p.reason, "request": p.id, "approved_by": p.approved_by });
+                let now = self.clock.now();
+                match p.kind {
+                    PendingKind::X509 { csr } => {
+                        let grant = p.grants.first().ok_or(IssueError::NoEntry)?;
+                        Ok(EmergencyOutcome::X509(self.deliver_x509(grant, p.decision_id, now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
+                    }
+                    PendingKind::Jwt => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&p.grants, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+                }
+            }
+        }
+    }
+
+    /// A second person approves a pending request: recorded (ledger and elevated sinks)
+    /// before it takes effect; never the requester; only a configured approver.
+    pub async fn break_glass_approve(&self, approver_uid: u32, approver: serde_json::Value, id: &str, reason: &str) -> Result<(), IssueError> {
+        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+        let now = self.clock.now();
+        let p = match bg.approvals.check_approval(id, approver_uid, now) {
+            Ok(p) => p,
+            Err(e) => {
+                self.record_break_glass("approval_refused", json!({ "request": id, "approver": approver, "why": e.to_string() })).await?;
+                return Err(e.into());
+            }
+        };
+        let body = json!({ "request": id, "decision_id": p.decision_id, "identity": p.identity, "approver": approver, "reason": reason, "requester_uid": p.requester_uid });
+        self.elevate(&bg.elevated, "approved", body.clone()).await?;
+        self.record_break_glass("approved", body).await?;
+        bg.approvals.commit_approval(id, approver);
+        Ok(())
+    }
+
+    /// A review afterwards (`mayfly break-glass review`): recorded, flagged.
+    pub async fn break_glass_review(&self, reviewer: serde_json::Value, id: &str, note: &str) -> Result<EventId, IssueError> {
+        self.record_break_glass("reviewed", json!({ "subject": id, "reviewer": reviewer, "note": note })).await
+    }
+
+    async fn record_break_glass(&self, stage: &str, mut body: serde_json::Value) -> Result<EventId, IssueError> {
+        if let Some(map) = body.as_object_mut() {
+            map.insert("stage".into(), json!(stage));
+            map.insert("break_glass".into(), json!(true));
+        }
+        Ok(self.ledger.record(NewEvent { kind: EventKind::BreakGlass, at: self.clock.now(), body, credential: None }).await?)
+    }
+
+    /// One line to every elevated sink, or the step fails (and is recorded as refused).
+    async fn elevate(&self, elevated: &Elevated, stage: &str, body: serde_json::Value) -> Result<(), IssueError> {
+        let line = json!({ "break_glass": stage, "at": unix_secs(self.clock.now()), "event": body });
+        if let Err(why) = elevated.write(&line).await {
+            let _ = self.record_break_glass("refused", json!({ "at_stage": stage, "why": why, "event": body })).await;
+            return Err(IssueError::Elevated(why));
+        }
+        Ok(())
     }
 
     /// Verifies one of mayfly's JWT-SVIDs for `audience`. A successful validation is a `used`
@@ -434,7 +661,13 @@ impl Issuer {
             self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin).await?;
             return Err(err);
         }
-        let context = RequestContext { oidc, ..RequestContext::default() };
+        let context = RequestContext {
+            oidc,
+            break_glass: origin.emergency.is_some(),
+            ticket: origin.emergency.as_ref().map(|e| e.ticket.clone()),
+            purpose: origin.emergency.as_ref().map(|e| e.reason.clone()),
+            ..RequestContext::default()
+        };
         let decisions: Vec<Decision> = resources
             .iter()
             .map(|resource| {
@@ -492,6 +725,10 @@ impl Issuer {
                     "granted_ttl_secs": granted,
                     "api": origin.api,
                     "rotates": origin.rotates,
+                    "break_glass": origin.emergency.is_some(),
+                    "ticket": origin.emergency.as_ref().map(|e| &e.ticket),
+                    "justification": origin.emergency.as_ref().map(|e| &e.reason),
+                    "needs_approval": decisions.iter().any(|d| d.needs_approval),
                 }),
                 credential: None,
             })
@@ -501,6 +738,7 @@ impl Issuer {
             let denied_rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
             return Err(IssueError::Denied { explain, rules: denied_rules });
         }
+        let decisions_needed_approval = decisions.iter().any(|d| d.needs_approval);
         let grants = decisions
             .into_iter()
             .filter_map(|d| match d.verdict {
@@ -508,7 +746,13 @@ impl Issuer {
                 Verdict::Deny => None,
             })
             .collect();
-        Ok(Authorized { grants, decision_id, now })
+        Ok(Authorized {
+            grants,
+            decision_id,
+            now,
+            needs_approval: origin.emergency.is_some() && decisions_needed_approval,
+            identity_record: json!({ "identity": entry.id.as_str(), "caller": caller_record }),
+        })
     }
 
     /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
@@ -533,12 +777,15 @@ impl Issuer {
         })
     }
 
-    /// The `issued` event: the credential row, plus (for token callers) the provenance an
-    /// auditor traces the credential back to (repository, ref, sha, workflow, run).
-    async fn record_issued(&self, record: CredentialRecord, at: SystemTime, provenance: Option<serde_json::Value>) -> Result<EventId, IssueError> {
+    /// The `issued` event: the credential row, plus what an auditor needs beyond it — a
+    /// token caller's provenance (repository, ref, sha, workflow, run) or the break-glass
+    /// flag, ticket and justification.
+    async fn record_issued(&self, record: CredentialRecord, at: SystemTime, extra: Option<serde_json::Value>) -> Result<EventId, IssueError> {
         let mut body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
-        if let (Some(p), Some(map)) = (provenance, body.as_object_mut()) {
-            map.insert("provenance".into(), p);
+        if let (Some(serde_json::Value::Object(extra)), Some(map)) = (extra, body.as_object_mut()) {
+            for (k, v) in extra {
+                map.entry(k).or_insert(v);
+            }
         }
         Ok(self.ledger.record(NewEvent { kind: EventKind::Issued, at, body, credential: Some(record) }).await?)
     }
@@ -580,6 +827,9 @@ impl Issuer {
                     "requested_ttl_secs": ttl.as_secs(),
                     "api": origin.api,
                     "rotates": origin.rotates,
+                    "break_glass": origin.emergency.is_some(),
+                    "ticket": origin.emergency.as_ref().map(|e| &e.ticket),
+                    "justification": origin.emergency.as_ref().map(|e| &e.reason),
                 }),
                 credential: None,
             })
@@ -590,7 +840,7 @@ impl Issuer {
 fn provenance(caller: Caller<'_>) -> Option<serde_json::Value> {
     match caller {
         Caller::Local(_) => None,
-        Caller::Token(t) => Some(t.provenance.clone()),
+        Caller::Token(t) => Some(json!({ "provenance": t.provenance })),
     }
 }
 

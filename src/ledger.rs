@@ -59,6 +59,9 @@ pub enum EventKind {
     Expired,
     /// An admin call (operator, reason, what it asked): every one is recorded.
     Admin,
+    /// A step of the emergency path beyond decision and issuance: pending, approved,
+    /// denied, refused (elevated sink), reviewed.
+    BreakGlass,
 }
 
 impl EventKind {
@@ -81,6 +84,7 @@ impl EventKind {
             EventKind::Unlocked => "unlocked",
             EventKind::Expired => "expired",
             EventKind::Admin => "admin",
+            EventKind::BreakGlass => "break_glass",
         }
     }
 }

@@ -3,10 +3,12 @@
 
 pub mod api;
 pub mod attest;
+pub mod breakglass;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod identity;
 pub mod issue;
 pub mod keys;

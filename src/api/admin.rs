@@ -10,10 +10,12 @@ use tonic::{Request, Response, Status};
 use super::pb::admin_server::Admin;
 use super::pb::revoke_request::Target as RevokeTarget;
 use super::pb::{
-    CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
+    BreakGlassApproveRequest, BreakGlassApproveResponse, BreakGlassListRequest, BreakGlassListResponse, BreakGlassReviewRequest,
+    BreakGlassReviewResponse, PendingBreakGlass, CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
     PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
 };
-use crate::revoke::{Desk, Found, RevokeError, Target, SELECTOR_KEYS};
+use crate::issue::Issuer;
+use crate::revoke::{check_reason, Desk, Found, RevokeError, Target, SELECTOR_KEYS};
 use crate::attest::PeerInfo;
 use crate::policy::activation::{ActivationError, PolicyController};
 use crate::policy::release::Release;
@@ -21,13 +23,14 @@ use crate::policy::release::Release;
 pub struct AdminService {
     policy: Arc<PolicyController>,
     desk: Arc<Desk>,
+    issuer: Arc<Issuer>,
     daemon_uid: u32,
     owner_uid: Option<u32>,
 }
 
 impl AdminService {
-    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, daemon_uid: u32, owner_uid: Option<u32>) -> Self {
-        Self { policy, desk, daemon_uid, owner_uid }
+    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, issuer: Arc<Issuer>, daemon_uid: u32, owner_uid: Option<u32>) -> Self {
+        Self { policy, desk, issuer, daemon_uid, owner_uid }
     }
 
     fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
@@ -179,5 +182,46 @@ impl Admin for AdminService {
         let _ = self.desk.record_admin(json!({ "call": "list_credentials", "operator": operator, "identity": identity, "active": req.active })).await;
         let found = self.desk.list(identity, req.active).await.map_err(revoke_status)?;
         Ok(Response::new(ListCredentialsResponse { credentials: found.iter().map(info).collect() }))
+    }
+
+    async fn break_glass_list(&self, request: Request<BreakGlassListRequest>) -> Result<Response<BreakGlassListResponse>, Status> {
+        let operator = self.admin("break_glass_list", request.extensions().get::<PeerInfo>()).await?;
+        let _ = self.desk.record_admin(json!({ "call": "break_glass_list", "operator": operator })).await;
+        let pending = self
+            .issuer
+            .pending_break_glass()
+            .into_iter()
+            .map(|p| PendingBreakGlass {
+                id: p.id,
+                identity: p.identity,
+                requester_uid: p.requester_uid,
+                reason: p.reason,
+                ticket: p.ticket,
+                requested_at: crate::clock::unix_secs(p.requested_at),
+                expires_at: crate::clock::unix_secs(p.expires_at),
+            })
+            .collect();
+        Ok(Response::new(BreakGlassListResponse { pending }))
+    }
+
+    async fn break_glass_approve(&self, request: Request<BreakGlassApproveRequest>) -> Result<Response<BreakGlassApproveResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let operator = self.admin("break_glass_approve", peer.as_ref()).await?;
+        let req = request.into_inner();
+        let reason = check_reason(&req.reason).map_err(revoke_status)?;
+        let uid = peer.map(|p| p.uid).unwrap_or(u32::MAX);
+        self.issuer.break_glass_approve(uid, operator, &req.id, reason).await.map_err(|e| super::status(&e))?;
+        Ok(Response::new(BreakGlassApproveResponse {}))
+    }
+
+    async fn break_glass_review(&self, request: Request<BreakGlassReviewRequest>) -> Result<Response<BreakGlassReviewResponse>, Status> {
+        let operator = self.admin("break_glass_review", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        let note = check_reason(&req.note).map_err(revoke_status)?;
+        if req.id.trim().is_empty() {
+            return Err(Status::invalid_argument("id: the break-glass request or credential id"));
+        }
+        let event_id = self.issuer.break_glass_review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
+        Ok(Response::new(BreakGlassReviewResponse { event_id }))
     }
 }

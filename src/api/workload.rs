@@ -76,7 +76,7 @@ impl WorkloadApiService {
             key: KeySource::ServerMade,
             ttl: self.settings.x509_ttl,
             spiffe_id: None,
-            origin: Origin { api: API, rotates },
+            origin: Origin { api: API, rotates, emergency: None },
         };
         self.issuer.issue_x509(peer, req).await
     }
@@ -191,7 +191,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         };
         let issued = self
             .issuer
-            .issue_jwt(&peer, JwtRequest { audiences: req.audience, ttl: self.settings.jwt_ttl, spiffe_id, origin: Origin { api: API, rotates: None } })
+            .issue_jwt(&peer, JwtRequest { audiences: req.audience, ttl: self.settings.jwt_ttl, spiffe_id, origin: Origin { api: API, rotates: None, emergency: None } })
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(JwtsvidResponse {
@@ -359,7 +359,7 @@ impl SvidStream {
             key: KeySource::ServerMade,
             ttl: self.settings.x509_ttl,
             spiffe_id: Some(current.identity.clone()),
-            origin: Origin { api: API, rotates: Some(current.credential_id.clone()) },
+            origin: Origin { api: API, rotates: Some(current.credential_id.clone()), emergency: None },
         };
         self.issuer.issue_x509(&self.peer, req).await
     }

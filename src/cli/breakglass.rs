@@ -1,0 +1,321 @@
+//! `mayfly break-glass …`: the emergency request (over the workload socket, attested like
+//! any other caller), and the second person's and the reviewer's side (admin socket), and
+//! the report afterwards (read from the ledger).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::policy::admin;
+use crate::api::pb::broker_client::BrokerClient;
+use crate::api::pb::{BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest};
+use crate::identity::Ttl;
+use crate::ledger::sqlite::LedgerReader;
+
+const DEFAULT_ADMIN_SOCKET: &str = "mayfly-admin.sock";
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    request: RequestArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RequestArgs {
+    #[arg(long, default_value = "mayfly.sock")]
+    socket: PathBuf,
+    /// x509 or jwt.
+    #[arg(long)]
+    kind: Option<String>,
+    /// jwt: the audience.
+    #[arg(long)]
+    audience: Option<String>,
+    /// Why you need it now (recorded verbatim).
+    #[arg(long)]
+    reason: Option<String>,
+    /// The incident or change ticket, e.g. INC-1234.
+    #[arg(long)]
+    ticket: Option<String>,
+    #[arg(long, default_value = "10m")]
+    ttl: String,
+    /// x509: where cert.pem, key.pem (0600) and bundle.pem go; jwt: token (0600).
+    #[arg(long, default_value = "break-glass")]
+    out: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Requests awaiting a second person (admin socket).
+    List {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Approve a pending request (never your own).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Record the review of a break-glass request or credential.
+    Review {
+        id: String,
+        #[arg(long)]
+        note: String,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Every break-glass request: who, why, ticket, approver, uses, end, review.
+    Report {
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Unreviewed requests older than this are flagged OVERDUE.
+        #[arg(long, default_value = "7d")]
+        review_within: String,
+        #[arg(long, default_value = ".mayfly")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(args: Args) -> ExitCode {
+    match args.command {
+        None => request(args.request).await,
+        Some(Command::List { admin_socket }) => list(admin_socket).await,
+        Some(Command::Approve { id, reason, admin_socket }) => {
+            let mut client = match admin(&admin_socket).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.break_glass_approve(BreakGlassApproveRequest { id: id.clone(), reason }).await {
+                Ok(_) => {
+                    println!("approved {id}");
+                    ExitCode::SUCCESS
+                }
+                Err(s) => super::fail(format!("approval refused ({:?}): {}", s.code(), s.message())),
+            }
+        }
+        Some(Command::Review { id, note, admin_socket }) => {
+            let mut client = match admin(&admin_socket).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.break_glass_review(BreakGlassReviewRequest { id: id.clone(), note }).await {
+                Ok(r) => {
+                    println!("review of {id} recorded (event {})", r.into_inner().event_id);
+                    ExitCode::SUCCESS
+                }
+                Err(s) => super::fail(format!("review refused ({:?}): {}", s.code(), s.message())),
+            }
+        }
+        Some(Command::Report { since, review_within, data_dir, json }) => report(&data_dir, &since, &review_within, json).await,
+    }
+}
+
+async fn request(args: RequestArgs) -> ExitCode {
+    let (Some(kind), Some(reason), Some(ticket)) = (args.kind, args.reason, args.ticket) else {
+        return super::fail("break-glass needs --kind, --reason and --ticket");
+    };
+    let ttl = match Ttl::parse(&args.ttl) {
+        Ok(t) => i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => return super::fail(format!("--ttl: {e}")),
+    };
+    let key = match kind.as_str() {
+        "x509" => match rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
+            Ok(k) => Some(k),
+            Err(e) => return super::fail(e),
+        },
+        _ => None,
+    };
+    let csr = match &key {
+        Some(k) => match rcgen::CertificateParams::default().serialize_request(k) {
+            Ok(csr) => csr.der().to_vec(),
+            Err(e) => return super::fail(e),
+        },
+        None => vec![],
+    };
+    let channel = match super::connect(&args.socket).await {
+        Ok(c) => c,
+        Err(e) => return super::fail(format!("cannot reach `{}`: {e}", args.socket.display())),
+    };
+    let mut client = BrokerClient::new(channel);
+    let req = BreakGlassRequest { kind: kind.clone(), csr, audience: args.audience.unwrap_or_default(), reason, ticket, ttl_seconds: Some(ttl) };
+    let mut reply = match client.break_glass(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return super::fail(format!("break-glass refused ({:?}): {}", s.code(), s.message())),
+    };
+    while !reply.pending_id.is_empty() {
+        eprintln!("waiting for a second person: `mayfly break-glass approve {} --reason …` (until {})", reply.pending_id, reply.pending_until);
+        reply = match client.break_glass_wait(BreakGlassWaitRequest { pending_id: reply.pending_id.clone() }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return super::fail(format!("break-glass refused ({:?}): {}", s.code(), s.message())),
+        };
+    }
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return super::fail(format!("`{}`: {e}", args.out.display()));
+    }
+    let written = if kind == "x509" {
+        let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+        let chain: String = reply.cert_chain.iter().map(|c| pem_of(c)).collect();
+        let bundle: String = reply.trust_bundle.iter().map(|c| pem_of(c)).collect();
+        let key_pem = key.map(|k| zeroize::Zeroizing::new(k.serialize_pem())).unwrap_or_default();
+        std::fs::write(args.out.join("cert.pem"), chain)
+            .and_then(|()| std::fs::write(args.out.join("bundle.pem"), bundle))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let _ = std::fs::remove_file(args.out.join("key.pem"));
+                crate::keys::write_private(&args.out.join("key.pem"), key_pem.as_bytes()).map_err(|e| e.to_string())
+            })
+    } else {
+        let _ = std::fs::remove_file(args.out.join("token"));
+        crate::keys::write_private(&args.out.join("token"), reply.token.as_bytes()).map_err(|e| e.to_string())
+    };
+    if let Err(e) = written {
+        return super::fail(e);
+    }
+    println!("break-glass {kind} for {} written to {}: credential {}, serial {}, until {}", reply.spiffe_id, args.out.display(), reply.credential_id, reply.serial, reply.not_after);
+    ExitCode::SUCCESS
+}
+
+async fn list(admin_socket: PathBuf) -> ExitCode {
+    let mut client = match admin(&admin_socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.break_glass_list(BreakGlassListRequest {}).await {
+        Ok(r) => {
+            for p in r.into_inner().pending {
+                println!("{} {} uid {} ticket {} until {}: {}", p.id, p.identity, p.requester_uid, p.ticket, p.expires_at, p.reason);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(s) => super::fail(format!("list refused ({:?}): {}", s.code(), s.message())),
+    }
+}
+
+/// One break-glass request as the ledger tells it.
+#[derive(Default, serde::Serialize)]
+struct Entry {
+    decision: i64,
+    at_ms: i64,
+    identity: String,
+    caller: Value,
+    justification: String,
+    ticket: String,
+    outcome: String,
+    request: Option<String>,
+    approved_by: Vec<Value>,
+    credentials: Vec<String>,
+    uses: usize,
+    ended: Vec<String>,
+    reviews: Vec<Value>,
+    overdue: bool,
+}
+
+async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, json: bool) -> ExitCode {
+    let (since, within) = match (Ttl::parse(since), Ttl::parse(review_within)) {
+        (Ok(s), Ok(w)) => (s, w),
+        (Err(e), _) | (_, Err(e)) => return super::fail(e),
+    };
+    let path = data_dir.join("ledger.db");
+    let events = match LedgerReader::open(&path).await {
+        Ok(mut r) => r.events().await,
+        Err(e) => Err(e),
+    };
+    let events = match events {
+        Ok(e) => e,
+        Err(e) => return super::fail(e),
+    };
+    let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX);
+    let from_ms = now_ms - i64::try_from(since.as_secs()).unwrap_or(0) * 1000;
+    let mut entries: BTreeMap<i64, Entry> = BTreeMap::new();
+    let mut by_credential: BTreeMap<String, i64> = BTreeMap::new();
+    let mut by_request: BTreeMap<String, i64> = BTreeMap::new();
+    for e in &events {
+        let Ok(b) = serde_json::from_str::<Value>(&e.body) else { continue };
+        let s = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let flagged = b.get("break_glass").and_then(Value::as_bool) == Some(true);
+        match e.kind.as_str() {
+            "decision" if flagged && e.at_ms >= from_ms => {
+                entries.insert(e.seq, Entry {
+                    decision: e.seq,
+                    at_ms: e.at_ms,
+                    identity: s("identity"),
+                    caller: b.get("caller").cloned().unwrap_or(Value::Null),
+                    justification: s("justification"),
+                    ticket: s("ticket"),
+                    outcome: s("outcome"),
+                    ..Entry::default()
+                });
+            }
+            "break_glass" => {
+                let decision = b.get("decision_id").and_then(Value::as_i64).or_else(|| by_request.get(&s("request")).copied());
+                let subject = s("subject");
+                let target = decision.or_else(|| by_request.get(&subject).copied()).or_else(|| by_credential.get(&subject).copied());
+                if let Some(entry) = target.and_then(|d| entries.get_mut(&d)) {
+                    if !s("request").is_empty() {
+                        entry.request = Some(s("request"));
+                        by_request.insert(s("request"), entry.decision);
+                    }
+                    match s("stage").as_str() {
+                        "approved" => entry.approved_by.push(b.get("approver").cloned().unwrap_or(Value::Null)),
+                        "reviewed" => entry.reviews.push(serde_json::json!({ "by": b.get("reviewer"), "note": s("note") })),
+                        "denied" | "refused" => entry.outcome = format!("{} ({})", s("stage"), s("why")),
+                        _ => {}
+                    }
+                }
+            }
+            "issued" if flagged => {
+                if let Some(entry) = b.get("decision_id").and_then(Value::as_i64).and_then(|d| entries.get_mut(&d)) {
+                    entry.credentials.push(s("id"));
+                    entry.outcome = "issued".into();
+                    by_credential.insert(s("id"), entry.decision);
+                }
+            }
+            "used" | "expired" => {
+                if let Some(entry) = by_credential.get(&s("credential_id")).and_then(|d| entries.get_mut(d)) {
+                    if e.kind == "used" {
+                        entry.uses += 1;
+                    } else {
+                        entry.ended.push("expired".into());
+                    }
+                }
+            }
+            "revoked" => {
+                for c in b.get("credentials").and_then(Value::as_array).into_iter().flatten() {
+                    let id = c.get("credential_id").and_then(Value::as_str).unwrap_or_default();
+                    if let Some(entry) = by_credential.get(id).and_then(|d| entries.get_mut(d)) {
+                        entry.ended.push(format!("revoked: {}", s("reason")));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let within_ms = i64::try_from(within.as_secs()).unwrap_or(0) * 1000;
+    let mut overdue = 0;
+    for entry in entries.values_mut() {
+        entry.overdue = entry.reviews.is_empty() && entry.outcome == "issued" && now_ms - entry.at_ms > within_ms;
+        overdue += usize::from(entry.overdue);
+        if json {
+            println!("{}", serde_json::to_string(&entry).unwrap_or_default());
+        } else {
+            let review = if !entry.reviews.is_empty() { "reviewed".to_owned() } else if entry.overdue { "UNREVIEWED, OVERDUE".to_owned() } else { "unreviewed".to_owned() };
+            println!(
+                "decision #{} {} by {} ticket {} — {} — {}; approved by {:?}; credentials {:?}; {} use(s); ended {:?}; {review}",
+                entry.decision, entry.identity, entry.caller, entry.ticket, entry.justification, entry.outcome, entry.approved_by, entry.credentials, entry.uses, entry.ended
+            );
+        }
+    }
+    if !json {
+        println!("{} break-glass request(s), {overdue} overdue for review", entries.len());
+    }
+    ExitCode::SUCCESS
+}
