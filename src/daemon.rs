@@ -151,10 +151,17 @@ impl Daemon {
         };
         let minter = Arc::new(X509Minter::new(Arc::new(ca)));
         // Revocations and locks are rebuilt from the ledger: they survive restarts.
-        let revocations = {
+        let (revocations, break_glass_ids) = {
             let mut reader = LedgerReader::open(&config.ledger_path).await.map_err(ledger_err)?;
             let events = reader.events_of_kinds(&["revoked", "locked", "unlocked"]).await.map_err(ledger_err)?;
-            Arc::new(Revocations::from_events(&events))
+            let issued = reader.events_of_kinds(&["issued"]).await.map_err(ledger_err)?;
+            let ids: Vec<String> = issued
+                .iter()
+                .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.body).ok())
+                .filter(|b| b.get("break_glass").and_then(serde_json::Value::as_bool) == Some(true))
+                .filter_map(|b| b.get("id").and_then(serde_json::Value::as_str).map(str::to_owned))
+                .collect();
+            (Arc::new(Revocations::from_events(&events)), ids)
         };
         let issuer = Issuer::new(
             Arc::new(UnixAttestor::new(config.max_binary_bytes)),
@@ -175,7 +182,8 @@ impl Daemon {
             None => issuer,
         }
         .with_revocations(revocations)
-        .with_break_glass(break_glass_settings(&config)?));
+        .with_break_glass(break_glass_settings(&config)?)
+        .with_break_glass_credentials(break_glass_ids));
         let publisher = Arc::new(BundlePublisher::new(issuer.clone(), minter.clone(), clock.clone()));
         ledger
             .record(NewEvent {
@@ -256,7 +264,7 @@ impl Daemon {
         let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
         let crl_publisher = tokio::spawn(publish_on_revocation(publisher.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(
-            ExpirySweep::new(config.ledger_path.clone(), ledger.clone() as Arc<dyn Ledger>, issuer.revocations().clone(), clock.clone())
+            ExpirySweep::new(config.ledger_path.clone(), ledger.clone() as Arc<dyn Ledger>, issuer.clone(), clock.clone())
                 .run(config.policy_poll, stop_rx.clone()),
         );
         let net_server = match (net, &config.listen) {
@@ -564,14 +572,14 @@ async fn publish_on_revocation(publisher: Arc<BundlePublisher>, mut stop: tokio:
 struct ExpirySweep {
     ledger_path: PathBuf,
     ledger: Arc<dyn Ledger>,
-    revocations: Arc<Revocations>,
+    issuer: Arc<Issuer>,
     clock: Arc<dyn Clock>,
     watermark: Option<(i64, String)>,
 }
 
 impl ExpirySweep {
-    fn new(ledger_path: PathBuf, ledger: Arc<dyn Ledger>, revocations: Arc<Revocations>, clock: Arc<dyn Clock>) -> Self {
-        Self { ledger_path, ledger, revocations, clock, watermark: None }
+    fn new(ledger_path: PathBuf, ledger: Arc<dyn Ledger>, issuer: Arc<Issuer>, clock: Arc<dyn Clock>) -> Self {
+        Self { ledger_path, ledger, issuer, clock, watermark: None }
     }
 
     async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -606,15 +614,13 @@ impl ExpirySweep {
                 return Ok(());
             }
             for c in batch {
-                if !self.revocations.is_revoked(&c.id) {
-                    self.ledger
-                        .record(NewEvent {
-                            kind: EventKind::Expired,
-                            at: self.clock.now(),
-                            body: json!({ "credential_id": c.id, "kind": c.kind, "identity": c.identity, "serial": c.serial, "not_after": c.not_after }),
-                            credential: None,
-                        })
-                        .await?;
+                if !self.issuer.revocations().is_revoked(&c.id) {
+                    let emergency = self.issuer.is_break_glass(&c.id);
+                    let body = json!({ "credential_id": c.id, "kind": c.kind, "identity": c.identity, "serial": c.serial, "not_after": c.not_after, "break_glass": emergency });
+                    self.ledger.record(NewEvent { kind: EventKind::Expired, at: self.clock.now(), body: body.clone(), credential: None }).await?;
+                    if emergency {
+                        self.issuer.elevate_later("expired", body).await;
+                    }
                 }
                 self.watermark = Some((c.not_after, c.id));
             }

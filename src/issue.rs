@@ -195,6 +195,9 @@ struct Authorized {
 pub struct Issuer {
     exchange: Option<ExchangeSettings>,
     break_glass: Option<BreakGlassSettings>,
+    /// Credentials issued on the emergency path: their uses and expiry are flagged and
+    /// written to the elevated sinks too.
+    break_glass_credentials: std::sync::Mutex<std::collections::HashSet<String>>,
     revocations: Arc<Revocations>,
     attestor: Arc<dyn Attestor>,
     policy: Arc<PolicyStore>,
@@ -213,13 +216,39 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, break_glass: None, revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
+        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
     }
 
     /// Turns the break-glass path on (with its elevated sinks and approvals).
     pub fn with_break_glass(mut self, settings: BreakGlassSettings) -> Self {
         self.break_glass = Some(settings);
         self
+    }
+
+    /// Credentials issued on the emergency path before this start (from the ledger).
+    pub fn with_break_glass_credentials(self, ids: impl IntoIterator<Item = String>) -> Self {
+        self.bg_ids().extend(ids);
+        self
+    }
+
+    pub fn is_break_glass(&self, credential_id: &str) -> bool {
+        self.bg_ids().contains(credential_id)
+    }
+
+    /// A later step of a break-glass credential (a use, its expiry) to the elevated sinks.
+    /// The step itself already happened; a failed write is logged loudly, not hidden.
+    pub async fn elevate_later(&self, stage: &str, body: serde_json::Value) {
+        if let Some(bg) = &self.break_glass {
+            let line = json!({ "break_glass": stage, "at": unix_secs(self.clock.now()), "event": body });
+            if let Err(e) = bg.elevated.write(&line).await {
+                tracing::error!(stage, error = %e, "break-glass step not written to the elevated sinks");
+            }
+        }
+    }
+
+    fn bg_ids(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // Why: a set of ids, inserted whole; a poisoned lock is still consistent.
+        self.break_glass_credentials.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn pending_break_glass(&self) -> Vec<Pending> {
@@ -359,6 +388,7 @@ impl Issuer {
         };
         if let Some(elevated) = elevated {
             self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
+            self.bg_ids().insert(credential_id.clone());
         }
         let issued_id = self.record_issued(record, now, extra).await?;
         tracing::info!(
@@ -403,6 +433,7 @@ impl Issuer {
         };
         if let Some(elevated) = elevated {
             self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
+            self.bg_ids().insert(credential_id.clone());
         }
         let issued_id = self.record_issued(record, now, extra).await?;
         tracing::info!(
@@ -417,6 +448,31 @@ impl Issuer {
     /// `break_glass`) and, synchronously, to the elevated sinks; a grant that needs a second
     /// person waits for one. Fails closed at each step.
     pub async fn break_glass(&self, peer: &PeerInfo, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
+        self.break_glass_as(Caller::Local(peer), req).await
+    }
+
+    /// Break-glass for an operator off-host, through the TLS listener: the id-token is
+    /// verified like any exchange (a refusal is recorded), then the same emergency path.
+    pub async fn exchange_break_glass(&self, token: &str, remote: &str, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
+        let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
+        let kind = match &req.kind {
+            EmergencyKind::X509 { .. } => CredentialKind::X509,
+            EmergencyKind::Jwt { .. } => CredentialKind::Jwt,
+        };
+        let origin = Origin { api: "break_glass", rotates: None, emergency: Some(Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() }) };
+        let verified = match exchange.verifier.verify(token, self.clock.now()).await {
+            Ok(v) => v,
+            Err(e) => {
+                let caller = json!({ "remote": remote, "claimed_issuer": OidcVerifier::claimed_issuer(token) });
+                let version = self.policy.current().version().to_owned();
+                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin).await?;
+                return Err(e.into());
+            }
+        };
+        self.break_glass_as(Caller::Token(&verified), req).await
+    }
+
+    async fn break_glass_as(&self, caller_ref: Caller<'_>, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
         let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
         let kind = match &req.kind {
             EmergencyKind::X509 { .. } => CredentialKind::X509,
@@ -426,7 +482,10 @@ impl Issuer {
         let origin = Origin { api: "break_glass", rotates: None, emergency: Some(emergency) };
         let ttl = req.ttl.min(bg.config.max_ttl);
         let version = self.policy.current().version().to_owned();
-        let caller = json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid });
+        let (caller, requester_uid) = match caller_ref {
+            Caller::Local(peer) => (json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid }), Some(peer.uid)),
+            Caller::Token(t) => (json!({ "oidc": t.provenance }), None),
+        };
         // Refusals before policy is asked are still recorded (and flagged).
         let early = if !bg.config.ticket_pattern.is_match(&req.ticket) {
             Some(format!("the ticket `{}` does not match break_glass.ticket_pattern `{}`", req.ticket.escape_debug(), bg.config.ticket_pattern.as_str()))
@@ -443,16 +502,24 @@ impl Issuer {
             EmergencyKind::X509 { .. } => vec![Resource::X509],
             EmergencyKind::Jwt { audience } => vec![Resource::Jwt { audience: audience.clone() }],
         };
-        let auth = self.authorize(Caller::Local(peer), kind, resources, ttl, None, &origin).await?;
-        let extra = json!({ "break_glass": true, "ticket": req.ticket, "justification": req.reason });
+        let auth = self.authorize(caller_ref, kind, resources, ttl, None, &origin).await?;
+        let mut extra = json!({ "break_glass": true, "ticket": req.ticket, "justification": req.reason });
+        if let (Some(p), Some(map)) = (provenance(caller_ref), extra.as_object_mut()) {
+            map.extend(p.as_object().cloned().unwrap_or_default());
+        }
         self.elevate(&bg.elevated, "requested", json!({ "decision_id": auth.decision_id, "who": auth.identity_record, "ticket": req.ticket, "justification": req.reason, "kind": kind.as_str(), "needs_approval": auth.needs_approval })).await?;
         if auth.needs_approval {
+            let Some(requester_uid) = requester_uid else {
+                let why = "a rule needs a second person's approval, which is served on the workload socket only";
+                self.record_break_glass("denied", json!({ "decision_id": auth.decision_id, "why": why })).await?;
+                return Err(IssueError::BreakGlass(why.into()));
+            };
             let id = uuid::Uuid::new_v4().to_string();
             let expires_at = auth.now + bg.approvals.timeout();
             let identity = auth.grants.first().map(|g| g.identity().to_string()).unwrap_or_default();
             let pending = Pending {
                 id: id.clone(),
-                requester_uid: peer.uid,
+                requester_uid,
                 identity: identity.clone(),
                 grants: auth.grants,
                 decision_id: auth.decision_id,
@@ -578,22 +645,21 @@ impl Issuer {
             }
         };
         let revoked = self.revocations.is_revoked(&validated.jti);
-        self.ledger
-            .record(NewEvent {
-                kind: EventKind::Used,
-                at: now,
-                body: json!({
-                    "credential_id": validated.jti,
-                    "kind": CredentialKind::Jwt.as_str(),
-                    "identity": validated.identity.as_str(),
-                    "use": use_kind,
-                    "audience": audience,
-                    "by": by,
-                    "refused": if revoked { Some("revoked") } else { None },
-                }),
-                credential: None,
-            })
-            .await?;
+        let emergency = self.is_break_glass(&validated.jti);
+        let body = json!({
+            "credential_id": validated.jti,
+            "kind": CredentialKind::Jwt.as_str(),
+            "identity": validated.identity.as_str(),
+            "use": use_kind,
+            "audience": audience,
+            "by": by,
+            "refused": if revoked { Some("revoked") } else { None },
+            "break_glass": emergency,
+        });
+        self.ledger.record(NewEvent { kind: EventKind::Used, at: now, body: body.clone(), credential: None }).await?;
+        if emergency {
+            self.elevate_later("used", body).await;
+        }
         if revoked {
             tracing::warn!(credential_id = validated.jti, identity = %validated.identity, "a revoked JWT was presented");
             return Err(IssueError::Revoked(validated.jti));

@@ -415,6 +415,28 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
     assert_eq!(claims["iss"], format!("https://{address}"), "dev's issuer is the bound listener");
     assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900, "dev-oidc-jwt grants at most 15 min");
+    // Break-glass off-host: the same exchange with a reason and ticket, decided by
+    // break-glass rules only, written to the elevated log; its later use is flagged too.
+    let bg = issuer.token(|c| c["sub"] = json!("oncall-alice"));
+    let (status, body) = d.exchange(json!({ "token": bg, "kind": "jwt", "audience": "payments-db", "ttl": "1h", "break_glass": { "reason": "payments down", "ticket": "INC-9001" } })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["break_glass"], true);
+    let bg_token = body["token"].as_str().unwrap().to_owned();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(&bg_token).unwrap().claims;
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600, "break-glass-dev-oidc-jwt: 10 min");
+    let introspected: Value = d.client().post(d.url("/v1/introspect")).header("content-type", "application/x-www-form-urlencoded").body(format!("token={bg_token}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(introspected["active"], true);
+    let log = std::fs::read_to_string(d.dir.path().join("data/break-glass.log")).unwrap();
+    let stages: Vec<String> = log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["break_glass"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(stages, ["requested", "issued", "used"]);
+    assert!(!log.contains(&bg_token), "the token itself is never written");
+    let events = d.events().await;
+    assert!(events.iter().any(|e| e.kind == "used" && e.body.contains("\"break_glass\":true")));
+    // A bad ticket over TLS: refused, recorded, nothing issued.
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|c| c["sub"] = json!("oncall-bob")), "kind": "jwt", "audience": "x", "break_glass": { "reason": "r", "ticket": "whenever" } })).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("ticket_pattern"));
+
     // The dev identity gets JWTs only: no X.509, no AWS.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();

@@ -22,7 +22,7 @@ use super::pb::{ExchangeRequest as PbRequest, ExchangeResponse as PbResponse};
 use super::status;
 use crate::clock::unix_secs;
 use crate::identity::Ttl;
-use crate::issue::{ExchangeKind, ExchangeRequest, Exchanged, IssueError, Issuer};
+use crate::issue::{EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, Issuer};
 use crate::mint::{TrustBundle, VerifiedCsr};
 
 /// The remote address of a TLS connection, put on each request by the listener.
@@ -167,6 +167,23 @@ struct JsonRequest {
     role: Option<String>,
     /// Seconds, or a duration like "10m".
     ttl: Option<Value>,
+    /// The emergency path for an operator off-host: `{"reason": …, "ticket": …}`.
+    break_glass: Option<JsonEmergency>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonEmergency {
+    reason: String,
+    ticket: String,
+}
+
+fn emergency_text(field: &str, v: &str, max: usize) -> Result<String, Rejection> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+        return Err(Rejection::invalid(field, format!("required, at most {max} characters, no control characters")));
+    }
+    Ok(v.to_owned())
 }
 
 async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<RemoteAddr>>, body: Bytes) -> Response {
@@ -196,6 +213,9 @@ async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<
         Ok(p) => p,
         Err(r) => return r.into_response(),
     };
+    if let Some(emergency) = req.break_glass {
+        return http_break_glass(&api, &req.token, parsed, emergency).await;
+    }
     match api.run(&req.token, parsed).await {
         Ok(Exchanged::Jwt(issued)) => Json(json!({
             "kind": "jwt",
@@ -219,6 +239,36 @@ async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<
             .into_response()
         }
         Err(r) => r.into_response(),
+    }
+}
+
+async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeRequest, emergency: JsonEmergency) -> Response {
+    let (reason, ticket) = match (emergency_text("break_glass.reason", &emergency.reason, 1000), emergency_text("break_glass.ticket", &emergency.ticket, 64)) {
+        (Ok(r), Ok(t)) => (r, t),
+        (Err(e), _) | (_, Err(e)) => return e.into_response(),
+    };
+    let kind = match parsed.kind {
+        ExchangeKind::Jwt { audience } => EmergencyKind::Jwt { audience },
+        ExchangeKind::X509 { csr } => EmergencyKind::X509 { csr },
+    };
+    let request = EmergencyRequest { kind, ttl: parsed.ttl, reason, ticket };
+    let outcome = tokio::time::timeout(api.request_timeout, api.issuer.exchange_break_glass(token, &parsed.remote, request)).await;
+    let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+    match outcome {
+        Ok(Ok(EmergencyOutcome::Jwt(issued))) => Json(json!({
+            "kind": "jwt", "break_glass": true, "credential_id": issued.credential_id, "spiffe_id": issued.identity.as_str(),
+            "token": issued.svid.token.expose(), "expires_at": unix_secs(issued.svid.not_after),
+        }))
+        .into_response(),
+        Ok(Ok(EmergencyOutcome::X509(issued))) => Json(json!({
+            "kind": "x509", "break_glass": true, "credential_id": issued.credential_id, "spiffe_id": issued.identity.as_str(),
+            "certificate": pem_of(&issued.svid.cert_der), "bundle": issued.bundle.iter().map(|c| pem_of(c)).collect::<String>(),
+            "serial": issued.svid.serial, "expires_at": unix_secs(issued.svid.not_after),
+        }))
+        .into_response(),
+        Ok(Ok(EmergencyOutcome::Pending { .. })) => Rejection::new(StatusCode::FORBIDDEN, Code::PermissionDenied, "access_denied", "approval is served on the workload socket only").into_response(),
+        Ok(Err(e)) => Rejection::from_issue(&e).into_response(),
+        Err(_) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out").into_response(),
     }
 }
 

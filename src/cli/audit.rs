@@ -104,6 +104,8 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
     let mut credentials = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut told_owner = false;
+    let mut emergency: Vec<(StoredEvent, serde_json::Value, String)> = Vec::new();
+    let mut reviewed = std::collections::HashSet::new();
     for e in events {
         let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
         let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -126,8 +128,16 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
             }
             "issued" if s("identity") == identity => {
                 credentials.insert(s("id"));
+                if body.get("break_glass").and_then(Value::as_bool) == Some(true) {
+                    emergency.push((e.clone(), body.clone(), s("id")));
+                }
+                let flag = if body.get("break_glass").and_then(Value::as_bool) == Some(true) {
+                    format!("BREAK-GLASS (ticket {}, {}) ", s("ticket"), s("justification"))
+                } else {
+                    String::new()
+                };
                 let provenance = body.get("provenance").map(|p| format!(" from {p}")).unwrap_or_default();
-                Some(format!("{} credential {} serial {} valid until {}{provenance}", s("kind"), s("id"), s("serial"), body.get("not_after").map(Value::to_string).unwrap_or_default()))
+                Some(format!("{flag}{} credential {} serial {} valid until {}{provenance}", s("kind"), s("id"), s("serial"), body.get("not_after").map(Value::to_string).unwrap_or_default()))
             }
             "used" | "expired" if credentials.contains(&s("credential_id")) => Some(match e.kind.as_str() {
                 "used" => format!("credential {} used: {} {}{}", s("credential_id"), s("use"), body.get("by").map(Value::to_string).unwrap_or_default(), if s("refused").is_empty() { String::new() } else { format!(" REFUSED: {}", s("refused")) }),
@@ -150,6 +160,16 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
                 let covers = target == identity || (target.ends_with('/') && identity.starts_with(target));
                 covers.then(|| format!("locked ({target}) by {}: {}", body.pointer("/lock/operator").map(Value::to_string).unwrap_or_default(), body.pointer("/lock/reason").and_then(Value::as_str).unwrap_or_default()))
             }
+            "break_glass" if s("stage") == "reviewed" && credentials.contains(&s("subject")) => {
+                reviewed.insert(s("subject"));
+                Some(format!("BREAK-GLASS reviewed by {}: {}", body.get("reviewer").map(Value::to_string).unwrap_or_default(), s("note")))
+            }
+            "break_glass" if s("identity") == identity || credentials.contains(&s("subject")) => Some(format!(
+                "BREAK-GLASS {}{}{}",
+                s("stage"),
+                body.get("approver").map(|a| format!(" by {a}")).unwrap_or_default(),
+                [s("why"), s("reason"), s("note")].into_iter().filter(|t| !t.is_empty()).map(|t| format!(": {t}")).collect::<String>()
+            )),
             "unlocked" => {
                 let target = s("target");
                 let covers = target == identity || (target.ends_with('/') && identity.starts_with(&target));
@@ -160,6 +180,10 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
         if let Some(summary) = summary {
             out.push((e, body, summary));
         }
+    }
+    // Why last: an unreviewed emergency credential is what an auditor must not miss.
+    for (event, body, id) in emergency.into_iter().filter(|(_, _, id)| !reviewed.contains(id)) {
+        out.push((event, body, format!("UNREVIEWED break-glass credential {id}: `mayfly break-glass review {id} --note …`")));
     }
     Ok(out)
 }
