@@ -308,9 +308,11 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
             println!("{}", serde_json::to_string(&entry).unwrap_or_default());
         } else {
             let review = if !entry.reviews.is_empty() { "reviewed".to_owned() } else if entry.overdue { "UNREVIEWED, OVERDUE".to_owned() } else { "unreviewed".to_owned() };
+            let approvers = if entry.approved_by.is_empty() { "nobody".to_owned() } else { Value::Array(entry.approved_by.clone()).to_string() };
+            let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
             println!(
-                "decision #{} {} by {} ticket {} — {} — {}; approved by {:?}; credentials {:?}; {} use(s); ended {:?}; {review}",
-                entry.decision, entry.identity, entry.caller, entry.ticket, entry.justification, entry.outcome, entry.approved_by, entry.credentials, entry.uses, entry.ended
+                "decision #{} {} by {} ticket {} — {} — {}; approved by {approvers}; credentials {}; {} use(s); ended {}; {review}",
+                entry.decision, entry.identity, entry.caller, entry.ticket, entry.justification, entry.outcome, list(&entry.credentials), entry.uses, list(&entry.ended)
             );
         }
     }
