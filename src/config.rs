@@ -76,7 +76,6 @@ pub struct RawBreakGlass {
     pub log_file: Option<PathBuf>,
     pub webhook: Option<String>,
     pub webhook_retries: Option<u32>,
-    pub review_within: Option<String>,
 }
 
 /// The emergency path's own settings. Without an elevated sink it issues nothing.
@@ -91,8 +90,6 @@ pub struct BreakGlassConfig {
     pub log_file: Option<PathBuf>,
     pub webhook: Option<String>,
     pub webhook_retries: u32,
-    /// Break-glass credentials not reviewed within this are reported as overdue.
-    pub review_within: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -437,7 +434,6 @@ impl Config {
             log_file: bg.log_file,
             webhook: bg.webhook,
             webhook_retries: bg.webhook_retries.unwrap_or(3).min(10),
-            review_within: duration("break_glass.review_within", bg.review_within, "7d")?.as_duration(),
         };
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {

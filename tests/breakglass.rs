@@ -199,3 +199,46 @@ async fn without_any_approver_an_approval_rule_denies_at_once() {
     assert_eq!(d.credentials().await, 0);
     d.stop().await;
 }
+
+/// A webhook receiver on loopback (a paging system stand-in): answers `status` and keeps
+/// what it was sent.
+async fn webhook(status: u16) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(v);
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_hears_every_step_and_a_failing_one_stops_issuance() {
+    let (url, got) = webhook(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(dir.path(), RawBreakGlass { webhook: Some(url), ..Default::default() }).await;
+    d.broker().await.break_glass(x509("INC-808")).await.unwrap();
+    let stages: Vec<String> = got.lock().unwrap().iter().map(|v| v["break_glass"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(stages, ["requested", "issued"]);
+    d.stop().await;
+
+    // A webhook that keeps failing (retried, then given up): no credential.
+    let (url, got) = webhook(503).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start(dir.path(), RawBreakGlass { webhook: Some(url), webhook_retries: Some(2), ..Default::default() }).await;
+    let e = d.broker().await.break_glass(x509("INC-809")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("503"), "{}", e.message());
+    assert_eq!(got.lock().unwrap().len(), 3, "one try and two retries");
+    assert_eq!(d.credentials().await, 0);
+    d.stop().await;
+}

@@ -35,6 +35,9 @@ pub struct RequestArgs {
     /// jwt: the audience.
     #[arg(long)]
     audience: Option<String>,
+    /// aws: the role ARN (AWS credentials arrive with the AWS STS issue).
+    #[arg(long)]
+    role: Option<String>,
     /// Why you need it now (recorded verbatim).
     #[arg(long)]
     reason: Option<String>,
@@ -146,6 +149,9 @@ async fn request(args: RequestArgs) -> ExitCode {
         Err(e) => return super::fail(format!("cannot reach `{}`: {e}", args.socket.display())),
     };
     let mut client = BrokerClient::new(channel);
+    if kind == "aws" && args.role.is_none() {
+        return super::fail("--kind aws needs --role ARN");
+    }
     let req = BreakGlassRequest { kind: kind.clone(), csr, audience: args.audience.unwrap_or_default(), reason, ticket, ttl_seconds: Some(ttl) };
     let mut reply = match client.break_glass(req).await {
         Ok(r) => r.into_inner(),
