@@ -496,13 +496,21 @@ impl Issuer {
         };
         if let Some(why) = early {
             self.record_refusal(kind, &caller, None, &ttl, &why, &version, &origin).await?;
+            self.elevate_later("denied", json!({ "caller": caller, "ticket": req.ticket, "justification": req.reason, "why": why })).await;
             return Err(IssueError::BreakGlass(why));
         }
         let resources = match &req.kind {
             EmergencyKind::X509 { .. } => vec![Resource::X509],
             EmergencyKind::Jwt { audience } => vec![Resource::Jwt { audience: audience.clone() }],
         };
-        let auth = self.authorize(caller_ref, kind, resources, ttl, None, &origin).await?;
+        let auth = match self.authorize(caller_ref, kind, resources, ttl, None, &origin).await {
+            Ok(auth) => auth,
+            Err(e) => {
+                // A refused emergency request is loud too (it was recorded by `authorize`).
+                self.elevate_later("denied", json!({ "caller": caller, "ticket": req.ticket, "justification": req.reason, "why": e.to_string() })).await;
+                return Err(e);
+            }
+        };
         let mut extra = json!({ "break_glass": true, "ticket": req.ticket, "justification": req.reason });
         if let (Some(p), Some(map)) = (provenance(caller_ref), extra.as_object_mut()) {
             map.extend(p.as_object().cloned().unwrap_or_default());
