@@ -494,8 +494,10 @@ impl Engine {
         &self.version
     }
 
+    /// Every rule of the release: issuance, exceptions and break-glass (forbids once).
     pub fn rule_count(&self) -> usize {
-        self.policies.policies().count()
+        let emergency_permits = self.break_glass.policies().filter(|p| p.effect() == Effect::Permit).count();
+        self.policies.policies().count() + emergency_permits
     }
 
     /// The time-bound exceptions, soonest expiry first.
