@@ -44,6 +44,16 @@ pub enum Command {
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         decisions: u32,
     },
+    /// FetchJWTSVID (mint + record) and ValidateJWTSVID (verify + record a use) over the
+    /// SPIFFE Workload API of a running daemon; print throughput and latency for each.
+    Jwt {
+        #[arg(long, default_value = "mayfly.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        requests: u32,
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
+    },
     /// Sign a CRL with ENTRIES revoked serials (what a revocation re-publishes), ROUNDS times.
     Crl {
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -59,6 +69,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Ledger { events, concurrency, max_batch } => bench_ledger(events, concurrency, max_batch).await,
         Command::Policy { dir, rules, decisions } => bench_policy(&dir, rules, decisions),
         Command::Crl { entries, rounds } => bench_crl(entries, rounds),
+        Command::Jwt { socket, requests, concurrency } => bench_jwt(socket, requests, concurrency).await,
     }
 }
 
@@ -286,5 +297,43 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
     let median = times[times.len() / 2];
     println!("crl: {entries} revoked serials, {} bytes DER; sign+encode median {:.1} ms, best {:.1} ms, worst {:.1} ms over {rounds} rounds",
         size, median.as_secs_f64() * 1e3, times[0].as_secs_f64() * 1e3, times[times.len() - 1].as_secs_f64() * 1e3);
+    ExitCode::SUCCESS
+}
+
+/// JWT-SVIDs through the standard API, as a SPIFFE client calls it (with the header).
+async fn bench_jwt(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode {
+    use crate::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use crate::api::spiffe::{JwtsvidRequest, ValidateJwtsvidRequest};
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+        r
+    }
+    let channel = match super::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
+    };
+    let client = SpiffeWorkloadApiClient::new(channel);
+    let fetch = client.clone();
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut c = fetch.clone();
+        async move { c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await.is_ok() }
+    })
+    .await;
+    report("FetchJWTSVID (ES256 mint + decision + issued record)", elapsed, &mut latencies, errors, concurrency);
+    let token = {
+        let mut c = client.clone();
+        match c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await {
+            Ok(r) => r.into_inner().svids.first().map(|s| s.svid.clone()).unwrap_or_default(),
+            Err(e) => return fail(format!("FetchJWTSVID refused: {}", e.message())),
+        }
+    };
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut c = client.clone();
+        let svid = token.clone();
+        async move { c.validate_jwtsvid(with_header(ValidateJwtsvidRequest { audience: "bench".into(), svid })).await.is_ok() }
+    })
+    .await;
+    report("ValidateJWTSVID (ES256 verify + used record)", elapsed, &mut latencies, errors, concurrency);
     ExitCode::SUCCESS
 }
