@@ -386,11 +386,7 @@ impl Issuer {
             not_after: unix_secs(svid.not_after),
             decision_id,
         };
-        if let Some(elevated) = elevated {
-            self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
-            self.bg_ids().insert(credential_id.clone());
-        }
-        let issued_id = self.record_issued(record, now, extra).await?;
+        let issued_id = self.commit(record, now, extra, elevated).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id, issued_id,
             api = origin.api, rotation = origin.rotates.is_some(), break_glass = origin.emergency.is_some(),
@@ -431,11 +427,7 @@ impl Issuer {
             not_after: unix_secs(svid.not_after),
             decision_id,
         };
-        if let Some(elevated) = elevated {
-            self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
-            self.bg_ids().insert(credential_id.clone());
-        }
-        let issued_id = self.record_issued(record, now, extra).await?;
+        let issued_id = self.commit(record, now, extra, elevated).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, decision_id, issued_id, api = origin.api,
             break_glass = origin.emergency.is_some(), audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
@@ -827,6 +819,22 @@ impl Issuer {
             needs_approval: origin.emergency.is_some() && decisions_needed_approval,
             identity_record: json!({ "identity": entry.id.as_str(), "caller": caller_record }),
         })
+    }
+
+    /// The last steps before a minted credential may leave, in the one order every kind
+    /// follows: the elevated sinks first (break-glass; if they fail, nothing is issued),
+    /// then the durable `issued` event. Until this returns the credential exists only in
+    /// the caller's frame.
+    async fn commit(&self, record: CredentialRecord, now: SystemTime, extra: Option<serde_json::Value>, elevated: Option<&Elevated>) -> Result<EventId, IssueError> {
+        let id = record.id.clone();
+        if let Some(elevated) = elevated {
+            self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
+        }
+        let issued_id = self.record_issued(record, now, extra).await?;
+        if elevated.is_some() {
+            self.bg_ids().insert(id);
+        }
+        Ok(issued_id)
     }
 
     /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
