@@ -13,6 +13,7 @@ use crate::attest::AttestError;
 use crate::attest::oidc::OidcError;
 use crate::breakglass::ApprovalError;
 use crate::issue::IssueError;
+use crate::mint::aws::AwsMintError;
 use crate::mint::MintError;
 
 /// The generated `mayfly.v1` types.
@@ -50,11 +51,28 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Approval(ApprovalError::Unknown(_)) => Code::NotFound,
         IssueError::Approval(_) => Code::PermissionDenied,
         IssueError::Elevated(_) => Code::Unavailable,
+        IssueError::Aws(AwsMintError::Upstream(_) | AwsMintError::Busy) => Code::Unavailable,
+        IssueError::Aws(AwsMintError::Grant(_)) | IssueError::NoAws => Code::FailedPrecondition,
+        IssueError::Aws(AwsMintError::Assertion(_)) => Code::Internal,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");
     }
     Status::new(code, err.to_string())
+}
+
+/// An issued AWS session on the wire (the secrets are copied into the message here;
+/// prost's buffers are beyond zeroize's reach, see PITFALLS).
+pub fn aws_credentials(issued: &crate::issue::IssuedAws) -> pb::AwsCredentials {
+    pb::AwsCredentials {
+        access_key_id: issued.session.access_key_id.clone(),
+        secret_access_key: issued.session.secret_access_key.expose().to_owned(),
+        session_token: issued.session.session_token.expose().to_owned(),
+        expiration: crate::clock::unix_secs(issued.session.expiration),
+        assumed_role_arn: issued.session.assumed_role_arn.clone(),
+        session_name: issued.session_name.clone(),
+        source_identity: issued.source_identity.clone(),
+    }
 }
 
 /// A request refused at the edge, before attestation or policy: logged, not a ledger decision.

@@ -21,6 +21,8 @@ use crate::policy::Grant;
 pub enum PendingKind {
     X509 { csr: VerifiedCsr },
     Jwt,
+    /// The role is in the grant.
+    Aws,
 }
 
 #[derive(Clone, Debug)]

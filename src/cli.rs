@@ -2,6 +2,7 @@
 //! prints results for people (and `--json` for programs).
 
 mod audit;
+mod aws;
 mod bench;
 mod breakglass;
 mod policy;
@@ -49,6 +50,11 @@ enum Command {
         /// spiffe://mayfly.local/dev/oidc/<sub>.
         #[arg(long = "oidc-issuer", value_name = "URL[=AUDIENCE]")]
         oidc_issuers: Vec<String>,
+        /// Serve AWS credentials with STS and IAM at this URL (an emulator such as moto);
+        /// the broker's AWS credentials come from the environment, the region from
+        /// AWS_REGION (us-east-1 if unset). The dev identity may assume roles `mayfly-dev-*`.
+        #[arg(long, value_name = "URL")]
+        aws_endpoint: Option<String>,
     },
     /// Run from a configuration file (see deploy/mayfly.toml).
     Serve {
@@ -57,6 +63,9 @@ enum Command {
     },
     /// Get an X.509 SVID from a running daemon and write cert.pem, key.pem, bundle.pem.
     X509(x509::Args),
+    /// Get AWS credentials for a role from a running daemon, printed as the JSON the AWS
+    /// SDKs' `credential_process` setting reads.
+    Aws(aws::Args),
     /// Read and check the ledger.
     Audit {
         #[command(subcommand)]
@@ -95,12 +104,12 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers } => match Config::dev(
+            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint } => match Config::dev(
                 data_dir,
                 policies,
                 socket,
                 admin_socket,
-                DevNet { listen: (listen != "none").then_some(listen), oidc_issuers },
+                DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint },
             ) {
                 Ok(config) => run_daemon(config, true).await,
                 Err(e) => fail(e),
@@ -110,6 +119,7 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             },
             Command::X509(args) => x509::run(args).await,
+            Command::Aws(args) => aws::run(args).await,
             Command::Audit { command } => audit::run(command).await,
             Command::Bench { command } => bench::run(command).await,
             Command::Policy { command } => policy::run(command).await,

@@ -76,6 +76,13 @@ pub fn unix_secs(t: SystemTime) -> i64 {
     time::OffsetDateTime::from(t).unix_timestamp()
 }
 
+/// RFC 3339 in UTC to the second, e.g. `2026-12-02T06:15:00Z` (what AWS tools read).
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -48,6 +48,47 @@ pub struct RawConfig {
     pub issuance: RawIssuance,
     #[serde(default)]
     pub attestation: RawAttestation,
+    pub aws: Option<RawAws>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub mode: Option<String>,
+    pub web_identity_audience: Option<String>,
+    pub attempts: Option<u32>,
+    pub attempt_timeout: Option<String>,
+    pub default_ttl: Option<String>,
+    pub max_in_flight: Option<usize>,
+}
+
+/// How the broker gets sessions from STS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwsMode {
+    /// `sts:AssumeRole` with the broker's own AWS credentials (the standard chain).
+    AssumeRole,
+    /// `sts:AssumeRoleWithWebIdentity` with a short JWT mayfly signs itself (mayfly as an
+    /// OIDC provider in IAM): no AWS key on the broker.
+    WebIdentity,
+}
+
+/// AWS STS sessions: where STS and IAM are, how hard to try, and the default lifetime.
+#[derive(Clone, Debug)]
+pub struct AwsConfig {
+    pub region: String,
+    /// STS and IAM at this URL instead of AWS's (an emulator, a VPC endpoint).
+    pub endpoint: Option<String>,
+    pub mode: AwsMode,
+    /// `aud` of the web-identity JWT: what the IAM OIDC provider lists as client id.
+    pub web_identity_audience: String,
+    /// Tries per STS call (throttling, timeouts, 5xx), with exponential backoff between.
+    pub attempts: u32,
+    pub attempt_timeout: Duration,
+    pub default_ttl: Ttl,
+    /// STS calls in flight at once; more are refused (UNAVAILABLE) rather than queued.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +276,8 @@ pub struct Config {
     /// Workload API streams renew an SVID when this share of its lifetime has passed.
     pub rotate_at_percent: u32,
     pub max_binary_bytes: u64,
+    /// `None`: AWS credentials are not served.
+    pub aws: Option<AwsConfig>,
 }
 
 pub const DEV_TRUST_DOMAIN: &str = "mayfly.local";
@@ -269,6 +312,12 @@ impl Config {
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
             admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
+            // Credentials for the emulator come from the environment, as for any AWS tool.
+            aws: dev_net.aws_endpoint.map(|endpoint| RawAws {
+                endpoint: Some(endpoint),
+                region: std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).ok(),
+                ..RawAws::default()
+            }),
             break_glass: RawBreakGlass {
                 log_file: Some(data_dir_for_dev.join("break-glass.log")),
                 // Dev: root may approve (`sudo mayfly break-glass approve …`), never the requester.
@@ -292,6 +341,8 @@ pub struct DevNet {
     pub listen: Option<String>,
     /// `URL[=AUDIENCE]`, audience `mayfly` by default.
     pub oidc_issuers: Vec<String>,
+    /// STS and IAM at this URL (an emulator such as moto), region from AWS_REGION.
+    pub aws_endpoint: Option<String>,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -435,6 +486,50 @@ impl Config {
             webhook: bg.webhook,
             webhook_retries: bg.webhook_retries.unwrap_or(3).min(10),
         };
+        let aws = match raw.aws {
+            None => None,
+            Some(a) => {
+                let region = a.region.unwrap_or_else(|| "us-east-1".into());
+                if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                    return Err(key("aws.region")(format!("`{region}` is not a region name (e.g. eu-west-1)")));
+                }
+                if let Some(url) = &a.endpoint {
+                    let parsed = url::Url::parse(url).map_err(|e| key("aws.endpoint")(format!("`{url}`: {e}")))?;
+                    let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+                    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+                        return Err(key("aws.endpoint")(format!("`{url}`: https://, or http:// on loopback (an emulator)")));
+                    }
+                }
+                let mode = match a.mode.as_deref().unwrap_or("assume_role") {
+                    "assume_role" => AwsMode::AssumeRole,
+                    "web_identity" if jwt_issuer.is_some() || dev => AwsMode::WebIdentity,
+                    "web_identity" => return Err(key("aws.mode")("web_identity needs jwt.issuer: STS fetches mayfly's keys from its discovery document".into())),
+                    other => return Err(key("aws.mode")(format!("`{other}` is not assume_role or web_identity"))),
+                };
+                let attempts = a.attempts.unwrap_or(3);
+                if !(1..=10).contains(&attempts) {
+                    return Err(key("aws.attempts")(format!("`{attempts}` must be 1..=10")));
+                }
+                let default_ttl = duration("aws.default_ttl", a.default_ttl, "1h")?;
+                if !(900..=43200).contains(&default_ttl.as_secs()) {
+                    return Err(key("aws.default_ttl")(format!("`{default_ttl}`: AWS sessions last 15m..12h")));
+                }
+                let max_in_flight = a.max_in_flight.unwrap_or(64);
+                if max_in_flight == 0 {
+                    return Err(key("aws.max_in_flight")("must be positive".into()));
+                }
+                Some(AwsConfig {
+                    region,
+                    endpoint: a.endpoint,
+                    mode,
+                    web_identity_audience: a.web_identity_audience.unwrap_or_else(|| "sts.amazonaws.com".into()),
+                    attempts,
+                    attempt_timeout: duration("aws.attempt_timeout", a.attempt_timeout, "5s")?.as_duration(),
+                    default_ttl,
+                    max_in_flight,
+                })
+            }
+        };
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
@@ -463,6 +558,7 @@ impl Config {
             max_ttl,
             rotate_at_percent,
             max_binary_bytes,
+            aws,
         })
     }
 }
@@ -529,5 +625,25 @@ mod tests {
         assert!(parse(&no_iss).unwrap_err().to_string().contains("jwt.issuer"));
         let no_listener = format!("{BASE}[[oidc.issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\n");
         assert!(parse(&no_listener).unwrap_err().to_string().contains("`listen`"));
+    }
+
+    #[test]
+    fn aws_is_configured_strictly() {
+        let aws = |extra: &str| parse(&format!("{BASE}[aws]\n{extra}"));
+        let c = aws("").unwrap().aws.unwrap();
+        assert_eq!((c.region.as_str(), c.mode, c.attempts, c.default_ttl.as_secs()), ("us-east-1", AwsMode::AssumeRole, 3, 3600));
+        assert!(aws("endpoint = \"http://127.0.0.1:5000\"\n").is_ok(), "an emulator on loopback");
+        for (text, k) in [
+            ("endpoint = \"http://sts.example.org\"\n", "aws.endpoint"),
+            ("mode = \"web_identity\"\n", "aws.mode"),
+            ("mode = \"keys\"\n", "aws.mode"),
+            ("attempts = 0\n", "aws.attempts"),
+            ("default_ttl = \"5m\"\n", "aws.default_ttl"),
+            ("region = \"EU West\"\n", "aws.region"),
+        ] {
+            let err = aws(text).unwrap_err().to_string();
+            assert!(err.contains(k), "{text}: {err}");
+        }
+        assert!(parse(BASE).unwrap().aws.is_none(), "no [aws]: no AWS credentials served");
     }
 }

@@ -29,7 +29,10 @@ use crate::breakglass::Approvals;
 use crate::events::{Elevated, ElevatedSink, FileSink, WebhookSink};
 use crate::issue::{BreakGlassSettings, ExchangeSettings};
 use crate::ledger::sqlite::LedgerReader;
-use crate::revoke::{Desk, NoAws, Revocations};
+use crate::config::AwsMode;
+use crate::mint::aws::AwsMinter;
+use crate::revoke::aws::{AwsRevoker, DenySweep};
+use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
 use crate::issue::Issuer;
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
 use crate::ledger::sqlite::SqliteBackend;
@@ -87,6 +90,8 @@ pub struct Daemon {
     minter: Arc<X509Minter>,
     jwt: Arc<Es256Minter>,
     net: Option<NetListener>,
+    /// STS and IAM, when `[aws]` is configured.
+    aws: Option<Arc<crate::aws::SdkAws>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -171,7 +176,7 @@ impl Daemon {
             ledger.clone() as Arc<dyn Ledger>,
             clock.clone(),
         );
-        let issuer = Arc::new(match &net {
+        let issuer = match &net {
             Some(_) => {
                 let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
                 issuer.with_exchange(ExchangeSettings {
@@ -183,7 +188,27 @@ impl Daemon {
         }
         .with_revocations(revocations)
         .with_break_glass(break_glass_settings(&config)?)
-        .with_break_glass_credentials(break_glass_ids));
+        .with_break_glass_credentials(break_glass_ids);
+        let aws = match &config.aws {
+            Some(a) => Some(Arc::new(crate::aws::SdkAws::connect(a).await)),
+            None => None,
+        };
+        let issuer = Arc::new(match (&aws, &config.aws) {
+            (Some(sdk), Some(a)) => {
+                let mode = match a.mode {
+                    AwsMode::AssumeRole => crate::mint::aws::Mode::AssumeRole,
+                    AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity { jwt: jwt_minter.clone(), audience: a.web_identity_audience.clone() },
+                };
+                let limits = crate::mint::aws::Limits {
+                    attempts: a.attempts,
+                    attempt_timeout: a.attempt_timeout,
+                    backoff: std::time::Duration::from_millis(200),
+                    max_in_flight: a.max_in_flight,
+                };
+                issuer.with_aws(Arc::new(AwsMinter::new(sdk.clone(), Some(sdk.clone()), mode, limits)))
+            }
+            _ => issuer,
+        });
         let publisher = Arc::new(BundlePublisher::new(issuer.clone(), minter.clone(), clock.clone()));
         ledger
             .record(NewEvent {
@@ -201,6 +226,7 @@ impl Daemon {
                     "oidc_issuers": config.oidc_issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
                     "socket": config.socket.display().to_string(),
                     "admin_socket": config.admin_socket.as_ref().map(|p| p.display().to_string()),
+                    "aws": config.aws.as_ref().map(|a| json!({ "region": a.region, "endpoint": a.endpoint, "mode": format!("{:?}", a.mode) })),
                 }),
                 credential: None,
             })
@@ -210,7 +236,7 @@ impl Daemon {
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
         }
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt: jwt_minter, net, clock })
+        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt: jwt_minter, net, aws, clock })
     }
 
     pub fn socket(&self) -> &Path {
@@ -224,8 +250,9 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, clock } = self;
-        let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl))
+        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, aws, clock } = self;
+        let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
+        let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl))
             .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
         // which the HTTP/2 server would reject; see api::authority.
@@ -267,10 +294,16 @@ impl Daemon {
             ExpirySweep::new(config.ledger_path.clone(), ledger.clone() as Arc<dyn Ledger>, issuer.clone(), clock.clone())
                 .run(config.policy_poll, stop_rx.clone()),
         );
+        // AWS revocation denies come off their roles once every session they caught is over.
+        let deny_sweeper = aws.as_ref().map(|sdk| {
+            let sweep = DenySweep { iam: sdk.clone(), ledger: ledger.clone() as Arc<dyn Ledger>, ledger_path: config.ledger_path.clone(), clock: clock.clone() };
+            tokio::spawn(sweep.run(std::time::Duration::from_secs(60), stop_rx.clone()))
+        });
         let net_server = match (net, &config.listen) {
             (Some(net), Some(listen)) => {
                 let api = ExchangeApi::new(issuer.clone(), net.jwt_issuer.clone(), config.default_ttl, config.jwt_ttl, config.max_ttl, listen.request_timeout)
-                    .with_bundles(publisher.subscribe());
+                    .with_bundles(publisher.subscribe())
+                    .with_aws_ttl(aws_ttl);
                 Some(tokio::spawn(serve_tls(net, api.router(listen.max_request_bytes), stop_rx.clone())))
             }
             _ => None,
@@ -283,7 +316,10 @@ impl Daemon {
                 policy: policy.store(),
                 clock: clock.clone(),
                 trust_domain: config.trust_domain.clone(),
-                aws: Arc::new(NoAws),
+                aws: match &aws {
+                    Some(sdk) => Arc::new(AwsRevoker::new(sdk.clone())) as Arc<dyn AwsRevocation>,
+                    None => Arc::new(NoAws),
+                },
             });
             let service = AdminServer::new(AdminService::new(policy.clone(), desk, issuer.clone(), rustix::process::geteuid().as_raw(), config.admin_owner_uid))
                 .max_decoding_message_size(64 * 1024);
@@ -323,7 +359,9 @@ impl Daemon {
         let _ = std::fs::remove_file(&config.socket);
         watcher.abort();
         let _ = watcher.await;
-        for task in [ca_watcher, crl_publisher, sweeper] {
+        // Why abort is safe for the deny sweep: a delete cut short is found again at the
+        // next start (still outstanding) and recorded then.
+        for task in [ca_watcher, crl_publisher, sweeper].into_iter().chain(deny_sweeper) {
             task.abort();
             let _ = task.await;
         }

@@ -18,9 +18,10 @@ use crate::revoke::Revocations;
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
 use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::keys::SecretDer;
+use crate::mint::aws::{AwsMintError, AwsMinter, StsSession};
 use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt, VerifiedCsr, X509Svid};
 use crate::policy::store::PolicyStore;
-use crate::policy::{CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
+use crate::policy::{AwsRole, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -54,6 +55,10 @@ pub enum IssueError {
     Approval(#[from] ApprovalError),
     #[error("break-glass refused, nothing was issued: {0}")]
     Elevated(String),
+    #[error("no AWS credentials were issued: {0}")]
+    Aws(#[from] AwsMintError),
+    #[error("this daemon does not serve AWS credentials ([aws] is not configured)")]
+    NoAws,
 }
 
 /// What a break-glass request asks for.
@@ -61,6 +66,17 @@ pub enum IssueError {
 pub enum EmergencyKind {
     X509 { csr: VerifiedCsr },
     Jwt { audience: String },
+    Aws { role: AwsRole },
+}
+
+impl EmergencyKind {
+    fn credential_kind(&self) -> CredentialKind {
+        match self {
+            EmergencyKind::X509 { .. } => CredentialKind::X509,
+            EmergencyKind::Jwt { .. } => CredentialKind::Jwt,
+            EmergencyKind::Aws { .. } => CredentialKind::Aws,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -75,6 +91,7 @@ pub struct EmergencyRequest {
 pub enum EmergencyOutcome {
     X509(IssuedX509),
     Jwt(IssuedJwt),
+    Aws(IssuedAws),
     /// Waiting for a second person: poll with the id until approved, denied or expired.
     Pending { id: String, expires_at: SystemTime },
 }
@@ -99,6 +116,7 @@ pub enum Caller<'a> {
 pub enum ExchangeKind {
     Jwt { audience: String },
     X509 { csr: VerifiedCsr },
+    Aws { role: AwsRole },
 }
 
 #[derive(Debug)]
@@ -113,6 +131,7 @@ pub struct ExchangeRequest {
 pub enum Exchanged {
     Jwt(IssuedJwt),
     X509(IssuedX509),
+    Aws(IssuedAws),
 }
 
 /// The CI exchange: trusted issuers, and the trust domain dev identities are made in.
@@ -183,6 +202,28 @@ pub struct IssuedJwt {
     pub decision_id: EventId,
 }
 
+/// A parsed request for an AWS session of one role.
+#[derive(Debug)]
+pub struct AwsRequest {
+    pub role: AwsRole,
+    pub ttl: Ttl,
+    pub spiffe_id: Option<WorkloadId>,
+    pub origin: Origin,
+}
+
+/// An AWS STS session, recorded. The secret key and session token are zeroized when this
+/// is dropped (after the reply is written).
+#[derive(Debug)]
+pub struct IssuedAws {
+    pub credential_id: String,
+    pub identity: WorkloadId,
+    pub session: StsSession,
+    pub role_arn: String,
+    pub session_name: String,
+    pub source_identity: String,
+    pub decision_id: EventId,
+}
+
 /// What an allowed request may mint, and the decision event that allowed it.
 struct Authorized {
     grants: Vec<Grant>,
@@ -203,6 +244,7 @@ pub struct Issuer {
     policy: Arc<PolicyStore>,
     minter: Arc<dyn Minter>,
     jwt: Arc<dyn JwtMinter>,
+    aws: Option<Arc<AwsMinter>>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
 }
@@ -216,7 +258,13 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, ledger, clock }
+        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, ledger, clock }
+    }
+
+    /// Turns AWS STS sessions on.
+    pub fn with_aws(mut self, aws: Arc<AwsMinter>) -> Self {
+        self.aws = Some(aws);
+        self
     }
 
     /// Turns the break-glass path on (with its elevated sinks and approvals).
@@ -313,13 +361,108 @@ impl Issuer {
         self.issue_jwt_as(Caller::Local(peer), req).await
     }
 
+    pub async fn issue_aws(&self, peer: &PeerInfo, req: AwsRequest) -> Result<IssuedAws, IssueError> {
+        self.issue_aws_as(Caller::Local(peer), req).await
+    }
+
+    pub async fn issue_aws_as(&self, caller: Caller<'_>, req: AwsRequest) -> Result<IssuedAws, IssueError> {
+        if self.aws.is_none() {
+            return Err(IssueError::NoAws);
+        }
+        let resources = vec![Resource::Aws { role: req.role }];
+        let auth = self.authorize(caller, CredentialKind::Aws, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
+        self.deliver_aws(grant, auth.decision_id, auth.now, &req.origin, provenance(caller), None).await
+    }
+
+    /// Asks STS for the session the grant describes and records it before it is handed
+    /// out: the `issued` event keeps the access key id, the assumed-role ARN (as the
+    /// credential's fingerprint), the session name, the source identity and the expiry;
+    /// never the secret key or token. A session STS made that cannot be recorded is
+    /// dropped (its secrets zeroized) and the caller gets an error.
+    async fn deliver_aws(
+        &self,
+        grant: &Grant,
+        decision_id: EventId,
+        now: SystemTime,
+        origin: &Origin,
+        extra: Option<serde_json::Value>,
+        elevated: Option<&Elevated>,
+    ) -> Result<IssuedAws, IssueError> {
+        let minter = self.aws.as_ref().ok_or(IssueError::NoAws)?;
+        let credential_id = uuid::Uuid::new_v4().to_string();
+        let minted = match minter.mint(grant, &credential_id, now).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(identity = %grant.identity(), decision_id, error = %e, "no AWS session");
+                return Err(e.into());
+            }
+        };
+        let session = minted.session;
+        let request = minted.request;
+        let record = CredentialRecord {
+            id: credential_id.clone(),
+            kind: CredentialKind::Aws.as_str().to_owned(),
+            identity: grant.identity().to_string(),
+            serial: session.access_key_id.clone(),
+            fingerprint: session.assumed_role_arn.clone(),
+            not_before: unix_secs(now),
+            not_after: unix_secs(session.expiration),
+            decision_id,
+        };
+        let aws = grant.aws();
+        let mut details = json!({
+            "role_arn": request.role_arn,
+            "assumed_role_arn": session.assumed_role_arn,
+            "access_key_id": session.access_key_id,
+            "session_name": request.role_session_name,
+            "source_identity": request.source_identity,
+            "duration_seconds": request.duration_seconds,
+            "session_tags": request.tags.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            "session_policy": aws.and_then(|a| a.session_policy.as_ref()).map(|p| p.names.clone()),
+            "sts_mode": minted.mode,
+            "web_identity_jti": minted.assertion_jti,
+            "sts_attempts": minted.attempts,
+        });
+        if let (Some(serde_json::Value::Object(more)), Some(map)) = (extra, details.as_object_mut()) {
+            map.extend(more);
+        }
+        let issued_id = match self.commit(record, now, Some(details), elevated).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(
+                    identity = %grant.identity(), access_key_id = session.access_key_id, session_name = request.role_session_name,
+                    error = %e, "an STS session was made but could not be recorded; it was not handed out"
+                );
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            identity = %grant.identity(), credential_id, decision_id, issued_id, api = origin.api, break_glass = origin.emergency.is_some(),
+            role = request.role_arn, access_key_id = session.access_key_id, not_after = unix_secs(session.expiration), "aws session issued"
+        );
+        Ok(IssuedAws {
+            credential_id,
+            identity: grant.identity().clone(),
+            session,
+            role_arn: request.role_arn,
+            session_name: request.role_session_name,
+            source_identity: request.source_identity,
+            decision_id,
+        })
+    }
+
     /// The CI exchange: verify the id-token (a refusal is a recorded decision), then issue
     /// through the same path as a local caller, with the token's claims as context.
     pub async fn exchange(&self, token: &str, req: ExchangeRequest) -> Result<Exchanged, IssueError> {
         let kind = match &req.kind {
             ExchangeKind::Jwt { .. } => CredentialKind::Jwt,
             ExchangeKind::X509 { .. } => CredentialKind::X509,
+            ExchangeKind::Aws { .. } => CredentialKind::Aws,
         };
+        if kind == CredentialKind::Aws && self.aws.is_none() {
+            return Err(IssueError::NoAws);
+        }
         let origin = Origin { api: "exchange", rotates: None, emergency: None };
         let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
         let verified = match exchange.verifier.verify(token, self.clock.now()).await {
@@ -340,6 +483,10 @@ impl Issuer {
             ExchangeKind::X509 { csr } => {
                 let x509 = X509Request { key: KeySource::Csr(csr), ttl: req.ttl, spiffe_id: None, origin };
                 Ok(Exchanged::X509(self.issue_x509_as(caller, x509).await?))
+            }
+            ExchangeKind::Aws { role } => {
+                let aws = AwsRequest { role, ttl: req.ttl, spiffe_id: None, origin };
+                Ok(Exchanged::Aws(self.issue_aws_as(caller, aws).await?))
             }
         }
     }
@@ -447,10 +594,7 @@ impl Issuer {
     /// verified like any exchange (a refusal is recorded), then the same emergency path.
     pub async fn exchange_break_glass(&self, token: &str, remote: &str, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
         let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
-        let kind = match &req.kind {
-            EmergencyKind::X509 { .. } => CredentialKind::X509,
-            EmergencyKind::Jwt { .. } => CredentialKind::Jwt,
-        };
+        let kind = req.kind.credential_kind();
         let origin = Origin { api: "break_glass", rotates: None, emergency: Some(Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() }) };
         let verified = match exchange.verifier.verify(token, self.clock.now()).await {
             Ok(v) => v,
@@ -466,10 +610,10 @@ impl Issuer {
 
     async fn break_glass_as(&self, caller_ref: Caller<'_>, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
         let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
-        let kind = match &req.kind {
-            EmergencyKind::X509 { .. } => CredentialKind::X509,
-            EmergencyKind::Jwt { .. } => CredentialKind::Jwt,
-        };
+        let kind = req.kind.credential_kind();
+        if kind == CredentialKind::Aws && self.aws.is_none() {
+            return Err(IssueError::NoAws);
+        }
         let emergency = Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() };
         let origin = Origin { api: "break_glass", rotates: None, emergency: Some(emergency) };
         let ttl = req.ttl.min(bg.config.max_ttl);
@@ -494,6 +638,7 @@ impl Issuer {
         let resources = match &req.kind {
             EmergencyKind::X509 { .. } => vec![Resource::X509],
             EmergencyKind::Jwt { audience } => vec![Resource::Jwt { audience: audience.clone() }],
+            EmergencyKind::Aws { role } => vec![Resource::Aws { role: role.clone() }],
         };
         let auth = match self.authorize(caller_ref, kind, resources, ttl, None, &origin).await {
             Ok(auth) => auth,
@@ -526,6 +671,7 @@ impl Issuer {
                 kind: match req.kind {
                     EmergencyKind::X509 { csr } => PendingKind::X509 { csr },
                     EmergencyKind::Jwt { .. } => PendingKind::Jwt,
+                    EmergencyKind::Aws { .. } => PendingKind::Aws,
                 },
                 reason: req.reason,
                 ticket: req.ticket,
@@ -546,6 +692,10 @@ impl Issuer {
                 Ok(EmergencyOutcome::X509(self.deliver_x509(grant, auth.decision_id, auth.now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
             }
             EmergencyKind::Jwt { .. } => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+            EmergencyKind::Aws { .. } => {
+                let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
+                Ok(EmergencyOutcome::Aws(self.deliver_aws(grant, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated)).await?))
+            }
         }
     }
 
@@ -571,6 +721,10 @@ impl Issuer {
                         Ok(EmergencyOutcome::X509(self.deliver_x509(grant, p.decision_id, now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
                     }
                     PendingKind::Jwt => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&p.grants, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+                    PendingKind::Aws => {
+                        let grant = p.grants.first().ok_or(IssueError::NoEntry)?;
+                        Ok(EmergencyOutcome::Aws(self.deliver_aws(grant, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated)).await?))
+                    }
                 }
             }
         }

@@ -62,6 +62,8 @@ pub enum EventKind {
     /// A step of the emergency path beyond decision and issuance: pending, approved,
     /// denied, refused (elevated sink), reviewed.
     BreakGlass,
+    /// An AWS revocation deny was deleted from a role: every session it caught has expired.
+    AwsDenyRemoved,
 }
 
 impl EventKind {
@@ -85,6 +87,7 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Admin => "admin",
             EventKind::BreakGlass => "break_glass",
+            EventKind::AwsDenyRemoved => "aws_deny_removed",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod attest;
+pub mod aws;
 pub mod breakglass;
 pub mod cli;
 pub mod clock;

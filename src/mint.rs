@@ -2,6 +2,7 @@
 //! the grant allows (identity, lifetime) and never reads names or extensions from the raw
 //! request. It does not record anything (the `issue` module does) and decides nothing.
 
+pub mod aws;
 pub mod jwt;
 pub mod x509;
 
@@ -126,6 +127,11 @@ pub struct TrustBundle {
 /// Signs JWT-SVIDs and verifies its own; publishes the public keys as a JWKS.
 pub trait JwtMinter: Send + Sync + 'static {
     fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError>;
+
+    /// A short token that asserts `identity` to one upstream service (AWS STS's
+    /// AssumeRoleWithWebIdentity), with that service's own claims added. Only the AWS
+    /// minter calls it, for a grant policy made; it is never handed to the caller.
+    fn mint_assertion(&self, identity: &WorkloadId, audience: &str, extra: serde_json::Map<String, serde_json::Value>, jti: &str, ttl: std::time::Duration, now: SystemTime) -> Result<JwtSvid, MintError>;
 
     /// The JWKS (RFC 7517) of every key whose tokens may still be live.
     fn jwks(&self) -> serde_json::Value;

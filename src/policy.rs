@@ -11,6 +11,7 @@
 //! the same whether the files came from a directory or a signed bundle.
 
 pub mod activation;
+pub mod aws;
 pub mod bundle;
 pub mod cases;
 pub mod release;
@@ -114,6 +115,15 @@ impl AwsRole {
     pub fn arn(&self) -> &str {
         &self.arn
     }
+
+    /// The role name, without its path.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
 }
 
 /// What a credential is for: the Cedar resource of the request.
@@ -174,6 +184,8 @@ pub struct Grant {
     identity: WorkloadId,
     resource: Resource,
     ttl: Ttl,
+    /// For an AWS role: the session policy, tags and ceiling the permitting rules set.
+    aws: Option<aws::AwsGrant>,
 }
 
 impl Grant {
@@ -195,14 +207,27 @@ impl Grant {
         self.ttl
     }
 
+    /// The AWS shape of a role grant (`None` for other kinds).
+    pub fn aws(&self) -> Option<&aws::AwsGrant> {
+        self.aws.as_ref()
+    }
+
     #[cfg(test)]
     pub(crate) fn for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
-        Self { identity, resource: Resource::X509, ttl }
+        Self { identity, resource: Resource::X509, ttl, aws: None }
     }
 
     #[cfg(test)]
     pub(crate) fn jwt_for_tests(identity: WorkloadId, audience: &str, ttl: Ttl) -> Self {
-        Self { identity, resource: Resource::Jwt { audience: audience.into() }, ttl }
+        Self { identity, resource: Resource::Jwt { audience: audience.into() }, ttl, aws: None }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn aws_for_tests(identity: WorkloadId, role: &str, ttl: Ttl, aws: aws::AwsGrant) -> Self {
+        // Why unwrap: test-only, with ARNs the tests write.
+        #[expect(clippy::unwrap_used)]
+        let role = AwsRole::parse(role).unwrap();
+        Self { identity, resource: Resource::Aws { role }, ttl, aws: Some(aws) }
     }
 }
 
@@ -360,6 +385,7 @@ pub struct Engine {
     needs_approval: HashSet<String>,
     schema: Schema,
     max_ttl: HashMap<String, Ttl>,
+    aws: aws::AwsRules,
     reasons: HashMap<String, String>,
     version: String,
     authorizer: Authorizer,
@@ -405,6 +431,7 @@ impl Engine {
         let mut exceptions = HashMap::new();
         let mut break_glass = PolicySet::new();
         let mut needs_approval = HashSet::new();
+        let mut aws_rules = aws::AwsRules::load(files)?;
         let rule_files: Vec<(&str, &str)> =
             files.under("issuance", "cedar").chain(files.under("exceptions", "cedar")).chain(files.under("break-glass", "cedar")).collect();
         if files.under("issuance", "cedar").next().is_none() {
@@ -431,6 +458,7 @@ impl Engine {
                             why: e.to_string(),
                         })?;
                         max_ttl.insert(id.clone(), ttl);
+                        aws_rules.annotate(name, &id, policy)?;
                     }
                     Effect::Forbid => {
                         let reason = policy.annotation("reason").filter(|r| !r.trim().is_empty());
@@ -484,6 +512,7 @@ impl Engine {
             needs_approval,
             schema,
             max_ttl,
+            aws: aws_rules,
             reasons,
             version: files.version(),
             authorizer: Authorizer::new(),
@@ -567,6 +596,7 @@ impl Engine {
                     identity: req.workload.id.clone(),
                     resource: req.resource.clone(),
                     ttl: req.requested_ttl.min(max),
+                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| self.aws.grant(&live, req.workload, max)),
                 }),
                 needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
                 rules: live,

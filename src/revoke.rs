@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use crate::clock::unix_secs;
 use crate::identity::WorkloadId;
 use crate::keys::CertificateAuthority;
-use crate::ledger::StoredEvent;
+use crate::ledger::{BoxFuture, CredentialRecord, StoredEvent};
+
+pub mod aws;
 
 /// A credential taken back, as recorded in a `revoked` event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,18 +209,25 @@ impl Target {
     }
 }
 
-/// The seam for AWS STS revocation (the AWS issue): deny every session of an identity
-/// issued before now. Until STS sessions exist, nothing needs denying.
+/// Cutting AWS sessions short: on each role that the identity's live `sessions` are of,
+/// deny every session of that identity issued before `before` (`aws::AwsRevoker`). The
+/// answer is recorded with the revocation.
 pub trait AwsRevocation: Send + Sync + 'static {
-    fn revoke_identity(&self, identity: &str, before: SystemTime) -> Value;
+    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, Value>;
 }
 
-/// No AWS credentials are issued by this daemon (yet): nothing to deny.
+/// A daemon without `[aws]`: it cannot reach IAM, so it can only say so.
 pub struct NoAws;
 
 impl AwsRevocation for NoAws {
-    fn revoke_identity(&self, _identity: &str, _before: SystemTime) -> Value {
-        serde_json::json!({ "applied": false, "why": "no AWS credentials are issued by this daemon" })
+    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], _before: SystemTime) -> BoxFuture<'a, Value> {
+        let live = sessions.iter().filter(|s| s.kind == "aws").count();
+        Box::pin(async move {
+            if live > 0 {
+                tracing::error!(live, "AWS sessions on record, but [aws] is not configured: they cannot be denied");
+            }
+            serde_json::json!({ "applied": false, "why": "AWS is not configured on this daemon ([aws])", "live_sessions": live })
+        })
     }
 }
 
@@ -352,8 +361,13 @@ impl Desk {
                 revoked_at: unix_secs(now),
             })
             .collect();
+        let sessions: Vec<CredentialRecord> = found.iter().filter(|f| f.credential.kind == "aws").map(|f| f.credential.clone()).collect();
         let aws = match &target {
-            Target::Identity(id) => Some(self.aws.revoke_identity(id, now)),
+            Target::Identity(_) if !dry_run => Some(self.aws.revoke_identity(&sessions, now).await),
+            _ if !sessions.is_empty() => Some(serde_json::json!({
+                "applied": false,
+                "why": "an AWS session cannot be recalled alone: revoke its identity to deny all of that identity's sessions",
+            })),
             _ => None,
         };
         let body = serde_json::json!({ "target": target.describe(), "operator": operator, "reason": reason, "credentials": list, "aws": aws });

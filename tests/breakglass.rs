@@ -80,7 +80,7 @@ fn csr() -> Vec<u8> {
 }
 
 fn x509(ticket: &str) -> BreakGlassRequest {
-    BreakGlassRequest { kind: "x509".into(), csr: csr(), audience: String::new(), reason: "primary DB down, failover needs a client cert".into(), ticket: ticket.into(), ttl_seconds: Some(3600) }
+    BreakGlassRequest { kind: "x509".into(), csr: csr(), audience: String::new(), reason: "primary DB down, failover needs a client cert".into(), ticket: ticket.into(), ttl_seconds: Some(3600), role: String::new() }
 }
 
 fn log_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -157,7 +157,7 @@ async fn a_second_person_must_approve_and_the_requester_never_can() {
     let bg = RawBreakGlass { log_file: Some(log.clone()), approvers: Some(vec![me, other]), approval_timeout: Some("10m".into()), ..Default::default() };
     let d = TestDaemon::start(dir.path(), bg).await;
     let mut broker = d.broker().await;
-    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "payments-db".into(), reason: "payments outage".into(), ticket: "INC-77".into(), ttl_seconds: None };
+    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "payments-db".into(), reason: "payments outage".into(), ticket: "INC-77".into(), ttl_seconds: None, role: String::new() };
     let pending = broker.break_glass(jwt).await.unwrap().into_inner();
     assert!(!pending.pending_id.is_empty() && pending.token.is_empty(), "break-glass-dev-jwt-approved waits for approval");
     let mut admin = d.admin().await;
@@ -192,7 +192,7 @@ async fn without_any_approver_an_approval_rule_denies_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let bg = RawBreakGlass { log_file: Some(dir.path().join("elevated.log")), approvers: Some(vec![]), ..Default::default() };
     let d = TestDaemon::start(dir.path(), bg).await;
-    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "x".into(), reason: "r".into(), ticket: "INC-1".into(), ttl_seconds: None };
+    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "x".into(), reason: "r".into(), ticket: "INC-1".into(), ttl_seconds: None, role: String::new() };
     let e = d.broker().await.break_glass(jwt).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("no approvers"), "{}", e.message());

@@ -398,7 +398,7 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
         policies,
         dir.path().join("mayfly.sock"),
         dir.path().join("admin.sock"),
-        mayfly::config::DevNet { listen: Some("127.0.0.1:0".into()), oidc_issuers: vec![issuer.url.clone()] },
+        mayfly::config::DevNet { listen: Some("127.0.0.1:0".into()), oidc_issuers: vec![issuer.url.clone()], aws_endpoint: None },
     )
     .unwrap();
     let daemon = Daemon::build(config, Arc::new(FixedClock::new(SystemTime::now()))).await.unwrap();

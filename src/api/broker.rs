@@ -5,23 +5,31 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb::broker_server::Broker;
-use super::pb::{BreakGlassRequest, BreakGlassResponse, BreakGlassWaitRequest, IssueX509Request, IssueX509Response};
-use super::{invalid, status};
+use super::pb::{BreakGlassRequest, BreakGlassResponse, BreakGlassWaitRequest, IssueAwsRequest, IssueAwsResponse, IssueX509Request, IssueX509Response};
+use super::{aws_credentials, invalid, status};
 use crate::attest::PeerInfo;
 use crate::clock::unix_secs;
 use crate::identity::{Ttl, WorkloadId};
-use crate::issue::{EmergencyKind, EmergencyOutcome, EmergencyRequest, Issuer, KeySource, Origin, X509Request};
+use crate::issue::{AwsRequest, EmergencyKind, EmergencyOutcome, EmergencyRequest, Issuer, KeySource, Origin, X509Request};
+use crate::policy::AwsRole;
 use crate::mint::VerifiedCsr;
 
 pub struct BrokerService {
     issuer: Arc<Issuer>,
     default_ttl: Ttl,
     max_ttl: Ttl,
+    /// What an AWS request without a lifetime asks for.
+    aws_ttl: Ttl,
 }
 
 impl BrokerService {
     pub fn new(issuer: Arc<Issuer>, default_ttl: Ttl, max_ttl: Ttl) -> Self {
-        Self { issuer, default_ttl, max_ttl }
+        Self { issuer, default_ttl, max_ttl, aws_ttl: default_ttl }
+    }
+
+    pub fn with_aws_ttl(mut self, ttl: Ttl) -> Self {
+        self.aws_ttl = ttl;
+        self
     }
 }
 
@@ -54,6 +62,27 @@ impl Broker for BrokerService {
         }))
     }
 
+    async fn issue_aws(&self, request: Request<IssueAwsRequest>) -> Result<Response<IssueAwsResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials);
+        let req = request.into_inner();
+        let role = AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))?;
+        let ttl = match req.ttl_seconds {
+            None => self.aws_ttl,
+            Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| invalid("ttl_seconds", e))?,
+        };
+        let spiffe_id = match req.spiffe_id.as_str() {
+            "" => None,
+            s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
+        };
+        let origin = Origin { api: "mayfly.v1", rotates: None, emergency: None };
+        let issued = self.issuer.issue_aws(&peer, AwsRequest { role, ttl, spiffe_id, origin }).await.map_err(|e| status(&e))?;
+        Ok(Response::new(IssueAwsResponse {
+            credential_id: issued.credential_id.clone(),
+            spiffe_id: issued.identity.to_string(),
+            credentials: Some(aws_credentials(&issued)),
+        }))
+    }
+
     async fn break_glass(&self, request: Request<BreakGlassRequest>) -> Result<Response<BreakGlassResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials);
         let req = request.into_inner();
@@ -73,8 +102,8 @@ impl Broker for BrokerService {
         let kind = match req.kind.as_str() {
             "x509" => EmergencyKind::X509 { csr: VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))? },
             "jwt" => EmergencyKind::Jwt { audience: text("audience", &req.audience, 512)? },
-            "aws" => return Err(Status::unimplemented("AWS credentials are not served yet (the AWS STS issue)")),
-            other => return Err(invalid("kind", format!("`{}` is not one of x509, jwt", other.escape_debug()))),
+            "aws" => EmergencyKind::Aws { role: AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))? },
+            other => return Err(invalid("kind", format!("`{}` is not one of x509, jwt, aws", other.escape_debug()))),
         };
         let outcome = self.issuer.break_glass(&peer, EmergencyRequest { kind, ttl, reason, ticket }).await.map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
@@ -106,6 +135,14 @@ fn emergency_response(outcome: EmergencyOutcome) -> BreakGlassResponse {
             not_after: unix_secs(issued.svid.not_after),
             serial: issued.svid.jti.clone(),
             token: issued.svid.token.expose().to_owned(),
+            ..Default::default()
+        },
+        EmergencyOutcome::Aws(issued) => BreakGlassResponse {
+            credential_id: issued.credential_id.clone(),
+            spiffe_id: issued.identity.to_string(),
+            not_after: unix_secs(issued.session.expiration),
+            serial: issued.session.access_key_id.clone(),
+            aws: Some(aws_credentials(&issued)),
             ..Default::default()
         },
     }

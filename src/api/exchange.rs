@@ -19,10 +19,11 @@ use tonic::Code;
 
 use super::pb::exchange_server::{Exchange, ExchangeServer};
 use super::pb::{ExchangeRequest as PbRequest, ExchangeResponse as PbResponse};
-use super::status;
+use super::{aws_credentials, status};
 use crate::clock::unix_secs;
 use crate::identity::Ttl;
-use crate::issue::{EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, Issuer};
+use crate::issue::{EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, IssuedAws, Issuer};
+use crate::policy::AwsRole;
 use crate::mint::{TrustBundle, VerifiedCsr};
 
 /// The remote address of a TLS connection, put on each request by the listener.
@@ -36,6 +37,7 @@ pub struct ExchangeApi {
     jwt_issuer: String,
     x509_ttl: Ttl,
     jwt_ttl: Ttl,
+    aws_ttl: Ttl,
     max_ttl: Ttl,
     request_timeout: Duration,
     /// The published bundle: its CRLs are served at /crl.der and /crl.pem.
@@ -44,7 +46,13 @@ pub struct ExchangeApi {
 
 impl ExchangeApi {
     pub fn new(issuer: Arc<Issuer>, jwt_issuer: String, x509_ttl: Ttl, jwt_ttl: Ttl, max_ttl: Ttl, request_timeout: Duration) -> Self {
-        Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, max_ttl, request_timeout, bundles: None }
+        Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, aws_ttl: x509_ttl, max_ttl, request_timeout, bundles: None }
+    }
+
+    /// What an AWS request without a lifetime asks for.
+    pub fn with_aws_ttl(mut self, ttl: Ttl) -> Self {
+        self.aws_ttl = ttl;
+        self
     }
 
     pub fn with_bundles(mut self, bundles: tokio::sync::watch::Receiver<Arc<TrustBundle>>) -> Self {
@@ -89,14 +97,15 @@ impl ExchangeApi {
                 ExchangeKind::X509 { csr: VerifiedCsr::parse(csr).map_err(|e| Rejection::invalid("csr", e))? }
             }
             "aws" => {
-                let _ = role;
-                return Err(Rejection::new(StatusCode::BAD_REQUEST, Code::Unimplemented, "unsupported_kind", "AWS credentials are not served yet (the AWS STS issue)"));
+                let role = role.filter(|r| !r.is_empty()).ok_or_else(|| Rejection::invalid("role", "required for kind aws"))?;
+                ExchangeKind::Aws { role: AwsRole::parse(role.trim()).map_err(|e| Rejection::invalid("role", e))? }
             }
             other => return Err(Rejection::invalid("kind", format!("`{}` is not one of jwt, x509, aws", other.escape_debug()))),
         };
         let ttl = ttl_for(match kind {
             ExchangeKind::Jwt { .. } => self.jwt_ttl,
             ExchangeKind::X509 { .. } => self.x509_ttl,
+            ExchangeKind::Aws { .. } => self.aws_ttl,
         })?;
         Ok(ExchangeRequest { kind, ttl, remote })
     }
@@ -238,8 +247,30 @@ async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<
             }))
             .into_response()
         }
+        Ok(Exchanged::Aws(issued)) => Json(aws_json(&issued, false)).into_response(),
         Err(r) => r.into_response(),
     }
+}
+
+/// An AWS session as JSON: the credential_process fields (Version 1, AccessKeyId,
+/// SecretAccessKey, SessionToken, Expiration in RFC 3339) and mayfly's record of it.
+fn aws_json(issued: &IssuedAws, break_glass: bool) -> Value {
+    json!({
+        "kind": "aws",
+        "break_glass": break_glass,
+        "credential_id": issued.credential_id,
+        "spiffe_id": issued.identity.as_str(),
+        "expires_at": unix_secs(issued.session.expiration),
+        "role_arn": issued.role_arn,
+        "assumed_role_arn": issued.session.assumed_role_arn,
+        "session_name": issued.session_name,
+        "source_identity": issued.source_identity,
+        "Version": 1,
+        "AccessKeyId": issued.session.access_key_id,
+        "SecretAccessKey": issued.session.secret_access_key.expose(),
+        "SessionToken": issued.session.session_token.expose(),
+        "Expiration": crate::clock::rfc3339(issued.session.expiration),
+    })
 }
 
 async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeRequest, emergency: JsonEmergency) -> Response {
@@ -250,6 +281,7 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeReques
     let kind = match parsed.kind {
         ExchangeKind::Jwt { audience } => EmergencyKind::Jwt { audience },
         ExchangeKind::X509 { csr } => EmergencyKind::X509 { csr },
+        ExchangeKind::Aws { role } => EmergencyKind::Aws { role },
     };
     let request = EmergencyRequest { kind, ttl: parsed.ttl, reason, ticket };
     let outcome = tokio::time::timeout(api.request_timeout, api.issuer.exchange_break_glass(token, &parsed.remote, request)).await;
@@ -266,6 +298,7 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeReques
             "serial": issued.svid.serial, "expires_at": unix_secs(issued.svid.not_after),
         }))
         .into_response(),
+        Ok(Ok(EmergencyOutcome::Aws(issued))) => Json(aws_json(&issued, true)).into_response(),
         Ok(Ok(EmergencyOutcome::Pending { .. })) => Rejection::new(StatusCode::FORBIDDEN, Code::PermissionDenied, "access_denied", "approval is served on the workload socket only").into_response(),
         Ok(Err(e)) => Rejection::from_issue(&e).into_response(),
         Err(_) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out").into_response(),
@@ -375,6 +408,15 @@ impl Exchange for ExchangeApi {
                 trust_bundle: issued.bundle,
                 serial: issued.svid.serial,
                 expires_at: unix_secs(issued.svid.not_after),
+                ..Default::default()
+            },
+            Exchanged::Aws(issued) => PbResponse {
+                credential_id: issued.credential_id.clone(),
+                spiffe_id: issued.identity.to_string(),
+                kind: "aws".into(),
+                serial: issued.session.access_key_id.clone(),
+                expires_at: unix_secs(issued.session.expiration),
+                aws: Some(aws_credentials(&issued)),
                 ..Default::default()
             },
         };

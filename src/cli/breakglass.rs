@@ -35,7 +35,7 @@ pub struct RequestArgs {
     /// jwt: the audience.
     #[arg(long)]
     audience: Option<String>,
-    /// aws: the role ARN (AWS credentials arrive with the AWS STS issue).
+    /// aws: the role ARN (written as aws-credentials.json, the credential_process format).
     #[arg(long)]
     role: Option<String>,
     /// Why you need it now (recorded verbatim).
@@ -152,7 +152,7 @@ async fn request(args: RequestArgs) -> ExitCode {
     if kind == "aws" && args.role.is_none() {
         return super::fail("--kind aws needs --role ARN");
     }
-    let req = BreakGlassRequest { kind: kind.clone(), csr, audience: args.audience.unwrap_or_default(), reason, ticket, ttl_seconds: Some(ttl) };
+    let req = BreakGlassRequest { kind: kind.clone(), csr, audience: args.audience.unwrap_or_default(), reason, ticket, ttl_seconds: Some(ttl), role: args.role.clone().unwrap_or_default() };
     let mut reply = match client.break_glass(req).await {
         Ok(r) => r.into_inner(),
         Err(s) => return super::fail(format!("break-glass refused ({:?}): {}", s.code(), s.message())),
@@ -179,6 +179,19 @@ async fn request(args: RequestArgs) -> ExitCode {
                 let _ = std::fs::remove_file(args.out.join("key.pem"));
                 crate::keys::write_private(&args.out.join("key.pem"), key_pem.as_bytes()).map_err(|e| e.to_string())
             })
+    } else if kind == "aws" {
+        // The credential_process format, so `credential_process = cat <file>` works too.
+        let c = reply.aws.take().unwrap_or_default();
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(c.expiration.max(0).unsigned_abs());
+        let text = zeroize::Zeroizing::new(
+            serde_json::json!({
+                "Version": 1, "AccessKeyId": c.access_key_id, "SecretAccessKey": c.secret_access_key,
+                "SessionToken": c.session_token, "Expiration": crate::clock::rfc3339(at),
+            })
+            .to_string(),
+        );
+        let _ = std::fs::remove_file(args.out.join("aws-credentials.json"));
+        crate::keys::write_private(&args.out.join("aws-credentials.json"), text.as_bytes()).map_err(|e| e.to_string())
     } else {
         let _ = std::fs::remove_file(args.out.join("token"));
         crate::keys::write_private(&args.out.join("token"), reply.token.as_bytes()).map_err(|e| e.to_string())

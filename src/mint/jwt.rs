@@ -40,6 +40,8 @@ struct Claims<'a> {
     iat: i64,
     nbf: i64,
     jti: &'a str,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 /// A signing key with its jsonwebtoken forms.
@@ -113,17 +115,18 @@ impl Es256Minter {
     }
 }
 
-impl JwtMinter for Es256Minter {
-    fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError> {
+impl Es256Minter {
+    /// Signs `sub`/`aud`/times/`jti` (plus `extra`, which cannot override them).
+    fn sign(&self, sub: &str, audiences: &[String], extra: Map<String, Value>, jti: &str, ttl: Duration, now: SystemTime) -> Result<JwtSvid, MintError> {
         let iat = unix_secs(now);
-        let ttl = i64::try_from(grant.ttl().as_secs()).map_err(|e| MintError::Signing(e.to_string()))?;
+        let ttl = i64::try_from(ttl.as_secs()).map_err(|e| MintError::Signing(e.to_string()))?;
         let exp = iat + ttl;
         let keys = self.keys.load();
         let signer = &keys.active;
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(signer.key.kid().to_owned());
         header.typ = Some("JWT".into());
-        let claims = Claims { iss: self.issuer.as_deref(), sub: grant.identity().as_str(), aud: grant.audiences(), exp, iat, nbf: iat, jti };
+        let claims = Claims { iss: self.issuer.as_deref(), sub, aud: audiences, exp, iat, nbf: iat, jti, extra };
         let token = jsonwebtoken::encode(&header, &claims, &signer.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()));
         let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
@@ -131,10 +134,22 @@ impl JwtMinter for Es256Minter {
             token: SecretString::new(token),
             jti: jti.to_owned(),
             fingerprint,
-            audiences: grant.audiences().to_vec(),
+            audiences: audiences.to_vec(),
             not_before: at(iat),
             not_after: at(exp),
         })
+    }
+}
+
+impl JwtMinter for Es256Minter {
+    fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError> {
+        self.sign(grant.identity().as_str(), grant.audiences(), Map::new(), jti, grant.ttl().as_duration(), now)
+    }
+
+    fn mint_assertion(&self, identity: &WorkloadId, audience: &str, extra: Map<String, Value>, jti: &str, ttl: Duration, now: SystemTime) -> Result<JwtSvid, MintError> {
+        let reserved = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"];
+        let extra = extra.into_iter().filter(|(k, _)| !reserved.contains(&k.as_str())).collect();
+        self.sign(identity.as_str(), &[audience.to_owned()], extra, jti, ttl, now)
     }
 
     fn jwks(&self) -> Value {

@@ -1,0 +1,158 @@
+//! The AWS SDK behind `mint::aws::{StsApi, IamApi}`: STS and IAM clients built from the
+//! standard AWS configuration chain (environment, profile, container and instance
+//! credentials), the configured region, and an optional endpoint (an emulator or a VPC
+//! endpoint). Retries are mayfly's own (`AwsMinter`, bounded and logged), so the SDK's are
+//! off; each attempt has a connect timeout here and an overall timeout in the minter.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::config::AwsConfig;
+use crate::keys::SecretString;
+use crate::ledger::BoxFuture;
+use crate::mint::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
+
+pub struct SdkAws {
+    sts: aws_sdk_sts::Client,
+    iam: aws_sdk_iam::Client,
+}
+
+impl SdkAws {
+    /// Loads the standard chain once at start. Credentials themselves are fetched (and
+    /// refreshed) lazily by the SDK, so a missing one shows up as an STS error per call.
+    pub async fn connect(config: &AwsConfig) -> Self {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .operation_attempt_timeout(config.attempt_timeout)
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(config.region.clone()))
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(url) = &config.endpoint {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        Self { sts: aws_sdk_sts::Client::new(&shared), iam: aws_sdk_iam::Client::new(&shared) }
+    }
+}
+
+fn sdk_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(e) => {
+            let e = e.err();
+            AwsError::Service { operation, code: e.code().unwrap_or("Unknown").to_owned(), message: e.message().unwrap_or_default().to_owned() }
+        }
+        SdkError::TimeoutError(_) => AwsError::Timeout { operation },
+        other => AwsError::Transport { operation, why: DisplayErrorContext(&other).to_string() },
+    }
+}
+
+/// Moves the secrets out of the SDK's response into zeroizing strings (the SDK's own
+/// strings are left empty; its response buffers are out of reach, see PITFALLS).
+fn session(operation: &'static str, credentials: Option<aws_sdk_sts::types::Credentials>, arn: Option<String>) -> Result<StsSession, AwsError> {
+    let missing = || AwsError::Service { operation, code: "IncompleteResponse".into(), message: "STS answered without credentials".into() };
+    let mut c = credentials.ok_or_else(missing)?;
+    let expiration = SystemTime::try_from(c.expiration).map_err(|_| missing())?;
+    Ok(StsSession {
+        access_key_id: std::mem::take(&mut c.access_key_id),
+        secret_access_key: SecretString::new(std::mem::take(&mut c.secret_access_key)),
+        session_token: SecretString::new(std::mem::take(&mut c.session_token)),
+        expiration,
+        assumed_role_arn: arn.unwrap_or_default(),
+    })
+}
+
+fn tags(operation: &'static str, req: &AwsSessionRequest) -> Result<Vec<aws_sdk_sts::types::Tag>, AwsError> {
+    req.tags
+        .iter()
+        .map(|(k, v)| {
+            aws_sdk_sts::types::Tag::builder().key(k).value(v).build().map_err(|e| AwsError::Service {
+                operation,
+                code: "InvalidTag".into(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl StsApi for SdkAws {
+    fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+        Box::pin(async move {
+            const OP: &str = "AssumeRole";
+            let tags = tags(OP, req)?;
+            let mut out = self
+                .sts
+                .assume_role()
+                .role_arn(&req.role_arn)
+                .role_session_name(&req.role_session_name)
+                .source_identity(&req.source_identity)
+                .set_tags((!tags.is_empty()).then_some(tags))
+                .set_policy(req.policy.clone())
+                .duration_seconds(req.duration_seconds)
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))?;
+            let arn = out.assumed_role_user.take().map(|u| u.arn);
+            session(OP, out.credentials.take(), arn)
+        })
+    }
+
+    fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+        Box::pin(async move {
+            const OP: &str = "AssumeRoleWithWebIdentity";
+            let mut out = self
+                .sts
+                .assume_role_with_web_identity()
+                .role_arn(&req.role_arn)
+                .role_session_name(&req.role_session_name)
+                .web_identity_token(token.expose())
+                .set_policy(req.policy.clone())
+                .duration_seconds(req.duration_seconds)
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))?;
+            let arn = out.assumed_role_user.take().map(|u| u.arn);
+            session(OP, out.credentials.take(), arn)
+        })
+    }
+}
+
+impl IamApi for SdkAws {
+    fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
+        Box::pin(async move {
+            let out = self.iam.get_role().role_name(role_name).send().await.map_err(|e| sdk_error("GetRole", e))?;
+            let secs = out.role().and_then(|r| r.max_session_duration()).unwrap_or(3600);
+            Ok(Duration::from_secs(u64::try_from(secs).unwrap_or(3600)))
+        })
+    }
+
+    fn put_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str, document: &'a str) -> BoxFuture<'a, Result<(), AwsError>> {
+        Box::pin(async move {
+            self.iam
+                .put_role_policy()
+                .role_name(role_name)
+                .policy_name(policy_name)
+                .policy_document(document)
+                .send()
+                .await
+                .map_err(|e| sdk_error("PutRolePolicy", e))?;
+            Ok(())
+        })
+    }
+
+    fn delete_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str) -> BoxFuture<'a, Result<bool, AwsError>> {
+        Box::pin(async move {
+            match self.iam.delete_role_policy().role_name(role_name).policy_name(policy_name).send().await {
+                Ok(_) => Ok(true),
+                Err(SdkError::ServiceError(e)) if e.err().is_no_such_entity_exception() => Ok(false),
+                Err(e) => Err(sdk_error("DeleteRolePolicy", e)),
+            }
+        })
+    }
+}

@@ -1,0 +1,531 @@
+//! AWS STS sessions: turns an AWS `Grant` into exactly one STS request — the role policy
+//! granted, a session name unique to this issuance, the identity as `SourceIdentity` (so
+//! CloudTrail names the workload in every call of the session and of roles chained from
+//! it), the tags and session policy the rules set, a duration inside both AWS's bounds and
+//! the rule's — and sends it with bounded retries. STS and IAM sit behind traits (the SDK
+//! implementation is `crate::aws`), so tests check the exact request without AWS.
+//!
+//! Secrets: the secret key and session token live in `SecretString`s (zeroized on drop)
+//! from the moment they leave the SDK's response; nothing here logs or records them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
+
+use super::{JwtMinter, MintError};
+use crate::identity::WorkloadId;
+use crate::keys::SecretString;
+use crate::ledger::BoxFuture;
+use crate::policy::{Grant, Resource};
+
+/// AWS's floor for `DurationSeconds`.
+pub const MIN_SESSION_SECS: u64 = 900;
+/// The role maximum assumed when IAM cannot be asked: every role allows at least 1 h.
+pub const DEFAULT_ROLE_MAX_SECS: u64 = 3600;
+/// How long the web-identity JWT lives: long enough for STS to check it, no longer.
+const WEB_IDENTITY_TTL: Duration = Duration::from_secs(300);
+
+/// Exactly what is sent to STS (never holds a secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsSessionRequest {
+    pub role_arn: String,
+    pub role_session_name: String,
+    pub source_identity: String,
+    pub tags: Vec<(String, String)>,
+    pub policy: Option<String>,
+    pub duration_seconds: i32,
+}
+
+/// A session STS issued. The secret key and token are zeroized on drop; `Debug` shows
+/// only their lengths.
+#[derive(Debug)]
+pub struct StsSession {
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    pub session_token: SecretString,
+    pub expiration: SystemTime,
+    pub assumed_role_arn: String,
+}
+
+/// An STS or IAM call that failed: the AWS error code and message (which never carry a
+/// secret), or that AWS could not be reached in time.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AwsError {
+    #[error("{operation} refused: {code}: {message}")]
+    Service { operation: &'static str, code: String, message: String },
+    #[error("{operation} did not answer in time")]
+    Timeout { operation: &'static str },
+    #[error("{operation}: AWS could not be reached: {why}")]
+    Transport { operation: &'static str, why: String },
+}
+
+impl AwsError {
+    /// The AWS error code, or `Timeout` / `Unreachable`.
+    pub fn code(&self) -> &str {
+        match self {
+            AwsError::Service { code, .. } => code,
+            AwsError::Timeout { .. } => "Timeout",
+            AwsError::Transport { .. } => "Unreachable",
+        }
+    }
+
+    /// Worth another try: throttling, AWS-side faults, timeouts, connection failures.
+    pub fn is_transient(&self) -> bool {
+        const TRANSIENT: [&str; 11] = [
+            "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "ServiceUnavailable",
+            "ServiceUnavailableException", "InternalFailure", "InternalError", "IDPCommunicationError", "RequestTimeout",
+            "PriorRequestNotComplete",
+        ];
+        match self {
+            AwsError::Service { code, .. } => TRANSIENT.contains(&code.as_str()),
+            AwsError::Timeout { .. } | AwsError::Transport { .. } => true,
+        }
+    }
+}
+
+/// The STS calls mayfly makes.
+pub trait StsApi: Send + Sync + 'static {
+    fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>>;
+
+    /// The session's source identity and tags travel in the token's claims; STS takes
+    /// the rest of `req` as parameters.
+    fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>>;
+}
+
+/// The IAM calls mayfly makes: a role's session ceiling, and the revocation hook's
+/// inline deny policies.
+pub trait IamApi: Send + Sync + 'static {
+    fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>>;
+    fn put_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str, document: &'a str) -> BoxFuture<'a, Result<(), AwsError>>;
+    /// `Ok(false)`: there was no such policy (already removed).
+    fn delete_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str) -> BoxFuture<'a, Result<bool, AwsError>>;
+}
+
+/// Why no session was minted.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsMintError {
+    #[error("STS: {0}")]
+    Upstream(AwsError),
+    #[error("too many AWS requests in flight; try again shortly")]
+    Busy,
+    #[error("{0}")]
+    Grant(String),
+    #[error(transparent)]
+    Assertion(#[from] MintError),
+}
+
+/// How the broker proves itself to STS.
+pub enum Mode {
+    /// `AssumeRole` with the broker's own AWS credentials.
+    AssumeRole,
+    /// `AssumeRoleWithWebIdentity` with a JWT signed by mayfly's JWT key.
+    WebIdentity { jwt: Arc<dyn JwtMinter>, audience: String },
+}
+
+/// Retries and limits for the STS call.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub attempts: u32,
+    pub attempt_timeout: Duration,
+    /// The first backoff; it doubles each try (plus up to half again, random).
+    pub backoff: Duration,
+    pub max_in_flight: usize,
+}
+
+/// A minted session and what the ledger keeps of how it was made.
+#[derive(Debug)]
+pub struct MintedSession {
+    pub session: StsSession,
+    pub request: AwsSessionRequest,
+    /// `web_identity` or `assume_role`.
+    pub mode: &'static str,
+    /// The jti of the web-identity JWT presented to STS, if any.
+    pub assertion_jti: Option<String>,
+    /// How many STS calls it took.
+    pub attempts: u32,
+}
+
+pub struct AwsMinter {
+    sts: Arc<dyn StsApi>,
+    iam: Option<Arc<dyn IamApi>>,
+    mode: Mode,
+    limits: Limits,
+    in_flight: Arc<Semaphore>,
+    /// Role name → its MaxSessionDuration, asked of IAM at most every 10 minutes.
+    role_max: moka::sync::Cache<String, Duration>,
+}
+
+impl AwsMinter {
+    pub fn new(sts: Arc<dyn StsApi>, iam: Option<Arc<dyn IamApi>>, mode: Mode, limits: Limits) -> Self {
+        let in_flight = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+        let role_max = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(600)).build();
+        Self { sts, iam, mode, limits, in_flight, role_max }
+    }
+
+    /// The request STS will see for this grant (no STS call).
+    pub async fn request_for(&self, grant: &Grant, credential_id: &str) -> Result<AwsSessionRequest, AwsMintError> {
+        let (Resource::Aws { role }, Some(aws)) = (grant.resource(), grant.aws()) else {
+            return Err(AwsMintError::Grant("not an AWS role grant".into()));
+        };
+        let wanted = grant.ttl().as_secs().max(MIN_SESSION_SECS);
+        if wanted > aws.ceiling.as_secs() {
+            return Err(AwsMintError::Grant(format!(
+                "the rules allow this role for at most {} but AWS sessions last at least 15m; raise the rule's @max_ttl",
+                aws.ceiling
+            )));
+        }
+        let duration = wanted.min(self.role_max(role.name()).await.as_secs());
+        Ok(AwsSessionRequest {
+            role_arn: role.arn().to_owned(),
+            role_session_name: session_name(grant.identity(), credential_id),
+            source_identity: source_identity(grant.identity()),
+            tags: aws.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            policy: aws.session_policy.as_ref().map(|p| p.document.clone()),
+            duration_seconds: i32::try_from(duration).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// One STS session for this grant, or why not. Never waits for a slot: when
+    /// `max_in_flight` calls are out, the request is refused at once.
+    pub async fn mint(&self, grant: &Grant, credential_id: &str, now: SystemTime) -> Result<MintedSession, AwsMintError> {
+        let _slot = self.in_flight.clone().try_acquire_owned().map_err(|_| AwsMintError::Busy)?;
+        let request = self.request_for(grant, credential_id).await?;
+        let (assertion, mode) = match &self.mode {
+            Mode::AssumeRole => (None, "assume_role"),
+            Mode::WebIdentity { jwt, audience } => {
+                let jti = format!("{credential_id}.sts");
+                let token = jwt.mint_assertion(grant.identity(), audience, web_identity_claims(&request), &jti, WEB_IDENTITY_TTL, now)?;
+                (Some(token), "web_identity")
+            }
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let call = async {
+                match &assertion {
+                    None => self.sts.assume_role(&request).await,
+                    Some(token) => self.sts.assume_role_with_web_identity(&request, &token.token).await,
+                }
+            };
+            let operation = if assertion.is_some() { "AssumeRoleWithWebIdentity" } else { "AssumeRole" };
+            let outcome = tokio::time::timeout(self.limits.attempt_timeout, call).await.unwrap_or(Err(AwsError::Timeout { operation }));
+            match outcome {
+                Ok(session) => {
+                    return Ok(MintedSession { session, request, mode, assertion_jti: assertion.map(|a| a.jti), attempts: attempt });
+                }
+                Err(e) if e.is_transient() && attempt < self.limits.attempts => {
+                    tracing::warn!(attempt, code = e.code(), role = %request.role_arn, "STS call failed; retrying");
+                    tokio::time::sleep(backoff(self.limits.backoff, attempt)).await;
+                }
+                Err(e) => return Err(AwsMintError::Upstream(e)),
+            }
+        }
+    }
+
+    async fn role_max(&self, role_name: &str) -> Duration {
+        if let Some(d) = self.role_max.get(role_name) {
+            return d;
+        }
+        let Some(iam) = &self.iam else { return Duration::from_secs(DEFAULT_ROLE_MAX_SECS) };
+        match tokio::time::timeout(self.limits.attempt_timeout, iam.max_session_duration(role_name)).await {
+            Ok(Ok(d)) => {
+                self.role_max.insert(role_name.to_owned(), d);
+                d
+            }
+            Ok(Err(e)) => {
+                tracing::info!(role = role_name, code = e.code(), "cannot read the role's MaxSessionDuration; assuming 1h");
+                Duration::from_secs(DEFAULT_ROLE_MAX_SECS)
+            }
+            Err(_) => Duration::from_secs(DEFAULT_ROLE_MAX_SECS),
+        }
+    }
+}
+
+/// The claims AWS reads from a web-identity token: the source identity and session tags
+/// (they cannot be parameters of AssumeRoleWithWebIdentity).
+fn web_identity_claims(req: &AwsSessionRequest) -> Map<String, Value> {
+    let principal_tags: Map<String, Value> = req.tags.iter().map(|(k, v)| (k.clone(), json!([v]))).collect();
+    let mut claims = Map::new();
+    claims.insert("https://aws.amazon.com/source_identity".into(), json!(req.source_identity));
+    if !principal_tags.is_empty() {
+        claims.insert("https://aws.amazon.com/tags".into(), json!({ "principal_tags": principal_tags, "transitive_tag_keys": [] }));
+    }
+    claims
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1 << attempt.saturating_sub(1).min(10));
+    let mut byte = [0u8; 1];
+    // Why ignore a failure: jitter only spreads retries; without it the backoff still holds.
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    exp + exp.mul_f64(f64::from(byte[0]) / 512.0)
+}
+
+/// Characters AWS allows in a session name and a source identity: `[\w+=,.@-]`.
+fn aws_safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)
+}
+
+/// A stable, AWS-safe form of a SPIFFE ID for `SourceIdentity` (2–64 characters of
+/// `[\w+=,.@-]`): the trust domain and path with `/` written `+`, e.g.
+/// `spiffe://mayfly.local/ci/acme/app` → `mayfly.local+ci+acme+app`. SPIFFE IDs never
+/// contain `+`, so distinct identities stay distinct; one longer than 64 characters keeps
+/// its first 47 and adds 16 hex digits of the SHA-256 of the whole ID.
+pub fn source_identity(id: &WorkloadId) -> String {
+    let text: String = format!("{}{}", id.trust_domain(), id.path()).chars().map(|c| if c == '/' { '+' } else if aws_safe(c) { c } else { '_' }).collect();
+    if text.len() <= 64 {
+        return text;
+    }
+    let digest = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_str().as_bytes()));
+    format!("{}-{}", &text[..47], &digest[..16])
+}
+
+/// A `RoleSessionName` (2–64 of `[\w+=,.@-]`) unique to this issuance: the identity's path
+/// (its most specific end, if long) and 16 hex digits of the credential id, e.g.
+/// `ci.acme.app-3f1c9a0b7d2e4f61`.
+pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
+    let unique: String = credential_id.chars().filter(char::is_ascii_hexdigit).take(16).collect();
+    let path: String = id.path().trim_start_matches('/').chars().map(|c| if c == '/' { '.' } else if aws_safe(c) { c } else { '_' }).collect();
+    let room = 64 - 1 - unique.len();
+    let start = path.len().saturating_sub(room);
+    let tail = &path[start..];
+    if tail.is_empty() { format!("mayfly-{unique}") } else { format!("{tail}-{unique}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::identity::Ttl;
+    use crate::policy::aws::{AwsGrant, SessionPolicy};
+
+    /// Records every request; answers from a script (errors first, then sessions).
+    #[derive(Default)]
+    pub(crate) struct FakeSts {
+        pub requests: Mutex<Vec<(AwsSessionRequest, Option<String>)>>,
+        pub failures: Mutex<Vec<AwsError>>,
+    }
+
+    impl FakeSts {
+        fn answer(&self, req: &AwsSessionRequest, token: Option<&SecretString>) -> Result<StsSession, AwsError> {
+            self.requests.lock().unwrap().push((req.clone(), token.map(|t| t.expose().to_owned())));
+            if let Some(e) = self.failures.lock().unwrap().pop() {
+                return Err(e);
+            }
+            let name = req.role_arn.rsplit('/').next().unwrap();
+            Ok(StsSession {
+                access_key_id: "ASIAFAKE0000000001".into(),
+                secret_access_key: SecretString::new("fake-secret".into()),
+                session_token: SecretString::new("fake-token".into()),
+                expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+                assumed_role_arn: format!("arn:aws:sts::111122223333:assumed-role/{name}/{}", req.role_session_name),
+            })
+        }
+    }
+
+    impl StsApi for FakeSts {
+        fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+            Box::pin(async move { self.answer(req, None) })
+        }
+        fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+            Box::pin(async move { self.answer(req, Some(token)) })
+        }
+    }
+
+    struct FixedRoleMax(u64);
+
+    impl IamApi for FixedRoleMax {
+        fn max_session_duration<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
+            Box::pin(async move { Ok(Duration::from_secs(self.0)) })
+        }
+        fn put_role_policy<'a>(&'a self, _: &'a str, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), AwsError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete_role_policy<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<bool, AwsError>> {
+            Box::pin(async { Ok(true) })
+        }
+    }
+
+    fn id(s: &str) -> WorkloadId {
+        WorkloadId::parse(s).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits { attempts: 3, attempt_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_in_flight: 4 }
+    }
+
+    fn grant(ttl_secs: u64, ceiling_secs: u64, policy: Option<&str>) -> Grant {
+        let aws = AwsGrant {
+            ceiling: Ttl::from_secs(ceiling_secs).unwrap(),
+            session_policy: policy.map(|d| SessionPolicy { names: vec!["read-only".into()], document: d.into() }),
+            tags: BTreeMap::from([("environment".to_owned(), "ci".to_owned()), ("owner".to_owned(), "payments@example.org".to_owned())]),
+        };
+        Grant::aws_for_tests(id("spiffe://mayfly.local/ci/acme/app"), "arn:aws:iam::111122223333:role/ci/acme-app-read", Ttl::from_secs(ttl_secs).unwrap(), aws)
+    }
+
+    const CREDENTIAL: &str = "3f1c9a0b-7d2e-4f61-9a8b-0c1d2e3f4a5b";
+
+    #[tokio::test]
+    async fn the_request_carries_exactly_what_the_grant_allows() {
+        let sts = Arc::new(FakeSts::default());
+        let minter = AwsMinter::new(sts.clone(), Some(Arc::new(FixedRoleMax(7200))), Mode::AssumeRole, limits());
+        let doc = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#;
+        let minted = minter.mint(&grant(1800, 3600, Some(doc)), CREDENTIAL, SystemTime::now()).await.unwrap();
+        let sent = &sts.requests.lock().unwrap()[0].0;
+        assert_eq!(sent.role_arn, "arn:aws:iam::111122223333:role/ci/acme-app-read");
+        assert_eq!(sent.role_session_name, "ci.acme.app-3f1c9a0b7d2e4f61");
+        assert_eq!(sent.source_identity, "mayfly.local+ci+acme+app");
+        assert_eq!(sent.tags, vec![("environment".into(), "ci".into()), ("owner".into(), "payments@example.org".into())]);
+        assert_eq!(sent.policy.as_deref(), Some(doc));
+        assert_eq!(sent.duration_seconds, 1800);
+        assert_eq!((minted.mode, minted.attempts, minted.assertion_jti.as_deref()), ("assume_role", 1, None));
+        assert_eq!(&minted.request, sent);
+    }
+
+    #[tokio::test]
+    async fn durations_respect_the_aws_floor_the_rule_and_the_role() {
+        let sts = Arc::new(FakeSts::default());
+        let minter = AwsMinter::new(sts.clone(), Some(Arc::new(FixedRoleMax(3600))), Mode::AssumeRole, limits());
+        // Asked for 5 minutes: AWS's floor is 15, which the rule (1 h) allows.
+        minter.mint(&grant(300, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        // Asked for 4 h under a 6 h rule: the role's own maximum (1 h) wins.
+        minter.mint(&grant(4 * 3600, 6 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        let durations: Vec<i32> = sts.requests.lock().unwrap().iter().map(|(r, _)| r.duration_seconds).collect();
+        assert_eq!(durations, vec![900, 3600]);
+        // A rule that allows only 10 minutes cannot be honoured by STS: nothing is asked.
+        let err = minter.mint(&grant(300, 600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        assert!(err.to_string().contains("at least 15m"), "{err}");
+        assert_eq!(sts.requests.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_iam_the_role_is_assumed_to_allow_one_hour() {
+        let sts = Arc::new(FakeSts::default());
+        let minter = AwsMinter::new(sts.clone(), None, Mode::AssumeRole, limits());
+        minter.mint(&grant(8 * 3600, 12 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        assert_eq!(sts.requests.lock().unwrap()[0].0.duration_seconds, 3600);
+    }
+
+    #[tokio::test]
+    async fn throttling_is_retried_a_bounded_number_of_times_and_then_reported_with_its_code() {
+        let throttled = AwsError::Service { operation: "AssumeRole", code: "Throttling".into(), message: "Rate exceeded".into() };
+        let sts = Arc::new(FakeSts::default());
+        sts.failures.lock().unwrap().extend([throttled.clone(), throttled.clone()]);
+        let minter = AwsMinter::new(sts.clone(), None, Mode::AssumeRole, limits());
+        let ok = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        assert_eq!(ok.attempts, 3);
+
+        sts.failures.lock().unwrap().extend([throttled.clone(), throttled.clone(), throttled.clone()]);
+        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        assert!(matches!(&err, AwsMintError::Upstream(e) if e.code() == "Throttling"), "{err}");
+        assert_eq!(sts.requests.lock().unwrap().len(), 6, "3 attempts each, never more");
+
+        // A refusal is not retried: asking again cannot change AccessDenied.
+        sts.failures.lock().unwrap().push(AwsError::Service { operation: "AssumeRole", code: "AccessDenied".into(), message: "not authorized".into() });
+        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        assert!(err.to_string().contains("AccessDenied"), "{err}");
+        assert_eq!(sts.requests.lock().unwrap().len(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_sts_times_out_per_attempt() {
+        struct Hung;
+        impl StsApi for Hung {
+            fn assume_role<'a>(&'a self, _: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+                Box::pin(std::future::pending())
+            }
+            fn assume_role_with_web_identity<'a>(&'a self, _: &'a AwsSessionRequest, _: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+                Box::pin(std::future::pending())
+            }
+        }
+        let minter = AwsMinter::new(Arc::new(Hung), None, Mode::AssumeRole, limits());
+        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        assert!(matches!(&err, AwsMintError::Upstream(AwsError::Timeout { .. })), "{err}");
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_in_flight_limit_are_refused_not_queued() {
+        struct Gate(tokio::sync::Notify);
+        impl StsApi for Gate {
+            fn assume_role<'a>(&'a self, _: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+                Box::pin(async move {
+                    self.0.notified().await;
+                    Err(AwsError::Service { operation: "AssumeRole", code: "AccessDenied".into(), message: "x".into() })
+                })
+            }
+            fn assume_role_with_web_identity<'a>(&'a self, r: &'a AwsSessionRequest, _: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+                self.assume_role(r)
+            }
+        }
+        let gate = Arc::new(Gate(tokio::sync::Notify::new()));
+        let minter = Arc::new(AwsMinter::new(gate.clone(), None, Mode::AssumeRole, Limits { max_in_flight: 1, ..limits() }));
+        let first = tokio::spawn({
+            let minter = minter.clone();
+            async move { minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await }
+        });
+        while minter.in_flight.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        assert!(matches!(second, AwsMintError::Busy), "{second}");
+        gate.0.notify_one();
+        assert!(first.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn web_identity_presents_a_mayfly_jwt_carrying_source_identity_and_tags() {
+        let jwt = Arc::new(
+            crate::mint::jwt::Es256Minter::new(crate::keys::JwtKey::generate().unwrap(), crate::identity::TrustDomain::parse("mayfly.local").unwrap())
+                .unwrap()
+                .with_issuer(Some("https://mayfly.example.org".into())),
+        );
+        let sts = Arc::new(FakeSts::default());
+        let mode = Mode::WebIdentity { jwt: jwt.clone(), audience: "sts.amazonaws.com".into() };
+        let minter = AwsMinter::new(sts.clone(), None, mode, limits());
+        let now = SystemTime::now();
+        let minted = minter.mint(&grant(900, 3600, None), CREDENTIAL, now).await.unwrap();
+        let (sent, token) = sts.requests.lock().unwrap()[0].clone();
+        let token = token.expect("a token was presented");
+        let claims = jwt.validate_jwt(&token, Some("sts.amazonaws.com"), now).unwrap().claims;
+        assert_eq!(claims["sub"], "spiffe://mayfly.local/ci/acme/app");
+        assert_eq!(claims["iss"], "https://mayfly.example.org");
+        assert_eq!(claims["https://aws.amazon.com/source_identity"], "mayfly.local+ci+acme+app");
+        assert_eq!(claims["https://aws.amazon.com/tags"]["principal_tags"]["owner"], json!(["payments@example.org"]));
+        assert!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 300, "the assertion is short-lived");
+        assert_eq!(minted.assertion_jti.as_deref(), Some(format!("{CREDENTIAL}.sts").as_str()));
+        assert_eq!((minted.mode, sent.source_identity.as_str()), ("web_identity", "mayfly.local+ci+acme+app"));
+    }
+
+    #[test]
+    fn names_are_aws_safe_bounded_and_distinct() {
+        let allowed = |s: &str| s.chars().all(aws_safe) && (2..=64).contains(&s.len());
+        let long = id(&format!("spiffe://mayfly.local/{}", ["team", "service", "component"].repeat(8).join("/")));
+        for w in [id("spiffe://mayfly.local/ci/acme/app"), id("spiffe://a/b"), long.clone()] {
+            assert!(allowed(&source_identity(&w)), "{}", source_identity(&w));
+            assert!(allowed(&session_name(&w, CREDENTIAL)), "{}", session_name(&w, CREDENTIAL));
+        }
+        assert_eq!(source_identity(&long).len(), 64);
+        let other_long = id(&format!("{}x", long.as_str()));
+        assert_ne!(source_identity(&long), source_identity(&other_long));
+        assert!(session_name(&long, CREDENTIAL).ends_with("component-3f1c9a0b7d2e4f61"), "keeps the most specific end");
+        assert_ne!(session_name(&long, CREDENTIAL), session_name(&long, "99999999-0000-4000-8000-000000000000"));
+        assert_eq!(source_identity(&id("spiffe://mayfly.local/ci/acme/app")), source_identity(&id("spiffe://mayfly.local/ci/acme/app")), "stable");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let s = StsSession {
+            access_key_id: "ASIAFAKE".into(),
+            secret_access_key: SecretString::new("wJalrXUtnFEMI/K7MDENG".into()),
+            session_token: SecretString::new("FwoGZXIvYXdzEJr".into()),
+            expiration: SystemTime::UNIX_EPOCH,
+            assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
+        };
+        let text = format!("{s:?}");
+        assert!(!text.contains("wJalr") && !text.contains("FwoGZ") && text.contains("ASIAFAKE"), "{text}");
+    }
+}
