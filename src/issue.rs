@@ -1092,6 +1092,7 @@ mod tests {
     use crate::ledger::memory::MemoryBackend;
     use crate::ledger::{verify_chain, GroupCommitLedger};
     use crate::mint::x509::X509Minter;
+    use crate::mint::aws::fake::FakeSts;
     use crate::policy::release::Release;
 
     /// Attests every caller with fixed selectors.
@@ -1144,7 +1145,7 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let td = TrustDomain::parse("mayfly.local").unwrap();
         let ca = CertificateAuthority::generate(&td, now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None), ("issuance/jwt-test.cedar", Some(JWT_RULE))]);
+        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None), ("issuance/jwt-test.cedar", Some(JWT_RULE)), ("issuance/aws-test.cedar", Some(AWS_RULE))]);
         let release = Release::build(&files, &td, None, None, "test".into()).unwrap();
         let backend = MemoryBackend::default();
         let (gc, _task) = GroupCommitLedger::start(backend.clone(), 16).await.unwrap();
@@ -1173,6 +1174,113 @@ mod tests {
             spiffe_id: None,
             origin: Origin::default(),
         }
+    }
+
+    const AWS_RULE: &str = r#"
+        @id("api-reads-reports")
+        @max_ttl("1h")
+        @aws_session_tags("owner")
+        permit (principal, action == Mayfly::Action::"issue_aws", resource == Mayfly::AwsRole::"arn:aws:iam::111122223333:role/api-reports-read")
+        when { principal.attestation == "unix" };
+    "#;
+
+    /// `issuer` with AWS served by a scripted STS (and the rule above).
+    async fn aws_issuer(ledger_ok_records: Option<usize>) -> (Arc<Issuer>, MemoryBackend, Arc<FakeSts>) {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], ledger_ok_records).await;
+        let sts = Arc::new(FakeSts::default());
+        let limits = crate::mint::aws::Limits { attempts: 2, attempt_timeout: Duration::from_secs(30), backoff: Duration::from_millis(1), max_in_flight: 8 };
+        let minter = AwsMinter::new(sts.clone(), None, crate::mint::aws::Mode::AssumeRole, limits);
+        (Arc::new(issuer.with_aws(Arc::new(minter))), backend, sts)
+    }
+
+    fn aws_request(role: &str, ttl: &str) -> AwsRequest {
+        AwsRequest { role: AwsRole::parse(role).unwrap(), ttl: Ttl::parse(ttl).unwrap(), spiffe_id: None, origin: Origin::default() }
+    }
+
+    const REPORTS_ROLE: &str = "arn:aws:iam::111122223333:role/api-reports-read";
+
+    #[tokio::test]
+    async fn an_aws_session_is_recorded_with_its_source_identity_and_expiry_and_never_its_secrets() {
+        let (issuer, backend, sts) = aws_issuer(None).await;
+        let issued = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "2h")).await.unwrap();
+        assert_eq!(issued.source_identity, "mayfly.local+api");
+        assert_eq!(issued.session.secret_access_key.expose(), "fake-secret", "the caller gets the secret");
+        let sent = sts.requests.lock().unwrap()[0].0.clone();
+        assert_eq!((sent.duration_seconds, sent.tags.clone()), (3600, vec![("owner".to_owned(), "team-api".to_owned())]), "the rule's 1h ceiling and tag");
+        let events = backend.events();
+        assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["decision", "issued"]);
+        let body: serde_json::Value = serde_json::from_str(&events[1].body).unwrap();
+        assert_eq!(body["source_identity"], "mayfly.local+api");
+        assert_eq!(body["access_key_id"], "ASIAFAKE0000000001");
+        assert_eq!(body["session_name"], sent.role_session_name);
+        assert_eq!(body["assumed_role_arn"], format!("arn:aws:sts::111122223333:assumed-role/api-reports-read/{}", sent.role_session_name));
+        assert_eq!(body["not_after"], json!(1_800_000_000 + 3600));
+        for e in &events {
+            assert!(!e.body.contains("fake-secret") && !e.body.contains("fake-token"), "a secret reached the ledger: {}", e.body);
+        }
+        let creds = backend.credentials();
+        assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("aws", "ASIAFAKE0000000001"));
+    }
+
+    #[tokio::test]
+    async fn a_denied_aws_request_never_reaches_sts_and_the_denial_is_recorded() {
+        let (issuer, backend, sts) = aws_issuer(None).await;
+        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request("arn:aws:iam::111122223333:role/admin", "15m")).await.unwrap_err();
+        assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
+        assert!(sts.requests.lock().unwrap().is_empty());
+        let events = backend.events();
+        assert_eq!(events.len(), 1);
+        assert!(events[0].body.contains("\"outcome\":\"deny\"") && events[0].body.contains("role arn:aws:iam::111122223333:role/admin"));
+    }
+
+    #[tokio::test]
+    async fn an_sts_failure_leaves_no_credential_and_says_unavailable_with_the_aws_code() {
+        let (issuer, backend, sts) = aws_issuer(None).await;
+        let throttled = crate::mint::aws::AwsError::Service { operation: "AssumeRole", code: "Throttling".into(), message: "Rate exceeded".into() };
+        sts.failures.lock().unwrap().extend([throttled.clone(), throttled]);
+        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        let status = crate::api::status(&err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("Throttling"), "{}", status.message());
+        assert_eq!(sts.requests.lock().unwrap().len(), 2, "attempts = 2");
+        assert!(backend.credentials().is_empty());
+        assert_eq!(backend.events().iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["decision"]);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_cannot_be_recorded_is_not_handed_out() {
+        let (issuer, backend, sts) = aws_issuer(Some(1)).await;
+        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        assert!(matches!(err, IssueError::Ledger(_)), "{err:?}");
+        assert_eq!(sts.requests.lock().unwrap().len(), 1, "STS made one");
+        assert!(backend.credentials().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_slow_sts_does_not_hold_up_x509_or_jwt_issuance() {
+        let (issuer, _backend, sts) = aws_issuer(None).await;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        *sts.hold.lock().unwrap() = Some(gate.clone());
+        let pending = tokio::spawn({
+            let issuer = issuer.clone();
+            async move { issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await }
+        });
+        while sts.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        issuer.issue_x509(&PeerInfo::without_credentials(), request("1h")).await.unwrap();
+        assert!(!pending.is_finished(), "the AWS call is still waiting on STS");
+        gate.notify_one();
+        assert!(pending.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn without_aws_configured_nothing_is_decided() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        assert!(matches!(err, IssueError::NoAws));
+        assert_eq!(crate::api::status(&err).code(), tonic::Code::FailedPrecondition);
+        assert!(backend.events().is_empty());
     }
 
     fn jwt_request(audiences: &[&str], ttl: &str) -> JwtRequest {

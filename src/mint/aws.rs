@@ -294,20 +294,35 @@ pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
     if tail.is_empty() { format!("mayfly-{unique}") } else { format!("{tail}-{unique}") }
 }
 
+/// A scripted STS for tests here and in `issue`: records each request, answers with the
+/// queued failures first, then with sessions; `hold` makes calls wait for `release`.
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
+pub(crate) mod fake {
     use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::identity::Ttl;
-    use crate::policy::aws::{AwsGrant, SessionPolicy};
 
-    /// Records every request; answers from a script (errors first, then sessions).
+    /// Records every request; answers from a script (errors first, then sessions). A
+    /// session expires `duration_seconds` after 1_800_000_000 (the tests' clock).
     #[derive(Default)]
-    pub(crate) struct FakeSts {
+    pub struct FakeSts {
         pub requests: Mutex<Vec<(AwsSessionRequest, Option<String>)>>,
         pub failures: Mutex<Vec<AwsError>>,
+        /// While set, calls are counted in `waiting` and wait for it to be notified.
+        pub hold: Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
+        pub waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    impl FakeSts {
+        async fn call(&self, req: &AwsSessionRequest, token: Option<&SecretString>) -> Result<StsSession, AwsError> {
+            let hold = self.hold.lock().unwrap().clone();
+            if let Some(gate) = hold {
+                self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                gate.notified().await;
+            }
+            self.answer(req, token)
+        }
     }
 
     impl FakeSts {
@@ -321,7 +336,7 @@ mod tests {
                 access_key_id: "ASIAFAKE0000000001".into(),
                 secret_access_key: SecretString::new("fake-secret".into()),
                 session_token: SecretString::new("fake-token".into()),
-                expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+                expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000_u64 + u64::from(req.duration_seconds.unsigned_abs())),
                 assumed_role_arn: format!("arn:aws:sts::111122223333:assumed-role/{name}/{}", req.role_session_name),
             })
         }
@@ -329,12 +344,22 @@ mod tests {
 
     impl StsApi for FakeSts {
         fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
-            Box::pin(async move { self.answer(req, None) })
+            Box::pin(self.call(req, None))
         }
         fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
-            Box::pin(async move { self.answer(req, Some(token)) })
+            Box::pin(self.call(req, Some(token)))
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::fake::FakeSts;
+    use super::*;
+    use crate::identity::Ttl;
+    use crate::policy::aws::{AwsGrant, SessionPolicy};
 
     struct FixedRoleMax(u64);
 

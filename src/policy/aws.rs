@@ -134,6 +134,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mistakes_in_aws_annotations_reject_the_release() {
+        let rule = |annotations: &str| {
+            format!("@id(\"x\") @max_ttl(\"1h\") {annotations} permit(principal, action == Mayfly::Action::\"issue_aws\", resource);")
+        };
+        let engine = |files: &[(&str, Option<&str>)]| super::super::Engine::from_files(&super::super::shipped_files_with(files)).map(|_| ()).map_err(|e| e.to_string());
+        let missing = rule("@aws_session_policy(\"nope\")");
+        let err = engine(&[("issuance/x.cedar", Some(missing.as_str()))]).unwrap_err();
+        assert!(err.contains("session-policies/nope.json"), "{err}");
+        let bad_tag = rule("@aws_session_tags(\"owner password\")");
+        let err = engine(&[("issuance/x.cedar", Some(bad_tag.as_str()))]).unwrap_err();
+        assert!(err.contains("`password` is not one of"), "{err}");
+        let err = engine(&[("session-policies/artifacts-read.json", Some("{\"Statement\": []}"))]).unwrap_err();
+        assert!(err.contains("2012-10-17"), "{err}");
+        let huge = format!("{{\"Version\":\"2012-10-17\",\"Statement\":[{{\"Effect\":\"Allow\",\"Action\":\"s3:GetObject\",\"Resource\":\"{}\"}}]}}", "a".repeat(2100));
+        let err = engine(&[("session-policies/artifacts-read.json", Some(huge.as_str()))]).unwrap_err();
+        assert!(err.contains("at most 2048"), "{err}");
+        assert!(engine(&[]).is_ok(), "the shipped release loads");
+    }
+
+    #[test]
+    fn permits_are_a_union_any_unscoped_permit_leaves_the_role_unscoped() {
+        let files = super::super::shipped_files_with(&[("session-policies/other.json", Some(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#))]);
+        let mut rules = AwsRules::load(&files).unwrap();
+        let policy = |a: &str| cedar_policy::Policy::parse(None, format!("{a} permit(principal, action, resource);")).unwrap();
+        rules.annotate("issuance/x.cedar", "a", &policy("@aws_session_policy(\"artifacts-read\") @aws_session_tags(\"owner\")")).unwrap();
+        rules.annotate("issuance/x.cedar", "b", &policy("@aws_session_policy(\"other\") @aws_session_tags(\"tier,owner\")")).unwrap();
+        rules.annotate("issuance/x.cedar", "c", &policy("")).unwrap();
+        let entry = crate::identity::InventoryEntry {
+            id: crate::identity::WorkloadId::parse("spiffe://mayfly.local/ci/acme/app").unwrap(),
+            owner: "team@example.org".into(),
+            purpose: "p".into(),
+            environment: "ci".into(),
+            tier: "critical".into(),
+            expires: time::macros::date!(2030 - 01 - 01),
+            selectors: Default::default(),
+        };
+        let ttl = Ttl::from_secs(3600).unwrap();
+        let both = rules.grant(&["a".into(), "b".into()], &entry, ttl);
+        let scoped = both.session_policy.unwrap();
+        assert_eq!(scoped.names, vec!["artifacts-read".to_owned(), "other".to_owned()]);
+        let doc: Value = serde_json::from_str(&scoped.document).unwrap();
+        assert_eq!(doc["Statement"].as_array().unwrap().len(), 2, "each permit's statements, together");
+        assert_eq!(both.tags.keys().cloned().collect::<Vec<_>>(), vec!["owner".to_owned(), "tier".to_owned()]);
+        assert!(rules.grant(&["a".into(), "c".into()], &entry, ttl).session_policy.is_none(), "c grants the role unscoped");
+    }
+
+    #[test]
     fn tag_values_keep_what_aws_accepts_and_replace_the_rest() {
         assert_eq!(tag_value("payments@example.org"), "payments@example.org");
         assert_eq!(tag_value("nightly export (legacy); v2"), "nightly export _legacy__ v2");

@@ -54,6 +54,11 @@ pub struct Case {
     pub rules: Option<Vec<String>>,
     /// The lifetime the grant must carry (checked only when given; allow only).
     pub granted_ttl: Option<String>,
+    /// `issue_aws`: the session-policies/ names the session is scoped by (`[]`: none, the
+    /// role's own permissions). Checked only when given; allow only.
+    pub session_policy: Option<Vec<String>>,
+    /// `issue_aws`: the session tags, `key=value`. Checked only when given; allow only.
+    pub session_tags: Option<Vec<String>>,
 }
 
 /// One case's result: `None` when it passed, otherwise what went wrong.
@@ -155,6 +160,28 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
             Some(Verdict::Allow(grant)) if grant.ttl() == want => {}
             Some(Verdict::Allow(grant)) => return Err(format!("expected granted ttl {want}, got {}", grant.ttl())),
             _ => return Err("granted_ttl given for a denied request".into()),
+        }
+    }
+    let aws = match &verdict {
+        Some(Verdict::Allow(grant)) => grant.aws(),
+        _ => None,
+    };
+    if let Some(want) = &case.session_policy {
+        let aws = aws.ok_or("session_policy given for a request that is not an allowed issue_aws")?;
+        let got = aws.session_policy.as_ref().map(|p| p.names.clone()).unwrap_or_default();
+        let mut want = want.clone();
+        want.sort();
+        if got != want {
+            return Err(format!("expected session policy {want:?}, got {got:?}"));
+        }
+    }
+    if let Some(want) = &case.session_tags {
+        let aws = aws.ok_or("session_tags given for a request that is not an allowed issue_aws")?;
+        let got: Vec<String> = aws.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut want = want.clone();
+        want.sort();
+        if got != want {
+            return Err(format!("expected session tags {want:?}, got {got:?}"));
         }
     }
     Ok(())
