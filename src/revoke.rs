@@ -223,10 +223,11 @@ impl AwsRevocation for NoAws {
     fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], _before: SystemTime) -> BoxFuture<'a, Value> {
         let live = sessions.iter().filter(|s| s.kind == "aws").count();
         Box::pin(async move {
-            if live > 0 {
-                tracing::error!(live, "AWS sessions on record, but [aws] is not configured: they cannot be denied");
+            if live == 0 {
+                return serde_json::json!({ "needed": false, "denies": [] });
             }
-            serde_json::json!({ "applied": false, "why": "AWS is not configured on this daemon ([aws])", "live_sessions": live })
+            tracing::error!(live, "AWS sessions on record, but [aws] is not configured: they cannot be denied");
+            serde_json::json!({ "needed": true, "applied": false, "why": "AWS is not configured on this daemon ([aws]): its live sessions cannot be denied", "live_sessions": live })
         })
     }
 }
@@ -246,6 +247,8 @@ pub struct RevokeOutcome {
     /// False when the ledger could not record it: applied in memory only, lost at restart.
     pub durable: bool,
     pub event_id: Option<crate::ledger::EventId>,
+    /// What the AWS hook did (or why it did nothing), as recorded.
+    pub aws: Option<Value>,
 }
 
 /// Where responders' calls are carried out: finds credentials in the ledger, records the
@@ -347,7 +350,7 @@ impl Desk {
         if dry_run {
             let body = serde_json::json!({ "call": "revoke", "dry_run": true, "target": target.describe(), "operator": operator, "reason": reason, "would_revoke": found.iter().filter(|f| !f.revoked).count() });
             let event_id = self.record(crate::ledger::EventKind::Admin, body).await.ok();
-            return Ok(RevokeOutcome { found, lock, durable: event_id.is_some(), event_id });
+            return Ok(RevokeOutcome { found, lock, durable: event_id.is_some(), event_id, aws: None });
         }
         let list: Vec<Revoked> = found
             .iter()
@@ -370,7 +373,7 @@ impl Desk {
             })),
             _ => None,
         };
-        let body = serde_json::json!({ "target": target.describe(), "operator": operator, "reason": reason, "credentials": list, "aws": aws });
+        let body = serde_json::json!({ "target": target.describe(), "operator": operator, "reason": reason, "credentials": list, "aws": aws.clone() });
         let recorded = self.record(crate::ledger::EventKind::Revoked, body).await;
         let mut durable = recorded.is_ok();
         if let Some(lock) = &lock {
@@ -388,7 +391,7 @@ impl Desk {
         for f in &mut found {
             f.revoked = true;
         }
-        Ok(RevokeOutcome { found, lock, durable, event_id: recorded.ok() })
+        Ok(RevokeOutcome { found, lock, durable, event_id: recorded.ok(), aws })
     }
 
     pub async fn lock(&self, target: &str, reason: &str, ttl: Option<Duration>, operator: Value) -> Result<(Lock, bool), RevokeError> {

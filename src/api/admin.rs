@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::pb::admin_server::Admin;
 use super::pb::revoke_request::Target as RevokeTarget;
 use super::pb::{
+    AwsDeny,
     BreakGlassApproveRequest, BreakGlassApproveResponse, BreakGlassListRequest, BreakGlassListResponse, BreakGlassReviewRequest,
     BreakGlassReviewResponse, PendingBreakGlass, CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
     PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
@@ -153,11 +154,37 @@ impl Admin for AdminService {
             .revoke(target, &req.reason, req.dry_run, req.all, ttl(req.lock_ttl_seconds)?, operator)
             .await
             .map_err(revoke_status)?;
+        let aws = outcome.aws.unwrap_or_default();
+        let aws_denies = aws
+            .get("denies")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let text = |k: &str| d.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+                AwsDeny {
+                    role: text("role"),
+                    policy_name: text("policy_name"),
+                    source_identity: text("source_identity"),
+                    issued_before: d.get("issued_before").and_then(serde_json::Value::as_i64).unwrap_or_default(),
+                    remove_after: d.get("remove_after").and_then(serde_json::Value::as_i64).unwrap_or_default(),
+                    applied: d.get("applied").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                    error: text("error"),
+                }
+            })
+            .collect();
+        let needed = aws.get("needed").and_then(serde_json::Value::as_bool) != Some(false);
+        let aws_note = match aws.get("why").and_then(serde_json::Value::as_str) {
+            Some(why) if needed => why.to_owned(),
+            _ => String::new(),
+        };
         Ok(Response::new(RevokeResponse {
             credentials: outcome.found.iter().map(info).collect(),
             locked: outcome.lock.map(|l| l.target).unwrap_or_default(),
             durable: outcome.durable,
             event_id: outcome.event_id.unwrap_or_default(),
+            aws_denies,
+            aws_note,
         }))
     }
 

@@ -133,11 +133,27 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
             if !r.locked.is_empty() {
                 println!("{} {}", if args.dry_run { "would lock" } else { "locked" }, r.locked);
             }
+            let mut aws_failed = false;
+            for d in &r.aws_denies {
+                if d.applied {
+                    println!(
+                        "aws: role {} denies sessions of {} issued before {} (inline policy {}, removed after {})",
+                        d.role, d.source_identity, rfc3339(d.issued_before), d.policy_name, rfc3339(d.remove_after)
+                    );
+                } else {
+                    aws_failed = true;
+                    eprintln!("WARNING: aws: role {}: the deny was NOT placed ({}); its sessions of {} stay valid until they expire", d.role, d.error, d.source_identity);
+                }
+            }
+            if !r.aws_note.is_empty() {
+                aws_failed = true;
+                eprintln!("WARNING: aws: {}", r.aws_note);
+            }
             if !r.durable && !args.dry_run {
                 eprintln!("WARNING: applied on this daemon but NOT recorded in the ledger; it is lost at a restart. Fix the ledger and revoke again.");
                 return ExitCode::FAILURE;
             }
-            ExitCode::SUCCESS
+            if aws_failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
         Err(s) => super::fail(format!("revoke refused ({:?}): {}", s.code(), s.message())),
     }

@@ -58,6 +58,12 @@ pub fn deny_document(source_identity: &str, before: SystemTime) -> String {
     .to_string()
 }
 
+fn ceil_second(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let whole = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(whole)
+}
+
 /// `arn:aws:sts::<account>:assumed-role/<role>/<session>` → (account, role name).
 fn role_of(assumed_role_arn: &str) -> Option<(String, String)> {
     let mut parts = assumed_role_arn.splitn(6, ':');
@@ -69,6 +75,9 @@ fn role_of(assumed_role_arn: &str) -> Option<(String, String)> {
 impl AwsRevocation for AwsRevoker {
     fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, Value> {
         Box::pin(async move {
+            // Why round up: aws:TokenIssueTime has whole seconds, so a session issued earlier
+            // in the revocation's own second must still be "before" the cutoff.
+            let before = ceil_second(before);
             // One deny per (identity, role), however many sessions it holds there.
             let mut targets: BTreeMap<(String, String, String), ()> = BTreeMap::new();
             for s in sessions.iter().filter(|s| s.kind == "aws") {
@@ -277,7 +286,8 @@ mod tests {
     async fn one_deny_per_role_the_identity_holds_and_failures_are_reported() {
         let iam = Arc::new(FakeIam { refuse_role: Some("locked-down".into()), ..FakeIam::default() });
         let revoker = AwsRevoker::new(iam.clone());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        // Half a second into a second: sessions issued earlier in it must be caught too.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_999_999_500);
         let id = "spiffe://mayfly.local/ci/acme/app";
         let mut x509 = session(id, "deploy", 9);
         x509.kind = "x509".into();
@@ -288,6 +298,7 @@ mod tests {
         assert_eq!(roles, vec!["deploy", "read"], "one per role; the refused role is not among them");
         assert!(puts.iter().all(|(_, name, _)| name == "mayfly-revoke-mayfly.local+ci+acme+app"));
         assert_eq!(out["applied"], json!(false), "one role could not be denied: {out}");
+        assert!(puts[0].2.contains("2026-11-30T00:53:20Z"), "the cutoff is rounded up to the next second: {}", puts[0].2);
         let denies = out["denies"].as_array().unwrap();
         let deploy = denies.iter().find(|d| d["role"] == "deploy").unwrap();
         assert_eq!(deploy["remove_after"], json!(1_796_000_000 + 7200), "the role's own maximum");
