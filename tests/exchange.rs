@@ -85,7 +85,7 @@ struct TestDaemon {
 fn policies_for(issuer: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    for sub in ["issuance", "exceptions"] {
+    for sub in ["issuance", "exceptions", "session-policies"] {
         std::fs::create_dir(dir.path().join(sub)).unwrap();
         for f in std::fs::read_dir(src.join(sub)).unwrap() {
             let f = f.unwrap().path();
@@ -242,9 +242,12 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
     let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
     let (status, _) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "x509", "csr": csr })).await;
     assert_eq!(status, 403);
-    // AWS is the next issue: a clear 400, nothing decided.
+    // This daemon has no [aws]: a clear refusal naming it, nothing decided or issued.
     let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" })).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("unsupported_kind")));
+    assert_eq!((status, body["error"].as_str()), (409, Some("failed_precondition")), "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("[aws]"), "{body}");
+    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:s3:::bucket" })).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
     assert_eq!(d.credentials().await, 0);
     d.stop().await;
 }

@@ -205,10 +205,12 @@ async fn policies_with_inventory(inventory: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let src = repo_policies();
     std::fs::copy(src.join("schema.cedarschema"), dir.path().join("schema.cedarschema")).unwrap();
-    std::fs::create_dir(dir.path().join("issuance")).unwrap();
-    for f in std::fs::read_dir(src.join("issuance")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.path().join("issuance").join(f.file_name().unwrap())).unwrap();
+    for sub in ["issuance", "session-policies"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+        for f in std::fs::read_dir(src.join(sub)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.path().join(sub).join(f.file_name().unwrap())).unwrap();
+        }
     }
     std::fs::write(dir.path().join("inventory.toml"), inventory).unwrap();
     dir
