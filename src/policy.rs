@@ -185,7 +185,7 @@ pub struct Grant {
     resource: Resource,
     ttl: Ttl,
     /// For an AWS role: the session policy, tags and ceiling the permitting rules set.
-    aws: Option<aws::AwsGrant>,
+    aws: Option<Box<aws::AwsGrant>>,
 }
 
 impl Grant {
@@ -209,7 +209,7 @@ impl Grant {
 
     /// The AWS shape of a role grant (`None` for other kinds).
     pub fn aws(&self) -> Option<&aws::AwsGrant> {
-        self.aws.as_ref()
+        self.aws.as_deref()
     }
 
     #[cfg(test)]
@@ -224,10 +224,8 @@ impl Grant {
 
     #[cfg(test)]
     pub(crate) fn aws_for_tests(identity: WorkloadId, role: &str, ttl: Ttl, aws: aws::AwsGrant) -> Self {
-        // Why unwrap: test-only, with ARNs the tests write.
-        #[expect(clippy::unwrap_used)]
         let role = AwsRole::parse(role).unwrap();
-        Self { identity, resource: Resource::Aws { role }, ttl, aws: Some(aws) }
+        Self { identity, resource: Resource::Aws { role }, ttl, aws: Some(Box::new(aws)) }
     }
 }
 
@@ -596,7 +594,7 @@ impl Engine {
                     identity: req.workload.id.clone(),
                     resource: req.resource.clone(),
                     ttl: req.requested_ttl.min(max),
-                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| self.aws.grant(&live, req.workload, max)),
+                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| Box::new(self.aws.grant(&live, req.workload, max))),
                 }),
                 needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
                 rules: live,
