@@ -1,6 +1,7 @@
 //! Argument parsing and the client subcommands. Business logic stays in the library; this
 //! prints results for people (and `--json` for programs).
 
+mod assurance;
 mod audit;
 mod aws;
 mod bench;

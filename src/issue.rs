@@ -20,6 +20,8 @@ use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, N
 use crate::keys::SecretDer;
 use crate::mint::aws::{AwsMintError, AwsMinter, StsSession};
 use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt, VerifiedCsr, X509Svid};
+use crate::policy::release::Release;
+use crate::policy::replay::{self, Outcome};
 use crate::policy::store::PolicyStore;
 use crate::policy::{AwsRole, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
 
@@ -245,6 +247,9 @@ pub struct Issuer {
     minter: Arc<dyn Minter>,
     jwt: Arc<dyn JwtMinter>,
     aws: Option<Arc<AwsMinter>>,
+    /// A candidate release decided beside the active one on live requests (shadow mode):
+    /// differences are recorded, never acted on.
+    shadow: arc_swap::ArcSwapOption<Release>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
 }
@@ -258,7 +263,59 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, ledger, clock }
+        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, shadow: arc_swap::ArcSwapOption::empty(), ledger, clock }
+    }
+
+    /// Starts (`Some`) or stops (`None`) shadow mode, recorded either way.
+    pub async fn set_shadow(&self, candidate: Option<Arc<Release>>, operator: serde_json::Value, reason: &str) -> Result<EventId, IssueError> {
+        let body = match &candidate {
+            Some(r) => json!({ "shadow": "started", "candidate": r.version(), "label": r.provenance.label, "signed_by": r.provenance.signed_by, "source": r.provenance.source, "active": self.policy_version(), "operator": operator, "reason": reason }),
+            None => json!({ "shadow": "stopped", "candidate": self.shadow.load().as_ref().map(|r| r.version().to_owned()), "operator": operator, "reason": reason }),
+        };
+        let id = self.ledger.record(NewEvent { kind: EventKind::PolicyShadow, at: self.clock.now(), body, credential: None }).await?;
+        self.shadow.store(candidate);
+        Ok(id)
+    }
+
+    /// The release being shadowed, if any.
+    pub fn shadow_version(&self) -> Option<String> {
+        self.shadow.load().as_ref().map(|r| r.version().to_owned())
+    }
+
+    /// Decides `request` under the shadow release too; a different outcome is recorded
+    /// (in the background: it must not slow or fail the live request) and nothing else.
+    fn shadow_compare(&self, request: &serde_json::Value, live: Outcome, decision_id: Option<EventId>, now: SystemTime) {
+        let Some(candidate) = self.shadow.load_full() else { return };
+        let body = json!({ "request": request, "identity": live.identity });
+        let recorded = match replay::from_body(&body, decision_id.unwrap_or_default(), now) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!(why, "shadow: request not decidable");
+                return;
+            }
+        };
+        let shadowed = replay::decide(&candidate, &recorded);
+        let Some(change) = replay::compare(&live, &shadowed) else { return };
+        let (action, resource) = replay::describe(&recorded.resources);
+        tracing::info!(change = ?change, identity = live.identity.as_deref().unwrap_or_default(), action, resource, candidate = candidate.version(), "shadow policy decides differently (not acted on)");
+        let body = json!({
+            "candidate": candidate.version(),
+            "active": self.policy_version(),
+            "decision_id": decision_id,
+            "change": change,
+            "escalation": change.is_escalation(),
+            "action": action,
+            "resource": resource,
+            "live": live,
+            "shadow": shadowed,
+        });
+        let ledger = self.ledger.clone();
+        let at = self.clock.now();
+        tokio::spawn(async move {
+            if let Err(e) = ledger.record(NewEvent { kind: EventKind::PolicyShadowDiff, at, body, credential: None }).await {
+                tracing::warn!(error = %e, "shadow difference not recorded");
+            }
+        });
     }
 
     /// Turns AWS STS sessions on.
@@ -850,9 +907,11 @@ impl Issuer {
         };
         let now = self.clock.now();
         let dev_entry;
+        let mut used_dev_identity = false;
         let entry = match release.inventory.lookup(&selectors, wanted, utc_date(now)) {
             Lookup::Found(entry) => entry,
             Lookup::NoMatch if dev_fallback && wanted.is_none() => {
+                used_dev_identity = true;
                 // `mayfly dev --oidc-issuer` only: an unregistered token subject gets a dev
                 // identity, which the dev rules may grant (serve never sets dev_fallback).
                 dev_entry = self.dev_oidc_entry(oidc.as_ref(), &selectors, now);
@@ -860,7 +919,8 @@ impl Issuer {
                     Some(e) => e,
                     None => {
                         let err = IssueError::NoEntry;
-                        self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin).await?;
+                        let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
+                        self.record_refusal_with(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
                         return Err(err);
                     }
                 }
@@ -871,7 +931,10 @@ impl Issuer {
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
                     _ => IssueError::NoEntry,
                 };
-                self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin).await?;
+                // The inventory said no: a candidate release's inventory might say yes, so
+                // the request is kept for `mayfly policy replay`.
+                let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, dev_fallback && wanted.is_none());
+                self.record_refusal_with(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
                 return Err(err);
             }
         };
@@ -881,6 +944,7 @@ impl Issuer {
             self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin).await?;
             return Err(err);
         }
+        let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, used_dev_identity);
         let context = RequestContext {
             oidc,
             break_glass: origin.emergency.is_some(),
@@ -924,6 +988,7 @@ impl Issuer {
             .min()
             .filter(|_| allowed);
         let described: Vec<String> = resources.iter().map(Resource::describe).collect();
+        let shadow_request = self.shadow.load().is_some().then(|| request.clone());
         let decision_id = self
             .ledger
             .record(NewEvent {
@@ -949,10 +1014,15 @@ impl Issuer {
                     "ticket": origin.emergency.as_ref().map(|e| &e.ticket),
                     "justification": origin.emergency.as_ref().map(|e| &e.reason),
                     "needs_approval": decisions.iter().any(|d| d.needs_approval),
+                    "request": request,
                 }),
                 credential: None,
             })
             .await?;
+        if let Some(request) = shadow_request {
+            let live = Outcome { allowed, identity: Some(entry.id.to_string()), granted_ttl_secs: granted, rules: rules.clone(), reason: explain.clone() };
+            self.shadow_compare(&request, live, Some(decision_id), now);
+        }
         if !allowed {
             tracing::info!(identity = %entry.id, decision_id, reason = %explain, "issuance denied");
             let denied_rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
@@ -1047,8 +1117,25 @@ impl Issuer {
         policy_version: &str,
         origin: &Origin,
     ) -> Result<EventId, LedgerError> {
+        self.record_refusal_with(kind, caller, wanted, ttl, reason, policy_version, origin, None).await
+    }
+
+    /// `record_refusal`, keeping the request when the caller was attested (so it can be replayed).
+    #[expect(clippy::too_many_arguments, reason = "each argument is a recorded field of the refusal")]
+    async fn record_refusal_with(
+        &self,
+        kind: CredentialKind,
+        caller: &serde_json::Value,
+        wanted: Option<&WorkloadId>,
+        ttl: &Ttl,
+        reason: &str,
+        policy_version: &str,
+        origin: &Origin,
+        request: Option<serde_json::Value>,
+    ) -> Result<EventId, LedgerError> {
         tracing::info!(caller = %caller, reason, "issuance refused");
-        self.ledger
+        let shadow_request = request.as_ref().filter(|_| self.shadow.load().is_some()).cloned();
+        let id = self.ledger
             .record(NewEvent {
                 kind: EventKind::Decision,
                 at: self.clock.now(),
@@ -1066,11 +1153,54 @@ impl Issuer {
                     "break_glass": origin.emergency.is_some(),
                     "ticket": origin.emergency.as_ref().map(|e| &e.ticket),
                     "justification": origin.emergency.as_ref().map(|e| &e.reason),
+                    "request": request,
                 }),
                 credential: None,
             })
-            .await
+            .await?;
+        if let Some(request) = shadow_request {
+            let live = Outcome { allowed: false, identity: wanted.map(ToString::to_string), granted_ttl_secs: None, rules: vec![], reason: reason.to_owned() };
+            self.shadow_compare(&request, live, Some(id), self.clock.now());
+        }
+        Ok(id)
     }
+}
+
+/// What policy was (or would have been) asked, as the decision event keeps it: enough for
+/// `mayfly policy replay` to decide the same request again under another release. No
+/// secrets: selectors and verified claims only, never a token.
+#[expect(clippy::too_many_arguments, reason = "each is a field of the recorded request")]
+fn request_record(
+    attestation: &str,
+    selectors: &Selectors,
+    resources: &[Resource],
+    ttl: Ttl,
+    wanted: Option<&WorkloadId>,
+    oidc: Option<&OidcClaims>,
+    origin: &Origin,
+    dev_identity: bool,
+) -> serde_json::Value {
+    let resources: Vec<serde_json::Value> = resources
+        .iter()
+        .map(|r| match r {
+            Resource::X509 => json!({ "kind": "x509" }),
+            Resource::Jwt { audience } => json!({ "kind": "jwt", "audience": audience }),
+            Resource::Aws { role } => json!({ "kind": "aws", "role": role.arn() }),
+        })
+        .collect();
+    let claims: Option<serde_json::Map<String, serde_json::Value>> = oidc.map(|c| c.fields().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect());
+    json!({
+        "attestation": attestation,
+        "selectors": selectors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "resources": resources,
+        "requested_ttl_secs": ttl.as_secs(),
+        "spiffe_id": wanted.map(WorkloadId::as_str),
+        "oidc": claims,
+        "break_glass": origin.emergency.is_some(),
+        "ticket": origin.emergency.as_ref().map(|e| &e.ticket),
+        "purpose": origin.emergency.as_ref().map(|e| &e.reason),
+        "dev_identity": dev_identity,
+    })
 }
 
 fn provenance(caller: Caller<'_>) -> Option<serde_json::Value> {

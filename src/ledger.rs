@@ -64,6 +64,12 @@ pub enum EventKind {
     BreakGlass,
     /// An AWS revocation deny was deleted from a role: every session it caught has expired.
     AwsDenyRemoved,
+    /// A candidate release was checked before promotion (replay, proof, promote-check).
+    PolicyCheck,
+    /// Shadow mode started or stopped for a candidate release.
+    PolicyShadow,
+    /// A live request the shadow candidate would decide differently (never acted on).
+    PolicyShadowDiff,
 }
 
 impl EventKind {
@@ -88,6 +94,9 @@ impl EventKind {
             EventKind::Admin => "admin",
             EventKind::BreakGlass => "break_glass",
             EventKind::AwsDenyRemoved => "aws_deny_removed",
+            EventKind::PolicyCheck => "policy_check",
+            EventKind::PolicyShadow => "policy_shadow",
+            EventKind::PolicyShadowDiff => "policy_shadow_diff",
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod aws;
 pub mod bundle;
 pub mod cases;
 pub mod release;
+pub mod prove;
+pub mod replay;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -519,6 +521,32 @@ impl Engine {
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The schema the rules validate against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// What decides normal requests: issuance/ and exceptions/ rules, and every forbid.
+    pub fn issuance_rules(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// What decides break-glass requests: break-glass/ permits and every forbid.
+    pub fn break_glass_rules(&self) -> &PolicySet {
+        &self.break_glass
+    }
+
+    /// Rules present in both releases whose `@max_ttl` is higher in `candidate`.
+    pub fn max_ttls_raised_in(&self, candidate: &Engine) -> Vec<(String, Ttl, Ttl)> {
+        let mut raised: Vec<(String, Ttl, Ttl)> = candidate
+            .max_ttl
+            .iter()
+            .filter_map(|(id, after)| self.max_ttl.get(id).filter(|before| after > *before).map(|before| (id.clone(), *before, *after)))
+            .collect();
+        raised.sort_by(|a, b| a.0.cmp(&b.0));
+        raised
     }
 
     /// Every rule of the release: issuance, exceptions and break-glass (forbids once).

@@ -453,6 +453,11 @@ impl Desk {
         self.record(crate::ledger::EventKind::Admin, body).await.map_err(|e| RevokeError::Ledger(e.to_string()))
     }
 
+    /// Any other responder-side event (a policy check's report).
+    pub async fn record_event(&self, kind: crate::ledger::EventKind, body: Value) -> Result<crate::ledger::EventId, RevokeError> {
+        self.record(kind, body).await.map_err(|e| RevokeError::Ledger(e.to_string()))
+    }
+
     async fn record(&self, kind: crate::ledger::EventKind, body: Value) -> Result<crate::ledger::EventId, crate::ledger::LedgerError> {
         self.ledger.record(crate::ledger::NewEvent { kind, at: self.clock.now(), body, credential: None }).await
     }

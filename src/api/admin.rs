@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::pb::admin_server::Admin;
 use super::pb::revoke_request::Target as RevokeTarget;
 use super::pb::{
-    AwsDeny,
+    AwsDeny, PolicyShadowRequest, PolicyShadowResponse, RecordPolicyCheckRequest, RecordPolicyCheckResponse,
     BreakGlassApproveRequest, BreakGlassApproveResponse, BreakGlassListRequest, BreakGlassListResponse, BreakGlassReviewRequest,
     BreakGlassReviewResponse, PendingBreakGlass, CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
     PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
@@ -250,5 +250,42 @@ impl Admin for AdminService {
         }
         let event_id = self.issuer.break_glass_review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
         Ok(Response::new(BreakGlassReviewResponse { event_id }))
+    }
+
+    async fn policy_shadow(&self, request: Request<PolicyShadowRequest>) -> Result<Response<PolicyShadowResponse>, Status> {
+        let operator = self.admin("policy_shadow", request.extensions().get::<PeerInfo>()).await?;
+        let req = request.into_inner();
+        let reason = check_reason(&req.reason).map_err(revoke_status)?;
+        let candidate = if req.stop {
+            None
+        } else {
+            if req.path.trim().is_empty() {
+                return Err(Status::invalid_argument("path: the candidate bundle (or, in dev, policies/ directory)"));
+            }
+            match self.policy.load_candidate(std::path::Path::new(req.path.trim())).await {
+                Ok(r) => Some(std::sync::Arc::new(r)),
+                Err(why) => {
+                    let _ = self.desk.record_admin(json!({ "call": "policy_shadow", "operator": operator, "path": req.path, "refused": why })).await;
+                    return Err(Status::failed_precondition(format!("candidate refused: {why}")));
+                }
+            }
+        };
+        let version = candidate.as_ref().map(|r| r.version().to_owned()).unwrap_or_default();
+        let event_id = self.issuer.set_shadow(candidate, operator, reason).await.map_err(|e| super::status(&e))?;
+        Ok(Response::new(PolicyShadowResponse { candidate_version: version, active_version: self.issuer.policy_version(), event_id }))
+    }
+
+    async fn record_policy_check(&self, request: Request<RecordPolicyCheckRequest>) -> Result<Response<RecordPolicyCheckResponse>, Status> {
+        let operator = self.admin("record_policy_check", request.extensions().get::<PeerInfo>()).await?;
+        let report: serde_json::Value = serde_json::from_str(&request.into_inner().report).map_err(|e| Status::invalid_argument(format!("report: not JSON: {e}")))?;
+        if !report.is_object() || report.get("check").and_then(serde_json::Value::as_str).is_none() {
+            return Err(Status::invalid_argument("report: a JSON object naming its `check`"));
+        }
+        let event_id = self
+            .desk
+            .record_event(crate::ledger::EventKind::PolicyCheck, json!({ "operator": operator, "report": report }))
+            .await
+            .map_err(revoke_status)?;
+        Ok(Response::new(RecordPolicyCheckResponse { event_id }))
     }
 }

@@ -70,6 +70,74 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Decide the requests recorded in the ledger again under a candidate release and report
+    /// every decision that would change, by identity and rule; exit 1 if any recorded
+    /// request would get more (newly allowed, or a longer lifetime).
+    Replay {
+        /// The candidate: a bundle file or a policies/ directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        ledger: super::assurance::LedgerArgs,
+        #[command(flatten)]
+        source: super::assurance::Source,
+        #[arg(long)]
+        json: bool,
+        /// Also record the report in the running daemon's ledger (a `policy_check` event).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// `--prove CURRENT CANDIDATE`: prove with Cedar's symbolic compiler and cvc5 that the
+    /// candidate permits nothing the current release denies (issuance and break-glass
+    /// rules, per request environment), that no break-glass rule permits a request
+    /// assurance/critical.cedar marks critical, and that no rule can error; or print a
+    /// counterexample and the rule that grants it. Exit 1 on any finding, 2 without cvc5.
+    Diff {
+        #[arg(long)]
+        prove: bool,
+        current: PathBuf,
+        candidate: PathBuf,
+        #[command(flatten)]
+        source: super::assurance::Source,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// The release gate: validate, tests, replay (with a ledger) and the proof (with cvc5),
+    /// as one Markdown report for a pull request; exit 1 on any escalation or failed test.
+    PromoteCheck {
+        #[arg(long)]
+        current: PathBuf,
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Replay recorded requests from this ledger (else from --data-dir's, if it has one).
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[command(flatten)]
+        source: super::assurance::Source,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Shadow mode on a running daemon: decide live requests with CANDIDATE beside the active
+    /// release and record each difference (`policy_shadow_diff`), never acting on it.
+    Shadow {
+        /// A bundle file (verified with the daemon's trusted keys), or in dev a policies/ directory.
+        candidate: Option<PathBuf>,
+        #[arg(long)]
+        stop: bool,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Return the running daemon to its previous good release (admin socket).
     Rollback {
         /// Why: recorded in the ledger with the operator.
@@ -90,6 +158,29 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Keygen { out } => keygen_files(&out),
         Command::Status { admin_socket } => status(&admin_socket).await,
         Command::Rollback { reason, admin_socket } => rollback(&admin_socket, reason).await,
+        Command::Replay { bundle, ledger, source, json, admin_socket } => {
+            super::assurance::replay_cmd(&bundle, &source, &ledger, json, admin_socket.as_deref()).await
+        }
+        Command::Diff { prove, current, candidate, source, json, admin_socket } => {
+            super::assurance::diff_cmd(prove, &current, &candidate, &source, json, admin_socket.as_deref()).await
+        }
+        Command::PromoteCheck { current, candidate, ledger, data_dir, since, source, json, admin_socket } => {
+            let ledger = match (ledger, data_dir) {
+                (Some(l), d) => Some(super::assurance::LedgerArgs::new(d.unwrap_or_default(), Some(l), since)),
+                (None, Some(d)) => Some(super::assurance::LedgerArgs::new(d, None, since)),
+                (None, None) => None,
+            };
+            super::assurance::promote_check(super::assurance::PromoteArgs {
+                current: &current,
+                candidate: &candidate,
+                source: &source,
+                ledger: ledger.as_ref(),
+                json_out: json,
+                admin_socket: admin_socket.as_deref(),
+            })
+            .await
+        }
+        Command::Shadow { candidate, stop, reason, admin_socket } => super::assurance::shadow_cmd(candidate.as_deref(), stop, &reason, &admin_socket).await,
     }
 }
 

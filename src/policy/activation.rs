@@ -70,6 +70,33 @@ pub struct PolicyController {
     watch: tokio::sync::Mutex<Watch>,
 }
 
+impl PolicyController {
+    /// A candidate release for shadow mode, read and checked like an activation would be:
+    /// a bundle file is verified with the trusted keys when the daemon runs on signed
+    /// bundles; `mayfly dev` also takes a policies/ directory. Never activated.
+    pub async fn load_candidate(&self, path: &Path) -> Result<Release, String> {
+        let path = path.to_path_buf();
+        let signed = matches!(self.source, PolicySource::Bundle { .. });
+        let keys = self.loader.keys.clone();
+        let td = self.loader.trust_domain.clone();
+        tokio::task::spawn_blocking(move || {
+            if path.is_dir() {
+                if signed {
+                    return Err("this daemon runs signed bundles: shadow a signed bundle file, not a directory".to_owned());
+                }
+                let files = PolicyFiles::read_dir(&path).map_err(|e| e.to_string())?;
+                return Release::build(&files, &td, None, None, path.display().to_string());
+            }
+            let bytes = read_bounded(&path)?;
+            let bundle = Bundle::parse(&bytes).map_err(|e| e.to_string())?;
+            let key_id = if signed { Some(bundle.verify(&keys).map_err(|e| e.to_string())?) } else { None };
+            Release::build(&bundle.files, &td, bundle.manifest.label.clone(), key_id, path.display().to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
 /// What `status` reports.
 pub struct Status {
     pub current: Arc<Release>,

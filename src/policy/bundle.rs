@@ -33,8 +33,14 @@ const SIGNING_CONTEXT: &[u8] = b"mayfly policy bundle v1\n";
 pub const MAX_BUNDLE_BYTES: u64 = 16 * 1024 * 1024;
 const MAX_FILES: usize = 4096;
 /// The directories of policies/ that go into a bundle, and the extension of their files.
-const TREE: [(&str, &str); 5] =
-    [("issuance", "cedar"), ("exceptions", "cedar"), ("break-glass", "cedar"), ("session-policies", "json"), ("tests", "toml")];
+const TREE: [(&str, &str); 6] = [
+    ("issuance", "cedar"),
+    ("exceptions", "cedar"),
+    ("break-glass", "cedar"),
+    ("session-policies", "json"),
+    ("assurance", "cedar"),
+    ("tests", "toml"),
+];
 const TOP_FILES: [&str; 2] = ["schema.cedarschema", "inventory.toml"];
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,193 @@
+//! Proofs about a candidate release, not samples: Cedar's symbolic compiler
+//! (`cedar-policy-symcc`) turns the rules into SMT and the cvc5 solver checks, for every
+//! request environment the schema allows (principal type × action × resource type):
+//!
+//! - **no escalation**: every request the candidate's issuance rules allow, the current
+//!   release's allow too (and the same for the break-glass rules); otherwise a concrete
+//!   counterexample request and the candidate rule that grants it;
+//! - **critical stays closed**: no break-glass rule permits a request that the release's
+//!   `assurance/critical.cedar` marks critical (its permits describe such requests);
+//! - **no rule can error** on any request the schema allows.
+//!
+//! Results hold for every schema-valid request; the solver knows nothing of inventory.toml,
+//! so a counterexample may use attribute values no inventory entry has — it is still a
+//! request the rules would allow. Each counterexample is replayed through Cedar's own
+//! authorizer before it is reported; one that does not reproduce is reported as
+//! inconclusive, never as a pass. `@max_ttl` is compared outside the solver.
+
+use std::collections::BTreeMap;
+
+use cedar_policy::{Authorizer, Decision, Effect, PolicySet, RequestEnv, Schema};
+use cedar_policy_symcc::solver::LocalSolver;
+use cedar_policy_symcc::{CedarSymCompiler, CompiledPolicy, CompiledPolicySet, Env};
+use serde::Serialize;
+
+use super::Engine;
+
+/// The environment variable naming the cvc5 binary (else `cvc5` on PATH).
+pub const SOLVER_ENV: &str = "CVC5";
+pub const INSTALL_HINT: &str = "install the cvc5 SMT solver (Debian/Ubuntu: `apt-get install cvc5`), or point CVC5=/path/to/cvc5 at one";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProveError {
+    #[error("the cvc5 solver is not available ({0}); {INSTALL_HINT}")]
+    SolverMissing(String),
+    #[error("the proof could not be carried out: {0}")]
+    Failed(String),
+}
+
+/// Something the candidate does that it must not.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// `escalation`, `break_glass_escalation`, `critical`, `can_error`, `longer_max_ttl`.
+    pub check: &'static str,
+    /// The request environment, e.g. `Mayfly::Workload / issue_aws / Mayfly::AwsRole`.
+    pub env: String,
+    /// The candidate rules that grant the counterexample (or the rule that can error).
+    pub rules: Vec<String>,
+    /// The concrete request (and entities) the solver found, as Cedar prints it.
+    pub counterexample: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ProofReport {
+    pub current: String,
+    pub candidate: String,
+    pub environments: usize,
+    pub queries: usize,
+    pub findings: Vec<Finding>,
+    /// Counterexamples the authorizer did not reproduce, and solver answers of `unknown`.
+    pub inconclusive: Vec<String>,
+    /// Whether `assurance/critical.cedar` was present (the critical check ran).
+    pub critical_checked: bool,
+}
+
+impl ProofReport {
+    pub fn proven(&self) -> bool {
+        self.findings.is_empty() && self.inconclusive.is_empty()
+    }
+}
+
+fn env_name(env: &RequestEnv) -> String {
+    format!("{} / {} / {}", env.principal(), env.action(), env.resource())
+}
+
+fn failed(e: impl std::fmt::Display) -> ProveError {
+    ProveError::Failed(e.to_string())
+}
+
+/// The solver, started once for every query. `--tlimit-per` bounds each query (cvc5's
+/// `--tlimit`, which symcc's default passes, would bound the whole process).
+fn solver() -> Result<CedarSymCompiler<LocalSolver>, ProveError> {
+    let solver = LocalSolver::cvc5_with_args(["--tlimit-per=60000"]).map_err(|e| ProveError::SolverMissing(e.to_string()))?;
+    CedarSymCompiler::new(solver).map_err(failed)
+}
+
+/// Which candidate rules allow the counterexample, if the authorizer agrees it is one:
+/// `granting` allows it and `other` (when given) does not.
+fn reproduce(cex: &Env, granting: &PolicySet, other: Option<&PolicySet>) -> Option<Vec<String>> {
+    let authorizer = Authorizer::new();
+    let allowed = authorizer.is_authorized(&cex.request, granting, &cex.entities);
+    if allowed.decision() != Decision::Allow {
+        return None;
+    }
+    if let Some(other) = other
+        && authorizer.is_authorized(&cex.request, other, &cex.entities).decision() == Decision::Allow
+    {
+        return None;
+    }
+    let mut rules: Vec<String> = allowed.diagnostics().reason().map(ToString::to_string).collect();
+    rules.sort();
+    Some(rules)
+}
+
+/// Checks `candidate` against `current`; `critical` is the candidate tree's
+/// `assurance/critical.cedar`, if it has one.
+pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&PolicySet>) -> Result<ProofReport, ProveError> {
+    let schema: &Schema = candidate.schema();
+    let mut report = ProofReport {
+        current: current.version().to_owned(),
+        candidate: candidate.version().to_owned(),
+        critical_checked: critical.is_some(),
+        ..ProofReport::default()
+    };
+    // Outside the solver: a rule that exists in both with a higher ceiling now.
+    for (id, before, after) in current.max_ttls_raised_in(candidate) {
+        report.findings.push(Finding {
+            check: "longer_max_ttl",
+            env: "(annotations)".into(),
+            rules: vec![id],
+            counterexample: format!("@max_ttl raised from {before} to {after}"),
+        });
+    }
+    let mut cc = solver()?;
+    let envs: Vec<RequestEnv> = schema.request_envs().collect();
+    report.environments = envs.len();
+    let mut inconclusive = Vec::new();
+    for env in &envs {
+        let name = env_name(env);
+        let pairs = [
+            ("escalation", candidate.issuance_rules(), current.issuance_rules()),
+            ("break_glass_escalation", candidate.break_glass_rules(), current.break_glass_rules()),
+        ];
+        for (check, cand, cur) in pairs {
+            let compiled_cand = CompiledPolicySet::compile(cand, env, schema).map_err(failed)?;
+            let compiled_cur = CompiledPolicySet::compile(cur, env, schema)
+                .map_err(|e| ProveError::Failed(format!("the current release does not compile under the candidate's schema ({name}): {e}")))?;
+            report.queries += 1;
+            match cc.check_implies_with_counterexample_opt(&compiled_cand, &compiled_cur).await {
+                Ok(None) => {}
+                Ok(Some(cex)) => match reproduce(&cex, cand, Some(cur)) {
+                    Some(rules) => report.findings.push(Finding { check, env: name.clone(), rules, counterexample: cex.to_string() }),
+                    None => inconclusive.push(format!("{check} ({name}): a counterexample the authorizer does not reproduce")),
+                },
+                Err(e) => inconclusive.push(format!("{check} ({name}): {e}")),
+            }
+        }
+        if let Some(marker) = critical {
+            let compiled_bg = CompiledPolicySet::compile(candidate.break_glass_rules(), env, schema).map_err(failed)?;
+            let compiled_marker = CompiledPolicySet::compile(marker, env, schema).map_err(|e| ProveError::Failed(format!("assurance/critical.cedar ({name}): {e}")))?;
+            report.queries += 1;
+            match cc.check_disjoint_with_counterexample_opt(&compiled_bg, &compiled_marker).await {
+                Ok(None) => {}
+                Ok(Some(cex)) => match reproduce(&cex, candidate.break_glass_rules(), None) {
+                    Some(rules) => report.findings.push(Finding { check: "critical", env: name.clone(), rules, counterexample: cex.to_string() }),
+                    None => inconclusive.push(format!("critical ({name}): a counterexample the authorizer does not reproduce")),
+                },
+                Err(e) => inconclusive.push(format!("critical ({name}): {e}")),
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for policy in candidate.issuance_rules().policies().chain(candidate.break_glass_rules().policies()) {
+            if seen.insert(policy.id().to_string(), ()).is_some() {
+                continue;
+            }
+            let compiled = CompiledPolicy::compile(policy, env, schema).map_err(failed)?;
+            report.queries += 1;
+            match cc.check_never_errors_with_counterexample_opt(&compiled).await {
+                Ok(None) => {}
+                Ok(Some(cex)) => report.findings.push(Finding {
+                    check: "can_error",
+                    env: name.clone(),
+                    rules: vec![policy.id().to_string()],
+                    counterexample: cex.to_string(),
+                }),
+                Err(e) => inconclusive.push(format!("can_error `{}` ({name}): {e}", policy.id())),
+            }
+        }
+    }
+    let _ = cc.solver_mut().clean_up().await;
+    report.inconclusive = inconclusive;
+    Ok(report)
+}
+
+/// `assurance/critical.cedar`: permits that describe critical requests (they are never
+/// issuance rules). `None` when the tree has no such file.
+pub fn critical_marker(files: &super::bundle::PolicyFiles) -> Result<Option<PolicySet>, String> {
+    let Some(text) = files.get("assurance/critical.cedar") else { return Ok(None) };
+    let set: PolicySet = text.parse().map_err(|e| format!("assurance/critical.cedar: {e}"))?;
+    if set.policies().any(|p| p.effect() != Effect::Permit) {
+        return Err("assurance/critical.cedar: only permits (each describes critical requests)".into());
+    }
+    Ok(Some(set))
+}
