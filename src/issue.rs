@@ -1405,6 +1405,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shadow_mode_records_what_a_candidate_would_change_and_never_acts_on_it() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let wider = r#"
+            @id("api-jwt-anything")
+            @max_ttl("10m")
+            permit (principal, action == Mayfly::Action::"issue_jwt", resource) when { principal.attestation == "unix" };
+        "#;
+        let files = crate::policy::shipped_files_with(&[
+            ("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None),
+            ("issuance/jwt-test.cedar", Some(JWT_RULE)), ("issuance/aws-test.cedar", Some(AWS_RULE)), ("issuance/wider.cedar", Some(wider)),
+        ]);
+        let candidate = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "candidate".into()).unwrap();
+        let candidate_version = candidate.version().to_owned();
+        issuer.set_shadow(Some(Arc::new(candidate)), json!({ "uid": 0 }), "try the wider JWT rule").await.unwrap();
+        assert_eq!(issuer.shadow_version().as_deref(), Some(candidate_version.as_str()));
+
+        // Live: denied, as the active release says. The shadow would allow it: recorded only.
+        let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["payments"], "5m")).await.unwrap_err();
+        assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
+        // Same decision under both: nothing recorded.
+        issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "5m")).await.unwrap();
+        let mut diffs = Vec::new();
+        for _ in 0..200 {
+            diffs = backend.events().into_iter().filter(|e| e.kind == "policy_shadow_diff").collect();
+            if !diffs.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(diffs.len(), 1, "one difference");
+        let body: serde_json::Value = serde_json::from_str(&diffs[0].body).unwrap();
+        assert_eq!((body["change"].as_str(), body["escalation"].as_bool()), (Some("newly_allowed"), Some(true)));
+        assert_eq!(body["candidate"], candidate_version);
+        assert_eq!(body["resource"], "audience payments");
+        assert_eq!(body["shadow"]["rules"], json!(["api-jwt-anything"]));
+        assert_eq!(body["live"]["allowed"], json!(false));
+        let kinds: Vec<String> = backend.events().iter().map(|e| e.kind.clone()).collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "issued").count(), 1, "only the live allow issued anything: {kinds:?}");
+        assert!(kinds.contains(&"policy_shadow".to_owned()));
+
+        issuer.set_shadow(None, json!({ "uid": 0 }), "done").await.unwrap();
+        assert!(issuer.shadow_version().is_none());
+    }
+
+    #[tokio::test]
     async fn without_aws_configured_nothing_is_decided() {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
         let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();

@@ -191,3 +191,94 @@ pub fn critical_marker(files: &super::bundle::PolicyFiles) -> Result<Option<Poli
     }
     Ok(Some(set))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::replay::tests::{release, CARELESS, TIGHTER};
+
+    /// The proofs need cvc5. `.ci/run` installs it and sets MAYFLY_REQUIRE_SOLVER=1, so there
+    /// a missing solver fails the test; elsewhere it is reported and the test returns.
+    async fn proof(current: Option<&str>, candidate: Option<&str>, critical: Option<&str>) -> Option<ProofReport> {
+        let (cur, cand) = (release(current), release(candidate));
+        let marker: Option<PolicySet> = critical.map(|c| c.parse().unwrap());
+        match prove(&cur.engine, &cand.engine, marker.as_ref()).await {
+            Ok(r) => Some(r),
+            Err(ProveError::SolverMissing(why)) if std::env::var("MAYFLY_REQUIRE_SOLVER").is_err() => {
+                eprintln!("SKIPPED: no cvc5 ({why}); set MAYFLY_REQUIRE_SOLVER=1 to make this a failure");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_careless_permit_is_a_counterexample_naming_its_rule() {
+        let Some(r) = proof(None, Some(CARELESS), None).await else { return };
+        let f = r.findings.iter().find(|f| f.check == "escalation").unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!(f.rules, vec!["ci-any-acme-repo-deploys".to_owned()]);
+        assert!(f.env.contains("issue_aws"), "{}", f.env);
+        assert!(f.counterexample.contains("acme-app-deploy") && f.counterexample.contains("repository_owner: \"acme\""), "{}", f.counterexample);
+        assert!(!r.proven());
+    }
+
+    #[tokio::test]
+    async fn a_pure_tightening_is_proven_and_a_release_implies_itself() {
+        let Some(r) = proof(None, Some(TIGHTER), None).await else { return };
+        assert!(r.proven(), "{r:?}");
+        assert!(r.queries >= r.environments * 2);
+        let Some(same) = proof(Some(CARELESS), Some(CARELESS), None).await else { return };
+        assert!(same.proven(), "{same:?}");
+        // And the other way round the careless permit is gone: that is a tightening too.
+        let Some(back) = proof(Some(CARELESS), None, None).await else { return };
+        assert!(back.proven(), "{back:?}");
+    }
+
+    #[tokio::test]
+    async fn the_shipped_break_glass_rules_never_open_critical_requests_and_a_wide_one_does() {
+        let critical = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/assurance/critical.cedar")).unwrap();
+        let Some(r) = proof(None, None, Some(&critical)).await else { return };
+        assert!(r.proven() && r.critical_checked, "{r:?}");
+        let wide = r#"
+            @id("break-glass-prod-anything")
+            @max_ttl("10m")
+            permit (principal, action, resource) when { context.break_glass && context has ticket };
+        "#;
+        let files_rule = Some(wide);
+        let cur = release(None);
+        let files = crate::policy::shipped_files_with(&[("break-glass/wide.cedar", files_rule)]);
+        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let marker: PolicySet = critical.parse().unwrap();
+        let r = match prove(&cur.engine, &cand.engine, Some(&marker)).await {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let f = r.findings.iter().find(|f| f.check == "critical").unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!(f.rules, vec!["break-glass-prod-anything".to_owned()]);
+        assert!(r.findings.iter().any(|f| f.check == "break_glass_escalation"));
+    }
+
+    #[tokio::test]
+    async fn a_rule_that_can_error_is_found() {
+        // `context.target` is optional: reading it without `has` errors when it is absent.
+        let risky = r#"
+            @id("risky-target")
+            @max_ttl("5m")
+            permit (principal, action == Mayfly::Action::"issue_jwt", resource)
+            when { principal.attestation == "unix" && (context has purpose || context.break_glass) && context.requested_ttl_secs + 9223372036854775807 > 0 };
+        "#;
+        let Some(r) = proof(None, Some(risky), None).await else { return };
+        let f = r.findings.iter().find(|f| f.check == "can_error").unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!(f.rules, vec!["risky-target".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_raised_ceiling_is_a_finding_without_the_solver_too() {
+        let cur = release(None);
+        let text = crate::policy::shipped_files_with(&[]).get("issuance/local.cedar").unwrap().replace("@max_ttl(\"1h\")", "@max_ttl(\"8h\")");
+        let files = crate::policy::shipped_files_with(&[("issuance/local.cedar", Some(text.as_str()))]);
+        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let raised = cur.engine.max_ttls_raised_in(&cand.engine);
+        assert!(raised.iter().any(|(id, b, a)| id == "local-workloads-x509" && b.as_secs() == 3600 && a.as_secs() == 8 * 3600), "{raised:?}");
+    }
+}

@@ -292,3 +292,134 @@ pub fn replay(candidate: &Release, events: &[StoredEvent], since: SystemTime) ->
     }
     report
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::identity::TrustDomain;
+    use crate::policy::shipped_files_with;
+
+    /// The careless permit of the issue: any repository of the organisation may assume
+    /// the production deploy role (from main; the guardrail still wants a push to main).
+    pub(crate) const CARELESS: &str = r#"
+        @id("ci-any-acme-repo-deploys")
+        @max_ttl("30m")
+        permit (principal, action == Mayfly::Action::"issue_aws", resource == Mayfly::AwsRole::"arn:aws:iam::111122223333:role/acme-app-deploy")
+        when { principal.attestation == "oidc" && context has oidc && context.oidc has repository_owner && context.oidc.repository_owner == "acme" };
+    "#;
+
+    /// A pure tightening: a new guardrail.
+    pub(crate) const TIGHTER: &str = r#"
+        @id("forbid-jwt-on-pull-request-target")
+        @reason("pull_request_target runs untrusted code with secrets")
+        forbid (principal, action == Mayfly::Action::"issue_jwt", resource)
+        when { context has oidc && context.oidc has event_name && context.oidc.event_name == "pull_request_target" };
+    "#;
+
+    const INVENTORY_EXTRA: &str = r#"
+        [[workload]]
+        id = "spiffe://mayfly.local/ci/acme/tools"
+        owner = "tools@example.org"
+        purpose = "acme/tools pipelines"
+        environment = "ci"
+        tier = "standard"
+        expires = 2030-01-01
+        selectors = ["oidc:iss:https://token.actions.githubusercontent.com", "oidc:repository:acme/tools"]
+    "#;
+
+    pub(crate) fn release(extra_rules: Option<&str>) -> Release {
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/inventory.toml")).unwrap();
+        let inventory = format!("{shipped}\n{INVENTORY_EXTRA}");
+        let files = shipped_files_with(&[("inventory.toml", Some(inventory.as_str())), ("issuance/candidate.cedar", extra_rules)]);
+        Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "test".into()).unwrap()
+    }
+
+    fn ci(repository: &str, event: &str) -> Value {
+        json!({
+            "issuer": "https://token.actions.githubusercontent.com", "subject": format!("repo:{repository}:ref:refs/heads/main"),
+            "repository": repository, "repository_owner": "acme", "git_ref": "refs/heads/main", "event_name": event,
+        })
+    }
+
+    /// A decision event as issuance writes it, decided by `live`.
+    fn event(live: &Release, seq: i64, claims: Value, resource: Value, ttl: u64) -> StoredEvent {
+        let oidc: OidcClaims = serde_json::from_value(claims.clone()).unwrap();
+        let selectors: Vec<String> = oidc.selectors().iter().map(ToString::to_string).collect();
+        let body = json!({ "request": { "attestation": "oidc", "selectors": selectors, "resources": [resource], "requested_ttl_secs": ttl, "oidc": claims, "break_glass": false } });
+        let at_ms = 1_800_000_000_000 + seq;
+        let recorded = from_body(&body, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
+        let outcome = decide(live, &recorded);
+        let mut body = body;
+        body["outcome"] = json!(if outcome.allowed { "allow" } else { "deny" });
+        body["identity"] = json!(outcome.identity);
+        body["granted_ttl_secs"] = json!(outcome.granted_ttl_secs);
+        body["rules"] = json!(outcome.rules);
+        body["reason"] = json!(outcome.reason);
+        StoredEvent { seq, at_ms, kind: "decision".into(), body: body.to_string(), prev_hash: String::new(), hash: String::new() }
+    }
+
+    fn traffic(live: &Release) -> Vec<StoredEvent> {
+        let deploy = json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" });
+        let cache = json!({ "kind": "jwt", "audience": "https://artifacts.example.org" });
+        vec![
+            event(live, 1, ci("acme/tools", "push"), deploy.clone(), 1800),
+            event(live, 2, ci("acme/tools", "push"), deploy.clone(), 1800),
+            event(live, 3, ci("acme/app", "push"), deploy, 1800),
+            event(live, 4, ci("acme/app", "pull_request_target"), cache.clone(), 300),
+            event(live, 5, ci("acme/app", "push"), cache, 300),
+            StoredEvent { seq: 6, at_ms: 1_800_000_000_006, kind: "decision".into(), body: json!({ "outcome": "deny", "reason": "attestation failed" }).to_string(), prev_hash: String::new(), hash: String::new() },
+        ]
+    }
+
+    #[test]
+    fn a_careless_permit_shows_as_newly_allowed_requests_by_identity_and_rule() {
+        let current = release(None);
+        let events = traffic(&current);
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let report = replay(&release(Some(CARELESS)), &events, since);
+        assert_eq!((report.decisions, report.replayed, report.not_replayable), (6, 5, 1));
+        assert_eq!(report.escalations(), 2, "{report:?}");
+        let groups = report.grouped();
+        let ((change, identity, request, rules), diffs) = groups.iter().next().unwrap();
+        assert_eq!(*change, Change::NewlyAllowed);
+        assert_eq!(identity, "spiffe://mayfly.local/ci/acme/tools");
+        assert_eq!(request, "issue_aws role arn:aws:iam::111122223333:role/acme-app-deploy");
+        assert_eq!(rules, &vec!["ci-any-acme-repo-deploys".to_owned()]);
+        assert_eq!(diffs.len(), 2);
+        assert!(diffs[0].before.reason.contains("no rule permits"), "{}", diffs[0].before.reason);
+    }
+
+    #[test]
+    fn a_pure_tightening_escalates_nothing_and_names_who_it_would_break() {
+        let current = release(None);
+        let report = replay(&release(Some(TIGHTER)), &traffic(&current), SystemTime::UNIX_EPOCH);
+        assert_eq!(report.escalations(), 0, "{report:?}");
+        assert_eq!(report.differences.len(), 1);
+        let d = &report.differences[0];
+        assert_eq!((d.change, d.seq), (Change::NewlyDenied, 4));
+        assert_eq!(d.after.rules, vec!["forbid-jwt-on-pull-request-target".to_owned()]);
+        // The same release again changes nothing.
+        assert!(replay(&current, &traffic(&current), SystemTime::UNIX_EPOCH).differences.is_empty());
+    }
+
+    #[test]
+    fn only_the_window_is_replayed_and_lifetimes_count() {
+        let current = release(None);
+        let events = traffic(&current);
+        let later = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_004);
+        assert_eq!(replay(&current, &events, later).decisions, 3);
+        let longer = crate::policy::shipped_files_with(&[]).get("issuance/ci.cedar").unwrap().replace("@max_ttl(\"30m\")", "@max_ttl(\"2h\")");
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/inventory.toml")).unwrap();
+        let inventory = format!("{shipped}\n{INVENTORY_EXTRA}");
+        let files = shipped_files_with(&[("inventory.toml", Some(inventory.as_str())), ("issuance/ci.cedar", Some(longer.as_str()))]);
+        let wider = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let mut events = events;
+        events[2] = event(&current, 3, ci("acme/app", "push"), json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" }), 3600);
+        let report = replay(&wider, &events, SystemTime::UNIX_EPOCH);
+        let d = report.differences.iter().find(|d| d.seq == 3).unwrap();
+        assert_eq!((d.change, d.before.granted_ttl_secs, d.after.granted_ttl_secs), (Change::LongerLifetime, Some(1800), Some(3600)));
+        assert_eq!(report.escalations(), 1);
+    }
+}
