@@ -83,6 +83,26 @@ fn solver() -> Result<CedarSymCompiler<LocalSolver>, ProveError> {
     CedarSymCompiler::new(solver).map_err(failed)
 }
 
+/// `set` as one path of the daemon sees it: the break-glass set only ever decides requests
+/// with `context.break_glass`, the normal set only requests without.
+fn on_path(set: &PolicySet, break_glass: bool) -> Result<PolicySet, ProveError> {
+    let condition = if break_glass { "!context.break_glass" } else { "context.break_glass" };
+    let guard = cedar_policy::Policy::parse(Some(cedar_policy::PolicyId::new("mayfly-proof-path")), format!("forbid (principal, action, resource) when {{ {condition} }};")).map_err(failed)?;
+    let mut set = set.clone();
+    set.add(guard).map_err(failed)?;
+    Ok(set)
+}
+
+/// The counterexample's request and the two entities it is about (the solver's store
+/// also holds entities no rule looks at).
+fn describe(cex: &Env) -> String {
+    let full = cex.to_string();
+    let head = full.split("entities:").next().unwrap_or(&full).trim_end();
+    let about = [cex.request.principal(), cex.request.resource()];
+    let entities: Vec<String> = cex.entities.iter().filter(|e| about.contains(&Some(&e.uid()))).map(|e| format!("{e}")).collect();
+    format!("{head}\n{}", entities.join("\n"))
+}
+
 /// Which candidate rules allow the counterexample, if the authorizer agrees it is one:
 /// `granting` allows it and `other` (when given) does not.
 fn reproduce(cex: &Env, granting: &PolicySet, other: Option<&PolicySet>) -> Option<Vec<String>> {
@@ -120,6 +140,12 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
             counterexample: format!("@max_ttl raised from {before} to {after}"),
         });
     }
+    // The daemon decides a request by one set or the other, by its break-glass flag: the
+    // proofs compare like with like, so no counterexample is a request that cannot happen.
+    let cand_normal = on_path(candidate.issuance_rules(), false)?;
+    let cur_normal = on_path(current.issuance_rules(), false)?;
+    let cand_emergency = on_path(candidate.break_glass_rules(), true)?;
+    let cur_emergency = on_path(current.break_glass_rules(), true)?;
     let mut cc = solver()?;
     let envs: Vec<RequestEnv> = schema.request_envs().collect();
     report.environments = envs.len();
@@ -127,8 +153,8 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
     for env in &envs {
         let name = env_name(env);
         let pairs = [
-            ("escalation", candidate.issuance_rules(), current.issuance_rules()),
-            ("break_glass_escalation", candidate.break_glass_rules(), current.break_glass_rules()),
+            ("escalation", &cand_normal, &cur_normal),
+            ("break_glass_escalation", &cand_emergency, &cur_emergency),
         ];
         for (check, cand, cur) in pairs {
             let compiled_cand = CompiledPolicySet::compile(cand, env, schema).map_err(failed)?;
@@ -138,20 +164,20 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
             match cc.check_implies_with_counterexample_opt(&compiled_cand, &compiled_cur).await {
                 Ok(None) => {}
                 Ok(Some(cex)) => match reproduce(&cex, cand, Some(cur)) {
-                    Some(rules) => report.findings.push(Finding { check, env: name.clone(), rules, counterexample: cex.to_string() }),
+                    Some(rules) => report.findings.push(Finding { check, env: name.clone(), rules, counterexample: describe(&cex) }),
                     None => inconclusive.push(format!("{check} ({name}): a counterexample the authorizer does not reproduce")),
                 },
                 Err(e) => inconclusive.push(format!("{check} ({name}): {e}")),
             }
         }
         if let Some(marker) = critical {
-            let compiled_bg = CompiledPolicySet::compile(candidate.break_glass_rules(), env, schema).map_err(failed)?;
+            let compiled_bg = CompiledPolicySet::compile(&cand_emergency, env, schema).map_err(failed)?;
             let compiled_marker = CompiledPolicySet::compile(marker, env, schema).map_err(|e| ProveError::Failed(format!("assurance/critical.cedar ({name}): {e}")))?;
             report.queries += 1;
             match cc.check_disjoint_with_counterexample_opt(&compiled_bg, &compiled_marker).await {
                 Ok(None) => {}
-                Ok(Some(cex)) => match reproduce(&cex, candidate.break_glass_rules(), None) {
-                    Some(rules) => report.findings.push(Finding { check: "critical", env: name.clone(), rules, counterexample: cex.to_string() }),
+                Ok(Some(cex)) => match reproduce(&cex, &cand_emergency, None) {
+                    Some(rules) => report.findings.push(Finding { check: "critical", env: name.clone(), rules, counterexample: describe(&cex) }),
                     None => inconclusive.push(format!("critical ({name}): a counterexample the authorizer does not reproduce")),
                 },
                 Err(e) => inconclusive.push(format!("critical ({name}): {e}")),
@@ -170,7 +196,7 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
                     check: "can_error",
                     env: name.clone(),
                     rules: vec![policy.id().to_string()],
-                    counterexample: cex.to_string(),
+                    counterexample: describe(&cex),
                 }),
                 Err(e) => inconclusive.push(format!("can_error `{}` ({name}): {e}", policy.id())),
             }
