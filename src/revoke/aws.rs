@@ -308,6 +308,33 @@ mod tests {
         assert!(refused["error"].as_str().unwrap().contains("AccessDenied"));
     }
 
+    #[tokio::test]
+    async fn the_sweep_removes_a_deny_once_the_role_maximum_has_passed_and_records_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let backend = crate::ledger::sqlite::SqliteBackend::open(&path, Duration::from_secs(5)).await.unwrap();
+        let (ledger, _writer) = crate::ledger::GroupCommitLedger::start(backend, 16).await.unwrap();
+        let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        let clock = Arc::new(crate::clock::FixedClock::new(t0));
+        let iam = Arc::new(FakeIam::default());
+        // What a revocation records: the hook's answer inside the `revoked` event.
+        let placed = AwsRevoker::new(iam.clone()).revoke_identity(&[session("spiffe://mayfly.local/ci/acme/app", "deploy", 1)], t0).await;
+        ledger.record(NewEvent { kind: EventKind::Revoked, at: t0, body: json!({ "aws": placed }), credential: None }).await.unwrap();
+        let sweep = DenySweep { iam: iam.clone(), ledger: ledger.clone(), ledger_path: path.clone(), clock: clock.clone() };
+
+        clock.set(t0 + Duration::from_secs(7199));
+        assert_eq!(sweep.sweep().await.unwrap(), 0, "a session issued just before the revocation may still be live");
+        clock.set(t0 + Duration::from_secs(7200));
+        assert_eq!(sweep.sweep().await.unwrap(), 1);
+        assert_eq!(iam.deletes.lock().unwrap().clone(), vec![("deploy".to_owned(), "mayfly-revoke-mayfly.local+ci+acme+app".to_owned())]);
+        assert_eq!(sweep.sweep().await.unwrap(), 0, "removed once, and the removal is on record");
+        let mut reader = crate::ledger::sqlite::LedgerReader::open(&path).await.unwrap();
+        let removed = reader.events_of_kinds(&["aws_deny_removed"]).await.unwrap();
+        assert_eq!(removed.len(), 1);
+        assert!(removed[0].body.contains("\"existed\":true"), "{}", removed[0].body);
+    }
+
     #[test]
     fn a_deny_is_outstanding_until_the_removal_of_its_latest_placement() {
         let ev = |seq: i64, kind: &str, body: Value| StoredEvent { seq, at_ms: 0, kind: kind.into(), body: body.to_string(), prev_hash: String::new(), hash: String::new() };
