@@ -76,6 +76,37 @@ pub fn unix_secs(t: SystemTime) -> i64 {
     time::OffsetDateTime::from(t).unix_timestamp()
 }
 
+/// The daemon's periodic tasks: ticks every `period` (a late tick is not caught up in a
+/// burst) until `stop` turns true.
+pub struct Ticker {
+    tick: tokio::time::Interval,
+    stop: watch::Receiver<bool>,
+}
+
+impl Ticker {
+    pub fn new(period: std::time::Duration, stop: watch::Receiver<bool>) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, stop }
+    }
+
+    /// The first tick comes a whole period from now (the interval's immediate one is skipped).
+    pub async fn delayed(period: std::time::Duration, stop: watch::Receiver<bool>) -> Self {
+        let mut t = Self::new(period, stop);
+        t.tick.tick().await;
+        t
+    }
+
+    /// Waits for the next tick: `false` once the daemon is stopping.
+    pub async fn next(&mut self) -> bool {
+        let stop = &mut self.stop;
+        tokio::select! {
+            _ = self.tick.tick() => true,
+            () = async { let _ = stop.wait_for(|s| *s).await; } => false,
+        }
+    }
+}
+
 /// RFC 3339 in UTC to the second, e.g. `2026-12-02T06:15:00Z` (what AWS tools read).
 pub fn rfc3339(t: SystemTime) -> String {
     let t = time::OffsetDateTime::from(t);

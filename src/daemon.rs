@@ -406,15 +406,10 @@ fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
 }
 
 /// Checks the policy source every `every` until shutdown.
-async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => policy.poll().await,
-            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
+async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
+    while ticker.next().await {
+        policy.poll().await;
     }
 }
 
@@ -620,17 +615,11 @@ impl ExpirySweep {
         Self { ledger_path, ledger, issuer, clock, watermark: None }
     }
 
-    async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.sweep().await {
-                        tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
-                    }
-                }
-                () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+    async fn run(mut self, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticker = crate::clock::Ticker::new(every, stop);
+        while ticker.next().await {
+            if let Err(e) = self.sweep().await {
+                tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
             }
         }
     }
@@ -687,15 +676,10 @@ struct KeyWatch {
 }
 
 impl KeyWatch {
-    async fn run(mut self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.check().await,
-                () = async { let _ = stop.wait_for(|s| *s).await; } => return,
-            }
+    async fn run(mut self, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
+        while ticker.next().await {
+            self.check().await;
         }
     }
 

@@ -23,7 +23,7 @@ use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt,
 use crate::policy::release::Release;
 use crate::policy::replay::{self, Outcome};
 use crate::policy::store::PolicyStore;
-use crate::policy::{AwsRole, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
+use crate::policy::{AwsRole, Combined, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -527,7 +527,7 @@ impl Issuer {
             Err(e) => {
                 let caller = json!({ "remote": req.remote, "claimed_issuer": OidcVerifier::claimed_issuer(token) });
                 let version = self.policy.current().version().to_owned();
-                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin).await?;
+                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin, None).await?;
                 return Err(e.into());
             }
         };
@@ -658,7 +658,7 @@ impl Issuer {
             Err(e) => {
                 let caller = json!({ "remote": remote, "claimed_issuer": OidcVerifier::claimed_issuer(token) });
                 let version = self.policy.current().version().to_owned();
-                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin).await?;
+                self.record_refusal(kind, &caller, None, &req.ttl, &e.to_string(), &version, &origin, None).await?;
                 return Err(e.into());
             }
         };
@@ -688,7 +688,7 @@ impl Issuer {
             None
         };
         if let Some(why) = early {
-            self.record_refusal(kind, &caller, None, &ttl, &why, &version, &origin).await?;
+            self.record_refusal(kind, &caller, None, &ttl, &why, &version, &origin, None).await?;
             self.elevate_later("denied", json!({ "caller": caller, "ticket": req.ticket, "justification": req.reason, "why": why })).await;
             return Err(IssueError::BreakGlass(why));
         }
@@ -899,7 +899,7 @@ impl Issuer {
                 Err(e) => {
                     let summary = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
                     let record = serde_json::to_value(&summary).unwrap_or_default();
-                    self.record_refusal(kind, &record, wanted, &ttl, &e.to_string(), version, origin).await?;
+                    self.record_refusal(kind, &record, wanted, &ttl, &e.to_string(), version, origin, None).await?;
                     return Err(e.into());
                 }
             },
@@ -920,7 +920,7 @@ impl Issuer {
                     None => {
                         let err = IssueError::NoEntry;
                         let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
-                        self.record_refusal_with(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
+                        self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
                         return Err(err);
                     }
                 }
@@ -934,14 +934,14 @@ impl Issuer {
                 // The inventory said no: a candidate release's inventory might say yes, so
                 // the request is kept for `mayfly policy replay`.
                 let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, dev_fallback && wanted.is_none());
-                self.record_refusal_with(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
+                self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
                 return Err(err);
             }
         };
 
         if let Some(lock) = self.revocations.lock_for(&entry.id, now) {
             let err = IssueError::Locked { identity: entry.id.to_string(), reason: lock.reason };
-            self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin).await?;
+            self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin, None).await?;
             return Err(err);
         }
         let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, used_dev_identity);
@@ -969,24 +969,8 @@ impl Issuer {
             })
             .collect();
         // Several resources (JWT audiences) are allowed only if each one is.
-        let allowed = !decisions.is_empty() && decisions.iter().all(Decision::is_allow);
-        let mut rules: Vec<String> = decisions.iter().flat_map(|d| d.rules.iter().cloned()).collect();
-        rules.sort();
-        rules.dedup();
-        let explain = if allowed {
-            decisions.iter().map(Decision::explain).collect::<Vec<_>>().join("; ")
-        } else {
-            decisions.iter().filter(|d| !d.is_allow()).map(Decision::explain).collect::<Vec<_>>().join("; ")
-        };
+        let Combined { allowed, granted_ttl_secs: granted, rules, explain } = Combined::of(&decisions);
         let errors: Vec<&String> = decisions.iter().flat_map(|d| d.errors.iter()).collect();
-        let granted = decisions
-            .iter()
-            .filter_map(|d| match &d.verdict {
-                Verdict::Allow(g) => Some(g.ttl().as_secs()),
-                Verdict::Deny => None,
-            })
-            .min()
-            .filter(|_| allowed);
         let described: Vec<String> = resources.iter().map(Resource::describe).collect();
         let shadow_request = self.shadow.load().is_some().then(|| request.clone());
         let decision_id = self
@@ -1105,24 +1089,10 @@ impl Issuer {
             .unwrap_or_else(|_| Err(AttestError::Proc { pid, why: "attestation task failed".into() }))
     }
 
-    /// A denial that happened before policy could be asked: still a `decision` in the ledger.
+    /// A denial that happened before policy could be asked: still a `decision` in the ledger,
+    /// with the request when the caller was attested (so a candidate release can replay it).
     #[expect(clippy::too_many_arguments, reason = "each argument is a recorded field of the refusal")]
     async fn record_refusal(
-        &self,
-        kind: CredentialKind,
-        caller: &serde_json::Value,
-        wanted: Option<&WorkloadId>,
-        ttl: &Ttl,
-        reason: &str,
-        policy_version: &str,
-        origin: &Origin,
-    ) -> Result<EventId, LedgerError> {
-        self.record_refusal_with(kind, caller, wanted, ttl, reason, policy_version, origin, None).await
-    }
-
-    /// `record_refusal`, keeping the request when the caller was attested (so it can be replayed).
-    #[expect(clippy::too_many_arguments, reason = "each argument is a recorded field of the refusal")]
-    async fn record_refusal_with(
         &self,
         kind: CredentialKind,
         caller: &serde_json::Value,

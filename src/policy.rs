@@ -313,6 +313,37 @@ impl Decision {
     }
 }
 
+/// The decisions of one request's resources (JWT audiences) taken together: allowed only
+/// if each is; the grant lives no longer than the shortest; every deciding rule; why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Combined {
+    pub allowed: bool,
+    pub granted_ttl_secs: Option<u64>,
+    /// Every rule that decided any of them, sorted.
+    pub rules: Vec<String>,
+    /// An allow: every decision's explanation; a deny: the denying ones'.
+    pub explain: String,
+}
+
+impl Combined {
+    pub fn of(decisions: &[Decision]) -> Self {
+        let allowed = !decisions.is_empty() && decisions.iter().all(Decision::is_allow);
+        let mut rules: Vec<String> = decisions.iter().flat_map(|d| d.rules.iter().cloned()).collect();
+        rules.sort();
+        rules.dedup();
+        let explain = decisions.iter().filter(|d| allowed || !d.is_allow()).map(Decision::explain).collect::<Vec<_>>().join("; ");
+        let granted_ttl_secs = decisions
+            .iter()
+            .filter_map(|d| match &d.verdict {
+                Verdict::Allow(g) => Some(g.ttl().as_secs()),
+                Verdict::Deny => None,
+            })
+            .min()
+            .filter(|_| allowed);
+        Self { allowed, granted_ttl_secs, rules, explain }
+    }
+}
+
 /// A time-bound exception (a permit in exceptions/): who owns it and the last day (UTC) it
 /// applies. After that day it stops granting anything, without anyone editing a file.
 #[derive(Clone, Debug, PartialEq, Eq)]

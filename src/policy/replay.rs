@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::release::Release;
-use super::{AwsRole, Decision, DecisionRequest, RequestContext, Resource, Verdict};
+use super::{AwsRole, Combined, Decision, DecisionRequest, RequestContext, Resource};
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selector, Selectors, Ttl, WorkloadId};
 use crate::ledger::StoredEvent;
 
@@ -220,20 +220,8 @@ pub fn decide(release: &Release, r: &Recorded) -> Outcome {
             release.engine.decide(&req, r.at)
         })
         .collect();
-    let allowed = !decisions.is_empty() && decisions.iter().all(Decision::is_allow);
-    let mut rules: Vec<String> = decisions.iter().filter(|d| d.is_allow() == allowed).flat_map(|d| d.rules.iter().cloned()).collect();
-    rules.sort();
-    rules.dedup();
-    let granted = decisions
-        .iter()
-        .filter_map(|d| match &d.verdict {
-            Verdict::Allow(g) => Some(g.ttl().as_secs()),
-            Verdict::Deny => None,
-        })
-        .min()
-        .filter(|_| allowed);
-    let reason = decisions.iter().filter(|d| d.is_allow() == allowed).map(Decision::explain).collect::<Vec<_>>().join("; ");
-    Outcome { allowed, identity: Some(entry.id.to_string()), granted_ttl_secs: granted, rules, reason }
+    let c = Combined::of(&decisions);
+    Outcome { allowed: c.allowed, identity: Some(entry.id.to_string()), granted_ttl_secs: c.granted_ttl_secs, rules: c.rules, reason: c.explain }
 }
 
 fn denied(identity: Option<String>, reason: &str) -> Outcome {

@@ -182,17 +182,11 @@ pub struct DenySweep {
 }
 
 impl DenySweep {
-    pub async fn run(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.sweep().await {
-                        tracing::warn!(error = %e, "AWS deny sweep failed; retrying next tick");
-                    }
-                }
-                () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+    pub async fn run(self, every: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticker = crate::clock::Ticker::new(every, stop);
+        while ticker.next().await {
+            if let Err(e) = self.sweep().await {
+                tracing::warn!(error = %e, "AWS deny sweep failed; retrying next tick");
             }
         }
     }
