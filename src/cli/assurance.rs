@@ -87,8 +87,19 @@ async fn replay_ledger(candidate: &Release, ledger: &LedgerArgs) -> Result<Repor
     let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
     let from = since(&ledger.since)?;
     let mut reader = LedgerReader::open(&path).await.map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
-    let events = reader.events_of_kinds(&["decision"]).await.map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
-    Ok(replay::replay(candidate, &events, from))
+    // A page at a time: a busy day is millions of decisions, and memory stays flat.
+    let mut report = Report::start(candidate, from);
+    let mut after = 0;
+    loop {
+        let page = reader
+            .kind_page("decision", after, replay::epoch_ms(from), 5000)
+            .await
+            .map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        report.feed(candidate, &page);
+    }
+    Ok(report)
 }
 
 /// The replay report as text, grouped by change, identity, request and deciding rules.

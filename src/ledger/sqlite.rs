@@ -160,6 +160,22 @@ impl LedgerReader {
         rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
     }
 
+    /// Up to `limit` events of `kind` after sequence number `after` and at or after
+    /// `since_ms`, in order: for reading a long window page by page.
+    pub async fn kind_page(&mut self, kind: &str, after: i64, since_ms: i64, limit: i64) -> Result<Vec<StoredEvent>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind = ? AND seq > ? AND at_ms >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(kind)
+        .bind(after)
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
+    }
+
     /// Every event of these kinds, in order (revocation state, traces).
     pub async fn events_of_kinds(&mut self, kinds: &[&str]) -> Result<Vec<StoredEvent>, LedgerError> {
         let placeholders = vec!["?"; kinds.len()].join(", ");

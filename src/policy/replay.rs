@@ -94,6 +94,8 @@ impl Difference {
 pub struct Report {
     pub candidate: String,
     pub since_unix: i64,
+    #[serde(skip)]
+    since_ms: i64,
     /// Decision events in the window.
     pub decisions: usize,
     pub replayed: usize,
@@ -250,35 +252,42 @@ pub fn describe(resources: &[Resource]) -> (String, String) {
 
 /// Replays every replayable decision at or after `since` under `candidate`.
 pub fn replay(candidate: &Release, events: &[StoredEvent], since: SystemTime) -> Report {
-    let since_ms = i64::try_from(since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX);
-    let window: Vec<StoredEvent> = events.iter().filter(|e| e.kind == "decision" && e.at_ms >= since_ms).cloned().collect();
-    let mut report = Report {
-        candidate: candidate.version().to_owned(),
-        since_unix: crate::clock::unix_secs(since),
-        decisions: window.len(),
-        ..Report::default()
-    };
-    for r in recorded(&window) {
-        let Ok(r) = r else {
-            report.not_replayable += 1;
-            continue;
+    let mut report = Report::start(candidate, since);
+    report.feed(candidate, events);
+    report
+}
+
+/// Milliseconds since the epoch, as the ledger stamps events.
+pub fn epoch_ms(t: SystemTime) -> i64 {
+    i64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Report {
+    pub fn start(candidate: &Release, since: SystemTime) -> Self {
+        Report { candidate: candidate.version().to_owned(), since_unix: crate::clock::unix_secs(since), since_ms: epoch_ms(since), ..Report::default() }
+    }
+
+    /// Replays the decisions among `events` inside the window (a page at a time is fine).
+    pub fn feed(&mut self, candidate: &Release, events: &[StoredEvent]) {
+        let window: Vec<&StoredEvent> = events.iter().filter(|e| e.kind == "decision" && e.at_ms >= self.since_ms).collect();
+        self.decisions += window.len();
+        for e in window {
+            self.replay_one(candidate, e);
+        }
+    }
+
+    fn replay_one(&mut self, candidate: &Release, e: &StoredEvent) {
+        let Ok(r) = parse(e) else {
+            self.not_replayable += 1;
+            return;
         };
-        report.replayed += 1;
+        self.replayed += 1;
         let after = decide(candidate, &r);
         if let Some(change) = compare(&r.outcome, &after) {
             let (action, resource) = describe(&r.resources);
-            report.differences.push(Difference {
-                seq: r.seq,
-                at_unix: crate::clock::unix_secs(r.at),
-                change,
-                action,
-                resource,
-                before: r.outcome.clone(),
-                after,
-            });
+            self.differences.push(Difference { seq: r.seq, at_unix: crate::clock::unix_secs(r.at), change, action, resource, before: r.outcome, after });
         }
     }
-    report
 }
 
 #[cfg(test)]
