@@ -54,6 +54,18 @@ pub enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
+    /// IssueAws (attest, decide, STS AssumeRole, two durable events) against a running daemon
+    /// with [aws] (e.g. `mayfly dev --aws-endpoint` and moto): what the broker adds to STS.
+    Aws {
+        #[arg(long, default_value = "mayfly.sock")]
+        socket: PathBuf,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        requests: u32,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
+    },
     /// Sign a CRL with ENTRIES revoked serials (what a revocation re-publishes), ROUNDS times.
     Crl {
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -70,6 +82,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Policy { dir, rules, decisions } => bench_policy(&dir, rules, decisions),
         Command::Crl { entries, rounds } => bench_crl(entries, rounds),
         Command::Jwt { socket, requests, concurrency } => bench_jwt(socket, requests, concurrency).await,
+        Command::Aws { socket, role, requests, concurrency } => bench_aws(socket, role, requests, concurrency).await,
     }
 }
 
@@ -172,6 +185,22 @@ async fn bench_issue(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCo
     report("issue x509 over the workload socket", elapsed, &mut latencies, errors, concurrency);
     ExitCode::SUCCESS
 }
+async fn bench_aws(socket: PathBuf, role: String, requests: u32, concurrency: u32) -> ExitCode {
+    let channel = match super::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
+    };
+    let client = BrokerClient::new(channel);
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut client = client.clone();
+        let req = crate::api::pb::IssueAwsRequest { role: role.clone(), ttl_seconds: Some(900), spiffe_id: String::new() };
+        async move { client.issue_aws(req).await.is_ok() }
+    })
+    .await;
+    report("issue aws (STS AssumeRole) over the workload socket", elapsed, &mut latencies, errors, concurrency);
+    ExitCode::SUCCESS
+}
+
 async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode {
     let dir = std::env::temp_dir().join(format!("mayfly-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
