@@ -424,3 +424,79 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
         Err(s) => super::fail(format!("policy shadow refused ({:?}): {}", s.code(), s.message())),
     }
 }
+
+/// `mayfly policy evidence VERSION`: from the ledger, what a release went through — the
+/// checks recorded for it (replay, proof, promote-check), its shadow runs and what they
+/// saw, and its activations — so an auditor sees which checks it passed before it went
+/// live. Exit 1 when it was activated without a passing promote-check recorded before.
+pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
+    let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
+    let events = match LedgerReader::open(&path).await {
+        Ok(mut r) => r.events_of_kinds(&["policy_check", "policy_shadow", "policy_shadow_diff", "policy_activated"]).await,
+        Err(e) => Err(e),
+    };
+    let events = match events {
+        Ok(e) => e,
+        Err(e) => return super::fail(format!("ledger `{}`: {e}", path.display())),
+    };
+    let matches = |v: Option<&str>| v.is_some_and(|v| v == version || v.strip_prefix("sha256:") == Some(version));
+    let at = |ms: i64| rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0).unsigned_abs()));
+    let mut passed_gate_before: Option<i64> = None;
+    let mut activated_without_gate = false;
+    let mut shadow: BTreeMap<String, usize> = BTreeMap::new();
+    let mut lines = Vec::new();
+    for e in &events {
+        let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
+        let s = |p: &str| body.pointer(p).and_then(Value::as_str);
+        match e.kind.as_str() {
+            "policy_check" => {
+                let check = s("/report/check").unwrap_or("?");
+                let candidate = s("/report/candidate").or(s("/report/replay/candidate")).or(s("/report/proof/candidate"));
+                if !matches(candidate) {
+                    continue;
+                }
+                let verdict = match check {
+                    "promote-check" => s("/report/verdict").unwrap_or("?").to_owned(),
+                    "replay" => format!("{} escalation(s)", body.pointer("/report/escalations").and_then(Value::as_u64).unwrap_or(0)),
+                    "proof" => if body.pointer("/report/proven") == Some(&json!(true)) { "proven".into() } else { "not proven".into() },
+                    other => other.to_owned(),
+                };
+                if check == "promote-check" && verdict == "pass" {
+                    passed_gate_before.get_or_insert(e.seq);
+                }
+                lines.push(format!("{}  #{}  check {check}: {verdict} (operator uid {})", at(e.at_ms), e.seq, body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default()));
+            }
+            "policy_shadow" if matches(s("/candidate")) => {
+                lines.push(format!("{}  #{}  shadow {} by uid {}: {}", at(e.at_ms), e.seq, s("/shadow").unwrap_or("?"), body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default(), s("/reason").unwrap_or("")));
+            }
+            "policy_shadow_diff" if matches(s("/candidate")) => {
+                *shadow.entry(s("/change").unwrap_or("?").to_owned()).or_default() += 1;
+            }
+            "policy_activated" if matches(s("/version")) => {
+                let gated = passed_gate_before.is_some();
+                activated_without_gate |= !gated;
+                lines.push(format!(
+                    "{}  #{}  ACTIVATED via {} (signed by {}){}",
+                    at(e.at_ms),
+                    e.seq,
+                    s("/via").unwrap_or("?"),
+                    s("/signed_by").unwrap_or("nobody"),
+                    if gated { "" } else { "  — no passing promote-check recorded before this" }
+                ));
+            }
+            _ => {}
+        }
+    }
+    println!("evidence for policy release {version} (ledger `{}`)", path.display());
+    for l in &lines {
+        println!("  {l}");
+    }
+    if !shadow.is_empty() {
+        let counts: Vec<String> = shadow.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("  shadow differences on live traffic: {}", counts.join(", "));
+    }
+    if lines.is_empty() && shadow.is_empty() {
+        println!("  nothing recorded for this version");
+    }
+    if activated_without_gate { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}

@@ -125,6 +125,15 @@ pub enum Command {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
+    /// What a release went through, from the ledger: recorded checks, shadow runs and their
+    /// differences, activations. Exit 1 if it was activated without a passing promote-check
+    /// recorded before.
+    Evidence {
+        /// The release version (`sha256:…`, or just the hex).
+        version: String,
+        #[command(flatten)]
+        ledger: super::assurance::LedgerArgs,
+    },
     /// Shadow mode on a running daemon: decide live requests with CANDIDATE beside the active
     /// release and record each difference (`policy_shadow_diff`), never acting on it.
     Shadow {
@@ -180,6 +189,7 @@ pub async fn run(command: Command) -> ExitCode {
             })
             .await
         }
+        Command::Evidence { version, ledger } => super::assurance::evidence(&version, &ledger).await,
         Command::Shadow { candidate, stop, reason, admin_socket } => super::assurance::shadow_cmd(candidate.as_deref(), stop, &reason, &admin_socket).await,
     }
 }
