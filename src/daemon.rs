@@ -378,6 +378,11 @@ impl Daemon {
         }
         drop(policy);
         drop(publisher);
+        // Shadow mode lives in memory: its end is on record, so no one reads silence as
+        // "the candidate saw nothing different".
+        if issuer.shadow_version().is_some() {
+            let _ = issuer.set_shadow(None, json!({ "daemon": "stopping" }), "the daemon stopped; shadow mode does not survive a restart").await;
+        }
         let stopped = ledger
             .record(NewEvent {
                 kind: EventKind::DaemonStopped,
