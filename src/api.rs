@@ -61,6 +61,20 @@ pub fn status(err: &IssueError) -> Status {
     Status::new(code, err.to_string())
 }
 
+impl std::fmt::Debug for pb::AwsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .field("assumed_role_arn", &self.assumed_role_arn)
+            .field("session_name", &self.session_name)
+            .field("source_identity", &self.source_identity)
+            .finish()
+    }
+}
+
 /// An issued AWS session on the wire (the secrets are copied into the message here;
 /// prost's buffers are beyond zeroize's reach, see PITFALLS).
 pub fn aws_credentials(issued: &crate::issue::IssuedAws) -> pb::AwsCredentials {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
 use crate::config::AwsConfig;
 use crate::keys::SecretString;
@@ -16,6 +16,8 @@ use crate::mint::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
 pub struct SdkAws {
     sts: aws_sdk_sts::Client,
     iam: aws_sdk_iam::Client,
+    /// The broker's own account (STS GetCallerIdentity), asked once.
+    account: tokio::sync::OnceCell<String>,
 }
 
 impl SdkAws {
@@ -34,7 +36,7 @@ impl SdkAws {
             loader = loader.endpoint_url(url);
         }
         let shared = loader.load().await;
-        Self { sts: aws_sdk_sts::Client::new(&shared), iam: aws_sdk_iam::Client::new(&shared) }
+        Self { sts: aws_sdk_sts::Client::new(&shared), iam: aws_sdk_iam::Client::new(&shared), account: tokio::sync::OnceCell::new() }
     }
 }
 
@@ -49,8 +51,21 @@ where
             AwsError::Service { operation, code: e.code().unwrap_or("Unknown").to_owned(), message: e.message().unwrap_or_default().to_owned() }
         }
         SdkError::TimeoutError(_) => AwsError::Timeout { operation },
-        other => AwsError::Transport { operation, why: DisplayErrorContext(&other).to_string() },
+        other => AwsError::Transport { operation, why: display_chain(&other) },
     }
+}
+
+/// An error and its sources, by `Display` only: `DisplayErrorContext` appends Debug output,
+/// which for a response error includes the raw response (and so could carry a secret).
+fn display_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Moves the secrets out of the SDK's response into zeroizing strings (the SDK's own
@@ -124,6 +139,18 @@ impl StsApi for SdkAws {
 }
 
 impl IamApi for SdkAws {
+    fn account(&self) -> BoxFuture<'_, Result<String, AwsError>> {
+        Box::pin(async move {
+            self.account
+                .get_or_try_init(|| async {
+                    let out = self.sts.get_caller_identity().send().await.map_err(|e| sdk_error("GetCallerIdentity", e))?;
+                    out.account.ok_or_else(|| AwsError::Service { operation: "GetCallerIdentity", code: "IncompleteResponse".into(), message: "no account".into() })
+                })
+                .await
+                .cloned()
+        })
+    }
+
     fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
         Box::pin(async move {
             let out = self.iam.get_role().role_name(role_name).send().await.map_err(|e| sdk_error("GetRole", e))?;

@@ -247,9 +247,15 @@ pub struct Issuer {
     minter: Arc<dyn Minter>,
     jwt: Arc<dyn JwtMinter>,
     aws: Option<Arc<AwsMinter>>,
+    /// JWT audiences no JWT-SVID is issued for, whatever policy says: the audience of
+    /// mayfly's own STS web-identity assertions (a JWT-SVID for it would let a workload
+    /// call AssumeRoleWithWebIdentity itself, past the AWS rules and the ledger).
+    reserved_audiences: Vec<String>,
     /// A candidate release decided beside the active one on live requests (shadow mode):
     /// differences are recorded, never acted on.
     shadow: arc_swap::ArcSwapOption<Release>,
+    /// Shadow differences being written; beyond the limit they are counted, not queued.
+    shadow_writes: Arc<tokio::sync::Semaphore>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
 }
@@ -263,7 +269,7 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, shadow: arc_swap::ArcSwapOption::empty(), ledger, clock }
+        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, reserved_audiences: vec![], shadow: arc_swap::ArcSwapOption::empty(), shadow_writes: Arc::new(tokio::sync::Semaphore::new(256)), ledger, clock }
     }
 
     /// Starts (`Some`) or stops (`None`) shadow mode, recorded either way.
@@ -309,17 +315,23 @@ impl Issuer {
             "live": live,
             "shadow": shadowed,
         });
+        let Ok(permit) = self.shadow_writes.clone().try_acquire_owned() else {
+            tracing::warn!(candidate = candidate.version(), "shadow differences arrive faster than the ledger takes them; this one is not recorded");
+            return;
+        };
         let ledger = self.ledger.clone();
         let at = self.clock.now();
         tokio::spawn(async move {
             if let Err(e) = ledger.record(NewEvent { kind: EventKind::PolicyShadowDiff, at, body, credential: None }).await {
                 tracing::warn!(error = %e, "shadow difference not recorded");
             }
+            drop(permit);
         });
     }
 
     /// Turns AWS STS sessions on.
     pub fn with_aws(mut self, aws: Arc<AwsMinter>) -> Self {
+        self.reserved_audiences.extend(aws.assertion_audience().map(str::to_owned));
         self.aws = Some(aws);
         self
     }
@@ -684,6 +696,8 @@ impl Issuer {
             Some(format!("the ticket `{}` does not match break_glass.ticket_pattern `{}`", req.ticket.escape_debug(), bg.config.ticket_pattern.as_str()))
         } else if !bg.elevated.is_configured() {
             Some("no elevated sink is configured, so nothing can be issued".into())
+        } else if kind == CredentialKind::Aws && bg.config.max_ttl.as_secs() < crate::mint::aws::MIN_SESSION_SECS {
+            Some(format!("break_glass.max_ttl `{}` is under AWS's 15-minute floor: no AWS session can be that short", bg.config.max_ttl))
         } else {
             None
         };
@@ -955,6 +969,18 @@ impl Issuer {
         let decisions: Vec<Decision> = resources
             .iter()
             .map(|resource| {
+                if let Resource::Jwt { audience } = resource
+                    && self.reserved_audiences.contains(audience)
+                {
+                    return Decision {
+                        verdict: Verdict::Deny,
+                        rules: vec!["mayfly-reserved-audience".into()],
+                        reasons: vec![format!("the audience `{audience}` is reserved for mayfly's own STS assertions (aws.web_identity_audience)")],
+                        errors: vec![],
+                        policy_version: release.version().to_owned(),
+                        needs_approval: false,
+                    };
+                }
                 release.engine.decide(
                     &DecisionRequest {
                         workload: entry,
@@ -1035,6 +1061,14 @@ impl Issuer {
     /// the caller's frame.
     async fn commit(&self, record: CredentialRecord, now: SystemTime, extra: Option<serde_json::Value>, elevated: Option<&Elevated>) -> Result<EventId, IssueError> {
         let id = record.id.clone();
+        // Again here, after minting: a lock placed while this request was in flight (an STS
+        // call takes seconds; an approval, minutes) stops the credential from leaving.
+        if let Ok(identity) = WorkloadId::parse(&record.identity)
+            && let Some(lock) = self.revocations.lock_for(&identity, self.clock.now())
+        {
+            tracing::warn!(identity = %identity, credential_id = id, kind = record.kind, "identity locked while the request was in flight; the credential is dropped");
+            return Err(IssueError::Locked { identity: identity.to_string(), reason: lock.reason });
+        }
         if let Some(elevated) = elevated {
             self.elevate(elevated, "issued", json!({ "credential": record, "emergency": extra })).await?;
         }

@@ -580,6 +580,32 @@ impl Engine {
         raised
     }
 
+    /// What a candidate loosens through annotations, which no solver sees: for rules in
+    /// both releases, a session policy dropped or rewritten, an approval no longer
+    /// required, an exception that lasts longer. `(rule id, what changed)`.
+    pub fn annotations_loosened_in(&self, candidate: &Engine) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for id in candidate.max_ttl.keys().filter(|id| self.max_ttl.contains_key(*id)) {
+            match (self.aws.policy_of(id), candidate.aws.policy_of(id)) {
+                (Some((name, _)), None) => out.push((id.clone(), format!("@aws_session_policy(\"{name}\") dropped: the role is no longer scoped down"))),
+                (Some((a, before)), Some((b, after))) if a != b || before != after => {
+                    out.push((id.clone(), format!("session policy `{a}` → `{b}` changed; review that it allows no more")));
+                }
+                _ => {}
+            }
+            if self.needs_approval.contains(id) && !candidate.needs_approval.contains(id) {
+                out.push((id.clone(), "@approval(\"required\") removed: no second person any more".into()));
+            }
+            if let (Some(a), Some(b)) = (self.exceptions.get(id), candidate.exceptions.get(id))
+                && b.expires > a.expires
+            {
+                out.push((id.clone(), format!("exception extended from {} to {}", a.expires, b.expires)));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// Every rule of the release: issuance, exceptions and break-glass (forbids once).
     pub fn rule_count(&self) -> usize {
         let emergency_permits = self.break_glass.policies().filter(|p| p.effect() == Effect::Permit).count();
@@ -653,7 +679,11 @@ impl Engine {
                     identity: req.workload.id.clone(),
                     resource: req.resource.clone(),
                     ttl: req.requested_ttl.min(max),
-                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| Box::new(self.aws.grant(&live, req.workload, max))),
+                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| {
+                        // One rule shapes the session: the longest ceiling (ties: the first id).
+                        let rule = live.iter().filter(|id| self.max_ttl.get(*id) == Some(&max)).min().map(String::as_str).unwrap_or_default();
+                        Box::new(self.aws.grant(rule, req.workload, max))
+                    }),
                 }),
                 needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
                 rules: live,

@@ -365,6 +365,11 @@ impl Desk {
             })
             .collect();
         let sessions: Vec<CredentialRecord> = found.iter().filter(|f| f.credential.kind == "aws").map(|f| f.credential.clone()).collect();
+        // Why the lock first, in memory: the AWS denies take seconds per role, and no new
+        // session may be handed out meanwhile (issuance re-checks the lock after STS).
+        if let (Some(lock), false) = (&lock, dry_run) {
+            self.revocations.apply_lock(lock.clone());
+        }
         let aws = match &target {
             Target::Identity(_) if !dry_run => Some(self.aws.revoke_identity(&sessions, now).await),
             _ if !sessions.is_empty() => Some(serde_json::json!({

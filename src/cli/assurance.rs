@@ -153,6 +153,7 @@ pub fn proof_text(p: &ProofReport) -> String {
             "critical" => "a break-glass rule permits a critical request",
             "can_error" => "a rule can error (and so silently not apply)",
             "longer_max_ttl" => "a rule's lifetime ceiling went up",
+            "annotation" => "an annotation loosens the rule",
             other => other,
         };
         out.push_str(&format!("FINDING {}: {what}\n  environment: {}\n  granted by: {}\n", f.check, f.env, f.rules.join(", ")));
@@ -255,6 +256,9 @@ pub struct PromoteArgs<'a> {
     pub ledger: Option<&'a LedgerArgs>,
     pub json_out: bool,
     pub admin_socket: Option<&'a Path>,
+    /// A skipped proof (no cvc5) or replay (no ledger) blocks instead of passing.
+    pub require_proof: bool,
+    pub require_replay: bool,
 }
 
 pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
@@ -305,12 +309,12 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
                 Some(r)
             }
             Err(why) => {
-                rows.push(("replay".into(), format!("skipped: {why}"), false));
+                rows.push(("replay".into(), format!("skipped: {why}"), a.require_replay));
                 None
             }
         },
         None => {
-            rows.push(("replay".into(), "skipped: no ledger given (--ledger or --data-dir)".into(), false));
+            rows.push(("replay".into(), "skipped: no ledger given (--ledger or --data-dir)".into(), a.require_replay));
             None
         }
     };
@@ -331,7 +335,7 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
                 Some(p)
             }
             Err(ProveError::SolverMissing(why)) => {
-                rows.push(("proof".into(), format!("skipped: the cvc5 solver is not available ({why}); {}", prove::INSTALL_HINT), false));
+                rows.push(("proof".into(), format!("skipped: the cvc5 solver is not available ({why}); {}", prove::INSTALL_HINT), a.require_proof));
                 None
             }
             Err(e) => {
@@ -428,7 +432,7 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
 /// `mayfly policy evidence VERSION`: from the ledger, what a release went through — the
 /// checks recorded for it (replay, proof, promote-check), its shadow runs and what they
 /// saw, and its activations — so an auditor sees which checks it passed before it went
-/// live. Exit 1 when it was activated without a passing promote-check recorded before.
+/// live. Exit 1 when it was activated without a passing, proven promote-check recorded before.
 pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
     let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
     let events = match LedgerReader::open(&path).await {
@@ -461,6 +465,9 @@ pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
                     "proof" => if body.pointer("/report/proven") == Some(&json!(true)) { "proven".into() } else { "not proven".into() },
                     other => other.to_owned(),
                 };
+                // A gate counts only if it proved the release (a skipped proof is no evidence).
+                let proven = body.pointer("/report/proof/findings").is_some_and(|f| f.as_array().is_some_and(Vec::is_empty));
+                let verdict = if check == "promote-check" && verdict == "pass" && !proven { "pass, but the proof was skipped".to_owned() } else { verdict };
                 if check == "promote-check" && verdict == "pass" {
                     passed_gate_before.get_or_insert(e.seq);
                 }

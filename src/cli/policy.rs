@@ -124,6 +124,12 @@ pub enum Command {
         json: bool,
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Block when the proof cannot run (no cvc5) instead of reporting it skipped.
+        #[arg(long)]
+        require_proof: bool,
+        /// Block when there is no ledger to replay.
+        #[arg(long)]
+        require_replay: bool,
     },
     /// What a release went through, from the ledger: recorded checks, shadow runs and their
     /// differences, activations. Exit 1 if it was activated without a passing promote-check
@@ -173,7 +179,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Diff { prove, current, candidate, source, json, admin_socket } => {
             super::assurance::diff_cmd(prove, &current, &candidate, &source, json, admin_socket.as_deref()).await
         }
-        Command::PromoteCheck { current, candidate, ledger, data_dir, since, source, json, admin_socket } => {
+        Command::PromoteCheck { current, candidate, ledger, data_dir, since, source, json, admin_socket, require_proof, require_replay } => {
             let ledger = match (ledger, data_dir) {
                 (Some(l), d) => Some(super::assurance::LedgerArgs::new(d.unwrap_or_default(), Some(l), since)),
                 (None, Some(d)) => Some(super::assurance::LedgerArgs::new(d, None, since)),
@@ -186,6 +192,8 @@ pub async fn run(command: Command) -> ExitCode {
                 ledger: ledger.as_ref(),
                 json_out: json,
                 admin_socket: admin_socket.as_deref(),
+                require_proof,
+                require_replay,
             })
             .await
         }

@@ -97,6 +97,8 @@ pub trait StsApi: Send + Sync + 'static {
 /// The IAM calls mayfly makes: a role's session ceiling, and the revocation hook's
 /// inline deny policies.
 pub trait IamApi: Send + Sync + 'static {
+    /// The AWS account the broker's credentials are in: IAM calls only ever reach roles there.
+    fn account(&self) -> BoxFuture<'_, Result<String, AwsError>>;
     fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>>;
     fn put_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str, document: &'a str) -> BoxFuture<'a, Result<(), AwsError>>;
     /// `Ok(false)`: there was no such policy (already removed).
@@ -164,6 +166,14 @@ impl AwsMinter {
         Self { sts, iam, mode, limits, in_flight, role_max }
     }
 
+    /// The `aud` of the web-identity assertions, in that mode.
+    pub fn assertion_audience(&self) -> Option<&str> {
+        match &self.mode {
+            Mode::WebIdentity { audience, .. } => Some(audience),
+            Mode::AssumeRole => None,
+        }
+    }
+
     /// The request STS will see for this grant (no STS call).
     pub async fn request_for(&self, grant: &Grant, credential_id: &str) -> Result<AwsSessionRequest, AwsMintError> {
         let (Resource::Aws { role }, Some(aws)) = (grant.resource(), grant.aws()) else {
@@ -176,7 +186,7 @@ impl AwsMinter {
                 aws.ceiling
             )));
         }
-        let duration = wanted.min(self.role_max(role.name()).await.as_secs());
+        let duration = wanted.min(self.role_max(role.account(), role.name()).await.as_secs());
         Ok(AwsSessionRequest {
             role_arn: role.arn().to_owned(),
             role_session_name: session_name(grant.identity(), credential_id),
@@ -212,7 +222,11 @@ impl AwsMinter {
             let operation = if assertion.is_some() { "AssumeRoleWithWebIdentity" } else { "AssumeRole" };
             let outcome = tokio::time::timeout(self.limits.attempt_timeout, call).await.unwrap_or(Err(AwsError::Timeout { operation }));
             match outcome {
-                Ok(session) => {
+                Ok(mut session) => {
+                    if session.assumed_role_arn.is_empty() {
+                        // What STS names the session; revocation finds the role by it.
+                        session.assumed_role_arn = assumed_role_arn(&request.role_arn, &request.role_session_name);
+                    }
                     return Ok(MintedSession { session, request, mode, assertion_jti: assertion.map(|a| a.jti), attempts: attempt });
                 }
                 Err(e) if e.is_transient() && attempt < self.limits.attempts => {
@@ -224,14 +238,21 @@ impl AwsMinter {
         }
     }
 
-    async fn role_max(&self, role_name: &str) -> Duration {
-        if let Some(d) = self.role_max.get(role_name) {
+    async fn role_max(&self, account: &str, role_name: &str) -> Duration {
+        let key = format!("{account}:{role_name}");
+        if let Some(d) = self.role_max.get(&key) {
             return d;
         }
         let Some(iam) = &self.iam else { return Duration::from_secs(DEFAULT_ROLE_MAX_SECS) };
+        // GetRole takes a name and answers for the broker's own account only: a role of
+        // another account (a cross-account grant) keeps the 1 h every role allows.
+        match tokio::time::timeout(self.limits.attempt_timeout, iam.account()).await {
+            Ok(Ok(own)) if own == account => {}
+            _ => return Duration::from_secs(DEFAULT_ROLE_MAX_SECS),
+        }
         match tokio::time::timeout(self.limits.attempt_timeout, iam.max_session_duration(role_name)).await {
             Ok(Ok(d)) => {
-                self.role_max.insert(role_name.to_owned(), d);
+                self.role_max.insert(key, d);
                 d
             }
             Ok(Err(e)) => {
@@ -241,6 +262,14 @@ impl AwsMinter {
             Err(_) => Duration::from_secs(DEFAULT_ROLE_MAX_SECS),
         }
     }
+}
+
+/// `arn:<partition>:iam::<account>:role/[path/]<name>` + session → the assumed-role ARN.
+fn assumed_role_arn(role_arn: &str, session_name: &str) -> String {
+    let parts: Vec<&str> = role_arn.splitn(6, ':').collect();
+    let (partition, account) = (parts.get(1).copied().unwrap_or("aws"), parts.get(4).copied().unwrap_or_default());
+    let name = role_arn.rsplit('/').next().unwrap_or_default();
+    format!("arn:{partition}:sts::{account}:assumed-role/{name}/{session_name}")
 }
 
 /// The claims AWS reads from a web-identity token: the source identity and session tags
@@ -364,6 +393,9 @@ mod tests {
     struct FixedRoleMax(u64);
 
     impl IamApi for FixedRoleMax {
+        fn account(&self) -> BoxFuture<'_, Result<String, AwsError>> {
+            Box::pin(async { Ok("111122223333".to_owned()) })
+        }
         fn max_session_duration<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
             Box::pin(async move { Ok(Duration::from_secs(self.0)) })
         }

@@ -86,21 +86,22 @@ impl AwsRules {
         Ok(())
     }
 
-    /// The grant's AWS shape from the live permitting rules. Permits are a union: if any
-    /// of them grants the role without a session policy, none applies; otherwise the
-    /// session policy allows what any of theirs allows (their statements, together).
-    pub fn grant(&self, permits: &[String], workload: &InventoryEntry, ceiling: Ttl) -> AwsGrant {
-        let scoped: Option<BTreeSet<&String>> = permits.iter().map(|id| self.session_policy.get(id)).collect();
-        let session_policy = scoped.filter(|names| !names.is_empty()).map(|names| {
-            let statements: Vec<Value> = names
-                .iter()
-                .filter_map(|n| self.documents.get(*n))
-                .flat_map(|d| d.get("Statement").and_then(Value::as_array).cloned().unwrap_or_default())
-                .collect();
-            let document = serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string();
-            SessionPolicy { names: names.into_iter().cloned().collect(), document }
+    /// A rule's session policy: its name and document.
+    pub fn policy_of(&self, rule: &str) -> Option<(&str, &Value)> {
+        let name = self.session_policy.get(rule)?;
+        Some((name.as_str(), self.documents.get(name)?))
+    }
+
+    /// The grant's AWS shape from ONE permitting rule (the engine picks the one with the
+    /// longest `@max_ttl`): its ceiling, its session policy, its tags. Rules are never
+    /// mixed — a long read-only rule and a short unscoped one must not add up to a long
+    /// unscoped session.
+    pub fn grant(&self, rule: &str, workload: &InventoryEntry, ceiling: Ttl) -> AwsGrant {
+        let session_policy = self.session_policy.get(rule).and_then(|name| {
+            let doc = self.documents.get(name)?;
+            Some(SessionPolicy { names: vec![name.clone()], document: doc.to_string() })
         });
-        let attributes: BTreeSet<&String> = permits.iter().filter_map(|id| self.tags.get(id)).flatten().collect();
+        let attributes: BTreeSet<&String> = self.tags.get(rule).into_iter().flatten().collect();
         let tags = attributes
             .into_iter()
             .map(|name| {
@@ -154,7 +155,7 @@ mod tests {
     }
 
     #[test]
-    fn permits_are_a_union_any_unscoped_permit_leaves_the_role_unscoped() {
+    fn the_grant_is_one_rule_never_a_mix() {
         let files = super::super::shipped_files_with(&[("session-policies/other.json", Some(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#))]);
         let mut rules = AwsRules::load(&files).unwrap();
         let policy = |a: &str| cedar_policy::Policy::parse(None, format!("{a} permit(principal, action, resource);")).unwrap();
@@ -171,13 +172,42 @@ mod tests {
             selectors: Default::default(),
         };
         let ttl = Ttl::from_secs(3600).unwrap();
-        let both = rules.grant(&["a".into(), "b".into()], &entry, ttl);
-        let scoped = both.session_policy.unwrap();
-        assert_eq!(scoped.names, vec!["artifacts-read".to_owned(), "other".to_owned()]);
-        let doc: Value = serde_json::from_str(&scoped.document).unwrap();
-        assert_eq!(doc["Statement"].as_array().unwrap().len(), 2, "each permit's statements, together");
-        assert_eq!(both.tags.keys().cloned().collect::<Vec<_>>(), vec!["owner".to_owned(), "tier".to_owned()]);
-        assert!(rules.grant(&["a".into(), "c".into()], &entry, ttl).session_policy.is_none(), "c grants the role unscoped");
+        let b = rules.grant("b", &entry, ttl);
+        assert_eq!(b.session_policy.as_ref().unwrap().names, vec!["other".to_owned()]);
+        let doc: Value = serde_json::from_str(&b.session_policy.unwrap().document).unwrap();
+        assert_eq!(doc["Statement"][0]["Action"], "sqs:*", "b's statements only");
+        assert_eq!(b.tags.keys().cloned().collect::<Vec<_>>(), vec!["owner".to_owned(), "tier".to_owned()]);
+        assert_eq!(b.ceiling, ttl);
+        let c = rules.grant("c", &entry, ttl);
+        assert!(c.session_policy.is_none() && c.tags.is_empty(), "c grants the role unscoped, untagged");
+    }
+
+    #[test]
+    fn a_long_scoped_rule_and_a_short_unscoped_one_do_not_add_up() {
+        let rules = r#"
+            @id("read-long") @max_ttl("12h") @aws_session_policy("artifacts-read")
+            permit (principal, action == Mayfly::Action::"issue_aws", resource == Mayfly::AwsRole::"arn:aws:iam::111122223333:role/acme-app-read")
+            when { principal.attestation == "oidc" };
+            @id("full-short") @max_ttl("15m")
+            permit (principal, action == Mayfly::Action::"issue_aws", resource == Mayfly::AwsRole::"arn:aws:iam::111122223333:role/acme-app-read")
+            when { principal.attestation == "oidc" };
+        "#;
+        let release = crate::policy::replay::tests::release(Some(rules));
+        let entry = release.inventory.entries().iter().find(|e| e.id.as_str() == "spiffe://mayfly.local/ci/acme/app").unwrap();
+        let claims: crate::identity::OidcClaims = serde_json::from_value(serde_json::json!({
+            "issuer": "https://token.actions.githubusercontent.com", "subject": "s", "repository": "acme/app", "git_ref": "refs/heads/main", "event_name": "push"
+        })).unwrap();
+        let selectors = claims.selectors();
+        let context = crate::policy::RequestContext { oidc: Some(claims), ..Default::default() };
+        let resource = crate::policy::Resource::Aws { role: crate::policy::AwsRole::parse("arn:aws:iam::111122223333:role/acme-app-read").unwrap() };
+        for asked in ["10m", "8h"] {
+            let req = crate::policy::DecisionRequest { workload: entry, attestation: "oidc", selectors: &selectors, resource: &resource, requested_ttl: Ttl::parse(asked).unwrap(), context: &context };
+            let d = release.engine.decide(&req, std::time::SystemTime::now());
+            let crate::policy::Verdict::Allow(g) = d.verdict else { panic!("{:?}", d.rules) };
+            let aws = g.aws().unwrap();
+            assert_eq!(aws.ceiling.as_secs(), 12 * 3600, "{asked}");
+            assert_eq!(aws.session_policy.as_ref().map(|p| p.names.clone()), Some(vec!["artifacts-read".to_owned()]), "{asked}: never unscoped and long");
+        }
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
     let cur_normal = on_path(current.issuance_rules(), false)?;
     let cand_emergency = on_path(candidate.break_glass_rules(), true)?;
     let cur_emergency = on_path(current.break_glass_rules(), true)?;
+    for (id, what) in current.annotations_loosened_in(candidate) {
+        report.findings.push(Finding { check: "annotation", env: "(annotations)".into(), rules: vec![id], counterexample: what });
+    }
     let mut cc = solver()?;
     let envs: Vec<RequestEnv> = schema.request_envs().collect();
     report.environments = envs.len();
@@ -296,6 +299,20 @@ mod tests {
         let Some(r) = proof(None, Some(risky), None).await else { return };
         let f = r.findings.iter().find(|f| f.check == "can_error").unwrap_or_else(|| panic!("{r:?}"));
         assert_eq!(f.rules, vec!["risky-target".to_owned()]);
+    }
+
+    #[test]
+    fn loosened_annotations_are_findings_the_solver_cannot_make() {
+        let cur = release(None);
+        let ci = crate::policy::shipped_files_with(&[]).get("issuance/ci.cedar").unwrap().replace("@aws_session_policy(\"artifacts-read\")\n", "");
+        let bg = crate::policy::shipped_files_with(&[]).get("break-glass/oncall.cedar").unwrap().replace("@approval(\"required\")\n", "");
+        let ex = crate::policy::shipped_files_with(&[]).get("exceptions/legacy-batch.cedar").unwrap().replace("@expires(\"2027-03-31\")", "@expires(\"2029-03-31\")");
+        let files = crate::policy::shipped_files_with(&[("issuance/ci.cedar", Some(ci.as_str())), ("break-glass/oncall.cedar", Some(bg.as_str())), ("exceptions/legacy-batch.cedar", Some(ex.as_str()))]);
+        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let found = cur.engine.annotations_loosened_in(&cand.engine);
+        let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, vec!["break-glass-dev-jwt-approved", "ci-read-artifacts", "exception-legacy-batch-4h"], "{found:?}");
+        assert!(cand.engine.annotations_loosened_in(&cur.engine).is_empty(), "the reverse only tightens");
     }
 
     #[tokio::test]

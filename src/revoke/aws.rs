@@ -80,23 +80,37 @@ impl AwsRevocation for AwsRevoker {
             let before = ceil_second(before);
             // One deny per (identity, role), however many sessions it holds there.
             let mut targets: BTreeMap<(String, String, String), ()> = BTreeMap::new();
+            let mut denies = Vec::new();
             for s in sessions.iter().filter(|s| s.kind == "aws") {
-                if let (Some((account, role)), Ok(id)) = (role_of(&s.fingerprint), WorkloadId::parse(&s.identity)) {
-                    targets.insert((source_identity(&id), role, account), ());
+                match (role_of(&s.fingerprint), WorkloadId::parse(&s.identity)) {
+                    (Some((account, role)), Ok(id)) => {
+                        targets.insert((source_identity(&id), role, account), ());
+                    }
+                    _ => denies.push(json!({
+                        "credential_id": s.id, "applied": false,
+                        "error": format!("cannot tell the role of session `{}` from `{}`: deny it by hand", s.serial, s.fingerprint),
+                    })),
                 }
             }
-            let mut denies = Vec::new();
+            let own = tokio::time::timeout(CALL_TIMEOUT, self.iam.account()).await.ok().and_then(Result::ok);
             for (source, role, account) in targets.into_keys() {
                 let name = deny_policy_name(&source);
                 let document = deny_document(&source, before);
-                let put = tokio::time::timeout(CALL_TIMEOUT, self.iam.put_role_policy(&role, &name, &document)).await;
-                let error = match put {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some("PutRolePolicy did not answer in time".to_owned()),
+                // IAM calls name a role, and reach the broker's own account only.
+                let error = if own.as_deref() != Some(account.as_str()) {
+                    Some(format!(
+                        "the role is in account {account} but this broker's IAM credentials are for {}: place the deny there",
+                        own.as_deref().unwrap_or("an unknown account")
+                    ))
+                } else {
+                    match tokio::time::timeout(CALL_TIMEOUT, self.iam.put_role_policy(&role, &name, &document)).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("PutRolePolicy did not answer in time".to_owned()),
+                    }
                 };
-                let max = match tokio::time::timeout(CALL_TIMEOUT, self.iam.max_session_duration(&role)).await {
-                    Ok(Ok(d)) => d,
+                let max = match (&error, tokio::time::timeout(CALL_TIMEOUT, self.iam.max_session_duration(&role)).await) {
+                    (None, Ok(Ok(d))) => d,
                     _ => LONGEST_SESSION,
                 };
                 if let Some(e) = &error {
@@ -231,6 +245,9 @@ mod tests {
     }
 
     impl IamApi for FakeIam {
+        fn account(&self) -> BoxFuture<'_, Result<String, AwsError>> {
+            Box::pin(async { Ok("111122223333".to_owned()) })
+        }
         fn max_session_duration<'a>(&'a self, role: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
             Box::pin(async move {
                 if role == "deploy" { Ok(Duration::from_secs(7200)) } else { Err(AwsError::Timeout { operation: "GetRole" }) }
@@ -285,7 +302,11 @@ mod tests {
         let id = "spiffe://mayfly.local/ci/acme/app";
         let mut x509 = session(id, "deploy", 9);
         x509.kind = "x509".into();
-        let sessions = [session(id, "deploy", 1), session(id, "deploy", 2), session(id, "read", 3), session(id, "locked-down", 4), x509];
+        let mut elsewhere = session(id, "deploy", 5);
+        elsewhere.fingerprint = "arn:aws:sts::999999999999:assumed-role/deploy/s5".into();
+        let mut unknown = session(id, "deploy", 6);
+        unknown.fingerprint = String::new();
+        let sessions = [session(id, "deploy", 1), session(id, "deploy", 2), session(id, "read", 3), session(id, "locked-down", 4), x509, elsewhere, unknown];
         let out = revoker.revoke_identity(&sessions, at).await;
         let puts = iam.puts.lock().unwrap().clone();
         let roles: Vec<&str> = puts.iter().map(|(r, _, _)| r.as_str()).collect();
@@ -300,6 +321,11 @@ mod tests {
         assert_eq!(read["remove_after"], json!(1_796_000_000 + 43_200), "unknown maximum: AWS's longest");
         let refused = denies.iter().find(|d| d["role"] == "locked-down").unwrap();
         assert!(refused["error"].as_str().unwrap().contains("AccessDenied"));
+        let foreign = denies.iter().find(|d| d["account"] == "999999999999").unwrap();
+        assert_eq!(foreign["applied"], json!(false));
+        assert!(foreign["error"].as_str().unwrap().contains("account 999999999999 but this broker's IAM credentials are for 111122223333"), "{foreign}");
+        let unmapped = denies.iter().find(|d| d["credential_id"] == "c6").unwrap();
+        assert_eq!(unmapped["applied"], json!(false), "a session whose role is unknown is a failure, not skipped");
     }
 
     #[tokio::test]
