@@ -1454,6 +1454,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lock_placed_while_sts_answers_stops_the_session_from_leaving() {
+        let (issuer, backend, sts) = aws_issuer(None).await;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        *sts.hold.lock().unwrap() = Some(gate.clone());
+        let pending = tokio::spawn({
+            let issuer = issuer.clone();
+            async move { issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await }
+        });
+        while sts.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        issuer.revocations().apply_lock(crate::revoke::Lock { target: "spiffe://mayfly.local/api".into(), until: None, reason: "INC-3".into(), operator: json!({}) });
+        gate.notify_one();
+        let err = pending.await.unwrap().unwrap_err();
+        assert!(matches!(err, IssueError::Locked { .. }), "{err:?}");
+        assert!(backend.credentials().is_empty(), "the session STS made was not handed out");
+    }
+
+    #[tokio::test]
+    async fn no_jwt_svid_is_issued_for_the_sts_assertion_audience() {
+        let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
+        let td = TrustDomain::parse("mayfly.local").unwrap();
+        let jwt: Arc<dyn JwtMinter> = Arc::new(Es256Minter::new(JwtKey::generate().unwrap(), td).unwrap());
+        let limits = crate::mint::aws::Limits { attempts: 1, attempt_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_in_flight: 1 };
+        // The assertion audience is one a rule grants JWT-SVIDs for: the reservation wins.
+        let minter = AwsMinter::new(Arc::new(FakeSts::default()), None, crate::mint::aws::Mode::WebIdentity { jwt, audience: "db".into() }, limits);
+        let issuer = issuer.with_aws(Arc::new(minter));
+        let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "5m")).await.unwrap_err();
+        assert!(matches!(&err, IssueError::Denied { rules, .. } if rules == &vec!["mayfly-reserved-audience".to_owned()]), "{err:?}");
+        assert!(backend.events()[0].body.contains("reserved for mayfly's own STS assertions"));
+        assert!(backend.credentials().is_empty());
+    }
+
+    #[tokio::test]
     async fn without_aws_configured_nothing_is_decided() {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
         let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
