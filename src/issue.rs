@@ -1390,9 +1390,8 @@ mod tests {
         assert!(backend.credentials().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_slow_sts_does_not_hold_up_x509_or_jwt_issuance() {
-        let (issuer, _backend, sts) = aws_issuer(None).await;
+    /// An AWS issuance started and now waiting inside STS until `gate` is notified.
+    async fn aws_issuance_held_at_sts(issuer: &Arc<Issuer>, sts: &FakeSts) -> (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<Result<IssuedAws, IssueError>>) {
         let gate = Arc::new(tokio::sync::Notify::new());
         *sts.hold.lock().unwrap() = Some(gate.clone());
         let pending = tokio::spawn({
@@ -1402,6 +1401,13 @@ mod tests {
         while sts.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
+        (gate, pending)
+    }
+
+    #[tokio::test]
+    async fn a_slow_sts_does_not_hold_up_x509_or_jwt_issuance() {
+        let (issuer, _backend, sts) = aws_issuer(None).await;
+        let (gate, pending) = aws_issuance_held_at_sts(&issuer, &sts).await;
         issuer.issue_x509(&PeerInfo::without_credentials(), request("1h")).await.unwrap();
         assert!(!pending.is_finished(), "the AWS call is still waiting on STS");
         gate.notify_one();
@@ -1456,15 +1462,7 @@ mod tests {
     #[tokio::test]
     async fn a_lock_placed_while_sts_answers_stops_the_session_from_leaving() {
         let (issuer, backend, sts) = aws_issuer(None).await;
-        let gate = Arc::new(tokio::sync::Notify::new());
-        *sts.hold.lock().unwrap() = Some(gate.clone());
-        let pending = tokio::spawn({
-            let issuer = issuer.clone();
-            async move { issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await }
-        });
-        while sts.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let (gate, pending) = aws_issuance_held_at_sts(&issuer, &sts).await;
         issuer.revocations().apply_lock(crate::revoke::Lock { target: "spiffe://mayfly.local/api".into(), until: None, reason: "INC-3".into(), operator: json!({}) });
         gate.notify_one();
         let err = pending.await.unwrap().unwrap_err();
