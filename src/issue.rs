@@ -496,7 +496,7 @@ impl Issuer {
         if let (Some(serde_json::Value::Object(more)), Some(map)) = (extra, details.as_object_mut()) {
             map.extend(more);
         }
-        let issued_id = match self.commit(record, now, Some(details), elevated).await {
+        let issued_id = match self.commit(grant.identity(), record, now, Some(details), elevated).await {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(
@@ -602,7 +602,7 @@ impl Issuer {
             not_after: unix_secs(svid.not_after),
             decision_id,
         };
-        let issued_id = self.commit(record, now, extra, elevated).await?;
+        let issued_id = self.commit(grant.identity(), record, now, extra, elevated).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, serial = %svid.serial, decision_id, issued_id,
             api = origin.api, rotation = origin.rotates.is_some(), break_glass = origin.emergency.is_some(),
@@ -643,7 +643,7 @@ impl Issuer {
             not_after: unix_secs(svid.not_after),
             decision_id,
         };
-        let issued_id = self.commit(record, now, extra, elevated).await?;
+        let issued_id = self.commit(grant.identity(), record, now, extra, elevated).await?;
         tracing::info!(
             identity = %grant.identity(), credential_id, decision_id, issued_id, api = origin.api,
             break_glass = origin.emergency.is_some(), audiences = ?grant.audiences(), not_after = unix_secs(svid.not_after), "jwt svid issued"
@@ -947,7 +947,7 @@ impl Issuer {
                 };
                 // The inventory said no: a candidate release's inventory might say yes, so
                 // the request is kept for `mayfly policy replay`.
-                let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, dev_fallback && wanted.is_none());
+                let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
                 self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
                 return Err(err);
             }
@@ -1059,13 +1059,18 @@ impl Issuer {
     /// follows: the elevated sinks first (break-glass; if they fail, nothing is issued),
     /// then the durable `issued` event. Until this returns the credential exists only in
     /// the caller's frame.
-    async fn commit(&self, record: CredentialRecord, now: SystemTime, extra: Option<serde_json::Value>, elevated: Option<&Elevated>) -> Result<EventId, IssueError> {
+    async fn commit(
+        &self,
+        identity: &WorkloadId,
+        record: CredentialRecord,
+        now: SystemTime,
+        extra: Option<serde_json::Value>,
+        elevated: Option<&Elevated>,
+    ) -> Result<EventId, IssueError> {
         let id = record.id.clone();
         // Again here, after minting: a lock placed while this request was in flight (an STS
         // call takes seconds; an approval, minutes) stops the credential from leaving.
-        if let Ok(identity) = WorkloadId::parse(&record.identity)
-            && let Some(lock) = self.revocations.lock_for(&identity, self.clock.now())
-        {
+        if let Some(lock) = self.revocations.lock_for(identity, self.clock.now()) {
             tracing::warn!(identity = %identity, credential_id = id, kind = record.kind, "identity locked while the request was in flight; the credential is dropped");
             return Err(IssueError::Locked { identity: identity.to_string(), reason: lock.reason });
         }

@@ -221,10 +221,7 @@ pub async fn diff_cmd(prove_it: bool, current: &Path, candidate: &Path, source: 
     };
     let report = match prove::prove(&cur.release.engine, &cand.release.engine, marker.as_ref()).await {
         Ok(r) => r,
-        Err(e @ ProveError::SolverMissing(_)) => {
-            eprintln!("mayfly: {e}");
-            return ExitCode::from(2);
-        }
+        // Exit 2 (not 1): the release was not judged, either way.
         Err(e) => {
             eprintln!("mayfly: {e}");
             return ExitCode::from(2);
