@@ -9,10 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     // Messages that carry AWS secrets get a redacting Debug (api.rs), not prost's.
     config.skip_debug(["mayfly.v1.AwsCredentials"]);
-    let protos: Vec<PathBuf> = ["proto/mayfly/v1/broker.proto", "proto/mayfly/v1/admin.proto", "proto/spiffe/workload.proto"]
-        .into_iter()
-        .map(PathBuf::from)
-        .collect();
+    let protos: Vec<PathBuf> =
+        ["proto/mayfly/v1/broker.proto", "proto/mayfly/v1/admin.proto", "proto/spiffe/workload.proto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
     let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure()
         .build_client(true)

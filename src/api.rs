@@ -13,8 +13,8 @@ use crate::attest::AttestError;
 use crate::attest::oidc::OidcError;
 use crate::breakglass::ApprovalError;
 use crate::issue::IssueError;
-use crate::mint::aws::AwsMintError;
 use crate::mint::MintError;
+use crate::mint::aws::AwsMintError;
 
 /// The generated `mayfly.v1` types.
 pub mod pb {
@@ -40,7 +40,9 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Mint(MintError::CsrEncoding(_) | MintError::CsrSignature | MintError::CsrKeyAlgorithm) => {
             Code::InvalidArgument
         }
-        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_)) => Code::Internal,
+        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_)) => {
+            Code::Internal
+        }
         IssueError::InvalidJwt(_) => Code::InvalidArgument,
         IssueError::Token(OidcError::Unavailable(_)) => Code::Unavailable,
         IssueError::Token(_) => Code::Unauthenticated,

@@ -36,7 +36,11 @@ impl SdkAws {
             loader = loader.endpoint_url(url);
         }
         let shared = loader.load().await;
-        Self { sts: aws_sdk_sts::Client::new(&shared), iam: aws_sdk_iam::Client::new(&shared), account: tokio::sync::OnceCell::new() }
+        Self {
+            sts: aws_sdk_sts::Client::new(&shared),
+            iam: aws_sdk_iam::Client::new(&shared),
+            account: tokio::sync::OnceCell::new(),
+        }
     }
 }
 
@@ -48,7 +52,11 @@ where
     match err {
         SdkError::ServiceError(e) => {
             let e = e.err();
-            AwsError::Service { operation, code: e.code().unwrap_or("Unknown").to_owned(), message: e.message().unwrap_or_default().to_owned() }
+            AwsError::Service {
+                operation,
+                code: e.code().unwrap_or("Unknown").to_owned(),
+                message: e.message().unwrap_or_default().to_owned(),
+            }
         }
         SdkError::TimeoutError(_) => AwsError::Timeout { operation },
         other => AwsError::Transport { operation, why: display_chain(&other) },
@@ -70,8 +78,16 @@ fn display_chain(e: &dyn std::error::Error) -> String {
 
 /// Moves the secrets out of the SDK's response into zeroizing strings (the SDK's own
 /// strings are left empty; its response buffers are out of reach, see PITFALLS).
-fn session(operation: &'static str, credentials: Option<aws_sdk_sts::types::Credentials>, arn: Option<String>) -> Result<StsSession, AwsError> {
-    let missing = || AwsError::Service { operation, code: "IncompleteResponse".into(), message: "STS answered without credentials".into() };
+fn session(
+    operation: &'static str,
+    credentials: Option<aws_sdk_sts::types::Credentials>,
+    arn: Option<String>,
+) -> Result<StsSession, AwsError> {
+    let missing = || AwsError::Service {
+        operation,
+        code: "IncompleteResponse".into(),
+        message: "STS answered without credentials".into(),
+    };
     let mut c = credentials.ok_or_else(missing)?;
     let expiration = SystemTime::try_from(c.expiration).map_err(|_| missing())?;
     Ok(StsSession {
@@ -118,7 +134,11 @@ impl StsApi for SdkAws {
         })
     }
 
-    fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+    fn assume_role_with_web_identity<'a>(
+        &'a self,
+        req: &'a AwsSessionRequest,
+        token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<StsSession, AwsError>> {
         Box::pin(async move {
             const OP: &str = "AssumeRoleWithWebIdentity";
             let mut out = self
@@ -143,8 +163,13 @@ impl IamApi for SdkAws {
         Box::pin(async move {
             self.account
                 .get_or_try_init(|| async {
-                    let out = self.sts.get_caller_identity().send().await.map_err(|e| sdk_error("GetCallerIdentity", e))?;
-                    out.account.ok_or_else(|| AwsError::Service { operation: "GetCallerIdentity", code: "IncompleteResponse".into(), message: "no account".into() })
+                    let out =
+                        self.sts.get_caller_identity().send().await.map_err(|e| sdk_error("GetCallerIdentity", e))?;
+                    out.account.ok_or_else(|| AwsError::Service {
+                        operation: "GetCallerIdentity",
+                        code: "IncompleteResponse".into(),
+                        message: "no account".into(),
+                    })
                 })
                 .await
                 .cloned()
@@ -159,7 +184,12 @@ impl IamApi for SdkAws {
         })
     }
 
-    fn put_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str, document: &'a str) -> BoxFuture<'a, Result<(), AwsError>> {
+    fn put_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+        document: &'a str,
+    ) -> BoxFuture<'a, Result<(), AwsError>> {
         Box::pin(async move {
             self.iam
                 .put_role_policy()
@@ -173,7 +203,11 @@ impl IamApi for SdkAws {
         })
     }
 
-    fn delete_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str) -> BoxFuture<'a, Result<bool, AwsError>> {
+    fn delete_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AwsError>> {
         Box::pin(async move {
             match self.iam.delete_role_policy().role_name(role_name).policy_name(policy_name).send().await {
                 Ok(_) => Ok(true),

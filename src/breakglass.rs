@@ -19,7 +19,9 @@ use crate::policy::Grant;
 /// What a pending request will be issued as once approved.
 #[derive(Clone, Debug)]
 pub enum PendingKind {
-    X509 { csr: VerifiedCsr },
+    X509 {
+        csr: VerifiedCsr,
+    },
     Jwt,
     /// The role is in the grant.
     Aws,
@@ -115,7 +117,13 @@ impl Approvals {
 
     /// Waits up to `at_most` for request `id` to be approved or to expire (by `clock`).
     /// Only the requester may wait; an approved or expired request is taken out (issued once).
-    pub async fn wait(&self, id: &str, requester_uid: u32, at_most: Duration, clock: &dyn Clock) -> Result<Waited, ApprovalError> {
+    pub async fn wait(
+        &self,
+        id: &str,
+        requester_uid: u32,
+        at_most: Duration,
+        clock: &dyn Clock,
+    ) -> Result<Waited, ApprovalError> {
         let mut changes = self.changed.subscribe();
         let give_up = tokio::time::Instant::now() + at_most;
         loop {
@@ -177,14 +185,24 @@ mod tests {
     #[test]
     fn approval_fails_closed() {
         let now = SystemTime::now();
-        assert_eq!(Approvals::new(vec![], Duration::from_secs(600)).add(pending("a", 1000, now)), Err(ApprovalError::NoApprovers));
-        assert_eq!(Approvals::new(vec![1000], Duration::from_secs(600)).add(pending("a", 1000, now)), Err(ApprovalError::NoApprovers), "only the requester could approve");
+        assert_eq!(
+            Approvals::new(vec![], Duration::from_secs(600)).add(pending("a", 1000, now)),
+            Err(ApprovalError::NoApprovers)
+        );
+        assert_eq!(
+            Approvals::new(vec![1000], Duration::from_secs(600)).add(pending("a", 1000, now)),
+            Err(ApprovalError::NoApprovers),
+            "only the requester could approve"
+        );
         let a = Approvals::new(vec![1000, 2000], Duration::from_secs(600));
         a.add(pending("a", 1000, now)).unwrap();
         assert_eq!(a.check_approval("a", 1000, now).unwrap_err(), ApprovalError::SelfApproval);
         assert_eq!(a.check_approval("a", 3000, now).unwrap_err(), ApprovalError::NotAnApprover(3000));
         assert!(a.check_approval("a", 2000, now).is_ok());
-        assert!(matches!(a.check_approval("a", 2000, now + Duration::from_secs(601)), Err(ApprovalError::Unknown(_))), "expired");
+        assert!(
+            matches!(a.check_approval("a", 2000, now + Duration::from_secs(601)), Err(ApprovalError::Unknown(_))),
+            "expired"
+        );
     }
 
     #[tokio::test]
@@ -193,15 +211,27 @@ mod tests {
         let a = std::sync::Arc::new(Approvals::new(vec![2000], Duration::from_secs(600)));
         a.add(pending("a", 1000, now)).unwrap();
         let clock = std::sync::Arc::new(crate::clock::FixedClock::new(now));
-        assert!(matches!(a.wait("a", 3000, Duration::from_millis(10), clock.as_ref()).await, Err(ApprovalError::NotRequester(_))));
-        assert!(matches!(a.wait("a", 1000, Duration::from_millis(100), clock.as_ref()).await, Ok(Waited::StillPending(_))));
+        assert!(matches!(
+            a.wait("a", 3000, Duration::from_millis(10), clock.as_ref()).await,
+            Err(ApprovalError::NotRequester(_))
+        ));
+        assert!(matches!(
+            a.wait("a", 1000, Duration::from_millis(100), clock.as_ref()).await,
+            Ok(Waited::StillPending(_))
+        ));
         let waiter = {
             let (a, clock) = (a.clone(), clock.clone());
             tokio::spawn(async move { a.wait("a", 1000, Duration::from_secs(20), clock.as_ref()).await })
         };
         a.commit_approval("a", serde_json::json!({ "uid": 2000 }));
         assert!(matches!(waiter.await.unwrap(), Ok(Waited::Approved(_))));
-        assert!(matches!(a.wait("a", 1000, Duration::from_millis(10), clock.as_ref()).await, Err(ApprovalError::Unknown(_))), "issued once");
+        assert!(
+            matches!(
+                a.wait("a", 1000, Duration::from_millis(10), clock.as_ref()).await,
+                Err(ApprovalError::Unknown(_))
+            ),
+            "issued once"
+        );
         a.add(pending("b", 1000, now)).unwrap();
         let waiter = {
             let (a, clock) = (a.clone(), clock.clone());

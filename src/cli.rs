@@ -105,16 +105,18 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint } => match Config::dev(
-                data_dir,
-                policies,
-                socket,
-                admin_socket,
-                DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint },
-            ) {
-                Ok(config) => run_daemon(config, true).await,
-                Err(e) => fail(e),
-            },
+            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint } => {
+                match Config::dev(
+                    data_dir,
+                    policies,
+                    socket,
+                    admin_socket,
+                    DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint },
+                ) {
+                    Ok(config) => run_daemon(config, true).await,
+                    Err(e) => fail(e),
+                }
+            }
             Command::Serve { config } => match Config::from_file(&config) {
                 Ok(config) => run_daemon(config, false).await,
                 Err(e) => fail(e),
@@ -145,7 +147,9 @@ async fn run_daemon(config: Config, announce_socket: bool) -> ExitCode {
         println!("SPIFFE Workload API and mayfly.v1 on {}; for SPIFFE clients:", socket.display());
         println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
         if let Some(addr) = daemon.listen_address() {
-            println!("token exchange and OIDC discovery on https://{addr} (certificate from the dev CA: curl --cacert <data dir>/ca.pem)");
+            println!(
+                "token exchange and OIDC discovery on https://{addr} (certificate from the dev CA: curl --cacert <data dir>/ca.pem)"
+            );
         }
     }
     match daemon.run(shutdown_signal()).await {

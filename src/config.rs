@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::attest::oidc::{parse_algorithm, IssuerConfig};
+use crate::attest::oidc::{IssuerConfig, parse_algorithm};
 use crate::identity::{OidcClaims, TrustDomain, Ttl};
 
 #[derive(Debug, thiserror::Error)]
@@ -209,9 +209,14 @@ pub struct RawAttestation {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// Generated on first start and persisted in this directory (dev, or `ca.generate = true`).
-    Generated { dir: PathBuf },
+    Generated {
+        dir: PathBuf,
+    },
 }
 
 /// Where the daemon's policy comes from.
@@ -227,7 +232,10 @@ pub enum PolicySource {
 /// Where the TLS listener's certificate comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// `mayfly dev`: a certificate for localhost / 127.0.0.1 from the daemon's own CA.
     FromCa,
 }
@@ -293,14 +301,24 @@ impl Config {
 
     /// `mayfly dev`: embedded defaults, a generated CA in the data dir, and the policies/
     /// tree read unsigned (re-read when it changes).
-    pub fn dev(data_dir: PathBuf, policies: PathBuf, socket: PathBuf, admin_socket: PathBuf, dev_net: DevNet) -> Result<Self, ConfigError> {
+    pub fn dev(
+        data_dir: PathBuf,
+        policies: PathBuf,
+        socket: PathBuf,
+        admin_socket: PathBuf,
+        dev_net: DevNet,
+    ) -> Result<Self, ConfigError> {
         let data_dir_for_dev = data_dir.clone();
         let issuers = dev_net
             .oidc_issuers
             .iter()
             .map(|spec| {
                 let (url, audience) = spec.split_once('=').map_or((spec.as_str(), "mayfly"), |(u, a)| (u, a));
-                RawIssuer { url: Some(url.to_owned()), audiences: Some(vec![audience.to_owned()]), ..RawIssuer::default() }
+                RawIssuer {
+                    url: Some(url.to_owned()),
+                    audiences: Some(vec![audience.to_owned()]),
+                    ..RawIssuer::default()
+                }
             })
             .collect();
         let raw = RawConfig {
@@ -364,16 +382,22 @@ impl Config {
         let data_dir = raw.data_dir.ok_or_else(|| key("data_dir")("required".into()))?;
         let policy = match (dev_policy, raw.policy.bundle) {
             (Some(dev), _) => dev,
-            (None, None) => return Err(key("policy.bundle")("required: a signed bundle file or a directory of them".into())),
+            (None, None) => {
+                return Err(key("policy.bundle")("required: a signed bundle file or a directory of them".into()));
+            }
             (None, Some(_)) if raw.policy.trusted_keys.is_empty() => {
-                return Err(key("policy.trusted_keys")("required: the Ed25519 public key files bundles must be signed with".into()));
+                return Err(key("policy.trusted_keys")(
+                    "required: the Ed25519 public key files bundles must be signed with".into(),
+                ));
             }
             (None, Some(path)) => PolicySource::Bundle { path, trusted_keys: raw.policy.trusted_keys },
         };
         let socket = raw.workload_api.socket.ok_or_else(|| key("workload_api.socket")("required".into()))?;
         let max_request_bytes = raw.workload_api.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
         if !(1024..=16 * 1024 * 1024).contains(&max_request_bytes) {
-            return Err(key("workload_api.max_request_bytes")(format!("`{max_request_bytes}` must be 1024..=16777216")));
+            return Err(key("workload_api.max_request_bytes")(format!(
+                "`{max_request_bytes}` must be 1024..=16777216"
+            )));
         }
         let duration = |k: &'static str, v: Option<String>, default: &str| -> Result<Ttl, ConfigError> {
             Ttl::parse(v.as_deref().unwrap_or(default)).map_err(|e| key(k)(e.to_string()))
@@ -382,8 +406,12 @@ impl Config {
         let policy_poll = duration("policy.poll_interval", raw.policy.poll_interval, "5s")?;
         let ca = match raw.ca {
             None => return Err(key("ca")("required: `cert` and `key` files, or `generate = true`".into())),
-            Some(RawCa { cert: Some(cert), key: Some(k), generate: None | Some(false) }) => CaSource::Files { cert, key: k },
-            Some(RawCa { cert: None, key: None, generate: Some(true) }) => CaSource::Generated { dir: data_dir.clone() },
+            Some(RawCa { cert: Some(cert), key: Some(k), generate: None | Some(false) }) => {
+                CaSource::Files { cert, key: k }
+            }
+            Some(RawCa { cert: None, key: None, generate: Some(true) }) => {
+                CaSource::Generated { dir: data_dir.clone() }
+            }
             Some(_) => return Err(key("ca")("set both `cert` and `key`, or only `generate = true`".into())),
         };
         let ledger_path = raw.ledger.path.unwrap_or_else(|| data_dir.join("ledger.db"));
@@ -417,7 +445,9 @@ impl Config {
                 };
                 let max_request_bytes = l.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
                 if !(1024..=1024 * 1024).contains(&max_request_bytes) {
-                    return Err(key("listen.max_request_bytes")(format!("`{max_request_bytes}` must be 1024..=1048576")));
+                    return Err(key("listen.max_request_bytes")(format!(
+                        "`{max_request_bytes}` must be 1024..=1048576"
+                    )));
                 }
                 let request_timeout = duration("listen.request_timeout", l.request_timeout, "15s")?.as_duration();
                 Some(ListenConfig { address, tls, max_request_bytes, request_timeout })
@@ -449,27 +479,44 @@ impl Config {
                 None => OidcClaims::SELECTOR_KEYS.iter().map(|k| (*k).to_owned()).collect(),
                 Some(list) => {
                     if let Some(bad) = list.iter().find(|k| !OidcClaims::SELECTOR_KEYS.contains(&k.as_str())) {
-                        return Err(key("oidc.issuer.selector_claims")(format!("`{bad}` is not one of {}", OidcClaims::SELECTOR_KEYS.join(", "))));
+                        return Err(key("oidc.issuer.selector_claims")(format!(
+                            "`{bad}` is not one of {}",
+                            OidcClaims::SELECTOR_KEYS.join(", ")
+                        )));
                     }
                     list.into_iter().collect()
                 }
             };
-            oidc_issuers.push(IssuerConfig { issuer: url, audiences, algorithms, clock_skew: clock_skew.as_duration(), selector_claims, dev_fallback: false });
+            oidc_issuers.push(IssuerConfig {
+                issuer: url,
+                audiences,
+                algorithms,
+                clock_skew: clock_skew.as_duration(),
+                selector_claims,
+                dev_fallback: false,
+            });
         }
         if !oidc_issuers.is_empty() && listen.is_none() {
-            return Err(key("listen")("required when [[oidc.issuer]] is set: the exchange is served on the TLS listener".into()));
+            return Err(key("listen")(
+                "required when [[oidc.issuer]] is set: the exchange is served on the TLS listener".into(),
+            ));
         }
         let jwt_issuer = match raw.jwt.issuer {
             Some(url) if url.starts_with("https://") && !url.ends_with('/') => Some(url),
-            Some(url) => return Err(key("jwt.issuer")(format!("`{url}` must be an https:// URL without a trailing slash"))),
+            Some(url) => {
+                return Err(key("jwt.issuer")(format!("`{url}` must be an https:// URL without a trailing slash")));
+            }
             None => None,
         };
         if listen.is_some() && jwt_issuer.is_none() && !dev {
-            return Err(key("jwt.issuer")("required with [listen]: the https:// URL relying parties reach this listener at".into()));
+            return Err(key("jwt.issuer")(
+                "required with [listen]: the https:// URL relying parties reach this listener at".into(),
+            ));
         }
         let bg = raw.break_glass;
         let pattern = bg.ticket_pattern.unwrap_or_else(|| "INC-[0-9]+".into());
-        let ticket_pattern = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| key("break_glass.ticket_pattern")(format!("`{pattern}`: {e}")))?;
+        let ticket_pattern = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| key("break_glass.ticket_pattern")(format!("`{pattern}`: {e}")))?;
         let bg_max = duration("break_glass.max_ttl", bg.max_ttl, "15m")?;
         if bg_max.as_secs() > 3600 {
             return Err(key("break_glass.max_ttl")(format!("`{bg_max}` is over 1 h: emergency credentials are short")));
@@ -490,20 +537,29 @@ impl Config {
             None => None,
             Some(a) => {
                 let region = a.region.unwrap_or_else(|| "us-east-1".into());
-                if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                if region.is_empty()
+                    || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                {
                     return Err(key("aws.region")(format!("`{region}` is not a region name (e.g. eu-west-1)")));
                 }
                 if let Some(url) = &a.endpoint {
                     let parsed = url::Url::parse(url).map_err(|e| key("aws.endpoint")(format!("`{url}`: {e}")))?;
                     let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
                     if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
-                        return Err(key("aws.endpoint")(format!("`{url}`: https://, or http:// on loopback (an emulator)")));
+                        return Err(key("aws.endpoint")(format!(
+                            "`{url}`: https://, or http:// on loopback (an emulator)"
+                        )));
                     }
                 }
                 let mode = match a.mode.as_deref().unwrap_or("assume_role") {
                     "assume_role" => AwsMode::AssumeRole,
                     "web_identity" if jwt_issuer.is_some() || dev => AwsMode::WebIdentity,
-                    "web_identity" => return Err(key("aws.mode")("web_identity needs jwt.issuer: STS fetches mayfly's keys from its discovery document".into())),
+                    "web_identity" => {
+                        return Err(key("aws.mode")(
+                            "web_identity needs jwt.issuer: STS fetches mayfly's keys from its discovery document"
+                                .into(),
+                        ));
+                    }
                     other => return Err(key("aws.mode")(format!("`{other}` is not assume_role or web_identity"))),
                 };
                 let attempts = a.attempts.unwrap_or(3);
@@ -568,7 +624,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::try_from(toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Syntax { path: "t".into(), message: e.to_string() })?)
+        Config::try_from(
+            toml::from_str::<RawConfig>(text)
+                .map_err(|e| ConfigError::Syntax { path: "t".into(), message: e.to_string() })?,
+        )
     }
 
     const BASE: &str = r#"
@@ -601,7 +660,12 @@ mod tests {
         assert!(parse(&no_td).unwrap_err().to_string().contains("trust_domain"));
         let half_ca = BASE.replace("generate = true", "cert = \"/x.pem\"");
         assert!(parse(&half_ca).unwrap_err().to_string().contains("`ca`"));
-        let with_rotation = |pct: u32| BASE.replace("socket = \"/run/mayfly/workload.sock\"", &format!("socket = \"/run/mayfly/workload.sock\"\nrotate_at_percent = {pct}"));
+        let with_rotation = |pct: u32| {
+            BASE.replace(
+                "socket = \"/run/mayfly/workload.sock\"",
+                &format!("socket = \"/run/mayfly/workload.sock\"\nrotate_at_percent = {pct}"),
+            )
+        };
         assert_eq!(parse(&with_rotation(80)).unwrap().rotate_at_percent, 80);
         assert!(parse(&with_rotation(100)).unwrap_err().to_string().contains("workload_api.rotate_at_percent"));
         let unsigned = BASE.replace("trusted_keys = [\"/etc/mayfly/policy-signing.pub\"]", "");
@@ -611,7 +675,11 @@ mod tests {
     #[test]
     fn the_exchange_is_configured_strictly() {
         let listen = "\n[listen]\naddress = \"127.0.0.1:8443\"\ncert = \"/t.pem\"\nkey = \"/k.pem\"\n";
-        let issuer = |extra: &str| format!("{BASE}{listen}[jwt]\nissuer = \"https://mayfly.example.org\"\n[[oidc.issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\n{extra}");
+        let issuer = |extra: &str| {
+            format!(
+                "{BASE}{listen}[jwt]\nissuer = \"https://mayfly.example.org\"\n[[oidc.issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\n{extra}"
+            )
+        };
         let c = parse(&issuer("")).unwrap();
         assert_eq!(c.oidc_issuers[0].audiences, vec!["mayfly".to_owned()]);
         assert!(!c.oidc_issuers[0].dev_fallback, "serve never makes dev identities");
@@ -631,7 +699,10 @@ mod tests {
     fn aws_is_configured_strictly() {
         let aws = |extra: &str| parse(&format!("{BASE}[aws]\n{extra}"));
         let c = aws("").unwrap().aws.unwrap();
-        assert_eq!((c.region.as_str(), c.mode, c.attempts, c.default_ttl.as_secs()), ("us-east-1", AwsMode::AssumeRole, 3, 3600));
+        assert_eq!(
+            (c.region.as_str(), c.mode, c.attempts, c.default_ttl.as_secs()),
+            ("us-east-1", AwsMode::AssumeRole, 3, 3600)
+        );
         assert!(aws("endpoint = \"http://127.0.0.1:5000\"\n").is_ok(), "an emulator on loopback");
         for (text, k) in [
             ("endpoint = \"http://sts.example.org\"\n", "aws.endpoint"),

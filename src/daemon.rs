@@ -16,31 +16,31 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::api::admin::AdminService;
 use crate::api::authority::AuthorityFix;
 use crate::api::broker::BrokerService;
+use crate::api::exchange::{ExchangeApi, RemoteAddr};
 use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
 use crate::api::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::api::workload::{WorkloadApiService, WorkloadApiSettings};
-use crate::attest::{PeerStream, UnixAttestor};
-use crate::clock::Clock;
-use crate::api::exchange::{ExchangeApi, RemoteAddr};
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
-use crate::config::{CaSource, Config, TlsSource};
+use crate::attest::{PeerStream, UnixAttestor};
 use crate::breakglass::Approvals;
-use crate::events::{Elevated, ElevatedSink, FileSink, WebhookSink};
-use crate::issue::{BreakGlassSettings, ExchangeSettings};
-use crate::ledger::sqlite::LedgerReader;
+use crate::clock::Clock;
 use crate::config::AwsMode;
-use crate::mint::aws::AwsMinter;
-use crate::revoke::aws::{AwsRevoker, DenySweep};
-use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
+use crate::config::{CaSource, Config, TlsSource};
+use crate::events::{Elevated, ElevatedSink, FileSink, WebhookSink};
 use crate::issue::Issuer;
+use crate::issue::{BreakGlassSettings, ExchangeSettings};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
+use crate::ledger::sqlite::LedgerReader;
 use crate::ledger::sqlite::SqliteBackend;
 use crate::ledger::{EventKind, GroupCommitLedger, Ledger, LedgerError, NewEvent};
+use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
 use crate::mint::x509::X509Minter;
 use crate::mint::{MintError, TrustBundle};
 use crate::policy::activation::{ActivationError, PolicyController};
+use crate::revoke::aws::{AwsRevoker, DenySweep};
+use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -112,7 +112,11 @@ impl Daemon {
         let jwt_kid = jwt_key.kid().to_owned();
         // Why bound here: in dev the JWT issuer URL is the address actually bound.
         let tcp = match &config.listen {
-            Some(l) => Some(tokio::net::TcpListener::bind(l.address).await.map_err(|e| DaemonError::Listen { address: l.address.to_string(), why: e.to_string() })?),
+            Some(l) => Some(
+                tokio::net::TcpListener::bind(l.address)
+                    .await
+                    .map_err(|e| DaemonError::Listen { address: l.address.to_string(), why: e.to_string() })?,
+            ),
             None => None,
         };
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
@@ -132,8 +136,10 @@ impl Daemon {
         let admin = config.admin_socket.as_deref().map(|path| bind_socket(path, 0o600)).transpose()?;
         if let (Some(path), Some(uid)) = (&config.admin_socket, config.admin_owner_uid) {
             // Why chown rather than widen the mode: the socket stays 0600, for exactly one owner.
-            rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None)
-                .map_err(|e| DaemonError::Socket { path: path.clone(), why: format!("chown to uid {uid} (admin.owner_uid): {e}") })?;
+            rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None).map_err(|e| DaemonError::Socket {
+                path: path.clone(),
+                why: format!("chown to uid {uid} (admin.owner_uid): {e}"),
+            })?;
         }
         let policy = PolicyController::start(
             config.policy.clone(),
@@ -197,7 +203,10 @@ impl Daemon {
             (Some(sdk), Some(a)) => {
                 let mode = match a.mode {
                     AwsMode::AssumeRole => crate::mint::aws::Mode::AssumeRole,
-                    AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity { jwt: jwt_minter.clone(), audience: a.web_identity_audience.clone() },
+                    AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity {
+                        jwt: jwt_minter.clone(),
+                        audience: a.web_identity_audience.clone(),
+                    },
                 };
                 let limits = crate::mint::aws::Limits {
                     attempts: a.attempts,
@@ -236,7 +245,21 @@ impl Daemon {
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
         }
-        Ok(Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt: jwt_minter, net, aws, clock })
+        Ok(Self {
+            config,
+            issuer,
+            ledger,
+            writer,
+            listener,
+            admin,
+            policy,
+            publisher,
+            minter,
+            jwt: jwt_minter,
+            net,
+            aws,
+            clock,
+        })
     }
 
     pub fn socket(&self) -> &Path {
@@ -250,13 +273,17 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, aws, clock } = self;
+        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, aws, clock } =
+            self;
         let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
-        let service = BrokerServer::new(BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl))
-            .max_decoding_message_size(config.max_request_bytes);
+        let service = BrokerServer::new(
+            BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl),
+        )
+        .max_decoding_message_size(config.max_request_bytes);
         // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
         // which the HTTP/2 server would reject; see api::authority.
-        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
+        let incoming =
+            UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = WorkloadApiSettings {
@@ -265,8 +292,13 @@ impl Daemon {
             jwt_ttl: config.jwt_ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(issuer.clone(), settings, publisher.subscribe(), stop_rx.clone()))
-            .max_decoding_message_size(config.max_request_bytes);
+        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(
+            issuer.clone(),
+            settings,
+            publisher.subscribe(),
+            stop_rx.clone(),
+        ))
+        .max_decoding_message_size(config.max_request_bytes);
         let shutdown = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -291,19 +323,36 @@ impl Daemon {
         let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
         let crl_publisher = tokio::spawn(publish_on_revocation(publisher.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(
-            ExpirySweep::new(config.ledger_path.clone(), ledger.clone() as Arc<dyn Ledger>, issuer.clone(), clock.clone())
-                .run(config.policy_poll, stop_rx.clone()),
+            ExpirySweep::new(
+                config.ledger_path.clone(),
+                ledger.clone() as Arc<dyn Ledger>,
+                issuer.clone(),
+                clock.clone(),
+            )
+            .run(config.policy_poll, stop_rx.clone()),
         );
         // AWS revocation denies come off their roles once every session they caught is over.
         let deny_sweeper = aws.as_ref().map(|sdk| {
-            let sweep = DenySweep { iam: sdk.clone(), ledger: ledger.clone() as Arc<dyn Ledger>, ledger_path: config.ledger_path.clone(), clock: clock.clone() };
+            let sweep = DenySweep {
+                iam: sdk.clone(),
+                ledger: ledger.clone() as Arc<dyn Ledger>,
+                ledger_path: config.ledger_path.clone(),
+                clock: clock.clone(),
+            };
             tokio::spawn(sweep.run(std::time::Duration::from_secs(60), stop_rx.clone()))
         });
         let net_server = match (net, &config.listen) {
             (Some(net), Some(listen)) => {
-                let api = ExchangeApi::new(issuer.clone(), net.jwt_issuer.clone(), config.default_ttl, config.jwt_ttl, config.max_ttl, listen.request_timeout)
-                    .with_bundles(publisher.subscribe())
-                    .with_aws_ttl(aws_ttl);
+                let api = ExchangeApi::new(
+                    issuer.clone(),
+                    net.jwt_issuer.clone(),
+                    config.default_ttl,
+                    config.jwt_ttl,
+                    config.max_ttl,
+                    listen.request_timeout,
+                )
+                .with_bundles(publisher.subscribe())
+                .with_aws_ttl(aws_ttl);
                 Some(tokio::spawn(serve_tls(net, api.router(listen.max_request_bytes), stop_rx.clone())))
             }
             _ => None,
@@ -321,8 +370,14 @@ impl Daemon {
                     None => Arc::new(NoAws),
                 },
             });
-            let service = AdminServer::new(AdminService::new(policy.clone(), desk, issuer.clone(), rustix::process::geteuid().as_raw(), config.admin_owner_uid))
-                .max_decoding_message_size(64 * 1024);
+            let service = AdminServer::new(AdminService::new(
+                policy.clone(),
+                desk,
+                issuer.clone(),
+                rustix::process::geteuid().as_raw(),
+                config.admin_owner_uid,
+            ))
+            .max_decoding_message_size(64 * 1024);
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
             let mut stop = stop_rx.clone();
             tokio::spawn(
@@ -381,7 +436,13 @@ impl Daemon {
         // Shadow mode lives in memory: its end is on record, so no one reads silence as
         // "the candidate saw nothing different".
         if issuer.shadow_version().is_some() {
-            let _ = issuer.set_shadow(None, json!({ "daemon": "stopping" }), "the daemon stopped; shadow mode does not survive a restart").await;
+            let _ = issuer
+                .set_shadow(
+                    None,
+                    json!({ "daemon": "stopping" }),
+                    "the daemon stopped; shadow mode does not survive a restart",
+                )
+                .await;
         }
         let stopped = ledger
             .record(NewEvent {
@@ -411,7 +472,11 @@ fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
 }
 
 /// Checks the policy source every `every` until shutdown.
-async fn watch_policy(policy: Arc<PolicyController>, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+async fn watch_policy(
+    policy: Arc<PolicyController>,
+    every: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
     while ticker.next().await {
         policy.poll().await;
@@ -426,9 +491,16 @@ fn break_glass_settings(config: &Config) -> Result<BreakGlassSettings, DaemonErr
         sinks.push(Arc::new(FileSink::new(path.clone())));
     }
     if let Some(url) = &bg.webhook {
-        sinks.push(Arc::new(WebhookSink::new(url.clone(), bg.webhook_retries).map_err(|e| DaemonError::Serve(format!("break_glass.webhook: {e}")))?));
+        sinks.push(Arc::new(
+            WebhookSink::new(url.clone(), bg.webhook_retries)
+                .map_err(|e| DaemonError::Serve(format!("break_glass.webhook: {e}")))?,
+        ));
     }
-    Ok(BreakGlassSettings { config: bg.clone(), elevated: Elevated::new(sinks), approvals: Approvals::new(bg.approvers.clone(), bg.approval_timeout) })
+    Ok(BreakGlassSettings {
+        config: bg.clone(),
+        elevated: Elevated::new(sinks),
+        approvals: Approvals::new(bg.approvers.clone(), bg.approval_timeout),
+    })
 }
 
 /// The rustls server configuration: the configured certificate, or (dev) one for
@@ -464,12 +536,13 @@ fn tls_acceptor(
             (vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec())))
         }
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| fail(e.to_string()))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| fail(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -542,7 +615,11 @@ impl BundlePublisher {
             issuer,
             minter,
             clock,
-            bundles: tokio::sync::watch::Sender::new(Arc::new(TrustBundle { x509: vec![], jwks: json!({ "keys": [] }), crls: vec![] })),
+            bundles: tokio::sync::watch::Sender::new(Arc::new(TrustBundle {
+                x509: vec![],
+                jwks: json!({ "keys": [] }),
+                crls: vec![],
+            })),
             crl_made: std::sync::Mutex::new(now),
             crl_entries: std::sync::Mutex::new(Vec::new()),
         };
@@ -572,7 +649,8 @@ impl BundlePublisher {
         let now = self.clock.now();
         let entries = self.issuer.revocations().revoked_x509(now);
         // Why the number: CRL numbers must increase; milliseconds since the epoch do.
-        let number = u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
+        let number = u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+            .unwrap_or(u64::MAX);
         let crls = match self.minter.crls(&entries, now, number) {
             Ok(crls) => crls,
             Err(e) => {
@@ -583,7 +661,11 @@ impl BundlePublisher {
         };
         *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
         *self.crl_entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = entries;
-        self.bundles.send_replace(Arc::new(TrustBundle { x509: self.issuer.x509_bundle(), jwks: self.issuer.jwks(), crls }));
+        self.bundles.send_replace(Arc::new(TrustBundle {
+            x509: self.issuer.x509_bundle(),
+            jwks: self.issuer.jwks(),
+            crls,
+        }));
     }
 }
 
@@ -649,7 +731,14 @@ impl ExpirySweep {
                 if !self.issuer.revocations().is_revoked(&c.id) {
                     let emergency = self.issuer.is_break_glass(&c.id);
                     let body = json!({ "credential_id": c.id, "kind": c.kind, "identity": c.identity, "serial": c.serial, "not_after": c.not_after, "break_glass": emergency });
-                    self.ledger.record(NewEvent { kind: EventKind::Expired, at: self.clock.now(), body: body.clone(), credential: None }).await?;
+                    self.ledger
+                        .record(NewEvent {
+                            kind: EventKind::Expired,
+                            at: self.clock.now(),
+                            body: body.clone(),
+                            credential: None,
+                        })
+                        .await?;
                     if emergency {
                         self.issuer.elevate_later("expired", body).await;
                     }
@@ -714,7 +803,12 @@ impl KeyWatch {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "new JWT key file refused; the current key keeps signing");
-                let event = NewEvent { kind: EventKind::JwtKeyRejected, at: now, body: json!({ "reason": e.to_string(), "kid": from }), credential: None };
+                let event = NewEvent {
+                    kind: EventKind::JwtKeyRejected,
+                    at: now,
+                    body: json!({ "reason": e.to_string(), "kid": from }),
+                    credential: None,
+                };
                 if self.ledger.record(event).await.is_ok() {
                     self.jwt_refused = Some(bytes);
                 }
@@ -722,7 +816,12 @@ impl KeyWatch {
             }
         };
         let to = next.kid().to_owned();
-        let event = NewEvent { kind: EventKind::JwtKeyRotated, at: now, body: json!({ "from_kid": from, "to_kid": to }), credential: None };
+        let event = NewEvent {
+            kind: EventKind::JwtKeyRotated,
+            at: now,
+            body: json!({ "from_kid": from, "to_kid": to }),
+            credential: None,
+        };
         if let Err(e) = self.ledger.record(event).await {
             tracing::error!(error = %e, "JWT key rotation not recorded; not rotating yet");
             return false;
@@ -748,7 +847,12 @@ impl KeyWatch {
             Ok(ca) => ca,
             Err(e) => {
                 tracing::warn!(error = %e, "new CA files refused; the current CA keeps signing");
-                let event = NewEvent { kind: EventKind::CaRejected, at: now, body: json!({ "reason": e.to_string(), "ca_sha256": from }), credential: None };
+                let event = NewEvent {
+                    kind: EventKind::CaRejected,
+                    at: now,
+                    body: json!({ "reason": e.to_string(), "ca_sha256": from }),
+                    credential: None,
+                };
                 if self.ledger.record(event).await.is_ok() {
                     self.refused = Some(bytes);
                 }
@@ -758,7 +862,12 @@ impl KeyWatch {
         let to = sha(next.cert_der());
         // Why record first: a signer change nobody can trace is worse than a late one; on a
         // ledger error the next tick tries again.
-        let event = NewEvent { kind: EventKind::CaRotated, at: now, body: json!({ "from_sha256": from, "to_sha256": to }), credential: None };
+        let event = NewEvent {
+            kind: EventKind::CaRotated,
+            at: now,
+            body: json!({ "from_sha256": from, "to_sha256": to }),
+            credential: None,
+        };
         if let Err(e) = self.ledger.record(event).await {
             tracing::error!(error = %e, "CA rotation not recorded; not rotating yet");
             return false;

@@ -153,7 +153,9 @@ impl Selector {
             ("unix", "uid") => value == "self" || digits(value),
             ("unix", "gid") => digits(value),
             ("unix", "path") => value.starts_with('/'),
-            ("unix", "sha256") => value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            ("unix", "sha256") => {
+                value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }
             ("unix", "container") => value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
             ("oidc", k) if OidcClaims::SELECTOR_KEYS.contains(&k) => !value.is_empty(),
             _ => {
@@ -193,8 +195,18 @@ pub struct OidcClaims {
 impl OidcClaims {
     /// The `oidc:<key>:<value>` selector keys an id-token yields.
     pub const SELECTOR_KEYS: [&'static str; 12] = [
-        "iss", "sub", "repository", "repository_owner", "ref", "ref_type", "environment", "workflow_ref", "event_name", "sha",
-        "run_id", "ref_protected",
+        "iss",
+        "sub",
+        "repository",
+        "repository_owner",
+        "ref",
+        "ref_type",
+        "environment",
+        "workflow_ref",
+        "event_name",
+        "sha",
+        "run_id",
+        "ref_protected",
     ];
 
     /// The present claims as (Cedar attribute name, value).
@@ -364,7 +376,8 @@ impl Inventory {
         let mut seen = BTreeSet::new();
         for e in raw.workload {
             let line = line_col(text, e.id.span().start).0;
-            let at = |what: String| IdentityError::Inventory(format!("line {line}, workload `{}`: {what}", e.id.get_ref()));
+            let at =
+                |what: String| IdentityError::Inventory(format!("line {line}, workload `{}`: {what}", e.id.get_ref()));
             let id = WorkloadId::parse(e.id.get_ref()).map_err(|err| at(err.to_string()))?;
             if !id.is_member_of(trust_domain) {
                 return Err(at(format!("not in the trust domain `{trust_domain}`")));
@@ -522,7 +535,8 @@ mod tests {
         assert!(Inventory::parse(&dup, &td()).unwrap_err().to_string().contains("duplicate"));
         let no_owner = INVENTORY.replace("owner = \"team-api\"\n", "");
         assert!(Inventory::parse(&no_owner, &td()).is_err());
-        let bad_sel = INVENTORY.replace("unix:sha256:abababababababababababababababababababababababababababababababab", "nocolons");
+        let bad_sel = INVENTORY
+            .replace("unix:sha256:abababababababababababababababababababababababababababababababab", "nocolons");
         assert!(Inventory::parse(&bad_sel, &td()).unwrap_err().to_string().contains("nocolons"));
     }
 

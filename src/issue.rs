@@ -8,22 +8,24 @@ use std::time::SystemTime;
 
 use serde_json::json;
 
-use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
-use crate::clock::{unix_secs, utc_date, Clock};
 use crate::attest::oidc::{OidcError, OidcVerifier, VerifiedToken};
+use crate::attest::{AttestError, Attestation, Attestor, CallerSummary, PeerInfo};
 use crate::breakglass::{ApprovalError, Approvals, Pending, PendingKind, Waited};
+use crate::clock::{Clock, unix_secs, utc_date};
 use crate::config::BreakGlassConfig;
 use crate::events::Elevated;
-use crate::revoke::Revocations;
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
-use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::keys::SecretDer;
+use crate::ledger::{CredentialRecord, EventId, EventKind, Ledger, LedgerError, NewEvent};
 use crate::mint::aws::{AwsMintError, AwsMinter, StsSession};
 use crate::mint::{JwtError, JwtMinter, JwtSvid, MintError, Minter, ValidatedJwt, VerifiedCsr, X509Svid};
 use crate::policy::release::Release;
 use crate::policy::replay::{self, Outcome};
 use crate::policy::store::PolicyStore;
-use crate::policy::{AwsRole, Combined, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict};
+use crate::policy::{
+    AwsRole, Combined, CredentialKind, Decision, DecisionRequest, Grant, JwtGrant, RequestContext, Resource, Verdict,
+};
+use crate::revoke::Revocations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -95,7 +97,10 @@ pub enum EmergencyOutcome {
     Jwt(IssuedJwt),
     Aws(IssuedAws),
     /// Waiting for a second person: poll with the id until approved, denied or expired.
-    Pending { id: String, expires_at: SystemTime },
+    Pending {
+        id: String,
+        expires_at: SystemTime,
+    },
 }
 
 /// The emergency path's settings and state: the elevated sinks every step is written to
@@ -269,16 +274,43 @@ impl Issuer {
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange: None, break_glass: None, break_glass_credentials: Default::default(), revocations: Arc::new(Revocations::default()), attestor, policy, minter, jwt, aws: None, reserved_audiences: vec![], shadow: arc_swap::ArcSwapOption::empty(), shadow_writes: Arc::new(tokio::sync::Semaphore::new(256)), ledger, clock }
+        Self {
+            exchange: None,
+            break_glass: None,
+            break_glass_credentials: Default::default(),
+            revocations: Arc::new(Revocations::default()),
+            attestor,
+            policy,
+            minter,
+            jwt,
+            aws: None,
+            reserved_audiences: vec![],
+            shadow: arc_swap::ArcSwapOption::empty(),
+            shadow_writes: Arc::new(tokio::sync::Semaphore::new(256)),
+            ledger,
+            clock,
+        }
     }
 
     /// Starts (`Some`) or stops (`None`) shadow mode, recorded either way.
-    pub async fn set_shadow(&self, candidate: Option<Arc<Release>>, operator: serde_json::Value, reason: &str) -> Result<EventId, IssueError> {
+    pub async fn set_shadow(
+        &self,
+        candidate: Option<Arc<Release>>,
+        operator: serde_json::Value,
+        reason: &str,
+    ) -> Result<EventId, IssueError> {
         let body = match &candidate {
-            Some(r) => json!({ "shadow": "started", "candidate": r.version(), "label": r.provenance.label, "signed_by": r.provenance.signed_by, "source": r.provenance.source, "active": self.policy_version(), "operator": operator, "reason": reason }),
-            None => json!({ "shadow": "stopped", "candidate": self.shadow.load().as_ref().map(|r| r.version().to_owned()), "operator": operator, "reason": reason }),
+            Some(r) => {
+                json!({ "shadow": "started", "candidate": r.version(), "label": r.provenance.label, "signed_by": r.provenance.signed_by, "source": r.provenance.source, "active": self.policy_version(), "operator": operator, "reason": reason })
+            }
+            None => {
+                json!({ "shadow": "stopped", "candidate": self.shadow.load().as_ref().map(|r| r.version().to_owned()), "operator": operator, "reason": reason })
+            }
         };
-        let id = self.ledger.record(NewEvent { kind: EventKind::PolicyShadow, at: self.clock.now(), body, credential: None }).await?;
+        let id = self
+            .ledger
+            .record(NewEvent { kind: EventKind::PolicyShadow, at: self.clock.now(), body, credential: None })
+            .await?;
         self.shadow.store(candidate);
         Ok(id)
     }
@@ -290,7 +322,13 @@ impl Issuer {
 
     /// Decides `request` under the shadow release too; a different outcome is recorded
     /// (in the background: it must not slow or fail the live request) and nothing else.
-    fn shadow_compare(&self, request: &serde_json::Value, live: Outcome, decision_id: Option<EventId>, now: SystemTime) {
+    fn shadow_compare(
+        &self,
+        request: &serde_json::Value,
+        live: Outcome,
+        decision_id: Option<EventId>,
+        now: SystemTime,
+    ) {
         let Some(candidate) = self.shadow.load_full() else { return };
         let body = json!({ "request": request, "identity": live.identity });
         let recorded = match replay::from_body(&body, decision_id.unwrap_or_default(), now) {
@@ -316,13 +354,18 @@ impl Issuer {
             "shadow": shadowed,
         });
         let Ok(permit) = self.shadow_writes.clone().try_acquire_owned() else {
-            tracing::warn!(candidate = candidate.version(), "shadow differences arrive faster than the ledger takes them; this one is not recorded");
+            tracing::warn!(
+                candidate = candidate.version(),
+                "shadow differences arrive faster than the ledger takes them; this one is not recorded"
+            );
             return;
         };
         let ledger = self.ledger.clone();
         let at = self.clock.now();
         tokio::spawn(async move {
-            if let Err(e) = ledger.record(NewEvent { kind: EventKind::PolicyShadowDiff, at, body, credential: None }).await {
+            if let Err(e) =
+                ledger.record(NewEvent { kind: EventKind::PolicyShadowDiff, at, body, credential: None }).await
+            {
                 tracing::warn!(error = %e, "shadow difference not recorded");
             }
             drop(permit);
@@ -439,7 +482,9 @@ impl Issuer {
             return Err(IssueError::NoAws);
         }
         let resources = vec![Resource::Aws { role: req.role }];
-        let auth = self.authorize(caller, CredentialKind::Aws, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        let auth = self
+            .authorize(caller, CredentialKind::Aws, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin)
+            .await?;
         let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
         self.deliver_aws(grant, auth.decision_id, auth.now, &req.origin, provenance(caller), None).await
     }
@@ -608,12 +653,21 @@ impl Issuer {
             api = origin.api, rotation = origin.rotates.is_some(), break_glass = origin.emergency.is_some(),
             not_after = unix_secs(svid.not_after), "x509 svid issued"
         );
-        Ok(IssuedX509 { credential_id, identity: grant.identity().clone(), svid, private_key, bundle: self.minter.x509_bundle(), decision_id })
+        Ok(IssuedX509 {
+            credential_id,
+            identity: grant.identity().clone(),
+            svid,
+            private_key,
+            bundle: self.minter.x509_bundle(),
+            decision_id,
+        })
     }
 
     pub async fn issue_jwt_as(&self, caller: Caller<'_>, req: JwtRequest) -> Result<IssuedJwt, IssueError> {
         let resources = req.audiences.iter().map(|a| Resource::Jwt { audience: a.clone() }).collect();
-        let auth = self.authorize(caller, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        let auth = self
+            .authorize(caller, CredentialKind::Jwt, resources, req.ttl, req.spiffe_id.as_ref(), &req.origin)
+            .await?;
         self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &req.origin, provenance(caller), None).await
     }
 
@@ -661,10 +715,19 @@ impl Issuer {
 
     /// Break-glass for an operator off-host, through the TLS listener: the id-token is
     /// verified like any exchange (a refusal is recorded), then the same emergency path.
-    pub async fn exchange_break_glass(&self, token: &str, remote: &str, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
+    pub async fn exchange_break_glass(
+        &self,
+        token: &str,
+        remote: &str,
+        req: EmergencyRequest,
+    ) -> Result<EmergencyOutcome, IssueError> {
         let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
         let kind = req.kind.credential_kind();
-        let origin = Origin { api: "break_glass", rotates: None, emergency: Some(Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() }) };
+        let origin = Origin {
+            api: "break_glass",
+            rotates: None,
+            emergency: Some(Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() }),
+        };
         let verified = match exchange.verifier.verify(token, self.clock.now()).await {
             Ok(v) => v,
             Err(e) => {
@@ -677,8 +740,15 @@ impl Issuer {
         self.break_glass_as(Caller::Token(&verified), req).await
     }
 
-    async fn break_glass_as(&self, caller_ref: Caller<'_>, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
-        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+    async fn break_glass_as(
+        &self,
+        caller_ref: Caller<'_>,
+        req: EmergencyRequest,
+    ) -> Result<EmergencyOutcome, IssueError> {
+        let bg = self
+            .break_glass
+            .as_ref()
+            .ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
         let kind = req.kind.credential_kind();
         if kind == CredentialKind::Aws && self.aws.is_none() {
             return Err(IssueError::NoAws);
@@ -693,17 +763,28 @@ impl Issuer {
         };
         // Refusals before policy is asked are still recorded (and flagged).
         let early = if !bg.config.ticket_pattern.is_match(&req.ticket) {
-            Some(format!("the ticket `{}` does not match break_glass.ticket_pattern `{}`", req.ticket.escape_debug(), bg.config.ticket_pattern.as_str()))
+            Some(format!(
+                "the ticket `{}` does not match break_glass.ticket_pattern `{}`",
+                req.ticket.escape_debug(),
+                bg.config.ticket_pattern.as_str()
+            ))
         } else if !bg.elevated.is_configured() {
             Some("no elevated sink is configured, so nothing can be issued".into())
         } else if kind == CredentialKind::Aws && bg.config.max_ttl.as_secs() < crate::mint::aws::MIN_SESSION_SECS {
-            Some(format!("break_glass.max_ttl `{}` is under AWS's 15-minute floor: no AWS session can be that short", bg.config.max_ttl))
+            Some(format!(
+                "break_glass.max_ttl `{}` is under AWS's 15-minute floor: no AWS session can be that short",
+                bg.config.max_ttl
+            ))
         } else {
             None
         };
         if let Some(why) = early {
             self.record_refusal(kind, &caller, None, &ttl, &why, &version, &origin, None).await?;
-            self.elevate_later("denied", json!({ "caller": caller, "ticket": req.ticket, "justification": req.reason, "why": why })).await;
+            self.elevate_later(
+                "denied",
+                json!({ "caller": caller, "ticket": req.ticket, "justification": req.reason, "why": why }),
+            )
+            .await;
             return Err(IssueError::BreakGlass(why));
         }
         let resources = match &req.kind {
@@ -760,25 +841,57 @@ impl Issuer {
         match req.kind {
             EmergencyKind::X509 { csr } => {
                 let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
-                Ok(EmergencyOutcome::X509(self.deliver_x509(grant, auth.decision_id, auth.now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
+                Ok(EmergencyOutcome::X509(
+                    self.deliver_x509(
+                        grant,
+                        auth.decision_id,
+                        auth.now,
+                        KeySource::Csr(csr),
+                        &origin,
+                        Some(extra),
+                        Some(&bg.elevated),
+                    )
+                    .await?,
+                ))
             }
-            EmergencyKind::Jwt { .. } => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+            EmergencyKind::Jwt { .. } => Ok(EmergencyOutcome::Jwt(
+                self.deliver_jwt(&auth.grants, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated))
+                    .await?,
+            )),
             EmergencyKind::Aws { .. } => {
                 let grant = auth.grants.first().ok_or(IssueError::NoEntry)?;
-                Ok(EmergencyOutcome::Aws(self.deliver_aws(grant, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated)).await?))
+                Ok(EmergencyOutcome::Aws(
+                    self.deliver_aws(grant, auth.decision_id, auth.now, &origin, Some(extra), Some(&bg.elevated))
+                        .await?,
+                ))
             }
         }
     }
 
     /// The requester waits (at most `at_most`) for an approval; approved → issued once.
-    pub async fn break_glass_wait(&self, peer: &PeerInfo, id: &str, at_most: std::time::Duration) -> Result<EmergencyOutcome, IssueError> {
-        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+    pub async fn break_glass_wait(
+        &self,
+        peer: &PeerInfo,
+        id: &str,
+        at_most: std::time::Duration,
+    ) -> Result<EmergencyOutcome, IssueError> {
+        let bg = self
+            .break_glass
+            .as_ref()
+            .ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
         match bg.approvals.wait(id, peer.uid, at_most, self.clock.as_ref()).await? {
             Waited::StillPending(p) => Ok(EmergencyOutcome::Pending { id: p.id.clone(), expires_at: p.expires_at }),
             Waited::Expired(p) => {
                 let why = format!("no approval within {} s", bg.approvals.timeout().as_secs());
-                self.record_break_glass("denied", json!({ "request": p.id, "decision_id": p.decision_id, "identity": p.identity, "why": why })).await?;
-                let _ = bg.elevated.write(&json!({ "break_glass": "denied", "request": p.id, "identity": p.identity, "why": why })).await;
+                self.record_break_glass(
+                    "denied",
+                    json!({ "request": p.id, "decision_id": p.decision_id, "identity": p.identity, "why": why }),
+                )
+                .await?;
+                let _ = bg
+                    .elevated
+                    .write(&json!({ "break_glass": "denied", "request": p.id, "identity": p.identity, "why": why }))
+                    .await;
                 Err(IssueError::BreakGlass(why))
             }
             Waited::Approved(p) => {
@@ -789,12 +902,29 @@ impl Issuer {
                 match p.kind {
                     PendingKind::X509 { csr } => {
                         let grant = p.grants.first().ok_or(IssueError::NoEntry)?;
-                        Ok(EmergencyOutcome::X509(self.deliver_x509(grant, p.decision_id, now, KeySource::Csr(csr), &origin, Some(extra), Some(&bg.elevated)).await?))
+                        Ok(EmergencyOutcome::X509(
+                            self.deliver_x509(
+                                grant,
+                                p.decision_id,
+                                now,
+                                KeySource::Csr(csr),
+                                &origin,
+                                Some(extra),
+                                Some(&bg.elevated),
+                            )
+                            .await?,
+                        ))
                     }
-                    PendingKind::Jwt => Ok(EmergencyOutcome::Jwt(self.deliver_jwt(&p.grants, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated)).await?)),
+                    PendingKind::Jwt => Ok(EmergencyOutcome::Jwt(
+                        self.deliver_jwt(&p.grants, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated))
+                            .await?,
+                    )),
                     PendingKind::Aws => {
                         let grant = p.grants.first().ok_or(IssueError::NoEntry)?;
-                        Ok(EmergencyOutcome::Aws(self.deliver_aws(grant, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated)).await?))
+                        Ok(EmergencyOutcome::Aws(
+                            self.deliver_aws(grant, p.decision_id, now, &origin, Some(extra), Some(&bg.elevated))
+                                .await?,
+                        ))
                     }
                 }
             }
@@ -803,13 +933,26 @@ impl Issuer {
 
     /// A second person approves a pending request: recorded (ledger and elevated sinks)
     /// before it takes effect; never the requester; only a configured approver.
-    pub async fn break_glass_approve(&self, approver_uid: u32, approver: serde_json::Value, id: &str, reason: &str) -> Result<(), IssueError> {
-        let bg = self.break_glass.as_ref().ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
+    pub async fn break_glass_approve(
+        &self,
+        approver_uid: u32,
+        approver: serde_json::Value,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), IssueError> {
+        let bg = self
+            .break_glass
+            .as_ref()
+            .ok_or_else(|| IssueError::BreakGlass("the break-glass path is not configured".into()))?;
         let now = self.clock.now();
         let p = match bg.approvals.check_approval(id, approver_uid, now) {
             Ok(p) => p,
             Err(e) => {
-                self.record_break_glass("approval_refused", json!({ "request": id, "approver": approver, "why": e.to_string() })).await?;
+                self.record_break_glass(
+                    "approval_refused",
+                    json!({ "request": id, "approver": approver, "why": e.to_string() }),
+                )
+                .await?;
                 return Err(e.into());
             }
         };
@@ -821,7 +964,12 @@ impl Issuer {
     }
 
     /// A review afterwards (`mayfly break-glass review`): recorded, flagged.
-    pub async fn break_glass_review(&self, reviewer: serde_json::Value, id: &str, note: &str) -> Result<EventId, IssueError> {
+    pub async fn break_glass_review(
+        &self,
+        reviewer: serde_json::Value,
+        id: &str,
+        note: &str,
+    ) -> Result<EventId, IssueError> {
         self.record_break_glass("reviewed", json!({ "subject": id, "reviewer": reviewer, "note": note })).await
     }
 
@@ -830,7 +978,10 @@ impl Issuer {
             map.insert("stage".into(), json!(stage));
             map.insert("break_glass".into(), json!(true));
         }
-        Ok(self.ledger.record(NewEvent { kind: EventKind::BreakGlass, at: self.clock.now(), body, credential: None }).await?)
+        Ok(self
+            .ledger
+            .record(NewEvent { kind: EventKind::BreakGlass, at: self.clock.now(), body, credential: None })
+            .await?)
     }
 
     /// One line to every elevated sink, or the step fails (and is recorded as refused).
@@ -859,7 +1010,13 @@ impl Issuer {
     /// Verifies one of mayfly's JWTs (signature, expiry, audience when given) and that it
     /// was not revoked; a live token's check is a durable `used` event before the answer.
     /// A revoked token's attempted use is recorded too (incident responders want it).
-    async fn check_jwt(&self, token: &str, audience: Option<&str>, use_kind: &str, by: serde_json::Value) -> Result<ValidatedJwt, IssueError> {
+    async fn check_jwt(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+        use_kind: &str,
+        by: serde_json::Value,
+    ) -> Result<ValidatedJwt, IssueError> {
         let now = self.clock.now();
         let audience_text = audience.unwrap_or_default();
         let validated = match self.jwt.validate_jwt(token, audience, now) {
@@ -911,13 +1068,20 @@ impl Issuer {
             Caller::Local(peer) => match self.attest(peer).await {
                 Ok(a) => (a.selectors, serde_json::to_value(&a.caller).unwrap_or_default(), "unix", None, false),
                 Err(e) => {
-                    let summary = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
+                    let summary = CallerSummary {
+                        uid: peer.uid,
+                        gid: peer.gid,
+                        pid: peer.pid.unwrap_or(0),
+                        ..Default::default()
+                    };
                     let record = serde_json::to_value(&summary).unwrap_or_default();
                     self.record_refusal(kind, &record, wanted, &ttl, &e.to_string(), version, origin, None).await?;
                     return Err(e.into());
                 }
             },
-            Caller::Token(t) => (t.selectors.clone(), json!({ "oidc": t.provenance }), "oidc", Some(t.claims.clone()), t.dev_fallback),
+            Caller::Token(t) => {
+                (t.selectors.clone(), json!({ "oidc": t.provenance }), "oidc", Some(t.claims.clone()), t.dev_fallback)
+            }
         };
         let now = self.clock.now();
         let dev_entry;
@@ -933,32 +1097,74 @@ impl Issuer {
                     Some(e) => e,
                     None => {
                         let err = IssueError::NoEntry;
-                        let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
-                        self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
+                        let request = request_record(
+                            attestation_kind,
+                            &selectors,
+                            &resources,
+                            ttl,
+                            wanted,
+                            oidc.as_ref(),
+                            origin,
+                            false,
+                        );
+                        self.record_refusal(
+                            kind,
+                            &caller_record,
+                            wanted,
+                            &ttl,
+                            &err.to_string(),
+                            version,
+                            origin,
+                            Some(request),
+                        )
+                        .await?;
                         return Err(err);
                     }
                 }
             }
             other => {
                 let err = match other {
-                    Lookup::Expired(e) => IssueError::EntryExpired { id: e.id.to_string(), expires: e.expires.to_string() },
+                    Lookup::Expired(e) => {
+                        IssueError::EntryExpired { id: e.id.to_string(), expires: e.expires.to_string() }
+                    }
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
                     _ => IssueError::NoEntry,
                 };
                 // The inventory said no: a candidate release's inventory might say yes, so
                 // the request is kept for `mayfly policy replay`.
-                let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
-                self.record_refusal(kind, &caller_record, wanted, &ttl, &err.to_string(), version, origin, Some(request)).await?;
+                let request =
+                    request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, false);
+                self.record_refusal(
+                    kind,
+                    &caller_record,
+                    wanted,
+                    &ttl,
+                    &err.to_string(),
+                    version,
+                    origin,
+                    Some(request),
+                )
+                .await?;
                 return Err(err);
             }
         };
 
         if let Some(lock) = self.revocations.lock_for(&entry.id, now) {
             let err = IssueError::Locked { identity: entry.id.to_string(), reason: lock.reason };
-            self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin, None).await?;
+            self.record_refusal(kind, &caller_record, Some(&entry.id), &ttl, &err.to_string(), version, origin, None)
+                .await?;
             return Err(err);
         }
-        let request = request_record(attestation_kind, &selectors, &resources, ttl, wanted, oidc.as_ref(), origin, used_dev_identity);
+        let request = request_record(
+            attestation_kind,
+            &selectors,
+            &resources,
+            ttl,
+            wanted,
+            oidc.as_ref(),
+            origin,
+            used_dev_identity,
+        );
         let context = RequestContext {
             oidc,
             break_glass: origin.emergency.is_some(),
@@ -1030,12 +1236,19 @@ impl Issuer {
             })
             .await?;
         if let Some(request) = shadow_request {
-            let live = Outcome { allowed, identity: Some(entry.id.to_string()), granted_ttl_secs: granted, rules: rules.clone(), reason: explain.clone() };
+            let live = Outcome {
+                allowed,
+                identity: Some(entry.id.to_string()),
+                granted_ttl_secs: granted,
+                rules: rules.clone(),
+                reason: explain.clone(),
+            };
             self.shadow_compare(&request, live, Some(decision_id), now);
         }
         if !allowed {
             tracing::info!(identity = %entry.id, decision_id, reason = %explain, "issuance denied");
-            let denied_rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
+            let denied_rules =
+                decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
             return Err(IssueError::Denied { explain, rules: denied_rules });
         }
         let decisions_needed_approval = decisions.iter().any(|d| d.needs_approval);
@@ -1086,7 +1299,12 @@ impl Issuer {
 
     /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
     /// the subject reduced to the characters a SPIFFE path allows.
-    fn dev_oidc_entry(&self, claims: Option<&OidcClaims>, selectors: &Selectors, now: SystemTime) -> Option<InventoryEntry> {
+    fn dev_oidc_entry(
+        &self,
+        claims: Option<&OidcClaims>,
+        selectors: &Selectors,
+        now: SystemTime,
+    ) -> Option<InventoryEntry> {
         let td = &self.exchange.as_ref()?.trust_domain;
         let sub: String = claims?
             .subject
@@ -1109,8 +1327,14 @@ impl Issuer {
     /// The `issued` event: the credential row, plus what an auditor needs beyond it — a
     /// token caller's provenance (repository, ref, sha, workflow, run) or the break-glass
     /// flag, ticket and justification.
-    async fn record_issued(&self, record: CredentialRecord, at: SystemTime, extra: Option<serde_json::Value>) -> Result<EventId, IssueError> {
-        let mut body = serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
+    async fn record_issued(
+        &self,
+        record: CredentialRecord,
+        at: SystemTime,
+        extra: Option<serde_json::Value>,
+    ) -> Result<EventId, IssueError> {
+        let mut body =
+            serde_json::to_value(&record).map_err(|e| LedgerError::Storage(format!("issued record: {e}")))?;
         if let (Some(serde_json::Value::Object(extra)), Some(map)) = (extra, body.as_object_mut()) {
             for (k, v) in extra {
                 map.entry(k).or_insert(v);
@@ -1144,7 +1368,8 @@ impl Issuer {
     ) -> Result<EventId, LedgerError> {
         tracing::info!(caller = %caller, reason, "issuance refused");
         let shadow_request = request.as_ref().filter(|_| self.shadow.load().is_some()).cloned();
-        let id = self.ledger
+        let id = self
+            .ledger
             .record(NewEvent {
                 kind: EventKind::Decision,
                 at: self.clock.now(),
@@ -1168,7 +1393,13 @@ impl Issuer {
             })
             .await?;
         if let Some(request) = shadow_request {
-            let live = Outcome { allowed: false, identity: wanted.map(ToString::to_string), granted_ttl_secs: None, rules: vec![], reason: reason.to_owned() };
+            let live = Outcome {
+                allowed: false,
+                identity: wanted.map(ToString::to_string),
+                granted_ttl_secs: None,
+                rules: vec![],
+                reason: reason.to_owned(),
+            };
             self.shadow_compare(&request, live, Some(id), self.clock.now());
         }
         Ok(id)
@@ -1197,7 +1428,8 @@ fn request_record(
             Resource::Aws { role } => json!({ "kind": "aws", "role": role.arn() }),
         })
         .collect();
-    let claims: Option<serde_json::Map<String, serde_json::Value>> = oidc.map(|c| c.fields().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect());
+    let claims: Option<serde_json::Map<String, serde_json::Value>> =
+        oidc.map(|c| c.fields().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect());
     json!({
         "attestation": attestation,
         "selectors": selectors.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -1227,11 +1459,11 @@ mod tests {
     use crate::clock::FixedClock;
     use crate::identity::{Selector, Selectors, TrustDomain};
     use crate::keys::{CertificateAuthority, JwtKey};
-    use crate::mint::jwt::Es256Minter;
     use crate::ledger::memory::MemoryBackend;
-    use crate::ledger::{verify_chain, GroupCommitLedger};
-    use crate::mint::x509::X509Minter;
+    use crate::ledger::{GroupCommitLedger, verify_chain};
     use crate::mint::aws::fake::FakeSts;
+    use crate::mint::jwt::Es256Minter;
+    use crate::mint::x509::X509Minter;
     use crate::policy::release::Release;
 
     /// Attests every caller with fixed selectors.
@@ -1283,8 +1515,15 @@ mod tests {
     async fn issuer(selectors: &[&str], ledger_ok_records: Option<usize>) -> (Issuer, MemoryBackend) {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let td = TrustDomain::parse("mayfly.local").unwrap();
-        let ca = CertificateAuthority::generate(&td, now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let files = crate::policy::shipped_files_with(&[("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None), ("issuance/jwt-test.cedar", Some(JWT_RULE)), ("issuance/aws-test.cedar", Some(AWS_RULE))]);
+        let ca =
+            CertificateAuthority::generate(&td, now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
+        let files = crate::policy::shipped_files_with(&[
+            ("inventory.toml", Some(INVENTORY)),
+            ("tests/local.toml", None),
+            ("tests/ci.toml", None),
+            ("issuance/jwt-test.cedar", Some(JWT_RULE)),
+            ("issuance/aws-test.cedar", Some(AWS_RULE)),
+        ]);
         let release = Release::build(&files, &td, None, None, "test".into()).unwrap();
         let backend = MemoryBackend::default();
         let (gc, _task) = GroupCommitLedger::start(backend.clone(), 16).await.unwrap();
@@ -1327,13 +1566,23 @@ mod tests {
     async fn aws_issuer(ledger_ok_records: Option<usize>) -> (Arc<Issuer>, MemoryBackend, Arc<FakeSts>) {
         let (issuer, backend) = issuer(&["unix:uid:1001"], ledger_ok_records).await;
         let sts = Arc::new(FakeSts::default());
-        let limits = crate::mint::aws::Limits { attempts: 2, attempt_timeout: Duration::from_secs(30), backoff: Duration::from_millis(1), max_in_flight: 8 };
+        let limits = crate::mint::aws::Limits {
+            attempts: 2,
+            attempt_timeout: Duration::from_secs(30),
+            backoff: Duration::from_millis(1),
+            max_in_flight: 8,
+        };
         let minter = AwsMinter::new(sts.clone(), None, crate::mint::aws::Mode::AssumeRole, limits);
         (Arc::new(issuer.with_aws(Arc::new(minter))), backend, sts)
     }
 
     fn aws_request(role: &str, ttl: &str) -> AwsRequest {
-        AwsRequest { role: AwsRole::parse(role).unwrap(), ttl: Ttl::parse(ttl).unwrap(), spiffe_id: None, origin: Origin::default() }
+        AwsRequest {
+            role: AwsRole::parse(role).unwrap(),
+            ttl: Ttl::parse(ttl).unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        }
     }
 
     const REPORTS_ROLE: &str = "arn:aws:iam::111122223333:role/api-reports-read";
@@ -1345,17 +1594,28 @@ mod tests {
         assert_eq!(issued.source_identity, "mayfly.local+api");
         assert_eq!(issued.session.secret_access_key.expose(), "fake-secret", "the caller gets the secret");
         let sent = sts.requests.lock().unwrap()[0].0.clone();
-        assert_eq!((sent.duration_seconds, sent.tags.clone()), (3600, vec![("owner".to_owned(), "team-api".to_owned())]), "the rule's 1h ceiling and tag");
+        assert_eq!(
+            (sent.duration_seconds, sent.tags.clone()),
+            (3600, vec![("owner".to_owned(), "team-api".to_owned())]),
+            "the rule's 1h ceiling and tag"
+        );
         let events = backend.events();
         assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["decision", "issued"]);
         let body: serde_json::Value = serde_json::from_str(&events[1].body).unwrap();
         assert_eq!(body["source_identity"], "mayfly.local+api");
         assert_eq!(body["access_key_id"], "ASIAFAKE0000000001");
         assert_eq!(body["session_name"], sent.role_session_name);
-        assert_eq!(body["assumed_role_arn"], format!("arn:aws:sts::111122223333:assumed-role/api-reports-read/{}", sent.role_session_name));
+        assert_eq!(
+            body["assumed_role_arn"],
+            format!("arn:aws:sts::111122223333:assumed-role/api-reports-read/{}", sent.role_session_name)
+        );
         assert_eq!(body["not_after"], json!(1_800_000_000 + 3600));
         for e in &events {
-            assert!(!e.body.contains("fake-secret") && !e.body.contains("fake-token"), "a secret reached the ledger: {}", e.body);
+            assert!(
+                !e.body.contains("fake-secret") && !e.body.contains("fake-token"),
+                "a secret reached the ledger: {}",
+                e.body
+            );
         }
         let creds = backend.credentials();
         assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("aws", "ASIAFAKE0000000001"));
@@ -1364,20 +1624,31 @@ mod tests {
     #[tokio::test]
     async fn a_denied_aws_request_never_reaches_sts_and_the_denial_is_recorded() {
         let (issuer, backend, sts) = aws_issuer(None).await;
-        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request("arn:aws:iam::111122223333:role/admin", "15m")).await.unwrap_err();
+        let err = issuer
+            .issue_aws(&PeerInfo::without_credentials(), aws_request("arn:aws:iam::111122223333:role/admin", "15m"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
         assert!(sts.requests.lock().unwrap().is_empty());
         let events = backend.events();
         assert_eq!(events.len(), 1);
-        assert!(events[0].body.contains("\"outcome\":\"deny\"") && events[0].body.contains("role arn:aws:iam::111122223333:role/admin"));
+        assert!(
+            events[0].body.contains("\"outcome\":\"deny\"")
+                && events[0].body.contains("role arn:aws:iam::111122223333:role/admin")
+        );
     }
 
     #[tokio::test]
     async fn an_sts_failure_leaves_no_credential_and_says_unavailable_with_the_aws_code() {
         let (issuer, backend, sts) = aws_issuer(None).await;
-        let throttled = crate::mint::aws::AwsError::Service { operation: "AssumeRole", code: "Throttling".into(), message: "Rate exceeded".into() };
+        let throttled = crate::mint::aws::AwsError::Service {
+            operation: "AssumeRole",
+            code: "Throttling".into(),
+            message: "Rate exceeded".into(),
+        };
         sts.failures.lock().unwrap().extend([throttled.clone(), throttled]);
-        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        let err =
+            issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
         let status = crate::api::status(&err);
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("Throttling"), "{}", status.message());
@@ -1389,14 +1660,18 @@ mod tests {
     #[tokio::test]
     async fn a_session_that_cannot_be_recorded_is_not_handed_out() {
         let (issuer, backend, sts) = aws_issuer(Some(1)).await;
-        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        let err =
+            issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
         assert!(matches!(err, IssueError::Ledger(_)), "{err:?}");
         assert_eq!(sts.requests.lock().unwrap().len(), 1, "STS made one");
         assert!(backend.credentials().is_empty());
     }
 
     /// An AWS issuance started and now waiting inside STS until `gate` is notified.
-    async fn aws_issuance_held_at_sts(issuer: &Arc<Issuer>, sts: &FakeSts) -> (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<Result<IssuedAws, IssueError>>) {
+    async fn aws_issuance_held_at_sts(
+        issuer: &Arc<Issuer>,
+        sts: &FakeSts,
+    ) -> (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<Result<IssuedAws, IssueError>>) {
         let gate = Arc::new(tokio::sync::Notify::new());
         *sts.hold.lock().unwrap() = Some(gate.clone());
         let pending = tokio::spawn({
@@ -1428,16 +1703,23 @@ mod tests {
             permit (principal, action == Mayfly::Action::"issue_jwt", resource) when { principal.attestation == "unix" };
         "#;
         let files = crate::policy::shipped_files_with(&[
-            ("inventory.toml", Some(INVENTORY)), ("tests/local.toml", None), ("tests/ci.toml", None),
-            ("issuance/jwt-test.cedar", Some(JWT_RULE)), ("issuance/aws-test.cedar", Some(AWS_RULE)), ("issuance/wider.cedar", Some(wider)),
+            ("inventory.toml", Some(INVENTORY)),
+            ("tests/local.toml", None),
+            ("tests/ci.toml", None),
+            ("issuance/jwt-test.cedar", Some(JWT_RULE)),
+            ("issuance/aws-test.cedar", Some(AWS_RULE)),
+            ("issuance/wider.cedar", Some(wider)),
         ]);
-        let candidate = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "candidate".into()).unwrap();
+        let candidate =
+            Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "candidate".into())
+                .unwrap();
         let candidate_version = candidate.version().to_owned();
         issuer.set_shadow(Some(Arc::new(candidate)), json!({ "uid": 0 }), "try the wider JWT rule").await.unwrap();
         assert_eq!(issuer.shadow_version().as_deref(), Some(candidate_version.as_str()));
 
         // Live: denied, as the active release says. The shadow would allow it: recorded only.
-        let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["payments"], "5m")).await.unwrap_err();
+        let err =
+            issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["payments"], "5m")).await.unwrap_err();
         assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
         // Same decision under both: nothing recorded.
         issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "5m")).await.unwrap();
@@ -1457,7 +1739,11 @@ mod tests {
         assert_eq!(body["shadow"]["rules"], json!(["api-jwt-anything"]));
         assert_eq!(body["live"]["allowed"], json!(false));
         let kinds: Vec<String> = backend.events().iter().map(|e| e.kind.clone()).collect();
-        assert_eq!(kinds.iter().filter(|k| *k == "issued").count(), 1, "only the live allow issued anything: {kinds:?}");
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "issued").count(),
+            1,
+            "only the live allow issued anything: {kinds:?}"
+        );
         assert!(kinds.contains(&"policy_shadow".to_owned()));
 
         issuer.set_shadow(None, json!({ "uid": 0 }), "done").await.unwrap();
@@ -1468,7 +1754,12 @@ mod tests {
     async fn a_lock_placed_while_sts_answers_stops_the_session_from_leaving() {
         let (issuer, backend, sts) = aws_issuer(None).await;
         let (gate, pending) = aws_issuance_held_at_sts(&issuer, &sts).await;
-        issuer.revocations().apply_lock(crate::revoke::Lock { target: "spiffe://mayfly.local/api".into(), until: None, reason: "INC-3".into(), operator: json!({}) });
+        issuer.revocations().apply_lock(crate::revoke::Lock {
+            target: "spiffe://mayfly.local/api".into(),
+            until: None,
+            reason: "INC-3".into(),
+            operator: json!({}),
+        });
         gate.notify_one();
         let err = pending.await.unwrap().unwrap_err();
         assert!(matches!(err, IssueError::Locked { .. }), "{err:?}");
@@ -1480,12 +1771,25 @@ mod tests {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
         let td = TrustDomain::parse("mayfly.local").unwrap();
         let jwt: Arc<dyn JwtMinter> = Arc::new(Es256Minter::new(JwtKey::generate().unwrap(), td).unwrap());
-        let limits = crate::mint::aws::Limits { attempts: 1, attempt_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_in_flight: 1 };
+        let limits = crate::mint::aws::Limits {
+            attempts: 1,
+            attempt_timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(1),
+            max_in_flight: 1,
+        };
         // The assertion audience is one a rule grants JWT-SVIDs for: the reservation wins.
-        let minter = AwsMinter::new(Arc::new(FakeSts::default()), None, crate::mint::aws::Mode::WebIdentity { jwt, audience: "db".into() }, limits);
+        let minter = AwsMinter::new(
+            Arc::new(FakeSts::default()),
+            None,
+            crate::mint::aws::Mode::WebIdentity { jwt, audience: "db".into() },
+            limits,
+        );
         let issuer = issuer.with_aws(Arc::new(minter));
         let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "5m")).await.unwrap_err();
-        assert!(matches!(&err, IssueError::Denied { rules, .. } if rules == &vec!["mayfly-reserved-audience".to_owned()]), "{err:?}");
+        assert!(
+            matches!(&err, IssueError::Denied { rules, .. } if rules == &vec!["mayfly-reserved-audience".to_owned()]),
+            "{err:?}"
+        );
         assert!(backend.events()[0].body.contains("reserved for mayfly's own STS assertions"));
         assert!(backend.credentials().is_empty());
     }
@@ -1493,7 +1797,8 @@ mod tests {
     #[tokio::test]
     async fn without_aws_configured_nothing_is_decided() {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
-        let err = issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
+        let err =
+            issuer.issue_aws(&PeerInfo::without_credentials(), aws_request(REPORTS_ROLE, "1h")).await.unwrap_err();
         assert!(matches!(err, IssueError::NoAws));
         assert_eq!(crate::api::status(&err).code(), tonic::Code::FailedPrecondition);
         assert!(backend.events().is_empty());
@@ -1556,7 +1861,12 @@ mod tests {
     #[tokio::test]
     async fn a_server_made_key_is_made_only_after_an_allow_and_matches_the_certificate() {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
-        let req = X509Request { key: KeySource::ServerMade, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        let req = X509Request {
+            key: KeySource::ServerMade,
+            ttl: Ttl::parse("10m").unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        };
         let issued = issuer.issue_x509(&PeerInfo::without_credentials(), req).await.unwrap();
         let key = issued.private_key.expect("server-made key returned");
         let pair = rcgen::KeyPair::try_from(key.expose()).unwrap();
@@ -1567,7 +1877,12 @@ mod tests {
         assert!(!backend.events().iter().any(|e| e.body.contains(&der_hex[..32])));
 
         let (stranger, _) = super::tests::issuer(&["unix:uid:4242"], None).await;
-        let req = X509Request { key: KeySource::ServerMade, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        let req = X509Request {
+            key: KeySource::ServerMade,
+            ttl: Ttl::parse("10m").unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        };
         assert!(matches!(stranger.issue_x509(&PeerInfo::without_credentials(), req).await, Err(IssueError::NoEntry)));
     }
 
@@ -1576,7 +1891,11 @@ mod tests {
         let (issuer, backend) = issuer(&["unix:uid:1001"], None).await;
         let issued = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db"], "1h")).await.unwrap();
         assert_eq!(issued.svid.jti, issued.credential_id);
-        assert_eq!(unix_secs(issued.svid.not_after) - unix_secs(issued.svid.not_before), 600, "clamped to the rule's 10m");
+        assert_eq!(
+            unix_secs(issued.svid.not_after) - unix_secs(issued.svid.not_before),
+            600,
+            "clamped to the rule's 10m"
+        );
         let creds = backend.credentials();
         assert_eq!(creds.len(), 1);
         assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("jwt", issued.credential_id.as_str()));
@@ -1584,11 +1903,18 @@ mod tests {
         assert!(!backend.events().iter().any(|e| e.body.contains(issued.svid.token.expose())));
 
         // One audience not granted: the whole request is denied, naming nothing it should not.
-        let err = issuer.issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db", "payments"], "5m")).await.unwrap_err();
+        let err = issuer
+            .issue_jwt(&PeerInfo::without_credentials(), jwt_request(&["db", "payments"], "5m"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
         let events = backend.events();
         let last = events.last().unwrap();
-        assert!(last.kind == "decision" && last.body.contains("\"outcome\":\"deny\"") && last.body.contains("audience payments"));
+        assert!(
+            last.kind == "decision"
+                && last.body.contains("\"outcome\":\"deny\"")
+                && last.body.contains("audience payments")
+        );
         assert_eq!(backend.credentials().len(), 1);
     }
 
@@ -1600,7 +1926,10 @@ mod tests {
         let ok = issuer.validate_jwt(&peer, issued.svid.token.expose(), "db").await.unwrap();
         assert_eq!(ok.identity.as_str(), "spiffe://mayfly.local/api");
         let before = backend.events().len();
-        assert!(matches!(issuer.validate_jwt(&peer, issued.svid.token.expose(), "other").await, Err(IssueError::InvalidJwt(_))));
+        assert!(matches!(
+            issuer.validate_jwt(&peer, issued.svid.token.expose(), "other").await,
+            Err(IssueError::InvalidJwt(_))
+        ));
         let events = backend.events();
         assert_eq!(events.len(), before);
         let used = events.iter().find(|e| e.kind == "used").unwrap();

@@ -9,11 +9,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PublicKeyData, SanType, SignatureAlgorithm, SigningKey,
 };
-use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::identity::TrustDomain;
@@ -41,9 +41,7 @@ pub struct CaKey(KeyPair);
 
 impl CaKey {
     pub fn generate_p256() -> Result<Self, KeyError> {
-        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map(Self)
-            .map_err(|e| KeyError::Generate(e.to_string()))
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map(Self).map_err(|e| KeyError::Generate(e.to_string()))
     }
 
     /// PKCS#8 PEM of the private key, in a buffer zeroized on drop.
@@ -107,7 +105,8 @@ impl CertificateAuthority {
         dn.push(DnType::CommonName, format!("mayfly CA for {trust_domain}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let uri = format!("spiffe://{trust_domain}");
         params.subject_alt_names =
             vec![SanType::URI(uri.try_into().map_err(|e: rcgen::Error| KeyError::Generate(e.to_string()))?)];
@@ -121,7 +120,8 @@ impl CertificateAuthority {
 
     /// Loads a CA from PEM files. The key file must not be readable by group or others.
     pub fn load(cert_path: &Path, key_path: &Path, now: SystemTime) -> Result<Self, KeyError> {
-        let cert_pem = fs::read_to_string(cert_path).map_err(|source| KeyError::Read { path: cert_path.into(), source })?;
+        let cert_pem =
+            fs::read_to_string(cert_path).map_err(|source| KeyError::Read { path: cert_path.into(), source })?;
         let meta = fs::metadata(key_path).map_err(|source| KeyError::Read { path: key_path.into(), source })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -130,9 +130,11 @@ impl CertificateAuthority {
         let key_pem = Zeroizing::new(
             fs::read_to_string(key_path).map_err(|source| KeyError::Read { path: key_path.into(), source })?,
         );
-        let key = KeyPair::from_pem(&key_pem)
-            .map(CaKey)
-            .map_err(|e| KeyError::Parse { path: key_path.into(), what: "private key", why: e.to_string() })?;
+        let key = KeyPair::from_pem(&key_pem).map(CaKey).map_err(|e| KeyError::Parse {
+            path: key_path.into(),
+            what: "private key",
+            why: e.to_string(),
+        })?;
         let cert_der = pem::parse(&cert_pem)
             .map_err(|e| KeyError::Parse { path: cert_path.into(), what: "certificate", why: e.to_string() })?
             .into_contents();
@@ -168,15 +170,22 @@ impl CertificateAuthority {
         }
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0));
-        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(|e| parse_err(e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(|e| parse_err(e.to_string()))?;
         let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
         Ok(Self { issuer, cert_der, cert_pem, not_after })
     }
 
     /// A TLS server certificate for `names` (DNS names or IP addresses) signed by this CA,
     /// with a fresh P-256 key: `mayfly dev`'s listener certificate.
-    pub fn issue_tls_server(&self, names: &[String], now: SystemTime, validity: Duration) -> Result<(Vec<u8>, SecretDer), KeyError> {
-        let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| KeyError::Generate(e.to_string()))?;
+    pub fn issue_tls_server(
+        &self,
+        names: &[String],
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<(Vec<u8>, SecretDer), KeyError> {
+        let mut key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| KeyError::Generate(e.to_string()))?;
         let mut params = CertificateParams::new(names.to_vec()).map_err(|e| KeyError::Generate(e.to_string()))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "mayfly");
@@ -274,8 +283,7 @@ impl JwtKey {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .map_err(|_| KeyError::Generate("the system RNG failed".into()))?;
-        Self::from_pkcs8(Zeroizing::new(doc.as_ref().to_vec()))
-            .map_err(KeyError::Generate)
+        Self::from_pkcs8(Zeroizing::new(doc.as_ref().to_vec())).map_err(KeyError::Generate)
     }
 
     fn from_pkcs8(pkcs8: Zeroizing<Vec<u8>>) -> Result<Self, String> {
@@ -299,7 +307,8 @@ impl JwtKey {
         if mode & 0o077 != 0 {
             return Err(KeyError::KeyPermissions { path: path.into(), mode });
         }
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
+        let text =
+            Zeroizing::new(fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
         let parse = |why: String| KeyError::Parse { path: path.into(), what: "JWT signing key", why };
         let pem = pem::parse(text.as_bytes()).map_err(|e| parse(e.to_string()))?;
         if pem.tag() != "PRIVATE KEY" {

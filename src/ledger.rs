@@ -4,9 +4,9 @@
 //! PostgreSQL) only store batches; chaining and batching live here. Never holds secrets:
 //! serials, fingerprints and ids only.
 
-pub mod sqlite;
 #[cfg(test)]
 pub mod memory;
+pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -241,10 +241,9 @@ async fn write_loop<B: Backend>(
         let (mut seq, mut prev) = (last_seq, last_hash.clone());
         for p in &batch {
             seq += 1;
-            let at_ms = i64::try_from(
-                p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis(),
-            )
-            .unwrap_or(i64::MAX);
+            let at_ms =
+                i64::try_from(p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis())
+                    .unwrap_or(i64::MAX);
             let kind = p.event.kind.as_str().to_owned();
             let body = p.event.body.to_string();
             let hash = event_hash(&prev, seq, at_ms, &kind, &body);
@@ -316,10 +315,12 @@ mod tests {
     async fn concurrent_records_are_batched_and_each_acknowledged() {
         let backend = MemoryBackend::default();
         let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 64).await.unwrap();
-        let handles: Vec<_> = (0..200).map(|n| {
-            let l = ledger.clone();
-            tokio::spawn(async move { l.record(event(n)).await })
-        }).collect();
+        let handles: Vec<_> = (0..200)
+            .map(|n| {
+                let l = ledger.clone();
+                tokio::spawn(async move { l.record(event(n)).await })
+            })
+            .collect();
         let mut ids = Vec::new();
         for h in handles {
             ids.push(h.await.unwrap().unwrap());

@@ -131,7 +131,15 @@ pub trait JwtMinter: Send + Sync + 'static {
     /// A short token that asserts `identity` to one upstream service (AWS STS's
     /// AssumeRoleWithWebIdentity), with that service's own claims added. Only the AWS
     /// minter calls it, for a grant policy made; it is never handed to the caller.
-    fn mint_assertion(&self, identity: &WorkloadId, audience: &str, extra: serde_json::Map<String, serde_json::Value>, jti: &str, ttl: std::time::Duration, now: SystemTime) -> Result<JwtSvid, MintError>;
+    fn mint_assertion(
+        &self,
+        identity: &WorkloadId,
+        audience: &str,
+        extra: serde_json::Map<String, serde_json::Value>,
+        jti: &str,
+        ttl: std::time::Duration,
+        now: SystemTime,
+    ) -> Result<JwtSvid, MintError>;
 
     /// The JWKS (RFC 7517) of every key whose tokens may still be live.
     fn jwks(&self) -> serde_json::Value;

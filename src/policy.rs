@@ -14,8 +14,8 @@ pub mod activation;
 pub mod aws;
 pub mod bundle;
 pub mod cases;
-pub mod release;
 pub mod prove;
+pub mod release;
 pub mod replay;
 pub mod store;
 
@@ -107,7 +107,9 @@ impl AwsRole {
         }
         let path = resource.strip_prefix("role/").ok_or_else(|| bad("not a role"))?;
         let name = path.rsplit('/').next().unwrap_or_default();
-        let name_ok = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
         if !name_ok {
             return Err(bad("the role name must be 1-64 of A-Z a-z 0-9 +=,.@_-"));
         }
@@ -133,9 +135,13 @@ impl AwsRole {
 pub enum Resource {
     X509,
     /// A JWT for this audience.
-    Jwt { audience: String },
+    Jwt {
+        audience: String,
+    },
     /// AWS credentials of this role.
-    Aws { role: AwsRole },
+    Aws {
+        role: AwsRole,
+    },
 }
 
 impl Resource {
@@ -300,11 +306,13 @@ impl Decision {
         match (&self.verdict, self.rules.is_empty()) {
             (Verdict::Allow(g), _) => format!("allowed by {} (ttl {})", self.rules.join(", "), g.ttl()),
             (Verdict::Deny, false) => {
-                let reasons = if self.reasons.is_empty() { String::new() } else { format!(": {}", self.reasons.join("; ")) };
+                let reasons =
+                    if self.reasons.is_empty() { String::new() } else { format!(": {}", self.reasons.join("; ")) };
                 format!("denied by {}{reasons}", self.rules.join(", "))
             }
             (Verdict::Deny, true) => {
-                let hint = if self.reasons.is_empty() { String::new() } else { format!(" ({})", self.reasons.join("; ")) };
+                let hint =
+                    if self.reasons.is_empty() { String::new() } else { format!(" ({})", self.reasons.join("; ")) };
                 format!(
                     "denied: no rule permits this request{hint}; ask the identity's owner to add a permit to policies/issuance/ or check the inventory entry"
                 )
@@ -331,7 +339,8 @@ impl Combined {
         let mut rules: Vec<String> = decisions.iter().flat_map(|d| d.rules.iter().cloned()).collect();
         rules.sort();
         rules.dedup();
-        let explain = decisions.iter().filter(|d| allowed || !d.is_allow()).map(Decision::explain).collect::<Vec<_>>().join("; ");
+        let explain =
+            decisions.iter().filter(|d| allowed || !d.is_allow()).map(Decision::explain).collect::<Vec<_>>().join("; ");
         let granted_ttl_secs = decisions
             .iter()
             .filter_map(|d| match &d.verdict {
@@ -387,7 +396,8 @@ impl ScopeIndex {
                 ResourceConstraint::Eq(uid) => uid.to_string(),
                 _ => String::new(),
             };
-            let set = index.buckets.entry(action).or_default().entry(principal).or_default().entry(resource).or_default();
+            let set =
+                index.buckets.entry(action).or_default().entry(principal).or_default().entry(resource).or_default();
             set.add(policy.clone()).map_err(|e| e.to_string())?;
         }
         index.groups = index.buckets.values().flat_map(HashMap::values).map(HashMap::len).sum();
@@ -395,11 +405,17 @@ impl ScopeIndex {
     }
 
     /// The groups that can apply to a request with these scope strings.
-    fn for_request<'a>(&'a self, action: &'a str, principal: &'a str, resource: &'a str) -> impl Iterator<Item = &'a PolicySet> + 'a {
+    fn for_request<'a>(
+        &'a self,
+        action: &'a str,
+        principal: &'a str,
+        resource: &'a str,
+    ) -> impl Iterator<Item = &'a PolicySet> + 'a {
         [action, ""].into_iter().filter_map(|a| self.buckets.get(a)).flat_map(move |by_p| {
-            [principal, ""].into_iter().filter_map(|p| by_p.get(p)).flat_map(move |by_r| {
-                [resource, ""].into_iter().filter_map(|r| by_r.get(r))
-            })
+            [principal, ""]
+                .into_iter()
+                .filter_map(|p| by_p.get(p))
+                .flat_map(move |by_r| [resource, ""].into_iter().filter_map(|r| by_r.get(r)))
         })
     }
 }
@@ -449,9 +465,8 @@ impl Engine {
     /// file, line and rule id) and indexes the rules by scope.
     pub fn from_files(files: &PolicyFiles) -> Result<Self, PolicyError> {
         let schema_path = Path::new("schema.cedarschema");
-        let schema_src = files
-            .get("schema.cedarschema")
-            .ok_or_else(|| BundleError::Missing { path: schema_path.into() })?;
+        let schema_src =
+            files.get("schema.cedarschema").ok_or_else(|| BundleError::Missing { path: schema_path.into() })?;
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
             .map_err(|e| PolicyError::Parse { path: schema_path.into(), why: located(schema_src, &e) })?;
         let validator = Validator::new(schema.clone());
@@ -463,14 +478,18 @@ impl Engine {
         let mut break_glass = PolicySet::new();
         let mut needs_approval = HashSet::new();
         let mut aws_rules = aws::AwsRules::load(files)?;
-        let rule_files: Vec<(&str, &str)> =
-            files.under("issuance", "cedar").chain(files.under("exceptions", "cedar")).chain(files.under("break-glass", "cedar")).collect();
+        let rule_files: Vec<(&str, &str)> = files
+            .under("issuance", "cedar")
+            .chain(files.under("exceptions", "cedar"))
+            .chain(files.under("break-glass", "cedar"))
+            .collect();
         if files.under("issuance", "cedar").next().is_none() {
             return Err(PolicyError::Empty);
         }
         for (name, text) in rule_files {
             let path = PathBuf::from(name);
-            let set = PolicySet::from_str(text).map_err(|e| PolicyError::Parse { path: path.clone(), why: located(text, &e) })?;
+            let set = PolicySet::from_str(text)
+                .map_err(|e| PolicyError::Parse { path: path.clone(), why: located(text, &e) })?;
             let mut file_set = PolicySet::new();
             for policy in set.policies() {
                 let id = policy
@@ -493,7 +512,8 @@ impl Engine {
                     }
                     Effect::Forbid => {
                         let reason = policy.annotation("reason").filter(|r| !r.trim().is_empty());
-                        let reason = reason.ok_or_else(|| PolicyError::Reason { path: path.clone(), id: id.clone() })?;
+                        let reason =
+                            reason.ok_or_else(|| PolicyError::Reason { path: path.clone(), id: id.clone() })?;
                         reasons.insert(id.clone(), reason.to_owned());
                     }
                 }
@@ -505,7 +525,9 @@ impl Engine {
                     Some(other) => {
                         return Err(PolicyError::Parse {
                             path: path.clone(),
-                            why: format!("rule `{id}`: @approval(\"{other}\") is only meaningful as @approval(\"required\") on a break-glass/ permit"),
+                            why: format!(
+                                "rule `{id}`: @approval(\"{other}\") is only meaningful as @approval(\"required\") on a break-glass/ permit"
+                            ),
                         });
                     }
                     None => {}
@@ -513,13 +535,19 @@ impl Engine {
                 let policy = policy.new_id(PolicyId::new(&id));
                 // Forbids are guardrails everywhere; permits go to their own path only.
                 if emergency || policy.effect() == Effect::Forbid {
-                    break_glass.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                    break_glass
+                        .add(policy.clone())
+                        .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
                 }
                 if !emergency {
-                    policies.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                    policies
+                        .add(policy.clone())
+                        .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
                 } else if policy.effect() == Effect::Forbid {
                     // A break-glass forbid also guards normal issuance.
-                    policies.add(policy.clone()).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
+                    policies
+                        .add(policy.clone())
+                        .map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
                 }
                 file_set.add(policy).map_err(|_| PolicyError::DuplicateId { path: path.clone(), id: id.clone() })?;
             }
@@ -574,7 +602,9 @@ impl Engine {
         let mut raised: Vec<(String, Ttl, Ttl)> = candidate
             .max_ttl
             .iter()
-            .filter_map(|(id, after)| self.max_ttl.get(id).filter(|before| after > *before).map(|before| (id.clone(), *before, *after)))
+            .filter_map(|(id, after)| {
+                self.max_ttl.get(id).filter(|before| after > *before).map(|before| (id.clone(), *before, *after))
+            })
             .collect();
         raised.sort_by(|a, b| a.0.cmp(&b.0));
         raised
@@ -587,9 +617,15 @@ impl Engine {
         let mut out = Vec::new();
         for id in candidate.max_ttl.keys().filter(|id| self.max_ttl.contains_key(*id)) {
             match (self.aws.policy_of(id), candidate.aws.policy_of(id)) {
-                (Some((name, _)), None) => out.push((id.clone(), format!("@aws_session_policy(\"{name}\") dropped: the role is no longer scoped down"))),
+                (Some((name, _)), None) => out.push((
+                    id.clone(),
+                    format!("@aws_session_policy(\"{name}\") dropped: the role is no longer scoped down"),
+                )),
                 (Some((a, before)), Some((b, after))) if a != b || before != after => {
-                    out.push((id.clone(), format!("session policy `{a}` → `{b}` changed; review that it allows no more")));
+                    out.push((
+                        id.clone(),
+                        format!("session policy `{a}` → `{b}` changed; review that it allows no more"),
+                    ));
                 }
                 _ => {}
             }
@@ -654,7 +690,11 @@ impl Engine {
                 cedar_policy::Decision::Deny => forbids.extend(reasons),
             }
         };
-        let (set, index) = if req.context.break_glass { (&self.break_glass, &self.break_glass_index) } else { (&self.policies, &self.index) };
+        let (set, index) = if req.context.break_glass {
+            (&self.break_glass, &self.break_glass_index)
+        } else {
+            (&self.policies, &self.index)
+        };
         if indexed {
             index.for_request(&scope[0], &scope[1], &scope[2]).for_each(&mut evaluate);
         } else {
@@ -664,7 +704,14 @@ impl Engine {
         permits.sort();
         if !forbids.is_empty() {
             let reasons = forbids.iter().filter_map(|id| self.reasons.get(id).cloned()).collect();
-            return Decision { verdict: Verdict::Deny, rules: forbids, reasons, errors, policy_version: self.version.clone(), needs_approval: false };
+            return Decision {
+                verdict: Verdict::Deny,
+                rules: forbids,
+                reasons,
+                errors,
+                policy_version: self.version.clone(),
+                needs_approval: false,
+            };
         }
         // Why: exceptions are permits only, so dropping an expired one from the permitting
         // set is exactly "the rule no longer exists" for this decision.
@@ -681,7 +728,12 @@ impl Engine {
                     ttl: req.requested_ttl.min(max),
                     aws: matches!(req.resource, Resource::Aws { .. }).then(|| {
                         // One rule shapes the session: the longest ceiling (ties: the first id).
-                        let rule = live.iter().filter(|id| self.max_ttl.get(*id) == Some(&max)).min().map(String::as_str).unwrap_or_default();
+                        let rule = live
+                            .iter()
+                            .filter(|id| self.max_ttl.get(*id) == Some(&max))
+                            .min()
+                            .map(String::as_str)
+                            .unwrap_or_default();
                         Box::new(self.aws.grant(rule, req.workload, max))
                     }),
                 }),
@@ -699,7 +751,14 @@ impl Engine {
                         format!("exception `{id}` expired after {until}")
                     })
                     .collect();
-                Decision { verdict: Verdict::Deny, rules: vec![], reasons, errors, policy_version: self.version.clone(), needs_approval: false }
+                Decision {
+                    verdict: Verdict::Deny,
+                    rules: vec![],
+                    reasons,
+                    errors,
+                    policy_version: self.version.clone(),
+                    needs_approval: false,
+                }
             }
         }
     }
@@ -752,7 +811,8 @@ impl Engine {
         }
         let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
         let scope = [action.to_string(), principal.to_string(), resource.to_string()];
-        let request = Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
+        let request =
+            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
         Ok((request, entities, scope))
     }
 }
@@ -791,7 +851,11 @@ fn located(src: &str, err: &dyn miette::Diagnostic) -> String {
 #[cfg(test)]
 pub(crate) fn shipped_files_with(changes: &[(&str, Option<&str>)]) -> PolicyFiles {
     let mut files: std::collections::BTreeMap<String, String> =
-        PolicyFiles::read_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap().iter().map(|(p, t)| (p.to_owned(), t.to_owned())).collect();
+        PolicyFiles::read_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+            .unwrap()
+            .iter()
+            .map(|(p, t)| (p.to_owned(), t.to_owned()))
+            .collect();
     for (path, text) in changes {
         match text {
             Some(t) => files.insert((*path).to_owned(), (*t).to_owned()),
@@ -822,9 +886,23 @@ mod tests {
         }
     }
 
-    fn decide_at(e: &Engine, w: &InventoryEntry, resource: &Resource, ttl: &str, ctx: &RequestContext, now: SystemTime) -> Decision {
+    fn decide_at(
+        e: &Engine,
+        w: &InventoryEntry,
+        resource: &Resource,
+        ttl: &str,
+        ctx: &RequestContext,
+        now: SystemTime,
+    ) -> Decision {
         let selectors: Selectors = [Selector::parse("unix:uid:1000").unwrap()].into();
-        let req = DecisionRequest { workload: w, attestation: "unix", selectors: &selectors, resource, requested_ttl: Ttl::parse(ttl).unwrap(), context: ctx };
+        let req = DecisionRequest {
+            workload: w,
+            attestation: "unix",
+            selectors: &selectors,
+            resource,
+            requested_ttl: Ttl::parse(ttl).unwrap(),
+            context: ctx,
+        };
         let indexed = e.decide(&req, now);
         assert_eq!(indexed, e.decide_full_scan(&req, now), "the scope index must not change a decision");
         indexed
@@ -860,14 +938,24 @@ mod tests {
         let d = decide_at(&engine(), &w, &jwt, "5m", &RequestContext::default(), SystemTime::now());
         assert_eq!(d.verdict, Verdict::Deny);
         assert!(d.rules.is_empty());
-        assert!(d.explain().contains("no rule permits") && d.explain().contains("policies/issuance"), "{}", d.explain());
+        assert!(
+            d.explain().contains("no rule permits") && d.explain().contains("policies/issuance"),
+            "{}",
+            d.explain()
+        );
     }
 
     #[test]
     fn aws_roles_parse_into_what_policy_tests() {
         let r = AwsRole::parse("arn:aws:iam::111122223333:role/ci/acme-app-deploy").unwrap();
         assert_eq!((r.account.as_str(), r.name.as_str()), ("111122223333", "acme-app-deploy"));
-        for bad in ["arn:aws:s3:::bucket", "arn:aws:iam::12:role/x", "arn:aws:iam::111122223333:user/x", "arn:aws:iam::111122223333:role/", "role/x"] {
+        for bad in [
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::12:role/x",
+            "arn:aws:iam::111122223333:user/x",
+            "arn:aws:iam::111122223333:role/",
+            "role/x",
+        ] {
             assert!(AwsRole::parse(bad).is_err(), "{bad}");
         }
     }
@@ -876,7 +964,10 @@ mod tests {
         permit(principal, action == Mayfly::Action::"issue_x509", resource);"#;
 
     fn with_exception(exception: &str) -> Result<Engine, PolicyError> {
-        Engine::from_files(&shipped_files_with(&[("exceptions/legacy-batch.cedar", None), ("exceptions/x.cedar", Some(exception))]))
+        Engine::from_files(&shipped_files_with(&[
+            ("exceptions/legacy-batch.cedar", None),
+            ("exceptions/x.cedar", Some(exception)),
+        ]))
     }
 
     fn at(s: &str) -> SystemTime {
@@ -928,7 +1019,10 @@ mod tests {
         assert!(matches!(load("permit(principal, action, resource);"), Err(PolicyError::MissingId { .. })));
         assert!(matches!(load("@id(\"a\") permit(principal, action, resource);"), Err(PolicyError::MaxTtl { .. })));
         assert!(matches!(load("@id(\"a\") forbid(principal, action, resource);"), Err(PolicyError::Reason { .. })));
-        assert!(matches!(load("@id(\"local-workloads-x509\") @max_ttl(\"1h\") permit(principal, action, resource);"), Err(PolicyError::DuplicateId { .. })));
+        assert!(matches!(
+            load("@id(\"local-workloads-x509\") @max_ttl(\"1h\") permit(principal, action, resource);"),
+            Err(PolicyError::DuplicateId { .. })
+        ));
         let off_schema = "// a comment\n@id(\"a\") @max_ttl(\"1h\")\npermit(principal, action, resource) when { principal.nope == 1 };";
         let err = load(off_schema).unwrap_err().to_string();
         assert!(err.contains("issuance/x.cedar") && err.contains("line 3"), "{err}");
@@ -960,7 +1054,9 @@ mod tests {
             let w = workload(&format!("spiffe://mayfly.local/svc/{w}"));
             for resource in (0..8)
                 .map(|a| Resource::Jwt { audience: format!("aud-{a}") })
-                .chain((0..6).map(|r| Resource::Aws { role: AwsRole::parse(&format!("arn:aws:iam::111122223333:role/r{r}")).unwrap() }))
+                .chain((0..6).map(|r| Resource::Aws {
+                    role: AwsRole::parse(&format!("arn:aws:iam::111122223333:role/r{r}")).unwrap(),
+                }))
                 .chain([Resource::X509])
             {
                 for ttl in ["5m", "15m", "13h"] {
@@ -975,7 +1071,8 @@ mod tests {
     #[test]
     fn the_shipped_inventory_and_rules_agree() {
         let files = shipped_files_with(&[]);
-        let inv = Inventory::parse(files.get("inventory.toml").unwrap(), &TrustDomain::parse("mayfly.local").unwrap()).unwrap();
+        let inv = Inventory::parse(files.get("inventory.toml").unwrap(), &TrustDomain::parse("mayfly.local").unwrap())
+            .unwrap();
         assert!(inv.entries().iter().any(|e| e.environment == "ci"));
         assert!(engine().exceptions().iter().all(|e| !e.owner.is_empty()));
     }

@@ -44,7 +44,11 @@ pub struct Lock {
 impl Lock {
     pub fn covers(&self, identity: &WorkloadId, now: SystemTime) -> bool {
         let live = self.until.is_none_or(|u| unix_secs(now) < u);
-        let matches = if self.target.ends_with('/') { identity.as_str().starts_with(&self.target) } else { identity.as_str() == self.target };
+        let matches = if self.target.ends_with('/') {
+            identity.as_str().starts_with(&self.target)
+        } else {
+            identity.as_str() == self.target
+        };
         live && matches
     }
 }
@@ -90,7 +94,9 @@ impl Revocations {
                         }
                     }
                     "locked" => {
-                        if let Some(lock) = body.get("lock").and_then(|l| serde_json::from_value::<Lock>(l.clone()).ok()) {
+                        if let Some(lock) =
+                            body.get("lock").and_then(|l| serde_json::from_value::<Lock>(l.clone()).ok())
+                        {
                             s.locks.insert(lock.target.clone(), lock);
                         }
                     }
@@ -150,8 +156,13 @@ impl Revocations {
     /// Revoked X.509 serials still worth listing (not yet expired), with revocation times.
     pub fn revoked_x509(&self, now: SystemTime) -> Vec<(String, i64)> {
         let now = unix_secs(now);
-        let mut list: Vec<(String, i64)> =
-            self.read().revoked.values().filter(|r| r.kind == "x509" && r.not_after > now).map(|r| (r.serial.clone(), r.revoked_at)).collect();
+        let mut list: Vec<(String, i64)> = self
+            .read()
+            .revoked
+            .values()
+            .filter(|r| r.kind == "x509" && r.not_after > now)
+            .map(|r| (r.serial.clone(), r.revoked_at))
+            .collect();
         list.sort();
         list
     }
@@ -194,8 +205,22 @@ pub enum Target {
 }
 
 /// Selector keys a revocation can match, and where each lives in a decision's `caller`.
-pub const SELECTOR_KEYS: [&str; 14] =
-    ["repository", "ref", "sha", "workflow", "run_id", "environment", "event_name", "issuer", "subject", "uid", "gid", "exe", "sha256", "container"];
+pub const SELECTOR_KEYS: [&str; 14] = [
+    "repository",
+    "ref",
+    "sha",
+    "workflow",
+    "run_id",
+    "environment",
+    "event_name",
+    "issuer",
+    "subject",
+    "uid",
+    "gid",
+    "exe",
+    "sha256",
+    "container",
+];
 
 impl Target {
     pub fn describe(&self) -> String {
@@ -293,7 +318,9 @@ impl Desk {
             let version = d.get("policy_version").and_then(Value::as_str).unwrap_or_default().to_owned();
             let hit = match target {
                 Target::Credential(id) => &c.id == id,
-                Target::Serial(serial) => c.kind == "x509" && c.serial.eq_ignore_ascii_case(serial.trim_start_matches("0x")),
+                Target::Serial(serial) => {
+                    c.kind == "x509" && c.serial.eq_ignore_ascii_case(serial.trim_start_matches("0x"))
+                }
                 Target::Identity(id) if id.ends_with('/') => c.identity.starts_with(id.as_str()),
                 Target::Identity(id) => &c.identity == id,
                 Target::Selector { key, value } => caller_field(&d, key).is_some_and(|v| &v == value),
@@ -307,7 +334,10 @@ impl Desk {
         if found.is_empty() {
             match target {
                 Target::Credential(_) | Target::Serial(_) | Target::Selector { .. } | Target::Bundle(_) => {
-                    return Err(RevokeError::NotFound(format!("no active credential matches {} (unknown, or already expired)", target.describe())));
+                    return Err(RevokeError::NotFound(format!(
+                        "no active credential matches {} (unknown, or already expired)",
+                        target.describe()
+                    )));
                 }
                 Target::Identity(_) => {}
             }
@@ -327,14 +357,23 @@ impl Desk {
             return Ok(());
         }
         let parsed = WorkloadId::parse(id).map_err(|e| RevokeError::Invalid(format!("identity: {e}")))?;
-        let known = self.policy.current().inventory.entries().iter().any(|e| e.id == parsed) || id.contains("/dev/oidc/");
+        let known =
+            self.policy.current().inventory.entries().iter().any(|e| e.id == parsed) || id.contains("/dev/oidc/");
         if !known {
             return Err(RevokeError::NotFound(format!("identity `{id}` is not in the inventory")));
         }
         Ok(())
     }
 
-    pub async fn revoke(&self, target: Target, reason: &str, dry_run: bool, all: bool, lock_ttl: Option<Duration>, operator: Value) -> Result<RevokeOutcome, RevokeError> {
+    pub async fn revoke(
+        &self,
+        target: Target,
+        reason: &str,
+        dry_run: bool,
+        all: bool,
+        lock_ttl: Option<Duration>,
+        operator: Value,
+    ) -> Result<RevokeOutcome, RevokeError> {
         let reason = check_reason(reason)?;
         let found = self.find(&target, all).await?;
         let now = self.clock.now();
@@ -364,7 +403,8 @@ impl Desk {
                 revoked_at: unix_secs(now),
             })
             .collect();
-        let sessions: Vec<CredentialRecord> = found.iter().filter(|f| f.credential.kind == "aws").map(|f| f.credential.clone()).collect();
+        let sessions: Vec<CredentialRecord> =
+            found.iter().filter(|f| f.credential.kind == "aws").map(|f| f.credential.clone()).collect();
         // Why the lock first, in memory: the AWS denies take seconds per role, and no new
         // session may be handed out meanwhile (issuance re-checks the lock after STS).
         if let (Some(lock), false) = (&lock, dry_run) {
@@ -399,11 +439,22 @@ impl Desk {
         Ok(RevokeOutcome { found, lock, durable, event_id: recorded.ok(), aws })
     }
 
-    pub async fn lock(&self, target: &str, reason: &str, ttl: Option<Duration>, operator: Value) -> Result<(Lock, bool), RevokeError> {
+    pub async fn lock(
+        &self,
+        target: &str,
+        reason: &str,
+        ttl: Option<Duration>,
+        operator: Value,
+    ) -> Result<(Lock, bool), RevokeError> {
         let reason = check_reason(reason)?;
         self.check_identity_target(target, false)?;
         let now = self.clock.now();
-        let lock = Lock { target: target.to_owned(), until: ttl.map(|t| unix_secs(now + t)), reason: reason.to_owned(), operator };
+        let lock = Lock {
+            target: target.to_owned(),
+            until: ttl.map(|t| unix_secs(now + t)),
+            reason: reason.to_owned(),
+            operator,
+        };
         let durable = self.record(crate::ledger::EventKind::Locked, serde_json::json!({ "lock": lock })).await.is_ok();
         self.revocations.apply_lock(lock.clone());
         Ok((lock, durable))
@@ -415,9 +466,12 @@ impl Desk {
             return Err(RevokeError::NotFound(format!("`{target}` is not locked")));
         }
         // Why recorded first here: an unlock gives access back, so it happens only if durable.
-        self.record(crate::ledger::EventKind::Unlocked, serde_json::json!({ "target": target, "operator": operator, "reason": reason }))
-            .await
-            .map_err(|e| RevokeError::Ledger(e.to_string()))?;
+        self.record(
+            crate::ledger::EventKind::Unlocked,
+            serde_json::json!({ "target": target, "operator": operator, "reason": reason }),
+        )
+        .await
+        .map_err(|e| RevokeError::Ledger(e.to_string()))?;
         Ok(self.revocations.apply_unlock(target))
     }
 
@@ -427,7 +481,11 @@ impl Desk {
         let ledger_err = |e: crate::ledger::LedgerError| RevokeError::Ledger(e.to_string());
         let mut reader = crate::ledger::sqlite::LedgerReader::open(&self.ledger_path).await.map_err(ledger_err)?;
         let now = unix_secs(self.clock.now());
-        let rows = if active_only { reader.active(now).await.map_err(ledger_err)? } else { reader.credentials().await.map_err(ledger_err)?.into_iter().map(|(_, c)| c).collect() };
+        let rows = if active_only {
+            reader.active(now).await.map_err(ledger_err)?
+        } else {
+            reader.credentials().await.map_err(ledger_err)?.into_iter().map(|(_, c)| c).collect()
+        };
         let rows: Vec<_> = rows
             .into_iter()
             .filter(|c| match identity {
@@ -436,7 +494,8 @@ impl Desk {
                 Some(id) => c.identity == id,
             })
             .collect();
-        let bodies = reader.bodies(&rows.iter().map(|c| c.decision_id).collect::<Vec<_>>()).await.map_err(ledger_err)?;
+        let bodies =
+            reader.bodies(&rows.iter().map(|c| c.decision_id).collect::<Vec<_>>()).await.map_err(ledger_err)?;
         let mut found: Vec<Found> = rows
             .into_iter()
             .map(|c| {
@@ -459,11 +518,19 @@ impl Desk {
     }
 
     /// Any other responder-side event (a policy check's report).
-    pub async fn record_event(&self, kind: crate::ledger::EventKind, body: Value) -> Result<crate::ledger::EventId, RevokeError> {
+    pub async fn record_event(
+        &self,
+        kind: crate::ledger::EventKind,
+        body: Value,
+    ) -> Result<crate::ledger::EventId, RevokeError> {
         self.record(kind, body).await.map_err(|e| RevokeError::Ledger(e.to_string()))
     }
 
-    async fn record(&self, kind: crate::ledger::EventKind, body: Value) -> Result<crate::ledger::EventId, crate::ledger::LedgerError> {
+    async fn record(
+        &self,
+        kind: crate::ledger::EventKind,
+        body: Value,
+    ) -> Result<crate::ledger::EventId, crate::ledger::LedgerError> {
         self.ledger.record(crate::ledger::NewEvent { kind, at: self.clock.now(), body, credential: None }).await
     }
 }
@@ -483,7 +550,12 @@ fn caller_field(decision: &Value, key: &str) -> Option<String> {
 pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// A DER CRL signed by `ca` listing `entries` (hex serial, revocation time).
-pub fn build_crl(ca: &CertificateAuthority, entries: &[(String, i64)], now: SystemTime, number: u64) -> Result<Vec<u8>, String> {
+pub fn build_crl(
+    ca: &CertificateAuthority,
+    entries: &[(String, i64)],
+    now: SystemTime,
+    number: u64,
+) -> Result<Vec<u8>, String> {
     let at = |secs: i64| time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| e.to_string());
     let revoked_certs = entries
         .iter()
@@ -515,12 +587,26 @@ mod tests {
     use crate::identity::TrustDomain;
 
     fn event(seq: i64, kind: &str, body: Value) -> StoredEvent {
-        StoredEvent { seq, at_ms: 0, kind: kind.into(), body: body.to_string(), prev_hash: String::new(), hash: String::new() }
+        StoredEvent {
+            seq,
+            at_ms: 0,
+            kind: kind.into(),
+            body: body.to_string(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
     }
 
     #[test]
     fn state_is_rebuilt_from_the_ledger_in_order() {
-        let r = Revoked { credential_id: "c1".into(), kind: "x509".into(), identity: "spiffe://td/a".into(), serial: "40aa".into(), not_after: 2_000_000_000, revoked_at: 1_000 };
+        let r = Revoked {
+            credential_id: "c1".into(),
+            kind: "x509".into(),
+            identity: "spiffe://td/a".into(),
+            serial: "40aa".into(),
+            not_after: 2_000_000_000,
+            revoked_at: 1_000,
+        };
         let lock = |target: &str| serde_json::json!({ "lock": { "target": target, "until": null, "reason": "INC-1", "operator": {"uid": 0} } });
         let events = vec![
             event(1, "revoked", serde_json::json!({ "credentials": [r] })),
@@ -539,7 +625,8 @@ mod tests {
 
     #[test]
     fn a_lock_with_an_expiry_ends_by_itself() {
-        let lock = Lock { target: "spiffe://td/a".into(), until: Some(2_000), reason: "x".into(), operator: Value::Null };
+        let lock =
+            Lock { target: "spiffe://td/a".into(), until: Some(2_000), reason: "x".into(), operator: Value::Null };
         let id = WorkloadId::parse("spiffe://td/a").unwrap();
         assert!(lock.covers(&id, SystemTime::UNIX_EPOCH + Duration::from_secs(1_999)));
         assert!(!lock.covers(&id, SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));
@@ -548,8 +635,14 @@ mod tests {
     #[test]
     fn the_crl_lists_the_serials_and_is_signed_by_the_ca() {
         let now = SystemTime::now();
-        let ca = CertificateAuthority::generate(&TrustDomain::parse("td").unwrap(), now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let der = build_crl(&ca, &[("4000aa".into(), unix_secs(now)), ("7f01".into(), unix_secs(now))], now, 7).unwrap();
+        let ca = CertificateAuthority::generate(
+            &TrustDomain::parse("td").unwrap(),
+            now - Duration::from_secs(60),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        let der =
+            build_crl(&ca, &[("4000aa".into(), unix_secs(now)), ("7f01".into(), unix_secs(now))], now, 7).unwrap();
         let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
         let serials: Vec<String> = crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect();
         assert_eq!(serials, vec!["4000aa", "7f01"]);

@@ -9,14 +9,16 @@ use std::time::{Duration, SystemTime};
 
 use mayfly::api::pb::admin_client::AdminClient;
 use mayfly::api::pb::broker_client::BrokerClient;
-use mayfly::api::pb::{BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest};
+use mayfly::api::pb::{
+    BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest,
+};
 use mayfly::clock::FixedClock;
 use mayfly::config::{Config, PolicySource, RawAdmin, RawBreakGlass, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{verify_chain, StoredEvent};
-use tonic::transport::Channel;
+use mayfly::ledger::{StoredEvent, verify_chain};
 use tonic::Code;
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -32,7 +34,11 @@ impl TestDaemon {
         let mut config = Config::try_from(RawConfig {
             trust_domain: Some("mayfly.local".into()),
             data_dir: Some(dir.join("data")),
-            policy: RawPolicy { bundle: Some(dir.join("unused.bundle")), trusted_keys: vec![dir.join("unused.pub")], ..Default::default() },
+            policy: RawPolicy {
+                bundle: Some(dir.join("unused.bundle")),
+                trusted_keys: vec![dir.join("unused.pub")],
+                ..Default::default()
+            },
             workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
             admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
@@ -44,7 +50,14 @@ impl TestDaemon {
         let clock = Arc::new(FixedClock::new(SystemTime::now()));
         let daemon = Daemon::build(config, clock.clone()).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move { daemon.run(async { let _ = stopped.await; }).await.unwrap() });
+        let task = tokio::spawn(async move {
+            daemon
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap()
+        });
         Self { dir: dir.to_path_buf(), clock, stop: Some(stop), task: Some(task) }
     }
 
@@ -80,7 +93,15 @@ fn csr() -> Vec<u8> {
 }
 
 fn x509(ticket: &str) -> BreakGlassRequest {
-    BreakGlassRequest { kind: "x509".into(), csr: csr(), audience: String::new(), reason: "primary DB down, failover needs a client cert".into(), ticket: ticket.into(), ttl_seconds: Some(3600), role: String::new() }
+    BreakGlassRequest {
+        kind: "x509".into(),
+        csr: csr(),
+        audience: String::new(),
+        reason: "primary DB down, failover needs a client cert".into(),
+        ticket: ticket.into(),
+        ttl_seconds: Some(3600),
+        role: String::new(),
+    }
 }
 
 fn log_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -96,7 +117,11 @@ async fn an_emergency_credential_is_short_flagged_and_logged_before_it_leaves() 
     let reply = broker.break_glass(x509("INC-4711")).await.unwrap().into_inner();
     assert!(reply.pending_id.is_empty(), "break-glass-dev-x509 needs no second person");
     let (_, cert) = x509_parser::parse_x509_certificate(&reply.cert_chain[0]).unwrap();
-    assert_eq!(cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp(), 600, "asked 1 h, the rule allows 10 min");
+    assert_eq!(
+        cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp(),
+        600,
+        "asked 1 h, the rule allows 10 min"
+    );
 
     // The elevated log took the request and the issuance, with who, why and the ticket.
     let lines = log_lines(&log);
@@ -108,7 +133,11 @@ async fn an_emergency_credential_is_short_flagged_and_logged_before_it_leaves() 
     // The ledger: the decision and the issuance are flagged, with ticket and justification.
     let events = d.events().await;
     let decision = events.iter().rev().find(|e| e.kind == "decision").unwrap();
-    assert!(decision.body.contains("\"break_glass\":true") && decision.body.contains("break-glass-dev-x509") && decision.body.contains("INC-4711"));
+    assert!(
+        decision.body.contains("\"break_glass\":true")
+            && decision.body.contains("break-glass-dev-x509")
+            && decision.body.contains("INC-4711")
+    );
     let issued = events.iter().rev().find(|e| e.kind == "issued").unwrap();
     assert!(issued.body.contains("\"break_glass\":true") && issued.body.contains("primary DB down"));
 
@@ -117,7 +146,11 @@ async fn an_emergency_credential_is_short_flagged_and_logged_before_it_leaves() 
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("ticket_pattern"), "{}", e.message());
     let last = d.events().await.pop().unwrap();
-    assert!(last.kind == "decision" && last.body.contains("\"break_glass\":true") && last.body.contains("\"outcome\":\"deny\""));
+    assert!(
+        last.kind == "decision"
+            && last.body.contains("\"break_glass\":true")
+            && last.body.contains("\"outcome\":\"deny\"")
+    );
     let mut no_reason = x509("INC-1");
     no_reason.reason = " ".into();
     assert_eq!(broker.break_glass(no_reason).await.unwrap_err().code(), Code::InvalidArgument);
@@ -128,7 +161,13 @@ async fn an_emergency_credential_is_short_flagged_and_logged_before_it_leaves() 
 
     // A review afterwards is recorded.
     let mut admin = d.admin().await;
-    admin.break_glass_review(BreakGlassReviewRequest { id: reply.credential_id.clone(), note: "failover done, cert unused after".into() }).await.unwrap();
+    admin
+        .break_glass_review(BreakGlassReviewRequest {
+            id: reply.credential_id.clone(),
+            note: "failover done, cert unused after".into(),
+        })
+        .await
+        .unwrap();
     let events = d.events().await;
     assert!(events.iter().any(|e| e.kind == "break_glass" && e.body.contains("\"stage\":\"reviewed\"")));
     assert_eq!(verify_chain(&events), Ok(events.len()));
@@ -154,19 +193,41 @@ async fn a_second_person_must_approve_and_the_requester_never_can() {
     let log = dir.path().join("elevated.log");
     let me = rustix::process::geteuid().as_raw();
     let other = me.wrapping_add(4242);
-    let bg = RawBreakGlass { log_file: Some(log.clone()), approvers: Some(vec![me, other]), approval_timeout: Some("10m".into()), ..Default::default() };
+    let bg = RawBreakGlass {
+        log_file: Some(log.clone()),
+        approvers: Some(vec![me, other]),
+        approval_timeout: Some("10m".into()),
+        ..Default::default()
+    };
     let d = TestDaemon::start(dir.path(), bg).await;
     let mut broker = d.broker().await;
-    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "payments-db".into(), reason: "payments outage".into(), ticket: "INC-77".into(), ttl_seconds: None, role: String::new() };
+    let jwt = BreakGlassRequest {
+        kind: "jwt".into(),
+        csr: vec![],
+        audience: "payments-db".into(),
+        reason: "payments outage".into(),
+        ticket: "INC-77".into(),
+        ttl_seconds: None,
+        role: String::new(),
+    };
     let pending = broker.break_glass(jwt).await.unwrap().into_inner();
-    assert!(!pending.pending_id.is_empty() && pending.token.is_empty(), "break-glass-dev-jwt-approved waits for approval");
+    assert!(
+        !pending.pending_id.is_empty() && pending.token.is_empty(),
+        "break-glass-dev-jwt-approved waits for approval"
+    );
     let mut admin = d.admin().await;
     let listed = admin.break_glass_list(BreakGlassListRequest {}).await.unwrap().into_inner().pending;
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].ticket.as_str(), listed[0].requester_uid), ("INC-77", me));
 
     // The requester (this uid) approving their own request is refused and recorded.
-    let own = admin.break_glass_approve(BreakGlassApproveRequest { id: pending.pending_id.clone(), reason: "looks fine to me".into() }).await.unwrap_err();
+    let own = admin
+        .break_glass_approve(BreakGlassApproveRequest {
+            id: pending.pending_id.clone(),
+            reason: "looks fine to me".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(own.code(), Code::PermissionDenied);
     assert!(own.message().contains("own"), "{}", own.message());
     assert!(d.events().await.iter().any(|e| e.kind == "break_glass" && e.body.contains("approval_refused")));
@@ -190,9 +251,21 @@ async fn a_second_person_must_approve_and_the_requester_never_can() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_any_approver_an_approval_rule_denies_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let bg = RawBreakGlass { log_file: Some(dir.path().join("elevated.log")), approvers: Some(vec![]), ..Default::default() };
+    let bg = RawBreakGlass {
+        log_file: Some(dir.path().join("elevated.log")),
+        approvers: Some(vec![]),
+        ..Default::default()
+    };
     let d = TestDaemon::start(dir.path(), bg).await;
-    let jwt = BreakGlassRequest { kind: "jwt".into(), csr: vec![], audience: "x".into(), reason: "r".into(), ticket: "INC-1".into(), ttl_seconds: None, role: String::new() };
+    let jwt = BreakGlassRequest {
+        kind: "jwt".into(),
+        csr: vec![],
+        audience: "x".into(),
+        reason: "r".into(),
+        ticket: "INC-1".into(),
+        ttl_seconds: None,
+        role: String::new(),
+    };
     let e = d.broker().await.break_glass(jwt).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("no approvers"), "{}", e.message());
@@ -227,14 +300,19 @@ async fn the_webhook_hears_every_step_and_a_failing_one_stops_issuance() {
     let dir = tempfile::tempdir().unwrap();
     let d = TestDaemon::start(dir.path(), RawBreakGlass { webhook: Some(url), ..Default::default() }).await;
     d.broker().await.break_glass(x509("INC-808")).await.unwrap();
-    let stages: Vec<String> = got.lock().unwrap().iter().map(|v| v["break_glass"].as_str().unwrap().to_owned()).collect();
+    let stages: Vec<String> =
+        got.lock().unwrap().iter().map(|v| v["break_glass"].as_str().unwrap().to_owned()).collect();
     assert_eq!(stages, ["requested", "issued"]);
     d.stop().await;
 
     // A webhook that keeps failing (retried, then given up): no credential.
     let (url, got) = webhook(503).await;
     let dir = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start(dir.path(), RawBreakGlass { webhook: Some(url), webhook_retries: Some(2), ..Default::default() }).await;
+    let d = TestDaemon::start(
+        dir.path(),
+        RawBreakGlass { webhook: Some(url), webhook_retries: Some(2), ..Default::default() },
+    )
+    .await;
     let e = d.broker().await.break_glass(x509("INC-809")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("503"), "{}", e.message());

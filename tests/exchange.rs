@@ -12,13 +12,15 @@ use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mayfly::clock::FixedClock;
-use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawIssuer, RawJwt, RawListen, RawOidc, RawPolicy, RawWorkloadApi};
+use mayfly::config::{
+    Config, PolicySource, RawCa, RawConfig, RawIssuer, RawJwt, RawListen, RawOidc, RawPolicy, RawWorkloadApi,
+};
 use mayfly::daemon::Daemon;
 use mayfly::identity::TrustDomain;
 use mayfly::keys::{CertificateAuthority, JwtKey};
 use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{verify_chain, StoredEvent};
-use serde_json::{json, Value};
+use mayfly::ledger::{StoredEvent, verify_chain};
+use serde_json::{Value, json};
 
 const CI_ID: &str = "spiffe://mayfly.local/ci/acme/app";
 const ARTIFACTS: &str = "https://artifacts.example.org";
@@ -39,7 +41,10 @@ impl Issuer {
         let jwks = json!({ "keys": [{ "kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": key.kid(), "alg": "ES256", "use": "sig" }] });
         let discovery = json!({ "issuer": url, "jwks_uri": format!("{url}/keys") });
         let app = axum::Router::new()
-            .route("/.well-known/openid-configuration", axum::routing::get(move || async move { axum::Json(discovery) }))
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
             .route("/keys", axum::routing::get(move || async move { axum::Json(jwks) }));
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -117,12 +122,27 @@ impl TestDaemon {
     async fn start_in(dir: tempfile::TempDir, issuer: &str, policies: &Path, jwt_key: Option<PathBuf>) -> Self {
         let now = SystemTime::now();
         // The listener's certificate, from a CA the client trusts.
-        let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
-        let (cert, key) = ca.issue_tls_server(&["localhost".into(), "127.0.0.1".into()], now - Duration::from_secs(60), Duration::from_secs(86_400)).unwrap();
+        let ca = CertificateAuthority::generate(
+            &TrustDomain::parse("mayfly.local").unwrap(),
+            now - Duration::from_secs(60),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        let (cert, key) = ca
+            .issue_tls_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                now - Duration::from_secs(60),
+                Duration::from_secs(86_400),
+            )
+            .unwrap();
         let tls_cert = dir.path().join("tls.pem");
         let tls_key = dir.path().join("tls-key.pem");
         std::fs::write(&tls_cert, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).unwrap();
-        mayfly::keys::write_private(&tls_key, pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes()).unwrap();
+        mayfly::keys::write_private(
+            &tls_key,
+            pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes(),
+        )
+        .unwrap();
         let mut config = Config::try_from(RawConfig {
             trust_domain: Some("mayfly.local".into()),
             data_dir: Some(dir.path().join("data")),
@@ -133,7 +153,13 @@ impl TestDaemon {
             },
             workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), request_timeout: Some("60s".into()), ..Default::default() }),
+            listen: Some(RawListen {
+                address: Some("127.0.0.1:0".into()),
+                cert: Some(tls_cert),
+                key: Some(tls_key),
+                request_timeout: Some("60s".into()),
+                ..Default::default()
+            }),
             jwt: RawJwt { issuer: Some("https://mayfly.test".into()), key: jwt_key },
             oidc: RawOidc { issuer: vec![RawIssuer { url: Some(issuer.into()), ..Default::default() }] },
             ..Default::default()
@@ -144,7 +170,12 @@ impl TestDaemon {
         let address = daemon.listen_address().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            daemon.run(async { let _ = stopped.await; }).await.unwrap();
+            daemon
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
         });
         Self { dir, address, ca_pem: ca.cert_pem().to_owned(), stop: Some(stop), task: Some(task) }
     }
@@ -195,13 +226,15 @@ async fn a_ci_token_is_exchanged_for_a_jwt_that_the_published_jwks_verifies() {
     let policies = policies_for(&issuer.url);
     let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
 
-    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS, "ttl": "10m" })).await;
+    let (status, body) =
+        d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS, "ttl": "10m" })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["spiffe_id"], CI_ID);
     let token = body["token"].as_str().unwrap();
 
     // Verify it as a relying party would: discovery → JWKS → signature, iss, aud.
-    let discovery: Value = d.client().get(d.url("/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
+    let discovery: Value =
+        d.client().get(d.url("/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
     assert_eq!(discovery["issuer"], "https://mayfly.test");
     let jwks: Value = d.client().get(d.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
     let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone()).unwrap();
@@ -209,14 +242,23 @@ async fn a_ci_token_is_exchanged_for_a_jwt_that_the_published_jwks_verifies() {
     let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
     v.set_audience(&[ARTIFACTS]);
     v.set_issuer(&["https://mayfly.test"]);
-    let claims = jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(), &v).unwrap().claims;
+    let claims =
+        jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(), &v).unwrap().claims;
     assert_eq!(claims["sub"], CI_ID);
-    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600, "asked 10 min, under the rule's 15");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        600,
+        "asked 10 min, under the rule's 15"
+    );
 
     // The ledger traces the credential to the commit and run that asked for it.
     let events = d.events().await;
     let issued = events.iter().rev().find(|e| e.kind == "issued").unwrap();
-    assert!(issued.body.contains("9fceb02d0ae598e95dc970b74767f19372d61af8") && issued.body.contains("\"run_id\":\"4242\""), "{}", issued.body);
+    assert!(
+        issued.body.contains("9fceb02d0ae598e95dc970b74767f19372d61af8") && issued.body.contains("\"run_id\":\"4242\""),
+        "{}",
+        issued.body
+    );
     let decision = events.iter().rev().find(|e| e.kind == "decision").unwrap();
     assert!(decision.body.contains("ci-artifact-cache-jwt") && decision.body.contains("\"api\":\"exchange\""));
     assert!(!events.iter().any(|e| e.body.contains(token)), "the minted token is never recorded");
@@ -230,7 +272,9 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
     let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
 
     // A verified token, but no rule grants this audience.
-    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": "https://payments.example.org" })).await;
+    let (status, body) = d
+        .exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": "https://payments.example.org" }))
+        .await;
     assert_eq!((status, body["error"].as_str()), (403, Some("access_denied")), "{body}");
     // Another repository of the same issuer matches no inventory entry (and `serve` makes no dev identities).
     let other = issuer.token(|c| c["repository"] = json!("acme/other"));
@@ -246,7 +290,8 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
     let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" })).await;
     assert_eq!((status, body["error"].as_str()), (409, Some("failed_precondition")), "{body}");
     assert!(body["reason"].as_str().unwrap().contains("[aws]"), "{body}");
-    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:s3:::bucket" })).await;
+    let (status, body) =
+        d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:s3:::bucket" })).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
     assert_eq!(d.credentials().await, 0);
     d.stop().await;
@@ -271,7 +316,11 @@ async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
     let replayed = issuer.token(|_| {});
     let cases: Vec<(&str, String)> = vec![
         ("alg none", format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&good_claims(&issuer.url)))),
-        ("HS256 keyed with the public key", jsonwebtoken::encode(&hs, &good_claims(&issuer.url), &EncodingKey::from_secret(x.as_bytes()).unwrap()).unwrap()),
+        (
+            "HS256 keyed with the public key",
+            jsonwebtoken::encode(&hs, &good_claims(&issuer.url), &EncodingKey::from_secret(x.as_bytes()).unwrap())
+                .unwrap(),
+        ),
         ("wrong issuer", issuer.token(|c| c["iss"] = json!("https://token.actions.githubusercontent.com"))),
         ("wrong audience", issuer.token(|c| c["aud"] = json!("someone-else"))),
         ("expired", issuer.token(|c| c["exp"] = json!(now - 3600))),
@@ -279,7 +328,11 @@ async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
         ("unknown kid", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("no-such-kid"))),
         ("kid with a path", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("../../../etc/passwd"))),
         ("kid with a URL", issuer.sign(&good_claims(&issuer.url), Algorithm::ES256, Some("https://evil.example/jwks"))),
-        ("signed by another key", jsonwebtoken::encode(&foreign, &good_claims(&issuer.url), &EncodingKey::from_ec_der(stranger.pkcs8_der())).unwrap()),
+        (
+            "signed by another key",
+            jsonwebtoken::encode(&foreign, &good_claims(&issuer.url), &EncodingKey::from_ec_der(stranger.pkcs8_der()))
+                .unwrap(),
+        ),
         ("unconfigured issuer", issuer.token(|c| c["iss"] = json!("https://gitlab.example.com"))),
         ("garbage", "this is not a token".into()),
         ("oversized", format!("{}.{}.x", "a".repeat(10_000), "b".repeat(10_000))),
@@ -296,10 +349,17 @@ async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
         assert_eq!(body["error"], "invalid_token", "{name}");
         assert!(!body["reason"].as_str().unwrap_or_default().is_empty(), "{name}: a short reason");
         let events = d.events().await;
-        let new: Vec<&StoredEvent> = events[before..].iter().filter(|e| e.kind == "decision" || e.kind == "issued").collect();
+        let new: Vec<&StoredEvent> =
+            events[before..].iter().filter(|e| e.kind == "decision" || e.kind == "issued").collect();
         assert_eq!(new.len(), 1, "{name}: one recorded denial, nothing issued");
         let last = new[0];
-        assert!(last.kind == "decision" && last.body.contains("\"outcome\":\"deny\"") && last.body.contains("\"api\":\"exchange\""), "{name}: {}", last.body);
+        assert!(
+            last.kind == "decision"
+                && last.body.contains("\"outcome\":\"deny\"")
+                && last.body.contains("\"api\":\"exchange\""),
+            "{name}: {}",
+            last.body
+        );
     }
     assert_eq!(d.credentials().await, issued_before, "no credential for any bad token");
     let events = d.events().await;
@@ -308,7 +368,11 @@ async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
 
     // Bad requests are refused before anything is decided.
     let before = d.events().await.len();
-    for body in [json!({ "token": issuer.token(|_| {}), "kind": "jwt" }), json!({ "token": "x", "kind": "ssh" }), json!({ "kind": "jwt" })] {
+    for body in [
+        json!({ "token": issuer.token(|_| {}), "kind": "jwt" }),
+        json!({ "token": "x", "kind": "ssh" }),
+        json!({ "kind": "jwt" }),
+    ] {
         let (status, reply) = d.exchange(body).await;
         assert_eq!(status, 400, "{reply}");
     }
@@ -323,18 +387,31 @@ async fn the_grpc_exchange_answers_like_the_json_one() {
     let issuer = Issuer::start().await;
     let policies = policies_for(&issuer.url);
     let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&d.ca_pem)).domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(d.url("")).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&d.ca_pem))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Endpoint::from_shared(d.url("")).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
     let mut client = mayfly::api::pb::exchange_client::ExchangeClient::new(channel);
     let reply = client
-        .exchange(mayfly::api::pb::ExchangeRequest { token: issuer.token(|_| {}), kind: "jwt".into(), audience: ARTIFACTS.into(), ..Default::default() })
+        .exchange(mayfly::api::pb::ExchangeRequest {
+            token: issuer.token(|_| {}),
+            kind: "jwt".into(),
+            audience: ARTIFACTS.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(reply.spiffe_id, CI_ID);
     assert!(!reply.token.is_empty());
     let err = client
-        .exchange(mayfly::api::pb::ExchangeRequest { token: "garbage".into(), kind: "jwt".into(), audience: ARTIFACTS.into(), ..Default::default() })
+        .exchange(mayfly::api::pb::ExchangeRequest {
+            token: "garbage".into(),
+            kind: "jwt".into(),
+            audience: ARTIFACTS.into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -345,7 +422,8 @@ fn write_jwt_key(path: &Path) -> String {
     let key = JwtKey::generate().unwrap();
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
-    mayfly::keys::write_private(&tmp, pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8_der().to_vec())).as_bytes()).unwrap();
+    mayfly::keys::write_private(&tmp, pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8_der().to_vec())).as_bytes())
+        .unwrap();
     std::fs::rename(&tmp, path).unwrap();
     key.kid().to_owned()
 }
@@ -358,13 +436,16 @@ async fn a_new_jwt_key_signs_at_once_and_the_old_one_stays_published_for_its_tok
     let key_path = dir.path().join("jwt-signing.pem");
     let first_kid = write_jwt_key(&key_path);
     let d = TestDaemon::start_in(dir, &issuer.url, &dir_path(&policies), Some(key_path.clone())).await;
-    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
+    let (status, body) =
+        d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
     assert_eq!(status, 200, "{body}");
     let old_token = body["token"].as_str().unwrap().to_owned();
     assert_eq!(jsonwebtoken::decode_header(&old_token).unwrap().kid.as_deref(), Some(first_kid.as_str()));
 
     let second_kid = write_jwt_key(&key_path);
-    let kids = |jwks: &Value| jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let kids = |jwks: &Value| {
+        jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
     let mut jwks = Value::Null;
     for _ in 0..100 {
         jwks = d.client().get(d.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
@@ -374,7 +455,8 @@ async fn a_new_jwt_key_signs_at_once_and_the_old_one_stays_published_for_its_tok
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(kids(&jwks), vec![second_kid.clone(), first_kid.clone()], "the new key first, the old one kept");
-    let (status, body) = d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
+    let (status, body) =
+        d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "jwt", "audience": ARTIFACTS })).await;
     assert_eq!(status, 200);
     let new_token = body["token"].as_str().unwrap();
     assert_eq!(jsonwebtoken::decode_header(new_token).unwrap().kid.as_deref(), Some(second_kid.as_str()));
@@ -401,23 +483,39 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
         policies,
         dir.path().join("mayfly.sock"),
         dir.path().join("admin.sock"),
-        mayfly::config::DevNet { listen: Some("127.0.0.1:0".into()), oidc_issuers: vec![issuer.url.clone()], aws_endpoint: None },
+        mayfly::config::DevNet {
+            listen: Some("127.0.0.1:0".into()),
+            oidc_issuers: vec![issuer.url.clone()],
+            aws_endpoint: None,
+        },
     )
     .unwrap();
     let daemon = Daemon::build(config, Arc::new(FixedClock::new(SystemTime::now()))).await.unwrap();
     let address = daemon.listen_address().unwrap();
     let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move { daemon.run(async { let _ = stopped.await; }).await.unwrap() });
+    let task = tokio::spawn(async move {
+        daemon
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+    });
     let d = TestDaemon { dir, address, ca_pem, stop: Some(stop), task: Some(task) };
 
     let token = issuer.token(|c| c["sub"] = json!("repo:someone/tool:ref:refs/heads/dev"));
-    let (status, body) = d.exchange(json!({ "token": token, "kind": "jwt", "audience": "anything-at-all", "ttl": "1h" })).await;
+    let (status, body) =
+        d.exchange(json!({ "token": token, "kind": "jwt", "audience": "anything-at-all", "ttl": "1h" })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_someone_tool_ref_refs_heads_dev");
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
     assert_eq!(claims["iss"], format!("https://{address}"), "dev's issuer is the bound listener");
-    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900, "dev-oidc-jwt grants at most 15 min");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        900,
+        "dev-oidc-jwt grants at most 15 min"
+    );
     // Break-glass off-host: the same exchange with a reason and ticket, decided by
     // break-glass rules only, written to the elevated log; its later use is flagged too.
     let bg = issuer.token(|c| c["sub"] = json!("oncall-alice"));
@@ -426,11 +524,28 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
     assert_eq!(body["break_glass"], true);
     let bg_token = body["token"].as_str().unwrap().to_owned();
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(&bg_token).unwrap().claims;
-    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600, "break-glass-dev-oidc-jwt: 10 min");
-    let introspected: Value = d.client().post(d.url("/v1/introspect")).header("content-type", "application/x-www-form-urlencoded").body(format!("token={bg_token}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        600,
+        "break-glass-dev-oidc-jwt: 10 min"
+    );
+    let introspected: Value = d
+        .client()
+        .post(d.url("/v1/introspect"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={bg_token}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(introspected["active"], true);
     let log = std::fs::read_to_string(d.dir.path().join("data/break-glass.log")).unwrap();
-    let stages: Vec<String> = log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["break_glass"].as_str().unwrap().to_owned()).collect();
+    let stages: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["break_glass"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(stages, ["requested", "issued", "used"]);
     assert!(!log.contains(&bg_token), "the token itself is never written");
     let events = d.events().await;

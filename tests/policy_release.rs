@@ -13,7 +13,7 @@ use mayfly::api::pb::admin_client::AdminClient;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::pb::{IssueX509Request, PolicyRollbackRequest, PolicyStatusRequest};
 use mayfly::clock::SystemClock;
-use mayfly::config::{Config, RawCa, RawAdmin, RawConfig, RawPolicy, RawWorkloadApi};
+use mayfly::config::{Config, RawAdmin, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{StoredEvent, verify_chain};
@@ -30,7 +30,11 @@ fn policies(max_ttl: &str) -> PolicyFiles {
     let files = shipped
         .iter()
         .map(|(p, t)| {
-            let t = if p == "issuance/local.cedar" { t.replace("@max_ttl(\"1h\")", &format!("@max_ttl(\"{max_ttl}\")")) } else { t.to_owned() };
+            let t = if p == "issuance/local.cedar" {
+                t.replace("@max_ttl(\"1h\")", &format!("@max_ttl(\"{max_ttl}\")"))
+            } else {
+                t.to_owned()
+            };
             (p.to_owned(), t)
         })
         .collect();
@@ -63,7 +67,11 @@ async fn start(dir: &Path, trusted: &Path) -> Running {
     let mut config = Config::try_from(RawConfig {
         trust_domain: Some("mayfly.local".into()),
         data_dir: Some(dir.join("data")),
-        policy: RawPolicy { bundle: Some(dir.join("policy.bundle")), trusted_keys: vec![trusted.to_path_buf()], poll_interval: None },
+        policy: RawPolicy {
+            bundle: Some(dir.join("policy.bundle")),
+            trusted_keys: vec![trusted.to_path_buf()],
+            poll_interval: None,
+        },
         workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
         admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
         ca: Some(RawCa { generate: Some(true), ..Default::default() }),
@@ -74,7 +82,12 @@ async fn start(dir: &Path, trusted: &Path) -> Running {
     let daemon = Daemon::build(config, Arc::new(SystemClock)).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        daemon.run(async { let _ = stopped.await; }).await.unwrap();
+        daemon
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
     });
     Running { stop, task }
 }
@@ -151,7 +164,10 @@ async fn a_signed_release_is_activated_hot_bad_ones_are_refused_and_an_operator_
     tokio::time::sleep(Duration::from_millis(100)).await;
     publish(dir, &signed(&v2, &signer));
     let activated = wait_for(dir, "policy_activated", 2).await;
-    assert!(activated.body.contains(&v2.version()) && activated.body.contains(&format!("\"previous\":\"{}\"", v1.version())));
+    assert!(
+        activated.body.contains(&v2.version())
+            && activated.body.contains(&format!("\"previous\":\"{}\"", v1.version()))
+    );
     let seen = load.await.unwrap();
     assert!(seen.iter().all(|l| *l == 3600 || *l == 1200), "{seen:?}");
     assert_eq!(lifetime(dir).await, 1200);
@@ -173,10 +189,14 @@ async fn a_signed_release_is_activated_hot_bad_ones_are_refused_and_an_operator_
     // Signed and intact but invalid (a rule off the schema): refused too.
     let mut invalid = policies("20m");
     invalid = PolicyFiles::from_map(
-        invalid.iter().map(|(p, t)| (p.to_owned(), t.to_owned())).chain([(
-            "issuance/bad.cedar".to_owned(),
-            "@id(\"bad\") @max_ttl(\"1h\") permit(principal, action, resource) when { principal.nope };".to_owned(),
-        )]).collect(),
+        invalid
+            .iter()
+            .map(|(p, t)| (p.to_owned(), t.to_owned()))
+            .chain([(
+                "issuance/bad.cedar".to_owned(),
+                "@id(\"bad\") @max_ttl(\"1h\") permit(principal, action, resource) when { principal.nope };".to_owned(),
+            )])
+            .collect(),
     );
     publish(dir, &signed(&invalid, &signer));
     assert!(wait_for(dir, "policy_rejected", 4).await.body.contains("bad.cedar"));
@@ -186,11 +206,19 @@ async fn a_signed_release_is_activated_hot_bad_ones_are_refused_and_an_operator_
     let mut client = admin(dir).await;
     let e = client.policy_rollback(PolicyRollbackRequest { reason: " ".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let reply = client.policy_rollback(PolicyRollbackRequest { reason: "INC-42: 20 min breaks the batch jobs".into() }).await.unwrap().into_inner();
+    let reply = client
+        .policy_rollback(PolicyRollbackRequest { reason: "INC-42: 20 min breaks the batch jobs".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((reply.from.unwrap().version, reply.to.unwrap().version), (v2.version(), v1.version()));
     assert_eq!(lifetime(dir).await, 3600);
     let rolled = wait_for(dir, "policy_rolled_back", 1).await;
-    assert!(rolled.body.contains("INC-42") && rolled.body.contains(&format!("\"uid\":{}", own_uid())), "{}", rolled.body);
+    assert!(
+        rolled.body.contains("INC-42") && rolled.body.contains(&format!("\"uid\":{}", own_uid())),
+        "{}",
+        rolled.body
+    );
     let status = client.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.current.unwrap().version, v1.version());
     assert_eq!(status.held, v2.version());

@@ -19,10 +19,10 @@ use mayfly::daemon::Daemon;
 use mayfly::identity::TrustDomain;
 use mayfly::keys::CertificateAuthority;
 use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{verify_chain, StoredEvent};
+use mayfly::ledger::{StoredEvent, verify_chain};
 use serde_json::Value;
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
 
 const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
 const WAIT: Duration = Duration::from_secs(20);
@@ -43,20 +43,41 @@ fn policies() -> PathBuf {
 impl TestDaemon {
     /// A daemon on `dir` (kept across restarts by the caller) at `now`.
     async fn start(dir: &Path, now: SystemTime) -> Self {
-        let tls_ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(3600), Duration::from_secs(7 * 86_400)).unwrap();
-        let (cert, key) = tls_ca.issue_tls_server(&["localhost".into()], now - Duration::from_secs(3600), Duration::from_secs(7 * 86_400)).unwrap();
+        let tls_ca = CertificateAuthority::generate(
+            &TrustDomain::parse("mayfly.local").unwrap(),
+            now - Duration::from_secs(3600),
+            Duration::from_secs(7 * 86_400),
+        )
+        .unwrap();
+        let (cert, key) = tls_ca
+            .issue_tls_server(&["localhost".into()], now - Duration::from_secs(3600), Duration::from_secs(7 * 86_400))
+            .unwrap();
         let (tls_cert, tls_key) = (dir.join("tls.pem"), dir.join("tls-key.pem"));
         let _ = std::fs::remove_file(&tls_key);
         std::fs::write(&tls_cert, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).unwrap();
-        mayfly::keys::write_private(&tls_key, pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes()).unwrap();
+        mayfly::keys::write_private(
+            &tls_key,
+            pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes(),
+        )
+        .unwrap();
         let mut config = Config::try_from(RawConfig {
             trust_domain: Some("mayfly.local".into()),
             data_dir: Some(dir.join("data")),
-            policy: RawPolicy { bundle: Some(dir.join("unused.bundle")), trusted_keys: vec![dir.join("unused.pub")], poll_interval: Some("1s".into()) },
+            policy: RawPolicy {
+                bundle: Some(dir.join("unused.bundle")),
+                trusted_keys: vec![dir.join("unused.pub")],
+                poll_interval: Some("1s".into()),
+            },
             workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
             admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
             ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            listen: Some(RawListen { address: Some("127.0.0.1:0".into()), cert: Some(tls_cert), key: Some(tls_key), request_timeout: Some("60s".into()), ..Default::default() }),
+            listen: Some(RawListen {
+                address: Some("127.0.0.1:0".into()),
+                cert: Some(tls_cert),
+                key: Some(tls_key),
+                request_timeout: Some("60s".into()),
+                ..Default::default()
+            }),
             jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },
             ..Default::default()
         })
@@ -66,8 +87,22 @@ impl TestDaemon {
         let daemon = Daemon::build(config, clock.clone()).await.unwrap();
         let port = daemon.listen_address().unwrap().port();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move { daemon.run(async { let _ = stopped.await; }).await.unwrap() });
-        Self { dir: dir.to_path_buf(), clock, port, tls_ca: tls_ca.cert_pem().to_owned(), stop: Some(stop), task: Some(task) }
+        let task = tokio::spawn(async move {
+            daemon
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap()
+        });
+        Self {
+            dir: dir.to_path_buf(),
+            clock,
+            port,
+            tls_ca: tls_ca.cert_pem().to_owned(),
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     async fn stop(mut self) {
@@ -88,7 +123,11 @@ impl TestDaemon {
     }
 
     fn https(&self) -> reqwest::Client {
-        reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(self.tls_ca.as_bytes()).unwrap()]).timeout(WAIT).build().unwrap()
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(self.tls_ca.as_bytes()).unwrap()])
+            .timeout(WAIT)
+            .build()
+            .unwrap()
     }
 
     fn url(&self, path: &str) -> String {
@@ -103,7 +142,14 @@ impl TestDaemon {
 
     async fn introspect(&self, token: &str) -> Value {
         let body = format!("token={token}");
-        let r = self.https().post(self.url("/v1/introspect")).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.unwrap();
+        let r = self
+            .https()
+            .post(self.url("/v1/introspect"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         r.json().await.unwrap()
     }
 
@@ -119,7 +165,13 @@ fn req<T>(message: T) -> tonic::Request<T> {
 }
 
 fn revoke(target: Target, dry_run: bool) -> RevokeRequest {
-    RevokeRequest { target: Some(target), reason: "INC-42: key material exposed in a build log".into(), dry_run, all: false, lock_ttl_seconds: 0 }
+    RevokeRequest {
+        target: Some(target),
+        reason: "INC-42: key material exposed in a build log".into(),
+        dry_run,
+        all: false,
+        lock_ttl_seconds: 0,
+    }
 }
 
 fn serial_of(der: &[u8]) -> String {
@@ -134,7 +186,14 @@ async fn revoking_an_identity_stops_every_credential_it_holds_and_locks_it() {
     let mut stream = w.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
     let first = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap().unwrap();
     let serial = serial_of(&first.svids[0].x509_svid);
-    let jwt = w.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() })).await.unwrap().into_inner().svids[0].svid.clone();
+    let jwt = w
+        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .svid
+        .clone();
     assert_eq!(d.introspect(&jwt).await["active"], true);
     let mut bundles = w.fetch_x509_bundles(req(X509BundlesRequest {})).await.unwrap().into_inner();
     let b0 = tokio::time::timeout(WAIT, bundles.message()).await.unwrap().unwrap().unwrap();
@@ -163,14 +222,18 @@ async fn revoking_an_identity_stops_every_credential_it_holds_and_locks_it() {
     crl.verify_signature(ca.public_key()).unwrap();
     assert_eq!(crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect::<Vec<_>>(), vec![serial]);
     // JWT: validation and introspection answer revoked.
-    let v = w.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "db".into(), svid: jwt.clone() })).await.unwrap_err();
+    let v =
+        w.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "db".into(), svid: jwt.clone() })).await.unwrap_err();
     assert!(v.message().contains("revoked"), "{}", v.message());
     assert_eq!(d.introspect(&jwt).await, serde_json::json!({ "active": false }));
     // Locked: nothing new of any kind, and the refusal is recorded.
     let e = w.fetch_x509svid(req(X509svidRequest {})).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("locked") && e.message().contains("INC-42"), "{}", e.message());
-    let e = w.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() })).await.unwrap_err();
+    let e = w
+        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     let events = d.events().await;
@@ -178,14 +241,19 @@ async fn revoking_an_identity_stops_every_credential_it_holds_and_locks_it() {
     assert!(revoked.body.contains("INC-42") && revoked.body.contains("\"uid\""), "who and why: {}", revoked.body);
     assert!(events.iter().any(|e| e.kind == "locked"));
     assert!(events.iter().any(|e| e.kind == "admin" && e.body.contains("\"dry_run\":true")));
-    assert!(events.iter().any(|e| e.kind == "used" && e.body.contains("\"refused\":\"revoked\"")), "a revoked token's use is on record");
+    assert!(
+        events.iter().any(|e| e.kind == "used" && e.body.contains("\"refused\":\"revoked\"")),
+        "a revoked token's use is on record"
+    );
     assert_eq!(verify_chain(&events), Ok(events.len()));
 
     // Unlock: new credentials again; the revoked ones stay revoked.
     admin.unlock(UnlockRequest { identity: DEV_ID.into(), reason: "INC-42 closed, key rotated".into() }).await.unwrap();
     let mut again = w.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
     assert_eq!(tokio::time::timeout(WAIT, again.message()).await.unwrap().unwrap().unwrap().svids.len(), 1);
-    assert!(w.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "db".into(), svid: jwt.clone() })).await.is_err());
+    assert!(
+        w.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "db".into(), svid: jwt.clone() })).await.is_err()
+    );
     d.stop().await;
 
     // Revocations survive a restart.
@@ -203,9 +271,19 @@ async fn each_revoke_mode_takes_exactly_what_it_names_and_bad_requests_change_no
     let mut w = d.workload().await;
     let mut jwts = Vec::new();
     for aud in ["a", "b", "c", "d"] {
-        jwts.push(w.fetch_jwtsvid(req(JwtsvidRequest { audience: vec![aud.into()], spiffe_id: String::new() })).await.unwrap().into_inner().svids[0].svid.clone());
+        jwts.push(
+            w.fetch_jwtsvid(req(JwtsvidRequest { audience: vec![aud.into()], spiffe_id: String::new() }))
+                .await
+                .unwrap()
+                .into_inner()
+                .svids[0]
+                .svid
+                .clone(),
+        );
     }
-    let jti = |t: &str| jsonwebtoken::dangerous::insecure_decode::<Value>(t).unwrap().claims["jti"].as_str().unwrap().to_owned();
+    let jti = |t: &str| {
+        jsonwebtoken::dangerous::insecure_decode::<Value>(t).unwrap().claims["jti"].as_str().unwrap().to_owned()
+    };
     let mut stream = w.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
     let svid = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap().unwrap();
     let serial = serial_of(&svid.svids[0].x509_svid);
@@ -226,7 +304,12 @@ async fn each_revoke_mode_takes_exactly_what_it_names_and_bad_requests_change_no
     let dry = admin.revoke(revoke(Target::Selector(format!("uid={uid}")), true)).await.unwrap().into_inner();
     assert!(dry.credentials.len() >= 3, "every credential of this uid: {:?}", dry.credentials.len());
     // By policy release: everything decided under this version.
-    let listed = admin.list_credentials(ListCredentialsRequest { identity: DEV_ID.into(), active: true }).await.unwrap().into_inner().credentials;
+    let listed = admin
+        .list_credentials(ListCredentialsRequest { identity: DEV_ID.into(), active: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials;
     let version = listed[0].policy_version.clone();
     let r = admin.revoke(revoke(Target::BundleVersion(version), false)).await.unwrap().into_inner();
     assert!(r.credentials.iter().all(|c| c.revoked));
@@ -240,7 +323,8 @@ async fn each_revoke_mode_takes_exactly_what_it_names_and_bad_requests_change_no
     assert_eq!(empty.code(), Code::InvalidArgument);
     let everything = admin.revoke(revoke(Target::Identity("spiffe://mayfly.local/".into()), false)).await.unwrap_err();
     assert!(everything.message().contains("--all"), "{}", everything.message());
-    let stranger = admin.revoke(revoke(Target::Identity("spiffe://mayfly.local/nobody".into()), false)).await.unwrap_err();
+    let stranger =
+        admin.revoke(revoke(Target::Identity("spiffe://mayfly.local/nobody".into()), false)).await.unwrap_err();
     assert_eq!(stranger.code(), Code::NotFound);
     let mut no_reason = revoke(Target::Identity(DEV_ID.into()), false);
     no_reason.reason = "  ".into();
@@ -255,7 +339,14 @@ async fn expiry_is_recorded_and_a_restart_catches_up_on_what_expired_while_down(
     let t0 = SystemTime::now();
     let d = TestDaemon::start(dir.path(), t0).await;
     let mut w = d.workload().await;
-    let jwt = w.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() })).await.unwrap().into_inner().svids[0].svid.clone();
+    let jwt = w
+        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .svid
+        .clone();
     // Live: introspection answers active and is a recorded use.
     assert_eq!(d.introspect(&jwt).await["active"], true);
     assert!(d.events().await.iter().any(|e| e.kind == "used" && e.body.contains("\"use\":\"introspect\"")));

@@ -17,7 +17,7 @@ use mayfly::clock::FixedClock;
 use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawLedger, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{verify_chain, StoredEvent};
+use mayfly::ledger::{StoredEvent, verify_chain};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -40,7 +40,11 @@ fn config(dir: &Path, policies: &Path, busy: &str) -> Config {
     let mut config = Config::try_from(RawConfig {
         trust_domain: Some("mayfly.local".into()),
         data_dir: Some(dir.join("data")),
-        policy: RawPolicy { bundle: Some(dir.join("unused.bundle")), trusted_keys: vec![dir.join("unused.pub")], ..Default::default() },
+        policy: RawPolicy {
+            bundle: Some(dir.join("unused.bundle")),
+            trusted_keys: vec![dir.join("unused.pub")],
+            ..Default::default()
+        },
         workload_api: RawWorkloadApi { socket: Some(dir.join("mayfly.sock")), ..Default::default() },
         ca: Some(RawCa { generate: Some(true), ..Default::default() }),
         ledger: RawLedger { busy_timeout: Some(busy.into()), ..Default::default() },
@@ -63,7 +67,12 @@ impl TestDaemon {
         let socket = daemon.socket().to_path_buf();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            daemon.run(async { let _ = stopped.await; }).await.unwrap();
+            daemon
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
         });
         Self { dir, socket, stop: Some(stop), task: Some(task) }
     }
@@ -188,10 +197,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
 
     let huge = d.issue(IssueX509Request { csr: vec![0x30; 70 * 1024], ..request(None) }).await.unwrap_err();
-    assert!(
-        matches!(huge.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument),
-        "{huge:?}"
-    );
+    assert!(matches!(huge.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{huge:?}");
 
     let bad_id = d.issue(IssueX509Request { spiffe_id: "not-a-spiffe-id".into(), ..request(None) }).await.unwrap_err();
     assert_eq!(bad_id.code(), Code::InvalidArgument);
@@ -267,8 +273,13 @@ async fn handed_off_connection(socket: &Path, mode: &str) -> (UnixStream, std::o
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut ancillary = rustix::net::RecvAncillaryBuffer::new(&mut space);
         let mut byte = [0u8; 1];
-        rustix::net::recvmsg(&holder, &mut [IoSliceMut::new(&mut byte)], &mut ancillary, rustix::net::RecvFlags::empty())
-            .unwrap();
+        rustix::net::recvmsg(
+            &holder,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut ancillary,
+            rustix::net::RecvFlags::empty(),
+        )
+        .unwrap();
         let mut fd: Option<OwnedFd> = None;
         for msg in ancillary.drain() {
             if let rustix::net::RecvAncillaryMessage::ScmRights(mut fds) = msg {
@@ -383,7 +394,8 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
     let first_bundle = d.issue(request(None)).await.unwrap().trust_bundle;
 
     // A live socket is not stolen by a second daemon.
-    let again = Daemon::build(config(d.dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+    let again =
+        Daemon::build(config(d.dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(again.err().unwrap().to_string().contains("another process"));
 
     let dir = d.shutdown().await;
@@ -397,12 +409,14 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
 
     // A symlink at the socket path is refused.
     std::os::unix::fs::symlink("/tmp/elsewhere.sock", dir.path().join("mayfly.sock")).unwrap();
-    let e = Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+    let e =
+        Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("symlink"));
     std::fs::remove_file(dir.path().join("mayfly.sock")).unwrap();
 
     // A directory others can write is refused.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let e = Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+    let e =
+        Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("writable by others"));
 }

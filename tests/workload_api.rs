@@ -9,14 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mayfly::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use mayfly::api::spiffe::{JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitsvidRequest, X509BundlesRequest, X509svidRequest, X509svidResponse};
+use mayfly::api::spiffe::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitsvidRequest, X509BundlesRequest, X509svidRequest,
+    X509svidResponse,
+};
 use mayfly::clock::FixedClock;
 use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::identity::TrustDomain;
 use mayfly::keys::CertificateAuthority;
 use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{verify_chain, StoredEvent};
+use mayfly::ledger::{StoredEvent, verify_chain};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 use x509_parser::extensions::GeneralName;
@@ -35,7 +38,13 @@ struct TestDaemon {
 
 impl TestDaemon {
     async fn start(policies: &Path, now: SystemTime) -> Self {
-        Self::start_with_ca(policies, now, RawCa { generate: Some(true), ..Default::default() }, tempfile::tempdir().unwrap()).await
+        Self::start_with_ca(
+            policies,
+            now,
+            RawCa { generate: Some(true), ..Default::default() },
+            tempfile::tempdir().unwrap(),
+        )
+        .await
     }
 
     async fn start_with_ca(policies: &Path, now: SystemTime, ca: RawCa, dir: tempfile::TempDir) -> Self {
@@ -58,7 +67,12 @@ impl TestDaemon {
         let socket = daemon.socket().to_path_buf();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            daemon.run(async { let _ = stopped.await; }).await.unwrap();
+            daemon
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
         });
         Self { dir, socket, clock, stop: Some(stop), task: Some(task) }
     }
@@ -130,7 +144,10 @@ fn dev_entry(expires: &str) -> String {
 }
 
 async fn next(stream: &mut Streaming<X509svidResponse>) -> Result<X509svidResponse, tonic::Status> {
-    tokio::time::timeout(WAIT, stream.message()).await.expect("stream message in time").map(|m| m.expect("stream still open"))
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("stream message in time")
+        .map(|m| m.expect("stream still open"))
 }
 
 struct Svid {
@@ -172,16 +189,21 @@ async fn calls_without_the_security_header_are_refused_before_anything_happens()
     let e = c.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("security header"), "{}", e.message());
-    let e = c.fetch_jwtsvid(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }).await.unwrap_err();
+    let e =
+        c.fetch_jwtsvid(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c.validate_jwtsvid(ValidateJwtsvidRequest { audience: "db".into(), svid: "x.y.z".into() }).await.unwrap_err();
+    let e =
+        c.validate_jwtsvid(ValidateJwtsvidRequest { audience: "db".into(), svid: "x.y.z".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let mut wrong = tonic::Request::new(X509BundlesRequest {});
     wrong.metadata_mut().insert("workload.spiffe.io", "yes".parse().unwrap());
     assert_eq!(c.fetch_x509_bundles(wrong).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(d.events().await.len(), before, "nothing decided, nothing issued");
     // The WIT-SVID profile is not served.
-    assert_eq!(c.fetch_witsvid(req(WitsvidRequest { spiffe_id: String::new() })).await.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(
+        c.fetch_witsvid(req(WitsvidRequest { spiffe_id: String::new() })).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
     d.stop().await;
 }
 
@@ -200,7 +222,9 @@ async fn fetch_x509svid_hands_out_a_server_made_key_recorded_like_any_issuance()
 
     let events = d.events().await;
     let decision = events.iter().rev().find(|e| e.kind == "decision").unwrap();
-    assert!(decision.body.contains("\"api\":\"spiffe_workload_api\"") && decision.body.contains("\"outcome\":\"allow\""));
+    assert!(
+        decision.body.contains("\"api\":\"spiffe_workload_api\"") && decision.body.contains("\"outcome\":\"allow\"")
+    );
     let issued = events.iter().rev().find(|e| e.kind == "issued").unwrap();
     assert!(issued.body.contains(&svid.serial));
     // The private key is never recorded, in any encoding.
@@ -221,7 +245,10 @@ async fn the_stream_pushes_a_fresh_svid_at_half_its_lifetime_on_a_paused_clock()
 
     // One second before half-life: nothing is pushed.
     d.clock.advance(Duration::from_secs(30 * 60 - 1));
-    assert!(tokio::time::timeout(Duration::from_millis(500), stream.message()).await.is_err(), "no rotation before half-life");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await.is_err(),
+        "no rotation before half-life"
+    );
 
     d.clock.advance(Duration::from_secs(1));
     let second = check_svid(&next(&mut stream).await.unwrap());
@@ -271,7 +298,9 @@ async fn a_release_that_removes_the_identity_empties_open_streams() {
     check_svid(&next(&mut stream).await.unwrap());
 
     // A new release without the entry (dev re-reads policies/ within a poll interval).
-    let other = dev_entry("2030-01-01").replace(DEV_ID, "spiffe://mayfly.local/other").replace("unix:uid:self", "unix:uid:4242424");
+    let other = dev_entry("2030-01-01")
+        .replace(DEV_ID, "spiffe://mayfly.local/other")
+        .replace("unix:uid:self", "unix:uid:4242424");
     std::fs::write(policies.path().join("inventory.toml"), other).unwrap();
     let empty = next(&mut stream).await.unwrap();
     assert!(empty.svids.is_empty());
@@ -282,7 +311,10 @@ async fn a_release_that_removes_the_identity_empties_open_streams() {
     // And a new call is refused as having no entitlement, recorded as a denial.
     let e = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() })).await.unwrap_err();
+    let e = c
+        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let events = d.events().await;
     let denials = events.iter().filter(|e| e.kind == "decision" && e.body.contains("\"outcome\":\"deny\"")).count();
@@ -295,7 +327,10 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
     let d = TestDaemon::start(&repo_policies(), SystemTime::now()).await;
     let mut c = d.client().await;
     let reply = c
-        .fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["spiffe://mayfly.local/db".into()], spiffe_id: String::new() }))
+        .fetch_jwtsvid(req(JwtsvidRequest {
+            audience: vec!["spiffe://mayfly.local/db".into()],
+            spiffe_id: String::new(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -310,7 +345,8 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
     let jwk = &jwks["keys"][0];
     let header = jsonwebtoken::decode_header(&token).unwrap();
     assert_eq!(header.kid.as_deref(), jwk["kid"].as_str());
-    let key = jsonwebtoken::DecodingKey::from_ec_components(jwk["x"].as_str().unwrap(), jwk["y"].as_str().unwrap()).unwrap();
+    let key =
+        jsonwebtoken::DecodingKey::from_ec_components(jwk["x"].as_str().unwrap(), jwk["y"].as_str().unwrap()).unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.set_audience(&["spiffe://mayfly.local/db"]);
     let data = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
@@ -318,19 +354,31 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
     assert_eq!(data.claims["exp"].as_i64().unwrap() - data.claims["iat"].as_i64().unwrap(), 300, "default 5 min");
 
     let ok = c
-        .validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "spiffe://mayfly.local/db".into(), svid: token.clone() }))
+        .validate_jwtsvid(req(ValidateJwtsvidRequest {
+            audience: "spiffe://mayfly.local/db".into(),
+            svid: token.clone(),
+        }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(ok.spiffe_id, DEV_ID);
     assert!(ok.claims.unwrap().fields.contains_key("exp"));
-    let wrong = c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "other".into(), svid: token.clone() })).await.unwrap_err();
+    let wrong = c
+        .validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "other".into(), svid: token.clone() }))
+        .await
+        .unwrap_err();
     assert_eq!(wrong.code(), Code::InvalidArgument);
     assert!(wrong.message().contains("audience"), "{}", wrong.message());
 
     // Expired on the daemon's clock: refused.
     d.clock.advance(Duration::from_secs(301));
-    let late = c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "spiffe://mayfly.local/db".into(), svid: token.clone() })).await.unwrap_err();
+    let late = c
+        .validate_jwtsvid(req(ValidateJwtsvidRequest {
+            audience: "spiffe://mayfly.local/db".into(),
+            svid: token.clone(),
+        }))
+        .await
+        .unwrap_err();
     assert!(late.message().contains("expired"), "{}", late.message());
 
     let events = d.events().await;
@@ -353,7 +401,12 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
 fn publish_ca(dir: &Path, now: SystemTime) -> Vec<u8> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(60), Duration::from_secs(30 * 86_400)).unwrap();
+    let ca = CertificateAuthority::generate(
+        &TrustDomain::parse("mayfly.local").unwrap(),
+        now - Duration::from_secs(60),
+        Duration::from_secs(30 * 86_400),
+    )
+    .unwrap();
     let tmp = dir.join("ca-key.pem.new");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).unwrap();
@@ -415,7 +468,13 @@ async fn a_rotated_ca_reaches_open_bundle_streams_and_svids_are_renewed_under_it
     assert_eq!(certs_in(&b2.bundles["spiffe://mayfly.local"]), vec![second_ca]);
 
     // A broken pair (a key that does not match) is refused and recorded; the CA stays.
-    std::fs::write(cas.join("ca.pem"), CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now, Duration::from_secs(86_400)).unwrap().cert_pem()).unwrap();
+    std::fs::write(
+        cas.join("ca.pem"),
+        CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now, Duration::from_secs(86_400))
+            .unwrap()
+            .cert_pem(),
+    )
+    .unwrap();
     let mut refused = false;
     for _ in 0..100 {
         if d.events().await.iter().any(|e| e.kind == "ca_rejected" && e.body.contains("does not match")) {

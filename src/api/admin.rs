@@ -10,16 +10,17 @@ use tonic::{Request, Response, Status};
 use super::pb::admin_server::Admin;
 use super::pb::revoke_request::Target as RevokeTarget;
 use super::pb::{
-    AwsDeny, PolicyShadowRequest, PolicyShadowResponse, RecordPolicyCheckRequest, RecordPolicyCheckResponse,
-    BreakGlassApproveRequest, BreakGlassApproveResponse, BreakGlassListRequest, BreakGlassListResponse, BreakGlassReviewRequest,
-    BreakGlassReviewResponse, PendingBreakGlass, CredentialInfo, ListCredentialsRequest, ListCredentialsResponse, LockRequest, LockResponse, PolicyRelease, PolicyRollbackRequest,
-    PolicyRollbackResponse, PolicyStatusRequest, PolicyStatusResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
+    AwsDeny, BreakGlassApproveRequest, BreakGlassApproveResponse, BreakGlassListRequest, BreakGlassListResponse,
+    BreakGlassReviewRequest, BreakGlassReviewResponse, CredentialInfo, ListCredentialsRequest, ListCredentialsResponse,
+    LockRequest, LockResponse, PendingBreakGlass, PolicyRelease, PolicyRollbackRequest, PolicyRollbackResponse,
+    PolicyShadowRequest, PolicyShadowResponse, PolicyStatusRequest, PolicyStatusResponse, RecordPolicyCheckRequest,
+    RecordPolicyCheckResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
 };
-use crate::issue::Issuer;
-use crate::revoke::{check_reason, Desk, Found, RevokeError, Target, SELECTOR_KEYS};
 use crate::attest::PeerInfo;
+use crate::issue::Issuer;
 use crate::policy::activation::{ActivationError, PolicyController};
 use crate::policy::release::Release;
+use crate::revoke::{Desk, Found, RevokeError, SELECTOR_KEYS, Target, check_reason};
 
 pub struct AdminService {
     policy: Arc<PolicyController>,
@@ -30,14 +31,23 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    pub fn new(policy: Arc<PolicyController>, desk: Arc<Desk>, issuer: Arc<Issuer>, daemon_uid: u32, owner_uid: Option<u32>) -> Self {
+    pub fn new(
+        policy: Arc<PolicyController>,
+        desk: Arc<Desk>,
+        issuer: Arc<Issuer>,
+        daemon_uid: u32,
+        owner_uid: Option<u32>,
+    ) -> Self {
         Self { policy, desk, issuer, daemon_uid, owner_uid }
     }
 
     fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
         let peer = request_peer.ok_or_else(|| Status::unauthenticated("the admin peer has no process credentials"))?;
         if peer.uid != self.daemon_uid && peer.uid != 0 && Some(peer.uid) != self.owner_uid {
-            tracing::warn!(uid = peer.uid, "admin call from a user who is not the daemon's, the socket's owner or root; refused");
+            tracing::warn!(
+                uid = peer.uid,
+                "admin call from a user who is not the daemon's, the socket's owner or root; refused"
+            );
             return Err(Status::permission_denied("admin calls are for the daemon's user, admin.owner_uid or root"));
         }
         Ok(json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid }))
@@ -100,7 +110,10 @@ fn release(r: &Release) -> PolicyRelease {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn policy_status(&self, request: Request<PolicyStatusRequest>) -> Result<Response<PolicyStatusResponse>, Status> {
+    async fn policy_status(
+        &self,
+        request: Request<PolicyStatusRequest>,
+    ) -> Result<Response<PolicyStatusResponse>, Status> {
         let operator = self.admin("policy_status", request.extensions().get::<PeerInfo>()).await?;
         let _ = self.desk.record_admin(json!({ "call": "policy_status", "operator": operator })).await;
         let status = self.policy.status().await;
@@ -111,7 +124,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn policy_rollback(&self, request: Request<PolicyRollbackRequest>) -> Result<Response<PolicyRollbackResponse>, Status> {
+    async fn policy_rollback(
+        &self,
+        request: Request<PolicyRollbackRequest>,
+    ) -> Result<Response<PolicyRollbackResponse>, Status> {
         let operator = self.admin("policy_rollback", request.extensions().get::<PeerInfo>()).await?;
         let reason = request.into_inner().reason;
         if reason.trim().is_empty() || reason.len() > 1000 || reason.chars().any(|c| c.is_control() && c != '\n') {
@@ -140,14 +156,22 @@ impl Admin for AdminService {
             Some(RevokeTarget::Serial(s)) if !s.is_empty() => Target::Serial(s.to_ascii_lowercase()),
             Some(RevokeTarget::Identity(id)) if !id.is_empty() => Target::Identity(id),
             Some(RevokeTarget::Selector(sel)) => {
-                let (key, value) = sel.split_once('=').ok_or_else(|| Status::invalid_argument("selector: expected key=value"))?;
+                let (key, value) =
+                    sel.split_once('=').ok_or_else(|| Status::invalid_argument("selector: expected key=value"))?;
                 if !SELECTOR_KEYS.contains(&key) || value.is_empty() {
-                    return Err(Status::invalid_argument(format!("selector: `{key}` with a value; keys: {}", SELECTOR_KEYS.join(", "))));
+                    return Err(Status::invalid_argument(format!(
+                        "selector: `{key}` with a value; keys: {}",
+                        SELECTOR_KEYS.join(", ")
+                    )));
                 }
                 Target::Selector { key: key.to_owned(), value: value.to_owned() }
             }
             Some(RevokeTarget::BundleVersion(v)) if !v.is_empty() => Target::Bundle(v),
-            _ => return Err(Status::invalid_argument("name what to revoke: credential, serial, identity, selector or bundle")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name what to revoke: credential, serial, identity, selector or bundle",
+                ));
+            }
         };
         let outcome = self
             .desk
@@ -191,7 +215,8 @@ impl Admin for AdminService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         let operator = self.admin("lock", request.extensions().get::<PeerInfo>()).await?;
         let req = request.into_inner();
-        let (lock, durable) = self.desk.lock(&req.identity, &req.reason, ttl(req.ttl_seconds)?, operator).await.map_err(revoke_status)?;
+        let (lock, durable) =
+            self.desk.lock(&req.identity, &req.reason, ttl(req.ttl_seconds)?, operator).await.map_err(revoke_status)?;
         Ok(Response::new(LockResponse { durable, until: lock.until.unwrap_or_default() }))
     }
 
@@ -202,16 +227,27 @@ impl Admin for AdminService {
         Ok(Response::new(UnlockResponse {}))
     }
 
-    async fn list_credentials(&self, request: Request<ListCredentialsRequest>) -> Result<Response<ListCredentialsResponse>, Status> {
+    async fn list_credentials(
+        &self,
+        request: Request<ListCredentialsRequest>,
+    ) -> Result<Response<ListCredentialsResponse>, Status> {
         let operator = self.admin("list_credentials", request.extensions().get::<PeerInfo>()).await?;
         let req = request.into_inner();
         let identity = if req.identity.is_empty() { None } else { Some(req.identity.as_str()) };
-        let _ = self.desk.record_admin(json!({ "call": "list_credentials", "operator": operator, "identity": identity, "active": req.active })).await;
+        let _ = self
+            .desk
+            .record_admin(
+                json!({ "call": "list_credentials", "operator": operator, "identity": identity, "active": req.active }),
+            )
+            .await;
         let found = self.desk.list(identity, req.active).await.map_err(revoke_status)?;
         Ok(Response::new(ListCredentialsResponse { credentials: found.iter().map(info).collect() }))
     }
 
-    async fn break_glass_list(&self, request: Request<BreakGlassListRequest>) -> Result<Response<BreakGlassListResponse>, Status> {
+    async fn break_glass_list(
+        &self,
+        request: Request<BreakGlassListRequest>,
+    ) -> Result<Response<BreakGlassListResponse>, Status> {
         let operator = self.admin("break_glass_list", request.extensions().get::<PeerInfo>()).await?;
         let _ = self.desk.record_admin(json!({ "call": "break_glass_list", "operator": operator })).await;
         let pending = self
@@ -231,7 +267,10 @@ impl Admin for AdminService {
         Ok(Response::new(BreakGlassListResponse { pending }))
     }
 
-    async fn break_glass_approve(&self, request: Request<BreakGlassApproveRequest>) -> Result<Response<BreakGlassApproveResponse>, Status> {
+    async fn break_glass_approve(
+        &self,
+        request: Request<BreakGlassApproveRequest>,
+    ) -> Result<Response<BreakGlassApproveResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let operator = self.admin("break_glass_approve", peer.as_ref()).await?;
         let req = request.into_inner();
@@ -241,18 +280,25 @@ impl Admin for AdminService {
         Ok(Response::new(BreakGlassApproveResponse {}))
     }
 
-    async fn break_glass_review(&self, request: Request<BreakGlassReviewRequest>) -> Result<Response<BreakGlassReviewResponse>, Status> {
+    async fn break_glass_review(
+        &self,
+        request: Request<BreakGlassReviewRequest>,
+    ) -> Result<Response<BreakGlassReviewResponse>, Status> {
         let operator = self.admin("break_glass_review", request.extensions().get::<PeerInfo>()).await?;
         let req = request.into_inner();
         let note = check_reason(&req.note).map_err(revoke_status)?;
         if req.id.trim().is_empty() {
             return Err(Status::invalid_argument("id: the break-glass request or credential id"));
         }
-        let event_id = self.issuer.break_glass_review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
+        let event_id =
+            self.issuer.break_glass_review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
         Ok(Response::new(BreakGlassReviewResponse { event_id }))
     }
 
-    async fn policy_shadow(&self, request: Request<PolicyShadowRequest>) -> Result<Response<PolicyShadowResponse>, Status> {
+    async fn policy_shadow(
+        &self,
+        request: Request<PolicyShadowRequest>,
+    ) -> Result<Response<PolicyShadowResponse>, Status> {
         let operator = self.admin("policy_shadow", request.extensions().get::<PeerInfo>()).await?;
         let req = request.into_inner();
         let reason = check_reason(&req.reason).map_err(revoke_status)?;
@@ -265,19 +311,32 @@ impl Admin for AdminService {
             match self.policy.load_candidate(std::path::Path::new(req.path.trim())).await {
                 Ok(r) => Some(std::sync::Arc::new(r)),
                 Err(why) => {
-                    let _ = self.desk.record_admin(json!({ "call": "policy_shadow", "operator": operator, "path": req.path, "refused": why })).await;
+                    let _ = self
+                        .desk
+                        .record_admin(
+                            json!({ "call": "policy_shadow", "operator": operator, "path": req.path, "refused": why }),
+                        )
+                        .await;
                     return Err(Status::failed_precondition(format!("candidate refused: {why}")));
                 }
             }
         };
         let version = candidate.as_ref().map(|r| r.version().to_owned()).unwrap_or_default();
         let event_id = self.issuer.set_shadow(candidate, operator, reason).await.map_err(|e| super::status(&e))?;
-        Ok(Response::new(PolicyShadowResponse { candidate_version: version, active_version: self.issuer.policy_version(), event_id }))
+        Ok(Response::new(PolicyShadowResponse {
+            candidate_version: version,
+            active_version: self.issuer.policy_version(),
+            event_id,
+        }))
     }
 
-    async fn record_policy_check(&self, request: Request<RecordPolicyCheckRequest>) -> Result<Response<RecordPolicyCheckResponse>, Status> {
+    async fn record_policy_check(
+        &self,
+        request: Request<RecordPolicyCheckRequest>,
+    ) -> Result<Response<RecordPolicyCheckResponse>, Status> {
         let operator = self.admin("record_policy_check", request.extensions().get::<PeerInfo>()).await?;
-        let report: serde_json::Value = serde_json::from_str(&request.into_inner().report).map_err(|e| Status::invalid_argument(format!("report: not JSON: {e}")))?;
+        let report: serde_json::Value = serde_json::from_str(&request.into_inner().report)
+            .map_err(|e| Status::invalid_argument(format!("report: not JSON: {e}")))?;
         if !report.is_object() || report.get("check").and_then(serde_json::Value::as_str).is_none() {
             return Err(Status::invalid_argument("report: a JSON object naming its `check`"));
         }

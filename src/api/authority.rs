@@ -150,8 +150,7 @@ impl<S> AuthorityFix<S> {
         if let Some(p) = priority {
             encoded.extend_from_slice(&p);
         }
-        self.encoder
-            .encode_into(fixed.iter().map(|(n, v)| (n.as_slice(), v.as_slice())), &mut encoded)?;
+        self.encoder.encode_into(fixed.iter().map(|(n, v)| (n.as_slice(), v.as_slice())), &mut encoded)?;
         let base = flags & (END_STREAM | PRIORITY);
         let mut chunks = encoded.chunks(MAX_FRAME).peekable();
         let mut first = true;
@@ -178,7 +177,8 @@ fn split_headers(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5]>, &[u8
     }
     let mut priority = None;
     if flags & PRIORITY != 0 {
-        let p: [u8; 5] = body.get(..5).and_then(|p| p.try_into().ok()).ok_or_else(|| protocol("short HEADERS priority"))?;
+        let p: [u8; 5] =
+            body.get(..5).and_then(|p| p.try_into().ok()).ok_or_else(|| protocol("short HEADERS priority"))?;
         priority = Some(p);
         body = &body[5..];
     }
@@ -261,7 +261,12 @@ mod tests {
 
     use super::*;
 
-    fn headers_frame(encoder: &mut fluke_hpack::Encoder<'_>, stream: u32, headers: &[(&[u8], &[u8])], padded: bool) -> Vec<u8> {
+    fn headers_frame(
+        encoder: &mut fluke_hpack::Encoder<'_>,
+        stream: u32,
+        headers: &[(&[u8], &[u8])],
+        padded: bool,
+    ) -> Vec<u8> {
         let block = encoder.encode(headers.iter().copied());
         let mut payload = Vec::new();
         let mut flags = END_HEADERS;
@@ -301,7 +306,12 @@ mod tests {
         let mut client = fluke_hpack::Encoder::new();
         let mut input = PREFACE.to_vec();
         write_frame(&mut input, 0x4, 0, 0, &[]); // SETTINGS, passed through
-        let first: &[(&[u8], &[u8])] = &[(b":method", b"POST"), (b":authority", b"/run/mayfly/workload.sock"), (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"), (b"workload.spiffe.io", b"true")];
+        let first: &[(&[u8], &[u8])] = &[
+            (b":method", b"POST"),
+            (b":authority", b"/run/mayfly/workload.sock"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b"workload.spiffe.io", b"true"),
+        ];
         input.extend(headers_frame(&mut client, 1, first, false));
         // The second request reuses the client's dynamic table entries (indexed fields) and pads.
         input.extend(headers_frame(&mut client, 3, first, true));
@@ -315,13 +325,17 @@ mod tests {
             assert!(block.iter().any(|(n, v)| n == b"workload.spiffe.io" && v == b"true"));
             assert!(block.iter().any(|(n, v)| n == b":path" && v == b"/SpiffeWorkloadAPI/FetchX509SVID"));
         }
-        assert!(blocks[2].iter().any(|(n, v)| n == b":authority" && v == b"localhost:50051"), "a valid authority is kept");
+        assert!(
+            blocks[2].iter().any(|(n, v)| n == b":authority" && v == b"localhost:50051"),
+            "a valid authority is kept"
+        );
     }
 
     #[tokio::test]
     async fn a_block_split_over_continuation_frames_is_reassembled_and_fixed() {
         let mut client = fluke_hpack::Encoder::new();
-        let block = client.encode([(&b":method"[..], &b"POST"[..]), (b":authority", b"/tmp/a b/socket"), (b":path", b"/x")]);
+        let block =
+            client.encode([(&b":method"[..], &b"POST"[..]), (b":authority", b"/tmp/a b/socket"), (b":path", b"/x")]);
         let (head, tail) = block.split_at(block.len() / 2);
         let mut input = PREFACE.to_vec();
         write_frame(&mut input, HEADERS, 0, 1, head);

@@ -5,14 +5,19 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb::broker_server::Broker;
-use super::pb::{BreakGlassRequest, BreakGlassResponse, BreakGlassWaitRequest, IssueAwsRequest, IssueAwsResponse, IssueX509Request, IssueX509Response};
+use super::pb::{
+    BreakGlassRequest, BreakGlassResponse, BreakGlassWaitRequest, IssueAwsRequest, IssueAwsResponse, IssueX509Request,
+    IssueX509Response,
+};
 use super::{aws_credentials, invalid, status};
 use crate::attest::PeerInfo;
 use crate::clock::unix_secs;
 use crate::identity::{Ttl, WorkloadId};
-use crate::issue::{AwsRequest, EmergencyKind, EmergencyOutcome, EmergencyRequest, Issuer, KeySource, Origin, X509Request};
-use crate::policy::AwsRole;
+use crate::issue::{
+    AwsRequest, EmergencyKind, EmergencyOutcome, EmergencyRequest, Issuer, KeySource, Origin, X509Request,
+};
 use crate::mint::VerifiedCsr;
+use crate::policy::AwsRole;
 
 pub struct BrokerService {
     issuer: Arc<Issuer>,
@@ -49,7 +54,15 @@ impl Broker for BrokerService {
         let csr = VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?;
         let issued = self
             .issuer
-            .issue_x509(&peer, X509Request { key: KeySource::Csr(csr), ttl, spiffe_id, origin: Origin { api: "mayfly.v1", rotates: None, emergency: None } })
+            .issue_x509(
+                &peer,
+                X509Request {
+                    key: KeySource::Csr(csr),
+                    ttl,
+                    spiffe_id,
+                    origin: Origin { api: "mayfly.v1", rotates: None, emergency: None },
+                },
+            )
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(IssueX509Response {
@@ -75,7 +88,8 @@ impl Broker for BrokerService {
             s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
         };
         let origin = Origin { api: "mayfly.v1", rotates: None, emergency: None };
-        let issued = self.issuer.issue_aws(&peer, AwsRequest { role, ttl, spiffe_id, origin }).await.map_err(|e| status(&e))?;
+        let issued =
+            self.issuer.issue_aws(&peer, AwsRequest { role, ttl, spiffe_id, origin }).await.map_err(|e| status(&e))?;
         Ok(Response::new(IssueAwsResponse {
             credential_id: issued.credential_id.clone(),
             spiffe_id: issued.identity.to_string(),
@@ -105,21 +119,34 @@ impl Broker for BrokerService {
             "aws" => EmergencyKind::Aws { role: AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))? },
             other => return Err(invalid("kind", format!("`{}` is not one of x509, jwt, aws", other.escape_debug()))),
         };
-        let outcome = self.issuer.break_glass(&peer, EmergencyRequest { kind, ttl, reason, ticket }).await.map_err(|e| status(&e))?;
+        let outcome = self
+            .issuer
+            .break_glass(&peer, EmergencyRequest { kind, ttl, reason, ticket })
+            .await
+            .map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
     }
 
-    async fn break_glass_wait(&self, request: Request<BreakGlassWaitRequest>) -> Result<Response<BreakGlassResponse>, Status> {
+    async fn break_glass_wait(
+        &self,
+        request: Request<BreakGlassWaitRequest>,
+    ) -> Result<Response<BreakGlassResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials);
         let id = request.into_inner().pending_id;
-        let outcome = self.issuer.break_glass_wait(&peer, &id, std::time::Duration::from_secs(20)).await.map_err(|e| status(&e))?;
+        let outcome = self
+            .issuer
+            .break_glass_wait(&peer, &id, std::time::Duration::from_secs(20))
+            .await
+            .map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
     }
 }
 
 fn emergency_response(outcome: EmergencyOutcome) -> BreakGlassResponse {
     match outcome {
-        EmergencyOutcome::Pending { id, expires_at } => BreakGlassResponse { pending_id: id, pending_until: unix_secs(expires_at), ..Default::default() },
+        EmergencyOutcome::Pending { id, expires_at } => {
+            BreakGlassResponse { pending_id: id, pending_until: unix_secs(expires_at), ..Default::default() }
+        }
         EmergencyOutcome::X509(issued) => BreakGlassResponse {
             credential_id: issued.credential_id,
             spiffe_id: issued.identity.to_string(),

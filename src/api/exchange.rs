@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tonic::Code;
 
 use super::pb::exchange_server::{Exchange, ExchangeServer};
@@ -22,9 +22,12 @@ use super::pb::{ExchangeRequest as PbRequest, ExchangeResponse as PbResponse};
 use super::{aws_credentials, status};
 use crate::clock::unix_secs;
 use crate::identity::Ttl;
-use crate::issue::{EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, IssuedAws, Issuer};
-use crate::policy::AwsRole;
+use crate::issue::{
+    EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, IssuedAws,
+    Issuer,
+};
 use crate::mint::{TrustBundle, VerifiedCsr};
+use crate::policy::AwsRole;
 
 /// The remote address of a TLS connection, put on each request by the listener.
 #[derive(Clone, Debug)]
@@ -45,7 +48,14 @@ pub struct ExchangeApi {
 }
 
 impl ExchangeApi {
-    pub fn new(issuer: Arc<Issuer>, jwt_issuer: String, x509_ttl: Ttl, jwt_ttl: Ttl, max_ttl: Ttl, request_timeout: Duration) -> Self {
+    pub fn new(
+        issuer: Arc<Issuer>,
+        jwt_issuer: String,
+        x509_ttl: Ttl,
+        jwt_ttl: Ttl,
+        max_ttl: Ttl,
+        request_timeout: Duration,
+    ) -> Self {
         Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, aws_ttl: x509_ttl, max_ttl, request_timeout, bundles: None }
     }
 
@@ -62,9 +72,10 @@ impl ExchangeApi {
 
     /// Every route of the listener, with the body limit on all of them.
     pub fn router(self, max_request_bytes: usize) -> Router {
-        let grpc = tonic::service::Routes::new(ExchangeServer::new(self.clone()).max_decoding_message_size(max_request_bytes))
-            .prepare()
-            .into_axum_router();
+        let grpc =
+            tonic::service::Routes::new(ExchangeServer::new(self.clone()).max_decoding_message_size(max_request_bytes))
+                .prepare()
+                .into_axum_router();
         Router::new()
             .route("/v1/exchange", post(http_exchange))
             .route("/.well-known/openid-configuration", get(discovery))
@@ -79,28 +90,46 @@ impl ExchangeApi {
     }
 
     /// Parses a request (the same rules for gRPC and JSON) into the domain request.
-    fn parse(&self, kind: &str, audience: Option<String>, csr: Option<&[u8]>, role: Option<String>, ttl: Option<i64>, remote: String) -> Result<ExchangeRequest, Rejection> {
+    fn parse(
+        &self,
+        kind: &str,
+        audience: Option<String>,
+        csr: Option<&[u8]>,
+        role: Option<String>,
+        ttl: Option<i64>,
+        remote: String,
+    ) -> Result<ExchangeRequest, Rejection> {
         let ttl_for = |default: Ttl| match ttl {
             None => Ok(default),
             Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| Rejection::invalid("ttl", e)),
         };
         let kind = match kind {
             "jwt" => {
-                let audience = audience.filter(|a| !a.is_empty()).ok_or_else(|| Rejection::invalid("audience", "required for kind jwt"))?;
+                let audience = audience
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| Rejection::invalid("audience", "required for kind jwt"))?;
                 if audience.len() > 512 || audience.chars().any(char::is_control) {
                     return Err(Rejection::invalid("audience", "at most 512 characters, no control characters"));
                 }
                 ExchangeKind::Jwt { audience }
             }
             "x509" => {
-                let csr = csr.filter(|c| !c.is_empty()).ok_or_else(|| Rejection::invalid("csr", "required for kind x509"))?;
+                let csr =
+                    csr.filter(|c| !c.is_empty()).ok_or_else(|| Rejection::invalid("csr", "required for kind x509"))?;
                 ExchangeKind::X509 { csr: VerifiedCsr::parse(csr).map_err(|e| Rejection::invalid("csr", e))? }
             }
             "aws" => {
-                let role = role.filter(|r| !r.is_empty()).ok_or_else(|| Rejection::invalid("role", "required for kind aws"))?;
+                let role = role
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| Rejection::invalid("role", "required for kind aws"))?;
                 ExchangeKind::Aws { role: AwsRole::parse(role.trim()).map_err(|e| Rejection::invalid("role", e))? }
             }
-            other => return Err(Rejection::invalid("kind", format!("`{}` is not one of jwt, x509, aws", other.escape_debug()))),
+            other => {
+                return Err(Rejection::invalid(
+                    "kind",
+                    format!("`{}` is not one of jwt, x509, aws", other.escape_debug()),
+                ));
+            }
         };
         let ttl = ttl_for(match kind {
             ExchangeKind::Jwt { .. } => self.jwt_ttl,
@@ -112,11 +141,21 @@ impl ExchangeApi {
 
     async fn run(&self, token: &str, req: ExchangeRequest) -> Result<Exchanged, Rejection> {
         if token.is_empty() {
-            return Err(Rejection::new(StatusCode::UNAUTHORIZED, Code::Unauthenticated, "invalid_token", "an id-token is required"));
+            return Err(Rejection::new(
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthenticated,
+                "invalid_token",
+                "an id-token is required",
+            ));
         }
         match tokio::time::timeout(self.request_timeout, self.issuer.exchange(token, req)).await {
             Ok(result) => result.map_err(|e| Rejection::from_issue(&e)),
-            Err(_) => Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out")),
+            Err(_) => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "unavailable",
+                "the request timed out",
+            )),
         }
     }
 }
@@ -159,7 +198,9 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let mut response = (self.http, Json(json!({ "error": self.error, "reason": self.reason }))).into_response();
         if self.http == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
         }
         response
     }
@@ -273,8 +314,16 @@ fn aws_json(issued: &IssuedAws, break_glass: bool) -> Value {
     })
 }
 
-async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeRequest, emergency: JsonEmergency) -> Response {
-    let (reason, ticket) = match (emergency_text("break_glass.reason", &emergency.reason, 1000), emergency_text("break_glass.ticket", &emergency.ticket, 64)) {
+async fn http_break_glass(
+    api: &ExchangeApi,
+    token: &str,
+    parsed: ExchangeRequest,
+    emergency: JsonEmergency,
+) -> Response {
+    let (reason, ticket) = match (
+        emergency_text("break_glass.reason", &emergency.reason, 1000),
+        emergency_text("break_glass.ticket", &emergency.ticket, 64),
+    ) {
         (Ok(r), Ok(t)) => (r, t),
         (Err(e), _) | (_, Err(e)) => return e.into_response(),
     };
@@ -284,7 +333,9 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: ExchangeReques
         ExchangeKind::Aws { role } => EmergencyKind::Aws { role },
     };
     let request = EmergencyRequest { kind, ttl: parsed.ttl, reason, ticket };
-    let outcome = tokio::time::timeout(api.request_timeout, api.issuer.exchange_break_glass(token, &parsed.remote, request)).await;
+    let outcome =
+        tokio::time::timeout(api.request_timeout, api.issuer.exchange_break_glass(token, &parsed.remote, request))
+            .await;
     let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
     match outcome {
         Ok(Ok(EmergencyOutcome::Jwt(issued))) => Json(json!({
@@ -319,7 +370,10 @@ async fn crl_der(State(api): State<ExchangeApi>) -> Response {
     let crl = api.bundles.as_ref().and_then(|b| b.borrow().crls.first().cloned());
     match crl {
         Some(der) => ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response(),
-        None => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "no CRL is published").into_response(),
+        None => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "no CRL is published")
+                .into_response()
+        }
     }
 }
 
@@ -345,7 +399,13 @@ async fn introspect(State(api): State<ExchangeApi>, remote: Option<Extension<Rem
             reply.insert("token_type".into(), json!("Bearer"));
             Json(Value::Object(reply)).into_response()
         }
-        Err(IssueError::Ledger(_)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the use cannot be recorded").into_response(),
+        Err(IssueError::Ledger(_)) => Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            "unavailable",
+            "the use cannot be recorded",
+        )
+        .into_response(),
         Err(e) => {
             tracing::info!(%remote, reason = %e, "introspection: inactive token");
             Json(json!({ "active": false })).into_response()
@@ -390,7 +450,8 @@ impl Exchange for ExchangeApi {
         let to_status = |r: Rejection| tonic::Status::new(r.grpc, r.reason);
         let opt = |s: String| if s.is_empty() { None } else { Some(s) };
         let csr = if req.csr.is_empty() { None } else { Some(req.csr.as_slice()) };
-        let parsed = self.parse(&req.kind, opt(req.audience), csr, opt(req.role), req.ttl_seconds, remote).map_err(to_status)?;
+        let parsed =
+            self.parse(&req.kind, opt(req.audience), csr, opt(req.role), req.ttl_seconds, remote).map_err(to_status)?;
         let reply = match self.run(&req.token, parsed).await.map_err(to_status)? {
             Exchanged::Jwt(issued) => PbResponse {
                 credential_id: issued.credential_id,

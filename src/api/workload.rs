@@ -18,8 +18,8 @@ use tonic::{Code, Request, Response, Status};
 use super::spiffe::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::spiffe::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse, X509BundlesRequest,
-    X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse,
+    X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 use super::{invalid, status};
 use crate::attest::PeerInfo;
@@ -144,7 +144,10 @@ impl SpiffeWorkloadApi for WorkloadApiService {
     type FetchWITSVIDStream = ReceiverStream<Result<WitsvidResponse, Status>>;
     type FetchWITBundlesStream = ReceiverStream<Result<WitBundlesResponse, Status>>;
 
-    async fn fetch_x509svid(&self, request: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(request.metadata())?;
         let peer = peer_of(&request);
         // The first SVID is issued before the call is answered: a caller with no
@@ -165,10 +168,16 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn fetch_x509_bundles(&self, request: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(request.metadata())?;
         let key = self.trust_domain_key();
-        let make = move |b: &TrustBundle| X509BundlesResponse { crl: bundle_crls(b), bundles: HashMap::from([(key.clone(), concat(&b.x509))]) };
+        let make = move |b: &TrustBundle| X509BundlesResponse {
+            crl: bundle_crls(b),
+            bundles: HashMap::from([(key.clone(), concat(&b.x509))]),
+        };
         Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
     }
 
@@ -182,8 +191,15 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         if req.audience.len() > MAX_AUDIENCES {
             return Err(invalid("audience", format!("at most {MAX_AUDIENCES} audiences")));
         }
-        if let Some(bad) = req.audience.iter().find(|a| a.is_empty() || a.len() > MAX_AUDIENCE_BYTES || a.chars().any(char::is_control)) {
-            return Err(invalid("audience", format!("`{}` must be 1..={MAX_AUDIENCE_BYTES} bytes without control characters", bad.escape_debug())));
+        if let Some(bad) = req
+            .audience
+            .iter()
+            .find(|a| a.is_empty() || a.len() > MAX_AUDIENCE_BYTES || a.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "audience",
+                format!("`{}` must be 1..={MAX_AUDIENCE_BYTES} bytes without control characters", bad.escape_debug()),
+            ));
         }
         let spiffe_id = match req.spiffe_id.as_str() {
             "" => None,
@@ -191,22 +207,42 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         };
         let issued = self
             .issuer
-            .issue_jwt(&peer, JwtRequest { audiences: req.audience, ttl: self.settings.jwt_ttl, spiffe_id, origin: Origin { api: API, rotates: None, emergency: None } })
+            .issue_jwt(
+                &peer,
+                JwtRequest {
+                    audiences: req.audience,
+                    ttl: self.settings.jwt_ttl,
+                    spiffe_id,
+                    origin: Origin { api: API, rotates: None, emergency: None },
+                },
+            )
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(JwtsvidResponse {
-            svids: vec![Jwtsvid { spiffe_id: issued.identity.to_string(), svid: issued.svid.token.expose().to_owned(), hint: String::new() }],
+            svids: vec![Jwtsvid {
+                spiffe_id: issued.identity.to_string(),
+                svid: issued.svid.token.expose().to_owned(),
+                hint: String::new(),
+            }],
         }))
     }
 
-    async fn fetch_jwt_bundles(&self, request: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(request.metadata())?;
         let key = self.trust_domain_key();
-        let make = move |b: &TrustBundle| JwtBundlesResponse { bundles: HashMap::from([(key.clone(), b.jwks.to_string().into_bytes())]) };
+        let make = move |b: &TrustBundle| JwtBundlesResponse {
+            bundles: HashMap::from([(key.clone(), b.jwks.to_string().into_bytes())]),
+        };
         Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
     }
 
-    async fn validate_jwtsvid(&self, request: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(request.metadata())?;
         let peer = peer_of(&request);
         let req = request.into_inner();
@@ -217,16 +253,23 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             return Err(invalid("svid", "required"));
         }
         let validated = self.issuer.validate_jwt(&peer, &req.svid, &req.audience).await.map_err(|e| status(&e))?;
-        let claims = prost_types::Struct { fields: validated.claims.into_iter().map(|(k, v)| (k, to_prost(v))).collect() };
+        let claims =
+            prost_types::Struct { fields: validated.claims.into_iter().map(|(k, v)| (k, to_prost(v))).collect() };
         Ok(Response::new(ValidateJwtsvidResponse { spiffe_id: validated.identity.to_string(), claims: Some(claims) }))
     }
 
-    async fn fetch_witsvid(&self, request: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+    async fn fetch_witsvid(
+        &self,
+        request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         check_header(request.metadata())?;
         Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
     }
 
-    async fn fetch_wit_bundles(&self, request: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         check_header(request.metadata())?;
         Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
     }
@@ -266,7 +309,8 @@ impl SvidStream {
         drop(current.private_key.take());
         let mut retry_at: Option<SystemTime> = None;
         loop {
-            let rotate_at = rotation_time(current.svid.not_before, current.svid.not_after, self.settings.rotate_at_percent);
+            let rotate_at =
+                rotation_time(current.svid.not_before, current.svid.not_after, self.settings.rotate_at_percent);
             // Why: an inventory entry that expires ends the identity's entitlement that day,
             // not at the next rotation.
             let entry_end = self.issuer.entry_expires(&current.identity).map(end_of_day);
@@ -294,7 +338,11 @@ impl SvidStream {
             };
             if let Some(err) = refusal {
                 tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
-                let empty = X509svidResponse { svids: vec![], crl: bundle_crls(&self.bundles.borrow()), federated_bundles: HashMap::new() };
+                let empty = X509svidResponse {
+                    svids: vec![],
+                    crl: bundle_crls(&self.bundles.borrow()),
+                    federated_bundles: HashMap::new(),
+                };
                 if self.tx.send(Ok(empty)).await.is_ok() {
                     let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
                 }
@@ -396,8 +444,12 @@ fn to_prost(value: serde_json::Value) -> prost_types::Value {
         J::Bool(b) => Kind::BoolValue(b),
         J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
         J::String(s) => Kind::StringValue(s),
-        J::Array(items) => Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(to_prost).collect() }),
-        J::Object(map) => Kind::StructValue(prost_types::Struct { fields: map.into_iter().map(|(k, v)| (k, to_prost(v))).collect() }),
+        J::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(to_prost).collect() })
+        }
+        J::Object(map) => {
+            Kind::StructValue(prost_types::Struct { fields: map.into_iter().map(|(k, v)| (k, to_prost(v))).collect() })
+        }
     };
     prost_types::Value { kind: Some(kind) }
 }

@@ -86,7 +86,9 @@ pub struct IssuerConfig {
 pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     let alg: Algorithm = name.parse().map_err(|_| format!("unknown algorithm `{name}`"))?;
     match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(format!("`{name}` is symmetric; only asymmetric algorithms are allowed")),
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            Err(format!("`{name}` is symmetric; only asymmetric algorithms are allowed"))
+        }
         _ => Ok(alg),
     }
 }
@@ -126,7 +128,8 @@ impl HttpKeySource {
 
     async fn get_json(&self, url: &str) -> Result<Value, OidcError> {
         check_fetch_url(url)?;
-        let mut response = self.client.get(url).send().await.map_err(|e| OidcError::Unavailable(format!("`{url}`: {e}")))?;
+        let mut response =
+            self.client.get(url).send().await.map_err(|e| OidcError::Unavailable(format!("`{url}`: {e}")))?;
         if !response.status().is_success() {
             return Err(OidcError::Unavailable(format!("`{url}` answered {}", response.status())));
         }
@@ -148,9 +151,14 @@ impl KeySource for HttpKeySource {
         Box::pin(async move {
             let doc = self.get_json(&discovery).await?;
             if doc.get("issuer").and_then(Value::as_str) != Some(issuer.as_str()) {
-                return Err(OidcError::Unavailable(format!("the discovery document of `{issuer}` names another issuer")));
+                return Err(OidcError::Unavailable(format!(
+                    "the discovery document of `{issuer}` names another issuer"
+                )));
             }
-            let jwks_uri = doc.get("jwks_uri").and_then(Value::as_str).ok_or_else(|| OidcError::Unavailable("no jwks_uri in discovery".into()))?;
+            let jwks_uri = doc
+                .get("jwks_uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| OidcError::Unavailable("no jwks_uri in discovery".into()))?;
             let jwks = self.get_json(jwks_uri).await?;
             serde_json::from_value(jwks).map_err(|e| OidcError::Unavailable(format!("`{jwks_uri}` is not a JWKS: {e}")))
         })
@@ -169,7 +177,9 @@ pub fn check_fetch_url(url: &str) -> Result<(), OidcError> {
     match parsed.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),
-        _ => Err(OidcError::Unavailable(format!("`{url}`: keys are fetched over HTTPS only (plain HTTP for loopback issuers)"))),
+        _ => Err(OidcError::Unavailable(format!(
+            "`{url}`: keys are fetched over HTTPS only (plain HTTP for loopback issuers)"
+        ))),
     }
 }
 
@@ -216,7 +226,8 @@ impl OidcVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(OidcError::Malformed(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| OidcError::Malformed("not a JWS (header.payload.signature, base64url JSON)".into()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| OidcError::Malformed("not a JWS (header.payload.signature, base64url JSON)".into()))?;
         // Only the issuer is read before the signature is checked, to pick its keys; an
         // unconfigured issuer is refused without any network request.
         let claimed = unverified_claims(token)?;
@@ -243,12 +254,13 @@ impl OidcVerifier {
         validation.set_issuer(&[config.issuer.as_str()]);
         validation.set_audience(&config.audiences);
         validation.required_spec_claims = ["exp", "iss", "aud", "sub"].into_iter().map(String::from).collect();
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => OidcError::Signature,
-            jsonwebtoken::errors::ErrorKind::InvalidAudience => OidcError::Audience,
-            jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => OidcError::Algorithm(format!("{:?}", header.alg)),
-            _ => OidcError::Malformed(e.to_string()),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => OidcError::Signature,
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => OidcError::Audience,
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => OidcError::Algorithm(format!("{:?}", header.alg)),
+                _ => OidcError::Malformed(e.to_string()),
+            })?;
         let claims = data.claims;
 
         let now_secs = unix_secs(now);
@@ -274,7 +286,10 @@ impl OidcVerifier {
         // could no longer be accepted anyway.
         let id = match claims.get("jti").and_then(Value::as_str) {
             Some(jti) => format!("jti:{jti}"),
-            None => format!("sha256:{}", hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))),
+            None => format!(
+                "sha256:{}",
+                hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+            ),
         };
         let remaining = Duration::from_secs(u64::try_from(exp + skew - now_secs).unwrap_or(0).max(1));
         let entry = self.seen.entry(format!("{iss}\u{0}{id}")).or_insert_with(|| remaining);
@@ -284,7 +299,12 @@ impl OidcVerifier {
         Ok(verified)
     }
 
-    async fn key_for(&self, config: &IssuerConfig, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, OidcError> {
+    async fn key_for(
+        &self,
+        config: &IssuerConfig,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<DecodingKey, OidcError> {
         let cached = self.keys.get(&config.issuer);
         let keys = match cached {
             Some(keys) if find(&keys, kid).is_some() => keys,
@@ -485,7 +505,11 @@ mod tests {
         assert_eq!(v.claims.git_ref.as_deref(), Some("refs/heads/main"));
         assert_eq!(v.claims.workflow_ref.as_deref(), Some("acme/app/.github/workflows/deploy.yml@refs/heads/main"));
         let sel: Vec<&str> = v.selectors.iter().map(Selector::as_str).collect();
-        assert!(sel.contains(&"oidc:repository:acme/app") && sel.contains(&"oidc:ref:refs/heads/main") && sel.contains(&format!("oidc:iss:{ISS}").as_str()));
+        assert!(
+            sel.contains(&"oidc:repository:acme/app")
+                && sel.contains(&"oidc:ref:refs/heads/main")
+                && sel.contains(&format!("oidc:iss:{ISS}").as_str())
+        );
         assert!(!sel.iter().any(|s| s.starts_with("oidc:sha:")), "only configured claims become selectors");
         assert_eq!(v.provenance["sha"], "0123abcd");
         assert_eq!(v.provenance["run_id"], "42");
@@ -519,13 +543,25 @@ mod tests {
             c[k] = v;
             c
         };
-        assert_eq!(f.verify(&f.sign(&with("iss", json!("https://evil.example")))).await.unwrap_err(), OidcError::UnknownIssuer("https://evil.example".into()));
+        assert_eq!(
+            f.verify(&f.sign(&with("iss", json!("https://evil.example")))).await.unwrap_err(),
+            OidcError::UnknownIssuer("https://evil.example".into())
+        );
         assert_eq!(f.verify(&f.sign(&with("aud", json!("someone-else")))).await.unwrap_err(), OidcError::Audience);
         assert_eq!(f.verify(&f.sign(&with("exp", json!(now - 61)))).await.unwrap_err(), OidcError::Expired(now - 61));
         assert!(f.verify(&f.sign(&with("exp", json!(now - 30)))).await.is_ok(), "within the 60 s skew");
-        assert_eq!(f.verify(&f.sign(&with("nbf", json!(now + 120)))).await.unwrap_err(), OidcError::NotYetValid(now + 120));
-        assert_eq!(f.verify(&f.sign(&with("iat", json!(now + 120)))).await.unwrap_err(), OidcError::IssuedInFuture(now + 120));
-        assert_eq!(f.verify(&f.sign(&with("exp", json!(now + 3 * 86_400)))).await.unwrap_err(), OidcError::TooLongLived);
+        assert_eq!(
+            f.verify(&f.sign(&with("nbf", json!(now + 120)))).await.unwrap_err(),
+            OidcError::NotYetValid(now + 120)
+        );
+        assert_eq!(
+            f.verify(&f.sign(&with("iat", json!(now + 120)))).await.unwrap_err(),
+            OidcError::IssuedInFuture(now + 120)
+        );
+        assert_eq!(
+            f.verify(&f.sign(&with("exp", json!(now + 3 * 86_400)))).await.unwrap_err(),
+            OidcError::TooLongLived
+        );
 
         // alg none: the header says none, there is no signature.
         let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&f.claims()));
@@ -586,14 +622,20 @@ mod tests {
             let t = jsonwebtoken::encode(&h, &f.claims(), &EncodingKey::from_ec_der(f.key.pkcs8_der())).unwrap();
             assert_eq!(f.verify(&t).await.unwrap_err(), OidcError::UnknownKey);
         }
-        assert_eq!(f.source.fetches.load(std::sync::atomic::Ordering::SeqCst), 1, "no refetch within the interval, whatever the kids say");
+        assert_eq!(
+            f.source.fetches.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no refetch within the interval, whatever the kids say"
+        );
     }
 
     #[test]
     fn only_asymmetric_algorithms_and_https_or_loopback_are_configurable() {
         assert!(parse_algorithm("RS256").is_ok() && parse_algorithm("ES256").is_ok());
         assert!(parse_algorithm("HS256").is_err() && parse_algorithm("none").is_err());
-        assert!(check_fetch_url("https://token.actions.githubusercontent.com/.well-known/openid-configuration").is_ok());
+        assert!(
+            check_fetch_url("https://token.actions.githubusercontent.com/.well-known/openid-configuration").is_ok()
+        );
         assert!(check_fetch_url("http://127.0.0.1:8080/.well-known/openid-configuration").is_ok());
         assert!(check_fetch_url("http://issuer.example/.well-known/openid-configuration").is_err());
     }

@@ -127,11 +127,7 @@ pub struct UnixAttestor {
 
 impl UnixAttestor {
     pub fn new(max_binary_bytes: u64) -> Self {
-        Self {
-            daemon_uid: rustix::process::geteuid().as_raw(),
-            max_binary_bytes,
-            hashes: moka::sync::Cache::new(4096),
-        }
+        Self { daemon_uid: rustix::process::geteuid().as_raw(), max_binary_bytes, hashes: moka::sync::Cache::new(4096) }
     }
 
     fn exe_sha256(&self, file: &mut File) -> std::io::Result<Option<String>> {
@@ -139,7 +135,8 @@ impl UnixAttestor {
         if meta.len() > self.max_binary_bytes {
             return Ok(None);
         }
-        let key = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
+        let key =
+            (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
         if let Some(hit) = self.hashes.get(&key) {
             return Ok(Some(hit));
         }
@@ -189,7 +186,12 @@ impl Attestor for UnixAttestor {
             .map_err(|e| proc_err(format!("exe: {e}")))?;
         let sha256 = self.exe_sha256(&mut exe_file).map_err(|e| proc_err(format!("exe: {e}")))?;
         if sha256.is_none() {
-            tracing::warn!(pid, exe, limit = self.max_binary_bytes, "executable over the hash size cap; no unix:sha256 selector");
+            tracing::warn!(
+                pid,
+                exe,
+                limit = self.max_binary_bytes,
+                "executable over the hash size cap; no unix:sha256 selector"
+            );
         }
         let container = read_at(&dir, "cgroup").ok().and_then(|text| container_id(&text));
 
@@ -313,7 +315,8 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         assert!(att.selectors.contains(&Selector::new("unix", "path", exe.display())));
         let sha = att.caller.sha256.clone().unwrap();
-        let expected = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &std::fs::read(&exe).unwrap()));
+        let expected =
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &std::fs::read(&exe).unwrap()));
         assert_eq!(sha, expected);
         assert_eq!(
             UnixAttestor::new(1 << 30).attest(&PeerInfo::without_credentials()),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::api::pb::{PolicyShadowRequest, RecordPolicyCheckRequest};
 use crate::clock::{rfc3339, unix_secs};
@@ -61,7 +61,8 @@ pub fn load(path: &Path, source: &Source) -> Result<Loaded, String> {
     let td = TrustDomain::parse(&source.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
     if path.is_dir() {
         let files = PolicyFiles::read_dir(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
-        let release = Release::build(&files, &td, None, None, path.display().to_string()).map_err(|e| format!("`{}`: {e}", path.display()))?;
+        let release = Release::build(&files, &td, None, None, path.display().to_string())
+            .map_err(|e| format!("`{}`: {e}", path.display()))?;
         return Ok(Loaded { release, files, trust: "directory".into() });
     }
     let bytes = std::fs::read(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
@@ -69,12 +70,14 @@ pub fn load(path: &Path, source: &Source) -> Result<Loaded, String> {
     let (signed_by, trust) = if source.key.is_empty() {
         (None, "unverified bundle (no --key)".to_owned())
     } else {
-        let keys = source.key.iter().map(|k| PublicKey::load(k)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let keys =
+            source.key.iter().map(|k| PublicKey::load(k)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
         let id = bundle.verify(&keys).map_err(|e| format!("`{}`: {e}", path.display()))?;
         (Some(id.clone()), format!("signed by {id}"))
     };
-    let release = Release::build(&bundle.files, &td, bundle.manifest.label.clone(), signed_by, path.display().to_string())
-        .map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let release =
+        Release::build(&bundle.files, &td, bundle.manifest.label.clone(), signed_by, path.display().to_string())
+            .map_err(|e| format!("`{}`: {e}", path.display()))?;
     Ok(Loaded { release, files: bundle.files, trust })
 }
 
@@ -125,7 +128,11 @@ pub fn replay_text(r: &Report) -> String {
             (Some(b), Some(a)) if a != b => format!(" (lifetime {b}s → {a}s)"),
             _ => String::new(),
         };
-        out.push_str(&format!("  {identity}  {request}  ×{}  now: {}{lifetimes}; by {rules}\n", diffs.len(), if d.after.allowed { "allowed" } else { "denied" }));
+        out.push_str(&format!(
+            "  {identity}  {request}  ×{}  now: {}{lifetimes}; by {rules}\n",
+            diffs.len(),
+            if d.after.allowed { "allowed" } else { "denied" }
+        ));
         out.push_str(&format!("      was: {}\n      now: {}\n", d.before.reason, d.after.reason));
     }
     let esc = r.escalations();
@@ -144,7 +151,11 @@ pub fn proof_text(p: &ProofReport) -> String {
         p.current,
         p.environments,
         p.queries,
-        if p.critical_checked { ", critical requests per assurance/critical.cedar" } else { ", no assurance/critical.cedar: critical check skipped" }
+        if p.critical_checked {
+            ", critical requests per assurance/critical.cedar"
+        } else {
+            ", no assurance/critical.cedar: critical check skipped"
+        }
     );
     for f in &p.findings {
         let what = match f.check {
@@ -156,13 +167,22 @@ pub fn proof_text(p: &ProofReport) -> String {
             "annotation" => "an annotation loosens the rule",
             other => other,
         };
-        out.push_str(&format!("FINDING {}: {what}\n  environment: {}\n  granted by: {}\n", f.check, f.env, f.rules.join(", ")));
+        out.push_str(&format!(
+            "FINDING {}: {what}\n  environment: {}\n  granted by: {}\n",
+            f.check,
+            f.env,
+            f.rules.join(", ")
+        ));
         out.push_str(&format!("  counterexample:\n{}\n", indent(&f.counterexample, "    ")));
     }
     for i in &p.inconclusive {
         out.push_str(&format!("INCONCLUSIVE {i}\n"));
     }
-    out.push_str(if p.proven() { "result: proven: the candidate permits nothing the current release denies\n" } else { "result: NOT PROVEN\n" });
+    out.push_str(if p.proven() {
+        "result: proven: the candidate permits nothing the current release denies\n"
+    } else {
+        "result: NOT PROVEN\n"
+    });
     out
 }
 
@@ -182,7 +202,13 @@ async fn record(admin_socket: Option<&Path>, report: &Value) -> Result<(), ExitC
     }
 }
 
-pub async fn replay_cmd(bundle: &Path, source: &Source, ledger: &LedgerArgs, json_out: bool, admin_socket: Option<&Path>) -> ExitCode {
+pub async fn replay_cmd(
+    bundle: &Path,
+    source: &Source,
+    ledger: &LedgerArgs,
+    json_out: bool,
+    admin_socket: Option<&Path>,
+) -> ExitCode {
     let candidate = match load(bundle, source) {
         Ok(c) => c,
         Err(why) => return super::fail(format!("candidate: {why}")),
@@ -206,9 +232,18 @@ pub async fn replay_cmd(bundle: &Path, source: &Source, ledger: &LedgerArgs, jso
     if report.escalations() > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-pub async fn diff_cmd(prove_it: bool, current: &Path, candidate: &Path, source: &Source, json_out: bool, admin_socket: Option<&Path>) -> ExitCode {
+pub async fn diff_cmd(
+    prove_it: bool,
+    current: &Path,
+    candidate: &Path,
+    source: &Source,
+    json_out: bool,
+    admin_socket: Option<&Path>,
+) -> ExitCode {
     if !prove_it {
-        return super::fail("only `mayfly policy diff --prove CURRENT CANDIDATE` is served (the proof); for recorded traffic use `policy replay`");
+        return super::fail(
+            "only `mayfly policy diff --prove CURRENT CANDIDATE` is served (the proof); for recorded traffic use `policy replay`",
+        );
     }
     let (cur, cand) = match (load(current, source), load(candidate, source)) {
         (Ok(a), Ok(b)) => (a, b),
@@ -242,7 +277,11 @@ pub async fn diff_cmd(prove_it: bool, current: &Path, candidate: &Path, source: 
 /// Rules by id with their text, across issuance and break-glass sets.
 fn rule_texts(release: &Release) -> BTreeMap<String, String> {
     let e = &release.engine;
-    e.issuance_rules().policies().chain(e.break_glass_rules().policies()).map(|p| (p.id().to_string(), p.to_string())).collect()
+    e.issuance_rules()
+        .policies()
+        .chain(e.break_glass_rules().policies())
+        .map(|p| (p.id().to_string(), p.to_string()))
+        .collect()
 }
 
 pub struct PromoteArgs<'a> {
@@ -266,11 +305,22 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
     let mut rows: Vec<(String, String, bool)> = Vec::new(); // check, result, blocks
     let cand = match load(a.candidate, a.source) {
         Ok(c) => {
-            rows.push(("validate".into(), format!("pass: {} rules, {} inventory entries ({})", c.release.engine.rule_count(), c.release.inventory.entries().len(), c.trust), false));
+            rows.push((
+                "validate".into(),
+                format!(
+                    "pass: {} rules, {} inventory entries ({})",
+                    c.release.engine.rule_count(),
+                    c.release.inventory.entries().len(),
+                    c.trust
+                ),
+                false,
+            ));
             c
         }
         Err(why) => {
-            println!("# Policy promotion check\n\n| check | result |\n|---|---|\n| validate | **FAIL**: {why} |\n\n**verdict: BLOCK**");
+            println!(
+                "# Policy promotion check\n\n| check | result |\n|---|---|\n| validate | **FAIL**: {why} |\n\n**verdict: BLOCK**"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -297,7 +347,9 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
                     "{}: {} decisions replayed since {}; {} newly allowed, {} longer lifetime, {} newly denied",
                     if esc > 0 { "**ESCALATION**" } else { "pass" },
                     r.replayed,
-                    rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(r.since_unix.max(0).unsigned_abs())),
+                    rfc3339(
+                        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(r.since_unix.max(0).unsigned_abs())
+                    ),
                     r.differences.iter().filter(|d| d.change == replay::Change::NewlyAllowed).count(),
                     r.differences.iter().filter(|d| d.change == replay::Change::LongerLifetime).count(),
                     r.differences.iter().filter(|d| d.change == replay::Change::NewlyDenied).count(),
@@ -332,7 +384,11 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
                 Some(p)
             }
             Err(ProveError::SolverMissing(why)) => {
-                rows.push(("proof".into(), format!("skipped: the cvc5 solver is not available ({why}); {}", prove::INSTALL_HINT), a.require_proof));
+                rows.push((
+                    "proof".into(),
+                    format!("skipped: the cvc5 solver is not available ({why}); {}", prove::INSTALL_HINT),
+                    a.require_proof,
+                ));
                 None
             }
             Err(e) => {
@@ -374,8 +430,19 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
             md.push_str(&format!("| {check} | {} |\n", result.replace('|', "\\|")));
         }
         md.push_str("\n## What changes\n\n");
-        let list = |v: &[&String]| if v.is_empty() { "none".to_owned() } else { v.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ") };
-        md.push_str(&format!("- rules added: {}\n- rules removed: {}\n- rules changed: {}\n", list(&added), list(&removed), list(&changed)));
+        let list = |v: &[&String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            }
+        };
+        md.push_str(&format!(
+            "- rules added: {}\n- rules removed: {}\n- rules changed: {}\n",
+            list(&added),
+            list(&removed),
+            list(&changed)
+        ));
         if let Some(r) = &replay_report
             && !r.differences.is_empty()
         {
@@ -408,7 +475,9 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
         Err(code) => return code,
     };
     // The daemon opens the path itself: make it absolute so it means the same file there.
-    let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()).unwrap_or_default();
+    let path = path
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string())
+        .unwrap_or_default();
     match client.policy_shadow(PolicyShadowRequest { path, stop, reason: reason.to_owned() }).await {
         Ok(r) => {
             let r = r.into_inner();
@@ -433,7 +502,9 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
 pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
     let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
     let events = match LedgerReader::open(&path).await {
-        Ok(mut r) => r.events_of_kinds(&["policy_check", "policy_shadow", "policy_shadow_diff", "policy_activated"]).await,
+        Ok(mut r) => {
+            r.events_of_kinds(&["policy_check", "policy_shadow", "policy_shadow_diff", "policy_activated"]).await
+        }
         Err(e) => Err(e),
     };
     let events = match events {
@@ -452,26 +523,53 @@ pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
         match e.kind.as_str() {
             "policy_check" => {
                 let check = s("/report/check").unwrap_or("?");
-                let candidate = s("/report/candidate").or(s("/report/replay/candidate")).or(s("/report/proof/candidate"));
+                let candidate =
+                    s("/report/candidate").or(s("/report/replay/candidate")).or(s("/report/proof/candidate"));
                 if !matches(candidate) {
                     continue;
                 }
                 let verdict = match check {
                     "promote-check" => s("/report/verdict").unwrap_or("?").to_owned(),
-                    "replay" => format!("{} escalation(s)", body.pointer("/report/escalations").and_then(Value::as_u64).unwrap_or(0)),
-                    "proof" => if body.pointer("/report/proven") == Some(&json!(true)) { "proven".into() } else { "not proven".into() },
+                    "replay" => format!(
+                        "{} escalation(s)",
+                        body.pointer("/report/escalations").and_then(Value::as_u64).unwrap_or(0)
+                    ),
+                    "proof" => {
+                        if body.pointer("/report/proven") == Some(&json!(true)) {
+                            "proven".into()
+                        } else {
+                            "not proven".into()
+                        }
+                    }
                     other => other.to_owned(),
                 };
                 // A gate counts only if it proved the release (a skipped proof is no evidence).
-                let proven = body.pointer("/report/proof/findings").is_some_and(|f| f.as_array().is_some_and(Vec::is_empty));
-                let verdict = if check == "promote-check" && verdict == "pass" && !proven { "pass, but the proof was skipped".to_owned() } else { verdict };
+                let proven =
+                    body.pointer("/report/proof/findings").is_some_and(|f| f.as_array().is_some_and(Vec::is_empty));
+                let verdict = if check == "promote-check" && verdict == "pass" && !proven {
+                    "pass, but the proof was skipped".to_owned()
+                } else {
+                    verdict
+                };
                 if check == "promote-check" && verdict == "pass" {
                     passed_gate_before.get_or_insert(e.seq);
                 }
-                lines.push(format!("{}  #{}  check {check}: {verdict} (operator uid {})", at(e.at_ms), e.seq, body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default()));
+                lines.push(format!(
+                    "{}  #{}  check {check}: {verdict} (operator uid {})",
+                    at(e.at_ms),
+                    e.seq,
+                    body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default()
+                ));
             }
             "policy_shadow" if matches(s("/candidate")) => {
-                lines.push(format!("{}  #{}  shadow {} by uid {}: {}", at(e.at_ms), e.seq, s("/shadow").unwrap_or("?"), body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default(), s("/reason").unwrap_or("")));
+                lines.push(format!(
+                    "{}  #{}  shadow {} by uid {}: {}",
+                    at(e.at_ms),
+                    e.seq,
+                    s("/shadow").unwrap_or("?"),
+                    body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default(),
+                    s("/reason").unwrap_or("")
+                ));
             }
             "policy_shadow_diff" if matches(s("/candidate")) => {
                 *shadow.entry(s("/change").unwrap_or("?").to_owned()).or_default() += 1;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use super::fail;
 use crate::ledger::sqlite::LedgerReader;
-use crate::ledger::{verify_chain, StoredEvent};
+use crate::ledger::{StoredEvent, verify_chain};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -69,7 +69,10 @@ pub async fn run(command: Command) -> ExitCode {
                 Ok(lines) => {
                     for (event, body, what) in &lines {
                         if json {
-                            println!("{}", serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "kind": event.kind, "summary": what, "event": body }));
+                            println!(
+                                "{}",
+                                serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "kind": event.kind, "summary": what, "event": body })
+                            );
                         } else {
                             println!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
                         }
@@ -97,7 +100,10 @@ pub async fn run(command: Command) -> ExitCode {
 
 /// Every event that concerns `identity` (exact, or a prefix lock covering it), with a
 /// one-line summary. Credentials are followed by id from their `issued` event on.
-async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEvent, serde_json::Value, String)>, String> {
+async fn trace(
+    path: &std::path::Path,
+    identity: &str,
+) -> Result<Vec<(StoredEvent, serde_json::Value, String)>, String> {
     use serde_json::Value;
     let mut reader = LedgerReader::open(path).await.map_err(|e| e.to_string())?;
     let events = reader.events().await.map_err(|e| e.to_string())?;
@@ -137,10 +143,22 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
                     String::new()
                 };
                 let provenance = body.get("provenance").map(|p| format!(" from {p}")).unwrap_or_default();
-                Some(format!("{flag}{} credential {} serial {} valid until {}{provenance}", s("kind"), s("id"), s("serial"), body.get("not_after").map(Value::to_string).unwrap_or_default()))
+                Some(format!(
+                    "{flag}{} credential {} serial {} valid until {}{provenance}",
+                    s("kind"),
+                    s("id"),
+                    s("serial"),
+                    body.get("not_after").map(Value::to_string).unwrap_or_default()
+                ))
             }
             "used" | "expired" if credentials.contains(&s("credential_id")) => Some(match e.kind.as_str() {
-                "used" => format!("credential {} used: {} {}{}", s("credential_id"), s("use"), body.get("by").map(Value::to_string).unwrap_or_default(), if s("refused").is_empty() { String::new() } else { format!(" REFUSED: {}", s("refused")) }),
+                "used" => format!(
+                    "credential {} used: {} {}{}",
+                    s("credential_id"),
+                    s("use"),
+                    body.get("by").map(Value::to_string).unwrap_or_default(),
+                    if s("refused").is_empty() { String::new() } else { format!(" REFUSED: {}", s("refused")) }
+                ),
                 _ => format!("credential {} expired", s("credential_id")),
             }),
             "revoked" => {
@@ -153,27 +171,55 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
                     .filter_map(|c| c.get("credential_id").and_then(Value::as_str).map(str::to_owned))
                     .collect();
                 let names_identity = s("target").ends_with(identity);
-                (!ids.is_empty() || names_identity).then(|| format!("revoked {} by {}: {} ({})", if ids.is_empty() { "nothing active".into() } else { ids.join(", ") }, body.get("operator").map(Value::to_string).unwrap_or_default(), s("reason"), s("target")))
+                (!ids.is_empty() || names_identity).then(|| {
+                    format!(
+                        "revoked {} by {}: {} ({})",
+                        if ids.is_empty() { "nothing active".into() } else { ids.join(", ") },
+                        body.get("operator").map(Value::to_string).unwrap_or_default(),
+                        s("reason"),
+                        s("target")
+                    )
+                })
             }
             "locked" => {
                 let target = body.pointer("/lock/target").and_then(Value::as_str).unwrap_or_default();
                 let covers = target == identity || (target.ends_with('/') && identity.starts_with(target));
-                covers.then(|| format!("locked ({target}) by {}: {}", body.pointer("/lock/operator").map(Value::to_string).unwrap_or_default(), body.pointer("/lock/reason").and_then(Value::as_str).unwrap_or_default()))
+                covers.then(|| {
+                    format!(
+                        "locked ({target}) by {}: {}",
+                        body.pointer("/lock/operator").map(Value::to_string).unwrap_or_default(),
+                        body.pointer("/lock/reason").and_then(Value::as_str).unwrap_or_default()
+                    )
+                })
             }
             "break_glass" if s("stage") == "reviewed" && credentials.contains(&s("subject")) => {
                 reviewed.insert(s("subject"));
-                Some(format!("BREAK-GLASS reviewed by {}: {}", body.get("reviewer").map(Value::to_string).unwrap_or_default(), s("note")))
+                Some(format!(
+                    "BREAK-GLASS reviewed by {}: {}",
+                    body.get("reviewer").map(Value::to_string).unwrap_or_default(),
+                    s("note")
+                ))
             }
             "break_glass" if s("identity") == identity || credentials.contains(&s("subject")) => Some(format!(
                 "BREAK-GLASS {}{}{}",
                 s("stage"),
                 body.get("approver").map(|a| format!(" by {a}")).unwrap_or_default(),
-                [s("why"), s("reason"), s("note")].into_iter().filter(|t| !t.is_empty()).map(|t| format!(": {t}")).collect::<String>()
+                [s("why"), s("reason"), s("note")]
+                    .into_iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| format!(": {t}"))
+                    .collect::<String>()
             )),
             "unlocked" => {
                 let target = s("target");
                 let covers = target == identity || (target.ends_with('/') && identity.starts_with(&target));
-                covers.then(|| format!("unlocked ({target}) by {}: {}", body.get("operator").map(Value::to_string).unwrap_or_default(), s("reason")))
+                covers.then(|| {
+                    format!(
+                        "unlocked ({target}) by {}: {}",
+                        body.get("operator").map(Value::to_string).unwrap_or_default(),
+                        s("reason")
+                    )
+                })
             }
             _ => None,
         };
@@ -183,7 +229,11 @@ async fn trace(path: &std::path::Path, identity: &str) -> Result<Vec<(StoredEven
     }
     // Why last: an unreviewed emergency credential is what an auditor must not miss.
     for (event, body, id) in emergency.into_iter().filter(|(_, _, id)| !reviewed.contains(id)) {
-        out.push((event, body, format!("UNREVIEWED break-glass credential {id}: `mayfly break-glass review {id} --note …`")));
+        out.push((
+            event,
+            body,
+            format!("UNREVIEWED break-glass credential {id}: `mayfly break-glass review {id} --note …`"),
+        ));
     }
     Ok(out)
 }
@@ -196,7 +246,8 @@ async fn verify(path: &std::path::Path) -> Result<usize, String> {
     // issued event must have its row: the table cannot be edited or pruned unnoticed.
     let credentials = reader.credentials().await.map_err(|e| e.to_string())?;
     let mut rows = std::collections::HashMap::new();
-    let issued: std::collections::HashMap<i64, &StoredEvent> = events.iter().filter(|e| e.kind == "issued").map(|e| (e.seq, e)).collect();
+    let issued: std::collections::HashMap<i64, &StoredEvent> =
+        events.iter().filter(|e| e.kind == "issued").map(|e| (e.seq, e)).collect();
     for (seq, c) in &credentials {
         let event = issued.get(seq);
         // The event may say more (a token caller's provenance); every field of the row must

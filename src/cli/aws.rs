@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use zeroize::Zeroizing;
 
 use super::fail;
-use crate::api::pb::broker_client::BrokerClient;
 use crate::api::pb::IssueAwsRequest;
+use crate::api::pb::broker_client::BrokerClient;
 use crate::identity::Ttl;
 
 /// The `credential_process` output format (AWS SDKs and CLI).
@@ -66,7 +66,9 @@ pub async fn run(args: Args) -> ExitCode {
     let Some(mut c) = reply.credentials else {
         return fail("the daemon answered without credentials");
     };
-    let expiration = crate::clock::rfc3339(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(c.expiration.max(0).unsigned_abs()));
+    let expiration = crate::clock::rfc3339(
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(c.expiration.max(0).unsigned_abs()),
+    );
     // Serialized straight from the reply's strings into one buffer zeroized on drop; the
     // reply's own copies are zeroized below.
     let output = serde_json::to_string(&CredentialProcess {
@@ -87,7 +89,9 @@ pub async fn run(args: Args) -> ExitCode {
         Err(e) => return fail(format!("encoding the credentials: {e}")),
     };
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_all(output.as_bytes()).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush()) {
+    if let Err(e) =
+        stdout.write_all(output.as_bytes()).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush())
+    {
         return fail(format!("writing the credentials: {e}"));
     }
     ExitCode::SUCCESS

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::fail;
-use crate::api::pb::broker_client::BrokerClient;
 use crate::api::pb::IssueX509Request;
+use crate::api::pb::broker_client::BrokerClient;
 use crate::ledger::sqlite::SqliteBackend;
 use crate::ledger::{EventKind, GroupCommitLedger, Ledger, NewEvent};
 
@@ -108,7 +108,11 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
         }
     }
     let big = PolicyFiles::from_map(
-        shipped.iter().map(|(p, t)| (p.to_owned(), t.to_owned())).chain([("issuance/generated.cedar".to_owned(), rules)]).collect(),
+        shipped
+            .iter()
+            .map(|(p, t)| (p.to_owned(), t.to_owned()))
+            .chain([("issuance/generated.cedar".to_owned(), rules)])
+            .collect(),
     );
     let started = Instant::now();
     let engines = Engine::from_files(&shipped).and_then(|small| Ok((small, Engine::from_files(&big)?)));
@@ -137,7 +141,10 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
     let selectors: Selectors = [Selector::new("unix", "uid", 1000)].into();
     let context = RequestContext::default();
     let now = SystemTime::now();
-    println!("policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms", load.as_secs_f64() * 1000.0);
+    println!(
+        "policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms",
+        load.as_secs_f64() * 1000.0
+    );
     println!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
     for (name, engine) in [("shipped", &small), ("shipped + generated", &large)] {
         for indexed in [true, false] {
@@ -146,16 +153,29 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
             for n in 0..decisions {
                 let i = n as usize % entries.len();
                 let resource = Resource::Jwt { audience: format!("https://svc-{i}.example.org") };
-                let req = DecisionRequest { workload: &entries[i], attestation: "unix", selectors: &selectors, resource: &resource, requested_ttl: ttl, context: &context };
+                let req = DecisionRequest {
+                    workload: &entries[i],
+                    attestation: "unix",
+                    selectors: &selectors,
+                    resource: &resource,
+                    requested_ttl: ttl,
+                    context: &context,
+                };
                 let t = Instant::now();
                 let d = if indexed { engine.decide(&req, now) } else { engine.decide_full_scan(&req, now) };
                 latencies.push(t.elapsed());
                 allowed += u32::from(d.is_allow());
             }
             latencies.sort();
-            let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+            let pct = |p: f64| {
+                latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6
+            };
             let mean = latencies.iter().sum::<Duration>().as_secs_f64() * 1e6 / latencies.len() as f64;
-            let label = format!("{name} ({} rules), {}", engine.rule_count(), if indexed { "scope index" } else { "full scan" });
+            let label = format!(
+                "{name} ({} rules), {}",
+                engine.rule_count(),
+                if indexed { "scope index" } else { "full scan" }
+            );
             println!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
         }
     }
@@ -193,7 +213,8 @@ async fn bench_aws(socket: PathBuf, role: String, requests: u32, concurrency: u3
     let client = BrokerClient::new(channel);
     let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
         let mut client = client.clone();
-        let req = crate::api::pb::IssueAwsRequest { role: role.clone(), ttl_seconds: Some(900), spiffe_id: String::new() };
+        let req =
+            crate::api::pb::IssueAwsRequest { role: role.clone(), ttl_seconds: Some(900), spiffe_id: String::new() };
         async move { client.issue_aws(req).await.is_ok() }
     })
     .await;
@@ -226,7 +247,13 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
         .await;
         drop(ledger);
         let _ = writer.await;
-        report(&format!("ledger appends (sqlite WAL, synchronous=FULL, max batch {max_batch})"), elapsed, &mut latencies, errors, concurrency);
+        report(
+            &format!("ledger appends (sqlite WAL, synchronous=FULL, max batch {max_batch})"),
+            elapsed,
+            &mut latencies,
+            errors,
+            concurrency,
+        );
         Ok::<(), crate::ledger::LedgerError>(())
     }
     .await;
@@ -309,9 +336,8 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
         Ok(ca) => ca,
         Err(e) => return super::fail(e),
     };
-    let list: Vec<(String, i64)> = (0..entries)
-        .map(|n| (format!("40{:030x}", u128::from(n) * 7_919), crate::clock::unix_secs(now)))
-        .collect();
+    let list: Vec<(String, i64)> =
+        (0..entries).map(|n| (format!("40{:030x}", u128::from(n) * 7_919), crate::clock::unix_secs(now))).collect();
     let mut times = Vec::new();
     let mut size = 0;
     for round in 0..rounds {
@@ -324,8 +350,13 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
     }
     times.sort();
     let median = times[times.len() / 2];
-    println!("crl: {entries} revoked serials, {} bytes DER; sign+encode median {:.1} ms, best {:.1} ms, worst {:.1} ms over {rounds} rounds",
-        size, median.as_secs_f64() * 1e3, times[0].as_secs_f64() * 1e3, times[times.len() - 1].as_secs_f64() * 1e3);
+    println!(
+        "crl: {entries} revoked serials, {} bytes DER; sign+encode median {:.1} ms, best {:.1} ms, worst {:.1} ms over {rounds} rounds",
+        size,
+        median.as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3
+    );
     ExitCode::SUCCESS
 }
 
@@ -346,13 +377,20 @@ async fn bench_jwt(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode
     let fetch = client.clone();
     let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
         let mut c = fetch.clone();
-        async move { c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await.is_ok() }
+        async move {
+            c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
+                .await
+                .is_ok()
+        }
     })
     .await;
     report("FetchJWTSVID (ES256 mint + decision + issued record)", elapsed, &mut latencies, errors, concurrency);
     let token = {
         let mut c = client.clone();
-        match c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await {
+        match c
+            .fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
+            .await
+        {
             Ok(r) => r.into_inner().svids.first().map(|s| s.svid.clone()).unwrap_or_default(),
             Err(e) => return fail(format!("FetchJWTSVID refused: {}", e.message())),
         }
@@ -360,7 +398,9 @@ async fn bench_jwt(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode
     let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
         let mut c = client.clone();
         let svid = token.clone();
-        async move { c.validate_jwtsvid(with_header(ValidateJwtsvidRequest { audience: "bench".into(), svid })).await.is_ok() }
+        async move {
+            c.validate_jwtsvid(with_header(ValidateJwtsvidRequest { audience: "bench".into(), svid })).await.is_ok()
+        }
     })
     .await;
     report("ValidateJWTSVID (ES256 verify + used record)", elapsed, &mut latencies, errors, concurrency);

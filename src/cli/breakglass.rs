@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use super::policy::admin;
 use crate::api::pb::broker_client::BrokerClient;
-use crate::api::pb::{BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest};
+use crate::api::pb::{
+    BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest,
+};
 use crate::identity::Ttl;
 use crate::ledger::sqlite::LedgerReader;
 
@@ -118,7 +120,9 @@ pub async fn run(args: Args) -> ExitCode {
                 Err(s) => super::fail(format!("review refused ({:?}): {}", s.code(), s.message())),
             }
         }
-        Some(Command::Report { since, review_within, data_dir, json }) => report(&data_dir, &since, &review_within, json).await,
+        Some(Command::Report { since, review_within, data_dir, json }) => {
+            report(&data_dir, &since, &review_within, json).await
+        }
     }
 }
 
@@ -152,13 +156,24 @@ async fn request(args: RequestArgs) -> ExitCode {
     if kind == "aws" && args.role.is_none() {
         return super::fail("--kind aws needs --role ARN");
     }
-    let req = BreakGlassRequest { kind: kind.clone(), csr, audience: args.audience.unwrap_or_default(), reason, ticket, ttl_seconds: Some(ttl), role: args.role.clone().unwrap_or_default() };
+    let req = BreakGlassRequest {
+        kind: kind.clone(),
+        csr,
+        audience: args.audience.unwrap_or_default(),
+        reason,
+        ticket,
+        ttl_seconds: Some(ttl),
+        role: args.role.clone().unwrap_or_default(),
+    };
     let mut reply = match client.break_glass(req).await {
         Ok(r) => r.into_inner(),
         Err(s) => return super::fail(format!("break-glass refused ({:?}): {}", s.code(), s.message())),
     };
     while !reply.pending_id.is_empty() {
-        eprintln!("waiting for a second person: `mayfly break-glass approve {} --reason …` (until {})", reply.pending_id, reply.pending_until);
+        eprintln!(
+            "waiting for a second person: `mayfly break-glass approve {} --reason …` (until {})",
+            reply.pending_id, reply.pending_until
+        );
         reply = match client.break_glass_wait(BreakGlassWaitRequest { pending_id: reply.pending_id.clone() }).await {
             Ok(r) => r.into_inner(),
             Err(s) => return super::fail(format!("break-glass refused ({:?}): {}", s.code(), s.message())),
@@ -199,7 +214,14 @@ async fn request(args: RequestArgs) -> ExitCode {
     if let Err(e) = written {
         return super::fail(e);
     }
-    println!("break-glass {kind} for {} written to {}: credential {}, serial {}, until {}", reply.spiffe_id, args.out.display(), reply.credential_id, reply.serial, reply.not_after);
+    println!(
+        "break-glass {kind} for {} written to {}: credential {}, serial {}, until {}",
+        reply.spiffe_id,
+        args.out.display(),
+        reply.credential_id,
+        reply.serial,
+        reply.not_after
+    );
     ExitCode::SUCCESS
 }
 
@@ -211,7 +233,10 @@ async fn list(admin_socket: PathBuf) -> ExitCode {
     match client.break_glass_list(BreakGlassListRequest {}).await {
         Ok(r) => {
             for p in r.into_inner().pending {
-                println!("{} {} uid {} ticket {} until {}: {}", p.id, p.identity, p.requester_uid, p.ticket, p.expires_at, p.reason);
+                println!(
+                    "{} {} uid {} ticket {} until {}: {}",
+                    p.id, p.identity, p.requester_uid, p.ticket, p.expires_at, p.reason
+                );
             }
             ExitCode::SUCCESS
         }
@@ -252,7 +277,10 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
         Ok(e) => e,
         Err(e) => return super::fail(e),
     };
-    let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
+    )
+    .unwrap_or(i64::MAX);
     let from_ms = now_ms - i64::try_from(since.as_secs()).unwrap_or(0) * 1000;
     let mut entries: BTreeMap<i64, Entry> = BTreeMap::new();
     let mut by_credential: BTreeMap<String, i64> = BTreeMap::new();
@@ -263,21 +291,27 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
         let flagged = b.get("break_glass").and_then(Value::as_bool) == Some(true);
         match e.kind.as_str() {
             "decision" if flagged && e.at_ms >= from_ms => {
-                entries.insert(e.seq, Entry {
-                    decision: e.seq,
-                    at_ms: e.at_ms,
-                    identity: s("identity"),
-                    caller: b.get("caller").cloned().unwrap_or(Value::Null),
-                    justification: s("justification"),
-                    ticket: s("ticket"),
-                    outcome: s("outcome"),
-                    ..Entry::default()
-                });
+                entries.insert(
+                    e.seq,
+                    Entry {
+                        decision: e.seq,
+                        at_ms: e.at_ms,
+                        identity: s("identity"),
+                        caller: b.get("caller").cloned().unwrap_or(Value::Null),
+                        justification: s("justification"),
+                        ticket: s("ticket"),
+                        outcome: s("outcome"),
+                        ..Entry::default()
+                    },
+                );
             }
             "break_glass" => {
-                let decision = b.get("decision_id").and_then(Value::as_i64).or_else(|| by_request.get(&s("request")).copied());
+                let decision =
+                    b.get("decision_id").and_then(Value::as_i64).or_else(|| by_request.get(&s("request")).copied());
                 let subject = s("subject");
-                let target = decision.or_else(|| by_request.get(&subject).copied()).or_else(|| by_credential.get(&subject).copied());
+                let target = decision
+                    .or_else(|| by_request.get(&subject).copied())
+                    .or_else(|| by_credential.get(&subject).copied());
                 if let Some(entry) = target.and_then(|d| entries.get_mut(&d)) {
                     if !s("request").is_empty() {
                         entry.request = Some(s("request"));
@@ -285,7 +319,9 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
                     }
                     match s("stage").as_str() {
                         "approved" => entry.approved_by.push(b.get("approver").cloned().unwrap_or(Value::Null)),
-                        "reviewed" => entry.reviews.push(serde_json::json!({ "by": b.get("reviewer"), "note": s("note") })),
+                        "reviewed" => {
+                            entry.reviews.push(serde_json::json!({ "by": b.get("reviewer"), "note": s("note") }))
+                        }
                         "denied" | "refused" => entry.outcome = format!("{} ({})", s("stage"), s("why")),
                         _ => {}
                     }
@@ -326,12 +362,30 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
         if json {
             println!("{}", serde_json::to_string(&entry).unwrap_or_default());
         } else {
-            let review = if !entry.reviews.is_empty() { "reviewed".to_owned() } else if entry.overdue { "UNREVIEWED, OVERDUE".to_owned() } else { "unreviewed".to_owned() };
-            let approvers = if entry.approved_by.is_empty() { "nobody".to_owned() } else { Value::Array(entry.approved_by.clone()).to_string() };
+            let review = if !entry.reviews.is_empty() {
+                "reviewed".to_owned()
+            } else if entry.overdue {
+                "UNREVIEWED, OVERDUE".to_owned()
+            } else {
+                "unreviewed".to_owned()
+            };
+            let approvers = if entry.approved_by.is_empty() {
+                "nobody".to_owned()
+            } else {
+                Value::Array(entry.approved_by.clone()).to_string()
+            };
             let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
             println!(
                 "decision #{} {} by {} ticket {} — {} — {}; approved by {approvers}; credentials {}; {} use(s); ended {}; {review}",
-                entry.decision, entry.identity, entry.caller, entry.ticket, entry.justification, entry.outcome, list(&entry.credentials), entry.uses, list(&entry.ended)
+                entry.decision,
+                entry.identity,
+                entry.caller,
+                entry.ticket,
+                entry.justification,
+                entry.outcome,
+                list(&entry.credentials),
+                entry.uses,
+                list(&entry.ended)
             );
         }
     }

@@ -179,7 +179,18 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Diff { prove, current, candidate, source, json, admin_socket } => {
             super::assurance::diff_cmd(prove, &current, &candidate, &source, json, admin_socket.as_deref()).await
         }
-        Command::PromoteCheck { current, candidate, ledger, data_dir, since, source, json, admin_socket, require_proof, require_replay } => {
+        Command::PromoteCheck {
+            current,
+            candidate,
+            ledger,
+            data_dir,
+            since,
+            source,
+            json,
+            admin_socket,
+            require_proof,
+            require_replay,
+        } => {
             let ledger = match (ledger, data_dir) {
                 (Some(l), d) => Some(super::assurance::LedgerArgs::new(d.unwrap_or_default(), Some(l), since)),
                 (None, Some(d)) => Some(super::assurance::LedgerArgs::new(d, None, since)),
@@ -198,7 +209,9 @@ pub async fn run(command: Command) -> ExitCode {
             .await
         }
         Command::Evidence { version, ledger } => super::assurance::evidence(&version, &ledger).await,
-        Command::Shadow { candidate, stop, reason, admin_socket } => super::assurance::shadow_cmd(candidate.as_deref(), stop, &reason, &admin_socket).await,
+        Command::Shadow { candidate, stop, reason, admin_socket } => {
+            super::assurance::shadow_cmd(candidate.as_deref(), stop, &reason, &admin_socket).await
+        }
     }
 }
 
@@ -212,7 +225,8 @@ fn load(dir: &Path, trust_domain: &str) -> Result<(PolicyFiles, Engine, Inventor
     let files = PolicyFiles::read_dir(dir).map_err(|e| e.to_string())?;
     let engine = Engine::from_files(&files).map_err(|e| e.to_string())?;
     let text = files.get("inventory.toml").unwrap_or_default();
-    let inventory = Inventory::parse(text, &td).map_err(|e| format!("`{}`: {e}", dir.join("inventory.toml").display()))?;
+    let inventory =
+        Inventory::parse(text, &td).map_err(|e| format!("`{}`: {e}", dir.join("inventory.toml").display()))?;
     Ok((files, engine, inventory))
 }
 
@@ -252,7 +266,10 @@ fn validate(dir: &Path, trust_domain: &str) -> ExitCode {
         }
     }
     for entry in inventory.entries().iter().filter(|e| e.is_expired(today)) {
-        println!("debt: inventory entry `{}` expired on {}; owner {} should renew or remove it", entry.id, entry.expires, entry.owner);
+        println!(
+            "debt: inventory entry `{}` expired on {}; owner {} should renew or remove it",
+            entry.id, entry.expires, entry.owner
+        );
     }
     ExitCode::SUCCESS
 }
@@ -298,7 +315,12 @@ fn build(dir: &Path, out: &Path, label: Option<String>, trust_domain: &str) -> E
     };
     let cases = match release.test(&files, SystemTime::now()) {
         Ok(n) if n > 0 => n,
-        Ok(_) => return fail(format!("policy `{}`: not built: tests/ has no cases; a release is tested before it ships", dir.display())),
+        Ok(_) => {
+            return fail(format!(
+                "policy `{}`: not built: tests/ has no cases; a release is tested before it ships",
+                dir.display()
+            ));
+        }
         Err(why) => return fail(format!("policy `{}`: not built: {why}", dir.display())),
     };
     let bytes = match Bundle::build(&files, label) {
@@ -325,10 +347,12 @@ fn sign(file: &Path, key: &Path) -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(e),
     };
-    let bundle = match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string())) {
-        Ok(b) => b,
-        Err(why) => return fail(format!("`{}`: {why}", file.display())),
-    };
+    let bundle =
+        match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string()))
+        {
+            Ok(b) => b,
+            Err(why) => return fail(format!("`{}`: {why}", file.display())),
+        };
     let signed = match bundle.sign(&key) {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -352,10 +376,12 @@ fn verify(file: &Path, keys: &[PathBuf], trust_domain: &str) -> ExitCode {
         Ok(td) => td,
         Err(e) => return fail(format!("--trust-domain: {e}")),
     };
-    let bundle = match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string())) {
-        Ok(b) => b,
-        Err(why) => return fail(format!("`{}`: REJECTED: {why}", file.display())),
-    };
+    let bundle =
+        match std::fs::read(file).map_err(|e| e.to_string()).and_then(|b| Bundle::parse(&b).map_err(|e| e.to_string()))
+        {
+            Ok(b) => b,
+            Err(why) => return fail(format!("`{}`: REJECTED: {why}", file.display())),
+        };
     let key_id = match bundle.verify(&keys) {
         Ok(id) => id,
         Err(e) => return fail(format!("`{}`: REJECTED: {e}", file.display())),
@@ -409,7 +435,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn describe(r: &PolicyRelease) -> String {
     let label = if r.label.is_empty() { String::new() } else { format!(" ({})", r.label) };
     let signer = if r.signed_by.is_empty() { "UNSIGNED".to_owned() } else { format!("signed by {}", r.signed_by) };
-    format!("{}{label}, {signer}, {} rules, {} inventory entries, from {}", r.version, r.rules, r.inventory_entries, r.source)
+    format!(
+        "{}{label}, {signer}, {} rules, {} inventory entries, from {}",
+        r.version, r.rules, r.inventory_entries, r.source
+    )
 }
 
 pub(crate) async fn admin(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {

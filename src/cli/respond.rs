@@ -99,7 +99,9 @@ pub enum CredentialsCommand {
 fn seconds(ttl: Option<String>) -> Result<i64, ExitCode> {
     match ttl {
         None => Ok(0),
-        Some(t) => Ttl::parse(&t).map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)).map_err(|e| super::fail(format!("--ttl: {e}"))),
+        Some(t) => Ttl::parse(&t)
+            .map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
+            .map_err(|e| super::fail(format!("--ttl: {e}"))),
     }
 }
 
@@ -121,7 +123,13 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let request = RevokeRequest { target: Some(target), reason: args.reason, dry_run: args.dry_run, all: args.all, lock_ttl_seconds };
+    let request = RevokeRequest {
+        target: Some(target),
+        reason: args.reason,
+        dry_run: args.dry_run,
+        all: args.all,
+        lock_ttl_seconds,
+    };
     match client.revoke(request).await {
         Ok(r) => {
             let r = r.into_inner();
@@ -138,11 +146,18 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
                 if d.applied {
                     println!(
                         "aws: role {} denies sessions of {} issued before {} (inline policy {}, removed after {})",
-                        d.role, d.source_identity, rfc3339(d.issued_before), d.policy_name, rfc3339(d.remove_after)
+                        d.role,
+                        d.source_identity,
+                        rfc3339(d.issued_before),
+                        d.policy_name,
+                        rfc3339(d.remove_after)
                     );
                 } else {
                     aws_failed = true;
-                    eprintln!("WARNING: aws: role {}: the deny was NOT placed ({}); its sessions of {} stay valid until they expire", d.role, d.error, d.source_identity);
+                    eprintln!(
+                        "WARNING: aws: role {}: the deny was NOT placed ({}); its sessions of {} stay valid until they expire",
+                        d.role, d.error, d.source_identity
+                    );
                 }
             }
             if !r.aws_note.is_empty() {
@@ -150,7 +165,9 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
                 eprintln!("WARNING: aws: {}", r.aws_note);
             }
             if !r.durable && !args.dry_run {
-                eprintln!("WARNING: applied on this daemon but NOT recorded in the ledger; it is lost at a restart. Fix the ledger and revoke again.");
+                eprintln!(
+                    "WARNING: applied on this daemon but NOT recorded in the ledger; it is lost at a restart. Fix the ledger and revoke again."
+                );
                 return ExitCode::FAILURE;
             }
             if aws_failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
@@ -173,7 +190,11 @@ pub async fn lock(args: LockArgs) -> ExitCode {
             let r = r.into_inner();
             let until = if r.until == 0 { "until unlocked".to_owned() } else { format!("until {}", rfc3339(r.until)) };
             println!("locked {} {until}", args.identity);
-            if r.durable { ExitCode::SUCCESS } else { super::fail("WARNING: the lock holds but was NOT recorded in the ledger") }
+            if r.durable {
+                ExitCode::SUCCESS
+            } else {
+                super::fail("WARNING: the lock holds but was NOT recorded in the ledger")
+            }
         }
         Err(s) => super::fail(format!("lock refused ({:?}): {}", s.code(), s.message())),
     }
@@ -221,8 +242,23 @@ pub async fn credentials(command: CredentialsCommand) -> ExitCode {
 }
 
 fn line(c: &CredentialInfo) -> String {
-    let state = if c.revoked { "REVOKED" } else if c.not_after <= crate::clock::unix_secs(std::time::SystemTime::now()) { "expired" } else { "active" };
-    format!("{:<8} {:<4} {} {} serial {} until {} ({})", state, c.kind, c.credential_id, c.identity, c.serial, rfc3339(c.not_after), c.policy_version)
+    let state = if c.revoked {
+        "REVOKED"
+    } else if c.not_after <= crate::clock::unix_secs(std::time::SystemTime::now()) {
+        "expired"
+    } else {
+        "active"
+    };
+    format!(
+        "{:<8} {:<4} {} {} serial {} until {} ({})",
+        state,
+        c.kind,
+        c.credential_id,
+        c.identity,
+        c.serial,
+        rfc3339(c.not_after),
+        c.policy_version
+    )
 }
 
 fn rfc3339(secs: i64) -> String {

@@ -69,8 +69,15 @@ pub async fn run(args: Args) -> ExitCode {
         Ok(r) => r.into_inner(),
         Err(status) => return fail(format!("{:?}: {}", status.code(), status.message())),
     };
-    let pems = |ders: &[Vec<u8>]| ders.iter().map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone()))).collect::<String>();
-    let written = write_out(&args.out, &pems(&reply.cert_chain), &pems(&reply.trust_bundle), key_pem.as_deref().map(String::as_str));
+    let pems = |ders: &[Vec<u8>]| {
+        ders.iter().map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone()))).collect::<String>()
+    };
+    let written = write_out(
+        &args.out,
+        &pems(&reply.cert_chain),
+        &pems(&reply.trust_bundle),
+        key_pem.as_deref().map(String::as_str),
+    );
     if let Err(e) = written {
         return fail(format!("writing to `{}`: {e}", args.out.display()));
     }

@@ -36,7 +36,11 @@ impl Backend for MemoryBackend {
         Ok(self.events.lock().unwrap().last().map(|e| (e.seq, e.hash.clone())))
     }
 
-    async fn append(&mut self, events: &[StoredEvent], credentials: &[(EventId, CredentialRecord)]) -> Result<(), LedgerError> {
+    async fn append(
+        &mut self,
+        events: &[StoredEvent],
+        credentials: &[(EventId, CredentialRecord)],
+    ) -> Result<(), LedgerError> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(LedgerError::Storage("injected failure".into()));
         }

@@ -70,7 +70,11 @@ impl Backend for SqliteBackend {
         row.map(|r| Ok((r.try_get("seq").map_err(storage)?, r.try_get("hash").map_err(storage)?))).transpose()
     }
 
-    async fn append(&mut self, events: &[StoredEvent], credentials: &[(EventId, CredentialRecord)]) -> Result<(), LedgerError> {
+    async fn append(
+        &mut self,
+        events: &[StoredEvent],
+        credentials: &[(EventId, CredentialRecord)],
+    ) -> Result<(), LedgerError> {
         let mut tx = self.conn.begin().await.map_err(storage)?;
         // SQLite allows 32766 bound parameters per statement: 6 per event, 9 per credential.
         // Why AssertSqlSafe is sound: only `?` placeholders are formatted into the SQL; every
@@ -127,9 +131,8 @@ impl LedgerReader {
         if !path.exists() {
             return Err(LedgerError::Storage(format!("no ledger at `{}`", path.display())));
         }
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(storage)?
-            .read_only(true);
+        let options =
+            SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).map_err(storage)?.read_only(true);
         Ok(Self { conn: SqliteConnection::connect_with(&options).await.map_err(storage)? })
     }
 
@@ -162,7 +165,13 @@ impl LedgerReader {
 
     /// Up to `limit` events of `kind` after sequence number `after` and at or after
     /// `since_ms`, in order: for reading a long window page by page.
-    pub async fn kind_page(&mut self, kind: &str, after: i64, since_ms: i64, limit: i64) -> Result<Vec<StoredEvent>, LedgerError> {
+    pub async fn kind_page(
+        &mut self,
+        kind: &str,
+        after: i64,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, LedgerError> {
         let rows = sqlx::query(
             "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind = ? AND seq > ? AND at_ms >= ? ORDER BY seq LIMIT ?",
         )
@@ -180,7 +189,9 @@ impl LedgerReader {
     pub async fn events_of_kinds(&mut self, kinds: &[&str]) -> Result<Vec<StoredEvent>, LedgerError> {
         let placeholders = vec!["?"; kinds.len()].join(", ");
         // Why AssertSqlSafe is sound: only `?` placeholders are formatted in; kinds are bound.
-        let sql = format!("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind IN ({placeholders}) ORDER BY seq");
+        let sql = format!(
+            "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind IN ({placeholders}) ORDER BY seq"
+        );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for k in kinds {
             query = query.bind(*k);
@@ -190,7 +201,10 @@ impl LedgerReader {
     }
 
     /// The bodies of these events (decisions behind credentials), by sequence number.
-    pub async fn bodies(&mut self, seqs: &[EventId]) -> Result<std::collections::HashMap<EventId, String>, LedgerError> {
+    pub async fn bodies(
+        &mut self,
+        seqs: &[EventId],
+    ) -> Result<std::collections::HashMap<EventId, String>, LedgerError> {
         let mut out = std::collections::HashMap::new();
         for chunk in seqs.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
@@ -208,7 +222,12 @@ impl LedgerReader {
 
     /// Credentials whose not-after is in `(after, until]`, ordered by (not_after, id), at
     /// most `limit`: the expiry sweep's next batch. `after` is (not_after, id) exclusive.
-    pub async fn expiring(&mut self, after: (i64, &str), until: i64, limit: i64) -> Result<Vec<CredentialRecord>, LedgerError> {
+    pub async fn expiring(
+        &mut self,
+        after: (i64, &str),
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<CredentialRecord>, LedgerError> {
         let rows = sqlx::query(
             "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id FROM credentials
              WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ?
@@ -247,7 +266,10 @@ impl LedgerReader {
         .fetch_all(&mut self.conn)
         .await
         .map_err(storage)?;
-        rows.iter().map(|r| Ok((r.try_get("issued_event")?, credential_row(r)?))).collect::<Result<_, sqlx::Error>>().map_err(storage)
+        rows.iter()
+            .map(|r| Ok((r.try_get("issued_event")?, credential_row(r)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(storage)
     }
 }
 

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
 use super::{JwtMinter, MintError};
@@ -74,8 +74,16 @@ impl AwsError {
     /// Worth another try: throttling, AWS-side faults, timeouts, connection failures.
     pub fn is_transient(&self) -> bool {
         const TRANSIENT: [&str; 11] = [
-            "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "ServiceUnavailable",
-            "ServiceUnavailableException", "InternalFailure", "InternalError", "IDPCommunicationError", "RequestTimeout",
+            "Throttling",
+            "ThrottlingException",
+            "RequestLimitExceeded",
+            "TooManyRequestsException",
+            "ServiceUnavailable",
+            "ServiceUnavailableException",
+            "InternalFailure",
+            "InternalError",
+            "IDPCommunicationError",
+            "RequestTimeout",
             "PriorRequestNotComplete",
         ];
         match self {
@@ -91,7 +99,11 @@ pub trait StsApi: Send + Sync + 'static {
 
     /// The session's source identity and tags travel in the token's claims; STS takes
     /// the rest of `req` as parameters.
-    fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>>;
+    fn assume_role_with_web_identity<'a>(
+        &'a self,
+        req: &'a AwsSessionRequest,
+        token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<StsSession, AwsError>>;
 }
 
 /// The IAM calls mayfly makes: a role's session ceiling, and the revocation hook's
@@ -100,9 +112,18 @@ pub trait IamApi: Send + Sync + 'static {
     /// The AWS account the broker's credentials are in: IAM calls only ever reach roles there.
     fn account(&self) -> BoxFuture<'_, Result<String, AwsError>>;
     fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>>;
-    fn put_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str, document: &'a str) -> BoxFuture<'a, Result<(), AwsError>>;
+    fn put_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+        document: &'a str,
+    ) -> BoxFuture<'a, Result<(), AwsError>>;
     /// `Ok(false)`: there was no such policy (already removed).
-    fn delete_role_policy<'a>(&'a self, role_name: &'a str, policy_name: &'a str) -> BoxFuture<'a, Result<bool, AwsError>>;
+    fn delete_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AwsError>>;
 }
 
 /// Why no session was minted.
@@ -199,14 +220,26 @@ impl AwsMinter {
 
     /// One STS session for this grant, or why not. Never waits for a slot: when
     /// `max_in_flight` calls are out, the request is refused at once.
-    pub async fn mint(&self, grant: &Grant, credential_id: &str, now: SystemTime) -> Result<MintedSession, AwsMintError> {
+    pub async fn mint(
+        &self,
+        grant: &Grant,
+        credential_id: &str,
+        now: SystemTime,
+    ) -> Result<MintedSession, AwsMintError> {
         let _slot = self.in_flight.clone().try_acquire_owned().map_err(|_| AwsMintError::Busy)?;
         let request = self.request_for(grant, credential_id).await?;
         let (assertion, mode) = match &self.mode {
             Mode::AssumeRole => (None, "assume_role"),
             Mode::WebIdentity { jwt, audience } => {
                 let jti = format!("{credential_id}.sts");
-                let token = jwt.mint_assertion(grant.identity(), audience, web_identity_claims(&request), &jti, WEB_IDENTITY_TTL, now)?;
+                let token = jwt.mint_assertion(
+                    grant.identity(),
+                    audience,
+                    web_identity_claims(&request),
+                    &jti,
+                    WEB_IDENTITY_TTL,
+                    now,
+                )?;
                 (Some(token), "web_identity")
             }
         };
@@ -220,14 +253,22 @@ impl AwsMinter {
                 }
             };
             let operation = if assertion.is_some() { "AssumeRoleWithWebIdentity" } else { "AssumeRole" };
-            let outcome = tokio::time::timeout(self.limits.attempt_timeout, call).await.unwrap_or(Err(AwsError::Timeout { operation }));
+            let outcome = tokio::time::timeout(self.limits.attempt_timeout, call)
+                .await
+                .unwrap_or(Err(AwsError::Timeout { operation }));
             match outcome {
                 Ok(mut session) => {
                     if session.assumed_role_arn.is_empty() {
                         // What STS names the session; revocation finds the role by it.
                         session.assumed_role_arn = assumed_role_arn(&request.role_arn, &request.role_session_name);
                     }
-                    return Ok(MintedSession { session, request, mode, assertion_jti: assertion.map(|a| a.jti), attempts: attempt });
+                    return Ok(MintedSession {
+                        session,
+                        request,
+                        mode,
+                        assertion_jti: assertion.map(|a| a.jti),
+                        attempts: attempt,
+                    });
                 }
                 Err(e) if e.is_transient() && attempt < self.limits.attempts => {
                     tracing::warn!(attempt, code = e.code(), role = %request.role_arn, "STS call failed; retrying");
@@ -256,7 +297,11 @@ impl AwsMinter {
                 d
             }
             Ok(Err(e)) => {
-                tracing::info!(role = role_name, code = e.code(), "cannot read the role's MaxSessionDuration; assuming 1h");
+                tracing::info!(
+                    role = role_name,
+                    code = e.code(),
+                    "cannot read the role's MaxSessionDuration; assuming 1h"
+                );
                 Duration::from_secs(DEFAULT_ROLE_MAX_SECS)
             }
             Err(_) => Duration::from_secs(DEFAULT_ROLE_MAX_SECS),
@@ -279,7 +324,10 @@ fn web_identity_claims(req: &AwsSessionRequest) -> Map<String, Value> {
     let mut claims = Map::new();
     claims.insert("https://aws.amazon.com/source_identity".into(), json!(req.source_identity));
     if !principal_tags.is_empty() {
-        claims.insert("https://aws.amazon.com/tags".into(), json!({ "principal_tags": principal_tags, "transitive_tag_keys": [] }));
+        claims.insert(
+            "https://aws.amazon.com/tags".into(),
+            json!({ "principal_tags": principal_tags, "transitive_tag_keys": [] }),
+        );
     }
     claims
 }
@@ -303,7 +351,18 @@ fn aws_safe(c: char) -> bool {
 /// contain `+`, so distinct identities stay distinct; one longer than 64 characters keeps
 /// its first 47 and adds 16 hex digits of the SHA-256 of the whole ID.
 pub fn source_identity(id: &WorkloadId) -> String {
-    let text: String = format!("{}{}", id.trust_domain(), id.path()).chars().map(|c| if c == '/' { '+' } else if aws_safe(c) { c } else { '_' }).collect();
+    let text: String = format!("{}{}", id.trust_domain(), id.path())
+        .chars()
+        .map(|c| {
+            if c == '/' {
+                '+'
+            } else if aws_safe(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if text.len() <= 64 {
         return text;
     }
@@ -316,7 +375,20 @@ pub fn source_identity(id: &WorkloadId) -> String {
 /// `ci.acme.app-3f1c9a0b7d2e4f61`.
 pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
     let unique: String = credential_id.chars().filter(char::is_ascii_hexdigit).take(16).collect();
-    let path: String = id.path().trim_start_matches('/').chars().map(|c| if c == '/' { '.' } else if aws_safe(c) { c } else { '_' }).collect();
+    let path: String = id
+        .path()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c == '/' {
+                '.'
+            } else if aws_safe(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let room = 64 - 1 - unique.len();
     let start = path.len().saturating_sub(room);
     let tail = &path[start..];
@@ -365,7 +437,8 @@ pub(crate) mod fake {
                 access_key_id: "ASIAFAKE0000000001".into(),
                 secret_access_key: SecretString::new("fake-secret".into()),
                 session_token: SecretString::new("fake-token".into()),
-                expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000_u64 + u64::from(req.duration_seconds.unsigned_abs())),
+                expiration: SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(1_800_000_000_u64 + u64::from(req.duration_seconds.unsigned_abs())),
                 assumed_role_arn: format!("arn:aws:sts::111122223333:assumed-role/{name}/{}", req.role_session_name),
             })
         }
@@ -375,7 +448,11 @@ pub(crate) mod fake {
         fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
             Box::pin(self.call(req, None))
         }
-        fn assume_role_with_web_identity<'a>(&'a self, req: &'a AwsSessionRequest, token: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+        fn assume_role_with_web_identity<'a>(
+            &'a self,
+            req: &'a AwsSessionRequest,
+            token: &'a SecretString,
+        ) -> BoxFuture<'a, Result<StsSession, AwsError>> {
             Box::pin(self.call(req, Some(token)))
         }
     }
@@ -412,16 +489,29 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { attempts: 3, attempt_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_in_flight: 4 }
+        Limits {
+            attempts: 3,
+            attempt_timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(1),
+            max_in_flight: 4,
+        }
     }
 
     fn grant(ttl_secs: u64, ceiling_secs: u64, policy: Option<&str>) -> Grant {
         let aws = AwsGrant {
             ceiling: Ttl::from_secs(ceiling_secs).unwrap(),
             session_policy: policy.map(|d| SessionPolicy { names: vec!["read-only".into()], document: d.into() }),
-            tags: BTreeMap::from([("environment".to_owned(), "ci".to_owned()), ("owner".to_owned(), "payments@example.org".to_owned())]),
+            tags: BTreeMap::from([
+                ("environment".to_owned(), "ci".to_owned()),
+                ("owner".to_owned(), "payments@example.org".to_owned()),
+            ]),
         };
-        Grant::aws_for_tests(id("spiffe://mayfly.local/ci/acme/app"), "arn:aws:iam::111122223333:role/ci/acme-app-read", Ttl::from_secs(ttl_secs).unwrap(), aws)
+        Grant::aws_for_tests(
+            id("spiffe://mayfly.local/ci/acme/app"),
+            "arn:aws:iam::111122223333:role/ci/acme-app-read",
+            Ttl::from_secs(ttl_secs).unwrap(),
+            aws,
+        )
     }
 
     const CREDENTIAL: &str = "3f1c9a0b-7d2e-4f61-9a8b-0c1d2e3f4a5b";
@@ -436,7 +526,10 @@ mod tests {
         assert_eq!(sent.role_arn, "arn:aws:iam::111122223333:role/ci/acme-app-read");
         assert_eq!(sent.role_session_name, "ci.acme.app-3f1c9a0b7d2e4f61");
         assert_eq!(sent.source_identity, "mayfly.local+ci+acme+app");
-        assert_eq!(sent.tags, vec![("environment".into(), "ci".into()), ("owner".into(), "payments@example.org".into())]);
+        assert_eq!(
+            sent.tags,
+            vec![("environment".into(), "ci".into()), ("owner".into(), "payments@example.org".into())]
+        );
         assert_eq!(sent.policy.as_deref(), Some(doc));
         assert_eq!(sent.duration_seconds, 1800);
         assert_eq!((minted.mode, minted.attempts, minted.assertion_jti.as_deref()), ("assume_role", 1, None));
@@ -469,7 +562,8 @@ mod tests {
 
     #[tokio::test]
     async fn throttling_is_retried_a_bounded_number_of_times_and_then_reported_with_its_code() {
-        let throttled = AwsError::Service { operation: "AssumeRole", code: "Throttling".into(), message: "Rate exceeded".into() };
+        let throttled =
+            AwsError::Service { operation: "AssumeRole", code: "Throttling".into(), message: "Rate exceeded".into() };
         let sts = Arc::new(FakeSts::default());
         sts.failures.lock().unwrap().extend([throttled.clone(), throttled.clone()]);
         let minter = AwsMinter::new(sts.clone(), None, Mode::AssumeRole, limits());
@@ -482,7 +576,11 @@ mod tests {
         assert_eq!(sts.requests.lock().unwrap().len(), 6, "3 attempts each, never more");
 
         // A refusal is not retried: asking again cannot change AccessDenied.
-        sts.failures.lock().unwrap().push(AwsError::Service { operation: "AssumeRole", code: "AccessDenied".into(), message: "not authorized".into() });
+        sts.failures.lock().unwrap().push(AwsError::Service {
+            operation: "AssumeRole",
+            code: "AccessDenied".into(),
+            message: "not authorized".into(),
+        });
         let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(err.to_string().contains("AccessDenied"), "{err}");
         assert_eq!(sts.requests.lock().unwrap().len(), 7);
@@ -495,7 +593,11 @@ mod tests {
             fn assume_role<'a>(&'a self, _: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
                 Box::pin(std::future::pending())
             }
-            fn assume_role_with_web_identity<'a>(&'a self, _: &'a AwsSessionRequest, _: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+            fn assume_role_with_web_identity<'a>(
+                &'a self,
+                _: &'a AwsSessionRequest,
+                _: &'a SecretString,
+            ) -> BoxFuture<'a, Result<StsSession, AwsError>> {
                 Box::pin(std::future::pending())
             }
         }
@@ -514,12 +616,17 @@ mod tests {
                     Err(AwsError::Service { operation: "AssumeRole", code: "AccessDenied".into(), message: "x".into() })
                 })
             }
-            fn assume_role_with_web_identity<'a>(&'a self, r: &'a AwsSessionRequest, _: &'a SecretString) -> BoxFuture<'a, Result<StsSession, AwsError>> {
+            fn assume_role_with_web_identity<'a>(
+                &'a self,
+                r: &'a AwsSessionRequest,
+                _: &'a SecretString,
+            ) -> BoxFuture<'a, Result<StsSession, AwsError>> {
                 self.assume_role(r)
             }
         }
         let gate = Arc::new(Gate(tokio::sync::Notify::new()));
-        let minter = Arc::new(AwsMinter::new(gate.clone(), None, Mode::AssumeRole, Limits { max_in_flight: 1, ..limits() }));
+        let minter =
+            Arc::new(AwsMinter::new(gate.clone(), None, Mode::AssumeRole, Limits { max_in_flight: 1, ..limits() }));
         let first = tokio::spawn({
             let minter = minter.clone();
             async move { minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await }
@@ -536,9 +643,12 @@ mod tests {
     #[tokio::test]
     async fn web_identity_presents_a_mayfly_jwt_carrying_source_identity_and_tags() {
         let jwt = Arc::new(
-            crate::mint::jwt::Es256Minter::new(crate::keys::JwtKey::generate().unwrap(), crate::identity::TrustDomain::parse("mayfly.local").unwrap())
-                .unwrap()
-                .with_issuer(Some("https://mayfly.example.org".into())),
+            crate::mint::jwt::Es256Minter::new(
+                crate::keys::JwtKey::generate().unwrap(),
+                crate::identity::TrustDomain::parse("mayfly.local").unwrap(),
+            )
+            .unwrap()
+            .with_issuer(Some("https://mayfly.example.org".into())),
         );
         let sts = Arc::new(FakeSts::default());
         let mode = Mode::WebIdentity { jwt: jwt.clone(), audience: "sts.amazonaws.com".into() };
@@ -552,7 +662,10 @@ mod tests {
         assert_eq!(claims["iss"], "https://mayfly.example.org");
         assert_eq!(claims["https://aws.amazon.com/source_identity"], "mayfly.local+ci+acme+app");
         assert_eq!(claims["https://aws.amazon.com/tags"]["principal_tags"]["owner"], json!(["payments@example.org"]));
-        assert!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 300, "the assertion is short-lived");
+        assert!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 300,
+            "the assertion is short-lived"
+        );
         assert_eq!(minted.assertion_jti.as_deref(), Some(format!("{CREDENTIAL}.sts").as_str()));
         assert_eq!((minted.mode, sent.source_identity.as_str()), ("web_identity", "mayfly.local+ci+acme+app"));
     }
@@ -570,7 +683,11 @@ mod tests {
         assert_ne!(source_identity(&long), source_identity(&other_long));
         assert!(session_name(&long, CREDENTIAL).ends_with("component-3f1c9a0b7d2e4f61"), "keeps the most specific end");
         assert_ne!(session_name(&long, CREDENTIAL), session_name(&long, "99999999-0000-4000-8000-000000000000"));
-        assert_eq!(source_identity(&id("spiffe://mayfly.local/ci/acme/app")), source_identity(&id("spiffe://mayfly.local/ci/acme/app")), "stable");
+        assert_eq!(
+            source_identity(&id("spiffe://mayfly.local/ci/acme/app")),
+            source_identity(&id("spiffe://mayfly.local/ci/acme/app")),
+            "stable"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::{JwtError, JwtMinter, JwtSvid, MintError, ValidatedJwt};
 use crate::clock::unix_secs;
@@ -117,7 +117,15 @@ impl Es256Minter {
 
 impl Es256Minter {
     /// Signs `sub`/`aud`/times/`jti` (plus `extra`, which cannot override them).
-    fn sign(&self, sub: &str, audiences: &[String], extra: Map<String, Value>, jti: &str, ttl: Duration, now: SystemTime) -> Result<JwtSvid, MintError> {
+    fn sign(
+        &self,
+        sub: &str,
+        audiences: &[String],
+        extra: Map<String, Value>,
+        jti: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<JwtSvid, MintError> {
         let iat = unix_secs(now);
         let ttl = i64::try_from(ttl.as_secs()).map_err(|e| MintError::Signing(e.to_string()))?;
         let exp = iat + ttl;
@@ -127,7 +135,8 @@ impl Es256Minter {
         header.kid = Some(signer.key.kid().to_owned());
         header.typ = Some("JWT".into());
         let claims = Claims { iss: self.issuer.as_deref(), sub, aud: audiences, exp, iat, nbf: iat, jti, extra };
-        let token = jsonwebtoken::encode(&header, &claims, &signer.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
+        let token =
+            jsonwebtoken::encode(&header, &claims, &signer.encoding).map_err(|e| MintError::Signing(e.to_string()))?;
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()));
         let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
         Ok(JwtSvid {
@@ -146,7 +155,15 @@ impl JwtMinter for Es256Minter {
         self.sign(grant.identity().as_str(), grant.audiences(), Map::new(), jti, grant.ttl().as_duration(), now)
     }
 
-    fn mint_assertion(&self, identity: &WorkloadId, audience: &str, extra: Map<String, Value>, jti: &str, ttl: Duration, now: SystemTime) -> Result<JwtSvid, MintError> {
+    fn mint_assertion(
+        &self,
+        identity: &WorkloadId,
+        audience: &str,
+        extra: Map<String, Value>,
+        jti: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<JwtSvid, MintError> {
         let reserved = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"];
         let extra = extra.into_iter().filter(|(k, _)| !reserved.contains(&k.as_str())).collect();
         self.sign(identity.as_str(), &[audience.to_owned()], extra, jti, ttl, now)
@@ -185,15 +202,21 @@ impl JwtMinter for Es256Minter {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &signer.decoding, &validation).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidAudience => JwtError::Audience(audience.unwrap_or_default().to_owned()),
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::Signature,
-                _ => JwtError::Malformed(e.to_string()),
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &signer.decoding, &validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                        JwtError::Audience(audience.unwrap_or_default().to_owned())
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::Signature,
+                    _ => JwtError::Malformed(e.to_string()),
+                }
+            })?;
         let claims = data.claims;
-        let exp = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| JwtError::Malformed("`exp` is not a number".into()))?;
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| JwtError::Malformed("`exp` is not a number".into()))?;
         let now_secs = unix_secs(now);
         if exp <= now_secs {
             return Err(JwtError::Expired { exp });
@@ -204,7 +227,10 @@ impl JwtMinter for Es256Minter {
         if let Some(nbf) = start.filter(|nbf| *nbf > now_secs + START_SKEW_SECS) {
             return Err(JwtError::NotYetValid { nbf });
         }
-        let sub = claims.get("sub").and_then(Value::as_str).ok_or_else(|| JwtError::Malformed("`sub` is not a string".into()))?;
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or_else(|| JwtError::Malformed("`sub` is not a string".into()))?;
         let identity = WorkloadId::parse(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
         if !identity.is_member_of(&self.trust_domain) {
             return Err(JwtError::Subject(format!("`{sub}` is not in the trust domain `{}`", self.trust_domain)));
@@ -226,7 +252,8 @@ mod tests {
 
     fn grant(auds: &[&str], ttl: &str) -> JwtGrant {
         let id = WorkloadId::parse("spiffe://example.org/api").unwrap();
-        let grants: Vec<Grant> = auds.iter().map(|a| Grant::jwt_for_tests(id.clone(), a, Ttl::parse(ttl).unwrap())).collect();
+        let grants: Vec<Grant> =
+            auds.iter().map(|a| Grant::jwt_for_tests(id.clone(), a, Ttl::parse(ttl).unwrap())).collect();
         JwtGrant::join(&grants).unwrap()
     }
 
@@ -262,13 +289,21 @@ mod tests {
         let t = token.expose();
         assert!(matches!(m.validate_jwt(t, Some("db"), now + Duration::from_secs(300)), Err(JwtError::Expired { .. })));
         assert!(matches!(m.validate_jwt(t, Some("other"), now), Err(JwtError::Audience(_))));
-        assert!(matches!(m.validate_jwt(t, Some("db"), now - Duration::from_secs(60)), Err(JwtError::NotYetValid { .. })));
+        assert!(matches!(
+            m.validate_jwt(t, Some("db"), now - Duration::from_secs(60)),
+            Err(JwtError::NotYetValid { .. })
+        ));
         // A claim edited after signing (another subject) breaks the signature.
         let parts: Vec<&str> = t.split('.').collect();
         let mut claims = b64json(parts[1]);
         claims["sub"] = json!("spiffe://example.org/admin");
         use base64::Engine;
-        let forged = format!("{}.{}.{}", parts[0], base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()), parts[2]);
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()),
+            parts[2]
+        );
         assert!(matches!(m.validate_jwt(&forged, Some("db"), now), Err(JwtError::Signature)));
         // Signed by another key with the same kid claimed: unknown kid is refused, and a
         // token carrying our kid but another key's signature fails the signature check.
@@ -279,10 +314,14 @@ mod tests {
         let spliced = format!("{}.{}.{}", parts[0], fp[1], fp[2]);
         assert!(matches!(m.validate_jwt(&spliced, Some("db"), now), Err(JwtError::Signature)));
         // alg none and garbage.
-        let none = format!("{}.{}.", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), parts[1]);
+        let none =
+            format!("{}.{}.", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), parts[1]);
         assert!(m.validate_jwt(&none, Some("db"), now).is_err());
         assert!(matches!(m.validate_jwt("garbage", Some("db"), now), Err(JwtError::Malformed(_))));
-        assert!(matches!(m.validate_jwt(&"a".repeat(MAX_TOKEN_BYTES + 1), Some("db"), now), Err(JwtError::Malformed(_))));
+        assert!(matches!(
+            m.validate_jwt(&"a".repeat(MAX_TOKEN_BYTES + 1), Some("db"), now),
+            Err(JwtError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -293,7 +332,8 @@ mod tests {
         let old_kid = m.active_kid();
         m.rotate(JwtKey::generate().unwrap(), now, Duration::from_secs(3600)).unwrap();
         assert_ne!(m.active_kid(), old_kid);
-        let kids: Vec<String> = m.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
+        let kids: Vec<String> =
+            m.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
         assert_eq!(kids, vec![m.active_kid(), old_kid.clone()], "both published");
         let new = m.mint_jwt(&grant(&["db"], "5m"), "b", now).unwrap().token;
         assert!(m.validate_jwt(old.expose(), Some("db"), now).is_ok(), "tokens of the old key still validate");

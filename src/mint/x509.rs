@@ -10,13 +10,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
 use x509_parser::prelude::FromDer;
 
 use super::{MintError, Minter, VerifiedCsr, X509Svid};
-use crate::keys::{random_serial, CertificateAuthority};
+use crate::keys::{CertificateAuthority, random_serial};
 use crate::policy::Grant;
 
 impl VerifiedCsr {
@@ -104,14 +102,20 @@ impl Minter for X509Minter {
             return Err(MintError::CaExpired(time::OffsetDateTime::from(ca_not_after).to_string()));
         }
         // Whole seconds: X.509 times carry no fractions, and the ledger must show the same value.
-        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(crate::clock::unix_secs(now).max(0).unsigned_abs());
+        let now =
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(crate::clock::unix_secs(now).max(0).unsigned_abs());
         let not_after = (now + grant.ttl().as_duration()).min(ca_not_after);
 
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "mayfly");
         params.distinguished_name = dn;
-        let uri = grant.identity().as_str().to_owned().try_into().map_err(|e: rcgen::Error| MintError::Signing(e.to_string()))?;
+        let uri = grant
+            .identity()
+            .as_str()
+            .to_owned()
+            .try_into()
+            .map_err(|e: rcgen::Error| MintError::Signing(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -122,9 +126,7 @@ impl Minter for X509Minter {
         params.not_before = now.into();
         params.not_after = not_after.into();
 
-        let cert = params
-            .signed_by(&csr.public_key, ca.issuer())
-            .map_err(|e| MintError::Signing(e.to_string()))?;
+        let cert = params.signed_by(&csr.public_key, ca.issuer()).map_err(|e| MintError::Signing(e.to_string()))?;
         let cert_der = cert.der().to_vec();
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert_der));
         Ok(X509Svid { cert_der, serial: hex::encode(serial), fingerprint, not_before: now, not_after })
@@ -132,7 +134,10 @@ impl Minter for X509Minter {
 
     fn x509_bundle(&self) -> Vec<Vec<u8>> {
         let set = self.cas.load();
-        std::iter::once(&set.active).chain(set.retired.iter().map(|(ca, _)| ca)).map(|ca| ca.cert_der().to_vec()).collect()
+        std::iter::once(&set.active)
+            .chain(set.retired.iter().map(|(ca, _)| ca))
+            .map(|ca| ca.cert_der().to_vec())
+            .collect()
     }
 }
 

@@ -82,7 +82,9 @@ impl PolicyController {
         tokio::task::spawn_blocking(move || {
             if path.is_dir() {
                 if signed {
-                    return Err("this daemon runs signed bundles: shadow a signed bundle file, not a directory".to_owned());
+                    return Err(
+                        "this daemon runs signed bundles: shadow a signed bundle file, not a directory".to_owned()
+                    );
                 }
                 let files = PolicyFiles::read_dir(&path).map_err(|e| e.to_string())?;
                 return Release::build(&files, &td, None, None, path.display().to_string());
@@ -130,7 +132,8 @@ impl PolicyController {
         let state_dir = data_dir.join("policy");
         let signed = matches!(source, PolicySource::Bundle { .. });
         if signed {
-            std::fs::create_dir_all(&state_dir).map_err(|e| ActivationError::NoRelease(format!("`{}`: {e}", state_dir.display())))?;
+            std::fs::create_dir_all(&state_dir)
+                .map_err(|e| ActivationError::NoRelease(format!("`{}`: {e}", state_dir.display())))?;
         }
         let held = if signed { read_held(&state_dir) } else { None };
         let loader = Loader { source: source.clone(), keys, trust_domain };
@@ -145,7 +148,8 @@ impl PolicyController {
                 }
             }
         };
-        let (stored_current, stored_previous) = if signed { (kept("current.bundle"), kept("previous.bundle")) } else { (None, None) };
+        let (stored_current, stored_previous) =
+            if signed { (kept("current.bundle"), kept("previous.bundle")) } else { (None, None) };
         let candidate = loader.read_source();
         let fingerprint = candidate.as_ref().map(|c| c.fingerprint.clone()).unwrap_or_else(|e| format!("error:{e}"));
         let built = candidate.and_then(|c| {
@@ -158,7 +162,10 @@ impl PolicyController {
         };
         let (current, previous, via) = match built {
             Ok((_, release)) if held.as_deref() == Some(release.version()) && stored_current.is_some() => {
-                tracing::warn!(version = release.version(), "the published policy is held after a rollback; keeping the kept release");
+                tracing::warn!(
+                    version = release.version(),
+                    "the published policy is held after a rollback; keeping the kept release"
+                );
                 (stored_current, stored_previous, "startup (published release held)")
             }
             Ok((candidate, release)) => {
@@ -171,7 +178,11 @@ impl PolicyController {
             }
             Err(why) => {
                 let kept = stored_current.as_ref().map(|r| r.version().to_owned());
-                record(EventKind::PolicyRejected, json!({ "source": source_name(&source), "reason": why, "kept": kept })).await?;
+                record(
+                    EventKind::PolicyRejected,
+                    json!({ "source": source_name(&source), "reason": why, "kept": kept }),
+                )
+                .await?;
                 tracing::error!(reason = %why, "policy release rejected at start-up");
                 match stored_current {
                     Some(kept) => (Some(kept), stored_previous, "startup (kept release)"),
@@ -256,7 +267,8 @@ impl PolicyController {
             return self.reject(why, Some(release.version())).await;
         }
         let release = Arc::new(release);
-        if let Err(e) = self.record(EventKind::PolicyActivated, activated_body(&release, Some(&current), "watch")).await {
+        if let Err(e) = self.record(EventKind::PolicyActivated, activated_body(&release, Some(&current), "watch")).await
+        {
             tracing::error!(error = %e, version = release.version(), "cannot record the activation; keeping the current policy");
             watch.last_seen = None;
             return;
@@ -271,17 +283,24 @@ impl PolicyController {
     }
 
     /// Returns to the previous good release and holds the one rolled back from.
-    pub async fn rollback(&self, operator: serde_json::Value, reason: &str) -> Result<(Arc<Release>, Arc<Release>, EventId), ActivationError> {
+    pub async fn rollback(
+        &self,
+        operator: serde_json::Value,
+        reason: &str,
+    ) -> Result<(Arc<Release>, Arc<Release>, EventId), ActivationError> {
         let mut watch = self.watch.lock().await;
         let (from, to) = (self.store.current(), self.store.previous().ok_or(ActivationError::NoPrevious)?);
         let event = self
-            .record(EventKind::PolicyRolledBack, json!({
-                "from": from.version(),
-                "to": to.version(),
-                "to_label": to.provenance.label,
-                "operator": operator,
-                "reason": reason,
-            }))
+            .record(
+                EventKind::PolicyRolledBack,
+                json!({
+                    "from": from.version(),
+                    "to": to.version(),
+                    "to_label": to.provenance.label,
+                    "operator": operator,
+                    "reason": reason,
+                }),
+            )
             .await?;
         if matches!(self.source, PolicySource::Bundle { .. }) {
             self.persist_swap();
@@ -309,7 +328,6 @@ impl PolicyController {
     async fn record(&self, kind: EventKind, body: serde_json::Value) -> Result<EventId, LedgerError> {
         self.ledger.record(NewEvent { kind, at: self.clock.now(), body, credential: None }).await
     }
-
 }
 
 fn source_name(source: &PolicySource) -> String {
@@ -324,12 +342,20 @@ impl Loader {
         match &self.source {
             PolicySource::UnsignedDir(dir) => {
                 let files = PolicyFiles::read_dir(dir).map_err(|e| e.to_string())?;
-                Ok(Candidate { fingerprint: files.version(), source: dir.display().to_string(), content: Content::Files(files) })
+                Ok(Candidate {
+                    fingerprint: files.version(),
+                    source: dir.display().to_string(),
+                    content: Content::Files(files),
+                })
             }
             PolicySource::Bundle { path, .. } => {
                 let file = if path.is_dir() { newest_bundle(path)? } else { path.clone() };
                 let bytes = read_bounded(&file)?;
-                Ok(Candidate { fingerprint: sha256_hex(&bytes), source: file.display().to_string(), content: Content::Bundle(bytes) })
+                Ok(Candidate {
+                    fingerprint: sha256_hex(&bytes),
+                    source: file.display().to_string(),
+                    content: Content::Bundle(bytes),
+                })
             }
         }
     }
@@ -365,8 +391,11 @@ fn persist_new(state_dir: &Path, bytes: &[u8]) {
 
 impl PolicyController {
     fn persist_swap(&self) {
-        let (current, previous, tmp) =
-            (self.state_dir.join("current.bundle"), self.state_dir.join("previous.bundle"), self.state_dir.join("swap.tmp"));
+        let (current, previous, tmp) = (
+            self.state_dir.join("current.bundle"),
+            self.state_dir.join("previous.bundle"),
+            self.state_dir.join("swap.tmp"),
+        );
         let result = (|| -> std::io::Result<()> {
             std::fs::rename(&current, &tmp)?;
             std::fs::rename(&previous, &current)?;
@@ -428,7 +457,9 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
     let mut bytes = Vec::new();
-    file.take(crate::policy::bundle::MAX_BUNDLE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    file.take(crate::policy::bundle::MAX_BUNDLE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("`{}`: {e}", path.display()))?;
     if bytes.len() as u64 > crate::policy::bundle::MAX_BUNDLE_BYTES {
         return Err(format!("`{}` is larger than {} bytes", path.display(), crate::policy::bundle::MAX_BUNDLE_BYTES));
     }

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use cedar_policy::Policy;
 use serde_json::Value;
 
-use super::bundle::PolicyFiles;
 use super::PolicyError;
+use super::bundle::PolicyFiles;
 use crate::identity::{InventoryEntry, Ttl};
 
 /// Identity attributes a rule may turn into session tags (`aws:PrincipalTag/<name>`).
@@ -54,12 +54,18 @@ impl AwsRules {
             let fail = |why: String| PolicyError::Parse { path: PathBuf::from(path), why };
             let doc: Value = serde_json::from_str(text).map_err(|e| fail(format!("not JSON: {e}")))?;
             let statements = doc.get("Statement").and_then(Value::as_array);
-            if doc.get("Version").and_then(Value::as_str) != Some("2012-10-17") || statements.is_none_or(Vec::is_empty) {
-                return Err(fail("an IAM policy needs \"Version\": \"2012-10-17\" and a non-empty \"Statement\" list".into()));
+            if doc.get("Version").and_then(Value::as_str) != Some("2012-10-17") || statements.is_none_or(Vec::is_empty)
+            {
+                return Err(fail(
+                    "an IAM policy needs \"Version\": \"2012-10-17\" and a non-empty \"Statement\" list".into(),
+                ));
             }
             let compact = doc.to_string();
             if compact.len() > MAX_SESSION_POLICY_CHARS {
-                return Err(fail(format!("{} characters without whitespace; STS accepts at most {MAX_SESSION_POLICY_CHARS}", compact.len())));
+                return Err(fail(format!(
+                    "{} characters without whitespace; STS accepts at most {MAX_SESSION_POLICY_CHARS}",
+                    compact.len()
+                )));
             }
             let name = path.trim_start_matches("session-policies/").trim_end_matches(".json").to_owned();
             documents.insert(name, doc);
@@ -137,9 +143,15 @@ mod tests {
     #[test]
     fn mistakes_in_aws_annotations_reject_the_release() {
         let rule = |annotations: &str| {
-            format!("@id(\"x\") @max_ttl(\"1h\") {annotations} permit(principal, action == Mayfly::Action::\"issue_aws\", resource);")
+            format!(
+                "@id(\"x\") @max_ttl(\"1h\") {annotations} permit(principal, action == Mayfly::Action::\"issue_aws\", resource);"
+            )
         };
-        let engine = |files: &[(&str, Option<&str>)]| super::super::Engine::from_files(&super::super::shipped_files_with(files)).map(|_| ()).map_err(|e| e.to_string());
+        let engine = |files: &[(&str, Option<&str>)]| {
+            super::super::Engine::from_files(&super::super::shipped_files_with(files))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
         let missing = rule("@aws_session_policy(\"nope\")");
         let err = engine(&[("issuance/x.cedar", Some(missing.as_str()))]).unwrap_err();
         assert!(err.contains("session-policies/nope.json"), "{err}");
@@ -148,7 +160,10 @@ mod tests {
         assert!(err.contains("`password` is not one of"), "{err}");
         let err = engine(&[("session-policies/artifacts-read.json", Some("{\"Statement\": []}"))]).unwrap_err();
         assert!(err.contains("2012-10-17"), "{err}");
-        let huge = format!("{{\"Version\":\"2012-10-17\",\"Statement\":[{{\"Effect\":\"Allow\",\"Action\":\"s3:GetObject\",\"Resource\":\"{}\"}}]}}", "a".repeat(2100));
+        let huge = format!(
+            "{{\"Version\":\"2012-10-17\",\"Statement\":[{{\"Effect\":\"Allow\",\"Action\":\"s3:GetObject\",\"Resource\":\"{}\"}}]}}",
+            "a".repeat(2100)
+        );
         let err = engine(&[("session-policies/artifacts-read.json", Some(huge.as_str()))]).unwrap_err();
         assert!(err.contains("at most 2048"), "{err}");
         assert!(engine(&[]).is_ok(), "the shipped release loads");
@@ -156,11 +171,27 @@ mod tests {
 
     #[test]
     fn the_grant_is_one_rule_never_a_mix() {
-        let files = super::super::shipped_files_with(&[("session-policies/other.json", Some(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#))]);
+        let files = super::super::shipped_files_with(&[(
+            "session-policies/other.json",
+            Some(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"sqs:*","Resource":"*"}]}"#),
+        )]);
         let mut rules = AwsRules::load(&files).unwrap();
-        let policy = |a: &str| cedar_policy::Policy::parse(None, format!("{a} permit(principal, action, resource);")).unwrap();
-        rules.annotate("issuance/x.cedar", "a", &policy("@aws_session_policy(\"artifacts-read\") @aws_session_tags(\"owner\")")).unwrap();
-        rules.annotate("issuance/x.cedar", "b", &policy("@aws_session_policy(\"other\") @aws_session_tags(\"tier,owner\")")).unwrap();
+        let policy =
+            |a: &str| cedar_policy::Policy::parse(None, format!("{a} permit(principal, action, resource);")).unwrap();
+        rules
+            .annotate(
+                "issuance/x.cedar",
+                "a",
+                &policy("@aws_session_policy(\"artifacts-read\") @aws_session_tags(\"owner\")"),
+            )
+            .unwrap();
+        rules
+            .annotate(
+                "issuance/x.cedar",
+                "b",
+                &policy("@aws_session_policy(\"other\") @aws_session_tags(\"tier,owner\")"),
+            )
+            .unwrap();
         rules.annotate("issuance/x.cedar", "c", &policy("")).unwrap();
         let entry = crate::identity::InventoryEntry {
             id: crate::identity::WorkloadId::parse("spiffe://mayfly.local/ci/acme/app").unwrap(),
@@ -193,20 +224,34 @@ mod tests {
             when { principal.attestation == "oidc" };
         "#;
         let release = crate::policy::replay::tests::release(Some(rules));
-        let entry = release.inventory.entries().iter().find(|e| e.id.as_str() == "spiffe://mayfly.local/ci/acme/app").unwrap();
+        let entry =
+            release.inventory.entries().iter().find(|e| e.id.as_str() == "spiffe://mayfly.local/ci/acme/app").unwrap();
         let claims: crate::identity::OidcClaims = serde_json::from_value(serde_json::json!({
             "issuer": "https://token.actions.githubusercontent.com", "subject": "s", "repository": "acme/app", "git_ref": "refs/heads/main", "event_name": "push"
         })).unwrap();
         let selectors = claims.selectors();
         let context = crate::policy::RequestContext { oidc: Some(claims), ..Default::default() };
-        let resource = crate::policy::Resource::Aws { role: crate::policy::AwsRole::parse("arn:aws:iam::111122223333:role/acme-app-read").unwrap() };
+        let resource = crate::policy::Resource::Aws {
+            role: crate::policy::AwsRole::parse("arn:aws:iam::111122223333:role/acme-app-read").unwrap(),
+        };
         for asked in ["10m", "8h"] {
-            let req = crate::policy::DecisionRequest { workload: entry, attestation: "oidc", selectors: &selectors, resource: &resource, requested_ttl: Ttl::parse(asked).unwrap(), context: &context };
+            let req = crate::policy::DecisionRequest {
+                workload: entry,
+                attestation: "oidc",
+                selectors: &selectors,
+                resource: &resource,
+                requested_ttl: Ttl::parse(asked).unwrap(),
+                context: &context,
+            };
             let d = release.engine.decide(&req, std::time::SystemTime::now());
             let crate::policy::Verdict::Allow(g) = d.verdict else { panic!("{:?}", d.rules) };
             let aws = g.aws().unwrap();
             assert_eq!(aws.ceiling.as_secs(), 12 * 3600, "{asked}");
-            assert_eq!(aws.session_policy.as_ref().map(|p| p.names.clone()), Some(vec!["artifacts-read".to_owned()]), "{asked}: never unscoped and long");
+            assert_eq!(
+                aws.session_policy.as_ref().map(|p| p.names.clone()),
+                Some(vec!["artifacts-read".to_owned()]),
+                "{asked}: never unscoped and long"
+            );
         }
     }
 

@@ -242,7 +242,8 @@ impl Bundle {
             }
         }
         let manifest_bytes = raw.remove(MANIFEST).ok_or_else(|| bad(format!("no {MANIFEST}")))?;
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("{MANIFEST}: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("{MANIFEST}: {e}")))?;
         if manifest.format != FORMAT {
             return Err(bad(format!("format `{}` (this mayfly reads {FORMAT})", manifest.format)));
         }
@@ -264,7 +265,11 @@ impl Bundle {
         }
         let files = PolicyFiles { files };
         if files.version() != manifest.version {
-            return Err(bad(format!("the manifest says version {} but the files are {}", manifest.version, files.version())));
+            return Err(bad(format!(
+                "the manifest says version {} but the files are {}",
+                manifest.version,
+                files.version()
+            )));
         }
         Ok(Self { manifest, files, manifest_bytes, signature })
     }
@@ -280,9 +285,14 @@ impl Bundle {
     /// The same archive with `key`'s signature (replacing any earlier one).
     pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
         let signature = key.pair.sign(&signed_message(&self.manifest_bytes));
-        let sig = SignatureFile { alg: "ed25519".into(), key_id: key.key_id.clone(), signature: hex::encode(signature.as_ref()) };
+        let sig = SignatureFile {
+            alg: "ed25519".into(),
+            key_id: key.key_id.clone(),
+            signature: hex::encode(signature.as_ref()),
+        };
         let sig_bytes = serde_json::to_vec_pretty(&sig).map_err(|e| BundleError::Format(e.to_string()))?;
-        let mut entries: Vec<(String, &[u8])> = vec![(MANIFEST.to_owned(), &self.manifest_bytes), (SIGNATURE.to_owned(), &sig_bytes)];
+        let mut entries: Vec<(String, &[u8])> =
+            vec![(MANIFEST.to_owned(), &self.manifest_bytes), (SIGNATURE.to_owned(), &sig_bytes)];
         entries.extend(self.files.iter().map(|(p, t)| (format!("{FILES_PREFIX}{p}"), t.as_bytes())));
         archive(&entries)
     }
@@ -343,7 +353,8 @@ impl SigningKey {
     /// ed25519` writes). The file's bytes are zeroized after parsing.
     pub fn load(path: &Path) -> Result<Self, BundleError> {
         let bad = |why: String| BundleError::Key { path: path.into(), what: "private key", why };
-        let text = Zeroizing::new(std::fs::read(path).map_err(|source| BundleError::Read { path: path.into(), source })?);
+        let text =
+            Zeroizing::new(std::fs::read(path).map_err(|source| BundleError::Read { path: path.into(), source })?);
         let block = pem::parse(&*text).map_err(|e| bad(e.to_string()))?;
         if block.tag() != "PRIVATE KEY" {
             return Err(bad(format!("expected a `PRIVATE KEY` PEM block, found `{}`", block.tag())));
@@ -392,7 +403,10 @@ impl PublicKey {
             return Err("trailing bytes after the key".into());
         }
         if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
-            return Err(format!("algorithm {} is not Ed25519 ({ED25519_OID})", spki.algorithm.algorithm.to_id_string()));
+            return Err(format!(
+                "algorithm {} is not Ed25519 ({ED25519_OID})",
+                spki.algorithm.algorithm.to_id_string()
+            ));
         }
         let raw: [u8; 32] = spki.subject_public_key.data.as_ref().try_into().map_err(|_| "not 32 bytes".to_owned())?;
         Ok(Self { raw, key_id: key_id(&raw) })
@@ -468,7 +482,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (key, public) = keys(dir.path());
         let unsigned = Bundle::build(&shipped(), None).unwrap();
-        assert!(matches!(Bundle::parse(&unsigned).unwrap().verify(std::slice::from_ref(&public)), Err(BundleError::Unsigned)));
+        assert!(matches!(
+            Bundle::parse(&unsigned).unwrap().verify(std::slice::from_ref(&public)),
+            Err(BundleError::Unsigned)
+        ));
         let signed = Bundle::parse(&unsigned).unwrap().sign(&key).unwrap();
         let bundle = Bundle::parse(&signed).unwrap();
         assert_eq!(bundle.verify(std::slice::from_ref(&public)).unwrap(), key.key_id());
@@ -486,7 +503,10 @@ mod tests {
 
         // A consistent manifest + files, re-signed by nobody: the old signature does not cover it.
         let mut files = bundle.files.files.clone();
-        files.insert("issuance/evil.cedar".into(), "@id(\"evil\") @max_ttl(\"12h\") permit(principal, action, resource);".into());
+        files.insert(
+            "issuance/evil.cedar".into(),
+            "@id(\"evil\") @max_ttl(\"12h\") permit(principal, action, resource);".into(),
+        );
         let rebuilt = Bundle::parse(&Bundle::build(&PolicyFiles::from_map(files), None).unwrap()).unwrap();
         let forged = Bundle { signature: bundle.signature.clone(), ..rebuilt };
         assert!(matches!(forged.verify(&[public]), Err(BundleError::BadSignature)));
@@ -499,7 +519,20 @@ mod tests {
         if let Ok(bytes) = dot {
             assert!(Bundle::parse(&bytes).is_err());
         }
-        let extra = archive(&[(MANIFEST.into(), &serde_json::to_vec(&Manifest { format: FORMAT.into(), version: version_of(&BTreeMap::new()), label: None, files: BTreeMap::new() }).unwrap()), ("files/inventory.toml".into(), b"x")]).unwrap();
+        let extra = archive(&[
+            (
+                MANIFEST.into(),
+                &serde_json::to_vec(&Manifest {
+                    format: FORMAT.into(),
+                    version: version_of(&BTreeMap::new()),
+                    label: None,
+                    files: BTreeMap::new(),
+                })
+                .unwrap(),
+            ),
+            ("files/inventory.toml".into(), b"x"),
+        ])
+        .unwrap();
         assert!(Bundle::parse(&extra).unwrap_err().to_string().contains("not in the manifest"));
         assert!(Bundle::parse(b"not a tar").is_err());
     }

@@ -80,7 +80,9 @@ pub fn run_all(engine: &Engine, inventory: &Inventory, files: &PolicyFiles, defa
                 name: case.name.clone(),
                 failure: check(engine, inventory, case, default_now).err(),
             })),
-            Err(e) => outcomes.push(Outcome { file: path.to_owned(), name: "(file)".into(), failure: Some(e.to_string()) }),
+            Err(e) => {
+                outcomes.push(Outcome { file: path.to_owned(), name: "(file)".into(), failure: Some(e.to_string()) })
+            }
         }
     }
     outcomes
@@ -121,7 +123,8 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
         }
         None => None,
     };
-    let attestation = case.attestation.clone().unwrap_or_else(|| if case.oidc.is_some() { "oidc" } else { "unix" }.into());
+    let attestation =
+        case.attestation.clone().unwrap_or_else(|| if case.oidc.is_some() { "oidc" } else { "unix" }.into());
     let context = RequestContext {
         purpose: case.purpose.clone(),
         target: case.target.clone(),
@@ -129,20 +132,30 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
         ticket: case.ticket.clone(),
         oidc: case.oidc.clone(),
     };
-    let (decided, explain, rules, verdict) = match inventory.lookup(&selectors, wanted.as_ref(), crate::clock::utc_date(now)) {
-        Lookup::Found(workload) => {
-            let req = DecisionRequest { workload, attestation: &attestation, selectors: &selectors, resource: &resource, requested_ttl, context: &context };
-            let decision = engine.decide(&req, now);
-            let decided = if decision.is_allow() { "allow" } else { "deny" };
-            (decided, decision.explain(), decision.rules.clone(), Some(decision.verdict))
-        }
-        Lookup::NoMatch => ("deny", "no inventory entry matches these selectors".to_owned(), vec![], None),
-        Lookup::Expired(e) => ("deny", format!("the inventory entry `{}` expired on {}", e.id, e.expires), vec![], None),
-        Lookup::Ambiguous(ids) => {
-            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            ("deny", format!("the selectors match several identities ({}); name one", ids.join(", ")), vec![], None)
-        }
-    };
+    let (decided, explain, rules, verdict) =
+        match inventory.lookup(&selectors, wanted.as_ref(), crate::clock::utc_date(now)) {
+            Lookup::Found(workload) => {
+                let req = DecisionRequest {
+                    workload,
+                    attestation: &attestation,
+                    selectors: &selectors,
+                    resource: &resource,
+                    requested_ttl,
+                    context: &context,
+                };
+                let decision = engine.decide(&req, now);
+                let decided = if decision.is_allow() { "allow" } else { "deny" };
+                (decided, decision.explain(), decision.rules.clone(), Some(decision.verdict))
+            }
+            Lookup::NoMatch => ("deny", "no inventory entry matches these selectors".to_owned(), vec![], None),
+            Lookup::Expired(e) => {
+                ("deny", format!("the inventory entry `{}` expired on {}", e.id, e.expires), vec![], None)
+            }
+            Lookup::Ambiguous(ids) => {
+                let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                ("deny", format!("the selectors match several identities ({}); name one", ids.join(", ")), vec![], None)
+            }
+        };
     if decided != case.expect {
         return Err(format!("expected {}, decided {decided}: {explain}", case.expect));
     }
@@ -241,7 +254,10 @@ mod tests {
             text.replace(pin, "context.oidc.git_ref like \"refs/heads/*\"")
         };
         let (ci, guard) = (loosen("issuance/ci.cedar"), loosen("issuance/guardrails.cedar"));
-        let f = failures(&shipped_files_with(&[("issuance/ci.cedar", Some(&ci)), ("issuance/guardrails.cedar", Some(&guard))]));
+        let f = failures(&shipped_files_with(&[
+            ("issuance/ci.cedar", Some(&ci)),
+            ("issuance/guardrails.cedar", Some(&guard)),
+        ]));
         assert!(f.iter().any(|f| f.contains("expected deny, decided allow")), "{f:?}");
     }
 }

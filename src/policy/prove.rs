@@ -26,7 +26,8 @@ use super::Engine;
 
 /// The environment variable naming the cvc5 binary (else `cvc5` on PATH).
 pub const SOLVER_ENV: &str = "CVC5";
-pub const INSTALL_HINT: &str = "install the cvc5 SMT solver (Debian/Ubuntu: `apt-get install cvc5`), or point CVC5=/path/to/cvc5 at one";
+pub const INSTALL_HINT: &str =
+    "install the cvc5 SMT solver (Debian/Ubuntu: `apt-get install cvc5`), or point CVC5=/path/to/cvc5 at one";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProveError {
@@ -79,7 +80,8 @@ fn failed(e: impl std::fmt::Display) -> ProveError {
 /// The solver, started once for every query. `--tlimit-per` bounds each query (cvc5's
 /// `--tlimit`, which symcc's default passes, would bound the whole process).
 fn solver() -> Result<CedarSymCompiler<LocalSolver>, ProveError> {
-    let solver = LocalSolver::cvc5_with_args(["--tlimit-per=60000"]).map_err(|e| ProveError::SolverMissing(e.to_string()))?;
+    let solver =
+        LocalSolver::cvc5_with_args(["--tlimit-per=60000"]).map_err(|e| ProveError::SolverMissing(e.to_string()))?;
     CedarSymCompiler::new(solver).map_err(failed)
 }
 
@@ -87,7 +89,11 @@ fn solver() -> Result<CedarSymCompiler<LocalSolver>, ProveError> {
 /// with `context.break_glass`, the normal set only requests without.
 fn on_path(set: &PolicySet, break_glass: bool) -> Result<PolicySet, ProveError> {
     let condition = if break_glass { "!context.break_glass" } else { "context.break_glass" };
-    let guard = cedar_policy::Policy::parse(Some(cedar_policy::PolicyId::new("mayfly-proof-path")), format!("forbid (principal, action, resource) when {{ {condition} }};")).map_err(failed)?;
+    let guard = cedar_policy::Policy::parse(
+        Some(cedar_policy::PolicyId::new("mayfly-proof-path")),
+        format!("forbid (principal, action, resource) when {{ {condition} }};"),
+    )
+    .map_err(failed)?;
     let mut set = set.clone();
     set.add(guard).map_err(failed)?;
     Ok(set)
@@ -99,7 +105,8 @@ fn describe(cex: &Env) -> String {
     let full = cex.to_string();
     let head = full.split("entities:").next().unwrap_or(&full).trim_end();
     let about = [cex.request.principal(), cex.request.resource()];
-    let entities: Vec<String> = cex.entities.iter().filter(|e| about.contains(&Some(&e.uid()))).map(|e| format!("{e}")).collect();
+    let entities: Vec<String> =
+        cex.entities.iter().filter(|e| about.contains(&Some(&e.uid()))).map(|e| format!("{e}")).collect();
     format!("{head}\n{}", entities.join("\n"))
 }
 
@@ -123,7 +130,11 @@ fn reproduce(cex: &Env, granting: &PolicySet, other: Option<&PolicySet>) -> Opti
 
 /// Checks `candidate` against `current`; `critical` is the candidate tree's
 /// `assurance/critical.cedar`, if it has one.
-pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&PolicySet>) -> Result<ProofReport, ProveError> {
+pub async fn prove(
+    current: &Engine,
+    candidate: &Engine,
+    critical: Option<&PolicySet>,
+) -> Result<ProofReport, ProveError> {
     let schema: &Schema = candidate.schema();
     let mut report = ProofReport {
         current: current.version().to_owned(),
@@ -147,7 +158,12 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
     let cand_emergency = on_path(candidate.break_glass_rules(), true)?;
     let cur_emergency = on_path(current.break_glass_rules(), true)?;
     for (id, what) in current.annotations_loosened_in(candidate) {
-        report.findings.push(Finding { check: "annotation", env: "(annotations)".into(), rules: vec![id], counterexample: what });
+        report.findings.push(Finding {
+            check: "annotation",
+            env: "(annotations)".into(),
+            rules: vec![id],
+            counterexample: what,
+        });
     }
     let mut cc = solver()?;
     let envs: Vec<RequestEnv> = schema.request_envs().collect();
@@ -155,33 +171,47 @@ pub async fn prove(current: &Engine, candidate: &Engine, critical: Option<&Polic
     let mut inconclusive = Vec::new();
     for env in &envs {
         let name = env_name(env);
-        let pairs = [
-            ("escalation", &cand_normal, &cur_normal),
-            ("break_glass_escalation", &cand_emergency, &cur_emergency),
-        ];
+        let pairs =
+            [("escalation", &cand_normal, &cur_normal), ("break_glass_escalation", &cand_emergency, &cur_emergency)];
         for (check, cand, cur) in pairs {
             let compiled_cand = CompiledPolicySet::compile(cand, env, schema).map_err(failed)?;
-            let compiled_cur = CompiledPolicySet::compile(cur, env, schema)
-                .map_err(|e| ProveError::Failed(format!("the current release does not compile under the candidate's schema ({name}): {e}")))?;
+            let compiled_cur = CompiledPolicySet::compile(cur, env, schema).map_err(|e| {
+                ProveError::Failed(format!(
+                    "the current release does not compile under the candidate's schema ({name}): {e}"
+                ))
+            })?;
             report.queries += 1;
             match cc.check_implies_with_counterexample_opt(&compiled_cand, &compiled_cur).await {
                 Ok(None) => {}
                 Ok(Some(cex)) => match reproduce(&cex, cand, Some(cur)) {
-                    Some(rules) => report.findings.push(Finding { check, env: name.clone(), rules, counterexample: describe(&cex) }),
-                    None => inconclusive.push(format!("{check} ({name}): a counterexample the authorizer does not reproduce")),
+                    Some(rules) => report.findings.push(Finding {
+                        check,
+                        env: name.clone(),
+                        rules,
+                        counterexample: describe(&cex),
+                    }),
+                    None => inconclusive
+                        .push(format!("{check} ({name}): a counterexample the authorizer does not reproduce")),
                 },
                 Err(e) => inconclusive.push(format!("{check} ({name}): {e}")),
             }
         }
         if let Some(marker) = critical {
             let compiled_bg = CompiledPolicySet::compile(&cand_emergency, env, schema).map_err(failed)?;
-            let compiled_marker = CompiledPolicySet::compile(marker, env, schema).map_err(|e| ProveError::Failed(format!("assurance/critical.cedar ({name}): {e}")))?;
+            let compiled_marker = CompiledPolicySet::compile(marker, env, schema)
+                .map_err(|e| ProveError::Failed(format!("assurance/critical.cedar ({name}): {e}")))?;
             report.queries += 1;
             match cc.check_disjoint_with_counterexample_opt(&compiled_bg, &compiled_marker).await {
                 Ok(None) => {}
                 Ok(Some(cex)) => match reproduce(&cex, &cand_emergency, None) {
-                    Some(rules) => report.findings.push(Finding { check: "critical", env: name.clone(), rules, counterexample: describe(&cex) }),
-                    None => inconclusive.push(format!("critical ({name}): a counterexample the authorizer does not reproduce")),
+                    Some(rules) => report.findings.push(Finding {
+                        check: "critical",
+                        env: name.clone(),
+                        rules,
+                        counterexample: describe(&cex),
+                    }),
+                    None => inconclusive
+                        .push(format!("critical ({name}): a counterexample the authorizer does not reproduce")),
                 },
                 Err(e) => inconclusive.push(format!("critical ({name}): {e}")),
             }
@@ -224,7 +254,7 @@ pub fn critical_marker(files: &super::bundle::PolicyFiles) -> Result<Option<Poli
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::replay::tests::{release, CARELESS, TIGHTER};
+    use crate::policy::replay::tests::{CARELESS, TIGHTER, release};
 
     /// The proofs need cvc5. `.ci/run` installs it and sets MAYFLY_REQUIRE_SOLVER=1, so there
     /// a missing solver fails the test; elsewhere it is reported and the test returns.
@@ -247,7 +277,11 @@ mod tests {
         let f = r.findings.iter().find(|f| f.check == "escalation").unwrap_or_else(|| panic!("{r:?}"));
         assert_eq!(f.rules, vec!["ci-any-acme-repo-deploys".to_owned()]);
         assert!(f.env.contains("issue_aws"), "{}", f.env);
-        assert!(f.counterexample.contains("acme-app-deploy") && f.counterexample.contains("repository_owner: \"acme\""), "{}", f.counterexample);
+        assert!(
+            f.counterexample.contains("acme-app-deploy") && f.counterexample.contains("repository_owner: \"acme\""),
+            "{}",
+            f.counterexample
+        );
         assert!(!r.proven());
     }
 
@@ -265,7 +299,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_shipped_break_glass_rules_never_open_critical_requests_and_a_wide_one_does() {
-        let critical = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/assurance/critical.cedar")).unwrap();
+        let critical =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/assurance/critical.cedar")).unwrap();
         let Some(r) = proof(None, None, Some(&critical)).await else { return };
         assert!(r.proven() && r.critical_checked, "{r:?}");
         let wide = r#"
@@ -276,7 +311,14 @@ mod tests {
         let files_rule = Some(wide);
         let cur = release(None);
         let files = crate::policy::shipped_files_with(&[("break-glass/wide.cedar", files_rule)]);
-        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let cand = crate::policy::release::Release::build(
+            &files,
+            &crate::identity::TrustDomain::parse("mayfly.local").unwrap(),
+            None,
+            None,
+            "t".into(),
+        )
+        .unwrap();
         let marker: PolicySet = critical.parse().unwrap();
         let r = match prove(&cur.engine, &cand.engine, Some(&marker)).await {
             Ok(r) => r,
@@ -304,24 +346,63 @@ mod tests {
     #[test]
     fn loosened_annotations_are_findings_the_solver_cannot_make() {
         let cur = release(None);
-        let ci = crate::policy::shipped_files_with(&[]).get("issuance/ci.cedar").unwrap().replace("@aws_session_policy(\"artifacts-read\")\n", "");
-        let bg = crate::policy::shipped_files_with(&[]).get("break-glass/oncall.cedar").unwrap().replace("@approval(\"required\")\n", "");
-        let ex = crate::policy::shipped_files_with(&[]).get("exceptions/legacy-batch.cedar").unwrap().replace("@expires(\"2027-03-31\")", "@expires(\"2029-03-31\")");
-        let files = crate::policy::shipped_files_with(&[("issuance/ci.cedar", Some(ci.as_str())), ("break-glass/oncall.cedar", Some(bg.as_str())), ("exceptions/legacy-batch.cedar", Some(ex.as_str()))]);
-        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let ci = crate::policy::shipped_files_with(&[])
+            .get("issuance/ci.cedar")
+            .unwrap()
+            .replace("@aws_session_policy(\"artifacts-read\")\n", "");
+        let bg = crate::policy::shipped_files_with(&[])
+            .get("break-glass/oncall.cedar")
+            .unwrap()
+            .replace("@approval(\"required\")\n", "");
+        let ex = crate::policy::shipped_files_with(&[])
+            .get("exceptions/legacy-batch.cedar")
+            .unwrap()
+            .replace("@expires(\"2027-03-31\")", "@expires(\"2029-03-31\")");
+        let files = crate::policy::shipped_files_with(&[
+            ("issuance/ci.cedar", Some(ci.as_str())),
+            ("break-glass/oncall.cedar", Some(bg.as_str())),
+            ("exceptions/legacy-batch.cedar", Some(ex.as_str())),
+        ]);
+        let cand = crate::policy::release::Release::build(
+            &files,
+            &crate::identity::TrustDomain::parse("mayfly.local").unwrap(),
+            None,
+            None,
+            "t".into(),
+        )
+        .unwrap();
         let found = cur.engine.annotations_loosened_in(&cand.engine);
         let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids, vec!["break-glass-dev-jwt-approved", "ci-read-artifacts", "exception-legacy-batch-4h"], "{found:?}");
+        assert_eq!(
+            ids,
+            vec!["break-glass-dev-jwt-approved", "ci-read-artifacts", "exception-legacy-batch-4h"],
+            "{found:?}"
+        );
         assert!(cand.engine.annotations_loosened_in(&cur.engine).is_empty(), "the reverse only tightens");
     }
 
     #[tokio::test]
     async fn a_raised_ceiling_is_a_finding_without_the_solver_too() {
         let cur = release(None);
-        let text = crate::policy::shipped_files_with(&[]).get("issuance/local.cedar").unwrap().replace("@max_ttl(\"1h\")", "@max_ttl(\"8h\")");
+        let text = crate::policy::shipped_files_with(&[])
+            .get("issuance/local.cedar")
+            .unwrap()
+            .replace("@max_ttl(\"1h\")", "@max_ttl(\"8h\")");
         let files = crate::policy::shipped_files_with(&[("issuance/local.cedar", Some(text.as_str()))]);
-        let cand = crate::policy::release::Release::build(&files, &crate::identity::TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let cand = crate::policy::release::Release::build(
+            &files,
+            &crate::identity::TrustDomain::parse("mayfly.local").unwrap(),
+            None,
+            None,
+            "t".into(),
+        )
+        .unwrap();
         let raised = cur.engine.max_ttls_raised_in(&cand.engine);
-        assert!(raised.iter().any(|(id, b, a)| id == "local-workloads-x509" && b.as_secs() == 3600 && a.as_secs() == 8 * 3600), "{raised:?}");
+        assert!(
+            raised
+                .iter()
+                .any(|(id, b, a)| id == "local-workloads-x509" && b.as_secs() == 3600 && a.as_secs() == 8 * 3600),
+            "{raised:?}"
+        );
     }
 }

@@ -7,9 +7,9 @@
 
 use std::time::SystemTime;
 
+use super::Engine;
 use super::bundle::PolicyFiles;
 use super::cases;
-use super::Engine;
 use crate::identity::{Inventory, TrustDomain};
 
 /// Where a release came from and who vouched for it; recorded with every activation.
@@ -55,7 +55,12 @@ impl Release {
             .collect();
         if !failed.is_empty() {
             let shown: Vec<&str> = failed.iter().take(5).map(String::as_str).collect();
-            return Err(format!("{} of {} policy test cases fail: {}", failed.len(), outcomes.len(), shown.join(" | ")));
+            return Err(format!(
+                "{} of {} policy test cases fail: {}",
+                failed.len(),
+                outcomes.len(),
+                shown.join(" | ")
+            ));
         }
         Ok(outcomes.len())
     }

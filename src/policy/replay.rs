@@ -156,19 +156,25 @@ pub fn from_body(body: &Value, seq: i64, at: SystemTime) -> Result<Recorded, Str
             other => Err(format!("unknown resource kind {other:?}")),
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let ttl = Ttl::from_secs(req.get("requested_ttl_secs").and_then(Value::as_u64).unwrap_or(0)).map_err(|e| e.to_string())?;
+    let ttl = Ttl::from_secs(req.get("requested_ttl_secs").and_then(Value::as_u64).unwrap_or(0))
+        .map_err(|e| e.to_string())?;
     let oidc: Option<OidcClaims> = match req.get("oidc") {
         Some(v) if !v.is_null() => Some(serde_json::from_value(v.clone()).map_err(|e| format!("oidc: {e}"))?),
         _ => None,
     };
     let wanted = text(req, "spiffe_id").map(|s| WorkloadId::parse(&s)).transpose().map_err(|e| e.to_string())?;
-    let dev_identity = if req.get("dev_identity").and_then(Value::as_bool) == Some(true) { text(body, "identity") } else { None };
+    let dev_identity =
+        if req.get("dev_identity").and_then(Value::as_bool) == Some(true) { text(body, "identity") } else { None };
     let allowed = body.get("outcome").and_then(Value::as_str) == Some("allow");
     let outcome = Outcome {
         allowed,
         identity: text(body, "identity"),
         granted_ttl_secs: body.get("granted_ttl_secs").and_then(Value::as_u64),
-        rules: body.get("rules").and_then(Value::as_array).map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default(),
+        rules: body
+            .get("rules")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default(),
         reason: text(body, "reason").unwrap_or_default(),
     };
     Ok(Recorded {
@@ -195,10 +201,15 @@ pub fn from_body(body: &Value, seq: i64, at: SystemTime) -> Result<Recorded, Str
 /// dev-made identity is kept as it was), then every resource; allowed only if each is.
 pub fn decide(release: &Release, r: &Recorded) -> Outcome {
     let dev_entry;
-    let entry = match (&r.dev_identity, release.inventory.lookup(&r.selectors, r.wanted.as_ref(), crate::clock::utc_date(r.at))) {
+    let entry = match (
+        &r.dev_identity,
+        release.inventory.lookup(&r.selectors, r.wanted.as_ref(), crate::clock::utc_date(r.at)),
+    ) {
         (_, Lookup::Found(entry)) => entry,
         (Some(id), Lookup::NoMatch) => {
-            let Ok(id) = WorkloadId::parse(id) else { return denied(None, "the recorded dev identity is not a SPIFFE ID") };
+            let Ok(id) = WorkloadId::parse(id) else {
+                return denied(None, "the recorded dev identity is not a SPIFFE ID");
+            };
             dev_entry = InventoryEntry {
                 id,
                 owner: "mayfly dev (--oidc-issuer)".into(),
@@ -211,19 +222,36 @@ pub fn decide(release: &Release, r: &Recorded) -> Outcome {
             &dev_entry
         }
         (_, Lookup::NoMatch) => return denied(None, "no inventory entry matches this caller"),
-        (_, Lookup::Expired(e)) => return denied(Some(e.id.to_string()), &format!("the inventory entry `{}` expired on {}", e.id, e.expires)),
-        (_, Lookup::Ambiguous(ids)) => return denied(None, &format!("the caller matches several identities ({})", ids.len())),
+        (_, Lookup::Expired(e)) => {
+            return denied(Some(e.id.to_string()), &format!("the inventory entry `{}` expired on {}", e.id, e.expires));
+        }
+        (_, Lookup::Ambiguous(ids)) => {
+            return denied(None, &format!("the caller matches several identities ({})", ids.len()));
+        }
     };
     let decisions: Vec<Decision> = r
         .resources
         .iter()
         .map(|resource| {
-            let req = DecisionRequest { workload: entry, attestation: &r.attestation, selectors: &r.selectors, resource, requested_ttl: r.ttl, context: &r.context };
+            let req = DecisionRequest {
+                workload: entry,
+                attestation: &r.attestation,
+                selectors: &r.selectors,
+                resource,
+                requested_ttl: r.ttl,
+                context: &r.context,
+            };
             release.engine.decide(&req, r.at)
         })
         .collect();
     let c = Combined::of(&decisions);
-    Outcome { allowed: c.allowed, identity: Some(entry.id.to_string()), granted_ttl_secs: c.granted_ttl_secs, rules: c.rules, reason: c.explain }
+    Outcome {
+        allowed: c.allowed,
+        identity: Some(entry.id.to_string()),
+        granted_ttl_secs: c.granted_ttl_secs,
+        rules: c.rules,
+        reason: c.explain,
+    }
 }
 
 fn denied(identity: Option<String>, reason: &str) -> Outcome {
@@ -264,12 +292,18 @@ pub fn epoch_ms(t: SystemTime) -> i64 {
 
 impl Report {
     pub fn start(candidate: &Release, since: SystemTime) -> Self {
-        Report { candidate: candidate.version().to_owned(), since_unix: crate::clock::unix_secs(since), since_ms: epoch_ms(since), ..Report::default() }
+        Report {
+            candidate: candidate.version().to_owned(),
+            since_unix: crate::clock::unix_secs(since),
+            since_ms: epoch_ms(since),
+            ..Report::default()
+        }
     }
 
     /// Replays the decisions among `events` inside the window (a page at a time is fine).
     pub fn feed(&mut self, candidate: &Release, events: &[StoredEvent]) {
-        let window: Vec<&StoredEvent> = events.iter().filter(|e| e.kind == "decision" && e.at_ms >= self.since_ms).collect();
+        let window: Vec<&StoredEvent> =
+            events.iter().filter(|e| e.kind == "decision" && e.at_ms >= self.since_ms).collect();
         self.decisions += window.len();
         for e in window {
             self.replay_one(candidate, e);
@@ -285,7 +319,15 @@ impl Report {
         let after = decide(candidate, &r);
         if let Some(change) = compare(&r.outcome, &after) {
             let (action, resource) = describe(&r.resources);
-            self.differences.push(Difference { seq: r.seq, at_unix: crate::clock::unix_secs(r.at), change, action, resource, before: r.outcome, after });
+            self.differences.push(Difference {
+                seq: r.seq,
+                at_unix: crate::clock::unix_secs(r.at),
+                change,
+                action,
+                resource,
+                before: r.outcome,
+                after,
+            });
         }
     }
 }
@@ -329,7 +371,10 @@ pub(crate) mod tests {
     pub(crate) fn release(extra_rules: Option<&str>) -> Release {
         let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/inventory.toml")).unwrap();
         let inventory = format!("{shipped}\n{INVENTORY_EXTRA}");
-        let files = shipped_files_with(&[("inventory.toml", Some(inventory.as_str())), ("issuance/candidate.cedar", extra_rules)]);
+        let files = shipped_files_with(&[
+            ("inventory.toml", Some(inventory.as_str())),
+            ("issuance/candidate.cedar", extra_rules),
+        ]);
         Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "test".into()).unwrap()
     }
 
@@ -346,7 +391,8 @@ pub(crate) mod tests {
         let selectors: Vec<String> = oidc.selectors().iter().map(ToString::to_string).collect();
         let body = json!({ "request": { "attestation": "oidc", "selectors": selectors, "resources": [resource], "requested_ttl_secs": ttl, "oidc": claims, "break_glass": false } });
         let at_ms = 1_800_000_000_000 + seq;
-        let recorded = from_body(&body, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
+        let recorded =
+            from_body(&body, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
         let outcome = decide(live, &recorded);
         let mut body = body;
         body["outcome"] = json!(if outcome.allowed { "allow" } else { "deny" });
@@ -354,7 +400,14 @@ pub(crate) mod tests {
         body["granted_ttl_secs"] = json!(outcome.granted_ttl_secs);
         body["rules"] = json!(outcome.rules);
         body["reason"] = json!(outcome.reason);
-        StoredEvent { seq, at_ms, kind: "decision".into(), body: body.to_string(), prev_hash: String::new(), hash: String::new() }
+        StoredEvent {
+            seq,
+            at_ms,
+            kind: "decision".into(),
+            body: body.to_string(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
     }
 
     fn traffic(live: &Release) -> Vec<StoredEvent> {
@@ -366,7 +419,14 @@ pub(crate) mod tests {
             event(live, 3, ci("acme/app", "push"), deploy, 1800),
             event(live, 4, ci("acme/app", "pull_request_target"), cache.clone(), 300),
             event(live, 5, ci("acme/app", "push"), cache, 300),
-            StoredEvent { seq: 6, at_ms: 1_800_000_000_006, kind: "decision".into(), body: json!({ "outcome": "deny", "reason": "attestation failed" }).to_string(), prev_hash: String::new(), hash: String::new() },
+            StoredEvent {
+                seq: 6,
+                at_ms: 1_800_000_000_006,
+                kind: "decision".into(),
+                body: json!({ "outcome": "deny", "reason": "attestation failed" }).to_string(),
+                prev_hash: String::new(),
+                hash: String::new(),
+            },
         ]
     }
 
@@ -407,16 +467,32 @@ pub(crate) mod tests {
         let events = traffic(&current);
         let later = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_004);
         assert_eq!(replay(&current, &events, later).decisions, 3);
-        let longer = crate::policy::shipped_files_with(&[]).get("issuance/ci.cedar").unwrap().replace("@max_ttl(\"30m\")", "@max_ttl(\"2h\")");
+        let longer = crate::policy::shipped_files_with(&[])
+            .get("issuance/ci.cedar")
+            .unwrap()
+            .replace("@max_ttl(\"30m\")", "@max_ttl(\"2h\")");
         let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/inventory.toml")).unwrap();
         let inventory = format!("{shipped}\n{INVENTORY_EXTRA}");
-        let files = shipped_files_with(&[("inventory.toml", Some(inventory.as_str())), ("issuance/ci.cedar", Some(longer.as_str()))]);
-        let wider = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let files = shipped_files_with(&[
+            ("inventory.toml", Some(inventory.as_str())),
+            ("issuance/ci.cedar", Some(longer.as_str())),
+        ]);
+        let wider =
+            Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
         let mut events = events;
-        events[2] = event(&current, 3, ci("acme/app", "push"), json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" }), 3600);
+        events[2] = event(
+            &current,
+            3,
+            ci("acme/app", "push"),
+            json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" }),
+            3600,
+        );
         let report = replay(&wider, &events, SystemTime::UNIX_EPOCH);
         let d = report.differences.iter().find(|d| d.seq == 3).unwrap();
-        assert_eq!((d.change, d.before.granted_ttl_secs, d.after.granted_ttl_secs), (Change::LongerLifetime, Some(1800), Some(3600)));
+        assert_eq!(
+            (d.change, d.before.granted_ttl_secs, d.after.granted_ttl_secs),
+            (Change::LongerLifetime, Some(1800), Some(3600))
+        );
         assert_eq!(report.escalations(), 1);
     }
 }

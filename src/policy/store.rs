@@ -25,7 +25,11 @@ impl std::fmt::Debug for PolicyStore {
 
 impl PolicyStore {
     pub fn new(current: Arc<Release>, previous: Option<Arc<Release>>) -> Self {
-        Self { current: ArcSwap::new(current), previous: Mutex::new(previous), changed: tokio::sync::watch::Sender::new(0) }
+        Self {
+            current: ArcSwap::new(current),
+            previous: Mutex::new(previous),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {

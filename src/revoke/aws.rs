@@ -11,13 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::AwsRevocation;
-use crate::clock::{unix_secs, Clock};
+use crate::clock::{Clock, unix_secs};
 use crate::identity::WorkloadId;
 use crate::ledger::{BoxFuture, CredentialRecord, EventKind, Ledger, LedgerError, NewEvent, StoredEvent};
-use crate::mint::aws::{source_identity, IamApi};
+use crate::mint::aws::{IamApi, source_identity};
 
 /// Assumed when a role's maximum cannot be read: AWS's largest, so a deny is never removed
 /// while a session it must catch could still be live.
@@ -67,7 +67,8 @@ fn ceil_second(t: SystemTime) -> SystemTime {
 /// `arn:aws:sts::<account>:assumed-role/<role>/<session>` → (account, role name).
 fn role_of(assumed_role_arn: &str) -> Option<(String, String)> {
     let mut parts = assumed_role_arn.splitn(6, ':');
-    let (_, _, _, _, account, resource) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (_, _, _, _, account, resource) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let mut path = resource.strip_prefix("assumed-role/")?.split('/');
     Some((account.to_owned(), path.next()?.to_owned()))
 }
@@ -109,7 +110,8 @@ impl AwsRevocation for AwsRevoker {
                         Err(_) => Some("PutRolePolicy did not answer in time".to_owned()),
                     }
                 };
-                let max = match (&error, tokio::time::timeout(CALL_TIMEOUT, self.iam.max_session_duration(&role)).await) {
+                let max = match (&error, tokio::time::timeout(CALL_TIMEOUT, self.iam.max_session_duration(&role)).await)
+                {
                     (None, Ok(Ok(d))) => d,
                     _ => LONGEST_SESSION,
                 };
@@ -174,7 +176,10 @@ pub fn outstanding(events: &[StoredEvent]) -> Vec<PlacedDeny> {
                 }
             }
             "aws_deny_removed" => {
-                let key = (body["role"].as_str().unwrap_or_default().to_owned(), body["policy_name"].as_str().unwrap_or_default().to_owned());
+                let key = (
+                    body["role"].as_str().unwrap_or_default().to_owned(),
+                    body["policy_name"].as_str().unwrap_or_default().to_owned(),
+                );
                 if latest.get(&key).is_some_and(|d| body["placed_in"].as_i64() == Some(d.placed_in)) {
                     latest.remove(&key);
                 }
@@ -218,12 +223,30 @@ impl DenySweep {
                         "role": deny.role, "policy_name": deny.policy_name, "source_identity": deny.source_identity,
                         "placed_in": deny.placed_in, "remove_after": deny.remove_after, "existed": existed,
                     });
-                    self.ledger.record(NewEvent { kind: EventKind::AwsDenyRemoved, at: self.clock.now(), body, credential: None }).await?;
-                    tracing::info!(role = deny.role, policy = deny.policy_name, existed, "AWS deny removed: every session it caught has expired");
+                    self.ledger
+                        .record(NewEvent {
+                            kind: EventKind::AwsDenyRemoved,
+                            at: self.clock.now(),
+                            body,
+                            credential: None,
+                        })
+                        .await?;
+                    tracing::info!(
+                        role = deny.role,
+                        policy = deny.policy_name,
+                        existed,
+                        "AWS deny removed: every session it caught has expired"
+                    );
                     removed += 1;
                 }
-                Ok(Err(e)) => tracing::warn!(role = deny.role, policy = deny.policy_name, error = %e, "cannot remove the AWS deny yet"),
-                Err(_) => tracing::warn!(role = deny.role, policy = deny.policy_name, "DeleteRolePolicy did not answer in time"),
+                Ok(Err(e)) => {
+                    tracing::warn!(role = deny.role, policy = deny.policy_name, error = %e, "cannot remove the AWS deny yet")
+                }
+                Err(_) => tracing::warn!(
+                    role = deny.role,
+                    policy = deny.policy_name,
+                    "DeleteRolePolicy did not answer in time"
+                ),
             }
         }
         Ok(removed)
@@ -250,13 +273,26 @@ mod tests {
         }
         fn max_session_duration<'a>(&'a self, role: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>> {
             Box::pin(async move {
-                if role == "deploy" { Ok(Duration::from_secs(7200)) } else { Err(AwsError::Timeout { operation: "GetRole" }) }
+                if role == "deploy" {
+                    Ok(Duration::from_secs(7200))
+                } else {
+                    Err(AwsError::Timeout { operation: "GetRole" })
+                }
             })
         }
-        fn put_role_policy<'a>(&'a self, role: &'a str, name: &'a str, doc: &'a str) -> BoxFuture<'a, Result<(), AwsError>> {
+        fn put_role_policy<'a>(
+            &'a self,
+            role: &'a str,
+            name: &'a str,
+            doc: &'a str,
+        ) -> BoxFuture<'a, Result<(), AwsError>> {
             Box::pin(async move {
                 if self.refuse_role.as_deref() == Some(role) {
-                    return Err(AwsError::Service { operation: "PutRolePolicy", code: "AccessDenied".into(), message: "no".into() });
+                    return Err(AwsError::Service {
+                        operation: "PutRolePolicy",
+                        code: "AccessDenied".into(),
+                        message: "no".into(),
+                    });
                 }
                 self.puts.lock().unwrap().push((role.into(), name.into(), doc.into()));
                 Ok(())
@@ -288,7 +324,10 @@ mod tests {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
         let doc: Value = serde_json::from_str(&deny_document("mayfly.local+ci+acme+app", at)).unwrap();
         let s = &doc["Statement"][0];
-        assert_eq!((s["Effect"].as_str(), s["Action"].as_str(), s["Resource"].as_str()), (Some("Deny"), Some("*"), Some("*")));
+        assert_eq!(
+            (s["Effect"].as_str(), s["Action"].as_str(), s["Resource"].as_str()),
+            (Some("Deny"), Some("*"), Some("*"))
+        );
         assert_eq!(s["Condition"]["StringEquals"]["aws:SourceIdentity"], "mayfly.local+ci+acme+app");
         assert_eq!(s["Condition"]["DateLessThan"]["aws:TokenIssueTime"], "2026-11-30T00:53:20Z");
     }
@@ -306,14 +345,26 @@ mod tests {
         elsewhere.fingerprint = "arn:aws:sts::999999999999:assumed-role/deploy/s5".into();
         let mut unknown = session(id, "deploy", 6);
         unknown.fingerprint = String::new();
-        let sessions = [session(id, "deploy", 1), session(id, "deploy", 2), session(id, "read", 3), session(id, "locked-down", 4), x509, elsewhere, unknown];
+        let sessions = [
+            session(id, "deploy", 1),
+            session(id, "deploy", 2),
+            session(id, "read", 3),
+            session(id, "locked-down", 4),
+            x509,
+            elsewhere,
+            unknown,
+        ];
         let out = revoker.revoke_identity(&sessions, at).await;
         let puts = iam.puts.lock().unwrap().clone();
         let roles: Vec<&str> = puts.iter().map(|(r, _, _)| r.as_str()).collect();
         assert_eq!(roles, vec!["deploy", "read"], "one per role; the refused role is not among them");
         assert!(puts.iter().all(|(_, name, _)| name == "mayfly-revoke-mayfly.local+ci+acme+app"));
         assert_eq!(out["applied"], json!(false), "one role could not be denied: {out}");
-        assert!(puts[0].2.contains("2026-11-30T00:53:20Z"), "the cutoff is rounded up to the next second: {}", puts[0].2);
+        assert!(
+            puts[0].2.contains("2026-11-30T00:53:20Z"),
+            "the cutoff is rounded up to the next second: {}",
+            puts[0].2
+        );
         let denies = out["denies"].as_array().unwrap();
         let deploy = denies.iter().find(|d| d["role"] == "deploy").unwrap();
         assert_eq!(deploy["remove_after"], json!(1_796_000_000 + 7200), "the role's own maximum");
@@ -323,7 +374,13 @@ mod tests {
         assert!(refused["error"].as_str().unwrap().contains("AccessDenied"));
         let foreign = denies.iter().find(|d| d["account"] == "999999999999").unwrap();
         assert_eq!(foreign["applied"], json!(false));
-        assert!(foreign["error"].as_str().unwrap().contains("account 999999999999 but this broker's IAM credentials are for 111122223333"), "{foreign}");
+        assert!(
+            foreign["error"]
+                .as_str()
+                .unwrap()
+                .contains("account 999999999999 but this broker's IAM credentials are for 111122223333"),
+            "{foreign}"
+        );
         let unmapped = denies.iter().find(|d| d["credential_id"] == "c6").unwrap();
         assert_eq!(unmapped["applied"], json!(false), "a session whose role is unknown is a failure, not skipped");
     }
@@ -339,15 +396,24 @@ mod tests {
         let clock = Arc::new(crate::clock::FixedClock::new(t0));
         let iam = Arc::new(FakeIam::default());
         // What a revocation records: the hook's answer inside the `revoked` event.
-        let placed = AwsRevoker::new(iam.clone()).revoke_identity(&[session("spiffe://mayfly.local/ci/acme/app", "deploy", 1)], t0).await;
-        ledger.record(NewEvent { kind: EventKind::Revoked, at: t0, body: json!({ "aws": placed }), credential: None }).await.unwrap();
-        let sweep = DenySweep { iam: iam.clone(), ledger: ledger.clone(), ledger_path: path.clone(), clock: clock.clone() };
+        let placed = AwsRevoker::new(iam.clone())
+            .revoke_identity(&[session("spiffe://mayfly.local/ci/acme/app", "deploy", 1)], t0)
+            .await;
+        ledger
+            .record(NewEvent { kind: EventKind::Revoked, at: t0, body: json!({ "aws": placed }), credential: None })
+            .await
+            .unwrap();
+        let sweep =
+            DenySweep { iam: iam.clone(), ledger: ledger.clone(), ledger_path: path.clone(), clock: clock.clone() };
 
         clock.set(t0 + Duration::from_secs(7199));
         assert_eq!(sweep.sweep().await.unwrap(), 0, "a session issued just before the revocation may still be live");
         clock.set(t0 + Duration::from_secs(7200));
         assert_eq!(sweep.sweep().await.unwrap(), 1);
-        assert_eq!(iam.deletes.lock().unwrap().clone(), vec![("deploy".to_owned(), "mayfly-revoke-mayfly.local+ci+acme+app".to_owned())]);
+        assert_eq!(
+            iam.deletes.lock().unwrap().clone(),
+            vec![("deploy".to_owned(), "mayfly-revoke-mayfly.local+ci+acme+app".to_owned())]
+        );
         assert_eq!(sweep.sweep().await.unwrap(), 0, "removed once, and the removal is on record");
         let mut reader = crate::ledger::sqlite::LedgerReader::open(&path).await.unwrap();
         let removed = reader.events_of_kinds(&["aws_deny_removed"]).await.unwrap();
@@ -357,14 +423,29 @@ mod tests {
 
     #[test]
     fn a_deny_is_outstanding_until_the_removal_of_its_latest_placement() {
-        let ev = |seq: i64, kind: &str, body: Value| StoredEvent { seq, at_ms: 0, kind: kind.into(), body: body.to_string(), prev_hash: String::new(), hash: String::new() };
+        let ev = |seq: i64, kind: &str, body: Value| StoredEvent {
+            seq,
+            at_ms: 0,
+            kind: kind.into(),
+            body: body.to_string(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
         let placed = |after: i64| json!({ "aws": { "denies": [{ "role": "deploy", "policy_name": "p", "source_identity": "s", "remove_after": after, "applied": true }] } });
         let failed = json!({ "aws": { "denies": [{ "role": "read", "policy_name": "p", "remove_after": 5, "applied": false }] } });
-        let events = [ev(1, "revoked", placed(100)), ev(2, "revoked", failed.clone()), ev(3, "revoked", placed(200)), ev(4, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 }))];
+        let events = [
+            ev(1, "revoked", placed(100)),
+            ev(2, "revoked", failed.clone()),
+            ev(3, "revoked", placed(200)),
+            ev(4, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 })),
+        ];
         let out = outstanding(&events);
         assert_eq!(out.len(), 1, "a removal of an older placement does not end a newer one: {out:?}");
         assert_eq!((out[0].remove_after, out[0].placed_in), (200, 3));
-        let done = [ev(1, "revoked", placed(100)), ev(2, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 }))];
+        let done = [
+            ev(1, "revoked", placed(100)),
+            ev(2, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 })),
+        ];
         assert!(outstanding(&done).is_empty());
     }
 }
