@@ -1,13 +1,13 @@
-# Sourced by integration/run: what the suites share.
+# Sourced by integration/run and integration/make-fixtures: what the suites share.
 #   - the check tally and a suite's life: its own work dir, and a teardown (EXIT trap) that
-#     stops by pid every process the suite started and removes its directories, whether its
-#     checks passed or not;
+#     stops by pid every process the suite started, keeps its daemons' ledgers when asked
+#     (MAYFLY_KEEP_LEDGERS) and removes its directories, whether its checks passed or not;
 #   - daemons and peers started by pid: mayfly (dev or serve), the OIDC issuer, moto;
 #   - what a suite makes for itself: a release key, a signed bundle, a TLS certificate;
 #   - installing the peers (integration/.venv, integration/node_modules, target/spiffe-client)
 #     when a suite first needs them, at most once per run, kept between runs.
-# The sourcing script sets root (the repository), bin (the mayfly binary) and state (this
-# run's directory: tally and install stamps).
+# The sourcing script sets root (the repository), bin (the mayfly binary), state (this run's
+# directory: tally and install stamps) and keep (where ledgers go; empty: nowhere).
 # Each suite runs in its own subshell, so its variables, exports, traps and exits are its own.
 
 venv=$root/integration/.venv
@@ -32,6 +32,7 @@ begin_suite() { # name: this subshell's work dir, and its teardown when it exits
 }
 
 started=()              # pids this suite started and has not reaped yet, oldest first
+declare -A ledger_of=() # daemon name -> its ledger.db
 scratch=()              # directories besides $work that teardown removes
 daemon_pid=             # the mayfly daemon started last
 
@@ -41,7 +42,22 @@ teardown() {
     kill -TERM "${started[i]}" 2>/dev/null && wait "${started[i]}" 2>/dev/null
   done
   started=()
+  keep_ledgers
   rm -rf "$work" "${scratch[@]}"
+}
+
+keep_ledgers() { # each daemon's ledger.db to $keep/<suite>-<name>.db
+  [ -n "$keep" ] || return 0
+  local name db
+  mkdir -p "$keep"
+  for name in "${!ledger_of[@]}"; do
+    db=${ledger_of[$name]}
+    [ -f "$db" ] || continue
+    cp "$db" "$keep/$suite-$name.db"
+    # Why the .db is enough: a daemon checkpoints its WAL when it stops cleanly. After an
+    # unclean stop the WAL still holds the last commits, so it goes along, named to match.
+    if [ -s "$db-wal" ]; then cp "$db-wal" "$keep/$suite-$name.db-wal"; fi
+  done
 }
 
 check() { # name, command...: one ok/FAIL line; the command's output only when it fails
@@ -87,11 +103,12 @@ wait_until() { # command...: true within 10 s
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # name, data-dir, socket, command...: a mayfly daemon run from data-dir's parent, its output
-# in $work/<name>.log, up once socket exists; its pid in $daemon_pid.
+# in $work/<name>.log, up once socket exists; its pid in $daemon_pid, its ledger kept by name.
 start_daemon() {
   local name=$1 data=$2 socket=$3; shift 3
   spawn bash -c 'cd "$1" && shift && exec "$@"' - "$(dirname "$data")" "$@" >>"$work/$name.log" 2>&1
   daemon_pid=$spawned
+  ledger_of[$name]=$data/ledger.db
   for _ in $(seq 1 100); do
     [ -S "$socket" ] && return 0
     kill -0 "$daemon_pid" 2>/dev/null || break
