@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authority;
 pub mod broker;
 pub mod exchange;
+pub mod serve;
 pub mod workload;
 
 use tonic::{Code, Status};
@@ -79,7 +80,7 @@ impl std::fmt::Debug for pb::AwsCredentials {
 
 /// An issued AWS session on the wire (the secrets are copied into the message here;
 /// prost's buffers are beyond zeroize's reach, see PITFALLS).
-pub fn aws_credentials(issued: &crate::issue::IssuedAws) -> pb::AwsCredentials {
+pub fn aws_credentials(issued: &crate::issue::AwsCredential) -> pb::AwsCredentials {
     pb::AwsCredentials {
         access_key_id: issued.session.access_key_id.clone(),
         secret_access_key: issued.session.secret_access_key.expose().to_owned(),
@@ -89,6 +90,13 @@ pub fn aws_credentials(issued: &crate::issue::IssuedAws) -> pb::AwsCredentials {
         session_name: issued.session_name.clone(),
         source_identity: issued.source_identity.clone(),
     }
+}
+
+/// An issued credential of another kind than asked for: cannot happen (the pipeline mints
+/// the kind it was asked), answered as an internal error rather than a panic.
+pub fn wrong_kind() -> Status {
+    tracing::error!("the pipeline returned a credential of another kind than asked for");
+    Status::internal("internal error: unexpected credential kind")
 }
 
 /// A request refused at the edge, before attestation or policy: logged, not a ledger decision.

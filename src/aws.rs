@@ -1,5 +1,6 @@
-//! The AWS SDK behind `mint::aws::{StsApi, IamApi}`: STS and IAM clients built from the
-//! standard AWS configuration chain (environment, profile, container and instance
+//! The AWS seam: the STS and IAM calls mayfly makes (`StsApi`, `IamApi`, used by
+//! `mint::aws` and `revoke::aws`), and their SDK implementation: STS and IAM clients built
+//! from the standard AWS configuration chain (environment, profile, container and instance
 //! credentials), the configured region, and an optional endpoint (an emulator or a VPC
 //! endpoint). Retries are mayfly's own (`AwsMinter`, bounded and logged), so the SDK's are
 //! off; each attempt has a connect timeout here and an overall timeout in the minter.
@@ -10,8 +11,107 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
 use crate::config::AwsConfig;
 use crate::keys::SecretString;
-use crate::ledger::BoxFuture;
-use crate::mint::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
+use crate::BoxFuture;
+
+/// Exactly what is sent to STS (never holds a secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsSessionRequest {
+    pub role_arn: String,
+    pub role_session_name: String,
+    pub source_identity: String,
+    pub tags: Vec<(String, String)>,
+    pub policy: Option<String>,
+    pub duration_seconds: i32,
+}
+
+/// A session STS issued. The secret key and token are zeroized on drop; `Debug` shows
+/// only their lengths.
+#[derive(Debug)]
+pub struct StsSession {
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    pub session_token: SecretString,
+    pub expiration: SystemTime,
+    pub assumed_role_arn: String,
+}
+
+/// An STS or IAM call that failed: the AWS error code and message (which never carry a
+/// secret), or that AWS could not be reached in time.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AwsError {
+    #[error("{operation} refused: {code}: {message}")]
+    Service { operation: &'static str, code: String, message: String },
+    #[error("{operation} did not answer in time")]
+    Timeout { operation: &'static str },
+    #[error("{operation}: AWS could not be reached: {why}")]
+    Transport { operation: &'static str, why: String },
+}
+
+impl AwsError {
+    /// The AWS error code, or `Timeout` / `Unreachable`.
+    pub fn code(&self) -> &str {
+        match self {
+            AwsError::Service { code, .. } => code,
+            AwsError::Timeout { .. } => "Timeout",
+            AwsError::Transport { .. } => "Unreachable",
+        }
+    }
+
+    /// Worth another try: throttling, AWS-side faults, timeouts, connection failures.
+    pub fn is_transient(&self) -> bool {
+        const TRANSIENT: [&str; 11] = [
+            "Throttling",
+            "ThrottlingException",
+            "RequestLimitExceeded",
+            "TooManyRequestsException",
+            "ServiceUnavailable",
+            "ServiceUnavailableException",
+            "InternalFailure",
+            "InternalError",
+            "IDPCommunicationError",
+            "RequestTimeout",
+            "PriorRequestNotComplete",
+        ];
+        match self {
+            AwsError::Service { code, .. } => TRANSIENT.contains(&code.as_str()),
+            AwsError::Timeout { .. } | AwsError::Transport { .. } => true,
+        }
+    }
+}
+
+/// The STS calls mayfly makes.
+pub trait StsApi: Send + Sync + 'static {
+    fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>>;
+
+    /// The session's source identity and tags travel in the token's claims; STS takes
+    /// the rest of `req` as parameters.
+    fn assume_role_with_web_identity<'a>(
+        &'a self,
+        req: &'a AwsSessionRequest,
+        token: &'a SecretString,
+    ) -> BoxFuture<'a, Result<StsSession, AwsError>>;
+}
+
+/// The IAM calls mayfly makes: a role's session ceiling, and the revocation hook's
+/// inline deny policies.
+pub trait IamApi: Send + Sync + 'static {
+    /// The AWS account the broker's credentials are in: IAM calls only ever reach roles there.
+    fn account(&self) -> BoxFuture<'_, Result<String, AwsError>>;
+    fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>>;
+    fn put_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+        document: &'a str,
+    ) -> BoxFuture<'a, Result<(), AwsError>>;
+    /// `Ok(false)`: there was no such policy (already removed).
+    fn delete_role_policy<'a>(
+        &'a self,
+        role_name: &'a str,
+        policy_name: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AwsError>>;
+}
+
 
 pub struct SdkAws {
     sts: aws_sdk_sts::Client,

@@ -1,245 +1,381 @@
-//! Break-glass requests waiting for a second person. A request whose deciding rule says
-//! `@approval("required")` waits here (bounded) until an approver who is not the requester
-//! approves it on the admin socket; when its time runs out it is denied. Fails closed: no
-//! configured approver, or the requester approving, is a refusal. Knows nothing of minting
-//! or sockets; `issue` records and issues.
+//! The emergency path around the issuance pipeline. An on-call engineer is identified like
+//! any caller (attested, or by a presented id-token); the request is decided only by
+//! break-glass rules (and every forbid); every step goes to the ledger (flagged
+//! `break_glass`) and, synchronously, to the elevated sinks; a grant that needs a second
+//! person waits for one (`approvals`). Fails closed at each step. The order of an issuance
+//! itself stays `issue`'s: this module calls its steps and never mints.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+pub mod approvals;
+pub mod sinks;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use serde_json::Value;
-use tokio::sync::watch;
+use serde::Serialize;
 
-use crate::clock::Clock;
-use crate::ledger::EventId;
-use crate::mint::VerifiedCsr;
-use crate::policy::Grant;
+pub use approvals::{ApprovalError, Approvals, PendingRequest, Waited};
+pub use sinks::{Elevated, ElevatedSink, FileSink, WebhookSink};
 
-/// What a pending request will be issued as once approved.
-#[derive(Clone, Debug)]
-pub enum PendingKind {
-    X509 {
-        csr: VerifiedCsr,
-    },
-    Jwt,
-    /// The role is in the grant.
-    Aws,
-}
+use crate::attest::PeerInfo;
+use crate::clock::{Clock, unix_secs};
+use crate::config::BreakGlassConfig;
+use crate::identity::Ttl;
+use crate::issue::{Ask, Authorized, Caller, Emergency, IssueError, Issued, Issuer, Origin, Refusal};
+use crate::ledger::event::{BreakGlassStep, Event, IssuedDetails, Operator, Stage};
+use crate::ledger::{EventId, Ledger, LedgerError};
+use crate::policy::CredentialKind;
 
-#[derive(Clone, Debug)]
-pub struct Pending {
-    pub id: String,
-    pub requester_uid: u32,
-    pub identity: String,
-    pub grants: Vec<Grant>,
-    pub decision_id: EventId,
-    pub kind: PendingKind,
+/// What a break-glass request asks for, why, and under which ticket.
+#[derive(Debug)]
+pub struct EmergencyRequest {
+    pub ask: Ask,
+    pub ttl: Ttl,
     pub reason: String,
     pub ticket: String,
-    pub requested_at: SystemTime,
-    pub expires_at: SystemTime,
-    pub approved_by: Option<Value>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ApprovalError {
-    #[error("no pending break-glass request `{0}` (unknown, already issued, or expired)")]
-    Unknown(String),
-    #[error("the requester cannot approve their own break-glass request")]
-    SelfApproval,
-    #[error("uid {0} is not among break_glass.approvers")]
-    NotAnApprover(u32),
-    #[error("no approvers are configured (break_glass.approvers): approval-required requests are denied")]
-    NoApprovers,
-    #[error("only the requester may wait for request `{0}`")]
-    NotRequester(String),
-}
-
-/// Where a wait ended.
 #[derive(Debug)]
-pub enum Waited {
-    Approved(Box<Pending>),
-    Expired(Box<Pending>),
-    StillPending(Box<Pending>),
+pub enum EmergencyOutcome {
+    Issued(Issued),
+    /// Waiting for a second person: poll with the id until approved, denied or expired.
+    Pending { id: String, expires_at: SystemTime },
 }
 
-pub struct Approvals {
-    approvers: Vec<u32>,
-    timeout: Duration,
-    pending: Mutex<HashMap<String, Pending>>,
-    changed: watch::Sender<u64>,
+/// Credentials issued on the emergency path, and the elevated sinks their steps go to:
+/// shared by issuance (which flags them), validation and the expiry sweep (whose uses and
+/// expiries of flagged credentials are written to the sinks too).
+pub struct EmergencyLog {
+    elevated: Elevated,
+    flagged: Mutex<HashSet<String>>,
+    ledger: Arc<dyn Ledger>,
+    clock: Arc<dyn Clock>,
 }
 
-impl Approvals {
-    pub fn new(approvers: Vec<u32>, timeout: Duration) -> Self {
-        Self { approvers, timeout, pending: Mutex::new(HashMap::new()), changed: watch::Sender::new(0) }
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    break_glass: &'a str,
+    at: i64,
+    event: &'a T,
+}
+
+impl EmergencyLog {
+    /// `flagged`: the break-glass credentials already on record (read at start).
+    pub fn new(
+        elevated: Elevated,
+        flagged: impl IntoIterator<Item = String>,
+        ledger: Arc<dyn Ledger>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self { elevated, flagged: Mutex::new(flagged.into_iter().collect()), ledger, clock }
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
+    pub fn is_flagged(&self, credential_id: &str) -> bool {
+        self.ids().contains(credential_id)
     }
 
-    /// Registers a request; refuses at once when nobody could ever approve it.
-    pub fn add(&self, pending: Pending) -> Result<(), ApprovalError> {
-        if self.approvers.is_empty() || self.approvers.iter().all(|uid| *uid == pending.requester_uid) {
-            return Err(ApprovalError::NoApprovers);
+    pub(crate) fn flag(&self, credential_id: &str) {
+        self.ids().insert(credential_id.to_owned());
+    }
+
+    /// One line to every elevated sink, or the step fails (and is recorded as refused).
+    pub async fn elevate<T: Serialize>(&self, stage: &str, event: &T) -> Result<(), String> {
+        let line = self.line(stage, event)?;
+        if let Err(why) = self.elevated.write(&line).await {
+            let refused = BreakGlassStep {
+                stage: Stage::Refused,
+                at_stage: Some(stage.to_owned()),
+                why: Some(why.clone()),
+                event: serde_json::to_value(event).ok(),
+                ..BreakGlassStep::default()
+            };
+            let _ = self.record(refused).await;
+            return Err(why);
         }
-        self.lock().insert(pending.id.clone(), pending);
         Ok(())
     }
 
-    pub fn list(&self, now: SystemTime) -> Vec<Pending> {
-        let mut list: Vec<Pending> = self.lock().values().filter(|p| p.expires_at > now).cloned().collect();
-        list.sort_by_key(|p| p.requested_at);
-        list
+    /// A later step of a break-glass credential (a use, its expiry) to the elevated sinks.
+    /// The step itself already happened; a failed write is logged loudly, not hidden.
+    pub async fn later<T: Serialize>(&self, stage: &str, event: &T) {
+        let written = match self.line(stage, event) {
+            Ok(line) => self.elevated.write(&line).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::error!(stage, error = %e, "break-glass step not written to the elevated sinks");
+        }
     }
 
-    /// Checks an approval; `commit` then marks it (after the approval is recorded).
-    pub fn check_approval(&self, id: &str, approver_uid: u32, now: SystemTime) -> Result<Pending, ApprovalError> {
-        let map = self.lock();
-        let p = map.get(id).filter(|p| p.expires_at > now).ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
-        if p.requester_uid == approver_uid {
-            return Err(ApprovalError::SelfApproval);
-        }
-        if !self.approvers.contains(&approver_uid) {
-            return Err(ApprovalError::NotAnApprover(approver_uid));
-        }
-        Ok(p.clone())
+    /// A break-glass step in the ledger, flagged.
+    pub async fn record(&self, mut step: BreakGlassStep) -> Result<EventId, LedgerError> {
+        step.break_glass = true;
+        self.ledger.record(self.clock.now(), Event::BreakGlass(step)).await
     }
 
-    pub fn commit_approval(&self, id: &str, approver: Value) {
-        if let Some(p) = self.lock().get_mut(id) {
-            p.approved_by = Some(approver);
-        }
-        self.changed.send_modify(|n| *n += 1);
+    fn line<T: Serialize>(&self, stage: &str, event: &T) -> Result<String, String> {
+        let line = Line { break_glass: stage, at: unix_secs(self.clock.now()), event };
+        serde_json::to_string(&line).map_err(|e| format!("elevated line: {e}"))
     }
 
-    /// Waits up to `at_most` for request `id` to be approved or to expire (by `clock`).
-    /// Only the requester may wait; an approved or expired request is taken out (issued once).
-    pub async fn wait(
-        &self,
-        id: &str,
-        requester_uid: u32,
-        at_most: Duration,
-        clock: &dyn Clock,
-    ) -> Result<Waited, ApprovalError> {
-        let mut changes = self.changed.subscribe();
-        let give_up = tokio::time::Instant::now() + at_most;
-        loop {
-            let expires_at = {
-                let mut map = self.lock();
-                let p = map.get(id).ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
-                if p.requester_uid != requester_uid {
-                    return Err(ApprovalError::NotRequester(id.to_owned()));
+    fn ids(&self) -> MutexGuard<'_, HashSet<String>> {
+        // Why: a set of ids, inserted whole; a poisoned lock is still consistent.
+        self.flagged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A request waiting for approval, held with what it will be issued as.
+struct Held {
+    auth: Authorized,
+    ask: Ask,
+    origin: Origin,
+}
+
+/// Where break-glass requests are taken, approved, waited for and reviewed.
+pub struct BreakGlassDesk {
+    issuer: Arc<Issuer>,
+    config: BreakGlassConfig,
+    log: Arc<EmergencyLog>,
+    approvals: Approvals<Held>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The body of an elevated `denied` line.
+#[derive(Serialize)]
+struct DeniedLine<'a> {
+    caller: &'a Operator,
+    ticket: &'a str,
+    justification: &'a str,
+    why: &'a str,
+}
+
+impl BreakGlassDesk {
+    pub fn new(issuer: Arc<Issuer>, config: BreakGlassConfig, log: Arc<EmergencyLog>, clock: Arc<dyn Clock>) -> Self {
+        let approvals = Approvals::new(config.approvers.clone(), config.approval_timeout);
+        Self { issuer, config, log, approvals, clock }
+    }
+
+    /// The emergency path for a local caller or an operator off-host with an id-token.
+    pub async fn request(&self, caller: Caller<'_>, req: EmergencyRequest) -> Result<EmergencyOutcome, IssueError> {
+        let kind = req.ask.kind();
+        self.issuer.serves(kind)?;
+        let origin = Origin {
+            api: "break_glass",
+            rotates: None,
+            emergency: Some(Emergency { reason: req.reason.clone(), ticket: req.ticket.clone() }),
+        };
+        let ttl = req.ttl.min(self.config.max_ttl);
+        let who = self.issuer.identify(caller, kind, ttl, &origin).await?;
+        // Refusals before policy is asked are still recorded (and flagged).
+        if let Some(why) = self.early_refusal(kind, &req.ticket) {
+            let refusal =
+                Refusal { kind, caller: who.record.clone(), identity: None, ttl, reason: why.clone(), origin: &origin, request: None };
+            self.issuer.refuse(refusal).await?;
+            self.denied(&who.record, &req, &why).await;
+            return Err(IssueError::BreakGlass(why));
+        }
+        let auth = match self.issuer.authorize(&who, &req.ask, ttl, None, &origin).await {
+            Ok(auth) => auth,
+            Err(e) => {
+                // A refused emergency request is loud too (it was recorded by `authorize`).
+                self.denied(&who.record, &req, &e.to_string()).await;
+                return Err(e);
+            }
+        };
+        #[derive(Serialize)]
+        struct Requested<'a> {
+            decision_id: EventId,
+            who: RequestedBy<'a>,
+            ticket: &'a str,
+            justification: &'a str,
+            kind: &'a str,
+            needs_approval: bool,
+        }
+        #[derive(Serialize)]
+        struct RequestedBy<'a> {
+            identity: &'a str,
+            caller: &'a Operator,
+        }
+        let requested = Requested {
+            decision_id: auth.decision_id,
+            who: RequestedBy { identity: auth.identity.as_str(), caller: &who.record },
+            ticket: &req.ticket,
+            justification: &req.reason,
+            kind: kind.as_str(),
+            needs_approval: auth.needs_approval,
+        };
+        self.log.elevate("requested", &requested).await.map_err(IssueError::Elevated)?;
+        if auth.needs_approval {
+            return self.hold(auth, req, origin, who.uid).await;
+        }
+        let details = details(&req.ticket, &req.reason, None, None);
+        Ok(EmergencyOutcome::Issued(self.issuer.deliver(auth, req.ask, &origin, details, true).await?))
+    }
+
+    /// The requester waits (at most `at_most`) for an approval; approved → issued once.
+    pub async fn wait(&self, peer: &PeerInfo, id: &str, at_most: Duration) -> Result<EmergencyOutcome, IssueError> {
+        match self.approvals.wait(id, peer.uid, at_most, self.clock.as_ref()).await? {
+            Waited::StillPending(p) => Ok(EmergencyOutcome::Pending { id: p.id, expires_at: p.expires_at }),
+            Waited::Expired(p) => {
+                let why = format!("no approval within {} s", self.approvals.timeout().as_secs());
+                self.log
+                    .record(BreakGlassStep {
+                        stage: Stage::Denied,
+                        request: Some(p.id.clone()),
+                        decision_id: Some(p.decision_id),
+                        identity: Some(p.identity.clone()),
+                        why: Some(why.clone()),
+                        ..BreakGlassStep::default()
+                    })
+                    .await?;
+                #[derive(Serialize)]
+                struct ExpiredLine<'a> {
+                    request: &'a str,
+                    identity: &'a str,
+                    why: &'a str,
                 }
-                if p.approved_by.is_some() {
-                    let p = map.remove(id).ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
-                    return Ok(Waited::Approved(Box::new(p)));
-                }
-                if p.expires_at <= clock.now() {
-                    let p = map.remove(id).ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
-                    return Ok(Waited::Expired(Box::new(p)));
-                }
-                if tokio::time::Instant::now() >= give_up {
-                    return Ok(Waited::StillPending(Box::new(p.clone())));
-                }
-                p.expires_at
-            };
-            // Wake on an approval, at the expiry, or when this wait's own bound is reached.
-            tokio::select! {
-                _ = changes.changed() => {}
-                () = clock.sleep_until(expires_at) => {}
-                () = tokio::time::sleep_until(give_up) => {}
+                self.log.later("denied", &ExpiredLine { request: &p.id, identity: &p.identity, why: &why }).await;
+                Err(IssueError::BreakGlass(why))
+            }
+            Waited::Approved(p, held) => {
+                let details = details(&p.ticket, &p.reason, Some(p.id.clone()), p.approved_by.clone());
+                let Held { mut auth, ask, origin } = held;
+                auth.now = self.clock.now();
+                Ok(EmergencyOutcome::Issued(self.issuer.deliver(auth, ask, &origin, details, true).await?))
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        // Why: entries are inserted, updated and removed whole; a poisoned lock is consistent.
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// A second person approves a pending request: recorded (ledger and elevated sinks)
+    /// before it takes effect; never the requester; only a configured approver.
+    pub async fn approve(&self, approver_uid: u32, approver: Operator, id: &str, reason: &str) -> Result<(), IssueError> {
+        let now = self.clock.now();
+        let p = match self.approvals.check_approval(id, approver_uid, now) {
+            Ok(p) => p,
+            Err(e) => {
+                self.log
+                    .record(BreakGlassStep {
+                        stage: Stage::ApprovalRefused,
+                        request: Some(id.to_owned()),
+                        approver: Some(approver),
+                        why: Some(e.to_string()),
+                        ..BreakGlassStep::default()
+                    })
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        let step = BreakGlassStep {
+            stage: Stage::Approved,
+            break_glass: true,
+            request: Some(id.to_owned()),
+            decision_id: Some(p.decision_id),
+            identity: Some(p.identity.clone()),
+            approver: Some(approver.clone()),
+            reason: Some(reason.to_owned()),
+            requester_uid: Some(p.requester_uid),
+            ..BreakGlassStep::default()
+        };
+        self.log.elevate("approved", &step).await.map_err(IssueError::Elevated)?;
+        self.log.record(step).await?;
+        self.approvals.commit_approval(id, approver);
+        Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::identity::{Ttl, WorkloadId};
+    /// A review afterwards (`mayfly break-glass review`): recorded, flagged.
+    pub async fn review(&self, reviewer: Operator, id: &str, note: &str) -> Result<EventId, IssueError> {
+        let step = BreakGlassStep {
+            stage: Stage::Reviewed,
+            subject: Some(id.to_owned()),
+            reviewer: Some(reviewer),
+            note: Some(note.to_owned()),
+            ..BreakGlassStep::default()
+        };
+        Ok(self.log.record(step).await?)
+    }
 
-    fn pending(id: &str, requester: u32, now: SystemTime) -> Pending {
-        Pending {
-            id: id.into(),
-            requester_uid: requester,
-            identity: "spiffe://td/a".into(),
-            grants: vec![Grant::for_tests(WorkloadId::parse("spiffe://td/a").unwrap(), Ttl::parse("5m").unwrap())],
-            decision_id: 1,
-            kind: PendingKind::Jwt,
-            reason: "db down".into(),
-            ticket: "INC-1".into(),
-            requested_at: now,
-            expires_at: now + Duration::from_secs(600),
-            approved_by: None,
+    pub fn pending(&self) -> Vec<PendingRequest> {
+        self.approvals.list(self.clock.now())
+    }
+
+    /// Why this request is refused before policy is asked, if it is.
+    fn early_refusal(&self, kind: CredentialKind, ticket: &str) -> Option<String> {
+        if !self.config.ticket_pattern.is_match(ticket) {
+            Some(format!(
+                "the ticket `{}` does not match break_glass.ticket_pattern `{}`",
+                ticket.escape_debug(),
+                self.config.ticket_pattern.as_str()
+            ))
+        } else if !self.log.elevated.is_configured() {
+            Some("no elevated sink is configured, so nothing can be issued".into())
+        } else if kind == CredentialKind::Aws && self.config.max_ttl.as_secs() < crate::mint::aws::MIN_SESSION_SECS {
+            Some(format!(
+                "break_glass.max_ttl `{}` is under AWS's 15-minute floor: no AWS session can be that short",
+                self.config.max_ttl
+            ))
+        } else {
+            None
         }
     }
 
-    #[test]
-    fn approval_fails_closed() {
-        let now = SystemTime::now();
-        assert_eq!(
-            Approvals::new(vec![], Duration::from_secs(600)).add(pending("a", 1000, now)),
-            Err(ApprovalError::NoApprovers)
-        );
-        assert_eq!(
-            Approvals::new(vec![1000], Duration::from_secs(600)).add(pending("a", 1000, now)),
-            Err(ApprovalError::NoApprovers),
-            "only the requester could approve"
-        );
-        let a = Approvals::new(vec![1000, 2000], Duration::from_secs(600));
-        a.add(pending("a", 1000, now)).unwrap();
-        assert_eq!(a.check_approval("a", 1000, now).unwrap_err(), ApprovalError::SelfApproval);
-        assert_eq!(a.check_approval("a", 3000, now).unwrap_err(), ApprovalError::NotAnApprover(3000));
-        assert!(a.check_approval("a", 2000, now).is_ok());
-        assert!(
-            matches!(a.check_approval("a", 2000, now + Duration::from_secs(601)), Err(ApprovalError::Unknown(_))),
-            "expired"
-        );
+    async fn denied(&self, caller: &Operator, req: &EmergencyRequest, why: &str) {
+        let line = DeniedLine { caller, ticket: &req.ticket, justification: &req.reason, why };
+        self.log.later("denied", &line).await;
     }
 
-    #[tokio::test]
-    async fn a_waiting_requester_gets_the_approval_or_the_expiry() {
-        let now = SystemTime::now();
-        let a = std::sync::Arc::new(Approvals::new(vec![2000], Duration::from_secs(600)));
-        a.add(pending("a", 1000, now)).unwrap();
-        let clock = std::sync::Arc::new(crate::clock::FixedClock::new(now));
-        assert!(matches!(
-            a.wait("a", 3000, Duration::from_millis(10), clock.as_ref()).await,
-            Err(ApprovalError::NotRequester(_))
-        ));
-        assert!(matches!(
-            a.wait("a", 1000, Duration::from_millis(100), clock.as_ref()).await,
-            Ok(Waited::StillPending(_))
-        ));
-        let waiter = {
-            let (a, clock) = (a.clone(), clock.clone());
-            tokio::spawn(async move { a.wait("a", 1000, Duration::from_secs(20), clock.as_ref()).await })
+    /// A grant that needs a second person: held until approved (bounded), recorded as pending.
+    async fn hold(
+        &self,
+        auth: Authorized,
+        req: EmergencyRequest,
+        origin: Origin,
+        requester_uid: Option<u32>,
+    ) -> Result<EmergencyOutcome, IssueError> {
+        let (decision_id, identity) = (auth.decision_id, auth.identity.to_string());
+        let step = |stage, why: Option<String>| BreakGlassStep {
+            stage,
+            decision_id: Some(decision_id),
+            identity: Some(identity.clone()),
+            why,
+            ..BreakGlassStep::default()
         };
-        a.commit_approval("a", serde_json::json!({ "uid": 2000 }));
-        assert!(matches!(waiter.await.unwrap(), Ok(Waited::Approved(_))));
-        assert!(
-            matches!(
-                a.wait("a", 1000, Duration::from_millis(10), clock.as_ref()).await,
-                Err(ApprovalError::Unknown(_))
-            ),
-            "issued once"
-        );
-        a.add(pending("b", 1000, now)).unwrap();
-        let waiter = {
-            let (a, clock) = (a.clone(), clock.clone());
-            tokio::spawn(async move { a.wait("b", 1000, Duration::from_secs(20), clock.as_ref()).await })
+        let Some(requester_uid) = requester_uid else {
+            let why = "a rule needs a second person's approval, which is served on the workload socket only";
+            self.log.record(BreakGlassStep { identity: None, ..step(Stage::Denied, Some(why.into())) }).await?;
+            return Err(IssueError::BreakGlass(why.into()));
         };
-        clock.advance(Duration::from_secs(601));
-        let started = std::time::Instant::now();
-        assert!(matches!(waiter.await.unwrap(), Ok(Waited::Expired(_))));
-        assert!(started.elapsed() < Duration::from_secs(10), "the paused clock's expiry wakes the waiter");
+        let id = uuid::Uuid::new_v4().to_string();
+        let expires_at = auth.now + self.approvals.timeout();
+        let request = PendingRequest {
+            id: id.clone(),
+            requester_uid,
+            identity: auth.identity.to_string(),
+            decision_id: auth.decision_id,
+            reason: req.reason,
+            ticket: req.ticket,
+            requested_at: auth.now,
+            expires_at,
+            approved_by: None,
+        };
+        let pending = BreakGlassStep { request: Some(id.clone()), expires_at: Some(unix_secs(expires_at)), ..step(Stage::Pending, None) };
+        let refused = |why: String| BreakGlassStep { request: Some(id.clone()), ..step(Stage::Denied, Some(why)) };
+        if let Err(e) = self.approvals.add(request, Held { auth, ask: req.ask, origin }) {
+            self.log.record(refused(e.to_string())).await?;
+            return Err(e.into());
+        }
+        self.log.record(pending).await?;
+        Ok(EmergencyOutcome::Pending { id, expires_at })
+    }
+}
+
+/// The break-glass facts an emergency credential's `issued` event carries.
+fn details(ticket: &str, reason: &str, request: Option<String>, approved_by: Option<Operator>) -> IssuedDetails {
+    IssuedDetails {
+        break_glass: true,
+        ticket: Some(ticket.to_owned()),
+        justification: Some(reason.to_owned()),
+        request,
+        approved_by,
+        ..IssuedDetails::default()
     }
 }

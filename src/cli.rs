@@ -180,6 +180,54 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// Where a client command finds the ledger, the same way for every command: `--ledger
+/// FILE`, else `--data-dir DIR`, else the `[ledger]` of `--config FILE` (or `MAYFLY_CONFIG`),
+/// else `./.mayfly`. Read-only: commands never write the ledger.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LedgerAt {
+    /// A ledger file (a copy is fine), when not the data directory's own.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+    /// The daemon's data directory [default: .mayfly].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The daemon's configuration file: its `[ledger]` and `data_dir` say where the ledger is.
+    #[arg(long, env = "MAYFLY_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl LedgerAt {
+    pub fn location(&self) -> Result<crate::ledger::Location, String> {
+        if let Some(file) = &self.ledger {
+            return Ok(crate::ledger::Location::file(file));
+        }
+        if let Some(dir) = &self.data_dir {
+            return Ok(crate::ledger::Location::in_data_dir(dir));
+        }
+        if let Some(path) = &self.config {
+            return Config::from_file(path).map(|c| c.ledger.location).map_err(|e| e.to_string());
+        }
+        Ok(crate::ledger::Location::in_data_dir(std::path::Path::new(".mayfly")))
+    }
+
+    /// The ledger, opened for reading, and where it is (for messages).
+    pub async fn open(&self) -> Result<(crate::ledger::Location, Arc<dyn crate::ledger::LedgerRead>), String> {
+        let location = self.location()?;
+        let reader = crate::ledger::open_reader(&location).await.map_err(|e| e.to_string())?;
+        Ok((location, reader))
+    }
+}
+
+/// A client of the daemon's admin socket.
+pub(crate) async fn admin(
+    socket: &std::path::Path,
+) -> Result<crate::api::pb::admin_client::AdminClient<tonic::transport::Channel>, ExitCode> {
+    match connect(socket).await {
+        Ok(channel) => Ok(crate::api::pb::admin_client::AdminClient::new(channel)),
+        Err(e) => Err(fail(format!("cannot reach the admin socket `{}`: {e}", socket.display()))),
+    }
+}
+
 fn fail(err: impl std::fmt::Display) -> ExitCode {
     eprintln!("mayfly: {err}");
     ExitCode::FAILURE

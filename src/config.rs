@@ -274,9 +274,8 @@ pub struct Config {
     /// Trusted CI / OIDC issuers for the token exchange.
     pub oidc_issuers: Vec<IssuerConfig>,
     pub break_glass: BreakGlassConfig,
-    pub ledger_path: PathBuf,
-    pub ledger_busy_timeout: Duration,
-    pub ledger_max_batch: usize,
+    /// Where the ledger lives and how it is written (`[ledger]`).
+    pub ledger: crate::ledger::Settings,
     pub default_ttl: Ttl,
     /// Lifetime asked for JWT-SVIDs (policy may grant less).
     pub jwt_ttl: Ttl,
@@ -414,7 +413,10 @@ impl Config {
             }
             Some(_) => return Err(key("ca")("set both `cert` and `key`, or only `generate = true`".into())),
         };
-        let ledger_path = raw.ledger.path.unwrap_or_else(|| data_dir.join("ledger.db"));
+        let ledger_location = match &raw.ledger.path {
+            Some(path) => crate::ledger::Location::file(path),
+            None => crate::ledger::Location::in_data_dir(&data_dir),
+        };
         let busy = duration("ledger.busy_timeout", raw.ledger.busy_timeout, "5s")?;
         let ledger_max_batch = raw.ledger.max_batch.unwrap_or(256);
         if !(1..=4096).contains(&ledger_max_batch) {
@@ -606,9 +608,11 @@ impl Config {
             listen,
             oidc_issuers,
             break_glass,
-            ledger_path,
-            ledger_busy_timeout: busy.as_duration(),
-            ledger_max_batch,
+            ledger: crate::ledger::Settings {
+                location: ledger_location,
+                busy_timeout: busy.as_duration(),
+                max_batch: ledger_max_batch,
+            },
             default_ttl,
             jwt_ttl,
             max_ttl,

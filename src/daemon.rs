@@ -1,46 +1,50 @@
 //! Builds everything from `Config` — the only module that names concrete implementations —
-//! and runs it: binds the workload socket, serves, and on shutdown stops accepting, lets
-//! in-flight issuances finish, records the stop and flushes the ledger.
+//! and runs it: each long-running service (listeners, policy watch, key watch, CRL
+//! publishing, expiry sweep, AWS deny sweep) lives in the module that owns it and runs
+//! here under one task set with one drain path: on shutdown the stop flag flips, in-flight
+//! requests finish (bounded by `DRAIN_LIMIT`), the stop is recorded and the ledger flushed.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::json;
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::admin::AdminService;
-use crate::api::authority::AuthorityFix;
 use crate::api::broker::BrokerService;
-use crate::api::exchange::{ExchangeApi, RemoteAddr};
+use crate::api::exchange::ExchangeApi;
 use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
+use crate::api::serve::{self, ServeError};
 use crate::api::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::api::workload::{WorkloadApiService, WorkloadApiSettings};
+use crate::attest::UnixAttestor;
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
-use crate::attest::{PeerStream, UnixAttestor};
-use crate::breakglass::Approvals;
+use crate::breakglass::{BreakGlassDesk, Elevated, ElevatedSink, EmergencyLog, FileSink, WebhookSink};
 use crate::clock::Clock;
-use crate::config::AwsMode;
-use crate::config::{CaSource, Config, TlsSource};
-use crate::events::{Elevated, ElevatedSink, FileSink, WebhookSink};
-use crate::issue::Issuer;
-use crate::issue::{BreakGlassSettings, ExchangeSettings};
+use crate::config::{AwsMode, CaSource, Config};
+use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
-use crate::ledger::sqlite::LedgerReader;
-use crate::ledger::sqlite::SqliteBackend;
-use crate::ledger::{EventKind, GroupCommitLedger, Ledger, LedgerError, NewEvent};
+use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
+use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
 use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
+use crate::mint::rotation::KeyWatch;
 use crate::mint::x509::X509Minter;
-use crate::mint::{MintError, TrustBundle};
+use crate::mint::{JwtMinter, MintError, Minter};
 use crate::policy::activation::{ActivationError, PolicyController};
+use crate::policy::shadow::Shadow;
 use crate::revoke::aws::{AwsRevoker, DenySweep};
+use crate::revoke::expiry::ExpirySweep;
+use crate::revoke::publish::BundlePublisher;
 use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
+use crate::validate::Validator;
+
+pub use crate::api::serve::DRAIN_LIMIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -52,20 +56,20 @@ pub enum DaemonError {
     Jwt(#[from] MintError),
     #[error("policy: {0}")]
     Policy(#[from] ActivationError),
-    #[error("ledger `{path}`: {source}")]
-    Ledger { path: PathBuf, source: LedgerError },
-    #[error("socket `{path}`: {why}")]
-    Socket { path: PathBuf, why: String },
+    #[error("ledger `{location}`: {source}")]
+    Ledger { location: String, source: LedgerError },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("server: {0}")]
-    Serve(String),
-    #[error("listener `{address}`: {why}")]
-    Listen { address: String, why: String },
+    Stopped(String),
     #[error("OIDC: {0}")]
     Oidc(String),
+    #[error("break_glass.webhook: {0}")]
+    Webhook(String),
 }
 
-/// A TLS handshake that has not finished after this long is dropped.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The AWS revocation denies are checked for removal this often.
+const DENY_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The bound TLS listener and what it serves under.
 struct NetListener {
@@ -74,18 +78,21 @@ struct NetListener {
     jwt_issuer: String,
 }
 
-/// How long shutdown waits for in-flight requests before closing their connections.
-pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-
+/// Everything built, waiting to serve.
 pub struct Daemon {
     config: Config,
     issuer: Arc<Issuer>,
+    desk: Arc<BreakGlassDesk>,
+    validator: Arc<Validator>,
+    shadow: Arc<Shadow>,
+    revocations: Arc<Revocations>,
+    emergency: Arc<EmergencyLog>,
     ledger: Arc<GroupCommitLedger>,
+    reader: Arc<dyn LedgerRead>,
     writer: JoinHandle<()>,
     listener: UnixListener,
     admin: Option<UnixListener>,
     policy: Arc<PolicyController>,
-    /// What relying parties trust now (CAs, JWKS, CRLs); every bundle stream follows it.
     publisher: Arc<BundlePublisher>,
     minter: Arc<X509Minter>,
     jwt: Arc<Es256Minter>,
@@ -96,8 +103,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Loads keys, policy and inventory, opens the ledger and binds the socket. When this
-    /// returns, the socket accepts connections.
+    /// Loads keys, policy and inventory, opens the ledger and binds the sockets. When this
+    /// returns, the sockets accept connections.
     pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, DaemonError> {
         create_private_dir(&config.data_dir)?;
         let now = clock.now();
@@ -112,135 +119,136 @@ impl Daemon {
         let jwt_kid = jwt_key.kid().to_owned();
         // Why bound here: in dev the JWT issuer URL is the address actually bound.
         let tcp = match &config.listen {
-            Some(l) => Some(
-                tokio::net::TcpListener::bind(l.address)
-                    .await
-                    .map_err(|e| DaemonError::Listen { address: l.address.to_string(), why: e.to_string() })?,
-            ),
+            Some(l) => Some(tokio::net::TcpListener::bind(l.address).await.map_err(|e| ServeError::Listen {
+                address: l.address.to_string(),
+                why: e.to_string(),
+            })?),
             None => None,
         };
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let jwt_issuer = config.jwt_issuer.clone().or_else(|| bound.map(|a| format!("https://{a}")));
         let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?.with_issuer(jwt_issuer.clone()));
-        let jwt_minter = jwt.clone();
-        let ledger_err = |source| DaemonError::Ledger { path: config.ledger_path.clone(), source };
-        let backend = SqliteBackend::open(&config.ledger_path, config.ledger_busy_timeout).await.map_err(ledger_err)?;
-        // The ledger holds no secrets, but it maps every identity and binary on the host.
-        let _ = std::fs::set_permissions(&config.ledger_path, std::fs::Permissions::from_mode(0o600));
-        let (ledger, writer) = GroupCommitLedger::start(backend, config.ledger_max_batch).await.map_err(ledger_err)?;
-        let ledger = Arc::new(ledger);
+        let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
+        let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
+        let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
         // Why before anything is recorded: binding is what refuses a second daemon on the same
         // socket, and a second daemon must not append to this ledger.
-        let listener = bind_socket(&config.socket, 0o666)?;
-        let admin = config.admin_socket.as_deref().map(|path| bind_socket(path, 0o600)).transpose()?;
+        let listener = serve::bind_socket(&config.socket, 0o666)?;
+        let admin = config.admin_socket.as_deref().map(|path| serve::bind_socket(path, 0o600)).transpose()?;
         if let (Some(path), Some(uid)) = (&config.admin_socket, config.admin_owner_uid) {
             // Why chown rather than widen the mode: the socket stays 0600, for exactly one owner.
-            rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None).map_err(|e| DaemonError::Socket {
+            rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None).map_err(|e| ServeError::Socket {
                 path: path.clone(),
                 why: format!("chown to uid {uid} (admin.owner_uid): {e}"),
             })?;
         }
-        let policy = PolicyController::start(
-            config.policy.clone(),
-            config.trust_domain.clone(),
-            &config.data_dir,
-            ledger.clone() as Arc<dyn Ledger>,
-            clock.clone(),
-        )
-        .await?;
-        let policy = Arc::new(policy);
+        let as_ledger = ledger.clone() as Arc<dyn Ledger>;
+        let policy = Arc::new(
+            PolicyController::start(
+                config.policy.clone(),
+                config.trust_domain.clone(),
+                &config.data_dir,
+                as_ledger.clone(),
+                clock.clone(),
+            )
+            .await?,
+        );
         let store = policy.store();
         let policy_version = store.current().version().to_owned();
         let entries = store.current().inventory.entries().len();
         let net = match (tcp, &config.listen) {
             (Some(tcp), Some(listen)) => {
-                let acceptor = tls_acceptor(&listen.tls, &ca, bound, now)?;
+                let acceptor = serve::tls_acceptor(&listen.tls, &ca, bound, now)?;
                 Some(NetListener { tcp, acceptor, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
             }
             _ => None,
         };
         let minter = Arc::new(X509Minter::new(Arc::new(ca)));
-        // Revocations and locks are rebuilt from the ledger: they survive restarts.
-        let (revocations, break_glass_ids) = {
-            let mut reader = LedgerReader::open(&config.ledger_path).await.map_err(ledger_err)?;
-            let events = reader.events_of_kinds(&["revoked", "locked", "unlocked"]).await.map_err(ledger_err)?;
-            let issued = reader.events_of_kinds(&["issued"]).await.map_err(ledger_err)?;
-            let ids: Vec<String> = issued
-                .iter()
-                .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.body).ok())
-                .filter(|b| b.get("break_glass").and_then(serde_json::Value::as_bool) == Some(true))
-                .filter_map(|b| b.get("id").and_then(serde_json::Value::as_str).map(str::to_owned))
-                .collect();
-            (Arc::new(Revocations::from_events(&events)), ids)
-        };
-        let issuer = Issuer::new(
-            Arc::new(UnixAttestor::new(config.max_binary_bytes)),
-            store,
-            minter.clone(),
-            jwt,
-            ledger.clone() as Arc<dyn Ledger>,
-            clock.clone(),
-        );
-        let issuer = match &net {
-            Some(_) => {
-                let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
-                issuer.with_exchange(ExchangeSettings {
-                    verifier: Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))),
-                    trust_domain: config.trust_domain.clone(),
-                })
-            }
-            None => issuer,
-        }
-        .with_revocations(revocations)
-        .with_break_glass(break_glass_settings(&config)?)
-        .with_break_glass_credentials(break_glass_ids);
+        // Revocations, locks and the break-glass flags are rebuilt from the ledger: they
+        // survive restarts.
+        let revocations = Arc::new(Revocations::load(reader.as_ref()).await.map_err(ledger_err)?);
+        let flagged = break_glass_credentials(reader.as_ref()).await.map_err(ledger_err)?;
+        let emergency = Arc::new(EmergencyLog::new(elevated_sinks(&config)?, flagged, as_ledger.clone(), clock.clone()));
+        let shadow = Arc::new(Shadow::new(store.clone(), as_ledger.clone(), clock.clone()));
         let aws = match &config.aws {
             Some(a) => Some(Arc::new(crate::aws::SdkAws::connect(a).await)),
             None => None,
         };
-        let issuer = Arc::new(match (&aws, &config.aws) {
+        let aws_minter = match (&aws, &config.aws) {
             (Some(sdk), Some(a)) => {
                 let mode = match a.mode {
                     AwsMode::AssumeRole => crate::mint::aws::Mode::AssumeRole,
                     AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity {
-                        jwt: jwt_minter.clone(),
+                        jwt: jwt.clone(),
                         audience: a.web_identity_audience.clone(),
                     },
                 };
                 let limits = crate::mint::aws::Limits {
                     attempts: a.attempts,
                     attempt_timeout: a.attempt_timeout,
-                    backoff: std::time::Duration::from_millis(200),
+                    backoff: Duration::from_millis(200),
                     max_in_flight: a.max_in_flight,
                 };
-                issuer.with_aws(Arc::new(AwsMinter::new(sdk.clone(), Some(sdk.clone()), mode, limits)))
+                Some(Arc::new(AwsMinter::new(sdk.clone(), Some(sdk.clone()), mode, limits)))
             }
-            _ => issuer,
-        });
-        let publisher = Arc::new(BundlePublisher::new(issuer.clone(), minter.clone(), clock.clone()));
-        ledger
-            .record(NewEvent {
-                kind: EventKind::DaemonStarted,
-                at: clock.now(),
-                body: json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "trust_domain": config.trust_domain.as_str(),
-                    "policy_version": policy_version,
-                    "inventory_entries": entries,
-                    "ca_sha256": ca_fingerprint,
-                    "jwt_kid": jwt_kid,
-                    "listen": bound.map(|a| a.to_string()),
-                    "jwt_issuer": jwt_issuer,
-                    "oidc_issuers": config.oidc_issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
-                    "socket": config.socket.display().to_string(),
-                    "admin_socket": config.admin_socket.as_ref().map(|p| p.display().to_string()),
-                    "aws": config.aws.as_ref().map(|a| json!({ "region": a.region, "endpoint": a.endpoint, "mode": format!("{:?}", a.mode) })),
-                }),
-                credential: None,
-            })
-            .await
-            .map_err(ledger_err)?;
+            _ => None,
+        };
+        let exchange = match &net {
+            Some(_) => {
+                let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
+                Some(ExchangeSettings {
+                    verifier: Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))),
+                    trust_domain: config.trust_domain.clone(),
+                })
+            }
+            None => None,
+        };
+        let issuer = Arc::new(Issuer::new(Parts {
+            attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
+            policy: store,
+            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
+            ledger: as_ledger.clone(),
+            clock: clock.clone(),
+            revocations: revocations.clone(),
+            emergency: emergency.clone(),
+            shadow: shadow.clone(),
+            exchange,
+        }));
+        let desk =
+            Arc::new(BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone()));
+        let validator = Arc::new(Validator::new(
+            jwt.clone(),
+            revocations.clone(),
+            emergency.clone(),
+            as_ledger.clone(),
+            clock.clone(),
+        ));
+        let publisher = Arc::new(BundlePublisher::new(
+            minter.clone() as Arc<dyn Minter>,
+            jwt.clone() as Arc<dyn JwtMinter>,
+            revocations.clone(),
+            clock.clone(),
+        ));
+        let started = DaemonStarted {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            trust_domain: config.trust_domain.to_string(),
+            policy_version: policy_version.clone(),
+            inventory_entries: entries,
+            ca_sha256: ca_fingerprint.clone(),
+            jwt_kid,
+            listen: bound.map(|a| a.to_string()),
+            jwt_issuer: jwt_issuer.clone(),
+            oidc_issuers: config.oidc_issuers.iter().map(|i| i.issuer.clone()).collect(),
+            socket: config.socket.display().to_string(),
+            admin_socket: config.admin_socket.as_ref().map(|p| p.display().to_string()),
+            aws: config.aws.as_ref().map(|a| AwsEndpoint {
+                region: Some(a.region.clone()),
+                endpoint: a.endpoint.clone(),
+                mode: format!("{:?}", a.mode),
+            }),
+        };
+        ledger.record(clock.now(), Event::DaemonStarted(started)).await.map_err(ledger_err)?;
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
@@ -248,14 +256,20 @@ impl Daemon {
         Ok(Self {
             config,
             issuer,
+            desk,
+            validator,
+            shadow,
+            revocations,
+            emergency,
             ledger,
+            reader,
             writer,
             listener,
             admin,
             policy,
             publisher,
             minter,
-            jwt: jwt_minter,
+            jwt,
             net,
             aws,
             clock,
@@ -273,19 +287,37 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then drains and records the stop.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
-        let Self { config, issuer, ledger, writer, listener, admin, policy, publisher, minter, jwt, net, aws, clock } =
-            self;
+        let Self {
+            config,
+            issuer,
+            desk,
+            validator,
+            shadow,
+            revocations,
+            emergency,
+            ledger,
+            reader,
+            writer,
+            listener,
+            admin,
+            policy,
+            publisher,
+            minter,
+            jwt,
+            net,
+            aws,
+            clock,
+        } = self;
+        let as_ledger = ledger.clone() as Arc<dyn Ledger>;
+        let mut tasks = Tasks::new();
+        let poll = config.policy_poll;
+
+        // The workload socket: mayfly.v1 and the SPIFFE Workload API.
         let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
-        let service = BrokerServer::new(
-            BrokerService::new(issuer.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl),
+        let broker = BrokerServer::new(
+            BrokerService::new(issuer.clone(), desk.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl),
         )
         .max_decoding_message_size(config.max_request_bytes);
-        // Why the filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
-        // which the HTTP/2 server would reject; see api::authority.
-        let incoming =
-            UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
-        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = WorkloadApiSettings {
             trust_domain: config.trust_domain.clone(),
             x509_ttl: config.default_ttl,
@@ -294,74 +326,39 @@ impl Daemon {
         };
         let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(
             issuer.clone(),
+            validator.clone(),
+            policy.store(),
+            revocations.clone(),
+            clock.clone(),
             settings,
             publisher.subscribe(),
-            stop_rx.clone(),
+            tasks.stop(),
         ))
         .max_decoding_message_size(config.max_request_bytes);
-        let shutdown = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-            let _ = draining.send(());
-        };
-        let watcher = tokio::spawn(watch_policy(policy.clone(), config.policy_poll, stop_rx.clone()));
-        let ca_watch = KeyWatch {
-            files: match &config.ca {
-                CaSource::Files { cert, key } => Some((cert.clone(), key.clone())),
-                CaSource::Generated { .. } => None,
-            },
-            minter,
-            jwt_file: config.jwt_key.clone(),
-            jwt,
-            jwt_refused: None,
-            publisher: publisher.clone(),
-            ledger: ledger.clone() as Arc<dyn Ledger>,
-            clock: clock.clone(),
-            longest_ttl: config.max_ttl.as_duration(),
-            refused: None,
-        };
-        let ca_watcher = tokio::spawn(ca_watch.run(config.policy_poll, stop_rx.clone()));
-        let crl_publisher = tokio::spawn(publish_on_revocation(publisher.clone(), stop_rx.clone()));
-        let sweeper = tokio::spawn(
-            ExpirySweep::new(
-                config.ledger_path.clone(),
-                ledger.clone() as Arc<dyn Ledger>,
+        let routes = tonic::service::Routes::new(broker).add_service(workload_api);
+        tasks.spawn("workload socket", serve::workload(listener, routes, config.request_timeout, tasks.stop()));
+
+        if let (Some(net), Some(listen)) = (net, &config.listen) {
+            let api = ExchangeApi::new(
                 issuer.clone(),
-                clock.clone(),
+                desk.clone(),
+                validator.clone(),
+                net.jwt_issuer.clone(),
+                config.default_ttl,
+                config.jwt_ttl,
+                config.max_ttl,
+                listen.request_timeout,
             )
-            .run(config.policy_poll, stop_rx.clone()),
-        );
-        // AWS revocation denies come off their roles once every session they caught is over.
-        let deny_sweeper = aws.as_ref().map(|sdk| {
-            let sweep = DenySweep {
-                iam: sdk.clone(),
-                ledger: ledger.clone() as Arc<dyn Ledger>,
-                ledger_path: config.ledger_path.clone(),
-                clock: clock.clone(),
-            };
-            tokio::spawn(sweep.run(std::time::Duration::from_secs(60), stop_rx.clone()))
-        });
-        let net_server = match (net, &config.listen) {
-            (Some(net), Some(listen)) => {
-                let api = ExchangeApi::new(
-                    issuer.clone(),
-                    net.jwt_issuer.clone(),
-                    config.default_ttl,
-                    config.jwt_ttl,
-                    config.max_ttl,
-                    listen.request_timeout,
-                )
-                .with_bundles(publisher.subscribe())
-                .with_aws_ttl(aws_ttl);
-                Some(tokio::spawn(serve_tls(net, api.router(listen.max_request_bytes), stop_rx.clone())))
-            }
-            _ => None,
-        };
-        let admin_server = admin.map(|listener| {
-            let desk = Arc::new(Desk {
-                ledger: ledger.clone() as Arc<dyn Ledger>,
-                ledger_path: config.ledger_path.clone(),
-                revocations: issuer.revocations().clone(),
+            .with_bundles(publisher.subscribe())
+            .with_aws_ttl(aws_ttl);
+            let router = api.router(listen.max_request_bytes);
+            tasks.spawn("TLS listener", serve::tls(net.tcp, net.acceptor, router, tasks.stop()));
+        }
+        if let Some(listener) = admin {
+            let responders = Arc::new(Desk {
+                ledger: as_ledger.clone(),
+                reader: reader.clone(),
+                revocations: revocations.clone(),
                 policy: policy.store(),
                 clock: clock.clone(),
                 trust_domain: config.trust_domain.clone(),
@@ -372,94 +369,112 @@ impl Daemon {
             });
             let service = AdminServer::new(AdminService::new(
                 policy.clone(),
-                desk,
-                issuer.clone(),
+                responders,
+                desk.clone(),
+                shadow.clone(),
                 rustix::process::geteuid().as_raw(),
                 config.admin_owner_uid,
             ))
             .max_decoding_message_size(64 * 1024);
-            let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
-            let mut stop = stop_rx.clone();
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .timeout(config.request_timeout)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    }),
-            )
-        });
-        let serve = tonic::transport::Server::builder()
-            .timeout(config.request_timeout)
-            .concurrency_limit_per_connection(64)
-            .add_service(service)
-            .add_service(workload_api)
-            .serve_with_incoming_shutdown(incoming, shutdown);
-        // Why bounded: graceful shutdown waits for every connection to finish; a client that
-        // holds a stream open must not keep the daemon (and its ledger) from stopping.
-        let drain_limit = async {
-            if drain_started.await.is_ok() {
-                tokio::time::sleep(DRAIN_LIMIT).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let served = tokio::select! {
-            result = serve => result,
-            () = drain_limit => {
-                tracing::warn!(limit_secs = DRAIN_LIMIT.as_secs(), "in-flight requests did not finish in time; closing them");
-                Ok(())
-            }
-        };
+            let routes = tonic::service::Routes::new(service);
+            tasks.spawn("admin socket", serve::admin(listener, routes, config.request_timeout, tasks.stop()));
+        }
+
+        tasks.spawn("policy watch", ok(policy.clone().watch(poll, tasks.stop())));
+        let key_watch = KeyWatch::new(
+            match &config.ca {
+                CaSource::Files { cert, key } => Some((cert.clone(), key.clone())),
+                CaSource::Generated { .. } => None,
+            },
+            minter,
+            config.jwt_key.clone(),
+            jwt,
+            publisher.clone(),
+            as_ledger.clone(),
+            clock.clone(),
+            config.max_ttl.as_duration(),
+        );
+        tasks.spawn("key watch", ok(key_watch.run(poll, tasks.stop())));
+        tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
+        let expiry =
+            ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
+        tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
+        // AWS revocation denies come off their roles once every session they caught is over.
+        if let Some(sdk) = &aws {
+            let sweep = DenySweep { iam: sdk.clone(), ledger: as_ledger.clone(), reader: reader.clone(), clock: clock.clone() };
+            tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
+        }
+
+        shutdown.await;
+        let clean = tasks.drain(DRAIN_LIMIT).await;
         let _ = std::fs::remove_file(&config.socket);
-        watcher.abort();
-        let _ = watcher.await;
-        // Why abort is safe for the deny sweep: a delete cut short is found again at the
-        // next start (still outstanding) and recorded then.
-        for task in [ca_watcher, crl_publisher, sweeper].into_iter().chain(deny_sweeper) {
-            task.abort();
-            let _ = task.await;
-        }
-        if let Some(server) = net_server {
-            // It drains its own connections (bounded) once `stop` flips.
-            let _ = server.await;
-        }
-        if let Some(server) = admin_server {
-            server.abort();
-            let _ = server.await;
-        }
         if let Some(path) = &config.admin_socket {
             let _ = std::fs::remove_file(path);
         }
-        drop(policy);
-        drop(publisher);
         // Shadow mode lives in memory: its end is on record, so no one reads silence as
         // "the candidate saw nothing different".
-        if issuer.shadow_version().is_some() {
-            let _ = issuer
-                .set_shadow(
-                    None,
-                    json!({ "daemon": "stopping" }),
-                    "the daemon stopped; shadow mode does not survive a restart",
-                )
-                .await;
+        if shadow.is_on() {
+            let daemon = Operator { daemon: Some("stopping".into()), ..Operator::default() };
+            let _ = shadow.stop(daemon, "the daemon stopped; shadow mode does not survive a restart").await;
         }
-        let stopped = ledger
-            .record(NewEvent {
-                kind: EventKind::DaemonStopped,
-                at: clock.now(),
-                body: json!({ "clean": served.is_ok() }),
-                credential: None,
-            })
-            .await;
-        drop(issuer);
+        let stopped = ledger.record(clock.now(), Event::DaemonStopped(DaemonStopped { clean: clean.is_ok() })).await;
+        drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger));
         drop(ledger);
         let _ = writer.await;
         tracing::info!("mayfly stopped");
-        served.map_err(|e| DaemonError::Serve(e.to_string()))?;
-        stopped.map_err(|source| DaemonError::Ledger { path: config.ledger_path, source })?;
+        clean.map_err(DaemonError::Stopped)?;
+        stopped.map_err(|source| DaemonError::Ledger { location: config.ledger.location.to_string(), source })?;
         Ok(())
     }
+}
+
+/// The daemon's long-running tasks, one stop flag, one drain path.
+struct Tasks {
+    stop: watch::Sender<bool>,
+    running: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self { stop: watch::Sender::new(false), running: Vec::new() }
+    }
+
+    /// What each task watches to know the daemon is stopping.
+    fn stop(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<(), String>> + Send + 'static) {
+        self.running.push((name, tokio::spawn(task)));
+    }
+
+    /// Flips the stop flag and waits for every task, together at most `limit`; a task
+    /// still running then is aborted (a sweep cut short is found again at the next start).
+    /// `Err` names what failed or had to be cut off.
+    async fn drain(self, limit: Duration) -> Result<(), String> {
+        self.stop.send_replace(true);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut problems = Vec::new();
+        for (name, mut task) in self.running {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => problems.push(format!("{name}: {e}")),
+                Ok(Err(e)) => problems.push(format!("{name}: {e}")),
+                Err(_) => {
+                    tracing::warn!(task = name, limit_secs = limit.as_secs(), "did not finish in time; stopping it");
+                    task.abort();
+                    problems.push(format!("{name}: cut off after {} s", limit.as_secs()));
+                }
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    }
+}
+
+/// A service that cannot fail, as a task.
+async fn ok(service: impl Future<Output = ()>) -> Result<(), String> {
+    service.await;
+    Ok(())
 }
 
 fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
@@ -471,20 +486,20 @@ fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Checks the policy source every `every` until shutdown.
-async fn watch_policy(
-    policy: Arc<PolicyController>,
-    every: std::time::Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
-    while ticker.next().await {
-        policy.poll().await;
-    }
+/// The credentials issued on the emergency path so far (flagged in their `issued` events).
+async fn break_glass_credentials(reader: &dyn LedgerRead) -> Result<Vec<String>, LedgerError> {
+    let issued = crate::ledger::read_typed(reader, EventFilter::kinds(&[EventKind::Issued])).await?;
+    Ok(issued
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Event::Issued(i) if i.details.break_glass => Some(i.credential.id),
+            _ => None,
+        })
+        .collect())
 }
 
-/// The emergency path from config: elevated sinks (file and/or webhook) and approvals.
-fn break_glass_settings(config: &Config) -> Result<BreakGlassSettings, DaemonError> {
+/// The elevated sinks from config (file and/or webhook).
+fn elevated_sinks(config: &Config) -> Result<Elevated, DaemonError> {
     let bg = &config.break_glass;
     let mut sinks: Vec<Arc<dyn ElevatedSink>> = Vec::new();
     if let Some(path) = &bg.log_file {
@@ -493,425 +508,8 @@ fn break_glass_settings(config: &Config) -> Result<BreakGlassSettings, DaemonErr
     if let Some(url) = &bg.webhook {
         sinks.push(Arc::new(
             WebhookSink::new(url.clone(), bg.webhook_retries)
-                .map_err(|e| DaemonError::Serve(format!("break_glass.webhook: {e}")))?,
+                .map_err(DaemonError::Webhook)?,
         ));
     }
-    Ok(BreakGlassSettings {
-        config: bg.clone(),
-        elevated: Elevated::new(sinks),
-        approvals: Approvals::new(bg.approvers.clone(), bg.approval_timeout),
-    })
-}
-
-/// The rustls server configuration: the configured certificate, or (dev) one for
-/// localhost and the bound address from the daemon's own CA. ALPN offers h2 (gRPC, curl)
-/// and http/1.1 (plain HTTPS clients fetching JWKS).
-fn tls_acceptor(
-    source: &TlsSource,
-    ca: &CertificateAuthority,
-    bound: Option<std::net::SocketAddr>,
-    now: std::time::SystemTime,
-) -> Result<tokio_rustls::TlsAcceptor, DaemonError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let fail = |why: String| DaemonError::Listen { address: bound.map(|a| a.to_string()).unwrap_or_default(), why };
-    let (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match source {
-        TlsSource::Files { cert, key } => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|e| fail(format!("certificate `{}`: {e}", cert.display())))?;
-            let meta = std::fs::metadata(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
-            if meta.mode() & 0o077 != 0 {
-                return Err(fail(format!("key `{}` is readable by group or others; chmod 600 it", key.display())));
-            }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
-            (chain, key)
-        }
-        TlsSource::FromCa => {
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            if let Some(addr) = bound.filter(|a| !a.ip().is_unspecified() && a.ip().to_string() != "127.0.0.1") {
-                names.push(addr.ip().to_string());
-            }
-            let (cert, key) = ca.issue_tls_server(&names, now, std::time::Duration::from_secs(30 * 86_400))?;
-            (vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec())))
-        }
-    };
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| fail(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| fail(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Accepts TLS connections until `stop`, then lets in-flight requests finish (bounded).
-async fn serve_tls(net: NetListener, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = net.tcp.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept on the TLS listener failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let acceptor = net.acceptor.clone();
-                let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
-                    builder.http2().max_concurrent_streams(64);
-                    let service = hyper_util::service::TowerToHyperService::new(service);
-                    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(%remote, error = %e, "TLS connection ended with an error");
-                    }
-                });
-            }
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
-        }
-    }
-    drop(net);
-    if tokio::time::timeout(DRAIN_LIMIT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("TLS connections did not finish in time; closing them");
-    }
-}
-
-/// Builds and publishes what relying parties trust: CA certificates, the JWKS, and a CRL
-/// per CA listing revoked SVIDs (re-signed on every change and at least hourly).
-struct BundlePublisher {
-    issuer: Arc<Issuer>,
-    minter: Arc<X509Minter>,
-    clock: Arc<dyn Clock>,
-    bundles: tokio::sync::watch::Sender<Arc<TrustBundle>>,
-    crl_made: std::sync::Mutex<std::time::SystemTime>,
-    /// The revoked serials on the published CRL: a revocation that changes none of them
-    /// (a JWT, a lock) does not re-sign it.
-    crl_entries: std::sync::Mutex<Vec<(String, i64)>>,
-}
-
-/// A CRL older than this is re-signed even without a change (its validity is a day).
-const CRL_REFRESH: std::time::Duration = std::time::Duration::from_secs(3600);
-
-impl BundlePublisher {
-    fn new(issuer: Arc<Issuer>, minter: Arc<X509Minter>, clock: Arc<dyn Clock>) -> Self {
-        let now = clock.now();
-        let me = Self {
-            issuer,
-            minter,
-            clock,
-            bundles: tokio::sync::watch::Sender::new(Arc::new(TrustBundle {
-                x509: vec![],
-                jwks: json!({ "keys": [] }),
-                crls: vec![],
-            })),
-            crl_made: std::sync::Mutex::new(now),
-            crl_entries: std::sync::Mutex::new(Vec::new()),
-        };
-        me.publish();
-        me
-    }
-
-    /// Publishes only when the CRL's entries changed.
-    fn publish_if_crl_changed(&self) {
-        let entries = self.issuer.revocations().revoked_x509(self.clock.now());
-        let same = *self.crl_entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) == entries;
-        if !same {
-            self.publish();
-        }
-    }
-
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<TrustBundle>> {
-        self.bundles.subscribe()
-    }
-
-    fn crl_is_stale(&self) -> bool {
-        let made = *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.clock.now().duration_since(made).unwrap_or_default() >= CRL_REFRESH
-    }
-
-    fn publish(&self) {
-        let now = self.clock.now();
-        let entries = self.issuer.revocations().revoked_x509(now);
-        // Why the number: CRL numbers must increase; milliseconds since the epoch do.
-        let number = u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
-            .unwrap_or(u64::MAX);
-        let crls = match self.minter.crls(&entries, now, number) {
-            Ok(crls) => crls,
-            Err(e) => {
-                // Keep the last CRLs rather than publish none: an empty CRL would un-revoke.
-                tracing::error!(error = %e, "CRL signing failed; the previous CRL stays published");
-                self.bundles.borrow().crls.clone()
-            }
-        };
-        *self.crl_made.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
-        *self.crl_entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = entries;
-        self.bundles.send_replace(Arc::new(TrustBundle {
-            x509: self.issuer.x509_bundle(),
-            jwks: self.issuer.jwks(),
-            crls,
-        }));
-    }
-}
-
-/// Re-publishes the bundle (a new CRL) on every revocation, lock or unlock.
-async fn publish_on_revocation(publisher: Arc<BundlePublisher>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut changes = publisher.issuer.revocations().changes();
-    loop {
-        tokio::select! {
-            r = changes.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                publisher.publish_if_crl_changed();
-            }
-            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
-    }
-}
-
-/// Records `expired` for every credential past its not-after (the removal half of its
-/// lifecycle), in (not_after, id) order from a watermark kept in the events themselves, so
-/// a restart catches up on what expired while the daemon was down. Revoked credentials were
-/// already removed and are skipped.
-struct ExpirySweep {
-    ledger_path: PathBuf,
-    ledger: Arc<dyn Ledger>,
-    issuer: Arc<Issuer>,
-    clock: Arc<dyn Clock>,
-    watermark: Option<(i64, String)>,
-}
-
-impl ExpirySweep {
-    fn new(ledger_path: PathBuf, ledger: Arc<dyn Ledger>, issuer: Arc<Issuer>, clock: Arc<dyn Clock>) -> Self {
-        Self { ledger_path, ledger, issuer, clock, watermark: None }
-    }
-
-    async fn run(mut self, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
-        let mut ticker = crate::clock::Ticker::new(every, stop);
-        while ticker.next().await {
-            if let Err(e) = self.sweep().await {
-                tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
-            }
-        }
-    }
-
-    async fn sweep(&mut self) -> Result<(), LedgerError> {
-        let mut reader = LedgerReader::open(&self.ledger_path).await?;
-        if self.watermark.is_none() {
-            let last = reader.events_of_kinds(&["expired"]).await?.pop();
-            let mark = last
-                .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.body).ok())
-                .and_then(|b| Some((b.get("not_after")?.as_i64()?, b.get("credential_id")?.as_str()?.to_owned())));
-            self.watermark = Some(mark.unwrap_or((i64::MIN, String::new())));
-        }
-        let now = crate::clock::unix_secs(self.clock.now());
-        loop {
-            let (after_na, after_id) = self.watermark.clone().unwrap_or((i64::MIN, String::new()));
-            let batch = reader.expiring((after_na, &after_id), now, 500).await?;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            for c in batch {
-                if !self.issuer.revocations().is_revoked(&c.id) {
-                    let emergency = self.issuer.is_break_glass(&c.id);
-                    let body = json!({ "credential_id": c.id, "kind": c.kind, "identity": c.identity, "serial": c.serial, "not_after": c.not_after, "break_glass": emergency });
-                    self.ledger
-                        .record(NewEvent {
-                            kind: EventKind::Expired,
-                            at: self.clock.now(),
-                            body: body.clone(),
-                            credential: None,
-                        })
-                        .await?;
-                    if emergency {
-                        self.issuer.elevate_later("expired", body).await;
-                    }
-                }
-                self.watermark = Some((c.not_after, c.id));
-            }
-        }
-    }
-}
-
-/// Keeps the signing keys current. With CA files configured, a new valid pair on disk
-/// becomes the X.509 signer (recorded first, `ca_rotated`); with a JWT key file, a new key
-/// becomes the JWT signer (`jwt_key_rotated`). Retired CAs and keys stay in the bundles
-/// until what they signed has expired; every change reaches every bundle stream (and SVID
-/// streams renew).
-struct KeyWatch {
-    files: Option<(PathBuf, PathBuf)>,
-    minter: Arc<X509Minter>,
-    jwt_file: Option<PathBuf>,
-    jwt: Arc<Es256Minter>,
-    /// The JWT key file content last refused, so a bad file is reported once.
-    jwt_refused: Option<Vec<u8>>,
-    publisher: Arc<BundlePublisher>,
-    ledger: Arc<dyn Ledger>,
-    clock: Arc<dyn Clock>,
-    longest_ttl: std::time::Duration,
-    /// The certificate file content last refused, so a bad file is reported once.
-    refused: Option<Vec<u8>>,
-}
-
-impl KeyWatch {
-    async fn run(mut self, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
-        let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
-        while ticker.next().await {
-            self.check().await;
-        }
-    }
-
-    async fn check(&mut self) {
-        let now = self.clock.now();
-        let mut changed = self.minter.prune(now);
-        changed |= self.jwt.prune(now);
-        if let Some((cert, key)) = self.files.clone() {
-            changed |= self.reload(&cert, &key, now).await;
-        }
-        if let Some(path) = self.jwt_file.clone() {
-            changed |= self.reload_jwt(&path, now).await;
-        }
-        if changed || self.publisher.crl_is_stale() {
-            self.publisher.publish();
-        }
-    }
-
-    async fn reload_jwt(&mut self, path: &Path, now: std::time::SystemTime) -> bool {
-        let Ok(bytes) = std::fs::read(path) else { return false };
-        if self.jwt_refused.as_ref() == Some(&bytes) {
-            return false;
-        }
-        let from = self.jwt.active_kid();
-        let next = match JwtKey::load(path) {
-            Ok(k) if k.kid() == from => return false,
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(error = %e, "new JWT key file refused; the current key keeps signing");
-                let event = NewEvent {
-                    kind: EventKind::JwtKeyRejected,
-                    at: now,
-                    body: json!({ "reason": e.to_string(), "kid": from }),
-                    credential: None,
-                };
-                if self.ledger.record(event).await.is_ok() {
-                    self.jwt_refused = Some(bytes);
-                }
-                return false;
-            }
-        };
-        let to = next.kid().to_owned();
-        let event = NewEvent {
-            kind: EventKind::JwtKeyRotated,
-            at: now,
-            body: json!({ "from_kid": from, "to_kid": to }),
-            credential: None,
-        };
-        if let Err(e) = self.ledger.record(event).await {
-            tracing::error!(error = %e, "JWT key rotation not recorded; not rotating yet");
-            return false;
-        }
-        if let Err(e) = self.jwt.rotate(next, now, self.longest_ttl) {
-            tracing::error!(error = %e, "JWT key rotation failed; the current key keeps signing");
-            return false;
-        }
-        self.jwt_refused = None;
-        tracing::info!(from_kid = from, to_kid = to, "JWT signing key rotated");
-        true
-    }
-
-    async fn reload(&mut self, cert: &Path, key: &Path, now: std::time::SystemTime) -> bool {
-        let Ok(bytes) = std::fs::read(cert) else { return false };
-        let same = pem::parse(&bytes).is_ok_and(|p| p.contents() == self.minter.active_ca_der().as_slice());
-        if same || self.refused.as_ref() == Some(&bytes) {
-            return false;
-        }
-        let sha = |der: &[u8]| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der));
-        let from = sha(&self.minter.active_ca_der());
-        let next = match CertificateAuthority::load(cert, key, now) {
-            Ok(ca) => ca,
-            Err(e) => {
-                tracing::warn!(error = %e, "new CA files refused; the current CA keeps signing");
-                let event = NewEvent {
-                    kind: EventKind::CaRejected,
-                    at: now,
-                    body: json!({ "reason": e.to_string(), "ca_sha256": from }),
-                    credential: None,
-                };
-                if self.ledger.record(event).await.is_ok() {
-                    self.refused = Some(bytes);
-                }
-                return false;
-            }
-        };
-        let to = sha(next.cert_der());
-        // Why record first: a signer change nobody can trace is worse than a late one; on a
-        // ledger error the next tick tries again.
-        let event = NewEvent {
-            kind: EventKind::CaRotated,
-            at: now,
-            body: json!({ "from_sha256": from, "to_sha256": to }),
-            credential: None,
-        };
-        if let Err(e) = self.ledger.record(event).await {
-            tracing::error!(error = %e, "CA rotation not recorded; not rotating yet");
-            return false;
-        }
-        self.minter.rotate(Arc::new(next), now, self.longest_ttl);
-        self.refused = None;
-        tracing::info!(from_sha256 = from, to_sha256 = to, "x509 CA rotated");
-        true
-    }
-}
-
-/// Binds a socket with `mode`: the workload socket 0666 (any local user may connect;
-/// attestation is the gate), the admin socket 0600. The socket's directory must not be
-/// writable by others, a symlink is refused, a stale socket is removed, and a live one
-/// (another daemon) is left alone.
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
-    let fail = |why: String| DaemonError::Socket { path: path.into(), why };
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let dir = std::fs::metadata(&parent).map_err(|e| fail(format!("directory `{}`: {e}", parent.display())))?;
-    let me = rustix::process::geteuid().as_raw();
-    if dir.mode() & 0o022 != 0 || (dir.uid() != me && dir.uid() != 0) {
-        return Err(fail(format!(
-            "directory `{}` is writable by others or owned by another user (mode {:o}, uid {}); others could replace the socket",
-            parent.display(),
-            dir.mode() & 0o7777,
-            dir.uid()
-        )));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => return Err(fail("is a symlink; refusing to use it".into())),
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(fail("another process is serving on it".into()));
-            }
-            std::fs::remove_file(path).map_err(|e| fail(format!("removing stale socket: {e}")))?;
-        }
-        Ok(_) => return Err(fail("exists and is not a socket; refusing to remove it".into())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e.to_string())),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| fail(e.to_string()))?;
-    Ok(listener)
+    Ok(Elevated::new(sinks))
 }

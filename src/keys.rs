@@ -369,6 +369,41 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     write().map_err(|source| KeyError::Write { path: path.into(), source })
 }
 
+/// How long a CRL is valid; it is re-signed on every change and well before this passes.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// A DER CRL signed by `ca` listing `entries` (hex serial, revocation time).
+pub fn build_crl(
+    ca: &CertificateAuthority,
+    entries: &[(String, i64)],
+    now: SystemTime,
+    number: u64,
+) -> Result<Vec<u8>, String> {
+    let at = |secs: i64| time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| e.to_string());
+    let revoked_certs = entries
+        .iter()
+        .map(|(serial, when)| {
+            let bytes = hex::decode(serial).map_err(|e| format!("serial `{serial}`: {e}"))?;
+            Ok(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&bytes),
+                revocation_time: at(*when)?,
+                reason_code: Some(rcgen::RevocationReason::Superseded),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let now_secs = crate::clock::unix_secs(now);
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: at(now_secs)?,
+        next_update: at(now_secs + i64::try_from(CRL_VALIDITY.as_secs()).unwrap_or(86_400))?,
+        crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    params.signed_by(ca.issuer()).map(|crl| crl.der().to_vec()).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +466,23 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert_ne!(a, b);
         assert_eq!(a[0] & 0xc0, 0x40);
+    }
+
+    #[test]
+    fn the_crl_lists_the_serials_and_is_signed_by_the_ca() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate(
+            &TrustDomain::parse("td").unwrap(),
+            now - Duration::from_secs(60),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        let der =
+            build_crl(&ca, &[("4000aa".into(), crate::clock::unix_secs(now)), ("7f01".into(), crate::clock::unix_secs(now))], now, 7).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        let serials: Vec<String> = crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect();
+        assert_eq!(serials, vec!["4000aa", "7f01"]);
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        crl.verify_signature(ca_cert.public_key()).unwrap();
     }
 }

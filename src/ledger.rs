@@ -1,23 +1,34 @@
 //! The ledger: append-only, hash-chained events (each carries the SHA-256 of the previous
 //! one), written by one group-commit task so many issuances share a transaction and an
-//! fsync while each caller awaits its own acknowledgement. Backends (`sqlite`, later
-//! PostgreSQL) only store batches; chaining and batching live here. Never holds secrets:
-//! serials, fingerprints and ids only.
+//! fsync while each caller awaits its own acknowledgement. Its schema is the typed `Event`
+//! (`event`); writers call `Ledger::record`, and every reader — start-up state, revocation,
+//! the expiry and AWS sweeps, replay, `audit`, reports, evidence — goes through `LedgerRead`.
+//! Backends (`sqlite`, later PostgreSQL) only store batches and answer reads; chaining,
+//! batching and verification live here. Nothing outside this module knows the storage or
+//! its file names: callers name a `Location`. Never holds secrets: serials, fingerprints
+//! and ids only.
 
-#[cfg(test)]
-pub mod memory;
+pub mod event;
 pub mod sqlite;
+#[cfg(any(test, feature = "test-support"))]
+pub mod contract;
+#[cfg(any(test, feature = "test-support"))]
+pub mod memory;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+pub use event::{CredentialRecord, DecodeError, Event, EventKind};
+
 pub type EventId = i64;
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// Hash of the (absent) event before the first one.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -26,101 +37,90 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub enum LedgerError {
     #[error("ledger storage failed: {0}")]
     Storage(String),
+    #[error("no ledger at `{0}`")]
+    Missing(String),
+    #[error("the ledger at `{0}` cannot be read: permission denied")]
+    PermissionDenied(String),
     #[error("the ledger writer has stopped")]
     WriterStopped,
+    #[error("event {seq}: {source}")]
+    Decode { seq: EventId, source: DecodeError },
+    #[error("an event could not be encoded: {0}")]
+    Encode(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    Decision,
-    Issued,
-    /// A credential was presented and checked (a JWT-SVID validation).
-    Used,
-    DaemonStarted,
-    DaemonStopped,
-    PolicyActivated,
-    PolicyRejected,
-    PolicyRolledBack,
-    /// A new X.509 CA became the signer (the old one stays in the bundle until its SVIDs expire).
-    CaRotated,
-    /// New CA files on disk were not usable; the current CA keeps signing.
-    CaRejected,
-    /// A new JWT signing key took over (the old one stays in the JWKS until its tokens expire).
-    JwtKeyRotated,
-    /// A new JWT key file was not usable; the current key keeps signing.
-    JwtKeyRejected,
-    /// Credentials taken back before their expiry, with who and why.
-    Revoked,
-    /// An identity (or prefix) may get no new credential.
-    Locked,
-    Unlocked,
-    /// A credential passed its not-after (the removal half of its lifecycle).
-    Expired,
-    /// An admin call (operator, reason, what it asked): every one is recorded.
-    Admin,
-    /// A step of the emergency path beyond decision and issuance: pending, approved,
-    /// denied, refused (elevated sink), reviewed.
-    BreakGlass,
-    /// An AWS revocation deny was deleted from a role: every session it caught has expired.
-    AwsDenyRemoved,
-    /// A candidate release was checked before promotion (replay, proof, promote-check).
-    PolicyCheck,
-    /// Shadow mode started or stopped for a candidate release.
-    PolicyShadow,
-    /// A live request the shadow candidate would decide differently (never acted on).
-    PolicyShadowDiff,
+/// Where a ledger lives. Built from the config (`[ledger]`) or a CLI's `--data-dir` /
+/// `--ledger`; only this module turns it into storage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite database file.
+    Sqlite(PathBuf),
 }
 
-impl EventKind {
-    pub fn as_str(&self) -> &'static str {
+impl Location {
+    /// The default ledger of a data directory.
+    pub fn in_data_dir(data_dir: &Path) -> Self {
+        Location::Sqlite(data_dir.join(sqlite::FILE_NAME))
+    }
+
+    /// A ledger file given by path (a copy is fine for readers).
+    pub fn file(path: &Path) -> Self {
+        Location::Sqlite(path.to_path_buf())
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EventKind::Decision => "decision",
-            EventKind::Issued => "issued",
-            EventKind::Used => "used",
-            EventKind::DaemonStarted => "daemon_started",
-            EventKind::DaemonStopped => "daemon_stopped",
-            EventKind::PolicyActivated => "policy_activated",
-            EventKind::PolicyRejected => "policy_rejected",
-            EventKind::PolicyRolledBack => "policy_rolled_back",
-            EventKind::CaRotated => "ca_rotated",
-            EventKind::CaRejected => "ca_rejected",
-            EventKind::JwtKeyRotated => "jwt_key_rotated",
-            EventKind::JwtKeyRejected => "jwt_key_rejected",
-            EventKind::Revoked => "revoked",
-            EventKind::Locked => "locked",
-            EventKind::Unlocked => "unlocked",
-            EventKind::Expired => "expired",
-            EventKind::Admin => "admin",
-            EventKind::BreakGlass => "break_glass",
-            EventKind::AwsDenyRemoved => "aws_deny_removed",
-            EventKind::PolicyCheck => "policy_check",
-            EventKind::PolicyShadow => "policy_shadow",
-            EventKind::PolicyShadowDiff => "policy_shadow_diff",
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
         }
     }
 }
 
-/// A row of the credential table, written in the same transaction as its `issued` event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct CredentialRecord {
-    pub id: String,
-    pub kind: String,
-    pub identity: String,
-    pub serial: String,
-    pub fingerprint: String,
-    pub not_before: i64,
-    pub not_after: i64,
-    pub decision_id: EventId,
+/// How the daemon's ledger is opened for writing.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub location: Location,
+    /// How long a write waits for a lock another process holds (SQLite busy timeout).
+    pub busy_timeout: Duration,
+    /// Most events committed in one transaction.
+    pub max_batch: usize,
 }
 
-/// An event to append. For `issued`, `credential` carries the credential-table row.
+/// The daemon's ledger: the group-commit writer, its task, and a reader over the same
+/// storage.
+pub struct Opened {
+    pub writer: GroupCommitLedger,
+    pub task: JoinHandle<()>,
+    pub reader: Arc<dyn LedgerRead>,
+}
+
+/// Opens (creating if needed) the ledger for writing and starts the group-commit writer.
+pub async fn open(settings: &Settings) -> Result<Opened, LedgerError> {
+    match &settings.location {
+        Location::Sqlite(path) => {
+            let backend = sqlite::SqliteBackend::open(path, settings.busy_timeout).await?;
+            let (writer, task) = GroupCommitLedger::start(backend, settings.max_batch).await?;
+            let reader = Arc::new(sqlite::SqliteReader::open(path).await?);
+            Ok(Opened { writer, task, reader })
+        }
+    }
+}
+
+/// Opens an existing ledger read-only (the CLI, `mayfly policy replay`, reports).
+pub async fn open_reader(location: &Location) -> Result<Arc<dyn LedgerRead>, LedgerError> {
+    match location {
+        Location::Sqlite(path) => Ok(Arc::new(sqlite::SqliteReader::open(path).await?)),
+    }
+}
+
+/// An event to append, encoded by the caller (off the writer task).
 #[derive(Clone, Debug)]
-pub struct NewEvent {
-    pub kind: EventKind,
-    pub at: SystemTime,
-    pub body: serde_json::Value,
-    pub credential: Option<CredentialRecord>,
+struct NewEvent {
+    kind: EventKind,
+    at: SystemTime,
+    body: String,
+    credential: Option<CredentialRecord>,
 }
 
 /// An event as stored: the chain fields make any edit, deletion or reordering detectable.
@@ -134,10 +134,76 @@ pub struct StoredEvent {
     pub hash: String,
 }
 
+impl StoredEvent {
+    /// The typed event this row holds.
+    pub fn event(&self) -> Result<Event, LedgerError> {
+        Event::decode(&self.kind, &self.body).map_err(|source| LedgerError::Decode { seq: self.seq, source })
+    }
+
+    pub fn at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.at_ms.max(0).unsigned_abs())
+    }
+}
+
 /// What issuance needs from a ledger: append an event and learn it is durable.
 pub trait Ledger: Send + Sync + 'static {
     /// Resolves once the event is committed; its sequence number is its id.
-    fn record(&self, event: NewEvent) -> BoxFuture<'_, Result<EventId, LedgerError>>;
+    fn record(&self, at: SystemTime, event: Event) -> BoxFuture<'_, Result<EventId, LedgerError>>;
+}
+
+/// Which events a read returns, in sequence order.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    /// Only these kinds (empty: every kind).
+    pub kinds: Vec<EventKind>,
+    /// Only events after this sequence number (paging).
+    pub after: EventId,
+    /// Only events at or after this time (Unix milliseconds).
+    pub since_ms: Option<i64>,
+    /// At most this many (the first ones after `after`).
+    pub limit: Option<i64>,
+    /// Only the last this many (a tail), oldest first.
+    pub last: Option<i64>,
+}
+
+impl EventFilter {
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub fn kinds(kinds: &[EventKind]) -> Self {
+        Self { kinds: kinds.to_vec(), ..Self::default() }
+    }
+
+    pub fn tail(n: i64) -> Self {
+        Self { last: Some(n.max(0)), ..Self::default() }
+    }
+}
+
+/// Which credential rows a read returns.
+#[derive(Clone, Debug)]
+pub enum CredentialFilter {
+    /// Every row, in issuance order.
+    All,
+    /// Rows still valid at this Unix time (not_after after it), in issuance order.
+    ActiveAt(i64),
+    /// Rows whose not-after is in `(after, until]`, ordered by (not_after, id), at most
+    /// `limit`: the expiry sweep's next batch. `after` is (not_after, id), exclusive.
+    Expiring { after: (i64, String), until: i64, limit: i64 },
+}
+
+/// Every read of the ledger goes through this: one trait, so a second backend serves
+/// every reader the same way.
+pub trait LedgerRead: Send + Sync + 'static {
+    fn events(&self, filter: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>>;
+    /// These events by sequence number (the decisions behind credentials).
+    fn events_by_seq<'a>(
+        &'a self,
+        seqs: &'a [EventId],
+    ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>>;
+    /// Credential rows, each with the sequence number of its `issued` event.
+    fn credentials(&self, filter: CredentialFilter)
+    -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>>;
 }
 
 /// Storage for chained batches. `append` must store all rows of a batch atomically.
@@ -151,6 +217,22 @@ pub trait Backend: Send + 'static {
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Flushes and releases storage once the writer has drained (shutdown).
     fn close(self) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}
+
+/// Typed events of `filter`, each with its sequence number and time. An event that does
+/// not decode is an error, never skipped: state rebuilt from the ledger (locks,
+/// revocations) must not silently forget one.
+pub async fn read_typed(
+    reader: &dyn LedgerRead,
+    filter: EventFilter,
+) -> Result<Vec<(StoredEvent, Event)>, LedgerError> {
+    let rows = reader.events(filter).await?;
+    rows.into_iter()
+        .map(|row| {
+            let event = row.event()?;
+            Ok((row, event))
+        })
+        .collect()
 }
 
 /// SHA-256 over the previous hash and this event's fields, each length-prefixed.
@@ -173,24 +255,96 @@ pub enum ChainError {
     Sequence { seq: EventId, expected: EventId },
 }
 
-/// Checks the whole chain in order; names the first bad event.
+/// Checks a whole chain in order; names the first bad event.
 pub fn verify_chain(events: &[StoredEvent]) -> Result<usize, ChainError> {
-    let mut prev_hash = GENESIS.to_owned();
-    let mut prev_seq = 0;
+    let mut link = ChainLink::default();
     for e in events {
-        if e.seq != prev_seq + 1 {
-            return Err(ChainError::Sequence { seq: e.seq, expected: prev_seq + 1 });
+        link.check(e)?;
+    }
+    Ok(events.len())
+}
+
+/// The chain position a verification has reached: checks events one page at a time.
+#[derive(Debug, Clone)]
+struct ChainLink {
+    prev_hash: String,
+    prev_seq: EventId,
+}
+
+impl Default for ChainLink {
+    fn default() -> Self {
+        Self { prev_hash: GENESIS.to_owned(), prev_seq: 0 }
+    }
+}
+
+impl ChainLink {
+    fn check(&mut self, e: &StoredEvent) -> Result<(), ChainError> {
+        if e.seq != self.prev_seq + 1 {
+            return Err(ChainError::Sequence { seq: e.seq, expected: self.prev_seq + 1 });
         }
-        if e.prev_hash != prev_hash {
-            return Err(ChainError::Link { seq: e.seq, prev: prev_seq });
+        if e.prev_hash != self.prev_hash {
+            return Err(ChainError::Link { seq: e.seq, prev: self.prev_seq });
         }
         if event_hash(&e.prev_hash, e.seq, e.at_ms, &e.kind, &e.body) != e.hash {
             return Err(ChainError::Hash { seq: e.seq });
         }
-        prev_hash.clone_from(&e.hash);
-        prev_seq = e.seq;
+        self.prev_hash.clone_from(&e.hash);
+        self.prev_seq = e.seq;
+        Ok(())
     }
-    Ok(events.len())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("credential `{id}` does not match its issued event {seq} (edited)")]
+    CredentialEdited { id: String, seq: EventId },
+    #[error("credential `{id}` has no issued event (inserted)")]
+    CredentialWithoutEvent { id: String },
+    #[error("event {seq}: issued credential has no row in the credential table (deleted)")]
+    CredentialMissing { seq: EventId },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// `mayfly audit verify`: the whole hash chain, page by page, and the credential table
+/// against the chained `issued` events (every row equals its event's credential; every
+/// issued event has its row). Returns the number of events.
+pub async fn verify(reader: &dyn LedgerRead) -> Result<usize, VerifyError> {
+    const PAGE: i64 = 10_000;
+    let mut link = ChainLink::default();
+    let mut issued: HashMap<EventId, CredentialRecord> = HashMap::new();
+    let mut count = 0;
+    loop {
+        let page = reader.events(EventFilter { after: link.prev_seq, limit: Some(PAGE), ..EventFilter::default() }).await?;
+        if page.is_empty() {
+            break;
+        }
+        for e in &page {
+            link.check(e)?;
+            if e.kind == EventKind::Issued.as_str() {
+                // Why decode only here: an issued body that does not decode cannot be
+                // compared with its row, which is itself a failure.
+                match e.event()? {
+                    Event::Issued(i) => issued.insert(e.seq, i.credential),
+                    _ => None,
+                };
+            }
+        }
+        count += page.len();
+    }
+    for (seq, row) in reader.credentials(CredentialFilter::All).await? {
+        match issued.remove(&seq) {
+            Some(event) if event == row => {}
+            Some(_) => return Err(VerifyError::CredentialEdited { id: row.id, seq }),
+            None => return Err(VerifyError::CredentialWithoutEvent { id: row.id }),
+        }
+    }
+    if let Some(seq) = issued.keys().min() {
+        return Err(VerifyError::CredentialMissing { seq: *seq });
+    }
+    Ok(count)
 }
 
 struct Pending {
@@ -216,9 +370,17 @@ impl GroupCommitLedger {
 }
 
 impl Ledger for GroupCommitLedger {
-    fn record(&self, event: NewEvent) -> BoxFuture<'_, Result<EventId, LedgerError>> {
+    fn record(&self, at: SystemTime, event: Event) -> BoxFuture<'_, Result<EventId, LedgerError>> {
         Box::pin(async move {
+            // Why encode here: callers run in parallel, the writer task is one thread.
+            let kind = event.kind();
+            let body = event.body().map_err(|e| LedgerError::Encode(e.to_string()))?;
+            let credential = match event {
+                Event::Issued(i) => Some(i.credential),
+                _ => None,
+            };
             let (ack, done) = oneshot::channel();
+            let event = NewEvent { kind, at, body, credential };
             self.tx.send(Pending { event, ack }).await.map_err(|_| LedgerError::WriterStopped)?;
             done.await.map_err(|_| LedgerError::WriterStopped)?
         })
@@ -239,17 +401,18 @@ async fn write_loop<B: Backend>(
         let mut rows = Vec::with_capacity(batch.len());
         let mut credentials = Vec::new();
         let (mut seq, mut prev) = (last_seq, last_hash.clone());
-        for p in &batch {
+        for p in &mut batch {
             seq += 1;
-            let at_ms =
-                i64::try_from(p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis())
-                    .unwrap_or(i64::MAX);
+            let at_ms = i64::try_from(
+                p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis(),
+            )
+            .unwrap_or(i64::MAX);
             let kind = p.event.kind.as_str().to_owned();
-            let body = p.event.body.to_string();
+            let body = std::mem::take(&mut p.event.body);
             let hash = event_hash(&prev, seq, at_ms, &kind, &body);
             rows.push(StoredEvent { seq, at_ms, kind, body, prev_hash: prev, hash: hash.clone() });
-            if let Some(c) = &p.event.credential {
-                credentials.push((seq, c.clone()));
+            if let Some(c) = p.event.credential.take() {
+                credentials.push((seq, c));
             }
             prev = hash;
         }
@@ -273,19 +436,15 @@ async fn write_loop<B: Backend>(
         tracing::warn!(error = %e, "closing the ledger failed; committed events are safe in the WAL");
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ledger::memory::MemoryBackend;
 
-    fn event(n: i64) -> NewEvent {
-        NewEvent {
-            kind: EventKind::Decision,
-            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            body: serde_json::json!({ "n": n }),
-            credential: None,
-        }
+    const AT: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn event(n: i64) -> Event {
+        Event::DaemonStopped(event::DaemonStopped { clean: n % 2 == 0 })
     }
 
     #[tokio::test]
@@ -293,13 +452,13 @@ mod tests {
         let backend = MemoryBackend::default();
         let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 8).await.unwrap();
         for n in 0..5 {
-            ledger.record(event(n)).await.unwrap();
+            ledger.record(AT, event(n)).await.unwrap();
         }
         let events = backend.events();
         assert_eq!(verify_chain(&events), Ok(5));
 
         let mut edited = events.clone();
-        edited[2].body = "{\"n\":99}".into();
+        edited[2].body = "{\"clean\":false}".into();
         assert_eq!(verify_chain(&edited), Err(ChainError::Hash { seq: 3 }));
 
         let mut deleted = events.clone();
@@ -318,7 +477,7 @@ mod tests {
         let handles: Vec<_> = (0..200)
             .map(|n| {
                 let l = ledger.clone();
-                tokio::spawn(async move { l.record(event(n)).await })
+                tokio::spawn(async move { l.record(AT, event(n)).await })
             })
             .collect();
         let mut ids = Vec::new();
@@ -335,11 +494,11 @@ mod tests {
     async fn a_failed_batch_is_reported_and_does_not_break_the_chain() {
         let backend = MemoryBackend::default();
         let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 8).await.unwrap();
-        ledger.record(event(1)).await.unwrap();
+        ledger.record(AT, event(1)).await.unwrap();
         backend.set_failing(true);
-        assert!(matches!(ledger.record(event(2)).await, Err(LedgerError::Storage(_))));
+        assert!(matches!(ledger.record(AT, event(2)).await, Err(LedgerError::Storage(_))));
         backend.set_failing(false);
-        assert_eq!(ledger.record(event(3)).await.unwrap(), 2);
+        assert_eq!(ledger.record(AT, event(3)).await.unwrap(), 2);
         assert_eq!(verify_chain(&backend.events()), Ok(2));
     }
 }

@@ -9,7 +9,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
-pub mod events;
 pub mod identity;
 pub mod issue;
 pub mod keys;
@@ -17,3 +16,7 @@ pub mod ledger;
 pub mod mint;
 pub mod policy;
 pub mod revoke;
+pub mod validate;
+
+/// A boxed future, for the object-safe async traits of the seams (`Ledger`, `StsApi`, …).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -1,9 +1,12 @@
 //! The `Minter` seam: turns a policy `Grant` into a credential. A minter makes exactly what
 //! the grant allows (identity, lifetime) and never reads names or extensions from the raw
-//! request. It does not record anything (the `issue` module does) and decides nothing.
+//! request; it takes the grant by value, so one grant mints once. It does not record
+//! anything (the `issue` module does) and decides nothing. `rotation` keeps the signing
+//! keys current from their files.
 
 pub mod aws;
 pub mod jwt;
+pub mod rotation;
 pub mod x509;
 
 use std::fmt;
@@ -126,7 +129,7 @@ pub struct TrustBundle {
 
 /// Signs JWT-SVIDs and verifies its own; publishes the public keys as a JWKS.
 pub trait JwtMinter: Send + Sync + 'static {
-    fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError>;
+    fn mint_jwt(&self, grant: JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError>;
 
     /// A short token that asserts `identity` to one upstream service (AWS STS's
     /// AssumeRoleWithWebIdentity), with that service's own claims added. Only the AWS
@@ -148,9 +151,13 @@ pub trait JwtMinter: Send + Sync + 'static {
     fn validate_jwt(&self, token: &str, audience: Option<&str>, now: SystemTime) -> Result<ValidatedJwt, JwtError>;
 }
 
+/// Signs X.509 SVIDs (consuming the grant that allowed each) and the CRLs of its CAs.
 pub trait Minter: Send + Sync + 'static {
-    fn mint_x509(&self, csr: &VerifiedCsr, grant: &Grant, now: SystemTime) -> Result<X509Svid, MintError>;
+    fn mint_x509(&self, csr: &VerifiedCsr, grant: Grant, now: SystemTime) -> Result<X509Svid, MintError>;
 
     /// DER certificates a relying party trusts for X.509 SVIDs of this trust domain.
     fn x509_bundle(&self) -> Vec<Vec<u8>>;
+
+    /// One DER CRL per CA in the bundle, listing `entries` (hex serial, revocation time).
+    fn crls(&self, entries: &[(String, i64)], now: SystemTime, number: u64) -> Result<Vec<Vec<u8>>, MintError>;
 }

@@ -17,6 +17,7 @@ pub mod cases;
 pub mod prove;
 pub mod release;
 pub mod replay;
+pub mod shadow;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -184,10 +185,18 @@ pub struct DecisionRequest<'a> {
     pub resource: &'a Resource,
     pub requested_ttl: Ttl,
     pub context: &'a RequestContext,
+    /// JWT audiences the daemon keeps for itself (its own STS assertions): denied by the
+    /// built-in rule `mayfly-reserved-audience`, whatever the release says.
+    pub reserved_audiences: &'a [String],
 }
 
+/// The built-in rule that denies a JWT for an audience the daemon keeps for itself.
+pub const RESERVED_AUDIENCE_RULE: &str = "mayfly-reserved-audience";
+
 /// Permission to mint exactly this: one identity, one resource, at most this lifetime.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Made only by `Engine::decide`, not `Clone`: a minter takes it by value, so one grant
+/// mints one credential.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Grant {
     identity: WorkloadId,
     resource: Resource,
@@ -239,8 +248,9 @@ impl Grant {
 
 /// Permission to mint one JWT for several audiences: each audience was granted on its own
 /// to the same identity, and the token lives no longer than the shortest of those grants.
-/// Built only from `Grant`s, so a JWT cannot carry an audience policy did not allow.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Built only from `Grant`s (consuming them), so a JWT cannot carry an audience policy did
+/// not allow.
+#[derive(Debug, PartialEq, Eq)]
 pub struct JwtGrant {
     identity: WorkloadId,
     audiences: Vec<String>,
@@ -249,17 +259,19 @@ pub struct JwtGrant {
 
 impl JwtGrant {
     /// `None` unless there is at least one grant, all are JWT grants, and all name one identity.
-    pub fn join(grants: &[Grant]) -> Option<Self> {
-        let first = grants.first()?;
-        let mut audiences = Vec::with_capacity(grants.len());
+    pub fn join(grants: Vec<Grant>) -> Option<Self> {
+        let ttl = grants.iter().map(|g| g.ttl).min()?;
+        let mut grants = grants.into_iter();
+        let first = grants.next()?;
+        let Resource::Jwt { audience } = first.resource else { return None };
+        let mut audiences = vec![audience];
         for g in grants {
-            match &g.resource {
-                Resource::Jwt { audience } if g.identity == first.identity => audiences.push(audience.clone()),
+            match g.resource {
+                Resource::Jwt { audience } if g.identity == first.identity => audiences.push(audience),
                 _ => return None,
             }
         }
-        let ttl = grants.iter().map(|g| g.ttl).min()?;
-        Some(Self { identity: first.identity.clone(), audiences, ttl })
+        Some(Self { identity: first.identity, audiences, ttl })
     }
 
     pub fn identity(&self) -> &WorkloadId {
@@ -275,7 +287,7 @@ impl JwtGrant {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow(Grant),
     Deny,
@@ -284,7 +296,7 @@ pub enum Verdict {
 /// A decision and why: the ids of the rules that decided (permits for an allow, forbids
 /// for a deny; none when nothing permitted), the forbids' reasons, evaluation errors (for
 /// the ledger, not the caller), and the release version.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
     pub rules: Vec<String>,
@@ -296,6 +308,14 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The grant of an allow (consumed: it mints once).
+    pub fn into_grant(self) -> Option<Grant> {
+        match self.verdict {
+            Verdict::Allow(g) => Some(g),
+            Verdict::Deny => None,
+        }
+    }
+
     pub fn is_allow(&self) -> bool {
         matches!(self.verdict, Verdict::Allow(_))
     }
@@ -676,6 +696,18 @@ impl Engine {
             policy_version: self.version.clone(),
             needs_approval: false,
         };
+        if let Resource::Jwt { audience } = req.resource
+            && req.reserved_audiences.contains(audience)
+        {
+            return Decision {
+                verdict: Verdict::Deny,
+                rules: vec![RESERVED_AUDIENCE_RULE.into()],
+                reasons: vec![format!(
+                    "the audience `{audience}` is reserved for mayfly's own STS assertions (aws.web_identity_audience)"
+                )],
+                ..deny(vec![])
+            };
+        }
         let (request, entities, scope) = match self.build(req, now) {
             Ok(parts) => parts,
             Err(why) => return deny(vec![why]),

@@ -5,52 +5,32 @@
 //! the X.509 CRL. Decides no issuance and mints nothing.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::clock::unix_secs;
-use crate::identity::WorkloadId;
-use crate::keys::CertificateAuthority;
-use crate::ledger::{BoxFuture, CredentialRecord, StoredEvent};
+use crate::clock::{Clock, unix_secs};
+use crate::identity::{TrustDomain, WorkloadId};
+use crate::ledger::event::{self, AwsRevocation as AwsAnswer, Event, EventKind, Operator};
+use crate::ledger::{BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, Ledger, LedgerError, LedgerRead};
+use crate::policy::store::PolicyStore;
 
 pub mod aws;
+pub mod expiry;
+pub mod publish;
 
-/// A credential taken back, as recorded in a `revoked` event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revoked {
-    pub credential_id: String,
-    pub kind: String,
-    pub identity: String,
-    /// X.509: the certificate serial (hex); JWT: the jti.
-    pub serial: String,
-    pub not_after: i64,
-    pub revoked_at: i64,
-}
+pub use crate::ledger::event::{Lock, RevokedCredential as Revoked};
 
-/// No new credential for an identity (or every identity under a prefix ending in `/`)
-/// until unlocked or `until` (Unix seconds) passes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lock {
-    pub target: String,
-    pub until: Option<i64>,
-    pub reason: String,
-    pub operator: Value,
-}
-
-impl Lock {
-    pub fn covers(&self, identity: &WorkloadId, now: SystemTime) -> bool {
-        let live = self.until.is_none_or(|u| unix_secs(now) < u);
-        let matches = if self.target.ends_with('/') {
-            identity.as_str().starts_with(&self.target)
-        } else {
-            identity.as_str() == self.target
-        };
-        live && matches
-    }
+/// Whether a lock keeps `identity` from getting a new credential at `now`.
+pub fn lock_covers(lock: &Lock, identity: &WorkloadId, now: SystemTime) -> bool {
+    let live = lock.until.is_none_or(|u| unix_secs(now) < u);
+    let matches = if lock.target.ends_with('/') {
+        identity.as_str().starts_with(&lock.target)
+    } else {
+        identity.as_str() == lock.target
+    };
+    live && matches
 }
 
 #[derive(Default)]
@@ -78,32 +58,33 @@ impl std::fmt::Debug for Revocations {
 }
 
 impl Revocations {
-    /// Rebuilds the state from the ledger's `revoked`, `locked` and `unlocked` events, in order.
-    pub fn from_events(events: &[StoredEvent]) -> Self {
+    /// The kinds of event the state is rebuilt from.
+    pub const KINDS: [EventKind; 3] = [EventKind::Revoked, EventKind::Locked, EventKind::Unlocked];
+
+    /// Rebuilds the state from the ledger's `revoked`, `locked` and `unlocked` events, in
+    /// order. An event that does not decode stops start-up (`LedgerError::Decode`) rather
+    /// than forget a lock.
+    pub async fn load(reader: &dyn LedgerRead) -> Result<Self, LedgerError> {
+        let events = crate::ledger::read_typed(reader, EventFilter::kinds(&Self::KINDS)).await?;
+        Ok(Self::from_events(events.into_iter().map(|(_, e)| e)))
+    }
+
+    pub fn from_events(events: impl IntoIterator<Item = Event>) -> Self {
         let me = Self::default();
         {
             let mut s = me.write();
             for e in events {
-                let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
-                match e.kind.as_str() {
-                    "revoked" => {
-                        for r in body.get("credentials").and_then(Value::as_array).into_iter().flatten() {
-                            if let Ok(r) = serde_json::from_value::<Revoked>(r.clone()) {
-                                s.revoked.insert(r.credential_id.clone(), r);
-                            }
+                match e {
+                    Event::Revoked(r) => {
+                        for c in r.credentials {
+                            s.revoked.insert(c.credential_id.clone(), c);
                         }
                     }
-                    "locked" => {
-                        if let Some(lock) =
-                            body.get("lock").and_then(|l| serde_json::from_value::<Lock>(l.clone()).ok())
-                        {
-                            s.locks.insert(lock.target.clone(), lock);
-                        }
+                    Event::Locked(l) => {
+                        s.locks.insert(l.lock.target.clone(), l.lock);
                     }
-                    "unlocked" => {
-                        if let Some(target) = body.get("target").and_then(Value::as_str) {
-                            s.locks.remove(target);
-                        }
+                    Event::Unlocked(u) => {
+                        s.locks.remove(&u.target);
                     }
                     _ => {}
                 }
@@ -123,7 +104,7 @@ impl Revocations {
 
     /// The lock that keeps `identity` from getting a new credential now, if any.
     pub fn lock_for(&self, identity: &WorkloadId, now: SystemTime) -> Option<Lock> {
-        self.read().locks.values().find(|l| l.covers(identity, now)).cloned()
+        self.read().locks.values().find(|l| lock_covers(l, identity, now)).cloned()
     }
 
     pub fn apply_revoked(&self, revoked: &[Revoked]) {
@@ -238,29 +219,40 @@ impl Target {
 /// deny every session of that identity issued before `before` (`aws::AwsRevoker`). The
 /// answer is recorded with the revocation.
 pub trait AwsRevocation: Send + Sync + 'static {
-    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, Value>;
+    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime)
+    -> BoxFuture<'a, AwsAnswer>;
 }
 
 /// A daemon without `[aws]`: it cannot reach IAM, so it can only say so.
 pub struct NoAws;
 
 impl AwsRevocation for NoAws {
-    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], _before: SystemTime) -> BoxFuture<'a, Value> {
+    fn revoke_identity<'a>(
+        &'a self,
+        sessions: &'a [CredentialRecord],
+        _before: SystemTime,
+    ) -> BoxFuture<'a, AwsAnswer> {
         let live = sessions.iter().filter(|s| s.kind == "aws").count();
         Box::pin(async move {
             if live == 0 {
-                return serde_json::json!({ "needed": false, "denies": [] });
+                return AwsAnswer::default();
             }
             tracing::error!(live, "AWS sessions on record, but [aws] is not configured: they cannot be denied");
-            serde_json::json!({ "needed": true, "applied": false, "why": "AWS is not configured on this daemon ([aws]): its live sessions cannot be denied", "live_sessions": live })
+            AwsAnswer {
+                needed: true,
+                applied: Some(false),
+                why: Some("AWS is not configured on this daemon ([aws]): its live sessions cannot be denied".into()),
+                live_sessions: u64::try_from(live).ok(),
+                ..AwsAnswer::default()
+            }
         })
     }
 }
 
 /// A credential found for a revocation or a listing.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Found {
-    pub credential: crate::ledger::CredentialRecord,
+    pub credential: CredentialRecord,
     pub policy_version: String,
     pub revoked: bool,
 }
@@ -271,22 +263,22 @@ pub struct RevokeOutcome {
     pub lock: Option<Lock>,
     /// False when the ledger could not record it: applied in memory only, lost at restart.
     pub durable: bool,
-    pub event_id: Option<crate::ledger::EventId>,
+    pub event_id: Option<EventId>,
     /// What the AWS hook did (or why it did nothing), as recorded.
-    pub aws: Option<Value>,
+    pub aws: Option<AwsAnswer>,
 }
 
 /// Where responders' calls are carried out: finds credentials in the ledger, records the
 /// revocation or lock (durable first), then applies it. A revocation that cannot be
 /// recorded is still applied in memory (it never weakens anything) and reported as such.
 pub struct Desk {
-    pub ledger: std::sync::Arc<dyn crate::ledger::Ledger>,
-    pub ledger_path: std::path::PathBuf,
-    pub revocations: std::sync::Arc<Revocations>,
-    pub policy: std::sync::Arc<crate::policy::store::PolicyStore>,
-    pub clock: std::sync::Arc<dyn crate::clock::Clock>,
-    pub trust_domain: crate::identity::TrustDomain,
-    pub aws: std::sync::Arc<dyn AwsRevocation>,
+    pub ledger: Arc<dyn Ledger>,
+    pub reader: Arc<dyn LedgerRead>,
+    pub revocations: Arc<Revocations>,
+    pub policy: Arc<PolicyStore>,
+    pub clock: Arc<dyn Clock>,
+    pub trust_domain: TrustDomain,
+    pub aws: Arc<dyn AwsRevocation>,
 }
 
 pub fn check_reason(reason: &str) -> Result<&str, RevokeError> {
@@ -300,22 +292,14 @@ pub fn check_reason(reason: &str) -> Result<&str, RevokeError> {
 impl Desk {
     /// Finds the active credentials `target` names (and, for an identity, checks it exists).
     pub async fn find(&self, target: &Target, all: bool) -> Result<Vec<Found>, RevokeError> {
-        let ledger_err = |e: crate::ledger::LedgerError| RevokeError::Ledger(e.to_string());
-        let mut reader = crate::ledger::sqlite::LedgerReader::open(&self.ledger_path).await.map_err(ledger_err)?;
-        let now = unix_secs(self.clock.now());
         if let Target::Identity(id) = target {
             self.check_identity_target(id, all)?;
         }
-        let active = reader.active(now).await.map_err(ledger_err)?;
-        let decision_ids: Vec<i64> = active.iter().map(|c| c.decision_id).collect();
-        let bodies = reader.bodies(&decision_ids).await.map_err(ledger_err)?;
-        let decision = |c: &crate::ledger::CredentialRecord| -> Value {
-            bodies.get(&c.decision_id).and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null)
-        };
+        let now = unix_secs(self.clock.now());
+        let active = self.credentials(CredentialFilter::ActiveAt(now)).await?;
         let mut found = Vec::new();
-        for c in active {
-            let d = decision(&c);
-            let version = d.get("policy_version").and_then(Value::as_str).unwrap_or_default().to_owned();
+        for (c, decision) in active {
+            let version = decision.as_ref().map(|d| d.policy_version.clone()).unwrap_or_default();
             let hit = match target {
                 Target::Credential(id) => &c.id == id,
                 Target::Serial(serial) => {
@@ -323,7 +307,9 @@ impl Desk {
                 }
                 Target::Identity(id) if id.ends_with('/') => c.identity.starts_with(id.as_str()),
                 Target::Identity(id) => &c.identity == id,
-                Target::Selector { key, value } => caller_field(&d, key).is_some_and(|v| &v == value),
+                Target::Selector { key, value } => {
+                    decision.as_ref().and_then(|d| d.caller.field(key)).is_some_and(|v| &v == value)
+                }
                 Target::Bundle(v) => version == *v || version.strip_prefix("sha256:") == Some(v.as_str()),
             };
             if hit {
@@ -343,6 +329,26 @@ impl Desk {
             }
         }
         Ok(found)
+    }
+
+    /// Credential rows with the decision that allowed each (its release, its caller).
+    async fn credentials(
+        &self,
+        filter: CredentialFilter,
+    ) -> Result<Vec<(CredentialRecord, Option<event::Decision>)>, RevokeError> {
+        let ledger_err = |e: LedgerError| RevokeError::Ledger(e.to_string());
+        let rows = self.reader.credentials(filter).await.map_err(ledger_err)?;
+        let ids: Vec<EventId> = rows.iter().map(|(_, c)| c.decision_id).collect();
+        let decisions = self.reader.events_by_seq(&ids).await.map_err(ledger_err)?;
+        rows.into_iter()
+            .map(|(_, c)| {
+                let decision = match decisions.get(&c.decision_id).map(|e| e.event()).transpose().map_err(ledger_err)? {
+                    Some(Event::Decision(d)) => Some(d),
+                    _ => None,
+                };
+                Ok((c, decision))
+            })
+            .collect()
     }
 
     fn check_identity_target(&self, id: &str, all: bool) -> Result<(), RevokeError> {
@@ -372,7 +378,7 @@ impl Desk {
         dry_run: bool,
         all: bool,
         lock_ttl: Option<Duration>,
-        operator: Value,
+        operator: Operator,
     ) -> Result<RevokeOutcome, RevokeError> {
         let reason = check_reason(reason)?;
         let found = self.find(&target, all).await?;
@@ -387,8 +393,13 @@ impl Desk {
             _ => None,
         };
         if dry_run {
-            let body = serde_json::json!({ "call": "revoke", "dry_run": true, "target": target.describe(), "operator": operator, "reason": reason, "would_revoke": found.iter().filter(|f| !f.revoked).count() });
-            let event_id = self.record(crate::ledger::EventKind::Admin, body).await.ok();
+            let mut details = serde_json::Map::new();
+            details.insert("dry_run".into(), true.into());
+            details.insert("target".into(), target.describe().into());
+            details.insert("reason".into(), reason.into());
+            details.insert("would_revoke".into(), found.iter().filter(|f| !f.revoked).count().into());
+            let call = event::Admin { call: "revoke".into(), operator: Some(operator), details, ..event::Admin::default() };
+            let event_id = self.record(Event::Admin(call)).await.ok();
             return Ok(RevokeOutcome { found, lock, durable: event_id.is_some(), event_id, aws: None });
         }
         let list: Vec<Revoked> = found
@@ -412,17 +423,27 @@ impl Desk {
         }
         let aws = match &target {
             Target::Identity(_) if !dry_run => Some(self.aws.revoke_identity(&sessions, now).await),
-            _ if !sessions.is_empty() => Some(serde_json::json!({
-                "applied": false,
-                "why": "an AWS session cannot be recalled alone: revoke its identity to deny all of that identity's sessions",
-            })),
+            _ if !sessions.is_empty() => Some(AwsAnswer {
+                applied: Some(false),
+                why: Some(
+                    "an AWS session cannot be recalled alone: revoke its identity to deny all of that identity's sessions"
+                        .into(),
+                ),
+                ..AwsAnswer::default()
+            }),
             _ => None,
         };
-        let body = serde_json::json!({ "target": target.describe(), "operator": operator, "reason": reason, "credentials": list, "aws": aws.clone() });
-        let recorded = self.record(crate::ledger::EventKind::Revoked, body).await;
+        let revoked = event::Revoked {
+            target: target.describe(),
+            operator,
+            reason: reason.to_owned(),
+            credentials: list.clone(),
+            aws: aws.clone(),
+        };
+        let recorded = self.record(Event::Revoked(revoked)).await;
         let mut durable = recorded.is_ok();
         if let Some(lock) = &lock {
-            let locked = self.record(crate::ledger::EventKind::Locked, serde_json::json!({ "lock": lock })).await;
+            let locked = self.record(Event::Locked(event::Locked { lock: lock.clone() })).await;
             durable &= locked.is_ok();
         }
         // Why apply even when not recorded: a revocation only ever takes away; during an
@@ -444,7 +465,7 @@ impl Desk {
         target: &str,
         reason: &str,
         ttl: Option<Duration>,
-        operator: Value,
+        operator: Operator,
     ) -> Result<(Lock, bool), RevokeError> {
         let reason = check_reason(reason)?;
         self.check_identity_target(target, false)?;
@@ -455,22 +476,19 @@ impl Desk {
             reason: reason.to_owned(),
             operator,
         };
-        let durable = self.record(crate::ledger::EventKind::Locked, serde_json::json!({ "lock": lock })).await.is_ok();
+        let durable = self.record(Event::Locked(event::Locked { lock: lock.clone() })).await.is_ok();
         self.revocations.apply_lock(lock.clone());
         Ok((lock, durable))
     }
 
-    pub async fn unlock(&self, target: &str, reason: &str, operator: Value) -> Result<bool, RevokeError> {
+    pub async fn unlock(&self, target: &str, reason: &str, operator: Operator) -> Result<bool, RevokeError> {
         let reason = check_reason(reason)?;
         if self.revocations.lock_for_target(target).is_none() {
             return Err(RevokeError::NotFound(format!("`{target}` is not locked")));
         }
         // Why recorded first here: an unlock gives access back, so it happens only if durable.
-        self.record(
-            crate::ledger::EventKind::Unlocked,
-            serde_json::json!({ "target": target, "operator": operator, "reason": reason }),
-        )
-        .await
+        let unlocked = event::Unlocked { target: target.to_owned(), operator, reason: reason.to_owned() };
+        self.record(Event::Unlocked(unlocked)).await
         .map_err(|e| RevokeError::Ledger(e.to_string()))?;
         Ok(self.revocations.apply_unlock(target))
     }
@@ -478,124 +496,39 @@ impl Desk {
     /// Credentials on record for an identity (exact or prefix ending in `/`; `None`: all),
     /// newest first, with the release each was decided under.
     pub async fn list(&self, identity: Option<&str>, active_only: bool) -> Result<Vec<Found>, RevokeError> {
-        let ledger_err = |e: crate::ledger::LedgerError| RevokeError::Ledger(e.to_string());
-        let mut reader = crate::ledger::sqlite::LedgerReader::open(&self.ledger_path).await.map_err(ledger_err)?;
-        let now = unix_secs(self.clock.now());
-        let rows = if active_only {
-            reader.active(now).await.map_err(ledger_err)?
+        let filter = if active_only {
+            CredentialFilter::ActiveAt(unix_secs(self.clock.now()))
         } else {
-            reader.credentials().await.map_err(ledger_err)?.into_iter().map(|(_, c)| c).collect()
+            CredentialFilter::All
         };
-        let rows: Vec<_> = rows
+        let mut found: Vec<Found> = self
+            .credentials(filter)
+            .await?
             .into_iter()
-            .filter(|c| match identity {
+            .filter(|(c, _)| match identity {
                 None => true,
                 Some(p) if p.ends_with('/') => c.identity.starts_with(p),
                 Some(id) => c.identity == id,
             })
-            .collect();
-        let bodies =
-            reader.bodies(&rows.iter().map(|c| c.decision_id).collect::<Vec<_>>()).await.map_err(ledger_err)?;
-        let mut found: Vec<Found> = rows
-            .into_iter()
-            .map(|c| {
-                let version = bodies
-                    .get(&c.decision_id)
-                    .and_then(|b| serde_json::from_str::<Value>(b).ok())
-                    .and_then(|d| d.get("policy_version").and_then(Value::as_str).map(str::to_owned))
-                    .unwrap_or_default();
+            .map(|(c, decision)| {
                 let revoked = self.revocations.is_revoked(&c.id);
-                Found { credential: c, policy_version: version, revoked }
+                Found { policy_version: decision.map(|d| d.policy_version).unwrap_or_default(), revoked, credential: c }
             })
             .collect();
         found.reverse();
         Ok(found)
     }
 
-    /// Records an admin call (or a refused one) that changes nothing else.
-    pub async fn record_admin(&self, body: Value) -> Result<crate::ledger::EventId, RevokeError> {
-        self.record(crate::ledger::EventKind::Admin, body).await.map_err(|e| RevokeError::Ledger(e.to_string()))
+    /// Records an admin call (or a refused one) that changes nothing else, or any other
+    /// responder-side event (a policy check's report).
+    pub async fn record(&self, event: Event) -> Result<EventId, RevokeError> {
+        self.ledger.record(self.clock.now(), event).await.map_err(|e| RevokeError::Ledger(e.to_string()))
     }
-
-    /// Any other responder-side event (a policy check's report).
-    pub async fn record_event(
-        &self,
-        kind: crate::ledger::EventKind,
-        body: Value,
-    ) -> Result<crate::ledger::EventId, RevokeError> {
-        self.record(kind, body).await.map_err(|e| RevokeError::Ledger(e.to_string()))
-    }
-
-    async fn record(
-        &self,
-        kind: crate::ledger::EventKind,
-        body: Value,
-    ) -> Result<crate::ledger::EventId, crate::ledger::LedgerError> {
-        self.ledger.record(crate::ledger::NewEvent { kind, at: self.clock.now(), body, credential: None }).await
-    }
-}
-
-/// A field of what the issuing decision recorded about its caller.
-fn caller_field(decision: &Value, key: &str) -> Option<String> {
-    let caller = decision.get("caller")?;
-    let v = caller.get("oidc").and_then(|o| o.get(key)).or_else(|| caller.get(key))?;
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// How long a CRL is valid; it is re-signed on every change and well before this passes.
-pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
-
-/// A DER CRL signed by `ca` listing `entries` (hex serial, revocation time).
-pub fn build_crl(
-    ca: &CertificateAuthority,
-    entries: &[(String, i64)],
-    now: SystemTime,
-    number: u64,
-) -> Result<Vec<u8>, String> {
-    let at = |secs: i64| time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| e.to_string());
-    let revoked_certs = entries
-        .iter()
-        .map(|(serial, when)| {
-            let bytes = hex::decode(serial).map_err(|e| format!("serial `{serial}`: {e}"))?;
-            Ok(rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from_slice(&bytes),
-                revocation_time: at(*when)?,
-                reason_code: Some(rcgen::RevocationReason::Superseded),
-                invalidity_date: None,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let now_secs = unix_secs(now);
-    let params = rcgen::CertificateRevocationListParams {
-        this_update: at(now_secs)?,
-        next_update: at(now_secs + i64::try_from(CRL_VALIDITY.as_secs()).unwrap_or(86_400))?,
-        crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
-        issuing_distribution_point: None,
-        revoked_certs,
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    };
-    params.signed_by(ca.issuer()).map(|crl| crl.der().to_vec()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::TrustDomain;
-
-    fn event(seq: i64, kind: &str, body: Value) -> StoredEvent {
-        StoredEvent {
-            seq,
-            at_ms: 0,
-            kind: kind.into(),
-            body: body.to_string(),
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
-    }
 
     #[test]
     fn state_is_rebuilt_from_the_ledger_in_order() {
@@ -607,14 +540,18 @@ mod tests {
             not_after: 2_000_000_000,
             revoked_at: 1_000,
         };
-        let lock = |target: &str| serde_json::json!({ "lock": { "target": target, "until": null, "reason": "INC-1", "operator": {"uid": 0} } });
+        let lock = |target: &str| {
+            Event::Locked(event::Locked {
+                lock: Lock { target: target.into(), until: None, reason: "INC-1".into(), operator: Operator::default() },
+            })
+        };
         let events = vec![
-            event(1, "revoked", serde_json::json!({ "credentials": [r] })),
-            event(2, "locked", lock("spiffe://td/a")),
-            event(3, "locked", lock("spiffe://td/ci/")),
-            event(4, "unlocked", serde_json::json!({ "target": "spiffe://td/a" })),
+            Event::Revoked(event::Revoked { credentials: vec![r], ..event::Revoked::default() }),
+            lock("spiffe://td/a"),
+            lock("spiffe://td/ci/"),
+            Event::Unlocked(event::Unlocked { target: "spiffe://td/a".into(), ..event::Unlocked::default() }),
         ];
-        let s = Revocations::from_events(&events);
+        let s = Revocations::from_events(events);
         assert!(s.is_revoked("c1") && !s.is_revoked("c2"));
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
         assert!(s.lock_for(&WorkloadId::parse("spiffe://td/a").unwrap(), now).is_none(), "unlocked later");
@@ -626,27 +563,9 @@ mod tests {
     #[test]
     fn a_lock_with_an_expiry_ends_by_itself() {
         let lock =
-            Lock { target: "spiffe://td/a".into(), until: Some(2_000), reason: "x".into(), operator: Value::Null };
+            Lock { target: "spiffe://td/a".into(), until: Some(2_000), reason: "x".into(), operator: Operator::default() };
         let id = WorkloadId::parse("spiffe://td/a").unwrap();
-        assert!(lock.covers(&id, SystemTime::UNIX_EPOCH + Duration::from_secs(1_999)));
-        assert!(!lock.covers(&id, SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));
-    }
-
-    #[test]
-    fn the_crl_lists_the_serials_and_is_signed_by_the_ca() {
-        let now = SystemTime::now();
-        let ca = CertificateAuthority::generate(
-            &TrustDomain::parse("td").unwrap(),
-            now - Duration::from_secs(60),
-            Duration::from_secs(86_400),
-        )
-        .unwrap();
-        let der =
-            build_crl(&ca, &[("4000aa".into(), unix_secs(now)), ("7f01".into(), unix_secs(now))], now, 7).unwrap();
-        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
-        let serials: Vec<String> = crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect();
-        assert_eq!(serials, vec!["4000aa", "7f01"]);
-        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
-        crl.verify_signature(ca_cert.public_key()).unwrap();
+        assert!(lock_covers(&lock, &id, SystemTime::UNIX_EPOCH + Duration::from_secs(1_999)));
+        assert!(!lock_covers(&lock, &id, SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));
     }
 }

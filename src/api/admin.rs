@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
@@ -17,31 +16,45 @@ use super::pb::{
     RecordPolicyCheckResponse, RevokeRequest, RevokeResponse, UnlockRequest, UnlockResponse,
 };
 use crate::attest::PeerInfo;
-use crate::issue::Issuer;
+use crate::breakglass::BreakGlassDesk;
+use crate::ledger::event::{Admin as AdminCall, CheckReport, Event, Operator, PolicyCheck};
 use crate::policy::activation::{ActivationError, PolicyController};
 use crate::policy::release::Release;
+use crate::policy::shadow::Shadow;
 use crate::revoke::{Desk, Found, RevokeError, SELECTOR_KEYS, Target, check_reason};
 
 pub struct AdminService {
     policy: Arc<PolicyController>,
     desk: Arc<Desk>,
-    issuer: Arc<Issuer>,
+    break_glass: Arc<BreakGlassDesk>,
+    shadow: Arc<Shadow>,
     daemon_uid: u32,
     owner_uid: Option<u32>,
+}
+
+/// An admin call as recorded: the call, who made it, and its own arguments.
+fn call(name: &str, operator: &Operator, details: &[(&str, serde_json::Value)]) -> Event {
+    Event::Admin(AdminCall {
+        call: name.to_owned(),
+        operator: Some(operator.clone()),
+        details: details.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+        ..AdminCall::default()
+    })
 }
 
 impl AdminService {
     pub fn new(
         policy: Arc<PolicyController>,
         desk: Arc<Desk>,
-        issuer: Arc<Issuer>,
+        break_glass: Arc<BreakGlassDesk>,
+        shadow: Arc<Shadow>,
         daemon_uid: u32,
         owner_uid: Option<u32>,
     ) -> Self {
-        Self { policy, desk, issuer, daemon_uid, owner_uid }
+        Self { policy, desk, break_glass, shadow, daemon_uid, owner_uid }
     }
 
-    fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
+    fn operator(&self, request_peer: Option<&PeerInfo>) -> Result<Operator, Status> {
         let peer = request_peer.ok_or_else(|| Status::unauthenticated("the admin peer has no process credentials"))?;
         if peer.uid != self.daemon_uid && peer.uid != 0 && Some(peer.uid) != self.owner_uid {
             tracing::warn!(
@@ -50,16 +63,21 @@ impl AdminService {
             );
             return Err(Status::permission_denied("admin calls are for the daemon's user, admin.owner_uid or root"));
         }
-        Ok(json!({ "uid": peer.uid, "gid": peer.gid, "pid": peer.pid }))
+        Ok(Operator::local(peer.uid, peer.gid, peer.pid))
     }
 
     /// `operator`, with a refused caller recorded as an admin event.
-    async fn admin(&self, call: &str, request_peer: Option<&PeerInfo>) -> Result<serde_json::Value, Status> {
+    async fn admin(&self, call: &str, request_peer: Option<&PeerInfo>) -> Result<Operator, Status> {
         match self.operator(request_peer) {
             Ok(op) => Ok(op),
             Err(status) => {
-                let uid = request_peer.map(|p| p.uid);
-                let _ = self.desk.record_admin(json!({ "call": call, "refused": status.message(), "uid": uid })).await;
+                let refused = AdminCall {
+                    call: call.to_owned(),
+                    refused: Some(status.message().to_owned()),
+                    uid: request_peer.map(|p| p.uid),
+                    ..AdminCall::default()
+                };
+                let _ = self.desk.record(Event::Admin(refused)).await;
                 Err(status)
             }
         }
@@ -115,7 +133,7 @@ impl Admin for AdminService {
         request: Request<PolicyStatusRequest>,
     ) -> Result<Response<PolicyStatusResponse>, Status> {
         let operator = self.admin("policy_status", request.extensions().get::<PeerInfo>()).await?;
-        let _ = self.desk.record_admin(json!({ "call": "policy_status", "operator": operator })).await;
+        let _ = self.desk.record(call("policy_status", &operator, &[])).await;
         let status = self.policy.status().await;
         Ok(Response::new(PolicyStatusResponse {
             current: Some(release(&status.current)),
@@ -180,26 +198,22 @@ impl Admin for AdminService {
             .map_err(revoke_status)?;
         let aws = outcome.aws.unwrap_or_default();
         let aws_denies = aws
-            .get("denies")
-            .and_then(serde_json::Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|d| {
-                let text = |k: &str| d.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
-                AwsDeny {
-                    role: text("role"),
-                    policy_name: text("policy_name"),
-                    source_identity: text("source_identity"),
-                    issued_before: d.get("issued_before").and_then(serde_json::Value::as_i64).unwrap_or_default(),
-                    remove_after: d.get("remove_after").and_then(serde_json::Value::as_i64).unwrap_or_default(),
-                    applied: d.get("applied").and_then(serde_json::Value::as_bool).unwrap_or(false),
-                    error: text("error"),
-                }
+            .denies
+            .iter()
+            .map(|d| AwsDeny {
+                role: d.role.clone().unwrap_or_default(),
+                policy_name: d.policy_name.clone().unwrap_or_default(),
+                source_identity: d.source_identity.clone().unwrap_or_default(),
+                issued_before: d.issued_before.unwrap_or_default(),
+                remove_after: d.remove_after.unwrap_or_default(),
+                applied: d.applied,
+                error: d.error.clone().unwrap_or_default(),
             })
             .collect();
-        let needed = aws.get("needed").and_then(serde_json::Value::as_bool) != Some(false);
-        let aws_note = match aws.get("why").and_then(serde_json::Value::as_str) {
-            Some(why) if needed => why.to_owned(),
+        // A hook's answer without `needed` (a non-identity revocation of an AWS session)
+        // still carries a note worth showing.
+        let aws_note = match &aws.why {
+            Some(why) if aws.needed || aws.applied == Some(false) => why.clone(),
             _ => String::new(),
         };
         Ok(Response::new(RevokeResponse {
@@ -236,9 +250,7 @@ impl Admin for AdminService {
         let identity = if req.identity.is_empty() { None } else { Some(req.identity.as_str()) };
         let _ = self
             .desk
-            .record_admin(
-                json!({ "call": "list_credentials", "operator": operator, "identity": identity, "active": req.active }),
-            )
+            .record(call("list_credentials", &operator, &[("identity", identity.into()), ("active", req.active.into())]))
             .await;
         let found = self.desk.list(identity, req.active).await.map_err(revoke_status)?;
         Ok(Response::new(ListCredentialsResponse { credentials: found.iter().map(info).collect() }))
@@ -249,10 +261,10 @@ impl Admin for AdminService {
         request: Request<BreakGlassListRequest>,
     ) -> Result<Response<BreakGlassListResponse>, Status> {
         let operator = self.admin("break_glass_list", request.extensions().get::<PeerInfo>()).await?;
-        let _ = self.desk.record_admin(json!({ "call": "break_glass_list", "operator": operator })).await;
+        let _ = self.desk.record(call("break_glass_list", &operator, &[])).await;
         let pending = self
-            .issuer
-            .pending_break_glass()
+            .break_glass
+            .pending()
             .into_iter()
             .map(|p| PendingBreakGlass {
                 id: p.id,
@@ -276,7 +288,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let reason = check_reason(&req.reason).map_err(revoke_status)?;
         let uid = peer.map(|p| p.uid).unwrap_or(u32::MAX);
-        self.issuer.break_glass_approve(uid, operator, &req.id, reason).await.map_err(|e| super::status(&e))?;
+        self.break_glass.approve(uid, operator, &req.id, reason).await.map_err(|e| super::status(&e))?;
         Ok(Response::new(BreakGlassApproveResponse {}))
     }
 
@@ -291,7 +303,7 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("id: the break-glass request or credential id"));
         }
         let event_id =
-            self.issuer.break_glass_review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
+            self.break_glass.review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
         Ok(Response::new(BreakGlassReviewResponse { event_id }))
     }
 
@@ -311,21 +323,24 @@ impl Admin for AdminService {
             match self.policy.load_candidate(std::path::Path::new(req.path.trim())).await {
                 Ok(r) => Some(std::sync::Arc::new(r)),
                 Err(why) => {
-                    let _ = self
-                        .desk
-                        .record_admin(
-                            json!({ "call": "policy_shadow", "operator": operator, "path": req.path, "refused": why }),
-                        )
-                        .await;
+                    let mut refused = call("policy_shadow", &operator, &[("path", req.path.clone().into())]);
+                    if let Event::Admin(a) = &mut refused {
+                        a.refused = Some(why.clone());
+                    }
+                    let _ = self.desk.record(refused).await;
                     return Err(Status::failed_precondition(format!("candidate refused: {why}")));
                 }
             }
         };
         let version = candidate.as_ref().map(|r| r.version().to_owned()).unwrap_or_default();
-        let event_id = self.issuer.set_shadow(candidate, operator, reason).await.map_err(|e| super::status(&e))?;
+        let recorded = match candidate {
+            Some(c) => self.shadow.start(c, operator, reason).await,
+            None => self.shadow.stop(operator, reason).await,
+        };
+        let event_id = recorded.map_err(|e| Status::unavailable(format!("shadow mode not changed: {e}")))?;
         Ok(Response::new(PolicyShadowResponse {
             candidate_version: version,
-            active_version: self.issuer.policy_version(),
+            active_version: self.policy.store().current().version().to_owned(),
             event_id,
         }))
     }
@@ -335,16 +350,13 @@ impl Admin for AdminService {
         request: Request<RecordPolicyCheckRequest>,
     ) -> Result<Response<RecordPolicyCheckResponse>, Status> {
         let operator = self.admin("record_policy_check", request.extensions().get::<PeerInfo>()).await?;
-        let report: serde_json::Value = serde_json::from_str(&request.into_inner().report)
-            .map_err(|e| Status::invalid_argument(format!("report: not JSON: {e}")))?;
-        if !report.is_object() || report.get("check").and_then(serde_json::Value::as_str).is_none() {
+        let report: CheckReport = serde_json::from_str(&request.into_inner().report)
+            .map_err(|e| Status::invalid_argument(format!("report: not a JSON report object: {e}")))?;
+        if report.check.is_empty() {
             return Err(Status::invalid_argument("report: a JSON object naming its `check`"));
         }
-        let event_id = self
-            .desk
-            .record_event(crate::ledger::EventKind::PolicyCheck, json!({ "operator": operator, "report": report }))
-            .await
-            .map_err(revoke_status)?;
+        let event_id =
+            self.desk.record(Event::PolicyCheck(PolicyCheck { operator, report })).await.map_err(revoke_status)?;
         Ok(Response::new(RecordPolicyCheckResponse { event_id }))
     }
 }

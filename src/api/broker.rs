@@ -9,27 +9,29 @@ use super::pb::{
     BreakGlassRequest, BreakGlassResponse, BreakGlassWaitRequest, IssueAwsRequest, IssueAwsResponse, IssueX509Request,
     IssueX509Response,
 };
-use super::{aws_credentials, invalid, status};
+use super::{aws_credentials, invalid, status, wrong_kind};
 use crate::attest::PeerInfo;
+use crate::breakglass::{BreakGlassDesk, EmergencyOutcome, EmergencyRequest};
 use crate::clock::unix_secs;
 use crate::identity::{Ttl, WorkloadId};
-use crate::issue::{
-    AwsRequest, EmergencyKind, EmergencyOutcome, EmergencyRequest, Issuer, KeySource, Origin, X509Request,
-};
+use crate::issue::{Ask, Caller, Credential, IssueRequest, Issued, Issuer, KeySource, Origin};
 use crate::mint::VerifiedCsr;
 use crate::policy::AwsRole;
 
 pub struct BrokerService {
     issuer: Arc<Issuer>,
+    desk: Arc<BreakGlassDesk>,
     default_ttl: Ttl,
     max_ttl: Ttl,
     /// What an AWS request without a lifetime asks for.
     aws_ttl: Ttl,
 }
 
+const API: &str = "mayfly.v1";
+
 impl BrokerService {
-    pub fn new(issuer: Arc<Issuer>, default_ttl: Ttl, max_ttl: Ttl) -> Self {
-        Self { issuer, default_ttl, max_ttl, aws_ttl: default_ttl }
+    pub fn new(issuer: Arc<Issuer>, desk: Arc<BreakGlassDesk>, default_ttl: Ttl, max_ttl: Ttl) -> Self {
+        Self { issuer, desk, default_ttl, max_ttl, aws_ttl: default_ttl }
     }
 
     pub fn with_aws_ttl(mut self, ttl: Ttl) -> Self {
@@ -52,26 +54,22 @@ impl Broker for BrokerService {
             s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
         };
         let csr = VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?;
-        let issued = self
-            .issuer
-            .issue_x509(
-                &peer,
-                X509Request {
-                    key: KeySource::Csr(csr),
-                    ttl,
-                    spiffe_id,
-                    origin: Origin { api: "mayfly.v1", rotates: None, emergency: None },
-                },
-            )
-            .await
-            .map_err(|e| status(&e))?;
+        let request = IssueRequest {
+            ask: Ask::X509 { key: KeySource::Csr(csr) },
+            ttl,
+            spiffe_id,
+            origin: Origin { api: API, rotates: None, emergency: None },
+        };
+        let issued = self.issuer.issue(Caller::Local(&peer), request).await.map_err(|e| status(&e))?;
+        let (credential_id, identity) = (issued.credential_id.clone(), issued.identity.to_string());
+        let Credential::X509(x) = issued.credential else { return Err(wrong_kind()) };
         Ok(Response::new(IssueX509Response {
-            credential_id: issued.credential_id,
-            spiffe_id: issued.identity.to_string(),
-            cert_chain: vec![issued.svid.cert_der],
-            trust_bundle: issued.bundle,
-            not_after: unix_secs(issued.svid.not_after),
-            serial: issued.svid.serial,
+            credential_id,
+            spiffe_id: identity,
+            cert_chain: vec![x.svid.cert_der],
+            trust_bundle: x.bundle,
+            not_after: unix_secs(x.svid.not_after),
+            serial: x.svid.serial,
         }))
     }
 
@@ -87,13 +85,14 @@ impl Broker for BrokerService {
             "" => None,
             s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
         };
-        let origin = Origin { api: "mayfly.v1", rotates: None, emergency: None };
-        let issued =
-            self.issuer.issue_aws(&peer, AwsRequest { role, ttl, spiffe_id, origin }).await.map_err(|e| status(&e))?;
+        let origin = Origin { api: API, rotates: None, emergency: None };
+        let request = IssueRequest { ask: Ask::Aws { role }, ttl, spiffe_id, origin };
+        let issued = self.issuer.issue(Caller::Local(&peer), request).await.map_err(|e| status(&e))?;
+        let Credential::Aws(aws) = &issued.credential else { return Err(wrong_kind()) };
         Ok(Response::new(IssueAwsResponse {
             credential_id: issued.credential_id.clone(),
             spiffe_id: issued.identity.to_string(),
-            credentials: Some(aws_credentials(&issued)),
+            credentials: Some(aws_credentials(aws)),
         }))
     }
 
@@ -113,15 +112,15 @@ impl Broker for BrokerService {
             None => self.default_ttl,
             Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| invalid("ttl_seconds", e))?,
         };
-        let kind = match req.kind.as_str() {
-            "x509" => EmergencyKind::X509 { csr: VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))? },
-            "jwt" => EmergencyKind::Jwt { audience: text("audience", &req.audience, 512)? },
-            "aws" => EmergencyKind::Aws { role: AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))? },
+        let ask = match req.kind.as_str() {
+            "x509" => Ask::X509 { key: KeySource::Csr(VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?) },
+            "jwt" => Ask::Jwt { audiences: vec![text("audience", &req.audience, 512)?] },
+            "aws" => Ask::Aws { role: AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))? },
             other => return Err(invalid("kind", format!("`{}` is not one of x509, jwt, aws", other.escape_debug()))),
         };
         let outcome = self
-            .issuer
-            .break_glass(&peer, EmergencyRequest { kind, ttl, reason, ticket })
+            .desk
+            .request(Caller::Local(&peer), EmergencyRequest { ask, ttl, reason, ticket })
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
@@ -134,8 +133,8 @@ impl Broker for BrokerService {
         let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials);
         let id = request.into_inner().pending_id;
         let outcome = self
-            .issuer
-            .break_glass_wait(&peer, &id, std::time::Duration::from_secs(20))
+            .desk
+            .wait(&peer, &id, std::time::Duration::from_secs(20))
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
@@ -147,29 +146,36 @@ fn emergency_response(outcome: EmergencyOutcome) -> BreakGlassResponse {
         EmergencyOutcome::Pending { id, expires_at } => {
             BreakGlassResponse { pending_id: id, pending_until: unix_secs(expires_at), ..Default::default() }
         }
-        EmergencyOutcome::X509(issued) => BreakGlassResponse {
-            credential_id: issued.credential_id,
-            spiffe_id: issued.identity.to_string(),
-            not_after: unix_secs(issued.svid.not_after),
-            serial: issued.svid.serial,
-            cert_chain: vec![issued.svid.cert_der],
-            trust_bundle: issued.bundle,
+        EmergencyOutcome::Issued(issued) => issued_response(issued),
+    }
+}
+
+fn issued_response(issued: Issued) -> BreakGlassResponse {
+    let (credential_id, spiffe_id) = (issued.credential_id, issued.identity.to_string());
+    match issued.credential {
+        Credential::X509(x) => BreakGlassResponse {
+            credential_id,
+            spiffe_id,
+            not_after: unix_secs(x.svid.not_after),
+            serial: x.svid.serial,
+            cert_chain: vec![x.svid.cert_der],
+            trust_bundle: x.bundle,
             ..Default::default()
         },
-        EmergencyOutcome::Jwt(issued) => BreakGlassResponse {
-            credential_id: issued.credential_id,
-            spiffe_id: issued.identity.to_string(),
-            not_after: unix_secs(issued.svid.not_after),
-            serial: issued.svid.jti.clone(),
-            token: issued.svid.token.expose().to_owned(),
+        Credential::Jwt(svid) => BreakGlassResponse {
+            credential_id,
+            spiffe_id,
+            not_after: unix_secs(svid.not_after),
+            serial: svid.jti.clone(),
+            token: svid.token.expose().to_owned(),
             ..Default::default()
         },
-        EmergencyOutcome::Aws(issued) => BreakGlassResponse {
-            credential_id: issued.credential_id.clone(),
-            spiffe_id: issued.identity.to_string(),
-            not_after: unix_secs(issued.session.expiration),
-            serial: issued.session.access_key_id.clone(),
-            aws: Some(aws_credentials(&issued)),
+        Credential::Aws(aws) => BreakGlassResponse {
+            credential_id,
+            spiffe_id,
+            not_after: unix_secs(aws.session.expiration),
+            serial: aws.session.access_key_id.clone(),
+            aws: Some(aws_credentials(&aws)),
             ..Default::default()
         },
     }

@@ -20,14 +20,13 @@ use tonic::Code;
 use super::pb::exchange_server::{Exchange, ExchangeServer};
 use super::pb::{ExchangeRequest as PbRequest, ExchangeResponse as PbResponse};
 use super::{aws_credentials, status};
+use crate::breakglass::{BreakGlassDesk, EmergencyOutcome, EmergencyRequest};
 use crate::clock::unix_secs;
 use crate::identity::Ttl;
-use crate::issue::{
-    EmergencyKind, EmergencyOutcome, EmergencyRequest, ExchangeKind, ExchangeRequest, Exchanged, IssueError, IssuedAws,
-    Issuer,
-};
+use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Issuer, KeySource, Origin};
 use crate::mint::{TrustBundle, VerifiedCsr};
 use crate::policy::AwsRole;
+use crate::validate::Validator;
 
 /// The remote address of a TLS connection, put on each request by the listener.
 #[derive(Clone, Debug)]
@@ -36,6 +35,8 @@ pub struct RemoteAddr(pub String);
 #[derive(Clone)]
 pub struct ExchangeApi {
     issuer: Arc<Issuer>,
+    desk: Arc<BreakGlassDesk>,
+    validator: Arc<Validator>,
     /// `iss` of mayfly's JWTs and the base of its discovery document.
     jwt_issuer: String,
     x509_ttl: Ttl,
@@ -43,20 +44,41 @@ pub struct ExchangeApi {
     aws_ttl: Ttl,
     max_ttl: Ttl,
     request_timeout: Duration,
-    /// The published bundle: its CRLs are served at /crl.der and /crl.pem.
+    /// The published bundle: its JWKS at /.well-known/jwks.json, its CRLs at /crl.der and /crl.pem.
     bundles: Option<tokio::sync::watch::Receiver<Arc<TrustBundle>>>,
 }
 
+/// A parsed exchange request.
+pub struct Asked {
+    ask: Ask,
+    ttl: Ttl,
+    remote: String,
+}
+
 impl ExchangeApi {
+    #[expect(clippy::too_many_arguments, reason = "the narrow handles and limits of the listener, each named")]
     pub fn new(
         issuer: Arc<Issuer>,
+        desk: Arc<BreakGlassDesk>,
+        validator: Arc<Validator>,
         jwt_issuer: String,
         x509_ttl: Ttl,
         jwt_ttl: Ttl,
         max_ttl: Ttl,
         request_timeout: Duration,
     ) -> Self {
-        Self { issuer, jwt_issuer, x509_ttl, jwt_ttl, aws_ttl: x509_ttl, max_ttl, request_timeout, bundles: None }
+        Self {
+            issuer,
+            desk,
+            validator,
+            jwt_issuer,
+            x509_ttl,
+            jwt_ttl,
+            aws_ttl: x509_ttl,
+            max_ttl,
+            request_timeout,
+            bundles: None,
+        }
     }
 
     /// What an AWS request without a lifetime asks for.
@@ -98,7 +120,7 @@ impl ExchangeApi {
         role: Option<String>,
         ttl: Option<i64>,
         remote: String,
-    ) -> Result<ExchangeRequest, Rejection> {
+    ) -> Result<Asked, Rejection> {
         let ttl_for = |default: Ttl| match ttl {
             None => Ok(default),
             Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| Rejection::invalid("ttl", e)),
@@ -111,18 +133,18 @@ impl ExchangeApi {
                 if audience.len() > 512 || audience.chars().any(char::is_control) {
                     return Err(Rejection::invalid("audience", "at most 512 characters, no control characters"));
                 }
-                ExchangeKind::Jwt { audience }
+                Ask::Jwt { audiences: vec![audience] }
             }
             "x509" => {
                 let csr =
                     csr.filter(|c| !c.is_empty()).ok_or_else(|| Rejection::invalid("csr", "required for kind x509"))?;
-                ExchangeKind::X509 { csr: VerifiedCsr::parse(csr).map_err(|e| Rejection::invalid("csr", e))? }
+                Ask::X509 { key: KeySource::Csr(VerifiedCsr::parse(csr).map_err(|e| Rejection::invalid("csr", e))?) }
             }
             "aws" => {
                 let role = role
                     .filter(|r| !r.is_empty())
                     .ok_or_else(|| Rejection::invalid("role", "required for kind aws"))?;
-                ExchangeKind::Aws { role: AwsRole::parse(role.trim()).map_err(|e| Rejection::invalid("role", e))? }
+                Ask::Aws { role: AwsRole::parse(role.trim()).map_err(|e| Rejection::invalid("role", e))? }
             }
             other => {
                 return Err(Rejection::invalid(
@@ -132,14 +154,14 @@ impl ExchangeApi {
             }
         };
         let ttl = ttl_for(match kind {
-            ExchangeKind::Jwt { .. } => self.jwt_ttl,
-            ExchangeKind::X509 { .. } => self.x509_ttl,
-            ExchangeKind::Aws { .. } => self.aws_ttl,
+            Ask::Jwt { .. } => self.jwt_ttl,
+            Ask::X509 { .. } => self.x509_ttl,
+            Ask::Aws { .. } => self.aws_ttl,
         })?;
-        Ok(ExchangeRequest { kind, ttl, remote })
+        Ok(Asked { ask: kind, ttl, remote })
     }
 
-    async fn run(&self, token: &str, req: ExchangeRequest) -> Result<Exchanged, Rejection> {
+    async fn run(&self, token: &str, req: Asked) -> Result<Issued, Rejection> {
         if token.is_empty() {
             return Err(Rejection::new(
                 StatusCode::UNAUTHORIZED,
@@ -148,7 +170,10 @@ impl ExchangeApi {
                 "an id-token is required",
             ));
         }
-        match tokio::time::timeout(self.request_timeout, self.issuer.exchange(token, req)).await {
+        let caller = Caller::Presented { token, remote: &req.remote };
+        let origin = Origin { api: "exchange", rotates: None, emergency: None };
+        let request = IssueRequest { ask: req.ask, ttl: req.ttl, spiffe_id: None, origin };
+        match tokio::time::timeout(self.request_timeout, self.issuer.issue(caller, request)).await {
             Ok(result) => result.map_err(|e| Rejection::from_issue(&e)),
             Err(_) => Err(Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -267,59 +292,54 @@ async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<
         return http_break_glass(&api, &req.token, parsed, emergency).await;
     }
     match api.run(&req.token, parsed).await {
-        Ok(Exchanged::Jwt(issued)) => Json(json!({
-            "kind": "jwt",
-            "credential_id": issued.credential_id,
-            "spiffe_id": issued.identity.as_str(),
-            "token": issued.svid.token.expose(),
-            "expires_at": unix_secs(issued.svid.not_after),
-        }))
-        .into_response(),
-        Ok(Exchanged::X509(issued)) => {
-            let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
-            Json(json!({
-                "kind": "x509",
-                "credential_id": issued.credential_id,
-                "spiffe_id": issued.identity.as_str(),
-                "certificate": pem_of(&issued.svid.cert_der),
-                "bundle": issued.bundle.iter().map(|c| pem_of(c)).collect::<String>(),
-                "serial": issued.svid.serial,
-                "expires_at": unix_secs(issued.svid.not_after),
-            }))
-            .into_response()
-        }
-        Ok(Exchanged::Aws(issued)) => Json(aws_json(&issued, false)).into_response(),
+        Ok(issued) => Json(issued_json(&issued, false)).into_response(),
         Err(r) => r.into_response(),
     }
 }
 
-/// An AWS session as JSON: the credential_process fields (Version 1, AccessKeyId,
-/// SecretAccessKey, SessionToken, Expiration in RFC 3339) and mayfly's record of it.
-fn aws_json(issued: &IssuedAws, break_glass: bool) -> Value {
-    json!({
-        "kind": "aws",
-        "break_glass": break_glass,
-        "credential_id": issued.credential_id,
-        "spiffe_id": issued.identity.as_str(),
-        "expires_at": unix_secs(issued.session.expiration),
-        "role_arn": issued.role_arn,
-        "assumed_role_arn": issued.session.assumed_role_arn,
-        "session_name": issued.session_name,
-        "source_identity": issued.source_identity,
-        "Version": 1,
-        "AccessKeyId": issued.session.access_key_id,
-        "SecretAccessKey": issued.session.secret_access_key.expose(),
-        "SessionToken": issued.session.session_token.expose(),
-        "Expiration": crate::clock::rfc3339(issued.session.expiration),
-    })
+/// An issued credential as the exchange's JSON answer. AWS sessions carry the
+/// credential_process fields (Version 1, AccessKeyId, SecretAccessKey, SessionToken,
+/// Expiration in RFC 3339) beside mayfly's record of them.
+fn issued_json(issued: &Issued, break_glass: bool) -> Value {
+    let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+    let mut answer = match &issued.credential {
+        Credential::Jwt(svid) => json!({
+            "kind": "jwt",
+            "token": svid.token.expose(),
+            "expires_at": unix_secs(svid.not_after),
+        }),
+        Credential::X509(x) => json!({
+            "kind": "x509",
+            "certificate": pem_of(&x.svid.cert_der),
+            "bundle": x.bundle.iter().map(|c| pem_of(c)).collect::<String>(),
+            "serial": x.svid.serial,
+            "expires_at": unix_secs(x.svid.not_after),
+        }),
+        Credential::Aws(aws) => json!({
+            "kind": "aws",
+            "expires_at": unix_secs(aws.session.expiration),
+            "role_arn": aws.role_arn,
+            "assumed_role_arn": aws.session.assumed_role_arn,
+            "session_name": aws.session_name,
+            "source_identity": aws.source_identity,
+            "Version": 1,
+            "AccessKeyId": aws.session.access_key_id,
+            "SecretAccessKey": aws.session.secret_access_key.expose(),
+            "SessionToken": aws.session.session_token.expose(),
+            "Expiration": crate::clock::rfc3339(aws.session.expiration),
+        }),
+    };
+    if let Some(map) = answer.as_object_mut() {
+        map.insert("credential_id".into(), issued.credential_id.clone().into());
+        map.insert("spiffe_id".into(), issued.identity.to_string().into());
+        if break_glass || matches!(issued.credential, Credential::Aws(_)) {
+            map.insert("break_glass".into(), break_glass.into());
+        }
+    }
+    answer
 }
 
-async fn http_break_glass(
-    api: &ExchangeApi,
-    token: &str,
-    parsed: ExchangeRequest,
-    emergency: JsonEmergency,
-) -> Response {
+async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: Asked, emergency: JsonEmergency) -> Response {
     let (reason, ticket) = match (
         emergency_text("break_glass.reason", &emergency.reason, 1000),
         emergency_text("break_glass.ticket", &emergency.ticket, 64),
@@ -327,32 +347,20 @@ async fn http_break_glass(
         (Ok(r), Ok(t)) => (r, t),
         (Err(e), _) | (_, Err(e)) => return e.into_response(),
     };
-    let kind = match parsed.kind {
-        ExchangeKind::Jwt { audience } => EmergencyKind::Jwt { audience },
-        ExchangeKind::X509 { csr } => EmergencyKind::X509 { csr },
-        ExchangeKind::Aws { role } => EmergencyKind::Aws { role },
-    };
-    let request = EmergencyRequest { kind, ttl: parsed.ttl, reason, ticket };
-    let outcome =
-        tokio::time::timeout(api.request_timeout, api.issuer.exchange_break_glass(token, &parsed.remote, request))
-            .await;
-    let pem_of = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
-    match outcome {
-        Ok(Ok(EmergencyOutcome::Jwt(issued))) => Json(json!({
-            "kind": "jwt", "break_glass": true, "credential_id": issued.credential_id, "spiffe_id": issued.identity.as_str(),
-            "token": issued.svid.token.expose(), "expires_at": unix_secs(issued.svid.not_after),
-        }))
+    let request = EmergencyRequest { ask: parsed.ask, ttl: parsed.ttl, reason, ticket };
+    let caller = Caller::Presented { token, remote: &parsed.remote };
+    match tokio::time::timeout(api.request_timeout, api.desk.request(caller, request)).await {
+        Ok(Ok(EmergencyOutcome::Issued(issued))) => Json(issued_json(&issued, true)).into_response(),
+        Ok(Ok(EmergencyOutcome::Pending { .. })) => Rejection::new(
+            StatusCode::FORBIDDEN,
+            Code::PermissionDenied,
+            "access_denied",
+            "approval is served on the workload socket only",
+        )
         .into_response(),
-        Ok(Ok(EmergencyOutcome::X509(issued))) => Json(json!({
-            "kind": "x509", "break_glass": true, "credential_id": issued.credential_id, "spiffe_id": issued.identity.as_str(),
-            "certificate": pem_of(&issued.svid.cert_der), "bundle": issued.bundle.iter().map(|c| pem_of(c)).collect::<String>(),
-            "serial": issued.svid.serial, "expires_at": unix_secs(issued.svid.not_after),
-        }))
-        .into_response(),
-        Ok(Ok(EmergencyOutcome::Aws(issued))) => Json(aws_json(&issued, true)).into_response(),
-        Ok(Ok(EmergencyOutcome::Pending { .. })) => Rejection::new(StatusCode::FORBIDDEN, Code::PermissionDenied, "access_denied", "approval is served on the workload socket only").into_response(),
         Ok(Err(e)) => Rejection::from_issue(&e).into_response(),
-        Err(_) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out").into_response(),
+        Err(_) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out")
+            .into_response(),
     }
 }
 
@@ -392,7 +400,7 @@ async fn introspect(State(api): State<ExchangeApi>, remote: Option<Extension<Rem
     if token.is_empty() {
         return Rejection::invalid("token", "required (application/x-www-form-urlencoded `token=…`)").into_response();
     }
-    match api.issuer.introspect(&token, &remote).await {
+    match api.validator.introspect(&token, &remote).await {
         Ok(v) => {
             let mut reply = serde_json::Map::from_iter(v.claims);
             reply.insert("active".into(), json!(true));
@@ -433,7 +441,7 @@ async fn discovery(State(api): State<ExchangeApi>) -> Json<Value> {
 /// The JWKS for OIDC relying parties: the same keys as the SPIFFE JWT bundle, marked for
 /// signature verification (`use: sig`), which generic OIDC libraries look for.
 async fn jwks(State(api): State<ExchangeApi>) -> Json<Value> {
-    let mut set = api.issuer.jwks();
+    let mut set = api.bundles.as_ref().map(|b| b.borrow().jwks.clone()).unwrap_or_else(|| json!({ "keys": [] }));
     if let Some(keys) = set.get_mut("keys").and_then(Value::as_array_mut) {
         for key in keys {
             key["use"] = json!("sig");
@@ -452,32 +460,34 @@ impl Exchange for ExchangeApi {
         let csr = if req.csr.is_empty() { None } else { Some(req.csr.as_slice()) };
         let parsed =
             self.parse(&req.kind, opt(req.audience), csr, opt(req.role), req.ttl_seconds, remote).map_err(to_status)?;
-        let reply = match self.run(&req.token, parsed).await.map_err(to_status)? {
-            Exchanged::Jwt(issued) => PbResponse {
-                credential_id: issued.credential_id,
-                spiffe_id: issued.identity.to_string(),
+        let issued = self.run(&req.token, parsed).await.map_err(to_status)?;
+        let (credential_id, spiffe_id) = (issued.credential_id.clone(), issued.identity.to_string());
+        let reply = match issued.credential {
+            Credential::Jwt(svid) => PbResponse {
+                credential_id,
+                spiffe_id,
                 kind: "jwt".into(),
-                token: issued.svid.token.expose().to_owned(),
-                expires_at: unix_secs(issued.svid.not_after),
+                token: svid.token.expose().to_owned(),
+                expires_at: unix_secs(svid.not_after),
                 ..Default::default()
             },
-            Exchanged::X509(issued) => PbResponse {
-                credential_id: issued.credential_id,
-                spiffe_id: issued.identity.to_string(),
+            Credential::X509(x) => PbResponse {
+                credential_id,
+                spiffe_id,
                 kind: "x509".into(),
-                cert_chain: vec![issued.svid.cert_der],
-                trust_bundle: issued.bundle,
-                serial: issued.svid.serial,
-                expires_at: unix_secs(issued.svid.not_after),
+                cert_chain: vec![x.svid.cert_der],
+                trust_bundle: x.bundle,
+                serial: x.svid.serial,
+                expires_at: unix_secs(x.svid.not_after),
                 ..Default::default()
             },
-            Exchanged::Aws(issued) => PbResponse {
-                credential_id: issued.credential_id.clone(),
-                spiffe_id: issued.identity.to_string(),
+            Credential::Aws(aws) => PbResponse {
+                credential_id,
+                spiffe_id,
                 kind: "aws".into(),
-                serial: issued.session.access_key_id.clone(),
-                expires_at: unix_secs(issued.session.expiration),
-                aws: Some(aws_credentials(&issued)),
+                serial: aws.session.access_key_id.clone(),
+                expires_at: unix_secs(aws.session.expiration),
+                aws: Some(aws_credentials(&aws)),
                 ..Default::default()
             },
         };

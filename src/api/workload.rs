@@ -23,9 +23,14 @@ use super::spiffe::{
 };
 use super::{invalid, status};
 use crate::attest::PeerInfo;
+use crate::clock::Clock;
 use crate::identity::{TrustDomain, Ttl, WorkloadId};
-use crate::issue::{IssueError, IssuedX509, Issuer, JwtRequest, KeySource, Origin, X509Request};
-use crate::mint::TrustBundle;
+use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Issuer, KeySource, Origin};
+use crate::keys::SecretDer;
+use crate::mint::{MintError, TrustBundle, X509Svid};
+use crate::policy::store::PolicyStore;
+use crate::revoke::Revocations;
+use crate::validate::Validator;
 
 /// The metadata every Workload API call must carry (SPIFFE Workload Endpoint spec): it
 /// keeps a browser or an SSRF-able HTTP client from reaching the API.
@@ -51,6 +56,10 @@ pub struct WorkloadApiSettings {
 
 pub struct WorkloadApiService {
     issuer: Arc<Issuer>,
+    validator: Arc<Validator>,
+    policy: Arc<PolicyStore>,
+    revocations: Arc<Revocations>,
+    clock: Arc<dyn Clock>,
     settings: WorkloadApiSettings,
     bundles: watch::Receiver<Arc<TrustBundle>>,
     /// Flips to true at shutdown: streams end so the drain can finish.
@@ -58,27 +67,56 @@ pub struct WorkloadApiService {
 }
 
 impl WorkloadApiService {
+    #[expect(clippy::too_many_arguments, reason = "the narrow handles the Workload API uses, each named")]
     pub fn new(
         issuer: Arc<Issuer>,
+        validator: Arc<Validator>,
+        policy: Arc<PolicyStore>,
+        revocations: Arc<Revocations>,
+        clock: Arc<dyn Clock>,
         settings: WorkloadApiSettings,
         bundles: watch::Receiver<Arc<TrustBundle>>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        Self { issuer, settings, bundles, stop }
+        Self { issuer, validator, policy, revocations, clock, settings, bundles, stop }
     }
 
     fn trust_domain_key(&self) -> String {
         format!("spiffe://{}", self.settings.trust_domain)
     }
 
-    async fn issue_x509(&self, peer: &PeerInfo, rotates: Option<String>) -> Result<IssuedX509, IssueError> {
-        let req = X509Request {
-            key: KeySource::ServerMade,
-            ttl: self.settings.x509_ttl,
-            spiffe_id: None,
-            origin: Origin { api: API, rotates, emergency: None },
-        };
-        self.issuer.issue_x509(peer, req).await
+    async fn issue_x509(&self, peer: &PeerInfo, rotates: Option<String>) -> Result<Svid, IssueError> {
+        issue_svid(&self.issuer, peer, self.settings.x509_ttl, None, rotates).await
+    }
+}
+
+/// An X.509 SVID a stream holds: the key leaves with the first message it is in.
+struct Svid {
+    credential_id: String,
+    identity: WorkloadId,
+    svid: X509Svid,
+    private_key: Option<SecretDer>,
+}
+
+/// An X.509 SVID with a key mayfly makes, through the one pipeline.
+async fn issue_svid(
+    issuer: &Issuer,
+    peer: &PeerInfo,
+    ttl: Ttl,
+    spiffe_id: Option<WorkloadId>,
+    rotates: Option<String>,
+) -> Result<Svid, IssueError> {
+    let req = IssueRequest {
+        ask: Ask::X509 { key: KeySource::ServerMade },
+        ttl,
+        spiffe_id,
+        origin: Origin { api: API, rotates, emergency: None },
+    };
+    let Issued { credential_id, identity, credential, .. } = issuer.issue(Caller::Local(peer), req).await?;
+    match credential {
+        Credential::X509(x) => Ok(Svid { credential_id, identity, svid: x.svid, private_key: x.private_key }),
+        // Why an error, not a panic: the pipeline mints the kind it is asked for.
+        _ => Err(IssueError::Mint(MintError::Signing("unexpected credential kind".into()))),
     }
 }
 
@@ -105,7 +143,7 @@ fn concat(certs: &[Vec<u8>]) -> Vec<u8> {
     certs.concat()
 }
 
-fn svid_response(issued: &IssuedX509, bundle: &TrustBundle) -> X509svidResponse {
+fn svid_response(issued: &Svid, bundle: &TrustBundle) -> X509svidResponse {
     X509svidResponse {
         svids: vec![X509svid {
             spiffe_id: issued.identity.to_string(),
@@ -156,10 +194,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         let (tx, rx) = mpsc::channel(2);
         let stream = SvidStream {
             issuer: self.issuer.clone(),
+            store: self.policy.clone(),
+            revocations: self.revocations.clone(),
+            clock: self.clock.clone(),
             settings: self.settings.clone(),
             bundles: self.bundles.clone(),
-            policy: self.issuer.policy_changes(),
-            revocations: self.issuer.revocations().changes(),
+            policy: self.policy.changes(),
+            revocation_changes: self.revocations.changes(),
             stop: self.stop.clone(),
             peer,
             tx,
@@ -205,23 +246,18 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             "" => None,
             s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
         };
-        let issued = self
-            .issuer
-            .issue_jwt(
-                &peer,
-                JwtRequest {
-                    audiences: req.audience,
-                    ttl: self.settings.jwt_ttl,
-                    spiffe_id,
-                    origin: Origin { api: API, rotates: None, emergency: None },
-                },
-            )
-            .await
-            .map_err(|e| status(&e))?;
+        let request = IssueRequest {
+            ask: Ask::Jwt { audiences: req.audience },
+            ttl: self.settings.jwt_ttl,
+            spiffe_id,
+            origin: Origin { api: API, rotates: None, emergency: None },
+        };
+        let issued = self.issuer.issue(Caller::Local(&peer), request).await.map_err(|e| status(&e))?;
+        let Credential::Jwt(svid) = &issued.credential else { return Err(super::wrong_kind()) };
         Ok(Response::new(JwtsvidResponse {
             svids: vec![Jwtsvid {
                 spiffe_id: issued.identity.to_string(),
-                svid: issued.svid.token.expose().to_owned(),
+                svid: svid.token.expose().to_owned(),
                 hint: String::new(),
             }],
         }))
@@ -252,7 +288,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         if req.svid.is_empty() {
             return Err(invalid("svid", "required"));
         }
-        let validated = self.issuer.validate_jwt(&peer, &req.svid, &req.audience).await.map_err(|e| status(&e))?;
+        let validated = self.validator.validate_jwt(&peer, &req.svid, &req.audience).await.map_err(|e| status(&e))?;
         let claims =
             prost_types::Struct { fields: validated.claims.into_iter().map(|(k, v)| (k, to_prost(v))).collect() };
         Ok(Response::new(ValidateJwtsvidResponse { spiffe_id: validated.identity.to_string(), claims: Some(claims) }))
@@ -278,10 +314,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
 /// One open FetchX509SVID stream: owns the caller's current SVID and renews it.
 struct SvidStream {
     issuer: Arc<Issuer>,
+    store: Arc<PolicyStore>,
+    revocations: Arc<Revocations>,
+    clock: Arc<dyn Clock>,
     settings: WorkloadApiSettings,
     bundles: watch::Receiver<Arc<TrustBundle>>,
     policy: watch::Receiver<u64>,
-    revocations: watch::Receiver<u64>,
+    revocation_changes: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
     peer: PeerInfo,
     tx: mpsc::Sender<Result<X509svidResponse, Status>>,
@@ -296,11 +335,11 @@ enum Wake {
 }
 
 impl SvidStream {
-    async fn run(mut self, first: IssuedX509) {
+    async fn run(mut self, first: Svid) {
         let mut current = first;
         self.bundles.mark_unchanged();
         self.policy.mark_unchanged();
-        self.revocations.mark_unchanged();
+        self.revocation_changes.mark_unchanged();
         let mut sent = self.bundles.borrow().clone();
         if self.tx.send(Ok(svid_response(&current, &sent))).await.is_err() {
             return;
@@ -313,13 +352,13 @@ impl SvidStream {
                 rotation_time(current.svid.not_before, current.svid.not_after, self.settings.rotate_at_percent);
             // Why: an inventory entry that expires ends the identity's entitlement that day,
             // not at the next rotation.
-            let entry_end = self.issuer.entry_expires(&current.identity).map(end_of_day);
+            let entry_end = self.store.entry_expires(&current.identity).map(end_of_day);
             let due = [Some(rotate_at), entry_end, retry_at].into_iter().flatten().min().unwrap_or(rotate_at);
             let wake = tokio::select! {
-                () = self.issuer.sleep_until(due) => Wake::Due,
+                () = self.clock.sleep_until(due) => Wake::Due,
                 r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
                 r = self.bundles.changed() => if r.is_ok() { Wake::BundleChanged } else { Wake::Gone },
-                r = self.revocations.changed() => if r.is_ok() { Wake::Revocation } else { Wake::Gone },
+                r = self.revocation_changes.changed() => if r.is_ok() { Wake::Revocation } else { Wake::Gone },
                 () = self.tx.closed() => Wake::Gone,
                 _ = self.stop.wait_for(|s| *s) => Wake::Gone,
             };
@@ -328,12 +367,12 @@ impl SvidStream {
             }
             // Whatever woke the stream, a revoked SVID (or a locked identity's) leaves the
             // workload now, not at the next rotation; the stream ends and is never renewed.
-            let revocations = self.issuer.revocations();
+            let revocations = &self.revocations;
             let refusal = if revocations.is_revoked(&current.credential_id) {
                 Some(IssueError::Revoked(current.credential_id.clone()))
             } else {
                 revocations
-                    .lock_for(&current.identity, self.issuer.now())
+                    .lock_for(&current.identity, self.clock.now())
                     .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
             };
             if let Some(err) = refusal {
@@ -389,7 +428,7 @@ impl SvidStream {
                     return;
                 }
                 Err(e) => {
-                    let now = self.issuer.now();
+                    let now = self.clock.now();
                     if current.svid.not_after <= now {
                         let _ = self.tx.send(Err(status(&e))).await;
                         return;
@@ -402,14 +441,9 @@ impl SvidStream {
         }
     }
 
-    async fn renew(&self, current: &IssuedX509) -> Result<IssuedX509, IssueError> {
-        let req = X509Request {
-            key: KeySource::ServerMade,
-            ttl: self.settings.x509_ttl,
-            spiffe_id: Some(current.identity.clone()),
-            origin: Origin { api: API, rotates: Some(current.credential_id.clone()), emergency: None },
-        };
-        self.issuer.issue_x509(&self.peer, req).await
+    async fn renew(&self, current: &Svid) -> Result<Svid, IssueError> {
+        let rotates = Some(current.credential_id.clone());
+        issue_svid(&self.issuer, &self.peer, self.settings.x509_ttl, Some(current.identity.clone()), rotates).await
     }
 }
 

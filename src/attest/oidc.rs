@@ -16,6 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use crate::ledger::event::Provenance;
 use crate::clock::unix_secs;
 use crate::identity::{OidcClaims, Selector, Selectors};
 use crate::ledger::BoxFuture;
@@ -100,7 +101,7 @@ pub struct VerifiedToken {
     pub selectors: Selectors,
     /// What an auditor needs to trace a credential to the run that asked for it
     /// (issuer, subject, repository, ref, sha, workflow, run), for the ledger.
-    pub provenance: Value,
+    pub provenance: Provenance,
     pub dev_fallback: bool,
 }
 
@@ -408,18 +409,18 @@ fn map_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Veri
             key == "iss" || key == "sub" || config.selector_claims.contains(key)
         })
         .collect::<BTreeSet<Selector>>();
-    let provenance = serde_json::json!({
-        "issuer": oidc.issuer,
-        "subject": oidc.subject,
-        "repository": oidc.repository,
-        "ref": oidc.git_ref,
-        "sha": oidc.sha,
-        "workflow": oidc.workflow_ref,
-        "run_id": oidc.run_id,
-        "event_name": oidc.event_name,
-        "environment": oidc.environment,
-        "jti": claims.get("jti").and_then(Value::as_str),
-    });
+    let provenance = Provenance {
+        issuer: Some(oidc.issuer.clone()),
+        subject: Some(oidc.subject.clone()),
+        repository: oidc.repository.clone(),
+        git_ref: oidc.git_ref.clone(),
+        sha: oidc.sha.clone(),
+        workflow: oidc.workflow_ref.clone(),
+        run_id: oidc.run_id.clone(),
+        event_name: oidc.event_name.clone(),
+        environment: oidc.environment.clone(),
+        jti: claims.get("jti").and_then(Value::as_str).map(str::to_owned),
+    };
     Ok(VerifiedToken { claims: oidc, selectors, provenance, dev_fallback: config.dev_fallback })
 }
 
@@ -511,8 +512,8 @@ mod tests {
                 && sel.contains(&format!("oidc:iss:{ISS}").as_str())
         );
         assert!(!sel.iter().any(|s| s.starts_with("oidc:sha:")), "only configured claims become selectors");
-        assert_eq!(v.provenance["sha"], "0123abcd");
-        assert_eq!(v.provenance["run_id"], "42");
+        assert_eq!(v.provenance.sha.as_deref(), Some("0123abcd"));
+        assert_eq!(v.provenance.run_id.as_deref(), Some("42"));
     }
 
     #[tokio::test]

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use crate::api::pb::{PolicyShadowRequest, RecordPolicyCheckRequest};
 use crate::clock::{rfc3339, unix_secs};
 use crate::identity::{TrustDomain, Ttl};
-use crate::ledger::sqlite::LedgerReader;
+use crate::ledger::event::{Event, EventKind, ShadowState};
+use crate::ledger::{EventFilter, read_typed};
 use crate::policy::bundle::{Bundle, PolicyFiles, PublicKey};
 use crate::policy::prove::{self, ProofReport, ProveError};
 use crate::policy::release::Release;
@@ -32,20 +33,16 @@ pub struct Source {
 
 #[derive(clap::Args)]
 pub struct LedgerArgs {
-    /// The daemon's data directory (its ledger.db is read, never written).
-    #[arg(long, default_value = ".mayfly")]
-    data_dir: PathBuf,
-    /// The ledger file, when not `<data-dir>/ledger.db` (a copy is fine).
-    #[arg(long)]
-    ledger: Option<PathBuf>,
+    #[command(flatten)]
+    at: super::LedgerAt,
     /// How far back to replay recorded requests (e.g. 24h, 7d).
     #[arg(long, default_value = "24h")]
     since: String,
 }
 
 impl LedgerArgs {
-    pub fn new(data_dir: PathBuf, ledger: Option<PathBuf>, since: String) -> Self {
-        Self { data_dir, ledger, since }
+    pub fn new(at: super::LedgerAt, since: String) -> Self {
+        Self { at, since }
     }
 }
 
@@ -87,17 +84,20 @@ fn since(text: &str) -> Result<SystemTime, String> {
 }
 
 async fn replay_ledger(candidate: &Release, ledger: &LedgerArgs) -> Result<Report, String> {
-    let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
     let from = since(&ledger.since)?;
-    let mut reader = LedgerReader::open(&path).await.map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
+    let (location, reader) = ledger.at.open().await?;
     // A page at a time: a busy day is millions of decisions, and memory stays flat.
     let mut report = Report::start(candidate, from);
     let mut after = 0;
     loop {
-        let page = reader
-            .kind_page("decision", after, replay::epoch_ms(from), 5000)
-            .await
-            .map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
+        let filter = EventFilter {
+            kinds: vec![EventKind::Decision],
+            after,
+            since_ms: Some(replay::epoch_ms(from)),
+            limit: Some(5000),
+            last: None,
+        };
+        let page = reader.events(filter).await.map_err(|e| format!("ledger `{location}`: {e}"))?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         report.feed(candidate, &page);
@@ -192,7 +192,7 @@ fn indent(text: &str, by: &str) -> String {
 
 async fn record(admin_socket: Option<&Path>, report: &Value) -> Result<(), ExitCode> {
     let Some(socket) = admin_socket else { return Ok(()) };
-    let mut client = super::policy::admin(socket).await?;
+    let mut client = super::admin(socket).await?;
     match client.record_policy_check(RecordPolicyCheckRequest { report: report.to_string() }).await {
         Ok(r) => {
             eprintln!("recorded as ledger event {}", r.into_inner().event_id);
@@ -470,7 +470,7 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
     if stop == path.is_some() {
         return super::fail("name a candidate (bundle file, or in dev a policies/ directory) or --stop");
     }
-    let mut client = match super::policy::admin(admin_socket).await {
+    let mut client = match super::admin(admin_socket).await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -500,42 +500,38 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
 /// saw, and its activations — so an auditor sees which checks it passed before it went
 /// live. Exit 1 when it was activated without a passing, proven promote-check recorded before.
 pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
-    let path = ledger.ledger.clone().unwrap_or_else(|| ledger.data_dir.join("ledger.db"));
-    let events = match LedgerReader::open(&path).await {
-        Ok(mut r) => {
-            r.events_of_kinds(&["policy_check", "policy_shadow", "policy_shadow_diff", "policy_activated"]).await
-        }
-        Err(e) => Err(e),
-    };
-    let events = match events {
-        Ok(e) => e,
-        Err(e) => return super::fail(format!("ledger `{}`: {e}", path.display())),
+    let kinds = [EventKind::PolicyCheck, EventKind::PolicyShadow, EventKind::PolicyShadowDiff, EventKind::PolicyActivated];
+    let (location, events) = match ledger.at.open().await {
+        Ok((location, reader)) => match read_typed(reader.as_ref(), EventFilter::kinds(&kinds)).await {
+            Ok(events) => (location, events),
+            Err(e) => return super::fail(format!("ledger `{location}`: {e}")),
+        },
+        Err(e) => return super::fail(e),
     };
     let matches = |v: Option<&str>| v.is_some_and(|v| v == version || v.strip_prefix("sha256:") == Some(version));
     let at = |ms: i64| rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0).unsigned_abs()));
+    let uid = |o: &crate::ledger::event::Operator| o.uid.map(|u| u.to_string()).unwrap_or_default();
     let mut passed_gate_before: Option<i64> = None;
     let mut activated_without_gate = false;
     let mut shadow: BTreeMap<String, usize> = BTreeMap::new();
     let mut lines = Vec::new();
-    for e in &events {
-        let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
-        let s = |p: &str| body.pointer(p).and_then(Value::as_str);
-        match e.kind.as_str() {
-            "policy_check" => {
-                let check = s("/report/check").unwrap_or("?");
-                let candidate =
-                    s("/report/candidate").or(s("/report/replay/candidate")).or(s("/report/proof/candidate"));
-                if !matches(candidate) {
+    for (row, event) in &events {
+        match event {
+            Event::PolicyCheck(c) => {
+                let report = &c.report;
+                if !matches(report.candidate()) {
                     continue;
                 }
+                let check = report.check.as_str();
+                let field = |k: &str| report.rest.get(k);
                 let verdict = match check {
-                    "promote-check" => s("/report/verdict").unwrap_or("?").to_owned(),
+                    "promote-check" => report.verdict.clone().unwrap_or_else(|| "?".into()),
                     "replay" => format!(
                         "{} escalation(s)",
-                        body.pointer("/report/escalations").and_then(Value::as_u64).unwrap_or(0)
+                        field("escalations").and_then(serde_json::Value::as_u64).unwrap_or(0)
                     ),
                     "proof" => {
-                        if body.pointer("/report/proven") == Some(&json!(true)) {
+                        if field("proven").and_then(serde_json::Value::as_bool) == Some(true) {
                             "proven".into()
                         } else {
                             "not proven".into()
@@ -544,52 +540,57 @@ pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
                     other => other.to_owned(),
                 };
                 // A gate counts only if it proved the release (a skipped proof is no evidence).
-                let proven =
-                    body.pointer("/report/proof/findings").is_some_and(|f| f.as_array().is_some_and(Vec::is_empty));
+                let proven = field("proof")
+                    .and_then(|p| p.get("findings"))
+                    .is_some_and(|f| f.as_array().is_some_and(Vec::is_empty));
                 let verdict = if check == "promote-check" && verdict == "pass" && !proven {
                     "pass, but the proof was skipped".to_owned()
                 } else {
                     verdict
                 };
                 if check == "promote-check" && verdict == "pass" {
-                    passed_gate_before.get_or_insert(e.seq);
+                    passed_gate_before.get_or_insert(row.seq);
                 }
                 lines.push(format!(
                     "{}  #{}  check {check}: {verdict} (operator uid {})",
-                    at(e.at_ms),
-                    e.seq,
-                    body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default()
+                    at(row.at_ms),
+                    row.seq,
+                    uid(&c.operator)
                 ));
             }
-            "policy_shadow" if matches(s("/candidate")) => {
+            Event::PolicyShadow(s) if matches(s.candidate.as_deref()) => {
+                let state = match s.shadow {
+                    ShadowState::Started => "started",
+                    ShadowState::Stopped => "stopped",
+                };
                 lines.push(format!(
-                    "{}  #{}  shadow {} by uid {}: {}",
-                    at(e.at_ms),
-                    e.seq,
-                    s("/shadow").unwrap_or("?"),
-                    body.pointer("/operator/uid").map(ToString::to_string).unwrap_or_default(),
-                    s("/reason").unwrap_or("")
+                    "{}  #{}  shadow {state} by uid {}: {}",
+                    at(row.at_ms),
+                    row.seq,
+                    uid(&s.operator),
+                    s.reason
                 ));
             }
-            "policy_shadow_diff" if matches(s("/candidate")) => {
-                *shadow.entry(s("/change").unwrap_or("?").to_owned()).or_default() += 1;
+            Event::PolicyShadowDiff(d) if matches(Some(&d.candidate)) => {
+                let change = serde_json::to_value(d.change).ok().and_then(|v| v.as_str().map(str::to_owned));
+                *shadow.entry(change.unwrap_or_else(|| "?".into())).or_default() += 1;
             }
-            "policy_activated" if matches(s("/version")) => {
+            Event::PolicyActivated(a) if matches(Some(&a.version)) => {
                 let gated = passed_gate_before.is_some();
                 activated_without_gate |= !gated;
                 lines.push(format!(
                     "{}  #{}  ACTIVATED via {} (signed by {}){}",
-                    at(e.at_ms),
-                    e.seq,
-                    s("/via").unwrap_or("?"),
-                    s("/signed_by").unwrap_or("nobody"),
+                    at(row.at_ms),
+                    row.seq,
+                    a.via,
+                    a.signed_by.as_deref().unwrap_or("nobody"),
                     if gated { "" } else { "  — no passing promote-check recorded before this" }
                 ));
             }
             _ => {}
         }
     }
-    println!("evidence for policy release {version} (ledger `{}`)", path.display());
+    println!("evidence for policy release {version} (ledger `{location}`)");
     for l in &lines {
         println!("  {l}");
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use super::fail;
 use crate::api::pb::IssueX509Request;
 use crate::api::pb::broker_client::BrokerClient;
-use crate::ledger::sqlite::SqliteBackend;
-use crate::ledger::{EventKind, GroupCommitLedger, Ledger, NewEvent};
+use crate::ledger::event::{Caller, Decision, Event, Verdict};
+use crate::ledger::{Ledger, Location, Settings};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -160,6 +160,7 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
                     resource: &resource,
                     requested_ttl: ttl,
                     context: &context,
+                    reserved_audiences: &[],
                 };
                 let t = Instant::now();
                 let d = if indexed { engine.decide(&req, now) } else { engine.decide_full_scan(&req, now) };
@@ -227,21 +228,27 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return fail(e);
     }
-    let path = dir.join("ledger.db");
+    let settings = Settings {
+        location: Location::in_data_dir(&dir),
+        busy_timeout: Duration::from_secs(5),
+        max_batch: max_batch as usize,
+    };
     let result = async {
-        let backend = SqliteBackend::open(&path, Duration::from_secs(5)).await?;
-        let (ledger, writer) = GroupCommitLedger::start(backend, max_batch as usize).await?;
+        let opened = crate::ledger::open(&settings).await?;
+        let (ledger, writer) = (opened.writer, opened.task);
         let writer_handle = ledger.clone();
         let (elapsed, mut latencies, errors) = drive(events, concurrency, move |worker, i| {
             let ledger = writer_handle.clone();
             async move {
-                let event = NewEvent {
-                    kind: EventKind::Decision,
-                    at: SystemTime::now(),
-                    body: serde_json::json!({ "worker": worker, "i": i, "outcome": "allow", "rules": ["bench"] }),
-                    credential: None,
-                };
-                ledger.record(event).await.is_ok()
+                let event = Event::Decision(Decision {
+                    action: "issue_x509".into(),
+                    outcome: Verdict::Allow,
+                    rules: vec!["bench".into()],
+                    caller: Caller::local(worker, worker, i32::try_from(i).ok()),
+                    api: "bench".into(),
+                    ..Decision::default()
+                });
+                ledger.record(SystemTime::now(), event).await.is_ok()
             }
         })
         .await;
@@ -342,7 +349,7 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
     let mut size = 0;
     for round in 0..rounds {
         let started = std::time::Instant::now();
-        match crate::revoke::build_crl(&ca, &list, now, u64::from(round) + 1) {
+        match crate::keys::build_crl(&ca, &list, now, u64::from(round) + 1) {
             Ok(der) => size = der.len(),
             Err(e) => return super::fail(e),
         }

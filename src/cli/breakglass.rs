@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_json::Value;
 
-use super::policy::admin;
+use super::admin;
 use crate::api::pb::broker_client::BrokerClient;
 use crate::api::pb::{
     BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest,
 };
 use crate::identity::Ttl;
-use crate::ledger::sqlite::LedgerReader;
+use crate::ledger::event::{Event, Operator, Stage};
+use crate::ledger::{EventFilter, read_typed};
 
 const DEFAULT_ADMIN_SOCKET: &str = "mayfly-admin.sock";
 
@@ -83,8 +83,8 @@ enum Command {
         /// Unreviewed requests older than this are flagged OVERDUE.
         #[arg(long, default_value = "7d")]
         review_within: String,
-        #[arg(long, default_value = ".mayfly")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        at: super::LedgerAt,
         #[arg(long)]
         json: bool,
     },
@@ -120,9 +120,7 @@ pub async fn run(args: Args) -> ExitCode {
                 Err(s) => super::fail(format!("review refused ({:?}): {}", s.code(), s.message())),
             }
         }
-        Some(Command::Report { since, review_within, data_dir, json }) => {
-            report(&data_dir, &since, &review_within, json).await
-        }
+        Some(Command::Report { since, review_within, at, json }) => report(&at, &since, &review_within, json).await,
     }
 }
 
@@ -250,27 +248,32 @@ struct Entry {
     decision: i64,
     at_ms: i64,
     identity: String,
-    caller: Value,
+    caller: Operator,
     justification: String,
     ticket: String,
     outcome: String,
     request: Option<String>,
-    approved_by: Vec<Value>,
+    approved_by: Vec<Operator>,
     credentials: Vec<String>,
     uses: usize,
     ended: Vec<String>,
-    reviews: Vec<Value>,
+    reviews: Vec<Review>,
     overdue: bool,
 }
 
-async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, json: bool) -> ExitCode {
+#[derive(serde::Serialize)]
+struct Review {
+    by: Option<Operator>,
+    note: String,
+}
+
+async fn report(at: &super::LedgerAt, since: &str, review_within: &str, json: bool) -> ExitCode {
     let (since, within) = match (Ttl::parse(since), Ttl::parse(review_within)) {
         (Ok(s), Ok(w)) => (s, w),
         (Err(e), _) | (_, Err(e)) => return super::fail(e),
     };
-    let path = data_dir.join("ledger.db");
-    let events = match LedgerReader::open(&path).await {
-        Ok(mut r) => r.events().await,
+    let events = match at.open().await {
+        Ok((_, reader)) => read_typed(reader.as_ref(), EventFilter::all()).await.map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     let events = match events {
@@ -285,69 +288,65 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
     let mut entries: BTreeMap<i64, Entry> = BTreeMap::new();
     let mut by_credential: BTreeMap<String, i64> = BTreeMap::new();
     let mut by_request: BTreeMap<String, i64> = BTreeMap::new();
-    for e in &events {
-        let Ok(b) = serde_json::from_str::<Value>(&e.body) else { continue };
-        let s = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
-        let flagged = b.get("break_glass").and_then(Value::as_bool) == Some(true);
-        match e.kind.as_str() {
-            "decision" if flagged && e.at_ms >= from_ms => {
-                entries.insert(
-                    e.seq,
-                    Entry {
-                        decision: e.seq,
-                        at_ms: e.at_ms,
-                        identity: s("identity"),
-                        caller: b.get("caller").cloned().unwrap_or(Value::Null),
-                        justification: s("justification"),
-                        ticket: s("ticket"),
-                        outcome: s("outcome"),
-                        ..Entry::default()
-                    },
-                );
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    for (row, event) in &events {
+        match event {
+            Event::Decision(d) if d.break_glass && row.at_ms >= from_ms => {
+                let entry = Entry {
+                    decision: row.seq,
+                    at_ms: row.at_ms,
+                    identity: text(&d.identity),
+                    caller: d.caller.clone(),
+                    justification: text(&d.justification),
+                    ticket: text(&d.ticket),
+                    outcome: if d.is_allow() { "allow" } else { "deny" }.to_owned(),
+                    ..Entry::default()
+                };
+                entries.insert(row.seq, entry);
             }
-            "break_glass" => {
-                let decision =
-                    b.get("decision_id").and_then(Value::as_i64).or_else(|| by_request.get(&s("request")).copied());
-                let subject = s("subject");
-                let target = decision
+            Event::BreakGlass(b) => {
+                let request = text(&b.request);
+                let subject = text(&b.subject);
+                let target = b
+                    .decision_id
+                    .or_else(|| by_request.get(&request).copied())
                     .or_else(|| by_request.get(&subject).copied())
                     .or_else(|| by_credential.get(&subject).copied());
                 if let Some(entry) = target.and_then(|d| entries.get_mut(&d)) {
-                    if !s("request").is_empty() {
-                        entry.request = Some(s("request"));
-                        by_request.insert(s("request"), entry.decision);
+                    if !request.is_empty() {
+                        entry.request = Some(request.clone());
+                        by_request.insert(request, entry.decision);
                     }
-                    match s("stage").as_str() {
-                        "approved" => entry.approved_by.push(b.get("approver").cloned().unwrap_or(Value::Null)),
-                        "reviewed" => {
-                            entry.reviews.push(serde_json::json!({ "by": b.get("reviewer"), "note": s("note") }))
-                        }
-                        "denied" | "refused" => entry.outcome = format!("{} ({})", s("stage"), s("why")),
+                    match b.stage {
+                        Stage::Approved => entry.approved_by.push(b.approver.clone().unwrap_or_default()),
+                        Stage::Reviewed => entry.reviews.push(Review { by: b.reviewer.clone(), note: text(&b.note) }),
+                        Stage::Denied => entry.outcome = format!("denied ({})", text(&b.why)),
+                        Stage::Refused => entry.outcome = format!("refused ({})", text(&b.why)),
                         _ => {}
                     }
                 }
             }
-            "issued" if flagged => {
-                if let Some(entry) = b.get("decision_id").and_then(Value::as_i64).and_then(|d| entries.get_mut(&d)) {
-                    entry.credentials.push(s("id"));
+            Event::Issued(i) if i.details.break_glass => {
+                if let Some(entry) = entries.get_mut(&i.credential.decision_id) {
+                    entry.credentials.push(i.credential.id.clone());
                     entry.outcome = "issued".into();
-                    by_credential.insert(s("id"), entry.decision);
+                    by_credential.insert(i.credential.id.clone(), entry.decision);
                 }
             }
-            "used" | "expired" => {
-                if let Some(entry) = by_credential.get(&s("credential_id")).and_then(|d| entries.get_mut(d)) {
-                    if e.kind == "used" {
-                        entry.uses += 1;
-                    } else {
-                        entry.ended.push("expired".into());
-                    }
+            Event::Used(u) => {
+                if let Some(entry) = by_credential.get(&u.credential_id).and_then(|d| entries.get_mut(d)) {
+                    entry.uses += 1;
                 }
             }
-            "revoked" => {
-                for c in b.get("credentials").and_then(Value::as_array).into_iter().flatten() {
-                    let id = c.get("credential_id").and_then(Value::as_str).unwrap_or_default();
-                    if let Some(entry) = by_credential.get(id).and_then(|d| entries.get_mut(d)) {
-                        entry.ended.push(format!("revoked: {}", s("reason")));
+            Event::Expired(e) => {
+                if let Some(entry) = by_credential.get(&e.credential_id).and_then(|d| entries.get_mut(d)) {
+                    entry.ended.push("expired".into());
+                }
+            }
+            Event::Revoked(r) => {
+                for c in &r.credentials {
+                    if let Some(entry) = by_credential.get(&c.credential_id).and_then(|d| entries.get_mut(d)) {
+                        entry.ended.push(format!("revoked: {}", r.reason));
                     }
                 }
             }
@@ -372,14 +371,14 @@ async fn report(data_dir: &std::path::Path, since: &str, review_within: &str, js
             let approvers = if entry.approved_by.is_empty() {
                 "nobody".to_owned()
             } else {
-                Value::Array(entry.approved_by.clone()).to_string()
+                serde_json::to_string(&entry.approved_by).unwrap_or_default()
             };
             let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
             println!(
                 "decision #{} {} by {} ticket {} — {} — {}; approved by {approvers}; credentials {}; {} use(s); ended {}; {review}",
                 entry.decision,
                 entry.identity,
-                entry.caller,
+                serde_json::to_string(&entry.caller).unwrap_or_default(),
                 entry.ticket,
                 entry.justification,
                 entry.outcome,

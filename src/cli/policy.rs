@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use crate::api::pb::admin_client::AdminClient;
+use super::admin;
 use crate::api::pb::{PolicyRelease, PolicyRollbackRequest, PolicyStatusRequest};
 use crate::config::DEV_TRUST_DOMAIN;
 use crate::identity::{Inventory, TrustDomain};
@@ -191,11 +191,9 @@ pub async fn run(command: Command) -> ExitCode {
             require_proof,
             require_replay,
         } => {
-            let ledger = match (ledger, data_dir) {
-                (Some(l), d) => Some(super::assurance::LedgerArgs::new(d.unwrap_or_default(), Some(l), since)),
-                (None, Some(d)) => Some(super::assurance::LedgerArgs::new(d, None, since)),
-                (None, None) => None,
-            };
+            let ledger = (ledger.is_some() || data_dir.is_some()).then(|| {
+                super::assurance::LedgerArgs::new(super::LedgerAt { ledger, data_dir, config: None }, since)
+            });
             super::assurance::promote_check(super::assurance::PromoteArgs {
                 current: &current,
                 candidate: &candidate,
@@ -439,13 +437,6 @@ fn describe(r: &PolicyRelease) -> String {
         "{}{label}, {signer}, {} rules, {} inventory entries, from {}",
         r.version, r.rules, r.inventory_entries, r.source
     )
-}
-
-pub(crate) async fn admin(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
-    match super::connect(socket).await {
-        Ok(channel) => Ok(AdminClient::new(channel)),
-        Err(e) => Err(fail(format!("cannot reach the admin socket `{}`: {e}", socket.display()))),
-    }
 }
 
 async fn status(socket: &Path) -> ExitCode {

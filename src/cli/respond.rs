@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::policy::admin;
+use super::admin;
 use crate::api::pb::revoke_request::Target;
 use crate::api::pb::{CredentialInfo, ListCredentialsRequest, LockRequest, RevokeRequest, UnlockRequest};
 use crate::identity::Ttl;

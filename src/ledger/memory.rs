@@ -1,9 +1,13 @@
-//! In-memory ledger backend for unit tests, with a switch that makes writes fail.
+//! In-memory ledger backend for tests (writer and reader), with a switch that makes writes
+//! fail and a count of the batches committed.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{Backend, CredentialRecord, EventId, LedgerError, StoredEvent};
+use super::{
+    Backend, BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, LedgerError, LedgerRead, StoredEvent,
+};
 
 #[derive(Clone, Default)]
 pub struct MemoryBackend {
@@ -13,13 +17,18 @@ pub struct MemoryBackend {
     batches: Arc<AtomicUsize>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Why: rows are appended whole; a panicking test thread cannot leave half a row.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl MemoryBackend {
     pub fn events(&self) -> Vec<StoredEvent> {
-        self.events.lock().unwrap().clone()
+        lock(&self.events).clone()
     }
 
     pub fn credentials(&self) -> Vec<(EventId, CredentialRecord)> {
-        self.credentials.lock().unwrap().clone()
+        lock(&self.credentials).clone()
     }
 
     pub fn set_failing(&self, failing: bool) {
@@ -33,7 +42,7 @@ impl MemoryBackend {
 
 impl Backend for MemoryBackend {
     async fn head(&mut self) -> Result<Option<(EventId, String)>, LedgerError> {
-        Ok(self.events.lock().unwrap().last().map(|e| (e.seq, e.hash.clone())))
+        Ok(lock(&self.events).last().map(|e| (e.seq, e.hash.clone())))
     }
 
     async fn append(
@@ -45,12 +54,81 @@ impl Backend for MemoryBackend {
             return Err(LedgerError::Storage("injected failure".into()));
         }
         self.batches.fetch_add(1, Ordering::SeqCst);
-        self.events.lock().unwrap().extend_from_slice(events);
-        self.credentials.lock().unwrap().extend_from_slice(credentials);
+        lock(&self.events).extend_from_slice(events);
+        lock(&self.credentials).extend_from_slice(credentials);
         Ok(())
     }
 
     async fn close(self) -> Result<(), LedgerError> {
         Ok(())
+    }
+}
+
+impl LedgerRead for MemoryBackend {
+    fn events(&self, f: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>> {
+        let matching = lock(&self.events)
+            .iter()
+            .filter(|e| e.seq > f.after)
+            .filter(|e| f.since_ms.is_none_or(|s| e.at_ms >= s))
+            .filter(|e| f.kinds.is_empty() || f.kinds.iter().any(|k| k.as_str() == e.kind))
+            .cloned()
+            .collect::<Vec<_>>();
+        let out = match (f.last, f.limit) {
+            (Some(n), _) => matching[matching.len().saturating_sub(usize::try_from(n).unwrap_or(0))..].to_vec(),
+            (None, Some(n)) => matching.into_iter().take(usize::try_from(n).unwrap_or(0)).collect(),
+            (None, None) => matching,
+        };
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn events_by_seq<'a>(
+        &'a self,
+        seqs: &'a [EventId],
+    ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>> {
+        let out = lock(&self.events).iter().filter(|e| seqs.contains(&e.seq)).map(|e| (e.seq, e.clone())).collect();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn credentials(
+        &self,
+        filter: CredentialFilter,
+    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>> {
+        let rows = lock(&self.credentials).clone();
+        let out = match filter {
+            CredentialFilter::All => rows,
+            CredentialFilter::ActiveAt(now) => rows.into_iter().filter(|(_, c)| c.not_after > now).collect(),
+            CredentialFilter::Expiring { after, until, limit } => {
+                let mut rows: Vec<_> = rows
+                    .into_iter()
+                    .filter(|(_, c)| (c.not_after, c.id.as_str()) > (after.0, after.1.as_str()) && c.not_after <= until)
+                    .collect();
+                rows.sort_by(|(_, a), (_, b)| (a.not_after, &a.id).cmp(&(b.not_after, &b.id)));
+                rows.truncate(usize::try_from(limit).unwrap_or(0));
+                rows
+            }
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl crate::ledger::contract::Harness for MemoryBackend {
+        type Backend = MemoryBackend;
+
+        async fn backend(&self) -> MemoryBackend {
+            self.clone()
+        }
+
+        async fn reader(&self) -> Result<Arc<dyn LedgerRead>, LedgerError> {
+            Ok(Arc::new(self.clone()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_memory_backend_keeps_the_ledger_contract() {
+        crate::ledger::contract::run(MemoryBackend::default()).await;
     }
 }

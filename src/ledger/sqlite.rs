@@ -1,15 +1,24 @@
 //! SQLite ledger backend (WAL, synchronous=FULL): one connection owned by the writer
-//! task, one multi-row INSERT per table per batch. The SQL is kept to what PostgreSQL also
-//! accepts, apart from the `?` placeholders. Also the read side for `mayfly audit`.
+//! task, one multi-row INSERT per table per batch; a small read-only pool answers
+//! `LedgerRead` beside it (WAL lets readers run while the writer commits). The SQL is kept
+//! to what PostgreSQL also accepts, apart from the `?` placeholders. The only place that
+//! knows the file's name and layout.
 
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection};
 
-use super::{Backend, CredentialRecord, EventId, LedgerError, StoredEvent};
+use super::{
+    Backend, BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, LedgerError, LedgerRead, StoredEvent,
+};
+
+/// The ledger's file in a data directory.
+pub const FILE_NAME: &str = "ledger.db";
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS events (
@@ -57,6 +66,8 @@ impl SqliteBackend {
         for stmt in SCHEMA {
             sqlx::query(*stmt).execute(&mut conn).await.map_err(storage)?;
         }
+        // The ledger holds no secrets, but it maps every identity and binary on the host.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(storage)?;
         Ok(Self { conn })
     }
 }
@@ -121,155 +132,131 @@ impl Backend for SqliteBackend {
     }
 }
 
-/// Read-only access for `mayfly audit`.
-pub struct LedgerReader {
-    conn: SqliteConnection,
+/// Read-only access: every `LedgerRead` of this backend.
+pub struct SqliteReader {
+    pool: SqlitePool,
 }
 
-impl LedgerReader {
+impl SqliteReader {
     pub async fn open(path: &Path) -> Result<Self, LedgerError> {
-        if !path.exists() {
-            return Err(LedgerError::Storage(format!("no ledger at `{}`", path.display())));
+        let shown = path.display().to_string();
+        match std::fs::File::open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LedgerError::Missing(shown)),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(LedgerError::PermissionDenied(shown));
+            }
+            Err(e) => return Err(LedgerError::Storage(format!("`{shown}`: {e}"))),
         }
-        let options =
-            SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).map_err(storage)?.read_only(true);
-        Ok(Self { conn: SqliteConnection::connect_with(&options).await.map_err(storage)? })
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(storage)?
+            .read_only(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(storage)?;
+        Ok(Self { pool })
     }
 
-    /// All events in storage order (by sequence number).
-    pub async fn events(&mut self) -> Result<Vec<StoredEvent>, LedgerError> {
-        self.events_after(0, i64::MAX).await
-    }
-
-    /// The last `n` events, oldest first.
-    pub async fn tail(&mut self, n: i64) -> Result<Vec<StoredEvent>, LedgerError> {
-        let last: Option<i64> = sqlx::query("SELECT MAX(seq) AS m FROM events")
-            .fetch_one(&mut self.conn)
-            .await
-            .and_then(|r| r.try_get("m"))
-            .map_err(storage)?;
-        self.events_after(last.unwrap_or(0).saturating_sub(n), n).await
-    }
-
-    async fn events_after(&mut self, after: i64, limit: i64) -> Result<Vec<StoredEvent>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(storage)?;
-        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
-    }
-
-    /// Up to `limit` events of `kind` after sequence number `after` and at or after
-    /// `since_ms`, in order: for reading a long window page by page.
-    pub async fn kind_page(
-        &mut self,
-        kind: &str,
-        after: i64,
-        since_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind = ? AND seq > ? AND at_ms >= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(kind)
-        .bind(after)
-        .bind(since_ms)
-        .bind(limit)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(storage)?;
-        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
-    }
-
-    /// Every event of these kinds, in order (revocation state, traces).
-    pub async fn events_of_kinds(&mut self, kinds: &[&str]) -> Result<Vec<StoredEvent>, LedgerError> {
-        let placeholders = vec!["?"; kinds.len()].join(", ");
-        // Why AssertSqlSafe is sound: only `?` placeholders are formatted in; kinds are bound.
-        let sql = format!(
-            "SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE kind IN ({placeholders}) ORDER BY seq"
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for k in kinds {
-            query = query.bind(*k);
+    async fn select_events(&self, f: EventFilter) -> Result<Vec<StoredEvent>, LedgerError> {
+        let mut sql = String::from("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq > ?");
+        if f.since_ms.is_some() {
+            sql.push_str(" AND at_ms >= ?");
         }
-        let rows = query.fetch_all(&mut self.conn).await.map_err(storage)?;
-        rows.iter().map(event_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
+        if !f.kinds.is_empty() {
+            sql.push_str(&format!(" AND kind IN ({})", vec!["?"; f.kinds.len()].join(", ")));
+        }
+        let newest_first = f.last.is_some();
+        sql.push_str(if newest_first { " ORDER BY seq DESC" } else { " ORDER BY seq" });
+        if f.limit.is_some() || f.last.is_some() {
+            sql.push_str(" LIMIT ?");
+        }
+        // Why AssertSqlSafe is sound: only `?` placeholders and fixed clauses are formatted
+        // into the SQL; every value is bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(f.after);
+        if let Some(since) = f.since_ms {
+            q = q.bind(since);
+        }
+        for k in &f.kinds {
+            q = q.bind(k.as_str());
+        }
+        if let Some(n) = f.last.or(f.limit) {
+            q = q.bind(n);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(storage)?;
+        let mut events = rows.iter().map(event_row).collect::<Result<Vec<_>, sqlx::Error>>().map_err(storage)?;
+        if newest_first {
+            events.reverse();
+        }
+        Ok(events)
     }
 
-    /// The bodies of these events (decisions behind credentials), by sequence number.
-    pub async fn bodies(
-        &mut self,
-        seqs: &[EventId],
-    ) -> Result<std::collections::HashMap<EventId, String>, LedgerError> {
-        let mut out = std::collections::HashMap::new();
+    async fn select_by_seq(&self, seqs: &[EventId]) -> Result<HashMap<EventId, StoredEvent>, LedgerError> {
+        let mut out = HashMap::new();
         for chunk in seqs.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
-            let sql = format!("SELECT seq, body FROM events WHERE seq IN ({placeholders})");
+            // Why AssertSqlSafe is sound: only `?` placeholders are formatted in.
+            let sql = format!("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq IN ({placeholders})");
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for seq in chunk {
                 query = query.bind(*seq);
             }
-            for r in query.fetch_all(&mut self.conn).await.map_err(storage)? {
-                out.insert(r.try_get("seq").map_err(storage)?, r.try_get("body").map_err(storage)?);
+            for r in query.fetch_all(&self.pool).await.map_err(storage)? {
+                let e = event_row(&r).map_err(storage)?;
+                out.insert(e.seq, e);
             }
         }
         Ok(out)
     }
 
-    /// Credentials whose not-after is in `(after, until]`, ordered by (not_after, id), at
-    /// most `limit`: the expiry sweep's next batch. `after` is (not_after, id) exclusive.
-    pub async fn expiring(
-        &mut self,
-        after: (i64, &str),
-        until: i64,
-        limit: i64,
-    ) -> Result<Vec<CredentialRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id FROM credentials
-             WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ?
-             ORDER BY not_after, id LIMIT ?",
-        )
-        .bind(after.0)
-        .bind(after.0)
-        .bind(after.1)
-        .bind(until)
-        .bind(limit)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(storage)?;
-        rows.iter().map(credential_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
-    }
-
-    /// Credentials still valid at `now` (not_after after it), oldest first.
-    pub async fn active(&mut self, now: i64) -> Result<Vec<CredentialRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id FROM credentials
-             WHERE not_after > ? ORDER BY issued_event",
-        )
-        .bind(now)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(storage)?;
-        rows.iter().map(credential_row).collect::<Result<_, sqlx::Error>>().map_err(storage)
-    }
-
-    /// Every credential row with the sequence number of its `issued` event.
-    pub async fn credentials(&mut self) -> Result<Vec<(EventId, CredentialRecord)>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event
-             FROM credentials ORDER BY issued_event",
-        )
-        .fetch_all(&mut self.conn)
-        .await
+    async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<(EventId, CredentialRecord)>, LedgerError> {
+        const COLUMNS: &str =
+            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event FROM credentials";
+        let rows = match f {
+            CredentialFilter::All => {
+                sqlx::query(AssertSqlSafe(format!("{COLUMNS} ORDER BY issued_event"))).fetch_all(&self.pool).await
+            }
+            CredentialFilter::ActiveAt(now) => {
+                sqlx::query(AssertSqlSafe(format!("{COLUMNS} WHERE not_after > ? ORDER BY issued_event")))
+                    .bind(now)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            CredentialFilter::Expiring { after, until, limit } => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "{COLUMNS} WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ? ORDER BY not_after, id LIMIT ?"
+                )))
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(until)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
         .map_err(storage)?;
         rows.iter()
             .map(|r| Ok((r.try_get("issued_event")?, credential_row(r)?)))
             .collect::<Result<_, sqlx::Error>>()
             .map_err(storage)
+    }
+}
+
+impl LedgerRead for SqliteReader {
+    fn events(&self, filter: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>> {
+        Box::pin(self.select_events(filter))
+    }
+
+    fn events_by_seq<'a>(
+        &'a self,
+        seqs: &'a [EventId],
+    ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>> {
+        Box::pin(self.select_by_seq(seqs))
+    }
+
+    fn credentials(
+        &self,
+        filter: CredentialFilter,
+    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>> {
+        Box::pin(self.select_credentials(filter))
     }
 }
 
@@ -295,4 +282,38 @@ fn credential_row(r: &sqlx::sqlite::SqliteRow) -> Result<CredentialRecord, sqlx:
         not_after: r.try_get("not_after")?,
         decision_id: r.try_get("decision_id")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sqlite(tempfile::TempDir);
+
+    impl crate::ledger::contract::Harness for Sqlite {
+        type Backend = SqliteBackend;
+
+        async fn backend(&self) -> SqliteBackend {
+            SqliteBackend::open(&self.0.path().join(FILE_NAME), Duration::from_secs(5)).await.unwrap()
+        }
+
+        async fn reader(&self) -> Result<std::sync::Arc<dyn LedgerRead>, LedgerError> {
+            Ok(std::sync::Arc::new(SqliteReader::open(&self.0.path().join(FILE_NAME)).await?))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_backend_keeps_the_ledger_contract() {
+        crate::ledger::contract::run(Sqlite(tempfile::tempdir().unwrap())).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_ledger_is_named_and_a_new_one_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let missing = SqliteReader::open(&path).await.err().unwrap();
+        assert!(matches!(missing, LedgerError::Missing(_)), "{missing}");
+        SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap().close().await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 }

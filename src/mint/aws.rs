@@ -15,9 +15,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
 use super::{JwtMinter, MintError};
+use crate::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
 use crate::identity::WorkloadId;
-use crate::keys::SecretString;
-use crate::ledger::BoxFuture;
 use crate::policy::{Grant, Resource};
 
 /// AWS's floor for `DurationSeconds`.
@@ -26,105 +25,6 @@ pub const MIN_SESSION_SECS: u64 = 900;
 pub const DEFAULT_ROLE_MAX_SECS: u64 = 3600;
 /// How long the web-identity JWT lives: long enough for STS to check it, no longer.
 const WEB_IDENTITY_TTL: Duration = Duration::from_secs(300);
-
-/// Exactly what is sent to STS (never holds a secret).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AwsSessionRequest {
-    pub role_arn: String,
-    pub role_session_name: String,
-    pub source_identity: String,
-    pub tags: Vec<(String, String)>,
-    pub policy: Option<String>,
-    pub duration_seconds: i32,
-}
-
-/// A session STS issued. The secret key and token are zeroized on drop; `Debug` shows
-/// only their lengths.
-#[derive(Debug)]
-pub struct StsSession {
-    pub access_key_id: String,
-    pub secret_access_key: SecretString,
-    pub session_token: SecretString,
-    pub expiration: SystemTime,
-    pub assumed_role_arn: String,
-}
-
-/// An STS or IAM call that failed: the AWS error code and message (which never carry a
-/// secret), or that AWS could not be reached in time.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum AwsError {
-    #[error("{operation} refused: {code}: {message}")]
-    Service { operation: &'static str, code: String, message: String },
-    #[error("{operation} did not answer in time")]
-    Timeout { operation: &'static str },
-    #[error("{operation}: AWS could not be reached: {why}")]
-    Transport { operation: &'static str, why: String },
-}
-
-impl AwsError {
-    /// The AWS error code, or `Timeout` / `Unreachable`.
-    pub fn code(&self) -> &str {
-        match self {
-            AwsError::Service { code, .. } => code,
-            AwsError::Timeout { .. } => "Timeout",
-            AwsError::Transport { .. } => "Unreachable",
-        }
-    }
-
-    /// Worth another try: throttling, AWS-side faults, timeouts, connection failures.
-    pub fn is_transient(&self) -> bool {
-        const TRANSIENT: [&str; 11] = [
-            "Throttling",
-            "ThrottlingException",
-            "RequestLimitExceeded",
-            "TooManyRequestsException",
-            "ServiceUnavailable",
-            "ServiceUnavailableException",
-            "InternalFailure",
-            "InternalError",
-            "IDPCommunicationError",
-            "RequestTimeout",
-            "PriorRequestNotComplete",
-        ];
-        match self {
-            AwsError::Service { code, .. } => TRANSIENT.contains(&code.as_str()),
-            AwsError::Timeout { .. } | AwsError::Transport { .. } => true,
-        }
-    }
-}
-
-/// The STS calls mayfly makes.
-pub trait StsApi: Send + Sync + 'static {
-    fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>>;
-
-    /// The session's source identity and tags travel in the token's claims; STS takes
-    /// the rest of `req` as parameters.
-    fn assume_role_with_web_identity<'a>(
-        &'a self,
-        req: &'a AwsSessionRequest,
-        token: &'a SecretString,
-    ) -> BoxFuture<'a, Result<StsSession, AwsError>>;
-}
-
-/// The IAM calls mayfly makes: a role's session ceiling, and the revocation hook's
-/// inline deny policies.
-pub trait IamApi: Send + Sync + 'static {
-    /// The AWS account the broker's credentials are in: IAM calls only ever reach roles there.
-    fn account(&self) -> BoxFuture<'_, Result<String, AwsError>>;
-    fn max_session_duration<'a>(&'a self, role_name: &'a str) -> BoxFuture<'a, Result<Duration, AwsError>>;
-    fn put_role_policy<'a>(
-        &'a self,
-        role_name: &'a str,
-        policy_name: &'a str,
-        document: &'a str,
-    ) -> BoxFuture<'a, Result<(), AwsError>>;
-    /// `Ok(false)`: there was no such policy (already removed).
-    fn delete_role_policy<'a>(
-        &'a self,
-        role_name: &'a str,
-        policy_name: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AwsError>>;
-}
 
 /// Why no session was minted.
 #[derive(Debug, thiserror::Error)]
@@ -222,12 +122,12 @@ impl AwsMinter {
     /// `max_in_flight` calls are out, the request is refused at once.
     pub async fn mint(
         &self,
-        grant: &Grant,
+        grant: Grant,
         credential_id: &str,
         now: SystemTime,
     ) -> Result<MintedSession, AwsMintError> {
         let _slot = self.in_flight.clone().try_acquire_owned().map_err(|_| AwsMintError::Busy)?;
-        let request = self.request_for(grant, credential_id).await?;
+        let request = self.request_for(&grant, credential_id).await?;
         let (assertion, mode) = match &self.mode {
             Mode::AssumeRole => (None, "assume_role"),
             Mode::WebIdentity { jwt, audience } => {

@@ -151,7 +151,7 @@ impl Es256Minter {
 }
 
 impl JwtMinter for Es256Minter {
-    fn mint_jwt(&self, grant: &JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError> {
+    fn mint_jwt(&self, grant: JwtGrant, jti: &str, now: SystemTime) -> Result<JwtSvid, MintError> {
         self.sign(grant.identity().as_str(), grant.audiences(), Map::new(), jti, grant.ttl().as_duration(), now)
     }
 

@@ -72,17 +72,6 @@ impl X509Minter {
         });
     }
 
-    /// One CRL per trusted CA (active first), each listing `entries` (hex serial, revoked
-    /// at). A serial another CA issued is harmless on a CRL, and this way a relying party
-    /// finds the revocation whichever CA signed the SVID.
-    pub fn crls(&self, entries: &[(String, i64)], now: SystemTime, number: u64) -> Result<Vec<Vec<u8>>, MintError> {
-        let set = self.cas.load();
-        std::iter::once(&set.active)
-            .chain(set.retired.iter().map(|(ca, _)| ca))
-            .map(|ca| crate::revoke::build_crl(ca, entries, now, number).map_err(MintError::Signing))
-            .collect()
-    }
-
     /// Drops retired CAs whose SVIDs have all expired. True when the bundle changed.
     pub fn prune(&self, now: SystemTime) -> bool {
         let before = self.cas.load().retired.len();
@@ -95,7 +84,18 @@ impl X509Minter {
 }
 
 impl Minter for X509Minter {
-    fn mint_x509(&self, csr: &VerifiedCsr, grant: &Grant, now: SystemTime) -> Result<X509Svid, MintError> {
+    /// One CRL per trusted CA (active first), each listing `entries` (hex serial, revoked
+    /// at). A serial another CA issued is harmless on a CRL, and this way a relying party
+    /// finds the revocation whichever CA signed the SVID.
+    fn crls(&self, entries: &[(String, i64)], now: SystemTime, number: u64) -> Result<Vec<Vec<u8>>, MintError> {
+        let set = self.cas.load();
+        std::iter::once(&set.active)
+            .chain(set.retired.iter().map(|(ca, _)| ca))
+            .map(|ca| crate::keys::build_crl(ca, entries, now, number).map_err(MintError::Signing))
+            .collect()
+    }
+
+    fn mint_x509(&self, csr: &VerifiedCsr, grant: Grant, now: SystemTime) -> Result<X509Svid, MintError> {
         let ca = self.cas.load().active.clone();
         let ca_not_after = ca.not_after();
         if ca_not_after <= now {

@@ -11,12 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::json;
-
 use crate::clock::Clock;
 use crate::config::PolicySource;
 use crate::identity::TrustDomain;
-use crate::ledger::{EventId, EventKind, Ledger, LedgerError, NewEvent};
+use crate::ledger::event::{Event, Operator, PolicyActivated, PolicyRejected, PolicyRolledBack};
+use crate::ledger::{EventId, Ledger, LedgerError};
 use crate::policy::bundle::{Bundle, PolicyFiles, PublicKey, sha256_hex};
 use crate::policy::release::Release;
 use crate::policy::store::PolicyStore;
@@ -156,9 +155,9 @@ impl PolicyController {
             let release = loader.build(&c.content, c.source.clone())?;
             Ok((c, release))
         });
-        let record = |kind, body| {
+        let record = |event: Event| {
             let (ledger, at) = (ledger.clone(), clock.now());
-            async move { ledger.record(NewEvent { kind, at, body, credential: None }).await }
+            async move { ledger.record(at, event).await }
         };
         let (current, previous, via) = match built {
             Ok((_, release)) if held.as_deref() == Some(release.version()) && stored_current.is_some() => {
@@ -178,10 +177,12 @@ impl PolicyController {
             }
             Err(why) => {
                 let kept = stored_current.as_ref().map(|r| r.version().to_owned());
-                record(
-                    EventKind::PolicyRejected,
-                    json!({ "source": source_name(&source), "reason": why, "kept": kept }),
-                )
+                record(Event::PolicyRejected(PolicyRejected {
+                    source: source_name(&source),
+                    reason: why.clone(),
+                    version: None,
+                    kept,
+                }))
                 .await?;
                 tracing::error!(reason = %why, "policy release rejected at start-up");
                 match stored_current {
@@ -192,7 +193,7 @@ impl PolicyController {
         };
         let current = Arc::new(current.ok_or_else(|| ActivationError::NoRelease("no release".into()))?);
         let previous = previous.map(Arc::new);
-        record(EventKind::PolicyActivated, activated_body(&current, previous.as_deref(), via)).await?;
+        record(Event::PolicyActivated(activated(&current, previous.as_deref(), via))).await?;
         tracing::info!(
             version = current.version(),
             label = current.provenance.label.as_deref().unwrap_or(""),
@@ -222,6 +223,14 @@ impl PolicyController {
 
     /// Checks the source once; activates a new good release, records a bad one. Building
     /// runs on a blocking thread: issuance keeps using the current release meanwhile.
+    /// Polls the source every `every` until the daemon stops.
+    pub async fn watch(self: Arc<Self>, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticker = crate::clock::Ticker::delayed(every, stop).await;
+        while ticker.next().await {
+            self.poll().await;
+        }
+    }
+
     pub async fn poll(self: &Arc<Self>) {
         let mut watch = self.watch.lock().await;
         let me = Arc::clone(self);
@@ -267,8 +276,7 @@ impl PolicyController {
             return self.reject(why, Some(release.version())).await;
         }
         let release = Arc::new(release);
-        if let Err(e) = self.record(EventKind::PolicyActivated, activated_body(&release, Some(&current), "watch")).await
-        {
+        if let Err(e) = self.record(Event::PolicyActivated(activated(&release, Some(&current), "watch"))).await {
             tracing::error!(error = %e, version = release.version(), "cannot record the activation; keeping the current policy");
             watch.last_seen = None;
             return;
@@ -285,22 +293,19 @@ impl PolicyController {
     /// Returns to the previous good release and holds the one rolled back from.
     pub async fn rollback(
         &self,
-        operator: serde_json::Value,
+        operator: Operator,
         reason: &str,
     ) -> Result<(Arc<Release>, Arc<Release>, EventId), ActivationError> {
         let mut watch = self.watch.lock().await;
         let (from, to) = (self.store.current(), self.store.previous().ok_or(ActivationError::NoPrevious)?);
         let event = self
-            .record(
-                EventKind::PolicyRolledBack,
-                json!({
-                    "from": from.version(),
-                    "to": to.version(),
-                    "to_label": to.provenance.label,
-                    "operator": operator,
-                    "reason": reason,
-                }),
-            )
+            .record(Event::PolicyRolledBack(PolicyRolledBack {
+                from: from.version().to_owned(),
+                to: to.version().to_owned(),
+                to_label: to.provenance.label.clone(),
+                operator,
+                reason: reason.to_owned(),
+            }))
             .await?;
         if matches!(self.source, PolicySource::Bundle { .. }) {
             self.persist_swap();
@@ -314,19 +319,19 @@ impl PolicyController {
 
     async fn reject(&self, why: &str, version: Option<&str>) {
         tracing::error!(reason = why, "policy release rejected; keeping the active one");
-        let body = json!({
-            "source": source_name(&self.source),
-            "reason": why,
-            "version": version,
-            "kept": self.store.current().version(),
-        });
-        if let Err(e) = self.record(EventKind::PolicyRejected, body).await {
+        let rejected = PolicyRejected {
+            source: source_name(&self.source),
+            reason: why.to_owned(),
+            version: version.map(str::to_owned),
+            kept: Some(self.store.current().version().to_owned()),
+        };
+        if let Err(e) = self.record(Event::PolicyRejected(rejected)).await {
             tracing::error!(error = %e, "cannot record the policy rejection");
         }
     }
 
-    async fn record(&self, kind: EventKind, body: serde_json::Value) -> Result<EventId, LedgerError> {
-        self.ledger.record(NewEvent { kind, at: self.clock.now(), body, credential: None }).await
+    async fn record(&self, event: Event) -> Result<EventId, LedgerError> {
+        self.ledger.record(self.clock.now(), event).await
     }
 }
 
@@ -426,19 +431,19 @@ fn read_held(state_dir: &Path) -> Option<String> {
     std::fs::read_to_string(state_dir.join("held")).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
-fn activated_body(release: &Release, previous: Option<&Release>, via: &str) -> serde_json::Value {
+fn activated(release: &Release, previous: Option<&Release>, via: &str) -> PolicyActivated {
     let p = &release.provenance;
-    json!({
-        "version": p.version,
-        "label": p.label,
-        "signed_by": p.signed_by,
-        "unsigned": p.signed_by.is_none(),
-        "source": p.source,
-        "previous": previous.map(Release::version),
-        "rules": release.engine.rule_count(),
-        "inventory_entries": release.inventory.entries().len(),
-        "via": via,
-    })
+    PolicyActivated {
+        version: p.version.clone(),
+        label: p.label.clone(),
+        signed_by: p.signed_by.clone(),
+        unsigned: p.signed_by.is_none(),
+        source: p.source.clone(),
+        previous: previous.map(|r| r.version().to_owned()),
+        rules: release.engine.rule_count(),
+        inventory_entries: release.inventory.entries().len(),
+        via: via.to_owned(),
+    }
 }
 
 fn newest_bundle(dir: &Path) -> Result<PathBuf, String> {

@@ -142,6 +142,7 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
                     resource: &resource,
                     requested_ttl,
                     context: &context,
+                    reserved_audiences: &[],
                 };
                 let decision = engine.decide(&req, now);
                 let decided = if decision.is_allow() { "allow" } else { "deny" };

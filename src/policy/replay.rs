@@ -6,7 +6,7 @@
 //! decides live requests with a candidate beside the active release.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::release::Release;
 use super::{AwsRole, Combined, Decision, DecisionRequest, RequestContext, Resource};
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selector, Selectors, Ttl, WorkloadId};
+use crate::ledger::event::{self, Event, EventKind, ResourceRecord};
 use crate::ledger::StoredEvent;
 
 /// A request as a decision event recorded it.
@@ -32,44 +33,7 @@ pub struct Recorded {
     pub outcome: Outcome,
 }
 
-/// A decision's result, recorded or recomputed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Outcome {
-    pub allowed: bool,
-    pub identity: Option<String>,
-    pub granted_ttl_secs: Option<u64>,
-    pub rules: Vec<String>,
-    pub reason: String,
-}
-
-/// What a replayed (or shadowed) request would do differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Change {
-    /// Denied before, allowed now: possible privilege escalation.
-    NewlyAllowed,
-    /// Allowed before, for a longer lifetime now.
-    LongerLifetime,
-    /// Allowed before, denied now: would break someone.
-    NewlyDenied,
-    /// Allowed before, for a shorter lifetime now.
-    ShorterLifetime,
-}
-
-impl Change {
-    pub fn is_escalation(self) -> bool {
-        matches!(self, Change::NewlyAllowed | Change::LongerLifetime)
-    }
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Change::NewlyAllowed => "NEWLY ALLOWED (possible privilege escalation)",
-            Change::LongerLifetime => "LONGER LIFETIME (more than was granted)",
-            Change::NewlyDenied => "NEWLY DENIED (would break someone)",
-            Change::ShorterLifetime => "SHORTER LIFETIME",
-        }
-    }
-}
+pub use crate::ledger::event::{Change, Outcome};
 
 /// One request whose decision changes.
 #[derive(Clone, Debug, Serialize)]
@@ -124,72 +88,65 @@ impl Report {
 
 /// The decision events' requests, in order; `Err` for a decision with no usable request.
 pub fn recorded(events: &[StoredEvent]) -> Vec<Result<Recorded, String>> {
-    events.iter().filter(|e| e.kind == "decision").map(parse).collect()
+    events.iter().filter(|e| e.kind == EventKind::Decision.as_str()).map(parse).collect()
 }
 
 fn parse(e: &StoredEvent) -> Result<Recorded, String> {
-    let body: Value = serde_json::from_str(&e.body).map_err(|e| e.to_string())?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(e.at_ms.max(0).unsigned_abs());
-    from_body(&body, e.seq, at)
+    match e.event().map_err(|e| e.to_string())? {
+        Event::Decision(d) => from_decision(&d, e.seq, e.at()),
+        _ => Err("not a decision".into()),
+    }
 }
 
-/// A decision event's body (or the one being written) as a request to decide again.
-pub fn from_body(body: &Value, seq: i64, at: SystemTime) -> Result<Recorded, String> {
-    let req = body.get("request").filter(|r| !r.is_null()).ok_or("no request recorded")?;
-    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+/// A decision (recorded, or the one being written) as a request to decide again.
+pub fn from_decision(d: &event::Decision, seq: i64, at: SystemTime) -> Result<Recorded, String> {
+    let req = d.request.as_ref().ok_or("no request recorded")?;
     let selectors = req
-        .get("selectors")
-        .and_then(Value::as_array)
-        .ok_or("no selectors")?
+        .selectors
         .iter()
-        .map(|s| Selector::parse(s.as_str().unwrap_or_default()).map_err(|e| e.to_string()))
+        .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
         .collect::<Result<Selectors, String>>()?;
+    if req.resources.is_empty() {
+        return Err("no resources".into());
+    }
     let resources = req
-        .get("resources")
-        .and_then(Value::as_array)
-        .ok_or("no resources")?
+        .resources
         .iter()
-        .map(|r| match r.get("kind").and_then(Value::as_str) {
-            Some("x509") => Ok(Resource::X509),
-            Some("jwt") => Ok(Resource::Jwt { audience: text(r, "audience").unwrap_or_default() }),
-            Some("aws") => AwsRole::parse(&text(r, "role").unwrap_or_default()).map(|role| Resource::Aws { role }),
-            other => Err(format!("unknown resource kind {other:?}")),
+        .map(|r| match r {
+            ResourceRecord::X509 => Ok(Resource::X509),
+            ResourceRecord::Jwt { audience } => Ok(Resource::Jwt { audience: audience.clone() }),
+            ResourceRecord::Aws { role } => AwsRole::parse(role).map(|role| Resource::Aws { role }),
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let ttl = Ttl::from_secs(req.get("requested_ttl_secs").and_then(Value::as_u64).unwrap_or(0))
-        .map_err(|e| e.to_string())?;
-    let oidc: Option<OidcClaims> = match req.get("oidc") {
-        Some(v) if !v.is_null() => Some(serde_json::from_value(v.clone()).map_err(|e| format!("oidc: {e}"))?),
-        _ => None,
+    let ttl = Ttl::from_secs(req.requested_ttl_secs).map_err(|e| e.to_string())?;
+    let oidc: Option<OidcClaims> = match &req.oidc {
+        Some(claims) => {
+            Some(serde_json::from_value(Value::Object(claims.clone())).map_err(|e| format!("oidc: {e}"))?)
+        }
+        None => None,
     };
-    let wanted = text(req, "spiffe_id").map(|s| WorkloadId::parse(&s)).transpose().map_err(|e| e.to_string())?;
-    let dev_identity =
-        if req.get("dev_identity").and_then(Value::as_bool) == Some(true) { text(body, "identity") } else { None };
-    let allowed = body.get("outcome").and_then(Value::as_str) == Some("allow");
+    let wanted = req.spiffe_id.as_deref().map(WorkloadId::parse).transpose().map_err(|e| e.to_string())?;
+    let dev_identity = if req.dev_identity { d.identity.clone() } else { None };
     let outcome = Outcome {
-        allowed,
-        identity: text(body, "identity"),
-        granted_ttl_secs: body.get("granted_ttl_secs").and_then(Value::as_u64),
-        rules: body
-            .get("rules")
-            .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default(),
-        reason: text(body, "reason").unwrap_or_default(),
+        allowed: d.is_allow(),
+        identity: d.identity.clone(),
+        granted_ttl_secs: d.granted_ttl_secs,
+        rules: d.rules.clone(),
+        reason: d.reason.clone(),
     };
     Ok(Recorded {
         seq,
         at,
-        attestation: text(req, "attestation").unwrap_or_else(|| "unix".into()),
+        attestation: if req.attestation.is_empty() { "unix".into() } else { req.attestation.clone() },
         selectors,
         resources,
         ttl,
         wanted,
         context: RequestContext {
-            purpose: text(req, "purpose"),
+            purpose: req.purpose.clone(),
             target: None,
-            break_glass: req.get("break_glass").and_then(Value::as_bool).unwrap_or(false),
-            ticket: text(req, "ticket"),
+            break_glass: req.break_glass,
+            ticket: req.ticket.clone(),
             oidc,
         },
         dev_identity,
@@ -240,6 +197,7 @@ pub fn decide(release: &Release, r: &Recorded) -> Outcome {
                 resource,
                 requested_ttl: r.ttl,
                 context: &r.context,
+                reserved_audiences: &[],
             };
             release.engine.decide(&req, r.at)
         })
@@ -303,7 +261,7 @@ impl Report {
     /// Replays the decisions among `events` inside the window (a page at a time is fine).
     pub fn feed(&mut self, candidate: &Release, events: &[StoredEvent]) {
         let window: Vec<&StoredEvent> =
-            events.iter().filter(|e| e.kind == "decision" && e.at_ms >= self.since_ms).collect();
+            events.iter().filter(|e| e.kind == EventKind::Decision.as_str() && e.at_ms >= self.since_ms).collect();
         self.decisions += window.len();
         for e in window {
             self.replay_one(candidate, e);
@@ -334,8 +292,6 @@ impl Report {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use serde_json::json;
-
     use super::*;
     use crate::identity::TrustDomain;
     use crate::policy::shipped_files_with;
@@ -378,55 +334,63 @@ pub(crate) mod tests {
         Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "test".into()).unwrap()
     }
 
-    fn ci(repository: &str, event: &str) -> Value {
-        json!({
-            "issuer": "https://token.actions.githubusercontent.com", "subject": format!("repo:{repository}:ref:refs/heads/main"),
-            "repository": repository, "repository_owner": "acme", "git_ref": "refs/heads/main", "event_name": event,
-        })
-    }
-
-    /// A decision event as issuance writes it, decided by `live`.
-    fn event(live: &Release, seq: i64, claims: Value, resource: Value, ttl: u64) -> StoredEvent {
-        let oidc: OidcClaims = serde_json::from_value(claims.clone()).unwrap();
-        let selectors: Vec<String> = oidc.selectors().iter().map(ToString::to_string).collect();
-        let body = json!({ "request": { "attestation": "oidc", "selectors": selectors, "resources": [resource], "requested_ttl_secs": ttl, "oidc": claims, "break_glass": false } });
-        let at_ms = 1_800_000_000_000 + seq;
-        let recorded =
-            from_body(&body, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
-        let outcome = decide(live, &recorded);
-        let mut body = body;
-        body["outcome"] = json!(if outcome.allowed { "allow" } else { "deny" });
-        body["identity"] = json!(outcome.identity);
-        body["granted_ttl_secs"] = json!(outcome.granted_ttl_secs);
-        body["rules"] = json!(outcome.rules);
-        body["reason"] = json!(outcome.reason);
-        StoredEvent {
-            seq,
-            at_ms,
-            kind: "decision".into(),
-            body: body.to_string(),
-            prev_hash: String::new(),
-            hash: String::new(),
+    fn ci(repository: &str, event_name: &str) -> OidcClaims {
+        OidcClaims {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            subject: format!("repo:{repository}:ref:refs/heads/main"),
+            repository: Some(repository.into()),
+            repository_owner: Some("acme".into()),
+            git_ref: Some("refs/heads/main".into()),
+            event_name: Some(event_name.into()),
+            ..OidcClaims::default()
         }
     }
 
+    fn deploy() -> ResourceRecord {
+        ResourceRecord::Aws { role: "arn:aws:iam::111122223333:role/acme-app-deploy".into() }
+    }
+
+    fn cache() -> ResourceRecord {
+        ResourceRecord::Jwt { audience: "https://artifacts.example.org".into() }
+    }
+
+    /// A decision event as issuance writes it, decided by `live`.
+    fn event(live: &Release, seq: i64, claims: OidcClaims, resource: ResourceRecord, ttl: u64) -> StoredEvent {
+        let request = event::RequestRecord {
+            attestation: "oidc".into(),
+            selectors: claims.selectors().iter().map(ToString::to_string).collect(),
+            resources: vec![resource],
+            requested_ttl_secs: ttl,
+            oidc: Some(claims.fields().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect()),
+            ..event::RequestRecord::default()
+        };
+        let mut decision = event::Decision { request: Some(request), ..event::Decision::default() };
+        let at_ms = 1_800_000_000_000 + seq;
+        let recorded =
+            from_decision(&decision, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
+        let outcome = decide(live, &recorded);
+        decision.outcome = if outcome.allowed { event::Verdict::Allow } else { event::Verdict::Deny };
+        decision.identity = outcome.identity;
+        decision.granted_ttl_secs = outcome.granted_ttl_secs;
+        decision.rules = outcome.rules;
+        decision.reason = outcome.reason;
+        stored(seq, at_ms, Event::Decision(decision))
+    }
+
+    fn stored(seq: i64, at_ms: i64, e: Event) -> StoredEvent {
+        let (kind, body) = (e.kind().as_str().to_owned(), e.body().unwrap());
+        StoredEvent { seq, at_ms, kind, body, prev_hash: String::new(), hash: String::new() }
+    }
+
     fn traffic(live: &Release) -> Vec<StoredEvent> {
-        let deploy = json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" });
-        let cache = json!({ "kind": "jwt", "audience": "https://artifacts.example.org" });
+        let refused = event::Decision { reason: "attestation failed".into(), ..event::Decision::default() };
         vec![
-            event(live, 1, ci("acme/tools", "push"), deploy.clone(), 1800),
-            event(live, 2, ci("acme/tools", "push"), deploy.clone(), 1800),
-            event(live, 3, ci("acme/app", "push"), deploy, 1800),
-            event(live, 4, ci("acme/app", "pull_request_target"), cache.clone(), 300),
-            event(live, 5, ci("acme/app", "push"), cache, 300),
-            StoredEvent {
-                seq: 6,
-                at_ms: 1_800_000_000_006,
-                kind: "decision".into(),
-                body: json!({ "outcome": "deny", "reason": "attestation failed" }).to_string(),
-                prev_hash: String::new(),
-                hash: String::new(),
-            },
+            event(live, 1, ci("acme/tools", "push"), deploy(), 1800),
+            event(live, 2, ci("acme/tools", "push"), deploy(), 1800),
+            event(live, 3, ci("acme/app", "push"), deploy(), 1800),
+            event(live, 4, ci("acme/app", "pull_request_target"), cache(), 300),
+            event(live, 5, ci("acme/app", "push"), cache(), 300),
+            stored(6, 1_800_000_000_006, Event::Decision(refused)),
         ]
     }
 
@@ -480,13 +444,7 @@ pub(crate) mod tests {
         let wider =
             Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
         let mut events = events;
-        events[2] = event(
-            &current,
-            3,
-            ci("acme/app", "push"),
-            json!({ "kind": "aws", "role": "arn:aws:iam::111122223333:role/acme-app-deploy" }),
-            3600,
-        );
+        events[2] = event(&current, 3, ci("acme/app", "push"), deploy(), 3600);
         let report = replay(&wider, &events, SystemTime::UNIX_EPOCH);
         let d = report.differences.iter().find(|d| d.seq == 3).unwrap();
         assert_eq!(

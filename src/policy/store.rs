@@ -40,6 +40,12 @@ impl PolicyStore {
         self.current.load_full()
     }
 
+    /// The last day an identity's inventory entry is valid under the active release, if
+    /// it still has one: streams end its SVIDs when that day is over.
+    pub fn entry_expires(&self, id: &crate::identity::WorkloadId) -> Option<time::Date> {
+        self.current().inventory.entries().iter().find(|e| &e.id == id).map(|e| e.expires)
+    }
+
     pub fn previous(&self) -> Option<Arc<Release>> {
         self.lock().clone()
     }

@@ -7,17 +7,18 @@
 //! catch has expired, and the sweep deletes it and records that too.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::AwsRevocation;
+use crate::aws::IamApi;
 use crate::clock::{Clock, unix_secs};
 use crate::identity::WorkloadId;
-use crate::ledger::{BoxFuture, CredentialRecord, EventKind, Ledger, LedgerError, NewEvent, StoredEvent};
-use crate::mint::aws::{IamApi, source_identity};
+use crate::ledger::event::{AwsDeny, AwsDenyRemoved, AwsRevocation as AwsAnswer, Event, EventKind};
+use crate::ledger::{BoxFuture, CredentialRecord, EventFilter, EventId, Ledger, LedgerError, LedgerRead};
+use crate::mint::aws::source_identity;
 
 /// Assumed when a role's maximum cannot be read: AWS's largest, so a deny is never removed
 /// while a session it must catch could still be live.
@@ -74,7 +75,11 @@ fn role_of(assumed_role_arn: &str) -> Option<(String, String)> {
 }
 
 impl AwsRevocation for AwsRevoker {
-    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, Value> {
+    fn revoke_identity<'a>(
+        &'a self,
+        sessions: &'a [CredentialRecord],
+        before: SystemTime,
+    ) -> BoxFuture<'a, AwsAnswer> {
         Box::pin(async move {
             // Why round up: aws:TokenIssueTime has whole seconds, so a session issued earlier
             // in the revocation's own second must still be "before" the cutoff.
@@ -87,10 +92,15 @@ impl AwsRevocation for AwsRevoker {
                     (Some((account, role)), Ok(id)) => {
                         targets.insert((source_identity(&id), role, account), ());
                     }
-                    _ => denies.push(json!({
-                        "credential_id": s.id, "applied": false,
-                        "error": format!("cannot tell the role of session `{}` from `{}`: deny it by hand", s.serial, s.fingerprint),
-                    })),
+                    _ => denies.push(AwsDeny {
+                        credential_id: Some(s.id.clone()),
+                        applied: false,
+                        error: Some(format!(
+                            "cannot tell the role of session `{}` from `{}`: deny it by hand",
+                            s.serial, s.fingerprint
+                        )),
+                        ..AwsDeny::default()
+                    }),
                 }
             }
             let own = tokio::time::timeout(CALL_TIMEOUT, self.iam.account()).await.ok().and_then(Result::ok);
@@ -120,23 +130,27 @@ impl AwsRevocation for AwsRevoker {
                 } else {
                     tracing::warn!(role, policy = name, source_identity = source, "AWS deny placed on the role");
                 }
-                denies.push(json!({
-                    "role": role,
-                    "account": account,
-                    "policy_name": name,
-                    "source_identity": source,
-                    "issued_before": unix_secs(before),
-                    "remove_after": unix_secs(before + max),
-                    "document": serde_json::from_str::<Value>(&document).unwrap_or(Value::Null),
-                    "applied": error.is_none(),
-                    "error": error,
-                }));
+                denies.push(AwsDeny {
+                    credential_id: None,
+                    role: Some(role),
+                    account: Some(account),
+                    policy_name: Some(name),
+                    source_identity: Some(source),
+                    issued_before: Some(unix_secs(before)),
+                    remove_after: Some(unix_secs(before + max)),
+                    document: serde_json::from_str(&document).ok(),
+                    applied: error.is_none(),
+                    error,
+                });
             }
             if denies.is_empty() {
-                return json!({ "needed": false, "why": "no live AWS session of this identity on record", "denies": [] });
+                return AwsAnswer {
+                    why: Some("no live AWS session of this identity on record".into()),
+                    ..AwsAnswer::default()
+                };
             }
-            let applied = denies.iter().all(|d| d["applied"] == json!(true));
-            json!({ "needed": true, "applied": applied, "denies": denies })
+            let applied = denies.iter().all(|d| d.applied);
+            AwsAnswer { needed: true, applied: Some(applied), denies, ..AwsAnswer::default() }
         })
     }
 }
@@ -154,33 +168,25 @@ pub struct PlacedDeny {
 
 /// From `revoked` and `aws_deny_removed` events in order: every applied deny whose latest
 /// placement has no removal after it.
-pub fn outstanding(events: &[StoredEvent]) -> Vec<PlacedDeny> {
+pub fn outstanding(events: &[(EventId, Event)]) -> Vec<PlacedDeny> {
     let mut latest: HashMap<(String, String), PlacedDeny> = HashMap::new();
-    for e in events {
-        let Ok(body) = serde_json::from_str::<Value>(&e.body) else { continue };
-        match e.kind.as_str() {
-            "revoked" => {
-                for d in body.pointer("/aws/denies").and_then(Value::as_array).into_iter().flatten() {
-                    if d["applied"] != json!(true) {
-                        continue;
-                    }
-                    let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+    for (seq, e) in events {
+        match e {
+            Event::Revoked(r) => {
+                for d in r.aws.iter().flat_map(|a| &a.denies).filter(|d| d.applied) {
                     let deny = PlacedDeny {
-                        role: text("role"),
-                        policy_name: text("policy_name"),
-                        source_identity: text("source_identity"),
-                        remove_after: d["remove_after"].as_i64().unwrap_or(i64::MAX),
-                        placed_in: e.seq,
+                        role: d.role.clone().unwrap_or_default(),
+                        policy_name: d.policy_name.clone().unwrap_or_default(),
+                        source_identity: d.source_identity.clone().unwrap_or_default(),
+                        remove_after: d.remove_after.unwrap_or(i64::MAX),
+                        placed_in: *seq,
                     };
                     latest.insert((deny.role.clone(), deny.policy_name.clone()), deny);
                 }
             }
-            "aws_deny_removed" => {
-                let key = (
-                    body["role"].as_str().unwrap_or_default().to_owned(),
-                    body["policy_name"].as_str().unwrap_or_default().to_owned(),
-                );
-                if latest.get(&key).is_some_and(|d| body["placed_in"].as_i64() == Some(d.placed_in)) {
+            Event::AwsDenyRemoved(removed) => {
+                let key = (removed.role.clone(), removed.policy_name.clone());
+                if latest.get(&key).is_some_and(|d| removed.placed_in == d.placed_in) {
                     latest.remove(&key);
                 }
             }
@@ -196,7 +202,7 @@ pub fn outstanding(events: &[StoredEvent]) -> Vec<PlacedDeny> {
 pub struct DenySweep {
     pub iam: Arc<dyn IamApi>,
     pub ledger: Arc<dyn Ledger>,
-    pub ledger_path: PathBuf,
+    pub reader: Arc<dyn LedgerRead>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -212,25 +218,26 @@ impl DenySweep {
 
     /// One pass: how many denies were removed.
     pub async fn sweep(&self) -> Result<usize, LedgerError> {
-        let mut reader = crate::ledger::sqlite::LedgerReader::open(&self.ledger_path).await?;
-        let events = reader.events_of_kinds(&["revoked", "aws_deny_removed"]).await?;
+        let filter = EventFilter::kinds(&[EventKind::Revoked, EventKind::AwsDenyRemoved]);
+        let events: Vec<(EventId, Event)> = crate::ledger::read_typed(self.reader.as_ref(), filter)
+            .await?
+            .into_iter()
+            .map(|(row, e)| (row.seq, e))
+            .collect();
         let now = unix_secs(self.clock.now());
         let mut removed = 0;
         for deny in outstanding(&events).into_iter().filter(|d| d.remove_after <= now) {
             match tokio::time::timeout(CALL_TIMEOUT, self.iam.delete_role_policy(&deny.role, &deny.policy_name)).await {
                 Ok(Ok(existed)) => {
-                    let body = json!({
-                        "role": deny.role, "policy_name": deny.policy_name, "source_identity": deny.source_identity,
-                        "placed_in": deny.placed_in, "remove_after": deny.remove_after, "existed": existed,
-                    });
-                    self.ledger
-                        .record(NewEvent {
-                            kind: EventKind::AwsDenyRemoved,
-                            at: self.clock.now(),
-                            body,
-                            credential: None,
-                        })
-                        .await?;
+                    let record = AwsDenyRemoved {
+                        role: deny.role.clone(),
+                        policy_name: deny.policy_name.clone(),
+                        source_identity: Some(deny.source_identity.clone()),
+                        placed_in: deny.placed_in,
+                        remove_after: Some(deny.remove_after),
+                        existed,
+                    };
+                    self.ledger.record(self.clock.now(), Event::AwsDenyRemoved(record)).await?;
                     tracing::info!(
                         role = deny.role,
                         policy = deny.policy_name,
@@ -257,8 +264,10 @@ impl DenySweep {
 mod tests {
     use std::sync::Mutex;
 
+    use serde_json::Value;
+
     use super::*;
-    use crate::mint::aws::AwsError;
+    use crate::aws::AwsError;
 
     #[derive(Default)]
     struct FakeIam {
@@ -359,39 +368,40 @@ mod tests {
         let roles: Vec<&str> = puts.iter().map(|(r, _, _)| r.as_str()).collect();
         assert_eq!(roles, vec!["deploy", "read"], "one per role; the refused role is not among them");
         assert!(puts.iter().all(|(_, name, _)| name == "mayfly-revoke-mayfly.local+ci+acme+app"));
-        assert_eq!(out["applied"], json!(false), "one role could not be denied: {out}");
+        assert_eq!(out.applied, Some(false), "one role could not be denied: {out:?}");
         assert!(
             puts[0].2.contains("2026-11-30T00:53:20Z"),
             "the cutoff is rounded up to the next second: {}",
             puts[0].2
         );
-        let denies = out["denies"].as_array().unwrap();
-        let deploy = denies.iter().find(|d| d["role"] == "deploy").unwrap();
-        assert_eq!(deploy["remove_after"], json!(1_796_000_000 + 7200), "the role's own maximum");
-        let read = denies.iter().find(|d| d["role"] == "read").unwrap();
-        assert_eq!(read["remove_after"], json!(1_796_000_000 + 43_200), "unknown maximum: AWS's longest");
-        let refused = denies.iter().find(|d| d["role"] == "locked-down").unwrap();
-        assert!(refused["error"].as_str().unwrap().contains("AccessDenied"));
-        let foreign = denies.iter().find(|d| d["account"] == "999999999999").unwrap();
-        assert_eq!(foreign["applied"], json!(false));
+        let role = |name: &str| out.denies.iter().find(|d| d.role.as_deref() == Some(name)).unwrap();
+        assert_eq!(role("deploy").remove_after, Some(1_796_000_000 + 7200), "the role's own maximum");
+        assert_eq!(role("read").remove_after, Some(1_796_000_000 + 43_200), "unknown maximum: AWS's longest");
+        assert!(role("locked-down").error.as_deref().unwrap().contains("AccessDenied"));
+        let foreign = out.denies.iter().find(|d| d.account.as_deref() == Some("999999999999")).unwrap();
+        assert!(!foreign.applied);
         assert!(
-            foreign["error"]
-                .as_str()
+            foreign
+                .error
+                .as_deref()
                 .unwrap()
                 .contains("account 999999999999 but this broker's IAM credentials are for 111122223333"),
-            "{foreign}"
+            "{foreign:?}"
         );
-        let unmapped = denies.iter().find(|d| d["credential_id"] == "c6").unwrap();
-        assert_eq!(unmapped["applied"], json!(false), "a session whose role is unknown is a failure, not skipped");
+        let unmapped = out.denies.iter().find(|d| d.credential_id.as_deref() == Some("c6")).unwrap();
+        assert!(!unmapped.applied, "a session whose role is unknown is a failure, not skipped");
     }
 
     #[tokio::test]
     async fn the_sweep_removes_a_deny_once_the_role_maximum_has_passed_and_records_it_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.db");
-        let backend = crate::ledger::sqlite::SqliteBackend::open(&path, Duration::from_secs(5)).await.unwrap();
-        let (ledger, _writer) = crate::ledger::GroupCommitLedger::start(backend, 16).await.unwrap();
-        let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+        let settings = crate::ledger::Settings {
+            location: crate::ledger::Location::in_data_dir(dir.path()),
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 16,
+        };
+        let opened = crate::ledger::open(&settings).await.unwrap();
+        let (ledger, reader): (Arc<dyn Ledger>, _) = (Arc::new(opened.writer), opened.reader);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
         let clock = Arc::new(crate::clock::FixedClock::new(t0));
         let iam = Arc::new(FakeIam::default());
@@ -399,12 +409,9 @@ mod tests {
         let placed = AwsRevoker::new(iam.clone())
             .revoke_identity(&[session("spiffe://mayfly.local/ci/acme/app", "deploy", 1)], t0)
             .await;
-        ledger
-            .record(NewEvent { kind: EventKind::Revoked, at: t0, body: json!({ "aws": placed }), credential: None })
-            .await
-            .unwrap();
-        let sweep =
-            DenySweep { iam: iam.clone(), ledger: ledger.clone(), ledger_path: path.clone(), clock: clock.clone() };
+        let revoked = crate::ledger::event::Revoked { aws: Some(placed), ..Default::default() };
+        ledger.record(t0, Event::Revoked(revoked)).await.unwrap();
+        let sweep = DenySweep { iam: iam.clone(), ledger: ledger.clone(), reader: reader.clone(), clock: clock.clone() };
 
         clock.set(t0 + Duration::from_secs(7199));
         assert_eq!(sweep.sweep().await.unwrap(), 0, "a session issued just before the revocation may still be live");
@@ -415,37 +422,40 @@ mod tests {
             vec![("deploy".to_owned(), "mayfly-revoke-mayfly.local+ci+acme+app".to_owned())]
         );
         assert_eq!(sweep.sweep().await.unwrap(), 0, "removed once, and the removal is on record");
-        let mut reader = crate::ledger::sqlite::LedgerReader::open(&path).await.unwrap();
-        let removed = reader.events_of_kinds(&["aws_deny_removed"]).await.unwrap();
+        let removed = reader.events(EventFilter::kinds(&[EventKind::AwsDenyRemoved])).await.unwrap();
         assert_eq!(removed.len(), 1);
-        assert!(removed[0].body.contains("\"existed\":true"), "{}", removed[0].body);
+        assert!(matches!(removed[0].event().unwrap(), Event::AwsDenyRemoved(r) if r.existed && r.placed_in == 1));
     }
 
     #[test]
     fn a_deny_is_outstanding_until_the_removal_of_its_latest_placement() {
-        let ev = |seq: i64, kind: &str, body: Value| StoredEvent {
-            seq,
-            at_ms: 0,
-            kind: kind.into(),
-            body: body.to_string(),
-            prev_hash: String::new(),
-            hash: String::new(),
+        let deny = |role: &str, after: i64, applied: bool| AwsDeny {
+            role: Some(role.into()),
+            policy_name: Some("p".into()),
+            source_identity: Some("s".into()),
+            remove_after: Some(after),
+            applied,
+            ..AwsDeny::default()
         };
-        let placed = |after: i64| json!({ "aws": { "denies": [{ "role": "deploy", "policy_name": "p", "source_identity": "s", "remove_after": after, "applied": true }] } });
-        let failed = json!({ "aws": { "denies": [{ "role": "read", "policy_name": "p", "remove_after": 5, "applied": false }] } });
+        let revoked = |d: AwsDeny| {
+            Event::Revoked(crate::ledger::event::Revoked {
+                aws: Some(AwsAnswer { needed: true, denies: vec![d], ..AwsAnswer::default() }),
+                ..Default::default()
+            })
+        };
+        let removed = |placed_in| {
+            Event::AwsDenyRemoved(AwsDenyRemoved { role: "deploy".into(), policy_name: "p".into(), placed_in, ..Default::default() })
+        };
         let events = [
-            ev(1, "revoked", placed(100)),
-            ev(2, "revoked", failed.clone()),
-            ev(3, "revoked", placed(200)),
-            ev(4, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 })),
+            (1, revoked(deny("deploy", 100, true))),
+            (2, revoked(deny("read", 5, false))),
+            (3, revoked(deny("deploy", 200, true))),
+            (4, removed(1)),
         ];
         let out = outstanding(&events);
         assert_eq!(out.len(), 1, "a removal of an older placement does not end a newer one: {out:?}");
         assert_eq!((out[0].remove_after, out[0].placed_in), (200, 3));
-        let done = [
-            ev(1, "revoked", placed(100)),
-            ev(2, "aws_deny_removed", json!({ "role": "deploy", "policy_name": "p", "placed_in": 1 })),
-        ];
+        let done = [(1, revoked(deny("deploy", 100, true))), (2, removed(1))];
         assert!(outstanding(&done).is_empty());
     }
 }

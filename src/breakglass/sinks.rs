@@ -10,13 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::ledger::BoxFuture;
 
 pub trait ElevatedSink: Send + Sync + 'static {
     /// Resolves once the line is durably accepted.
-    fn write<'a>(&'a self, line: &'a Value) -> BoxFuture<'a, Result<(), String>>;
+    fn write<'a>(&'a self, line: &'a str) -> BoxFuture<'a, Result<(), String>>;
     fn name(&self) -> String;
 }
 
@@ -33,11 +31,11 @@ impl FileSink {
 }
 
 impl ElevatedSink for FileSink {
-    fn write<'a>(&'a self, line: &'a Value) -> BoxFuture<'a, Result<(), String>> {
+    fn write<'a>(&'a self, line: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let _one_writer = self.lock.lock().await;
             let path = self.path.clone();
-            let mut text = line.to_string();
+            let mut text = line.to_owned();
             text.push('\n');
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 let mut f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&path)?;
@@ -75,14 +73,14 @@ impl WebhookSink {
 }
 
 impl ElevatedSink for WebhookSink {
-    fn write<'a>(&'a self, line: &'a Value) -> BoxFuture<'a, Result<(), String>> {
+    fn write<'a>(&'a self, line: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut last = String::new();
             for attempt in 0..=self.retries {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
                 }
-                match self.client.post(&self.url).json(line).send().await {
+                match self.client.post(&self.url).header("content-type", "application/json").body(line.to_owned()).send().await {
                     Ok(r) if r.status().is_success() => return Ok(()),
                     Ok(r) => last = format!("answered {}", r.status()),
                     Err(e) => last = e.to_string(),
@@ -112,7 +110,7 @@ impl Elevated {
         !self.sinks.is_empty()
     }
 
-    pub async fn write(&self, line: &Value) -> Result<(), String> {
+    pub async fn write(&self, line: &str) -> Result<(), String> {
         if self.sinks.is_empty() {
             return Err("no elevated sink is configured (break_glass.log_file or break_glass.webhook)".into());
         }
@@ -135,8 +133,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bg.log");
         let sinks = Elevated::new(vec![Arc::new(FileSink::new(path.clone()))]);
-        sinks.write(&serde_json::json!({ "n": 1 })).await.unwrap();
-        sinks.write(&serde_json::json!({ "n": 2 })).await.unwrap();
+        sinks.write(r#"{"n":1}"#).await.unwrap();
+        sinks.write(r#"{"n":2}"#).await.unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n{\"n\":2}\n");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
@@ -144,8 +142,8 @@ mod tests {
 
     #[tokio::test]
     async fn no_sink_or_a_broken_one_fails_the_write() {
-        assert!(Elevated::default().write(&Value::Null).await.is_err());
+        assert!(Elevated::default().write("null").await.is_err());
         let broken = Elevated::new(vec![Arc::new(FileSink::new("/nonexistent-dir/bg.log".into()))]);
-        assert!(broken.write(&Value::Null).await.unwrap_err().contains("cannot be written"));
+        assert!(broken.write("null").await.unwrap_err().contains("cannot be written"));
     }
 }

@@ -1,0 +1,207 @@
+//! The listeners: the workload socket (any local user; `mayfly.v1` and the SPIFFE Workload
+//! API), the admin socket (0600), and the TLS listener (the token exchange, discovery,
+//! JWKS, CRL). Each serves until the daemon's stop flag flips, then lets in-flight
+//! requests finish within the drain limit. Decides nothing.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::authority::AuthorityFix;
+use super::exchange::RemoteAddr;
+use crate::attest::PeerStream;
+use crate::config::TlsSource;
+use crate::keys::CertificateAuthority;
+
+/// How long shutdown waits for in-flight requests before closing their connections.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// A TLS handshake that has not finished after this long is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("socket `{path}`: {why}")]
+    Socket { path: PathBuf, why: String },
+    #[error("listener `{address}`: {why}")]
+    Listen { address: String, why: String },
+}
+
+/// Serves the workload socket: `mayfly.v1` and the SPIFFE Workload API. Why the
+/// authority filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
+/// which the HTTP/2 server would reject; see `api::authority`.
+pub async fn workload(
+    listener: UnixListener,
+    routes: tonic::service::Routes,
+    request_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
+    tonic::transport::Server::builder()
+        .timeout(request_timeout)
+        .concurrency_limit_per_connection(64)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Serves the admin socket (0600): responders and operators.
+pub async fn admin(
+    listener: UnixListener,
+    routes: tonic::service::Routes,
+    request_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
+    tonic::transport::Server::builder()
+        .timeout(request_timeout)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Accepts TLS connections until `stop`, then lets in-flight requests finish (bounded).
+pub async fn tls(
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = tcp.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the TLS listener failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+                    builder.http2().max_concurrent_streams(64);
+                    let service = hyper_util::service::TowerToHyperService::new(service);
+                    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(%remote, error = %e, "TLS connection ended with an error");
+                    }
+                });
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        }
+    }
+    drop(tcp);
+    if tokio::time::timeout(DRAIN_LIMIT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("TLS connections did not finish in time; closing them");
+    }
+    Ok(())
+}
+
+
+/// The rustls server configuration: the configured certificate, or (dev) one for
+/// localhost and the bound address from the daemon's own CA. ALPN offers h2 (gRPC, curl)
+/// and http/1.1 (plain HTTPS clients fetching JWKS).
+pub fn tls_acceptor(
+    source: &TlsSource,
+    ca: &CertificateAuthority,
+    bound: Option<std::net::SocketAddr>,
+    now: std::time::SystemTime,
+) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let fail = |why: String| ServeError::Listen { address: bound.map(|a| a.to_string()).unwrap_or_default(), why };
+    let (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match source {
+        TlsSource::Files { cert, key } => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| fail(format!("certificate `{}`: {e}", cert.display())))?;
+            let meta = std::fs::metadata(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
+            if meta.mode() & 0o077 != 0 {
+                return Err(fail(format!("key `{}` is readable by group or others; chmod 600 it", key.display())));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
+            (chain, key)
+        }
+        TlsSource::FromCa => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            if let Some(addr) = bound.filter(|a| !a.ip().is_unspecified() && a.ip().to_string() != "127.0.0.1") {
+                names.push(addr.ip().to_string());
+            }
+            let (cert, key) = ca
+                .issue_tls_server(&names, now, std::time::Duration::from_secs(30 * 86_400))
+                .map_err(|e| fail(e.to_string()))?;
+            (vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec())))
+        }
+    };
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| fail(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Binds a socket with `mode`: the workload socket 0666 (any local user may connect;
+/// attestation is the gate), the admin socket 0600. The socket's directory must not be
+/// writable by others, a symlink is refused, a stale socket is removed, and a live one
+/// (another daemon) is left alone.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    let fail = |why: String| ServeError::Socket { path: path.into(), why };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = std::fs::metadata(&parent).map_err(|e| fail(format!("directory `{}`: {e}", parent.display())))?;
+    let me = rustix::process::geteuid().as_raw();
+    if dir.mode() & 0o022 != 0 || (dir.uid() != me && dir.uid() != 0) {
+        return Err(fail(format!(
+            "directory `{}` is writable by others or owned by another user (mode {:o}, uid {}); others could replace the socket",
+            parent.display(),
+            dir.mode() & 0o7777,
+            dir.uid()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(fail("is a symlink; refusing to use it".into())),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail("another process is serving on it".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| fail(format!("removing stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(fail("exists and is not a socket; refusing to remove it".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| fail(e.to_string()))?;
+    Ok(listener)
+}
