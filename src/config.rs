@@ -23,7 +23,7 @@ fn key(key: &'static str) -> impl Fn(String) -> ConfigError {
     move |why| ConfigError::Key { key, why }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub trust_domain: Option<String>,
@@ -51,7 +51,7 @@ pub struct RawConfig {
     pub aws: Option<RawAws>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAws {
     pub region: Option<String>,
@@ -91,7 +91,7 @@ pub struct AwsConfig {
     pub max_in_flight: usize,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorkloadApi {
     pub socket: Option<PathBuf>,
@@ -100,14 +100,14 @@ pub struct RawWorkloadApi {
     pub rotate_at_percent: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     pub key: Option<PathBuf>,
     pub issuer: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreakGlass {
     pub ticket_pattern: Option<String>,
@@ -133,7 +133,7 @@ pub struct BreakGlassConfig {
     pub webhook_retries: u32,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListen {
     pub address: Option<String>,
@@ -143,14 +143,14 @@ pub struct RawListen {
     pub request_timeout: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOidc {
     #[serde(default)]
     pub issuer: Vec<RawIssuer>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawIssuer {
     pub url: Option<String>,
@@ -160,7 +160,7 @@ pub struct RawIssuer {
     pub selector_claims: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     pub bundle: Option<PathBuf>,
@@ -169,7 +169,7 @@ pub struct RawPolicy {
     pub poll_interval: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub socket: Option<PathBuf>,
@@ -177,7 +177,7 @@ pub struct RawAdmin {
     pub owner_uid: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCa {
     pub cert: Option<PathBuf>,
@@ -185,7 +185,7 @@ pub struct RawCa {
     pub generate: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLedger {
     pub path: Option<PathBuf>,
@@ -193,7 +193,7 @@ pub struct RawLedger {
     pub max_batch: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawIssuance {
     pub default_ttl: Option<String>,
@@ -201,7 +201,7 @@ pub struct RawIssuance {
     pub max_ttl: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAttestation {
     pub max_binary_bytes: Option<u64>,

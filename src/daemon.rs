@@ -418,7 +418,7 @@ impl Daemon {
             let _ = shadow.stop(daemon, "the daemon stopped; shadow mode does not survive a restart").await;
         }
         let stopped = ledger.record(clock.now(), Event::DaemonStopped(DaemonStopped { clean: clean.is_ok() })).await;
-        drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger));
+        drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger, reader));
         drop(ledger);
         let _ = writer.await;
         tracing::info!("mayfly stopped");

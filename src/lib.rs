@@ -16,6 +16,8 @@ pub mod ledger;
 pub mod mint;
 pub mod policy;
 pub mod revoke;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod validate;
 
 /// A boxed future, for the object-safe async traits of the seams (`Ledger`, `StsApi`, …).

@@ -934,6 +934,7 @@ mod tests {
             resource,
             requested_ttl: Ttl::parse(ttl).unwrap(),
             context: ctx,
+            reserved_audiences: &[],
         };
         let indexed = e.decide(&req, now);
         assert_eq!(indexed, e.decide_full_scan(&req, now), "the scope index must not change a decision");

@@ -88,3 +88,79 @@ impl Validator {
         Ok(validated)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{TrustDomain, Ttl};
+    use crate::issue::{Ask, Caller as Asker, Credential, IssueRequest, Origin};
+    use crate::ledger::verify_chain;
+    use crate::policy::release::Release;
+    use crate::testing::IssuerBuilder;
+
+    const RULES: &str = r#"
+        @id("api-jwt-db")
+        @max_ttl("10m")
+        permit (principal, action == Mayfly::Action::"issue_jwt", resource == Mayfly::Audience::"db")
+        when { principal.attestation == "unix" };
+    "#;
+
+    #[tokio::test]
+    async fn a_successful_validation_is_a_used_event_and_a_failed_one_is_not() {
+        let inventory = r#"
+            [[workload]]
+            id = "spiffe://mayfly.local/api"
+            owner = "team-api"
+            purpose = "test"
+            environment = "prod"
+            tier = "standard"
+            expires = 2030-01-01
+            selectors = ["unix:uid:1001"]
+        "#;
+        let files = crate::policy::shipped_files_with(&[
+            ("inventory.toml", Some(inventory)),
+            ("tests/local.toml", None),
+            ("tests/ci.toml", None),
+            ("issuance/jwt-test.cedar", Some(RULES)),
+        ]);
+        let release = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let t = IssuerBuilder::new(&["unix:uid:1001"], release).build().await;
+        let validator = Validator::new(t.jwt.clone(), t.revocations.clone(), t.emergency.clone(), t.ledger.clone(), t.clock.clone());
+        let peer = PeerInfo::without_credentials();
+        let request = IssueRequest {
+            ask: Ask::Jwt { audiences: vec!["db".into()] },
+            ttl: Ttl::parse("5m").unwrap(),
+            spiffe_id: None,
+            origin: Origin::default(),
+        };
+        let issued = t.issuer.issue(Asker::Local(&peer), request).await.unwrap();
+        let Credential::Jwt(svid) = &issued.credential else { panic!("jwt") };
+        let ok = validator.validate_jwt(&peer, svid.token.expose(), "db").await.unwrap();
+        assert_eq!(ok.identity.as_str(), "spiffe://mayfly.local/api");
+        let before = t.backend.events().len();
+        assert!(matches!(validator.validate_jwt(&peer, svid.token.expose(), "other").await, Err(IssueError::InvalidJwt(_))));
+        let events = t.backend.events();
+        assert_eq!(events.len(), before, "a token that does not verify is not a use");
+        let used = events.iter().find_map(|e| match e.event() {
+            Ok(Event::Used(u)) => Some(u),
+            _ => None,
+        });
+        let used = used.expect("a used event");
+        assert_eq!((used.credential_id.as_str(), used.audience.as_deref()), (issued.credential_id.as_str(), Some("db")));
+        assert_eq!(verify_chain(&events), Ok(events.len()));
+
+        // Revoked: the attempt is recorded, and refused.
+        t.revocations.apply_revoked(&[crate::revoke::Revoked {
+            credential_id: issued.credential_id.clone(),
+            kind: "jwt".into(),
+            identity: issued.identity.to_string(),
+            serial: issued.credential_id.clone(),
+            not_after: i64::MAX,
+            revoked_at: 0,
+        }]);
+        let err = validator.validate_jwt(&peer, svid.token.expose(), "db").await.unwrap_err();
+        assert!(matches!(err, IssueError::Revoked(_)), "{err:?}");
+        let last = t.backend.events().pop().unwrap().event().unwrap();
+        assert!(matches!(last, Event::Used(u) if u.refused.as_deref() == Some("revoked")));
+    }
+}

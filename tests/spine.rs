@@ -14,46 +14,38 @@ use hyper_util::rt::TokioIo;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::pb::{IssueX509Request, IssueX509Response};
 use mayfly::clock::FixedClock;
-use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawLedger, RawPolicy, RawWorkloadApi};
+use mayfly::config::{Config, RawAdmin};
 use mayfly::daemon::Daemon;
-use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{StoredEvent, verify_chain};
+use support::{Running, Setup, repo_policies, setup};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use x509_parser::extensions::GeneralName;
 
+mod support;
+
 const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
 
+/// A daemon that owns its temporary directory (handed back at shutdown for a restart).
 struct TestDaemon {
     dir: tempfile::TempDir,
     socket: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
-fn repo_policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
-}
-
-fn config(dir: &Path, policies: &Path, busy: &str) -> Config {
-    let mut config = Config::try_from(RawConfig {
-        trust_domain: Some("mayfly.local".into()),
-        data_dir: Some(dir.join("data")),
-        policy: RawPolicy {
-            bundle: Some(dir.join("unused.bundle")),
-            trusted_keys: vec![dir.join("unused.pub")],
-            ..Default::default()
-        },
-        workload_api: RawWorkloadApi { socket: Some(dir.join("mayfly.sock")), ..Default::default() },
-        ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-        ledger: RawLedger { busy_timeout: Some(busy.into()), ..Default::default() },
-        ..Default::default()
+/// The spine's daemon: socket `mayfly.sock`, no admin socket, a 1 s SQLite busy timeout.
+fn spine(dir: &Path, policies: &Path) -> Setup {
+    let socket = dir.join("mayfly.sock");
+    setup(dir).policies(policies).raw(|raw| {
+        raw.workload_api.socket = Some(socket);
+        raw.admin = RawAdmin::default();
+        raw.ledger.busy_timeout = Some("1s".into());
     })
-    .unwrap();
-    // These tests are about issuance, not releases: read policies/ as `mayfly dev` does.
-    config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
-    config
+}
+
+fn config(dir: &Path, policies: &Path) -> Config {
+    spine(dir, policies).config()
 }
 
 impl TestDaemon {
@@ -62,41 +54,25 @@ impl TestDaemon {
     }
 
     async fn start_with(dir: tempfile::TempDir, policies: &Path, now: SystemTime) -> Self {
-        let cfg = config(dir.path(), policies, "1s");
-        let daemon = Daemon::build(cfg, Arc::new(FixedClock::new(now))).await.unwrap();
-        let socket = daemon.socket().to_path_buf();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self { dir, socket, stop: Some(stop), task: Some(task) }
+        let running = spine(dir.path(), policies).at(now).start().await;
+        Self { socket: running.socket.clone(), dir, running }
     }
 
-    async fn shutdown(mut self) -> tempfile::TempDir {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap();
-        }
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    async fn shutdown(self) -> tempfile::TempDir {
+        self.running.stop().await;
+        self.dir
     }
 
     fn ledger_path(&self) -> PathBuf {
-        self.dir.path().join("data/ledger.db")
+        self.running.ledger_file()
     }
 
     async fn events(&self) -> Vec<StoredEvent> {
-        LedgerReader::open(&self.ledger_path()).await.unwrap().events().await.unwrap()
+        self.running.events().await
     }
 
     async fn client(&self) -> BrokerClient<Channel> {
-        BrokerClient::new(mayfly::cli::connect(&self.socket).await.unwrap())
+        self.running.broker().await
     }
 
     async fn issue(&self, req: IssueX509Request) -> Result<IssueX509Response, Status> {
@@ -140,19 +116,21 @@ async fn a_local_workload_gets_a_short_lived_svid_recorded_before_it_is_returned
     assert!(events[0].body.contains("\"unsigned\":true"), "dev reads policies/ unsigned and says so");
     assert!(events[2].body.contains("\"outcome\":\"allow\"") && events[2].body.contains("local-workloads-x509"));
     assert!(events[3].body.contains(&reply.serial) && events[3].body.contains(&reply.credential_id));
-    let creds = LedgerReader::open(&d.ledger_path()).await.unwrap().credentials().await.unwrap();
+    let creds = d.running.credentials().await;
     assert_eq!(creds.len(), 1);
-    assert_eq!(creds[0].1.serial, reply.serial);
-    assert_eq!(creds[0].1.decision_id, events[2].seq);
+    assert_eq!(creds[0].serial, reply.serial);
+    assert_eq!(creds[0].decision_id, events[2].seq);
     assert_eq!(verify_chain(&events), Ok(4));
     // Nothing secret in the ledger: no PEM, no key.
     assert!(!events.iter().any(|e| e.body.contains("PRIVATE KEY") || e.body.contains("BEGIN")));
 
+    let (ledger, location) = (d.ledger_path(), d.running.location.clone());
     let dir = d.shutdown().await;
-    let events = LedgerReader::open(&dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap();
+    let reader = mayfly::ledger::open_reader(&location).await.unwrap();
+    let events = reader.events(mayfly::ledger::EventFilter::all()).await.unwrap();
     assert_eq!(kinds(&events).last(), Some(&"daemon_stopped"));
     assert!(!dir.path().join("mayfly.sock").exists(), "socket removed at shutdown");
-    let wal = dir.path().join("data/ledger.db-wal");
+    let wal = ledger.with_extension("db-wal");
     assert!(std::fs::metadata(&wal).map_or(true, |m| m.len() == 0), "WAL folded into ledger.db at a clean stop");
 }
 
@@ -395,7 +373,7 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
 
     // A live socket is not stolen by a second daemon.
     let again =
-        Daemon::build(config(d.dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+        Daemon::build(config(d.dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(again.err().unwrap().to_string().contains("another process"));
 
     let dir = d.shutdown().await;
@@ -410,13 +388,13 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
     // A symlink at the socket path is refused.
     std::os::unix::fs::symlink("/tmp/elsewhere.sock", dir.path().join("mayfly.sock")).unwrap();
     let e =
-        Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+        Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("symlink"));
     std::fs::remove_file(dir.path().join("mayfly.sock")).unwrap();
 
     // A directory others can write is refused.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let e =
-        Daemon::build(config(dir.path(), &repo_policies(), "1s"), Arc::new(FixedClock::new(SystemTime::now()))).await;
+        Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("writable by others"));
 }

@@ -16,6 +16,8 @@ use tokio::sync::Semaphore;
 
 use super::{JwtMinter, MintError};
 use crate::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
+#[cfg(test)]
+use crate::keys::SecretString;
 use crate::identity::WorkloadId;
 use crate::policy::{Grant, Resource};
 
@@ -295,74 +297,12 @@ pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
     if tail.is_empty() { format!("mayfly-{unique}") } else { format!("{tail}-{unique}") }
 }
 
-/// A scripted STS for tests here and in `issue`: records each request, answers with the
-/// queued failures first, then with sessions; `hold` makes calls wait for `release`.
-#[cfg(test)]
-pub(crate) mod fake {
-    use std::sync::Mutex;
-    use std::time::{Duration, SystemTime};
-
-    use super::*;
-
-    /// Records every request; answers from a script (errors first, then sessions). A
-    /// session expires `duration_seconds` after 1_800_000_000 (the tests' clock).
-    #[derive(Default)]
-    pub struct FakeSts {
-        pub requests: Mutex<Vec<(AwsSessionRequest, Option<String>)>>,
-        pub failures: Mutex<Vec<AwsError>>,
-        /// While set, calls are counted in `waiting` and wait for it to be notified.
-        pub hold: Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
-        pub waiting: std::sync::atomic::AtomicUsize,
-    }
-
-    impl FakeSts {
-        async fn call(&self, req: &AwsSessionRequest, token: Option<&SecretString>) -> Result<StsSession, AwsError> {
-            let hold = self.hold.lock().unwrap().clone();
-            if let Some(gate) = hold {
-                self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                gate.notified().await;
-            }
-            self.answer(req, token)
-        }
-    }
-
-    impl FakeSts {
-        fn answer(&self, req: &AwsSessionRequest, token: Option<&SecretString>) -> Result<StsSession, AwsError> {
-            self.requests.lock().unwrap().push((req.clone(), token.map(|t| t.expose().to_owned())));
-            if let Some(e) = self.failures.lock().unwrap().pop() {
-                return Err(e);
-            }
-            let name = req.role_arn.rsplit('/').next().unwrap();
-            Ok(StsSession {
-                access_key_id: "ASIAFAKE0000000001".into(),
-                secret_access_key: SecretString::new("fake-secret".into()),
-                session_token: SecretString::new("fake-token".into()),
-                expiration: SystemTime::UNIX_EPOCH
-                    + Duration::from_secs(1_800_000_000_u64 + u64::from(req.duration_seconds.unsigned_abs())),
-                assumed_role_arn: format!("arn:aws:sts::111122223333:assumed-role/{name}/{}", req.role_session_name),
-            })
-        }
-    }
-
-    impl StsApi for FakeSts {
-        fn assume_role<'a>(&'a self, req: &'a AwsSessionRequest) -> BoxFuture<'a, Result<StsSession, AwsError>> {
-            Box::pin(self.call(req, None))
-        }
-        fn assume_role_with_web_identity<'a>(
-            &'a self,
-            req: &'a AwsSessionRequest,
-            token: &'a SecretString,
-        ) -> BoxFuture<'a, Result<StsSession, AwsError>> {
-            Box::pin(self.call(req, Some(token)))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::fake::FakeSts;
+    use crate::BoxFuture;
+    use crate::testing::FakeSts;
     use super::*;
     use crate::identity::Ttl;
     use crate::policy::aws::{AwsGrant, SessionPolicy};
@@ -421,7 +361,7 @@ mod tests {
         let sts = Arc::new(FakeSts::default());
         let minter = AwsMinter::new(sts.clone(), Some(Arc::new(FixedRoleMax(7200))), Mode::AssumeRole, limits());
         let doc = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#;
-        let minted = minter.mint(&grant(1800, 3600, Some(doc)), CREDENTIAL, SystemTime::now()).await.unwrap();
+        let minted = minter.mint(grant(1800, 3600, Some(doc)), CREDENTIAL, SystemTime::now()).await.unwrap();
         let sent = &sts.requests.lock().unwrap()[0].0;
         assert_eq!(sent.role_arn, "arn:aws:iam::111122223333:role/ci/acme-app-read");
         assert_eq!(sent.role_session_name, "ci.acme.app-3f1c9a0b7d2e4f61");
@@ -441,13 +381,13 @@ mod tests {
         let sts = Arc::new(FakeSts::default());
         let minter = AwsMinter::new(sts.clone(), Some(Arc::new(FixedRoleMax(3600))), Mode::AssumeRole, limits());
         // Asked for 5 minutes: AWS's floor is 15, which the rule (1 h) allows.
-        minter.mint(&grant(300, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        minter.mint(grant(300, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
         // Asked for 4 h under a 6 h rule: the role's own maximum (1 h) wins.
-        minter.mint(&grant(4 * 3600, 6 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        minter.mint(grant(4 * 3600, 6 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
         let durations: Vec<i32> = sts.requests.lock().unwrap().iter().map(|(r, _)| r.duration_seconds).collect();
         assert_eq!(durations, vec![900, 3600]);
         // A rule that allows only 10 minutes cannot be honoured by STS: nothing is asked.
-        let err = minter.mint(&grant(300, 600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        let err = minter.mint(grant(300, 600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(err.to_string().contains("at least 15m"), "{err}");
         assert_eq!(sts.requests.lock().unwrap().len(), 2);
     }
@@ -456,7 +396,7 @@ mod tests {
     async fn without_iam_the_role_is_assumed_to_allow_one_hour() {
         let sts = Arc::new(FakeSts::default());
         let minter = AwsMinter::new(sts.clone(), None, Mode::AssumeRole, limits());
-        minter.mint(&grant(8 * 3600, 12 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        minter.mint(grant(8 * 3600, 12 * 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
         assert_eq!(sts.requests.lock().unwrap()[0].0.duration_seconds, 3600);
     }
 
@@ -467,11 +407,11 @@ mod tests {
         let sts = Arc::new(FakeSts::default());
         sts.failures.lock().unwrap().extend([throttled.clone(), throttled.clone()]);
         let minter = AwsMinter::new(sts.clone(), None, Mode::AssumeRole, limits());
-        let ok = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
+        let ok = minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap();
         assert_eq!(ok.attempts, 3);
 
         sts.failures.lock().unwrap().extend([throttled.clone(), throttled.clone(), throttled.clone()]);
-        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        let err = minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(matches!(&err, AwsMintError::Upstream(e) if e.code() == "Throttling"), "{err}");
         assert_eq!(sts.requests.lock().unwrap().len(), 6, "3 attempts each, never more");
 
@@ -481,7 +421,7 @@ mod tests {
             code: "AccessDenied".into(),
             message: "not authorized".into(),
         });
-        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        let err = minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(err.to_string().contains("AccessDenied"), "{err}");
         assert_eq!(sts.requests.lock().unwrap().len(), 7);
     }
@@ -502,7 +442,7 @@ mod tests {
             }
         }
         let minter = AwsMinter::new(Arc::new(Hung), None, Mode::AssumeRole, limits());
-        let err = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        let err = minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(matches!(&err, AwsMintError::Upstream(AwsError::Timeout { .. })), "{err}");
     }
 
@@ -529,12 +469,12 @@ mod tests {
             Arc::new(AwsMinter::new(gate.clone(), None, Mode::AssumeRole, Limits { max_in_flight: 1, ..limits() }));
         let first = tokio::spawn({
             let minter = minter.clone();
-            async move { minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await }
+            async move { minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await }
         });
         while minter.in_flight.available_permits() > 0 {
             tokio::task::yield_now().await;
         }
-        let second = minter.mint(&grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
+        let second = minter.mint(grant(900, 3600, None), CREDENTIAL, SystemTime::now()).await.unwrap_err();
         assert!(matches!(second, AwsMintError::Busy), "{second}");
         gate.0.notify_one();
         assert!(first.await.unwrap().is_err());
@@ -554,7 +494,7 @@ mod tests {
         let mode = Mode::WebIdentity { jwt: jwt.clone(), audience: "sts.amazonaws.com".into() };
         let minter = AwsMinter::new(sts.clone(), None, mode, limits());
         let now = SystemTime::now();
-        let minted = minter.mint(&grant(900, 3600, None), CREDENTIAL, now).await.unwrap();
+        let minted = minter.mint(grant(900, 3600, None), CREDENTIAL, now).await.unwrap();
         let (sent, token) = sts.requests.lock().unwrap()[0].clone();
         let token = token.expect("a token was presented");
         let claims = jwt.validate_jwt(&token, Some("sts.amazonaws.com"), now).unwrap().claims;

@@ -254,7 +254,7 @@ mod tests {
         let id = WorkloadId::parse("spiffe://example.org/api").unwrap();
         let grants: Vec<Grant> =
             auds.iter().map(|a| Grant::jwt_for_tests(id.clone(), a, Ttl::parse(ttl).unwrap())).collect();
-        JwtGrant::join(&grants).unwrap()
+        JwtGrant::join(grants).unwrap()
     }
 
     fn b64json(part: &str) -> Value {
@@ -266,7 +266,7 @@ mod tests {
     fn a_minted_token_is_an_es256_jwt_svid_with_our_kid_and_the_granted_lifetime() {
         let m = minter();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let svid = m.mint_jwt(&grant(&["db", "cache"], "5m"), "cred-1", now).unwrap();
+        let svid = m.mint_jwt(grant(&["db", "cache"], "5m"), "cred-1", now).unwrap();
         let parts: Vec<&str> = svid.token.expose().split('.').collect();
         let header = b64json(parts[0]);
         assert_eq!(header["alg"], "ES256");
@@ -285,7 +285,7 @@ mod tests {
     fn validation_refuses_expiry_audience_tampering_and_foreign_keys() {
         let m = minter();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let token = m.mint_jwt(&grant(&["db"], "5m"), "cred-2", now).unwrap().token;
+        let token = m.mint_jwt(grant(&["db"], "5m"), "cred-2", now).unwrap().token;
         let t = token.expose();
         assert!(matches!(m.validate_jwt(t, Some("db"), now + Duration::from_secs(300)), Err(JwtError::Expired { .. })));
         assert!(matches!(m.validate_jwt(t, Some("other"), now), Err(JwtError::Audience(_))));
@@ -308,7 +308,7 @@ mod tests {
         // Signed by another key with the same kid claimed: unknown kid is refused, and a
         // token carrying our kid but another key's signature fails the signature check.
         let other = minter();
-        let foreign = other.mint_jwt(&grant(&["db"], "5m"), "x", now).unwrap().token;
+        let foreign = other.mint_jwt(grant(&["db"], "5m"), "x", now).unwrap().token;
         assert!(matches!(m.validate_jwt(foreign.expose(), Some("db"), now), Err(JwtError::UnknownKey)));
         let fp: Vec<&str> = foreign.expose().split('.').collect();
         let spliced = format!("{}.{}.{}", parts[0], fp[1], fp[2]);
@@ -328,14 +328,14 @@ mod tests {
     fn a_rotated_key_signs_at_once_and_the_old_one_verifies_until_its_tokens_expire() {
         let m = minter();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let old = m.mint_jwt(&grant(&["db"], "5m"), "a", now).unwrap().token;
+        let old = m.mint_jwt(grant(&["db"], "5m"), "a", now).unwrap().token;
         let old_kid = m.active_kid();
         m.rotate(JwtKey::generate().unwrap(), now, Duration::from_secs(3600)).unwrap();
         assert_ne!(m.active_kid(), old_kid);
         let kids: Vec<String> =
             m.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
         assert_eq!(kids, vec![m.active_kid(), old_kid.clone()], "both published");
-        let new = m.mint_jwt(&grant(&["db"], "5m"), "b", now).unwrap().token;
+        let new = m.mint_jwt(grant(&["db"], "5m"), "b", now).unwrap().token;
         assert!(m.validate_jwt(old.expose(), Some("db"), now).is_ok(), "tokens of the old key still validate");
         assert!(m.validate_jwt(new.expose(), Some("db"), now).is_ok());
         assert!(!m.prune(now + Duration::from_secs(3599)));

@@ -171,7 +171,7 @@ mod tests {
         let csr = VerifiedCsr::parse(&csr).unwrap();
         let id = WorkloadId::parse("spiffe://example.org/api").unwrap();
         let grant = Grant::for_tests(id, Ttl::parse("30m").unwrap());
-        let svid = m.mint_x509(&csr, &grant, now).unwrap();
+        let svid = m.mint_x509(&csr, grant, now).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_der).unwrap();
 
         let sans: Vec<_> = cert.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
@@ -198,10 +198,10 @@ mod tests {
         let now = SystemTime::now();
         let m = minter(now, Duration::from_secs(600));
         let (_key, csr) = csr_with_extras();
-        let grant = Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
-        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now).unwrap();
+        let grant = || Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
+        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), grant(), now).unwrap();
         assert!(svid.not_after <= m.cas.load().active.not_after());
-        assert!(m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now + Duration::from_secs(601)).is_err());
+        assert!(m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), grant(), now + Duration::from_secs(601)).is_err());
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
         assert_eq!(m.x509_bundle(), vec![next.cert_der().to_vec(), old.clone()]);
         let (_key, csr) = csr_with_extras();
         let grant = Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
-        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), &grant, now).unwrap();
+        let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), grant, now).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_der).unwrap();
         let (_, new_ca) = x509_parser::parse_x509_certificate(next.cert_der()).unwrap();
         cert.verify_signature(Some(new_ca.public_key())).unwrap();

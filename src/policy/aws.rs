@@ -242,6 +242,7 @@ mod tests {
                 resource: &resource,
                 requested_ttl: Ttl::parse(asked).unwrap(),
                 context: &context,
+                reserved_audiences: &[],
             };
             let d = release.engine.decide(&req, std::time::SystemTime::now());
             let crate::policy::Verdict::Allow(g) = d.verdict else { panic!("{:?}", d.rules) };

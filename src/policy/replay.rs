@@ -292,6 +292,8 @@ impl Report {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::identity::TrustDomain;
     use crate::policy::shipped_files_with;
