@@ -3,87 +3,59 @@
 //! Break-glass on a real daemon in-process: the request over the workload socket, the
 //! second person's side on the admin socket, the elevated log as a file, a paused clock.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use mayfly::api::pb::admin_client::AdminClient;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::pb::{
     BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest,
 };
-use mayfly::clock::FixedClock;
-use mayfly::config::{Config, PolicySource, RawAdmin, RawBreakGlass, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
-use mayfly::daemon::Daemon;
-use mayfly::ledger::sqlite::LedgerReader;
+use mayfly::config::RawBreakGlass;
 use mayfly::ledger::{StoredEvent, verify_chain};
+use support::{Running, setup};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const WAIT: Duration = Duration::from_secs(20);
+mod support;
 
+/// A daemon in `dir` with these break-glass settings.
 struct TestDaemon {
-    dir: PathBuf,
-    clock: Arc<FixedClock>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
+}
+
+impl std::ops::Deref for TestDaemon {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 impl TestDaemon {
     async fn start(dir: &Path, break_glass: RawBreakGlass) -> Self {
-        let mut config = Config::try_from(RawConfig {
-            trust_domain: Some("mayfly.local".into()),
-            data_dir: Some(dir.join("data")),
-            policy: RawPolicy {
-                bundle: Some(dir.join("unused.bundle")),
-                trusted_keys: vec![dir.join("unused.pub")],
-                ..Default::default()
-            },
-            workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-            admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
-            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            break_glass,
-            ..Default::default()
-        })
-        .unwrap();
-        config.policy = PolicySource::UnsignedDir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"));
-        let clock = Arc::new(FixedClock::new(SystemTime::now()));
-        let daemon = Daemon::build(config, clock.clone()).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap()
-        });
-        Self { dir: dir.to_path_buf(), clock, stop: Some(stop), task: Some(task) }
+        Self { running: setup(dir).raw(|raw| raw.break_glass = break_glass).start().await }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-        }
+    async fn stop(self) {
+        self.running.stop().await;
     }
 
     async fn broker(&self) -> BrokerClient<Channel> {
-        BrokerClient::new(mayfly::cli::connect(&self.dir.join("w.sock")).await.unwrap())
+        self.running.broker().await
     }
 
     async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(mayfly::cli::connect(&self.dir.join("admin.sock")).await.unwrap())
+        self.running.admin().await
     }
 
     async fn events(&self) -> Vec<StoredEvent> {
-        LedgerReader::open(&self.dir.join("data/ledger.db")).await.unwrap().events().await.unwrap()
+        self.running.events().await
     }
 
     async fn credentials(&self) -> usize {
-        LedgerReader::open(&self.dir.join("data/ledger.db")).await.unwrap().credentials().await.unwrap().len()
+        self.running.credentials().await.len()
     }
 }
 

@@ -5,22 +5,17 @@
 //! GitHub-Actions-shaped id-tokens it signs. Every bad token is refused with 401, recorded
 //! as a denial, and issues nothing.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mayfly::clock::FixedClock;
-use mayfly::config::{
-    Config, PolicySource, RawCa, RawConfig, RawIssuer, RawJwt, RawListen, RawOidc, RawPolicy, RawWorkloadApi,
-};
-use mayfly::daemon::Daemon;
-use mayfly::identity::TrustDomain;
-use mayfly::keys::{CertificateAuthority, JwtKey};
-use mayfly::ledger::sqlite::LedgerReader;
+use mayfly::config::{Config, RawIssuer, RawJwt, RawOidc};
+use mayfly::keys::JwtKey;
 use mayfly::ledger::{StoredEvent, verify_chain};
 use serde_json::{Value, json};
+use support::{Running, setup};
+
+mod support;
 
 const CI_ID: &str = "spiffe://mayfly.local/ci/acme/app";
 const ARTIFACTS: &str = "https://artifacts.example.org";
@@ -79,12 +74,11 @@ impl Drop for Issuer {
     }
 }
 
+/// A daemon in its own temporary directory with the TLS listener and one trusted issuer.
 struct TestDaemon {
     dir: tempfile::TempDir,
-    address: SocketAddr,
     ca_pem: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
 fn policies_for(issuer: &str) -> tempfile::TempDir {
@@ -120,64 +114,17 @@ impl TestDaemon {
     }
 
     async fn start_in(dir: tempfile::TempDir, issuer: &str, policies: &Path, jwt_key: Option<PathBuf>) -> Self {
-        let now = SystemTime::now();
-        // The listener's certificate, from a CA the client trusts.
-        let ca = CertificateAuthority::generate(
-            &TrustDomain::parse("mayfly.local").unwrap(),
-            now - Duration::from_secs(60),
-            Duration::from_secs(86_400),
-        )
-        .unwrap();
-        let (cert, key) = ca
-            .issue_tls_server(
-                &["localhost".into(), "127.0.0.1".into()],
-                now - Duration::from_secs(60),
-                Duration::from_secs(86_400),
-            )
-            .unwrap();
-        let tls_cert = dir.path().join("tls.pem");
-        let tls_key = dir.path().join("tls-key.pem");
-        std::fs::write(&tls_cert, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).unwrap();
-        mayfly::keys::write_private(
-            &tls_key,
-            pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes(),
-        )
-        .unwrap();
-        let mut config = Config::try_from(RawConfig {
-            trust_domain: Some("mayfly.local".into()),
-            data_dir: Some(dir.path().join("data")),
-            policy: RawPolicy {
-                bundle: Some(dir.path().join("unused.bundle")),
-                trusted_keys: vec![dir.path().join("unused.pub")],
-                poll_interval: Some("1s".into()),
-            },
-            workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
-            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            listen: Some(RawListen {
-                address: Some("127.0.0.1:0".into()),
-                cert: Some(tls_cert),
-                key: Some(tls_key),
-                request_timeout: Some("60s".into()),
-                ..Default::default()
-            }),
-            jwt: RawJwt { issuer: Some("https://mayfly.test".into()), key: jwt_key },
-            oidc: RawOidc { issuer: vec![RawIssuer { url: Some(issuer.into()), ..Default::default() }] },
-            ..Default::default()
-        })
-        .unwrap();
-        config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
-        let daemon = Daemon::build(config, Arc::new(FixedClock::new(now))).await.unwrap();
-        let address = daemon.listen_address().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self { dir, address, ca_pem: ca.cert_pem().to_owned(), stop: Some(stop), task: Some(task) }
+        let issuers = vec![RawIssuer { url: Some(issuer.into()), ..Default::default() }];
+        let running = setup(dir.path())
+            .policies(policies)
+            .tls()
+            .raw(|raw| {
+                raw.jwt = RawJwt { issuer: Some("https://mayfly.test".into()), key: jwt_key };
+                raw.oidc = RawOidc { issuer: issuers };
+            })
+            .start()
+            .await;
+        Self { ca_pem: running.tls_ca_pem().to_owned(), dir, running }
     }
 
     fn client(&self) -> reqwest::Client {
@@ -189,7 +136,7 @@ impl TestDaemon {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.address.port())
+        self.running.url(path)
     }
 
     async fn exchange(&self, body: Value) -> (u16, Value) {
@@ -199,20 +146,15 @@ impl TestDaemon {
     }
 
     async fn events(&self) -> Vec<StoredEvent> {
-        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap()
+        self.running.events().await
     }
 
     async fn credentials(&self) -> usize {
-        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().credentials().await.unwrap().len()
+        self.running.credentials().await.len()
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
-        }
+    async fn stop(self) {
+        self.running.stop().await;
     }
 }
 
@@ -490,19 +432,10 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
         },
     )
     .unwrap();
-    let daemon = Daemon::build(config, Arc::new(FixedClock::new(SystemTime::now()))).await.unwrap();
-    let address = daemon.listen_address().unwrap();
+    let running = support::run(config, dir.path(), SystemTime::now(), None).await;
+    // The dev CA signs the listener's certificate; it is made at the first start.
     let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        daemon
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap()
-    });
-    let d = TestDaemon { dir, address, ca_pem, stop: Some(stop), task: Some(task) };
+    let d = TestDaemon { dir, ca_pem, running };
 
     let token = issuer.token(|c| c["sub"] = json!("repo:someone/tool:ref:refs/heads/dev"));
     let (status, body) =
@@ -510,7 +443,7 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_someone_tool_ref_refs_heads_dev");
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
-    assert_eq!(claims["iss"], format!("https://{address}"), "dev's issuer is the bound listener");
+    assert_eq!(claims["iss"], format!("https://127.0.0.1:{}", d.running.port.unwrap()), "dev's issuer is the bound listener");
     assert_eq!(
         claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
         900,

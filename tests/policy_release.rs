@@ -13,16 +13,14 @@ use mayfly::api::pb::admin_client::AdminClient;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::pb::{IssueX509Request, PolicyRollbackRequest, PolicyStatusRequest};
 use mayfly::clock::SystemClock;
-use mayfly::config::{Config, RawAdmin, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
+use mayfly::config::{Config, RawPolicy};
 use mayfly::daemon::Daemon;
-use mayfly::ledger::sqlite::LedgerReader;
-use mayfly::ledger::{StoredEvent, verify_chain};
+use mayfly::ledger::{EventFilter, Location, StoredEvent, verify_chain};
 use mayfly::policy::bundle::{Bundle, PolicyFiles, SigningKey, keygen};
+use support::{repo_policies, setup};
 use tonic::Code;
 
-fn repo_policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
-}
+mod support;
 
 /// The shipped policies with the local rule's ceiling set to `max_ttl`.
 fn policies(max_ttl: &str) -> PolicyFiles {
@@ -63,23 +61,21 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn start(dir: &Path, trusted: &Path) -> Running {
-    let mut config = Config::try_from(RawConfig {
-        trust_domain: Some("mayfly.local".into()),
-        data_dir: Some(dir.join("data")),
-        policy: RawPolicy {
-            bundle: Some(dir.join("policy.bundle")),
-            trusted_keys: vec![trusted.to_path_buf()],
-            poll_interval: None,
-        },
-        workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-        admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
-        ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-        ..Default::default()
-    })
-    .unwrap();
+/// A daemon on signed bundles at `dir/policy.bundle`, trusting `trusted`, on the real
+/// clock, polling every 50 ms.
+fn signed_config(dir: &Path, trusted: &Path) -> Config {
+    let policy = RawPolicy {
+        bundle: Some(dir.join("policy.bundle")),
+        trusted_keys: vec![trusted.to_path_buf()],
+        poll_interval: None,
+    };
+    let mut config = setup(dir).signed().raw(|raw| raw.policy = policy).config();
     config.policy_poll = Duration::from_millis(50);
-    let daemon = Daemon::build(config, Arc::new(SystemClock)).await.unwrap();
+    config
+}
+
+async fn start(dir: &Path, trusted: &Path) -> Running {
+    let daemon = Daemon::build(signed_config(dir, trusted), Arc::new(SystemClock)).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         daemon
@@ -100,7 +96,8 @@ impl Running {
 }
 
 async fn events(dir: &Path) -> Vec<StoredEvent> {
-    LedgerReader::open(&dir.join("data/ledger.db")).await.unwrap().events().await.unwrap()
+    let reader = mayfly::ledger::open_reader(&Location::in_data_dir(&dir.join("data"))).await.unwrap();
+    reader.events(EventFilter::all()).await.unwrap()
 }
 
 /// Waits (at most 10 s) until the ledger holds `n` events of `kind`; returns the last one.
@@ -252,16 +249,7 @@ async fn without_any_good_release_the_daemon_does_not_start() {
     let (_, trusted) = key(dir, "release");
     let (stranger, _) = key(dir, "stranger");
     publish(dir, &signed(&policies("1h"), &stranger));
-    let config = Config::try_from(RawConfig {
-        trust_domain: Some("mayfly.local".into()),
-        data_dir: Some(dir.join("data")),
-        policy: RawPolicy { bundle: Some(dir.join("policy.bundle")), trusted_keys: vec![trusted], poll_interval: None },
-        workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-        ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-        ..Default::default()
-    })
-    .unwrap();
-    let err = Daemon::build(config, Arc::new(SystemClock)).await.err().unwrap().to_string();
+    let err = Daemon::build(signed_config(dir, &trusted), Arc::new(SystemClock)).await.err().unwrap().to_string();
     assert!(err.contains("no usable policy release") && err.contains("not among the trusted keys"), "{err}");
     let recorded = events(dir).await;
     assert_eq!(recorded.len(), 1);

@@ -4,8 +4,7 @@
 //! use it, the SPIFFE Workload API as workloads use it, the TLS listener's CRL and
 //! introspection as relying parties use them, SQLite in a temp dir and a paused clock.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use mayfly::api::pb::admin_client::AdminClient;
@@ -13,125 +12,45 @@ use mayfly::api::pb::revoke_request::Target;
 use mayfly::api::pb::{ListCredentialsRequest, RevokeRequest, UnlockRequest};
 use mayfly::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly::api::spiffe::{JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest};
-use mayfly::clock::FixedClock;
-use mayfly::config::{Config, PolicySource, RawAdmin, RawCa, RawConfig, RawJwt, RawListen, RawPolicy, RawWorkloadApi};
-use mayfly::daemon::Daemon;
-use mayfly::identity::TrustDomain;
-use mayfly::keys::CertificateAuthority;
-use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{StoredEvent, verify_chain};
 use serde_json::Value;
+use support::{Running, WAIT, setup};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
-const WAIT: Duration = Duration::from_secs(20);
+mod support;
 
+const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
+
+/// A daemon on `dir` with the TLS listener (CRL, introspection).
 struct TestDaemon {
-    dir: PathBuf,
-    clock: Arc<FixedClock>,
-    port: u16,
-    tls_ca: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
 }
 
-fn policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+impl std::ops::Deref for TestDaemon {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 impl TestDaemon {
     /// A daemon on `dir` (kept across restarts by the caller) at `now`.
     async fn start(dir: &Path, now: SystemTime) -> Self {
-        let tls_ca = CertificateAuthority::generate(
-            &TrustDomain::parse("mayfly.local").unwrap(),
-            now - Duration::from_secs(3600),
-            Duration::from_secs(7 * 86_400),
-        )
-        .unwrap();
-        let (cert, key) = tls_ca
-            .issue_tls_server(&["localhost".into()], now - Duration::from_secs(3600), Duration::from_secs(7 * 86_400))
-            .unwrap();
-        let (tls_cert, tls_key) = (dir.join("tls.pem"), dir.join("tls-key.pem"));
-        let _ = std::fs::remove_file(&tls_key);
-        std::fs::write(&tls_cert, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).unwrap();
-        mayfly::keys::write_private(
-            &tls_key,
-            pem::encode(&pem::Pem::new("PRIVATE KEY", key.expose().to_vec())).as_bytes(),
-        )
-        .unwrap();
-        let mut config = Config::try_from(RawConfig {
-            trust_domain: Some("mayfly.local".into()),
-            data_dir: Some(dir.join("data")),
-            policy: RawPolicy {
-                bundle: Some(dir.join("unused.bundle")),
-                trusted_keys: vec![dir.join("unused.pub")],
-                poll_interval: Some("1s".into()),
-            },
-            workload_api: RawWorkloadApi { socket: Some(dir.join("w.sock")), ..Default::default() },
-            admin: RawAdmin { socket: Some(dir.join("admin.sock")), owner_uid: None },
-            ca: Some(RawCa { generate: Some(true), ..Default::default() }),
-            listen: Some(RawListen {
-                address: Some("127.0.0.1:0".into()),
-                cert: Some(tls_cert),
-                key: Some(tls_key),
-                request_timeout: Some("60s".into()),
-                ..Default::default()
-            }),
-            jwt: RawJwt { issuer: Some("https://mayfly.test".into()), ..Default::default() },
-            ..Default::default()
-        })
-        .unwrap();
-        config.policy = PolicySource::UnsignedDir(policies());
-        let clock = Arc::new(FixedClock::new(now));
-        let daemon = Daemon::build(config, clock.clone()).await.unwrap();
-        let port = daemon.listen_address().unwrap().port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap()
-        });
-        Self {
-            dir: dir.to_path_buf(),
-            clock,
-            port,
-            tls_ca: tls_ca.cert_pem().to_owned(),
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self { running: setup(dir).at(now).tls().start().await }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-        }
+    async fn stop(self) {
+        self.running.stop().await;
     }
 
     async fn workload(&self) -> SpiffeWorkloadApiClient<Channel> {
-        SpiffeWorkloadApiClient::new(mayfly::cli::connect(&self.dir.join("w.sock")).await.unwrap())
+        self.running.workload().await
     }
 
     async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(mayfly::cli::connect(&self.dir.join("admin.sock")).await.unwrap())
-    }
-
-    fn https(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(self.tls_ca.as_bytes()).unwrap()])
-            .timeout(WAIT)
-            .build()
-            .unwrap()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.port)
+        self.running.admin().await
     }
 
     async fn crl_serials(&self) -> Vec<String> {
@@ -154,7 +73,7 @@ impl TestDaemon {
     }
 
     async fn events(&self) -> Vec<StoredEvent> {
-        LedgerReader::open(&self.dir.join("data/ledger.db")).await.unwrap().events().await.unwrap()
+        self.running.events().await
     }
 }
 

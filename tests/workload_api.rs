@@ -4,8 +4,7 @@
 //! proto over the real Unix socket, SQLite in a temp dir, and a paused clock that moves only
 //! when a test moves it, so rotation and expiry are exact.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use mayfly::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -13,27 +12,31 @@ use mayfly::api::spiffe::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitsvidRequest, X509BundlesRequest, X509svidRequest,
     X509svidResponse,
 };
-use mayfly::clock::FixedClock;
-use mayfly::config::{Config, PolicySource, RawCa, RawConfig, RawPolicy, RawWorkloadApi};
-use mayfly::daemon::Daemon;
+use mayfly::config::RawCa;
 use mayfly::identity::TrustDomain;
 use mayfly::keys::CertificateAuthority;
-use mayfly::ledger::sqlite::LedgerReader;
 use mayfly::ledger::{StoredEvent, verify_chain};
+use support::{Running, WAIT, repo_policies, setup};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 use x509_parser::extensions::GeneralName;
 
-const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
-/// Long enough for a daemon on a loaded 2-core machine, short enough to bound a failing test.
-const WAIT: Duration = Duration::from_secs(20);
+mod support;
 
+const DEV_ID: &str = "spiffe://mayfly.local/dev/quickstart";
+
+/// A daemon in its own temporary directory, on a paused clock.
 struct TestDaemon {
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    clock: Arc<FixedClock>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+    running: Running,
+}
+
+impl std::ops::Deref for TestDaemon {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.running
+    }
 }
 
 impl TestDaemon {
@@ -48,50 +51,16 @@ impl TestDaemon {
     }
 
     async fn start_with_ca(policies: &Path, now: SystemTime, ca: RawCa, dir: tempfile::TempDir) -> Self {
-        let mut config = Config::try_from(RawConfig {
-            trust_domain: Some("mayfly.local".into()),
-            data_dir: Some(dir.path().join("data")),
-            policy: RawPolicy {
-                bundle: Some(dir.path().join("unused.bundle")),
-                trusted_keys: vec![dir.path().join("unused.pub")],
-                poll_interval: Some("1s".into()),
-            },
-            workload_api: RawWorkloadApi { socket: Some(dir.path().join("mayfly.sock")), ..Default::default() },
-            ca: Some(ca),
-            ..Default::default()
-        })
-        .unwrap();
-        config.policy = PolicySource::UnsignedDir(policies.to_path_buf());
-        let clock = Arc::new(FixedClock::new(now));
-        let daemon = Daemon::build(config, clock.clone()).await.unwrap();
-        let socket = daemon.socket().to_path_buf();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self { dir, socket, clock, stop: Some(stop), task: Some(task) }
+        let running = setup(dir.path()).policies(policies).at(now).raw(|raw| raw.ca = Some(ca)).start().await;
+        Self { _dir: dir, running }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-        }
+    async fn stop(self) {
+        self.running.stop().await;
     }
 
     async fn client(&self) -> SpiffeWorkloadApiClient<Channel> {
-        SpiffeWorkloadApiClient::new(mayfly::cli::connect(&self.socket).await.unwrap())
-    }
-
-    async fn events(&self) -> Vec<StoredEvent> {
-        LedgerReader::open(&self.dir.path().join("data/ledger.db")).await.unwrap().events().await.unwrap()
+        self.running.workload().await
     }
 }
 
@@ -100,10 +69,6 @@ fn req<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert("workload.spiffe.io", "true".parse().unwrap());
     r
-}
-
-fn repo_policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
 /// A copy of the shipped policies with another inventory.
@@ -387,8 +352,8 @@ async fn jwt_svids_are_minted_per_policy_validated_as_recorded_uses_and_verifiab
     assert_eq!(used.len(), 1, "one successful validation, one use");
     assert!(used[0].body.contains(jti));
     assert!(!events.iter().any(|e| e.body.contains(&token)), "the token itself is never recorded");
-    let creds = LedgerReader::open(&d.dir.path().join("data/ledger.db")).await.unwrap().credentials().await.unwrap();
-    assert!(creds.iter().any(|(_, c)| c.kind == "jwt" && c.id == jti));
+    let creds = d.credentials().await;
+    assert!(creds.iter().any(|c| c.kind == "jwt" && c.id == jti));
 
     // No audience, or too many: invalid before anything is decided.
     let e = c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec![], spiffe_id: String::new() })).await.unwrap_err();

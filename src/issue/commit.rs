@@ -117,10 +117,16 @@ impl Issuer {
             tracing::warn!(identity = %identity, credential_id = id, kind = record.kind, "identity locked while the request was in flight; the credential is dropped");
             return Err(IssueError::Locked { identity: identity.to_string(), reason: lock.reason });
         }
-        let issued = crate::ledger::event::Issued { credential: record, details };
         if elevated {
-            self.emergency.elevate("issued", &issued).await.map_err(IssueError::Elevated)?;
+            #[derive(serde::Serialize)]
+            struct Line<'a> {
+                credential: &'a CredentialRecord,
+                emergency: &'a IssuedDetails,
+            }
+            let line = Line { credential: &record, emergency: &details };
+            self.emergency.elevate("issued", &line).await.map_err(IssueError::Elevated)?;
         }
+        let issued = crate::ledger::event::Issued { credential: record, details };
         let issued_id = match self.ledger.record(now, Event::Issued(issued)).await {
             Ok(id) => id,
             Err(e) => {

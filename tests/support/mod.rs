@@ -114,33 +114,38 @@ impl Setup {
         } else {
             None
         };
-        let config = self.config();
-        let socket = config.socket.clone();
-        let admin_socket = config.admin_socket.clone();
-        let location = config.ledger.location.clone();
-        let clock = Arc::new(FixedClock::new(self.now));
-        let daemon = Daemon::build(config, clock.clone()).await.unwrap();
-        let port = daemon.listen_address().map(|a| a.port());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            daemon
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Running {
-            dir: self.dir,
-            socket,
-            admin_socket,
-            location,
-            clock,
-            port,
-            tls_ca,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        run(self.config(), &self.dir, self.now, tls_ca).await
+    }
+}
+
+/// Starts a daemon from any configuration (`mayfly dev`'s, say); `tls_ca` is the PEM its
+/// TLS listener's certificate chains to, if it has one.
+pub async fn run(config: Config, dir: &Path, now: SystemTime, tls_ca: Option<String>) -> Running {
+    let socket = config.socket.clone();
+    let admin_socket = config.admin_socket.clone();
+    let location = config.ledger.location.clone();
+    let clock = Arc::new(FixedClock::new(now));
+    let daemon = Daemon::build(config, clock.clone()).await.unwrap();
+    let port = daemon.listen_address().map(|a| a.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        daemon
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        dir: dir.to_path_buf(),
+        socket,
+        admin_socket,
+        location,
+        clock,
+        port,
+        tls_ca,
+        stop: Some(stop),
+        task: Some(task),
     }
 }
 
