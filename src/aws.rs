@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
+use crate::BoxFuture;
 use crate::config::AwsConfig;
 use crate::keys::SecretString;
-use crate::BoxFuture;
 
 /// Exactly what is sent to STS (never holds a secret).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +111,6 @@ pub trait IamApi: Send + Sync + 'static {
         policy_name: &'a str,
     ) -> BoxFuture<'a, Result<bool, AwsError>>;
 }
-
 
 pub struct SdkAws {
     sts: aws_sdk_sts::Client,

@@ -37,9 +37,12 @@ pub struct EmergencyRequest {
 
 #[derive(Debug)]
 pub enum EmergencyOutcome {
-    Issued(Issued),
+    Issued(Box<Issued>),
     /// Waiting for a second person: poll with the id until approved, denied or expired.
-    Pending { id: String, expires_at: SystemTime },
+    Pending {
+        id: String,
+        expires_at: SystemTime,
+    },
 }
 
 /// Credentials issued on the emergency path, and the elevated sinks their steps go to:
@@ -168,8 +171,15 @@ impl BreakGlassDesk {
         let who = self.issuer.identify(caller, kind, ttl, &origin).await?;
         // Refusals before policy is asked are still recorded (and flagged).
         if let Some(why) = self.early_refusal(kind, &req.ticket) {
-            let refusal =
-                Refusal { kind, caller: who.record.clone(), identity: None, ttl, reason: why.clone(), origin: &origin, request: None };
+            let refusal = Refusal {
+                kind,
+                caller: who.record.clone(),
+                identity: None,
+                ttl,
+                reason: why.clone(),
+                origin: &origin,
+                request: None,
+            };
             self.issuer.refuse(refusal).await?;
             self.denied(&who.record, &req, &why).await;
             return Err(IssueError::BreakGlass(why));
@@ -209,7 +219,7 @@ impl BreakGlassDesk {
             return self.hold(auth, req, origin, who.uid).await;
         }
         let details = details(&req.ticket, &req.reason, None, None);
-        Ok(EmergencyOutcome::Issued(self.issuer.deliver(auth, req.ask, &origin, details, true).await?))
+        Ok(EmergencyOutcome::Issued(Box::new(self.issuer.deliver(auth, req.ask, &origin, details, true).await?)))
     }
 
     /// The requester waits (at most `at_most`) for an approval; approved → issued once.
@@ -241,14 +251,20 @@ impl BreakGlassDesk {
                 let details = details(&p.ticket, &p.reason, Some(p.id.clone()), p.approved_by.clone());
                 let Held { mut auth, ask, origin } = held;
                 auth.now = self.clock.now();
-                Ok(EmergencyOutcome::Issued(self.issuer.deliver(auth, ask, &origin, details, true).await?))
+                Ok(EmergencyOutcome::Issued(Box::new(self.issuer.deliver(auth, ask, &origin, details, true).await?)))
             }
         }
     }
 
     /// A second person approves a pending request: recorded (ledger and elevated sinks)
     /// before it takes effect; never the requester; only a configured approver.
-    pub async fn approve(&self, approver_uid: u32, approver: Operator, id: &str, reason: &str) -> Result<(), IssueError> {
+    pub async fn approve(
+        &self,
+        approver_uid: u32,
+        approver: Operator,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), IssueError> {
         let now = self.clock.now();
         let p = match self.approvals.check_approval(id, approver_uid, now) {
             Ok(p) => p,
@@ -357,7 +373,11 @@ impl BreakGlassDesk {
             expires_at,
             approved_by: None,
         };
-        let pending = BreakGlassStep { request: Some(id.clone()), expires_at: Some(unix_secs(expires_at)), ..step(Stage::Pending, None) };
+        let pending = BreakGlassStep {
+            request: Some(id.clone()),
+            expires_at: Some(unix_secs(expires_at)),
+            ..step(Stage::Pending, None)
+        };
         let refused = |why: String| BreakGlassStep { request: Some(id.clone()), ..step(Stage::Denied, Some(why)) };
         if let Err(e) = self.approvals.add(request, Held { auth, ask: req.ask, origin }) {
             self.log.record(refused(e.to_string())).await?;

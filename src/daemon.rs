@@ -119,10 +119,11 @@ impl Daemon {
         let jwt_kid = jwt_key.kid().to_owned();
         // Why bound here: in dev the JWT issuer URL is the address actually bound.
         let tcp = match &config.listen {
-            Some(l) => Some(tokio::net::TcpListener::bind(l.address).await.map_err(|e| ServeError::Listen {
-                address: l.address.to_string(),
-                why: e.to_string(),
-            })?),
+            Some(l) => Some(
+                tokio::net::TcpListener::bind(l.address)
+                    .await
+                    .map_err(|e| ServeError::Listen { address: l.address.to_string(), why: e.to_string() })?,
+            ),
             None => None,
         };
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
@@ -169,7 +170,8 @@ impl Daemon {
         // survive restarts.
         let revocations = Arc::new(Revocations::load(reader.as_ref()).await.map_err(ledger_err)?);
         let flagged = break_glass_credentials(reader.as_ref()).await.map_err(ledger_err)?;
-        let emergency = Arc::new(EmergencyLog::new(elevated_sinks(&config)?, flagged, as_ledger.clone(), clock.clone()));
+        let emergency =
+            Arc::new(EmergencyLog::new(elevated_sinks(&config)?, flagged, as_ledger.clone(), clock.clone()));
         let shadow = Arc::new(Shadow::new(store.clone(), as_ledger.clone(), clock.clone()));
         let aws = match &config.aws {
             Some(a) => Some(Arc::new(crate::aws::SdkAws::connect(a).await)),
@@ -401,7 +403,8 @@ impl Daemon {
         tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
         // AWS revocation denies come off their roles once every session they caught is over.
         if let Some(sdk) = &aws {
-            let sweep = DenySweep { iam: sdk.clone(), ledger: as_ledger.clone(), reader: reader.clone(), clock: clock.clone() };
+            let sweep =
+                DenySweep { iam: sdk.clone(), ledger: as_ledger.clone(), reader: reader.clone(), clock: clock.clone() };
             tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
         }
 
@@ -506,10 +509,7 @@ fn elevated_sinks(config: &Config) -> Result<Elevated, DaemonError> {
         sinks.push(Arc::new(FileSink::new(path.clone())));
     }
     if let Some(url) = &bg.webhook {
-        sinks.push(Arc::new(
-            WebhookSink::new(url.clone(), bg.webhook_retries)
-                .map_err(DaemonError::Webhook)?,
-        ));
+        sinks.push(Arc::new(WebhookSink::new(url.clone(), bg.webhook_retries).map_err(DaemonError::Webhook)?));
     }
     Ok(Elevated::new(sinks))
 }

@@ -87,10 +87,16 @@ pub enum KeySource {
 /// grant, never from here.
 #[derive(Debug)]
 pub enum Ask {
-    X509 { key: KeySource },
+    X509 {
+        key: KeySource,
+    },
     /// Every audience must be granted.
-    Jwt { audiences: Vec<String> },
-    Aws { role: AwsRole },
+    Jwt {
+        audiences: Vec<String>,
+    },
+    Aws {
+        role: AwsRole,
+    },
 }
 
 impl Ask {
@@ -289,7 +295,12 @@ impl Issuer {
                     uid: Some(peer.uid),
                 }),
                 Err(e) => {
-                    let summary = CallerSummary { uid: peer.uid, gid: peer.gid, pid: peer.pid.unwrap_or(0), ..Default::default() };
+                    let summary = CallerSummary {
+                        uid: peer.uid,
+                        gid: peer.gid,
+                        pid: peer.pid.unwrap_or(0),
+                        ..Default::default()
+                    };
                     self.refuse(refusal(caller_record(&summary), e.to_string())).await?;
                     Err(e.into())
                 }
@@ -494,7 +505,12 @@ impl Issuer {
 
     /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
     /// the subject reduced to the characters a SPIFFE path allows.
-    fn dev_oidc_entry(&self, claims: Option<&OidcClaims>, selectors: &Selectors, now: SystemTime) -> Option<InventoryEntry> {
+    fn dev_oidc_entry(
+        &self,
+        claims: Option<&OidcClaims>,
+        selectors: &Selectors,
+        now: SystemTime,
+    ) -> Option<InventoryEntry> {
         let td = &self.exchange.as_ref()?.trust_domain;
         let sub: String = claims?
             .subject

@@ -477,8 +477,13 @@ mod tests {
             Duration::from_secs(86_400),
         )
         .unwrap();
-        let der =
-            build_crl(&ca, &[("4000aa".into(), crate::clock::unix_secs(now)), ("7f01".into(), crate::clock::unix_secs(now))], now, 7).unwrap();
+        let der = build_crl(
+            &ca,
+            &[("4000aa".into(), crate::clock::unix_secs(now)), ("7f01".into(), crate::clock::unix_secs(now))],
+            now,
+            7,
+        )
+        .unwrap();
         let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
         let serials: Vec<String> = crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect();
         assert_eq!(serials, vec!["4000aa", "7f01"]);

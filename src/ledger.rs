@@ -8,12 +8,12 @@
 //! its file names: callers name a `Location`. Never holds secrets: serials, fingerprints
 //! and ids only.
 
-pub mod event;
-pub mod sqlite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
+pub mod event;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -202,8 +202,10 @@ pub trait LedgerRead: Send + Sync + 'static {
         seqs: &'a [EventId],
     ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>>;
     /// Credential rows, each with the sequence number of its `issued` event.
-    fn credentials(&self, filter: CredentialFilter)
-    -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>>;
+    fn credentials(
+        &self,
+        filter: CredentialFilter,
+    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>>;
 }
 
 /// Storage for chained batches. `append` must store all rows of a batch atomically.
@@ -317,7 +319,8 @@ pub async fn verify(reader: &dyn LedgerRead) -> Result<usize, VerifyError> {
     let mut issued: HashMap<EventId, CredentialRecord> = HashMap::new();
     let mut count = 0;
     loop {
-        let page = reader.events(EventFilter { after: link.prev_seq, limit: Some(PAGE), ..EventFilter::default() }).await?;
+        let page =
+            reader.events(EventFilter { after: link.prev_seq, limit: Some(PAGE), ..EventFilter::default() }).await?;
         if page.is_empty() {
             break;
         }
@@ -403,10 +406,9 @@ async fn write_loop<B: Backend>(
         let (mut seq, mut prev) = (last_seq, last_hash.clone());
         for p in &mut batch {
             seq += 1;
-            let at_ms = i64::try_from(
-                p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis(),
-            )
-            .unwrap_or(i64::MAX);
+            let at_ms =
+                i64::try_from(p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis())
+                    .unwrap_or(i64::MAX);
             let kind = p.event.kind.as_str().to_owned();
             let body = std::mem::take(&mut p.event.body);
             let hash = event_hash(&prev, seq, at_ms, &kind, &body);

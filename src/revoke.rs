@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use crate::clock::{Clock, unix_secs};
 use crate::identity::{TrustDomain, WorkloadId};
 use crate::ledger::event::{self, AwsRevocation as AwsAnswer, Event, EventKind, Operator};
-use crate::ledger::{BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, Ledger, LedgerError, LedgerRead};
+use crate::ledger::{
+    BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, Ledger, LedgerError, LedgerRead,
+};
 use crate::policy::store::PolicyStore;
 
 pub mod aws;
@@ -219,8 +221,7 @@ impl Target {
 /// deny every session of that identity issued before `before` (`aws::AwsRevoker`). The
 /// answer is recorded with the revocation.
 pub trait AwsRevocation: Send + Sync + 'static {
-    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime)
-    -> BoxFuture<'a, AwsAnswer>;
+    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, AwsAnswer>;
 }
 
 /// A daemon without `[aws]`: it cannot reach IAM, so it can only say so.
@@ -398,7 +399,8 @@ impl Desk {
             details.insert("target".into(), target.describe().into());
             details.insert("reason".into(), reason.into());
             details.insert("would_revoke".into(), found.iter().filter(|f| !f.revoked).count().into());
-            let call = event::Admin { call: "revoke".into(), operator: Some(operator), details, ..event::Admin::default() };
+            let call =
+                event::Admin { call: "revoke".into(), operator: Some(operator), details, ..event::Admin::default() };
             let event_id = self.record(Event::Admin(call)).await.ok();
             return Ok(RevokeOutcome { found, lock, durable: event_id.is_some(), event_id, aws: None });
         }
@@ -488,19 +490,15 @@ impl Desk {
         }
         // Why recorded first here: an unlock gives access back, so it happens only if durable.
         let unlocked = event::Unlocked { target: target.to_owned(), operator, reason: reason.to_owned() };
-        self.record(Event::Unlocked(unlocked)).await
-        .map_err(|e| RevokeError::Ledger(e.to_string()))?;
+        self.record(Event::Unlocked(unlocked)).await.map_err(|e| RevokeError::Ledger(e.to_string()))?;
         Ok(self.revocations.apply_unlock(target))
     }
 
     /// Credentials on record for an identity (exact or prefix ending in `/`; `None`: all),
     /// newest first, with the release each was decided under.
     pub async fn list(&self, identity: Option<&str>, active_only: bool) -> Result<Vec<Found>, RevokeError> {
-        let filter = if active_only {
-            CredentialFilter::ActiveAt(unix_secs(self.clock.now()))
-        } else {
-            CredentialFilter::All
-        };
+        let filter =
+            if active_only { CredentialFilter::ActiveAt(unix_secs(self.clock.now())) } else { CredentialFilter::All };
         let mut found: Vec<Found> = self
             .credentials(filter)
             .await?
@@ -542,7 +540,12 @@ mod tests {
         };
         let lock = |target: &str| {
             Event::Locked(event::Locked {
-                lock: Lock { target: target.into(), until: None, reason: "INC-1".into(), operator: Operator::default() },
+                lock: Lock {
+                    target: target.into(),
+                    until: None,
+                    reason: "INC-1".into(),
+                    operator: Operator::default(),
+                },
             })
         };
         let events = vec![
@@ -562,8 +565,12 @@ mod tests {
 
     #[test]
     fn a_lock_with_an_expiry_ends_by_itself() {
-        let lock =
-            Lock { target: "spiffe://td/a".into(), until: Some(2_000), reason: "x".into(), operator: Operator::default() };
+        let lock = Lock {
+            target: "spiffe://td/a".into(),
+            until: Some(2_000),
+            reason: "x".into(),
+            operator: Operator::default(),
+        };
         let id = WorkloadId::parse("spiffe://td/a").unwrap();
         assert!(lock_covers(&lock, &id, SystemTime::UNIX_EPOCH + Duration::from_secs(1_999)));
         assert!(!lock_covers(&lock, &id, SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));

@@ -33,10 +33,13 @@ pub struct FakeAttestor(pub Result<Selectors, AttestError>);
 
 impl FakeAttestor {
     pub fn with(selectors: &[&str]) -> Self {
-        Self(selectors.iter().map(|s| Selector::parse(s)).collect::<Result<_, _>>().map_err(|e| AttestError::Proc {
-            pid: 0,
-            why: e.to_string(),
-        }))
+        Self(
+            selectors
+                .iter()
+                .map(|s| Selector::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(|e| AttestError::Proc { pid: 0, why: e.to_string() }),
+        )
     }
 }
 

@@ -123,9 +123,16 @@ mod tests {
             ("tests/ci.toml", None),
             ("issuance/jwt-test.cedar", Some(RULES)),
         ]);
-        let release = Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let release =
+            Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
         let t = IssuerBuilder::new(&["unix:uid:1001"], release).build().await;
-        let validator = Validator::new(t.jwt.clone(), t.revocations.clone(), t.emergency.clone(), t.ledger.clone(), t.clock.clone());
+        let validator = Validator::new(
+            t.jwt.clone(),
+            t.revocations.clone(),
+            t.emergency.clone(),
+            t.ledger.clone(),
+            t.clock.clone(),
+        );
         let peer = PeerInfo::without_credentials();
         let request = IssueRequest {
             ask: Ask::Jwt { audiences: vec!["db".into()] },
@@ -138,7 +145,10 @@ mod tests {
         let ok = validator.validate_jwt(&peer, svid.token.expose(), "db").await.unwrap();
         assert_eq!(ok.identity.as_str(), "spiffe://mayfly.local/api");
         let before = t.backend.events().len();
-        assert!(matches!(validator.validate_jwt(&peer, svid.token.expose(), "other").await, Err(IssueError::InvalidJwt(_))));
+        assert!(matches!(
+            validator.validate_jwt(&peer, svid.token.expose(), "other").await,
+            Err(IssueError::InvalidJwt(_))
+        ));
         let events = t.backend.events();
         assert_eq!(events.len(), before, "a token that does not verify is not a use");
         let used = events.iter().find_map(|e| match e.event() {
@@ -146,7 +156,10 @@ mod tests {
             _ => None,
         });
         let used = used.expect("a used event");
-        assert_eq!((used.credential_id.as_str(), used.audience.as_deref()), (issued.credential_id.as_str(), Some("db")));
+        assert_eq!(
+            (used.credential_id.as_str(), used.audience.as_deref()),
+            (issued.credential_id.as_str(), Some("db"))
+        );
         assert_eq!(verify_chain(&events), Ok(events.len()));
 
         // Revoked: the attempt is recorded, and refused.

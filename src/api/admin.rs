@@ -250,7 +250,11 @@ impl Admin for AdminService {
         let identity = if req.identity.is_empty() { None } else { Some(req.identity.as_str()) };
         let _ = self
             .desk
-            .record(call("list_credentials", &operator, &[("identity", identity.into()), ("active", req.active.into())]))
+            .record(call(
+                "list_credentials",
+                &operator,
+                &[("identity", identity.into()), ("active", req.active.into())],
+            ))
             .await;
         let found = self.desk.list(identity, req.active).await.map_err(revoke_status)?;
         Ok(Response::new(ListCredentialsResponse { credentials: found.iter().map(info).collect() }))
@@ -302,8 +306,7 @@ impl Admin for AdminService {
         if req.id.trim().is_empty() {
             return Err(Status::invalid_argument("id: the break-glass request or credential id"));
         }
-        let event_id =
-            self.break_glass.review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
+        let event_id = self.break_glass.review(operator, req.id.trim(), note).await.map_err(|e| super::status(&e))?;
         Ok(Response::new(BreakGlassReviewResponse { event_id }))
     }
 

@@ -132,11 +132,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<BreakGlassResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(PeerInfo::without_credentials);
         let id = request.into_inner().pending_id;
-        let outcome = self
-            .desk
-            .wait(&peer, &id, std::time::Duration::from_secs(20))
-            .await
-            .map_err(|e| status(&e))?;
+        let outcome = self.desk.wait(&peer, &id, std::time::Duration::from_secs(20)).await.map_err(|e| status(&e))?;
         Ok(Response::new(emergency_response(outcome)))
     }
 }
@@ -146,7 +142,7 @@ fn emergency_response(outcome: EmergencyOutcome) -> BreakGlassResponse {
         EmergencyOutcome::Pending { id, expires_at } => {
             BreakGlassResponse { pending_id: id, pending_until: unix_secs(expires_at), ..Default::default() }
         }
-        EmergencyOutcome::Issued(issued) => issued_response(issued),
+        EmergencyOutcome::Issued(issued) => issued_response(*issued),
     }
 }
 

@@ -359,8 +359,10 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: Asked, emergen
         )
         .into_response(),
         Ok(Err(e)) => Rejection::from_issue(&e).into_response(),
-        Err(_) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out")
-            .into_response(),
+        Err(_) => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", "the request timed out")
+                .into_response()
+        }
     }
 }
 

@@ -122,7 +122,6 @@ pub async fn tls(
     Ok(())
 }
 
-
 /// The rustls server configuration: the configured certificate, or (dev) one for
 /// localhost and the bound address from the daemon's own CA. ALPN offers h2 (gRPC, curl)
 /// and http/1.1 (plain HTTPS clients fetching JWKS).

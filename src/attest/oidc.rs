@@ -16,10 +16,10 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::ledger::event::Provenance;
 use crate::clock::unix_secs;
 use crate::identity::{OidcClaims, Selector, Selectors};
 use crate::ledger::BoxFuture;
+use crate::ledger::event::Provenance;
 
 /// Tokens longer than this are refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;

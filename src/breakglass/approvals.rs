@@ -91,7 +91,12 @@ impl<T> Approvals<T> {
     }
 
     /// Checks an approval; `commit_approval` then marks it (after the approval is recorded).
-    pub fn check_approval(&self, id: &str, approver_uid: u32, now: SystemTime) -> Result<PendingRequest, ApprovalError> {
+    pub fn check_approval(
+        &self,
+        id: &str,
+        approver_uid: u32,
+        now: SystemTime,
+    ) -> Result<PendingRequest, ApprovalError> {
         let map = self.lock();
         let p = map
             .get(id)

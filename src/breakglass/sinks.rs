@@ -80,7 +80,14 @@ impl ElevatedSink for WebhookSink {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
                 }
-                match self.client.post(&self.url).header("content-type", "application/json").body(line.to_owned()).send().await {
+                match self
+                    .client
+                    .post(&self.url)
+                    .header("content-type", "application/json")
+                    .body(line.to_owned())
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status().is_success() => return Ok(()),
                     Ok(r) => last = format!("answered {}", r.status()),
                     Err(e) => last = e.to_string(),

@@ -500,7 +500,8 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
 /// saw, and its activations — so an auditor sees which checks it passed before it went
 /// live. Exit 1 when it was activated without a passing, proven promote-check recorded before.
 pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
-    let kinds = [EventKind::PolicyCheck, EventKind::PolicyShadow, EventKind::PolicyShadowDiff, EventKind::PolicyActivated];
+    let kinds =
+        [EventKind::PolicyCheck, EventKind::PolicyShadow, EventKind::PolicyShadowDiff, EventKind::PolicyActivated];
     let (location, events) = match ledger.at.open().await {
         Ok((location, reader)) => match read_typed(reader.as_ref(), EventFilter::kinds(&kinds)).await {
             Ok(events) => (location, events),

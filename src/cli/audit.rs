@@ -143,7 +143,10 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                     String::new()
                 };
                 let provenance = i.details.provenance.as_ref().map(|p| format!(" from {}", who(p))).unwrap_or_default();
-                Some(format!("{flag}{} credential {} serial {} valid until {}{provenance}", c.kind, c.id, c.serial, c.not_after))
+                Some(format!(
+                    "{flag}{} credential {} serial {} valid until {}{provenance}",
+                    c.kind, c.id, c.serial, c.not_after
+                ))
             }
             Event::Used(u) if credentials.contains(&u.credential_id) => Some(format!(
                 "credential {} used: {} {}{}",
@@ -156,12 +159,8 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                 Some(format!("credential {} expired", e.credential_id))
             }
             Event::Revoked(r) => {
-                let ids: Vec<&str> = r
-                    .credentials
-                    .iter()
-                    .filter(|c| c.identity == identity)
-                    .map(|c| c.credential_id.as_str())
-                    .collect();
+                let ids: Vec<&str> =
+                    r.credentials.iter().filter(|c| c.identity == identity).map(|c| c.credential_id.as_str()).collect();
                 let names_identity = r.target.ends_with(identity);
                 (!ids.is_empty() || names_identity).then(|| {
                     format!(
@@ -179,7 +178,9 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
             Event::Unlocked(u) if covers(&u.target, identity) => {
                 Some(format!("unlocked ({}) by {}: {}", u.target, who(&u.operator), u.reason))
             }
-            Event::BreakGlass(b) if b.stage == Stage::Reviewed && b.subject.as_ref().is_some_and(|s| credentials.contains(s)) => {
+            Event::BreakGlass(b)
+                if b.stage == Stage::Reviewed && b.subject.as_ref().is_some_and(|s| credentials.contains(s)) =>
+            {
                 reviewed.insert(b.subject.clone().unwrap_or_default());
                 Some(format!(
                     "BREAK-GLASS reviewed by {}: {}",
@@ -188,9 +189,11 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                 ))
             }
             Event::BreakGlass(b)
-                if b.identity.as_deref() == Some(identity) || b.subject.as_ref().is_some_and(|s| credentials.contains(s)) =>
+                if b.identity.as_deref() == Some(identity)
+                    || b.subject.as_ref().is_some_and(|s| credentials.contains(s)) =>
             {
-                let stage = serde_json::to_value(b.stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let stage =
+                    serde_json::to_value(b.stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 Some(format!(
                     "BREAK-GLASS {stage}{}{}",
                     b.approver.as_ref().map(|a| format!(" by {}", who(a))).unwrap_or_default(),

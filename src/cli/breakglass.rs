@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-
 use super::admin;
 use crate::api::pb::broker_client::BrokerClient;
 use crate::api::pb::{

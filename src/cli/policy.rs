@@ -191,9 +191,8 @@ pub async fn run(command: Command) -> ExitCode {
             require_proof,
             require_replay,
         } => {
-            let ledger = (ledger.is_some() || data_dir.is_some()).then(|| {
-                super::assurance::LedgerArgs::new(super::LedgerAt { ledger, data_dir, config: None }, since)
-            });
+            let ledger = (ledger.is_some() || data_dir.is_some())
+                .then(|| super::assurance::LedgerArgs::new(super::LedgerAt { ledger, data_dir, config: None }, since));
             super::assurance::promote_check(super::assurance::PromoteArgs {
                 current: &current,
                 candidate: &candidate,

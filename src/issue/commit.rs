@@ -7,12 +7,12 @@
 use std::time::SystemTime;
 
 use super::{Ask, Authorized, IssueError, Issuer, KeySource, Origin};
+use crate::aws::StsSession;
 use crate::clock::unix_secs;
 use crate::identity::WorkloadId;
 use crate::keys::SecretDer;
-use crate::ledger::event::{AwsSessionRecord, CredentialRecord, Event, IssuedDetails};
 use crate::ledger::EventId;
-use crate::aws::StsSession;
+use crate::ledger::event::{AwsSessionRecord, CredentialRecord, Event, IssuedDetails};
 use crate::mint::{JwtSvid, VerifiedCsr, X509Svid};
 use crate::policy::{CredentialKind, JwtGrant};
 
@@ -137,7 +137,14 @@ impl Issuer {
         if elevated {
             self.emergency.flag(&id);
         }
-        Ok(Issued { credential_id: id, identity: identity.clone(), decision_id, issued_id, credential, _durable: Durable })
+        Ok(Issued {
+            credential_id: id,
+            identity: identity.clone(),
+            decision_id,
+            issued_id,
+            credential,
+            _durable: Durable,
+        })
     }
 
     fn mint_x509(

@@ -68,8 +68,12 @@ async fn issuer(selectors: &[&str], ledger_ok_records: Option<usize>) -> TestIss
 /// `issuer` with AWS served by a scripted STS (and the rule above).
 async fn aws_issuer(ledger_ok_records: Option<usize>) -> (TestIssuer, Arc<FakeSts>) {
     let sts = Arc::new(FakeSts::default());
-    let limits =
-        Limits { attempts: 2, attempt_timeout: Duration::from_secs(30), backoff: Duration::from_millis(1), max_in_flight: 8 };
+    let limits = Limits {
+        attempts: 2,
+        attempt_timeout: Duration::from_secs(30),
+        backoff: Duration::from_millis(1),
+        max_in_flight: 8,
+    };
     let builder = IssuerBuilder::new(&["unix:uid:1001"], release(&[])).aws(sts.clone(), limits, false);
     let t = match ledger_ok_records {
         Some(n) => builder.ledger_fails_after(n),
@@ -272,7 +276,11 @@ async fn an_aws_session_is_recorded_with_its_source_identity_and_expiry_and_neve
     );
     assert_eq!(record.credential.not_after, i64::try_from(NOW_SECS).unwrap() + 3600);
     for e in t.backend.events() {
-        assert!(!e.body.contains("fake-secret") && !e.body.contains("fake-token"), "a secret reached the ledger: {}", e.body);
+        assert!(
+            !e.body.contains("fake-secret") && !e.body.contains("fake-token"),
+            "a secret reached the ledger: {}",
+            e.body
+        );
     }
     let creds = t.backend.credentials();
     assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("aws", "ASIAFAKE0000000001"));
@@ -281,7 +289,8 @@ async fn an_aws_session_is_recorded_with_its_source_identity_and_expiry_and_neve
 #[tokio::test]
 async fn a_denied_aws_request_never_reaches_sts_and_the_denial_is_recorded() {
     let (t, sts) = aws_issuer(None).await;
-    let err = t.issuer.issue(Caller::Local(&local()), aws("arn:aws:iam::111122223333:role/admin", "15m")).await.unwrap_err();
+    let err =
+        t.issuer.issue(Caller::Local(&local()), aws("arn:aws:iam::111122223333:role/admin", "15m")).await.unwrap_err();
     assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
     assert!(sts.requests.lock().unwrap().is_empty());
     assert_eq!(kinds(&t), ["decision"]);
@@ -380,8 +389,12 @@ async fn a_locked_identity_is_refused_before_policy_and_the_refusal_recorded() {
 #[tokio::test]
 async fn no_jwt_svid_is_issued_for_the_sts_assertion_audience() {
     // The assertion audience (`db`) is one a rule grants JWT-SVIDs for: the reservation wins.
-    let limits =
-        Limits { attempts: 1, attempt_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_in_flight: 1 };
+    let limits = Limits {
+        attempts: 1,
+        attempt_timeout: Duration::from_secs(5),
+        backoff: Duration::from_millis(1),
+        max_in_flight: 1,
+    };
     let t = IssuerBuilder::new(&["unix:uid:1001"], release(&[]))
         .aws(Arc::new(FakeSts::default()), limits, true)
         .build()
@@ -452,7 +465,11 @@ async fn shadow_mode_records_what_a_candidate_would_change_and_never_acts_on_it(
     assert_eq!(d.shadow.rules, ["api-jwt-anything"]);
     assert!(!d.live.allowed);
     let kinds = kinds(&t);
-    assert_eq!(kinds.iter().filter(|k| *k == EventKind::Issued.as_str()).count(), 1, "only the live allow issued: {kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == EventKind::Issued.as_str()).count(),
+        1,
+        "only the live allow issued: {kinds:?}"
+    );
     assert!(kinds.contains(&EventKind::PolicyShadow.as_str().to_owned()));
 
     t.shadow.stop(event::Operator::local(0, 0, None), "done").await.unwrap();

@@ -2,6 +2,7 @@
 //! itself (`contract::run`): the chain continues across restarts, batches of any size
 //! commit whole, every read filter returns what it says in sequence order, typed events
 //! come back as written, and `verify` passes over what was written.
+#![allow(clippy::unwrap_used, reason = "a contract suite: a failed unwrap is a failed test")]
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,10 +52,7 @@ pub async fn run<H: Harness>(harness: H) {
     assert_eq!(kinds.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3, 4], "kind filter");
     let page = reader.events(EventFilter { after: 1, limit: Some(2), ..EventFilter::default() }).await.unwrap();
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3], "after + limit pages forward");
-    let since = reader
-        .events(EventFilter { since_ms: Some(all[3].at_ms), ..EventFilter::default() })
-        .await
-        .unwrap();
+    let since = reader.events(EventFilter { since_ms: Some(all[3].at_ms), ..EventFilter::default() }).await.unwrap();
     assert_eq!(since.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5], "since_ms is inclusive");
     let tail = reader.events(EventFilter::tail(2)).await.unwrap();
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5], "a tail is the newest, oldest first");
@@ -91,7 +89,9 @@ pub async fn run<H: Harness>(harness: H) {
     let handles: Vec<_> = (0..2500)
         .map(|n| {
             let l = ledger.clone();
-            tokio::spawn(async move { l.record(t0, issued(&format!("bulk-{n}"), "spiffe://mayfly.local/d", 1, 2)).await })
+            tokio::spawn(
+                async move { l.record(t0, issued(&format!("bulk-{n}"), "spiffe://mayfly.local/d", 1, 2)).await },
+            )
         })
         .collect();
     let mut seqs = Vec::new();

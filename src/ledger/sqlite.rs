@@ -140,17 +140,19 @@ pub struct SqliteReader {
 impl SqliteReader {
     pub async fn open(path: &Path) -> Result<Self, LedgerError> {
         let shown = path.display().to_string();
-        match std::fs::File::open(path) {
+        // Why not open the file to find out: closing any descriptor of a file drops every
+        // POSIX lock this process holds on it — the writer's too — and SQLite would then let
+        // another process reset the WAL under the daemon. `stat` and `access` open nothing.
+        match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LedgerError::Missing(shown)),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(LedgerError::PermissionDenied(shown));
-            }
             Err(e) => return Err(LedgerError::Storage(format!("`{shown}`: {e}"))),
         }
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(storage)?
-            .read_only(true);
+        if rustix::fs::access(path, rustix::fs::Access::READ_OK).is_err() {
+            return Err(LedgerError::PermissionDenied(shown));
+        }
+        let options =
+            SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).map_err(storage)?.read_only(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(storage)?;
         Ok(Self { pool })
     }
@@ -193,7 +195,8 @@ impl SqliteReader {
         for chunk in seqs.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
             // Why AssertSqlSafe is sound: only `?` placeholders are formatted in.
-            let sql = format!("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq IN ({placeholders})");
+            let sql =
+                format!("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq IN ({placeholders})");
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for seq in chunk {
                 query = query.bind(*seq);
@@ -207,8 +210,7 @@ impl SqliteReader {
     }
 
     async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<(EventId, CredentialRecord)>, LedgerError> {
-        const COLUMNS: &str =
-            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event FROM credentials";
+        const COLUMNS: &str = "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event FROM credentials";
         let rows = match f {
             CredentialFilter::All => {
                 sqlx::query(AssertSqlSafe(format!("{COLUMNS} ORDER BY issued_event"))).fetch_all(&self.pool).await

@@ -16,9 +16,9 @@ use tokio::sync::Semaphore;
 
 use super::{JwtMinter, MintError};
 use crate::aws::{AwsError, AwsSessionRequest, IamApi, StsApi, StsSession};
+use crate::identity::WorkloadId;
 #[cfg(test)]
 use crate::keys::SecretString;
-use crate::identity::WorkloadId;
 use crate::policy::{Grant, Resource};
 
 /// AWS's floor for `DurationSeconds`.
@@ -301,11 +301,11 @@ pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crate::BoxFuture;
-    use crate::testing::FakeSts;
     use super::*;
+    use crate::BoxFuture;
     use crate::identity::Ttl;
     use crate::policy::aws::{AwsGrant, SessionPolicy};
+    use crate::testing::FakeSts;
 
     struct FixedRoleMax(u64);
 

@@ -198,7 +198,8 @@ mod tests {
         let now = SystemTime::now();
         let m = minter(now, Duration::from_secs(600));
         let (_key, csr) = csr_with_extras();
-        let grant = || Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
+        let grant =
+            || Grant::for_tests(WorkloadId::parse("spiffe://example.org/api").unwrap(), Ttl::parse("1h").unwrap());
         let svid = m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), grant(), now).unwrap();
         assert!(svid.not_after <= m.cas.load().active.not_after());
         assert!(m.mint_x509(&VerifiedCsr::parse(&csr).unwrap(), grant(), now + Duration::from_secs(601)).is_err());

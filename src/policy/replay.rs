@@ -14,8 +14,8 @@ use serde_json::Value;
 use super::release::Release;
 use super::{AwsRole, Combined, Decision, DecisionRequest, RequestContext, Resource};
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selector, Selectors, Ttl, WorkloadId};
-use crate::ledger::event::{self, Event, EventKind, ResourceRecord};
 use crate::ledger::StoredEvent;
+use crate::ledger::event::{self, Event, EventKind, ResourceRecord};
 
 /// A request as a decision event recorded it.
 #[derive(Clone, Debug)]
@@ -120,9 +120,7 @@ pub fn from_decision(d: &event::Decision, seq: i64, at: SystemTime) -> Result<Re
         .collect::<Result<Vec<_>, String>>()?;
     let ttl = Ttl::from_secs(req.requested_ttl_secs).map_err(|e| e.to_string())?;
     let oidc: Option<OidcClaims> = match &req.oidc {
-        Some(claims) => {
-            Some(serde_json::from_value(Value::Object(claims.clone())).map_err(|e| format!("oidc: {e}"))?)
-        }
+        Some(claims) => Some(serde_json::from_value(Value::Object(claims.clone())).map_err(|e| format!("oidc: {e}"))?),
         None => None,
     };
     let wanted = req.spiffe_id.as_deref().map(WorkloadId::parse).transpose().map_err(|e| e.to_string())?;
@@ -369,7 +367,8 @@ pub(crate) mod tests {
         let mut decision = event::Decision { request: Some(request), ..event::Decision::default() };
         let at_ms = 1_800_000_000_000 + seq;
         let recorded =
-            from_decision(&decision, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs())).unwrap();
+            from_decision(&decision, seq, SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.unsigned_abs()))
+                .unwrap();
         let outcome = decide(live, &recorded);
         decision.outcome = if outcome.allowed { event::Verdict::Allow } else { event::Verdict::Deny };
         decision.identity = outcome.identity;

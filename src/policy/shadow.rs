@@ -47,7 +47,12 @@ impl Shadow {
     }
 
     /// Starts shadowing `candidate` (replacing any other), recorded first.
-    pub async fn start(&self, candidate: Arc<Release>, operator: Operator, reason: &str) -> Result<EventId, LedgerError> {
+    pub async fn start(
+        &self,
+        candidate: Arc<Release>,
+        operator: Operator,
+        reason: &str,
+    ) -> Result<EventId, LedgerError> {
         let p = &candidate.provenance;
         let started = PolicyShadow {
             shadow: ShadowState::Started,

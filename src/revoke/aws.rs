@@ -75,11 +75,7 @@ fn role_of(assumed_role_arn: &str) -> Option<(String, String)> {
 }
 
 impl AwsRevocation for AwsRevoker {
-    fn revoke_identity<'a>(
-        &'a self,
-        sessions: &'a [CredentialRecord],
-        before: SystemTime,
-    ) -> BoxFuture<'a, AwsAnswer> {
+    fn revoke_identity<'a>(&'a self, sessions: &'a [CredentialRecord], before: SystemTime) -> BoxFuture<'a, AwsAnswer> {
         Box::pin(async move {
             // Why round up: aws:TokenIssueTime has whole seconds, so a session issued earlier
             // in the revocation's own second must still be "before" the cutoff.
@@ -411,7 +407,8 @@ mod tests {
             .await;
         let revoked = crate::ledger::event::Revoked { aws: Some(placed), ..Default::default() };
         ledger.record(t0, Event::Revoked(revoked)).await.unwrap();
-        let sweep = DenySweep { iam: iam.clone(), ledger: ledger.clone(), reader: reader.clone(), clock: clock.clone() };
+        let sweep =
+            DenySweep { iam: iam.clone(), ledger: ledger.clone(), reader: reader.clone(), clock: clock.clone() };
 
         clock.set(t0 + Duration::from_secs(7199));
         assert_eq!(sweep.sweep().await.unwrap(), 0, "a session issued just before the revocation may still be live");
@@ -444,7 +441,12 @@ mod tests {
             })
         };
         let removed = |placed_in| {
-            Event::AwsDenyRemoved(AwsDenyRemoved { role: "deploy".into(), policy_name: "p".into(), placed_in, ..Default::default() })
+            Event::AwsDenyRemoved(AwsDenyRemoved {
+                role: "deploy".into(),
+                policy_name: "p".into(),
+                placed_in,
+                ..Default::default()
+            })
         };
         let events = [
             (1, revoked(deny("deploy", 100, true))),

@@ -49,7 +49,8 @@ impl ExpirySweep {
 
     pub async fn sweep(&mut self) -> Result<(), LedgerError> {
         if self.watermark.is_none() {
-            let last = self.reader.events(EventFilter { last: Some(1), ..EventFilter::kinds(&[EventKind::Expired]) }).await?;
+            let last =
+                self.reader.events(EventFilter { last: Some(1), ..EventFilter::kinds(&[EventKind::Expired]) }).await?;
             let mark = match last.first().map(|e| e.event()).transpose()? {
                 Some(Event::Expired(e)) => (e.not_after, e.credential_id),
                 _ => (i64::MIN, String::new()),

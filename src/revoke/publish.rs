@@ -92,8 +92,8 @@ impl BundlePublisher {
         let now = self.clock.now();
         let entries = self.revocations.revoked_x509(now);
         // Why the number: CRL numbers must increase; milliseconds since the epoch do.
-        let number =
-            u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
+        let number = u64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+            .unwrap_or(u64::MAX);
         let crls = match self.x509.crls(&entries, now, number) {
             Ok(crls) => crls,
             Err(e) => {
