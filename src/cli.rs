@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run with embedded defaults: generated CA and SQLite ledger in the data dir.
+    /// Run with embedded defaults: a generated CA and the ledger in the data dir.
     Dev {
         #[arg(long, default_value = ".mayfly")]
         data_dir: PathBuf,

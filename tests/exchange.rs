@@ -443,7 +443,11 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_someone_tool_ref_refs_heads_dev");
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
-    assert_eq!(claims["iss"], format!("https://127.0.0.1:{}", d.running.port.unwrap()), "dev's issuer is the bound listener");
+    assert_eq!(
+        claims["iss"],
+        format!("https://127.0.0.1:{}", d.running.port.unwrap()),
+        "dev's issuer is the bound listener"
+    );
     assert_eq!(
         claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
         900,

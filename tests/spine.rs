@@ -387,14 +387,12 @@ async fn the_socket_is_open_to_local_users_but_guarded_against_takeover() {
 
     // A symlink at the socket path is refused.
     std::os::unix::fs::symlink("/tmp/elsewhere.sock", dir.path().join("mayfly.sock")).unwrap();
-    let e =
-        Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
+    let e = Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("symlink"));
     std::fs::remove_file(dir.path().join("mayfly.sock")).unwrap();
 
     // A directory others can write is refused.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let e =
-        Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
+    let e = Daemon::build(config(dir.path(), &repo_policies()), Arc::new(FixedClock::new(SystemTime::now()))).await;
     assert!(e.err().unwrap().to_string().contains("writable by others"));
 }

@@ -1,6 +1,6 @@
 //! `mayfly bench`: commands that measure and print figures (never assertions).
 //! `issue` drives a running daemon over its socket; `ledger` drives the group-commit writer
-//! on a fresh SQLite file; `policy` times decisions in-process over the shipped rules and
+//! on a fresh ledger; `policy` times decisions in-process over the shipped rules and
 //! a generated rule set. All are bounded by their request/event/decision counts.
 
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ pub enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
-    /// Append events to a fresh SQLite ledger through the group-commit writer.
+    /// Append events to a fresh ledger (the default backend) through the group-commit writer.
     Ledger {
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         events: u32,
@@ -255,7 +255,7 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
         drop(ledger);
         let _ = writer.await;
         report(
-            &format!("ledger appends (sqlite WAL, synchronous=FULL, max batch {max_batch})"),
+            &format!("ledger appends (default backend, durable commits, max batch {max_batch})"),
             elapsed,
             &mut latencies,
             errors,

@@ -15,9 +15,7 @@ use mayfly::api::pb::admin_client::AdminClient;
 use mayfly::api::pb::broker_client::BrokerClient;
 use mayfly::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly::clock::FixedClock;
-use mayfly::config::{
-    Config, PolicySource, RawAdmin, RawCa, RawConfig, RawJwt, RawListen, RawPolicy, RawWorkloadApi,
-};
+use mayfly::config::{Config, PolicySource, RawAdmin, RawCa, RawConfig, RawJwt, RawListen, RawPolicy, RawWorkloadApi};
 use mayfly::daemon::Daemon;
 use mayfly::identity::TrustDomain;
 use mayfly::keys::CertificateAuthority;
@@ -235,8 +233,12 @@ impl Running {
 /// A certificate and key for `localhost` in `dir`, from a CA made here.
 fn tls_listener(dir: &Path, now: SystemTime) -> (String, RawListen) {
     let week = Duration::from_secs(7 * 86_400);
-    let ca = CertificateAuthority::generate(&TrustDomain::parse("mayfly.local").unwrap(), now - Duration::from_secs(3600), week)
-        .unwrap();
+    let ca = CertificateAuthority::generate(
+        &TrustDomain::parse("mayfly.local").unwrap(),
+        now - Duration::from_secs(3600),
+        week,
+    )
+    .unwrap();
     let (cert, key) = ca.issue_tls_server(&["localhost".into()], now - Duration::from_secs(3600), week).unwrap();
     let (tls_cert, tls_key) = (dir.join("tls.pem"), dir.join("tls-key.pem"));
     let _ = std::fs::remove_file(&tls_key);
