@@ -188,9 +188,21 @@ pub struct RawCa {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLedger {
+    /// `sqlite` (default: one daemon, a file in the data dir) or `postgres` (several daemons).
+    pub backend: Option<String>,
     pub path: Option<PathBuf>,
     pub busy_timeout: Option<String>,
     pub max_batch: Option<usize>,
+    /// PostgreSQL: the connection URL, or a file holding it (so the password is not here).
+    pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// PostgreSQL: verify the server's TLS certificate against this CA (PEM); TLS required.
+    pub tls_ca: Option<PathBuf>,
+    pub pool_size: Option<u32>,
+    /// PostgreSQL: this daemon's chain, unique among the daemons sharing the database.
+    pub chain: Option<String>,
+    /// PostgreSQL: refuse issuance when the view of the shared state is older than this.
+    pub max_staleness: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -362,6 +374,36 @@ pub struct DevNet {
     pub aws_endpoint: Option<String>,
 }
 
+/// Where `[ledger]` says the ledger is; errors name the key.
+fn ledger_location(raw: &RawLedger, data_dir: &Path) -> Result<crate::ledger::Location, ConfigError> {
+    match raw.backend.as_deref().unwrap_or("sqlite") {
+        "sqlite" => {
+            if raw.url.is_some() || raw.url_file.is_some() || raw.tls_ca.is_some() {
+                return Err(key("ledger.url")("only with backend = \"postgres\"".into()));
+            }
+            Ok(match &raw.path {
+                Some(path) => crate::ledger::Location::file(path),
+                None => crate::ledger::Location::in_data_dir(data_dir),
+            })
+        }
+        "postgres" => {
+            let url = match (&raw.url, &raw.url_file) {
+                (Some(url), None) => url.clone(),
+                (None, Some(file)) => std::fs::read_to_string(file)
+                    .map(|s| s.trim().to_owned())
+                    .map_err(|e| key("ledger.url_file")(format!("`{}`: {e}", file.display())))?,
+                _ => return Err(key("ledger.url")("set exactly one of `url` and `url_file`".into())),
+            };
+            if raw.path.is_some() {
+                return Err(key("ledger.path")("only with backend = \"sqlite\"".into()));
+            }
+            let target = crate::ledger::postgres::Target::new(&url, raw.tls_ca.clone()).map_err(key("ledger.url"))?;
+            Ok(crate::ledger::Location::Postgres(target))
+        }
+        other => Err(key("ledger.backend")(format!("`{}` is not one of sqlite, postgres", other.escape_debug()))),
+    }
+}
+
 impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
@@ -413,9 +455,28 @@ impl Config {
             }
             Some(_) => return Err(key("ca")("set both `cert` and `key`, or only `generate = true`".into())),
         };
-        let ledger_location = match &raw.ledger.path {
-            Some(path) => crate::ledger::Location::file(path),
-            None => crate::ledger::Location::in_data_dir(&data_dir),
+        let ledger_location = ledger_location(&raw.ledger, &data_dir)?;
+        let max_staleness = duration("ledger.max_staleness", raw.ledger.max_staleness.clone(), "5s")?;
+        let pool_size = raw.ledger.pool_size.unwrap_or(8);
+        if !(2..=64).contains(&pool_size) {
+            return Err(key("ledger.pool_size")(format!("`{pool_size}` must be 2..=64")));
+        }
+        let chain = match (&raw.ledger.chain, &ledger_location) {
+            (Some(c), _)
+                if c.is_empty()
+                    || c.len() > 64
+                    || !c.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                return Err(key("ledger.chain")(format!("`{c}` must be 1..=64 of [A-Za-z0-9._-]")));
+            }
+            (Some(c), _) => c.clone(),
+            (None, crate::ledger::Location::Postgres(_)) => {
+                return Err(key("ledger.chain")(
+                    "required with backend = \"postgres\": a name unique to this daemon, the same across its restarts"
+                        .into(),
+                ));
+            }
+            (None, _) => String::new(),
         };
         let busy = duration("ledger.busy_timeout", raw.ledger.busy_timeout, "5s")?;
         let ledger_max_batch = raw.ledger.max_batch.unwrap_or(256);
@@ -612,6 +673,9 @@ impl Config {
                 location: ledger_location,
                 busy_timeout: busy.as_duration(),
                 max_batch: ledger_max_batch,
+                chain,
+                pool_size,
+                max_staleness: max_staleness.as_duration(),
             },
             default_ttl,
             jwt_ttl,

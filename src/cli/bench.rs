@@ -228,11 +228,7 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return fail(e);
     }
-    let settings = Settings {
-        location: Location::in_data_dir(&dir),
-        busy_timeout: Duration::from_secs(5),
-        max_batch: max_batch as usize,
-    };
+    let settings = Settings { max_batch: max_batch as usize, ..Settings::local(Location::in_data_dir(&dir)) };
     let result = async {
         let opened = crate::ledger::open(&settings).await?;
         let (ledger, writer) = (opened.writer, opened.task);

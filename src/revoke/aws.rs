@@ -392,9 +392,8 @@ mod tests {
     async fn the_sweep_removes_a_deny_once_the_role_maximum_has_passed_and_records_it_once() {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::ledger::Settings {
-            location: crate::ledger::Location::in_data_dir(dir.path()),
-            busy_timeout: Duration::from_secs(5),
             max_batch: 16,
+            ..crate::ledger::Settings::local(crate::ledger::Location::in_data_dir(dir.path()))
         };
         let opened = crate::ledger::open(&settings).await.unwrap();
         let (ledger, reader): (Arc<dyn Ledger>, _) = (Arc::new(opened.writer), opened.reader);
