@@ -6,6 +6,7 @@ mod audit;
 mod aws;
 mod bench;
 mod breakglass;
+mod ledger;
 mod policy;
 mod respond;
 
@@ -56,6 +57,10 @@ enum Command {
         /// AWS_REGION (us-east-1 if unset). The dev identity may assume roles `mayfly-dev-*`.
         #[arg(long, value_name = "URL")]
         aws_endpoint: Option<String>,
+        /// Keep the ledger in this PostgreSQL database instead of the data dir (for tries of
+        /// several daemons; this daemon's chain is named after its socket path).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// Run from a configuration file (see deploy/mayfly.toml).
     Serve {
@@ -71,6 +76,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::Command,
+    },
+    /// The ledger itself: copy it to another backend.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::Command,
     },
     /// Policy releases: validate, test, build, sign, verify, keygen; status and rollback on a running daemon.
     Policy {
@@ -105,13 +115,13 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint } => {
+            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint, postgres } => {
                 match Config::dev(
                     data_dir,
                     policies,
                     socket,
                     admin_socket,
-                    DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint },
+                    DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint, postgres },
                 ) {
                     Ok(config) => run_daemon(config, true).await,
                     Err(e) => fail(e),
@@ -124,6 +134,7 @@ pub fn main() -> ExitCode {
             Command::X509(args) => x509::run(args).await,
             Command::Aws(args) => aws::run(args).await,
             Command::Audit { command } => audit::run(command).await,
+            Command::Ledger { command } => ledger::run(command).await,
             Command::Bench { command } => bench::run(command).await,
             Command::Policy { command } => policy::run(command).await,
             Command::Revoke(args) => respond::revoke(args).await,
@@ -185,7 +196,8 @@ fn init_logging() {
 /// else `./.mayfly`. Read-only: commands never write the ledger.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct LedgerAt {
-    /// A ledger file (a copy is fine), when not the data directory's own.
+    /// A ledger file (a copy is fine), when not the data directory's own; or a
+    /// `postgres://` URL of a ledger several daemons share.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
     /// The daemon's data directory [default: .mayfly].
@@ -199,7 +211,7 @@ pub struct LedgerAt {
 impl LedgerAt {
     pub fn location(&self) -> Result<crate::ledger::Location, String> {
         if let Some(file) = &self.ledger {
-            return Ok(crate::ledger::Location::file(file));
+            return location_of(&file.to_string_lossy());
         }
         if let Some(dir) = &self.data_dir {
             return Ok(crate::ledger::Location::in_data_dir(dir));
@@ -216,6 +228,20 @@ impl LedgerAt {
         let reader = crate::ledger::open_reader(&location).await.map_err(|e| e.to_string())?;
         Ok((location, reader))
     }
+}
+
+/// A ledger named on the command line: a `postgres://` URL, an `sqlite:` path, or a file.
+pub(crate) fn location_of(text: &str) -> Result<crate::ledger::Location, String> {
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        let target = crate::ledger::postgres::Target::new(text, None)?;
+        return Ok(crate::ledger::Location::Postgres(target));
+    }
+    if let Some(url) = text.strip_prefix("postgres:") {
+        let target = crate::ledger::postgres::Target::new(url, None)?;
+        return Ok(crate::ledger::Location::Postgres(target));
+    }
+    let path = text.strip_prefix("sqlite:").unwrap_or(text);
+    Ok(crate::ledger::Location::file(std::path::Path::new(path)))
 }
 
 /// A client of the daemon's admin socket.

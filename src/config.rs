@@ -339,6 +339,15 @@ impl Config {
             ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
             data_dir: Some(data_dir),
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
+            ledger: match &dev_net.postgres {
+                Some(url) => RawLedger {
+                    backend: Some("postgres".into()),
+                    url: Some(url.clone()),
+                    chain: Some(dev_chain(&socket)),
+                    ..RawLedger::default()
+                },
+                None => RawLedger::default(),
+            },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
             admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
             // Credentials for the emulator come from the environment, as for any AWS tool.
@@ -372,6 +381,16 @@ pub struct DevNet {
     pub oidc_issuers: Vec<String>,
     /// STS and IAM at this URL (an emulator such as moto), region from AWS_REGION.
     pub aws_endpoint: Option<String>,
+    /// The ledger in this PostgreSQL database, on a chain named after the socket path.
+    pub postgres: Option<String>,
+}
+
+/// `mayfly dev`'s chain in a shared ledger: `dev-` and a digest of its socket's absolute
+/// path, stable across restarts and distinct for daemons on different sockets.
+fn dev_chain(socket: &Path) -> String {
+    let path = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, path.as_os_str().as_encoded_bytes());
+    format!("dev-{}", &hex::encode(digest)[..12])
 }
 
 /// Where `[ledger]` says the ledger is; errors name the key.

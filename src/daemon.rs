@@ -26,6 +26,7 @@ use crate::attest::UnixAttestor;
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
 use crate::breakglass::{BreakGlassDesk, Elevated, ElevatedSink, EmergencyLog, FileSink, WebhookSink};
 use crate::clock::Clock;
+use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
@@ -100,6 +101,8 @@ pub struct Daemon {
     /// STS and IAM, when `[aws]` is configured.
     aws: Option<Arc<crate::aws::SdkAws>>,
     clock: Arc<dyn Clock>,
+    /// Several daemons share the ledger.
+    cluster: Option<Cluster>,
 }
 
 impl Daemon {
@@ -132,6 +135,8 @@ impl Daemon {
         let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
         let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
+        // Several daemons share the ledger: what they share is wired through `cluster`.
+        let cluster = opened.shared.map(Cluster::new);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
         // Why before anything is recorded: binding is what refuses a second daemon on the same
         // socket, and a second daemon must not append to this ledger.
@@ -145,16 +150,26 @@ impl Daemon {
             })?;
         }
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
-        let policy = Arc::new(
-            PolicyController::start(
-                config.policy.clone(),
-                config.trust_domain.clone(),
-                &config.data_dir,
-                as_ledger.clone(),
-                clock.clone(),
-            )
-            .await?,
-        );
+        let last_policy_change = match &cluster {
+            Some(c) => c.last_policy_change(reader.as_ref()).await.map_err(ledger_err)?,
+            None => None,
+        };
+        let mut policy = PolicyController::start(
+            config.policy.clone(),
+            config.trust_domain.clone(),
+            &config.data_dir,
+            as_ledger.clone(),
+            clock.clone(),
+        )
+        .await?;
+        if let Some(cluster) = &cluster {
+            policy.share(Arc::new(cluster.clone())).await?;
+        }
+        let policy = Arc::new(policy);
+        if let (Some(cluster), Some(last)) = (&cluster, last_policy_change) {
+            // The release the daemons serve is the latest any of them activated.
+            cluster.catch_up_policy(last, &policy).await;
+        }
         let store = policy.store();
         let policy_version = store.current().version().to_owned();
         let entries = store.current().inventory.entries().len();
@@ -200,13 +215,17 @@ impl Daemon {
             Some(_) => {
                 let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
                 Some(ExchangeSettings {
-                    verifier: Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))),
+                    verifier: Arc::new(match &cluster {
+                        Some(c) => OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))
+                            .with_replay(Arc::new(c.clone())),
+                        None => OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source)),
+                    }),
                     trust_domain: config.trust_domain.clone(),
                 })
             }
             None => None,
         };
-        let issuer = Arc::new(Issuer::new(Parts {
+        let issuer = Issuer::new(Parts {
             attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             policy: store,
             minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
@@ -216,9 +235,16 @@ impl Daemon {
             emergency: emergency.clone(),
             shadow: shadow.clone(),
             exchange,
-        }));
-        let desk =
-            Arc::new(BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone()));
+        });
+        let issuer = Arc::new(match &cluster {
+            Some(c) => issuer.with_freshness(Arc::new(c.clone())),
+            None => issuer,
+        });
+        let desk = BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone());
+        let desk = Arc::new(match &cluster {
+            Some(c) => desk.with_shared(Arc::new(c.clone())),
+            None => desk,
+        });
         let validator = Arc::new(Validator::new(
             jwt.clone(),
             revocations.clone(),
@@ -275,6 +301,7 @@ impl Daemon {
             net,
             aws,
             clock,
+            cluster,
         })
     }
 
@@ -309,6 +336,7 @@ impl Daemon {
             net,
             aws,
             clock,
+            cluster,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
@@ -400,12 +428,42 @@ impl Daemon {
         tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
         let expiry =
             ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
-        tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
         // AWS revocation denies come off their roles once every session they caught is over.
-        if let Some(sdk) = &aws {
-            let sweep =
-                DenySweep { iam: sdk.clone(), ledger: as_ledger.clone(), reader: reader.clone(), clock: clock.clone() };
-            tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
+        let deny_sweep = aws.as_ref().map(|sdk| DenySweep {
+            iam: sdk.clone(),
+            ledger: as_ledger.clone(),
+            reader: reader.clone(),
+            clock: clock.clone(),
+        });
+        match &cluster {
+            None => {
+                tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
+                if let Some(sweep) = deny_sweep {
+                    tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
+                }
+            }
+            Some(cluster) => {
+                let follower =
+                    Follower { revocations: revocations.clone(), policy: policy.clone(), desk: desk.clone() };
+                tasks.spawn("shared-state feed", ok(cluster.follow(follower, tasks.stop())));
+                // One daemon at a time sweeps (expiry and AWS denies), every poll interval.
+                let expiry = Arc::new(tokio::sync::Mutex::new(expiry));
+                let deny_sweep = deny_sweep.map(Arc::new);
+                let sweeps = move || {
+                    let (expiry, deny_sweep) = (expiry.clone(), deny_sweep.clone());
+                    async move {
+                        if let Err(e) = expiry.lock().await.sweep().await {
+                            tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
+                        }
+                        if let Some(d) = deny_sweep
+                            && let Err(e) = d.sweep().await
+                        {
+                            tracing::warn!(error = %e, "AWS deny sweep failed; retrying next tick");
+                        }
+                    }
+                };
+                tasks.spawn("sweeps (leader)", ok(cluster.clone().lead(poll, tasks.stop(), sweeps)));
+            }
         }
 
         shutdown.await;

@@ -148,6 +148,47 @@ pub async fn open_reader(location: &Location) -> Result<Arc<dyn LedgerRead>, Led
     }
 }
 
+/// Copies the ledger at `from` into chain `chain` of the shared ledger at `to`, unchanged
+/// (sequence numbers, times, bodies and hashes), then verifies the copy. Refuses a target
+/// chain that already holds events.
+pub async fn migrate(from: &Location, to: &Location, chain: &str) -> Result<usize, LedgerError> {
+    const PAGE: i64 = 1000;
+    let Location::Postgres(target) = to else {
+        return Err(LedgerError::Storage("the target of a migration is a PostgreSQL ledger (postgres:URL)".into()));
+    };
+    let source = open_reader(from).await?;
+    let source_chains = source.chains().await?;
+    let [source_chain] = source_chains.as_slice() else {
+        return Err(LedgerError::Storage(format!(
+            "`{from}` holds {} chains; copy one ledger file at a time",
+            source_chains.len()
+        )));
+    };
+    verify(source.as_ref()).await.map_err(|e| LedgerError::Storage(format!("the source does not verify: {e}")))?;
+    let mut backend = postgres::migration_backend(target, chain).await?;
+    if backend.head().await?.is_some() {
+        return Err(LedgerError::Storage(format!("chain `{chain}` already holds events in `{to}`")));
+    }
+    let mut rows: HashMap<EventId, CredentialRecord> =
+        source.credentials(CredentialFilter::All).await?.into_iter().map(|r| (r.issued_event, r.credential)).collect();
+    let mut after = i64::MIN;
+    let mut copied = 0;
+    loop {
+        let filter =
+            EventFilter { chain: Some(source_chain.clone()), after, limit: Some(PAGE), ..EventFilter::default() };
+        let page = source.events(filter).await?;
+        let Some(last) = page.last() else { break };
+        after = last.pos;
+        let credentials: Vec<(EventId, CredentialRecord)> =
+            page.iter().filter_map(|e| rows.remove(&e.seq).map(|c| (e.seq, c))).collect();
+        backend.append(&page, &credentials).await?;
+        copied += page.len();
+    }
+    let copy = open_reader(to).await?;
+    verify(copy.as_ref()).await.map_err(|e| LedgerError::Storage(format!("the copy does not verify: {e}")))?;
+    Ok(copied)
+}
+
 /// An event to append, encoded by the caller (off the writer task).
 #[derive(Clone, Debug)]
 struct NewEvent {

@@ -201,6 +201,22 @@ pub async fn open(target: &Target, settings: &Settings) -> Result<(PgBackend, Pg
     Ok((PgBackend { pool: pool.clone(), chain: settings.chain.clone() }, PgReader { pool }, shared))
 }
 
+/// A writer for `mayfly ledger migrate`: the schema made current, `chain` not claimed by a
+/// running daemon (the copy must not interleave with one).
+pub async fn migration_backend(target: &Target, chain: &str) -> Result<PgBackend, LedgerError> {
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(target.options()?).await.map_err(storage)?;
+    migrate(&pool).await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended('mayfly-chain:' || $1, 0))")
+        .bind(chain)
+        .fetch_one(&pool)
+        .await
+        .map_err(storage)?;
+    if !free {
+        return Err(LedgerError::Storage(format!("chain `{chain}` is in use by a running daemon")));
+    }
+    Ok(PgBackend { pool, chain: chain.to_owned() })
+}
+
 /// Applies the migrations this database lacks; refuses a newer schema.
 async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
     let mut tx = pool.begin().await.map_err(storage)?;
