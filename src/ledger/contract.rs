@@ -61,7 +61,7 @@ pub async fn run<H: Harness>(harness: H) {
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5], "a tail is the newest, oldest first");
     let chain = all[0].chain.clone();
     assert!(all.iter().all(|e| e.chain == chain), "one writer writes one chain");
-    assert_eq!(reader.chains().await.unwrap(), [chain.clone()]);
+    assert_eq!(reader.chains().await.unwrap(), std::slice::from_ref(&chain));
     let by_seq = reader.events_by_seq(&chain, &[1, 4, 99]).await.unwrap();
     assert_eq!(by_seq.len(), 2, "unknown sequence numbers are absent, not errors");
     assert_eq!(by_seq[&4].kind, "locked");
