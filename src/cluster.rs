@@ -17,9 +17,10 @@ use crate::attest::oidc::ReplayGuard;
 use crate::breakglass::{BreakGlassDesk, PendingRequest, SharedRequests};
 use crate::issue::Freshness;
 use crate::ledger::StoredEvent;
-use crate::ledger::event::{Event, Operator, Stage};
+use crate::ledger::event::{Event, Operator, ShadowState, Stage};
 use crate::ledger::postgres::{Shared, SharedRequest};
 use crate::policy::activation::{PolicyController, ReleaseStore};
+use crate::policy::shadow::Shadow;
 use crate::revoke::Revocations;
 
 /// The shared ledger, seen through the seams of the modules that share state.
@@ -214,6 +215,7 @@ pub struct Follower {
     pub revocations: Arc<Revocations>,
     pub policy: Arc<PolicyController>,
     pub desk: Arc<BreakGlassDesk>,
+    pub shadow: Arc<Shadow>,
 }
 
 impl Follower {
@@ -227,6 +229,30 @@ impl Follower {
             for row in batch {
                 self.apply(&row).await;
             }
+        }
+    }
+
+    /// Shadow mode started or stopped on another daemon: the same here (recorded here too).
+    async fn follow_shadow(&self, s: crate::ledger::event::PolicyShadow, via: &str) {
+        let operator = Operator { daemon: Some(via.to_owned()), ..Operator::default() };
+        let reason = format!("following {via}: {}", s.reason);
+        match (s.shadow, s.candidate) {
+            (ShadowState::Started, Some(version)) if self.shadow.version().as_deref() != Some(&version) => {
+                match self.policy.shared_candidate(&version).await {
+                    Ok(candidate) => {
+                        if let Err(e) = self.shadow.start(Arc::new(candidate), operator, &reason).await {
+                            tracing::warn!(error = %e, version, "cannot follow another daemon's shadow mode");
+                        }
+                    }
+                    Err(why) => tracing::warn!(why, version, "another daemon's shadow candidate is not usable here"),
+                }
+            }
+            (ShadowState::Stopped, Some(version)) if self.shadow.version().as_deref() == Some(&version) => {
+                if let Err(e) = self.shadow.stop(operator, &reason).await {
+                    tracing::warn!(error = %e, "cannot follow another daemon's end of shadow mode");
+                }
+            }
+            _ => {}
         }
     }
 
@@ -258,6 +284,7 @@ impl Follower {
             }
             Event::PolicyActivated(a) => self.policy.adopt(&a.version, &via).await,
             Event::PolicyRolledBack(r) => self.policy.follow_rollback(&r.from, &r.to, &via).await,
+            Event::PolicyShadow(s) => self.follow_shadow(s, &via).await,
             Event::BreakGlass(step) if step.stage == Stage::Approved => {
                 if let (Some(request), Some(approver)) = (step.request, step.approver) {
                     self.desk.approved_elsewhere(&request, approver);

@@ -443,8 +443,12 @@ impl Daemon {
                 }
             }
             Some(cluster) => {
-                let follower =
-                    Follower { revocations: revocations.clone(), policy: policy.clone(), desk: desk.clone() };
+                let follower = Follower {
+                    revocations: revocations.clone(),
+                    policy: policy.clone(),
+                    desk: desk.clone(),
+                    shadow: shadow.clone(),
+                };
                 tasks.spawn("shared-state feed", ok(cluster.follow(follower, tasks.stop())));
                 // One daemon at a time sweeps (expiry and AWS denies), every poll interval.
                 let expiry = Arc::new(tokio::sync::Mutex::new(expiry));

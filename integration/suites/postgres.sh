@@ -181,6 +181,23 @@ check "rollback on B"                            "$bin" policy rollback --admin-
 check "A is back on v1"                          status_shows a "$v1" 3
 check "C is back on v1"                          status_shows c "$v1" 3
 
+# Shadow mode started on A is shadowed by B and C too (the candidate from the shared ledger).
+echo "// v3: a candidate to shadow" >> "$work/policies/issuance/local.cedar"
+signed_bundle "$work/policies" "$work/v3.bundle" integration:v3 "$work/release.key" || exit 1
+v3=$("$bin" policy verify "$work/v3.bundle" --key "$work/release.pub" | grep -o 'sha256:[0-9a-f]*' | head -n 1)
+shadowing() { # state, expected number of daemons (chains) that recorded it for v3, within 3 s
+  local n
+  for _ in $(seq 1 30); do
+    n=$(psqlq "SELECT count(DISTINCT chain) FROM events WHERE kind = 'policy_shadow' AND (body::jsonb)->>'shadow' = '$1' AND (body::jsonb)->>'candidate' = '$v3'")
+    [ "$n" = "$2" ] && { echo "$n daemons: $1"; return 0; }
+    sleep 0.1
+  done
+  echo "$n daemons recorded shadow $1 (want $2)"; return 1
+}
+check "shadow v3 on A"                           "$bin" policy shadow "$work/v3.bundle" --reason "CHG-17: try v3" --admin-socket "${admin[a]}"
+check "B and C shadow it too"                    shadowing started 3
+check "shadow --stop on A stops it everywhere"   bash -c "'$bin' policy shadow --stop --reason 'CHG-17 done' --admin-socket '${admin[a]}' && $(declare -f shadowing psqlq); pg_url='$pg_url'; v3='$v3'; shadowing stopped 3"
+
 # PostgreSQL down: nothing is issued, and each caller is told; back up: service resumes.
 before=$(psqlq "SELECT count(*) FROM credentials")
 "$root/integration/postgres" stop "$pg_server/db"

@@ -87,7 +87,7 @@ impl PolicyController {
         let signed = matches!(self.source, PolicySource::Bundle { .. });
         let keys = self.loader.keys.clone();
         let td = self.loader.trust_domain.clone();
-        tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             if path.is_dir() {
                 if signed {
                     return Err(
@@ -95,15 +95,38 @@ impl PolicyController {
                     );
                 }
                 let files = PolicyFiles::read_dir(&path).map_err(|e| e.to_string())?;
-                return Release::build(&files, &td, None, None, path.display().to_string());
+                return Release::build(&files, &td, None, None, path.display().to_string()).map(|r| (r, None));
             }
             let bytes = read_bounded(&path)?;
             let bundle = Bundle::parse(&bytes).map_err(|e| e.to_string())?;
             let key_id = if signed { Some(bundle.verify(&keys).map_err(|e| e.to_string())?) } else { None };
             Release::build(&bundle.files, &td, bundle.manifest.label.clone(), key_id, path.display().to_string())
+                .map(|r| (r, Some(bytes)))
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let (release, bytes) = match built {
+            Ok(parts) => parts,
+            Err(e) => return Err(e),
+        };
+        // Several daemons: they shadow the same candidate, read from the shared ledger.
+        if let (Some(releases), Some(bytes), true) = (&self.releases, bytes, signed) {
+            releases.put(release.version(), &bytes).await.map_err(|e| format!("cannot share the candidate: {e}"))?;
+        }
+        Ok(release)
+    }
+
+    /// A candidate another daemon shadows, from the shared ledger, verified with this
+    /// daemon's trusted keys.
+    pub async fn shared_candidate(&self, version: &str) -> Result<Release, String> {
+        let releases = self.releases.as_ref().ok_or("this daemon shares no releases")?;
+        let bytes =
+            releases.get(version).await?.ok_or_else(|| format!("release {version} is not in the shared ledger"))?;
+        let release = self.loader.build(&Content::Bundle(bytes), format!("shared ledger (candidate {version})"))?;
+        if release.version() != version {
+            return Err(format!("the shared bundle for {version} builds as {}", release.version()));
+        }
+        Ok(release)
     }
 }
 
