@@ -61,6 +61,11 @@ enum Command {
         /// several daemons; this daemon's chain is named after its socket path).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// Publish signed checkpoints of the ledger to this file (outside the data dir)
+        /// every 10 s and at shutdown; the signing key is generated in the data dir, its
+        /// public half written beside the file as PATH.pub.
+        #[arg(long, value_name = "PATH")]
+        checkpoint_file: Option<PathBuf>,
     },
     /// Run from a configuration file (see deploy/mayfly.toml).
     Serve {
@@ -115,14 +120,25 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Dev { data_dir, policies, socket, admin_socket, listen, oidc_issuers, aws_endpoint, postgres } => {
-                match Config::dev(
-                    data_dir,
-                    policies,
-                    socket,
-                    admin_socket,
-                    DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint, postgres },
-                ) {
+            Command::Dev {
+                data_dir,
+                policies,
+                socket,
+                admin_socket,
+                listen,
+                oidc_issuers,
+                aws_endpoint,
+                postgres,
+                checkpoint_file,
+            } => {
+                let net = DevNet {
+                    listen: (listen != "none").then_some(listen),
+                    oidc_issuers,
+                    aws_endpoint,
+                    postgres,
+                    checkpoint_file,
+                };
+                match Config::dev(data_dir, policies, socket, admin_socket, net) {
                     Ok(config) => run_daemon(config, true).await,
                     Err(e) => fail(e),
                 }

@@ -30,6 +30,7 @@ use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
+use crate::ledger::checkpoint::{CheckpointError, Checkpointer};
 use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
 use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
 use crate::mint::aws::AwsMinter;
@@ -67,6 +68,8 @@ pub enum DaemonError {
     Oidc(String),
     #[error("break_glass.webhook: {0}")]
     Webhook(String),
+    #[error("checkpoints: {0}")]
+    Checkpoint(#[from] CheckpointError),
 }
 
 /// The AWS revocation denies are checked for removal this often.
@@ -103,6 +106,8 @@ pub struct Daemon {
     clock: Arc<dyn Clock>,
     /// Several daemons share the ledger.
     cluster: Option<Cluster>,
+    /// Publishes signed checkpoints of this daemon's chain.
+    checkpointer: Option<Arc<tokio::sync::Mutex<Checkpointer>>>,
 }
 
 impl Daemon {
@@ -149,6 +154,23 @@ impl Daemon {
                 why: format!("chown to uid {uid} (admin.owner_uid): {e}"),
             })?;
         }
+        // Why before anything is recorded: a ledger cut or rewritten behind the daemon's back
+        // must not be extended (and so laundered) by it.
+        let checkpointer = match &config.checkpoint {
+            Some(settings) => {
+                let sink = settings
+                    .webhook
+                    .as_ref()
+                    .map(|url| WebhookSink::new(url.clone(), 3).map(|s| Arc::new(s) as Arc<dyn ElevatedSink>))
+                    .transpose()
+                    .map_err(CheckpointError::Sink)?;
+                let trust_domain = config.trust_domain.to_string();
+                let c =
+                    Checkpointer::start(reader.clone(), &trust_domain, &config.ledger.chain, settings, sink).await?;
+                Some(Arc::new(tokio::sync::Mutex::new(c)))
+            }
+            None => None,
+        };
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let last_policy_change = match &cluster {
             Some(c) => c.last_policy_change(reader.as_ref()).await.map_err(ledger_err)?,
@@ -302,6 +324,7 @@ impl Daemon {
             aws,
             clock,
             cluster,
+            checkpointer,
         })
     }
 
@@ -337,6 +360,7 @@ impl Daemon {
             aws,
             clock,
             cluster,
+            checkpointer,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
@@ -425,6 +449,9 @@ impl Daemon {
             config.max_ttl.as_duration(),
         );
         tasks.spawn("key watch", ok(key_watch.run(poll, tasks.stop())));
+        if let (Some(c), Some(settings)) = (&checkpointer, &config.checkpoint) {
+            tasks.spawn("checkpoints", ok(Checkpointer::run(c.clone(), settings.interval, tasks.stop())));
+        }
         tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
         let expiry =
             ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
@@ -486,6 +513,14 @@ impl Daemon {
         drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger, reader));
         drop(ledger);
         let _ = writer.await;
+        // The final checkpoint covers the `stopped` event: nothing may follow it until the
+        // next start.
+        if let Some(c) = &checkpointer {
+            match c.lock().await.publish(true).await {
+                Ok(size) => tracing::info!(size, "final checkpoint published"),
+                Err(e) => tracing::error!(error = %e, "the final checkpoint failed"),
+            }
+        }
         tracing::info!("mayfly stopped");
         clean.map_err(DaemonError::Stopped)?;
         stopped.map_err(|source| DaemonError::Ledger { location: config.ledger.location.to_string(), source })?;
