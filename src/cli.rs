@@ -62,7 +62,7 @@ enum Command {
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
         /// Publish signed checkpoints of the ledger to this file (outside the data dir)
-        /// every 10 s and at shutdown; the signing key is generated in the data dir, its
+        /// every 5 s and at shutdown; the signing key is generated in the data dir, its
         /// public half written beside the file as PATH.pub.
         #[arg(long, value_name = "PATH")]
         checkpoint_file: Option<PathBuf>,

@@ -351,7 +351,7 @@ impl Config {
             data_dir: Some(data_dir),
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
             ledger: RawLedger {
-                checkpoint_interval: dev_net.checkpoint_file.as_ref().map(|_| "10s".into()),
+                checkpoint_interval: dev_net.checkpoint_file.as_ref().map(|_| "5s".into()),
                 checkpoint_file: dev_net.checkpoint_file.clone(),
                 ..match &dev_net.postgres {
                     Some(url) => RawLedger {
