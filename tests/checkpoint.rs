@@ -236,3 +236,20 @@ fn a_checkpoint_file_inside_the_data_directory_is_refused() {
     let e = mayfly::config::Config::try_from(raw).unwrap_err().to_string();
     assert!(e.contains("ledger.checkpoint_file") && e.contains("inside the data directory"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_dies_right_after_starting_is_not_refused_for_its_own_events() {
+    let dir = tempfile::tempdir().unwrap();
+    with_checkpoints(dir.path(), None).start().await.stop().await;
+    assert!(read_checkpoint(dir.path()).is_final());
+
+    // Built (it records its start), then gone without a stop: no final checkpoint, no tick.
+    let daemon = Daemon::build(with_checkpoints(dir.path(), None).config(), Arc::new(mayfly::clock::SystemClock))
+        .await
+        .unwrap();
+    drop(daemon);
+    assert!(!read_checkpoint(dir.path()).is_final(), "the final checkpoint is replaced before anything is appended");
+
+    let running = with_checkpoints(dir.path(), None).start().await;
+    running.stop().await;
+}

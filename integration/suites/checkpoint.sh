@@ -11,9 +11,10 @@
 need_pip "cryptography" cryptography
 ck=$work/checkpoint; mkdir -p "$ck/witness"
 file=$ck/witness/checkpoint
-start_ck() { # data-dir: dev on it, checkpoints to $file
-  start_daemon checkpoint "$1" "$ck/w.sock" \
-    "$bin" dev --data-dir "$1" --policies "$root/policies" --socket "$ck/w.sock" --admin-socket "$ck/admin.sock" \
+start_ck() { # name, data-dir: dev on it, checkpoints to $file, its output in $work/<name>.log
+  log=$work/$1.log
+  start_daemon "$1" "$2" "$ck/w.sock" \
+    "$bin" dev --data-dir "$2" --policies "$root/policies" --socket "$ck/w.sock" --admin-socket "$ck/admin.sock" \
     --listen none --checkpoint-file "$file"
 }
 size_of() { sed -n 2p "$file"; }
@@ -21,15 +22,16 @@ covers_issuance() { # the periodic checkpoint has caught up with the ledger whil
   local n; n=$(sqlite3 "$ck/data/ledger.db" "SELECT count(*) FROM events")
   [ "$(size_of)" -ge "$n" ] && ! grep -q mayfly-final "$file"
 }
+stops_cleanly() { stop_daemon || { tail -n 20 "$log"; return 1; }; }
 waits_for_checkpoint() { for _ in $(seq 1 80); do covers_issuance && return 0; sleep 0.25; done; return 1; }
 
-start_ck "$ck/data" || exit 1
-check "a checkpoint is published at start"        test -s "$file"
+start_ck checkpoint "$ck/data" || exit 1
+check "a checkpoint is published at start"        wait_until test -s "$file"
 check "its public key beside it"                  grep -q "BEGIN PUBLIC KEY" "$file.pub"
 for i in 1 2 3 4; do "$bin" x509 --socket "$ck/w.sock" --out "$ck/x$i" >/dev/null; done
 check "13 h refused (a denial on record)"         refused_with forbid-ttl-over-12h "$bin" x509 --socket "$ck/w.sock" --ttl 13h --out "$ck/x"
 check "the next checkpoint covers the issuance"   waits_for_checkpoint
-check "dev stops cleanly"                         stop_daemon
+check "dev stops cleanly"                         stops_cleanly
 check "the shutdown's checkpoint is final"        grep -qx mayfly-final "$file"
 check "it covers every event"                     rows_are "$ck/data/ledger.db" "SELECT count(*) FROM events" "$(size_of)"
 check "its signature line is a signed note's"     grep -q "^— mayfly.local/mayfly-ledger " "$file"
@@ -76,7 +78,9 @@ rm -f "$ck/cut/ledger.db-wal" "$ck/cut/ledger.db-shm"
 check "a cut ledger: the daemon refuses to start" refused_with "does not extend its last checkpoint" timeout 30 \
   "$bin" dev --data-dir "$ck/cut" --policies "$root/policies" --socket "$ck/cut.sock" --admin-socket "$ck/cut-admin.sock" --listen none --checkpoint-file "$file"
 check "…and leaves the ledger as it found it"    rows_are "$ck/cut/ledger.db" "SELECT count(*) FROM events WHERE kind = 'daemon_started'" 1
-start_ck "$ck/data" || exit 1
-check "the intact ledger starts again"            test -S "$ck/w.sock"
-check "dev stops cleanly"                         stop_daemon
+start_ck restarted "$ck/data" || exit 1
+check "the intact ledger starts again"            wait_until grep -q "mayfly ready" "$log"
+check "…and says it extends the checkpoint"      grep -q "the ledger extends its last checkpoint" "$log"
+check "its first checkpoint is no longer final"   bash -c "! grep -q mayfly-final '$file'"
+check "dev stops cleanly"                         stops_cleanly
 check "audit verify --checkpoint after a restart" "$bin" audit verify --data-dir "$ck/data" --checkpoint "$file"

@@ -389,7 +389,12 @@ impl Checkpointer {
             }
             Err(e) => return Err(CheckpointError::File { path: settings.file.clone(), why: e.to_string() }),
         }
-        Ok(Self { reader, tree, origin, key, file: settings.file.clone(), sink, published: None })
+        let mut this = Self { reader, tree, origin, key, file: settings.file.clone(), sink, published: None };
+        // Why publish before anything is appended: a final checkpoint says "nothing
+        // follows"; replaced now by a plain one, a daemon that dies before its first tick
+        // (SIGKILL, power) is not refused at its next start for events it wrote itself.
+        this.publish(false).await?;
+        Ok(this)
     }
 
     /// Reads what was committed since, signs a checkpoint of it, replaces the file and
