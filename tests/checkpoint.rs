@@ -226,14 +226,12 @@ async fn every_checkpoint_reaches_the_webhook() {
 #[test]
 fn a_checkpoint_file_inside_the_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut raw = mayfly::config::RawConfig::default();
-    raw.trust_domain = Some("mayfly.local".into());
-    let setup = setup(dir.path()).raw(|r| {
+    let mut raw = None;
+    let _ = setup(dir.path()).raw(|r| {
         r.ledger.checkpoint_file = Some(dir.path().join("data").join("checkpoint"));
-        raw = r.clone();
+        raw = Some(r.clone());
     });
-    drop(setup);
-    let e = mayfly::config::Config::try_from(raw).unwrap_err().to_string();
+    let e = mayfly::config::Config::try_from(raw.unwrap()).unwrap_err().to_string();
     assert!(e.contains("ledger.checkpoint_file") && e.contains("inside the data directory"), "{e}");
 }
 
@@ -244,9 +242,8 @@ async fn a_daemon_that_dies_right_after_starting_is_not_refused_for_its_own_even
     assert!(read_checkpoint(dir.path()).is_final());
 
     // Built (it records its start), then gone without a stop: no final checkpoint, no tick.
-    let daemon = Daemon::build(with_checkpoints(dir.path(), None).config(), Arc::new(mayfly::clock::SystemClock))
-        .await
-        .unwrap();
+    let daemon =
+        Daemon::build(with_checkpoints(dir.path(), None).config(), Arc::new(mayfly::clock::SystemClock)).await.unwrap();
     drop(daemon);
     assert!(!read_checkpoint(dir.path()).is_final(), "the final checkpoint is replaced before anything is appended");
 

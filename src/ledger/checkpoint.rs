@@ -528,9 +528,9 @@ mod tests {
             let mut stepwise = tree(&backend, Some(n as u64 / 2)).await;
             stepwise.extend(&backend, None).await.unwrap();
             assert_eq!(stepwise.root(), whole.root());
-            for i in 0..n {
+            for (i, leaf) in leaves.iter().enumerate() {
                 let proof = whole.inclusion_proof(i as u64, n as u64).unwrap();
-                assert!(merkle::verify_inclusion(&leaves[i], i as u64, n as u64, &proof, &whole.root()));
+                assert!(merkle::verify_inclusion(leaf, i as u64, n as u64, &proof, &whole.root()));
             }
         }
     }
