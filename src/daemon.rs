@@ -1,8 +1,15 @@
 //! Builds everything from `Config` — the only module that names concrete implementations —
 //! and runs it: each long-running service (listeners, policy watch, key watch, CRL
-//! publishing, expiry sweep, AWS deny sweep) lives in the module that owns it and runs
-//! here under one task set with one drain path: on shutdown the stop flag flips, in-flight
-//! requests finish (bounded by `DRAIN_LIMIT`), the stop is recorded and the ledger flushed.
+//! publishing, expiry sweep, AWS deny sweep, reloads) lives in the module that owns it and
+//! runs here under one task set with one drain path: on shutdown `/readyz` turns "draining"
+//! (and the service manager hears STOPPING=1), the stop flag flips, in-flight requests
+//! finish (bounded by `DRAIN_LIMIT`), the stop is recorded and the ledger flushed; the
+//! telemetry listener stops last. A reload (`ReloadHandle`, SIGHUP) is `reload`'s.
+
+mod counted;
+mod reload;
+
+pub use reload::ReloadHandle;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::admin::AdminService;
@@ -42,6 +49,9 @@ use crate::revoke::aws::{AwsRevoker, DenySweep};
 use crate::revoke::expiry::ExpirySweep;
 use crate::revoke::publish::BundlePublisher;
 use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
+use crate::telemetry::health::Health;
+use crate::telemetry::layer::RequestMetricsLayer;
+use crate::telemetry::{Metrics, notify};
 use crate::validate::Validator;
 
 pub use crate::api::serve::DRAIN_LIMIT;
@@ -74,7 +84,7 @@ const DENY_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The bound TLS listener and what it serves under.
 struct NetListener {
     tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: serve::TlsConfig,
     jwt_issuer: String,
 }
 
@@ -100,7 +110,16 @@ pub struct Daemon {
     /// STS and IAM, when `[aws]` is configured.
     aws: Option<Arc<crate::aws::SdkAws>>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// The telemetry listener, when `[telemetry] listen` (or `dev --telemetry`) is set.
+    telemetry: Option<tokio::net::TcpListener>,
+    /// The exchange's token verifier (its trusted issuers are reloadable).
+    oidc: Option<Arc<OidcVerifier>>,
+    reloads: (mpsc::Sender<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>, ReloadRequests),
 }
+
+type ReloadRequests = mpsc::Receiver<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>;
 
 impl Daemon {
     /// Loads keys, policy and inventory, opens the ledger and binds the sockets. When this
@@ -132,11 +151,21 @@ impl Daemon {
         let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
         let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
+        let metrics = Arc::new(Metrics::new());
+        ledger.observe(metrics.clone());
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
         // Why before anything is recorded: binding is what refuses a second daemon on the same
         // socket, and a second daemon must not append to this ledger.
         let listener = serve::bind_socket(&config.socket, 0o666)?;
         let admin = config.admin_socket.as_deref().map(|path| serve::bind_socket(path, 0o600)).transpose()?;
+        let telemetry = match config.telemetry.listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|e| ServeError::Listen { address: address.to_string(), why: e.to_string() })?,
+            ),
+            None => None,
+        };
         if let (Some(path), Some(uid)) = (&config.admin_socket, config.admin_owner_uid) {
             // Why chown rather than widen the mode: the socket stays 0600, for exactly one owner.
             rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None).map_err(|e| ServeError::Socket {
@@ -160,8 +189,8 @@ impl Daemon {
         let entries = store.current().inventory.entries().len();
         let net = match (tcp, &config.listen) {
             (Some(tcp), Some(listen)) => {
-                let acceptor = serve::tls_acceptor(&listen.tls, &ca, bound, now)?;
-                Some(NetListener { tcp, acceptor, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
+                let tls = Arc::new(arc_swap::ArcSwap::new(serve::tls_config(&listen.tls, &ca, bound, now)?));
+                Some(NetListener { tcp, tls, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
             }
             _ => None,
         };
@@ -179,6 +208,7 @@ impl Daemon {
         };
         let aws_minter = match (&aws, &config.aws) {
             (Some(sdk), Some(a)) => {
+                let sts = Arc::new(counted::CountedSts { inner: sdk.clone(), metrics: metrics.clone() });
                 let mode = match a.mode {
                     AwsMode::AssumeRole => crate::mint::aws::Mode::AssumeRole,
                     AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity {
@@ -192,31 +222,35 @@ impl Daemon {
                     backoff: Duration::from_millis(200),
                     max_in_flight: a.max_in_flight,
                 };
-                Some(Arc::new(AwsMinter::new(sdk.clone(), Some(sdk.clone()), mode, limits)))
+                Some(Arc::new(AwsMinter::new(sts, Some(sdk.clone()), mode, limits)))
             }
             _ => None,
         };
-        let exchange = match &net {
+        let oidc = match &net {
             Some(_) => {
                 let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
-                Some(ExchangeSettings {
-                    verifier: Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))),
-                    trust_domain: config.trust_domain.clone(),
-                })
+                let source = counted::CountedKeys { inner: Arc::new(source), metrics: metrics.clone() };
+                Some(Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))))
             }
             None => None,
         };
-        let issuer = Arc::new(Issuer::new(Parts {
-            attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
-            policy: store,
-            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
-            ledger: as_ledger.clone(),
-            clock: clock.clone(),
-            revocations: revocations.clone(),
-            emergency: emergency.clone(),
-            shadow: shadow.clone(),
-            exchange,
-        }));
+        let exchange = oidc
+            .as_ref()
+            .map(|verifier| ExchangeSettings { verifier: verifier.clone(), trust_domain: config.trust_domain.clone() });
+        let issuer = Arc::new(
+            Issuer::new(Parts {
+                attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
+                policy: store,
+                minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
+                ledger: as_ledger.clone(),
+                clock: clock.clone(),
+                revocations: revocations.clone(),
+                emergency: emergency.clone(),
+                shadow: shadow.clone(),
+                exchange,
+            })
+            .with_metrics(metrics.clone()),
+        );
         let desk =
             Arc::new(BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone()));
         let validator = Arc::new(Validator::new(
@@ -251,6 +285,8 @@ impl Daemon {
             }),
         };
         ledger.record(clock.now(), Event::DaemonStarted(started)).await.map_err(ledger_err)?;
+        let health = Arc::new(readiness(&ledger, &policy, &minter, &clock));
+        sample_state(&metrics, &policy, &minter, &jwt, &desk, &revocations, &clock);
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
@@ -275,11 +311,31 @@ impl Daemon {
             net,
             aws,
             clock,
+            metrics,
+            health,
+            telemetry,
+            oidc,
+            reloads: mpsc::channel(4),
         })
     }
 
     pub fn socket(&self) -> &Path {
         &self.config.socket
+    }
+
+    /// The telemetry listener's bound address, when there is one.
+    pub fn telemetry_address(&self) -> Option<std::net::SocketAddr> {
+        self.telemetry.as_ref().and_then(|t| t.local_addr().ok())
+    }
+
+    /// Asks the daemon (once it runs) to reload; SIGHUP does this.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle { tx: self.reloads.0.clone() }
+    }
+
+    /// The daemon's metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The TLS listener's bound address, when there is one.
@@ -309,10 +365,22 @@ impl Daemon {
             net,
             aws,
             clock,
+            metrics,
+            health,
+            telemetry,
+            oidc,
+            reloads,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
         let poll = config.policy_poll;
+        // Why its own stop flag: the telemetry listener outlives the drain, so /readyz
+        // answers "draining" while in-flight requests finish.
+        let telemetry_stop = watch::Sender::new(false);
+        let telemetry_task = telemetry.map(|tcp| {
+            let router = crate::telemetry::listener::router(metrics.clone(), health.clone());
+            tokio::spawn(crate::telemetry::listener::serve(tcp, router, telemetry_stop.subscribe()))
+        });
 
         // The workload socket: mayfly.v1 and the SPIFFE Workload API.
         let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
@@ -326,19 +394,27 @@ impl Daemon {
             jwt_ttl: config.jwt_ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(
-            issuer.clone(),
-            validator.clone(),
-            policy.store(),
-            revocations.clone(),
-            clock.clone(),
-            settings,
-            publisher.subscribe(),
-            tasks.stop(),
-        ))
+        let workload_api = SpiffeWorkloadApiServer::new(
+            WorkloadApiService::new(
+                issuer.clone(),
+                validator.clone(),
+                policy.store(),
+                revocations.clone(),
+                clock.clone(),
+                settings,
+                publisher.subscribe(),
+                tasks.stop(),
+            )
+            .with_metrics(metrics.clone()),
+        )
         .max_decoding_message_size(config.max_request_bytes);
         let routes = tonic::service::Routes::new(broker).add_service(workload_api);
-        tasks.spawn("workload socket", serve::workload(listener, routes, config.request_timeout, tasks.stop()));
+        let timed = |listener| RequestMetricsLayer::new(metrics.clone(), listener);
+        tasks.spawn(
+            "workload socket",
+            serve::workload(listener, routes, config.request_timeout, timed("workload"), tasks.stop()),
+        );
+        let tls_config = net.as_ref().map(|n| n.tls.clone());
 
         if let (Some(net), Some(listen)) = (net, &config.listen) {
             let api = ExchangeApi::new(
@@ -353,8 +429,11 @@ impl Daemon {
             )
             .with_bundles(publisher.subscribe())
             .with_aws_ttl(aws_ttl);
-            let router = api.router(listen.max_request_bytes);
-            tasks.spawn("TLS listener", serve::tls(net.tcp, net.acceptor, router, tasks.stop()));
+            let router = api
+                .router(listen.max_request_bytes)
+                .merge(crate::telemetry::health::routes(health.clone()))
+                .layer(timed("tls"));
+            tasks.spawn("TLS listener", serve::tls(net.tcp, net.tls, router, tasks.stop()));
         }
         if let Some(listener) = admin {
             let responders = Arc::new(Desk {
@@ -379,7 +458,10 @@ impl Daemon {
             ))
             .max_decoding_message_size(64 * 1024);
             let routes = tonic::service::Routes::new(service);
-            tasks.spawn("admin socket", serve::admin(listener, routes, config.request_timeout, tasks.stop()));
+            tasks.spawn(
+                "admin socket",
+                serve::admin(listener, routes, config.request_timeout, timed("admin"), tasks.stop()),
+            );
         }
 
         tasks.spawn("policy watch", ok(policy.clone().watch(poll, tasks.stop())));
@@ -396,7 +478,21 @@ impl Daemon {
             clock.clone(),
             config.max_ttl.as_duration(),
         );
-        tasks.spawn("key watch", ok(key_watch.run(poll, tasks.stop())));
+        let key_watch = Arc::new(tokio::sync::Mutex::new(key_watch));
+        tasks.spawn("key watch", ok(KeyWatch::run(key_watch.clone(), poll, tasks.stop())));
+        let reloader = reload::Reloader {
+            running: config.clone(),
+            policy: policy.clone(),
+            tls: tls_config,
+            keys: key_watch,
+            oidc,
+            desk: desk.clone(),
+            ledger: as_ledger.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        };
+        let (_, reload_requests) = reloads;
+        tasks.spawn("reloads", reloader.run(reload_requests, tasks.stop()));
         tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
         let expiry =
             ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
@@ -408,7 +504,12 @@ impl Daemon {
             tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
         }
 
+        // Every socket serves: tell the service manager (systemd Type=notify).
+        notify::notify("READY=1");
         shutdown.await;
+        health.set_draining();
+        notify::notify("STOPPING=1");
+        tracing::info!("draining: /readyz answers 503 until the daemon has stopped");
         let clean = tasks.drain(DRAIN_LIMIT).await;
         let _ = std::fs::remove_file(&config.socket);
         if let Some(path) = &config.admin_socket {
@@ -424,6 +525,10 @@ impl Daemon {
         drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger, reader));
         drop(ledger);
         let _ = writer.await;
+        telemetry_stop.send_replace(true);
+        if let Some(task) = telemetry_task {
+            let _ = task.await;
+        }
         tracing::info!("mayfly stopped");
         clean.map_err(DaemonError::Stopped)?;
         stopped.map_err(|source| DaemonError::Ledger { location: config.ledger.location.to_string(), source })?;
@@ -472,6 +577,51 @@ impl Tasks {
         }
         if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
+}
+
+/// What `/readyz` checks: the ledger can be written, a policy release is active, the CA
+/// that signs is loaded and not expired.
+fn readiness(
+    ledger: &Arc<GroupCommitLedger>,
+    policy: &Arc<PolicyController>,
+    minter: &Arc<X509Minter>,
+    clock: &Arc<dyn Clock>,
+) -> Health {
+    let (ledger, store, minter, clock) = (ledger.clone(), policy.store(), minter.clone(), clock.clone());
+    Health::new()
+        .probe("ledger", move || ledger.writable().map(|()| "writable".to_owned()))
+        .probe("policy", move || Ok(format!("release {} active", store.current().version())))
+        .probe("ca", move || {
+            let not_after = minter.active_ca_not_after();
+            if not_after > clock.now() {
+                Ok(format!("loaded, valid until {}", crate::clock::rfc3339(not_after)))
+            } else {
+                Err(format!("the signing CA expired at {}", crate::clock::rfc3339(not_after)))
+            }
+        })
+}
+
+/// State the metrics read at each scrape.
+fn sample_state(
+    metrics: &Metrics,
+    policy: &Arc<PolicyController>,
+    minter: &Arc<X509Minter>,
+    jwt: &Arc<Es256Minter>,
+    desk: &Arc<BreakGlassDesk>,
+    revocations: &Arc<Revocations>,
+    clock: &Arc<dyn Clock>,
+) {
+    let (store, minter, jwt, desk, revocations, clock) =
+        (policy.store(), minter.clone(), jwt.clone(), desk.clone(), revocations.clone(), clock.clone());
+    metrics.sample_with(move |m| {
+        let release = store.current();
+        let p = &release.provenance;
+        m.set_policy_release(&p.version, p.label.as_deref(), p.signed_by.as_deref());
+        m.set_ca_not_after(minter.active_ca_not_after());
+        m.set_jwt_keys(&jwt.active_kid(), &jwt.retired_keys());
+        m.set_break_glass_pending(desk.pending().len());
+        m.set_locks_active(revocations.live_locks(clock.now()));
+    });
 }
 
 /// A service that cannot fail, as a task.
