@@ -253,15 +253,15 @@ async fn run_daemon(config: Config, log: LogArgs, announce_socket: bool) -> Exit
     if announce_socket {
         // SPIFFE clients find the Workload API through this variable (SPIFFE Workload Endpoint spec).
         let socket = std::path::absolute(daemon.socket()).unwrap_or_else(|_| daemon.socket().to_path_buf());
-        println!("SPIFFE Workload API and mayfly.v1 on {}; for SPIFFE clients:", socket.display());
-        println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
+        out!("SPIFFE Workload API and mayfly.v1 on {}; for SPIFFE clients:", socket.display());
+        out!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
         if let Some(addr) = daemon.listen_address() {
-            println!(
+            out!(
                 "token exchange and OIDC discovery on https://{addr} (certificate from the dev CA: curl --cacert <data dir>/ca.pem)"
             );
         }
         if let Some(addr) = daemon.telemetry_address() {
-            println!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
+            out!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
         }
     }
     match daemon.run(shutdown_signal()).await {
@@ -292,6 +292,17 @@ pub(crate) fn print_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let written = stdout.write_fmt(args).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush());
+    written_or_exit(written);
+}
+
+/// Text as it is (no newline added), with `print_line`'s handling of a closed stdout.
+pub(crate) fn print_text(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    written_or_exit(stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()));
+}
+
+fn written_or_exit(written: std::io::Result<()>) {
     match written {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
@@ -426,6 +437,16 @@ impl SocketAt {
             None => Ok(PathBuf::from("mayfly.sock")),
         }
     }
+}
+
+/// What a client tells its user about a lifetime the daemon granted shorter than asked.
+pub(crate) fn lifetime_note(l: &crate::api::pb::Lifetime) -> Option<String> {
+    let lifetime = crate::issue::Lifetime {
+        requested: u64::try_from(l.requested_seconds).unwrap_or(0),
+        granted: u64::try_from(l.granted_seconds).unwrap_or(0),
+        clamped_by: (!l.clamped_by.is_empty()).then(|| l.clamped_by.clone()),
+    };
+    lifetime.note()
 }
 
 /// A client of the daemon's admin socket.

@@ -16,6 +16,7 @@ pub enum Command {
     Tail {
         #[command(flatten)]
         at: LedgerAt,
+        /// How many events.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: i64,
         /// One JSON object per line.
@@ -24,7 +25,11 @@ pub enum Command {
     },
     /// The whole story of one identity: who owns it, each decision (rules, release), each
     /// credential issued, used, expired or revoked, and its locks — oldest first.
+    #[command(after_help = "Examples:\n  \
+        mayfly audit trace --identity spiffe://mayfly.local/ci/acme/app --data-dir /var/lib/mayfly\n  \
+        mayfly audit trace --identity spiffe://mayfly.local/dev/quickstart --json | head -5")]
     Trace {
+        /// The SPIFFE ID whose story to tell.
         #[arg(long)]
         identity: String,
         #[command(flatten)]
@@ -34,9 +39,13 @@ pub enum Command {
         json: bool,
     },
     /// Check the whole hash chain and the credential table; exit 1 naming the first bad event.
+    #[command(after_help = "Example:\n  mayfly audit verify --data-dir /var/lib/mayfly --json")]
     Verify {
         #[command(flatten)]
         at: LedgerAt,
+        /// One JSON object: ledger, ok, events, error.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -50,7 +59,7 @@ pub async fn run(command: Command) -> ExitCode {
             match events {
                 Ok(events) => {
                     for e in &events {
-                        println!("{}", if json { json_line(e) } else { text_line(e) });
+                        out!("{}", if json { json_line(e) } else { text_line(e) });
                     }
                     ExitCode::SUCCESS
                 }
@@ -63,24 +72,39 @@ pub async fn run(command: Command) -> ExitCode {
                 for (event, what) in &lines {
                     if json {
                         let body = serde_json::from_str::<Value>(&event.body).unwrap_or(Value::Null);
-                        let line = serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "kind": event.kind, "summary": what, "event": body });
-                        println!("{line}");
+                        let line = serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "at": time_of(event), "kind": event.kind, "summary": what, "event": body });
+                        out!("{line}");
                     } else {
-                        println!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
+                        out!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
                     }
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
-        Command::Verify { at } => {
+        Command::Verify { at, json } => {
             let (location, reader) = match at.open().await {
                 Ok(opened) => opened,
+                Err(e) if json => {
+                    out!("{}", serde_json::json!({ "ok": false, "error": e }));
+                    return ExitCode::FAILURE;
+                }
                 Err(e) => return fail(e),
             };
-            match crate::ledger::verify(reader.as_ref()).await {
+            let verified = crate::ledger::verify(reader.as_ref()).await;
+            if json {
+                let (ok, events, error) = match &verified {
+                    Ok(n) => (true, Some(*n), None),
+                    Err(why) => (false, None, Some(why.to_string())),
+                };
+                let doc =
+                    serde_json::json!({ "ledger": location.to_string(), "ok": ok, "events": events, "error": error });
+                out!("{doc}");
+                return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+            match verified {
                 Ok(n) => {
-                    println!("ledger `{location}`: {n} events, hash chain and credential table intact");
+                    out!("ledger `{location}`: {n} events, hash chain and credential table intact");
                     ExitCode::SUCCESS
                 }
                 Err(why) => {
@@ -114,8 +138,17 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
     for (row, event) in events {
         let summary = match &event {
             Event::Decision(d) if d.identity.as_deref() == Some(identity) => {
+                let lifetime = match d.granted_ttl_secs {
+                    Some(g) if g < d.requested_ttl_secs => format!(
+                        "; lifetime {} of {} requested",
+                        crate::clock::human_duration(g),
+                        crate::clock::human_duration(d.requested_ttl_secs)
+                    ),
+                    Some(g) => format!("; lifetime {}", crate::clock::human_duration(g)),
+                    None => String::new(),
+                };
                 let mut line = format!(
-                    "{} {} via {}: {} (rules {}; release {})",
+                    "{} {} via {}: {} (rules {}; release {}{lifetime})",
                     if d.is_allow() { "allow" } else { "deny" },
                     d.action,
                     d.api,
@@ -145,7 +178,10 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                 let provenance = i.details.provenance.as_ref().map(|p| format!(" from {}", who(p))).unwrap_or_default();
                 Some(format!(
                     "{flag}{} credential {} serial {} valid until {}{provenance}",
-                    c.kind, c.id, c.serial, c.not_after
+                    c.kind,
+                    c.id,
+                    c.serial,
+                    crate::clock::rfc3339_secs(c.not_after)
                 ))
             }
             Event::Used(u) if credentials.contains(&u.credential_id) => Some(format!(

@@ -141,11 +141,8 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
     let selectors: Selectors = [Selector::new("unix", "uid", 1000)].into();
     let context = RequestContext::default();
     let now = SystemTime::now();
-    println!(
-        "policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms",
-        load.as_secs_f64() * 1000.0
-    );
-    println!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
+    out!("policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms", load.as_secs_f64() * 1000.0);
+    out!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
     for (name, engine) in [("shipped", &small), ("shipped + generated", &large)] {
         for indexed in [true, false] {
             let mut latencies = Vec::with_capacity(decisions as usize);
@@ -177,7 +174,7 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
                 engine.rule_count(),
                 if indexed { "scope index" } else { "full scan" }
             );
-            println!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
+            out!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
         }
     }
     ExitCode::SUCCESS
@@ -320,10 +317,10 @@ fn report(what: &str, elapsed: Duration, latencies: &mut [Duration], errors: u32
         latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     let ok = latencies.len();
-    println!("{what}");
-    println!("  {ok} ok, {errors} failed, concurrency {concurrency}, {:.2} s", elapsed.as_secs_f64());
-    println!("  throughput {:.0}/s", ok as f64 / elapsed.as_secs_f64().max(1e-9));
-    println!(
+    out!("{what}");
+    out!("  {ok} ok, {errors} failed, concurrency {concurrency}, {:.2} s", elapsed.as_secs_f64());
+    out!("  throughput {:.0}/s", ok as f64 / elapsed.as_secs_f64().max(1e-9));
+    out!(
         "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
         pct(0.50),
         pct(0.90),
@@ -357,7 +354,7 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
     }
     times.sort();
     let median = times[times.len() / 2];
-    println!(
+    out!(
         "crl: {entries} revoked serials, {} bytes DER; sign+encode median {:.1} ms, best {:.1} ms, worst {:.1} ms over {rounds} rounds",
         size,
         median.as_secs_f64() * 1e3,
