@@ -587,9 +587,14 @@ fn readiness(
     minter: &Arc<X509Minter>,
     clock: &Arc<dyn Clock>,
 ) -> Health {
-    let (ledger, store, minter, clock) = (ledger.clone(), policy.store(), minter.clone(), clock.clone());
+    // Why weak: the writer task ends only when every handle is gone, and the health (held
+    // by the telemetry listener) outlives the ledger at shutdown.
+    let (ledger, store, minter, clock) = (Arc::downgrade(ledger), policy.store(), minter.clone(), clock.clone());
     Health::new()
-        .probe("ledger", move || ledger.writable().map(|()| "writable".to_owned()))
+        .probe("ledger", move || match ledger.upgrade() {
+            Some(l) => l.writable().map(|()| "writable".to_owned()),
+            None => Err("the ledger is closed (the daemon is stopping)".to_owned()),
+        })
         .probe("policy", move || Ok(format!("release {} active", store.current().version())))
         .probe("ca", move || {
             let not_after = minter.active_ca_not_after();
@@ -611,15 +616,18 @@ fn sample_state(
     revocations: &Arc<Revocations>,
     clock: &Arc<dyn Clock>,
 ) {
+    // Why weak: the desk holds the issuer, which holds the ledger and these metrics.
     let (store, minter, jwt, desk, revocations, clock) =
-        (policy.store(), minter.clone(), jwt.clone(), desk.clone(), revocations.clone(), clock.clone());
+        (policy.store(), minter.clone(), jwt.clone(), Arc::downgrade(desk), revocations.clone(), clock.clone());
     metrics.sample_with(move |m| {
         let release = store.current();
         let p = &release.provenance;
         m.set_policy_release(&p.version, p.label.as_deref(), p.signed_by.as_deref());
         m.set_ca_not_after(minter.active_ca_not_after());
         m.set_jwt_keys(&jwt.active_kid(), &jwt.retired_keys());
-        m.set_break_glass_pending(desk.pending().len());
+        if let Some(desk) = desk.upgrade() {
+            m.set_break_glass_pending(desk.pending().len());
+        }
         m.set_locks_active(revocations.live_locks(clock.now()));
     });
 }

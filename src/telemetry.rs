@@ -154,7 +154,8 @@ impl Default for Metrics {
 
 /// Registers `metric` under `name` and returns it (the registry keeps a handle).
 fn reg<M: prometheus_client::registry::Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
-    r.register(name, help, metric.clone());
+    // The encoder ends each help with a period of its own.
+    r.register(name, help.trim_end_matches('.'), metric.clone());
     metric
 }
 
@@ -165,7 +166,7 @@ fn reg_unit<M: prometheus_client::registry::Metric + Clone>(
     unit: Unit,
     metric: M,
 ) -> M {
-    r.register_with_unit(name, help, unit, metric.clone());
+    r.register_with_unit(name, help.trim_end_matches('.'), unit, metric.clone());
     metric
 }
 
@@ -175,13 +176,13 @@ impl Metrics {
         let issued = reg(
             &mut r,
             "mayfly_credentials_issued",
-            "Credentials issued (their issued event durable), by kind and API.",
+            "Credentials issued (their issued event durable), by kind and API",
             Family::default(),
         );
         let decisions = reg(
             &mut r,
             "mayfly_decisions",
-            "Issuance decisions recorded, by outcome and the first deciding rule (empty: refused before policy).",
+            "Issuance decisions recorded, by outcome and the first deciding rule (empty: refused before policy)",
             Family::default(),
         );
         let requests = reg_unit(
@@ -201,13 +202,13 @@ impl Metrics {
         let ledger_batch = reg(
             &mut r,
             "mayfly_ledger_commit_batch_events",
-            "Events committed together in one ledger transaction.",
+            "Events committed together in one ledger transaction",
             Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         );
         let ledger_failures = reg(
             &mut r,
             "mayfly_ledger_commit_failures",
-            "Ledger commits that failed (nothing in the batch was recorded or issued).",
+            "Ledger commits that failed (nothing in the batch was recorded or issued)",
             Counter::default(),
         );
         let policy_release =
@@ -215,25 +216,25 @@ impl Metrics {
         let policy_activations = reg(
             &mut r,
             "mayfly_policy_activations",
-            "Policy releases activated (start-up included).",
+            "Policy releases activated (start-up included)",
             Counter::default(),
         );
         let policy_rejections = reg(
             &mut r,
             "mayfly_policy_rejections",
-            "Policy releases refused (bad signature, invalid, failing tests, held).",
+            "Policy releases refused (bad signature, invalid, failing tests, held)",
             Counter::default(),
         );
         let policy_rollbacks = reg(
             &mut r,
             "mayfly_policy_rollbacks",
-            "Rollbacks to an earlier release by an operator.",
+            "Rollbacks to an earlier release by an operator",
             Counter::default(),
         );
         let revoked = reg(
             &mut r,
             "mayfly_credentials_revoked",
-            "Credentials revoked before their expiry, by kind.",
+            "Credentials revoked before their expiry, by kind",
             Family::default(),
         );
         let revocations =
@@ -241,7 +242,7 @@ impl Metrics {
         let locks = reg(
             &mut r,
             "mayfly_identity_locks",
-            "Identity locks placed (revoke by identity included).",
+            "Identity locks placed (revoke by identity included)",
             Counter::default(),
         );
         let unlocks = reg(&mut r, "mayfly_identity_unlocks", "Identity locks lifted.", Counter::default());
@@ -250,7 +251,7 @@ impl Metrics {
         let streams = reg(
             &mut r,
             "mayfly_workload_api_streams",
-            "Open SPIFFE Workload API streams, by stream (x509_svid, x509_bundles, jwt_bundles).",
+            "Open SPIFFE Workload API streams, by stream (x509_svid, x509_bundles, jwt_bundles)",
             Family::default(),
         );
         let ca_not_after = reg_unit(
@@ -263,7 +264,7 @@ impl Metrics {
         let jwt_key = reg(
             &mut r,
             "mayfly_jwt_key_info",
-            "The JWT signing key (value 1); an ES256 key has no not-after of its own.",
+            "The JWT signing key (value 1); an ES256 key has no not-after of its own",
             Family::default(),
         );
         let jwt_retired_until = reg_unit(
@@ -276,25 +277,25 @@ impl Metrics {
         let key_rotations = reg(
             &mut r,
             "mayfly_key_rotations",
-            "Signing key changes recorded: ca_rotated, ca_rejected, jwt_key_rotated, jwt_key_rejected.",
+            "Signing key changes recorded: ca_rotated, ca_rejected, jwt_key_rotated, jwt_key_rejected",
             Family::default(),
         );
         let oidc_failures = reg(
             &mut r,
             "mayfly_oidc_key_fetch_failures",
-            "Failed fetches of a trusted OIDC issuer's discovery document or JWKS.",
+            "Failed fetches of a trusted OIDC issuer's discovery document or JWKS",
             Family::default(),
         );
         let sts_calls = reg(
             &mut r,
             "mayfly_sts_calls",
-            "AWS STS calls, by call and outcome (ok, or the AWS error code; retries counted each).",
+            "AWS STS calls, by call and outcome (ok, or the AWS error code; retries counted each)",
             Family::default(),
         );
         let break_glass_pending = reg(
             &mut r,
             "mayfly_break_glass_pending",
-            "Break-glass requests waiting for a second person.",
+            "Break-glass requests waiting for a second person",
             Gauge::default(),
         );
         let break_glass_steps =
@@ -302,7 +303,7 @@ impl Metrics {
         let reloads = reg(
             &mut r,
             "mayfly_config_reloads",
-            "Reloads (SIGHUP), by result: applied, partial (some changes need a restart), failed.",
+            "Reloads (SIGHUP), by result: applied, partial (some changes need a restart), failed",
             Family::default(),
         );
         let process = process::ProcessMetrics::register(&mut r);

@@ -27,18 +27,18 @@ impl ProcessMetrics {
             max_fds: Gauge::default(),
             threads: Gauge::default(),
         };
-        r.register_with_unit("process_cpu", "User and system CPU time spent.", Unit::Seconds, me.cpu.clone());
-        r.register_with_unit("process_resident_memory", "Resident memory size.", Unit::Bytes, me.resident.clone());
-        r.register("process_open_fds", "Open file descriptors.", me.open_fds.clone());
-        r.register("process_max_fds", "The soft limit of open file descriptors.", me.max_fds.clone());
-        r.register("process_threads", "Threads of the process.", me.threads.clone());
+        r.register_with_unit("process_cpu", "User and system CPU time spent", Unit::Seconds, me.cpu.clone());
+        r.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, me.resident.clone());
+        r.register("process_open_fds", "Open file descriptors", me.open_fds.clone());
+        r.register("process_max_fds", "The soft limit of open file descriptors", me.max_fds.clone());
+        r.register("process_threads", "Threads of the process", me.threads.clone());
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or_default();
         r.register_with_unit(
             "process_start_time",
-            "When the process started, Unix time.",
+            "When the process started, Unix time",
             Unit::Seconds,
             ConstGauge(started),
         );
