@@ -321,7 +321,7 @@ fn man_pages(dir: &std::path::Path) -> ExitCode {
         clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
         std::fs::write(dir.join(format!("{name}.1")), page)?;
         let mut written = 1;
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
             written += write(dir, sub.clone(), &format!("{name}-{}", sub.get_name()))?;
         }
         Ok(written)
