@@ -224,10 +224,10 @@ pub fn main() -> ExitCode {
 async fn run_daemon(config: Config, log: LogArgs, announce_socket: bool) -> ExitCode {
     let format = log.log_format.unwrap_or(config.telemetry.log_format);
     let level = log.log_level.or_else(|| config.telemetry.log_level.clone());
-    if let Some(level) = &level {
-        if let Err(e) = crate::telemetry::logging::check_level(level) {
-            return fail(format!("--log-level: {e}"));
-        }
+    if let Some(level) = &level
+        && let Err(e) = crate::telemetry::logging::check_level(level)
+    {
+        return fail(format!("--log-level: {e}"));
     }
     crate::telemetry::logging::init(format, level.as_deref());
     // Why before building: SIGHUP's default action ends the process; from here on it
@@ -462,4 +462,47 @@ pub(crate) async fn admin(
 fn fail(err: impl std::fmt::Display) -> ExitCode {
     eprintln!("mayfly: {err}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every option and argument of every command says what it is (`--help`, man pages).
+    #[test]
+    fn every_option_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "mayfly", &mut missing);
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn the_main_commands_show_examples() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for name in ["dev", "serve", "x509", "aws", "revoke", "break-glass"] {
+            let sub = cmd.find_subcommand(name).unwrap();
+            let help = sub.get_after_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.contains("Example"), "`mayfly {name} --help` has no example");
+        }
+    }
 }

@@ -542,6 +542,40 @@ mod tests {
         assert_eq!(verify_chain(&backend.events()), Ok(200));
     }
 
+    #[derive(Default)]
+    struct Seen {
+        batches: std::sync::Mutex<Vec<(usize, bool)>>,
+        events: std::sync::Mutex<Vec<EventKind>>,
+    }
+
+    impl Observer for Seen {
+        fn batch(&self, events: usize, _took: Duration, committed: bool) {
+            self.batches.lock().unwrap().push((events, committed));
+        }
+
+        fn recorded(&self, event: &Event) {
+            self.events.lock().unwrap().push(event.kind());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_durable_events_only_and_readiness_follows_the_last_commit() {
+        let backend = MemoryBackend::default();
+        let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 8).await.unwrap();
+        let seen = Arc::new(Seen::default());
+        ledger.observe(seen.clone());
+        ledger.record(AT, event(1)).await.unwrap();
+        assert!(ledger.writable().is_ok());
+        backend.set_failing(true);
+        assert!(ledger.record(AT, event(2)).await.is_err());
+        assert_eq!(ledger.writable().unwrap_err(), "the last ledger commit failed");
+        backend.set_failing(false);
+        ledger.record(AT, event(3)).await.unwrap();
+        assert!(ledger.writable().is_ok(), "the next commit clears it");
+        assert_eq!(*seen.batches.lock().unwrap(), vec![(1, true), (1, false), (1, true)]);
+        assert_eq!(seen.events.lock().unwrap().len(), 2, "the failed event was not counted");
+    }
+
     #[tokio::test]
     async fn a_failed_batch_is_reported_and_does_not_break_the_chain() {
         let backend = MemoryBackend::default();

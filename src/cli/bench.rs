@@ -17,17 +17,22 @@ use crate::ledger::{Ledger, Location, Settings};
 pub enum Command {
     /// Issue X.509 SVIDs from a running daemon; print throughput and latency.
     Issue {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// How many requests.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
     /// Append events to a fresh ledger (the default backend) through the group-commit writer.
     Ledger {
+        /// How many events.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         events: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
         concurrency: u32,
         /// Largest group commit (1 = one transaction and fsync per event).
@@ -37,39 +42,51 @@ pub enum Command {
     /// Time policy decisions (request building included): the shipped rules, then with
     /// RULES generated per-workload rules added, each through the scope index and as a full scan.
     Policy {
+        /// The policies/ tree.
         #[arg(default_value = "policies")]
         dir: PathBuf,
+        /// Generated per-workload rules added to the shipped ones.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         rules: u32,
+        /// How many decisions to time.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         decisions: u32,
     },
     /// FetchJWTSVID (mint + record) and ValidateJWTSVID (verify + record a use) over the
     /// SPIFFE Workload API of a running daemon; print throughput and latency for each.
     Jwt {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// How many requests.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
     /// IssueAws (attest, decide, STS AssumeRole, two durable events) against a running daemon
     /// with [aws] (e.g. `mayfly dev --aws-endpoint` and moto): what the broker adds to STS.
     Aws {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// The IAM role ARN to assume.
         #[arg(long)]
         role: String,
+        /// How many requests.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
     /// Sign a CRL with ENTRIES revoked serials (what a revocation re-publishes), ROUNDS times.
     Crl {
+        /// Revoked serials on the CRL.
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         entries: u32,
+        /// How many times to sign it.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
         rounds: u32,
     },
@@ -240,6 +257,7 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
                 let event = Event::Decision(Decision {
                     action: "issue_x509".into(),
                     outcome: Verdict::Allow,
+                    /// Generated per-workload rules added to the shipped ones.
                     rules: vec!["bench".into()],
                     caller: Caller::local(worker, worker, i32::try_from(i).ok()),
                     api: "bench".into(),

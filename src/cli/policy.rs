@@ -51,32 +51,41 @@ pub enum Command {
     },
     /// Validate and test DIR, then write it as one content-addressed bundle (unsigned).
     Build {
+        /// The policies/ tree.
         #[arg(default_value = "policies")]
         dir: PathBuf,
+        /// Where to write the bundle.
         #[arg(long)]
         out: PathBuf,
         /// A human label carried in the manifest, e.g. a git commit (not part of the version).
         #[arg(long)]
         label: Option<String>,
+        /// Trust domain inventory ids must belong to.
         #[arg(long, default_value = DEV_TRUST_DOMAIN)]
         trust_domain: String,
     },
     /// Sign a bundle with an Ed25519 private key (PKCS#8 PEM); rewrites FILE in place.
     Sign {
+        /// The bundle to sign (rewritten in place).
         file: PathBuf,
+        /// The Ed25519 private key (PKCS#8 PEM).
         #[arg(long)]
         key: PathBuf,
     },
     /// Check a bundle's signature against a public key (PEM), and that it validates and its tests pass.
     Verify {
+        /// The bundle to check.
         file: PathBuf,
+        /// A public key (PEM) the signature may verify with; repeatable.
         #[arg(long)]
         key: Vec<PathBuf>,
+        /// Trust domain inventory ids must belong to.
         #[arg(long, default_value = DEV_TRUST_DOMAIN)]
         trust_domain: String,
     },
     /// Make an Ed25519 signing pair: PREFIX.key (PKCS#8 PEM, mode 0600) and PREFIX.pub.
     Keygen {
+        /// File name prefix: writes PREFIX.key and PREFIX.pub.
         #[arg(long, default_value = "policy-signing")]
         out: PathBuf,
     },
@@ -99,6 +108,7 @@ pub enum Command {
         ledger: super::assurance::LedgerArgs,
         #[command(flatten)]
         source: super::assurance::Source,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
         /// Also record the report in the running daemon's ledger (a `policy_check` event).
@@ -111,35 +121,46 @@ pub enum Command {
     /// assurance/critical.cedar marks critical, and that no rule can error; or print a
     /// counterexample and the rule that grants it. Exit 1 on any finding, 2 without cvc5.
     Diff {
+        /// Prove with the symbolic compiler and cvc5 (the only mode).
         #[arg(long)]
         prove: bool,
+        /// The active release: a bundle file or a policies/ directory.
         current: PathBuf,
+        /// The candidate release: a bundle file or a policies/ directory.
         candidate: PathBuf,
         #[command(flatten)]
         source: super::assurance::Source,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also record the report in the running daemon's ledger (a `policy_check` event) through this admin socket.
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
     /// The release gate: validate, tests, replay (with a ledger) and the proof (with cvc5),
     /// as one Markdown report for a pull request; exit 1 on any escalation or failed test.
     PromoteCheck {
+        /// The active release: a bundle file or a policies/ directory.
         #[arg(long)]
         current: PathBuf,
+        /// The candidate release: a bundle file or a policies/ directory.
         #[arg(long)]
         candidate: PathBuf,
         /// Replay recorded requests from this ledger (else from --data-dir's, if it has one).
         #[arg(long)]
         ledger: Option<PathBuf>,
+        /// Replay from this data directory's ledger.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// How far back to replay recorded requests (e.g. 24h, 7d).
         #[arg(long, default_value = "7d")]
         since: String,
         #[command(flatten)]
         source: super::assurance::Source,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also record the report in the running daemon's ledger (a `policy_check` event) through this admin socket.
         #[arg(long)]
         admin_socket: Option<PathBuf>,
         /// Block when the proof cannot run (no cvc5) instead of reporting it skipped.
@@ -163,6 +184,7 @@ pub enum Command {
     Shadow {
         /// A bundle file (verified with the daemon's trusted keys), or in dev a policies/ directory.
         candidate: Option<PathBuf>,
+        /// End shadow mode instead of starting it.
         #[arg(long)]
         stop: bool,
         /// Why (recorded).
@@ -219,11 +241,14 @@ pub async fn run(command: Command) -> ExitCode {
             let ledger = (ledger.is_some() || data_dir.is_some())
                 .then(|| super::assurance::LedgerArgs::new(super::LedgerAt { ledger, data_dir, config: None }, since));
             super::assurance::promote_check(super::assurance::PromoteArgs {
+                /// The active release: a bundle file or a policies/ directory.
                 current: &current,
+                /// The candidate release: a bundle file or a policies/ directory.
                 candidate: &candidate,
                 source: &source,
                 ledger: ledger.as_ref(),
                 json_out: json,
+                /// Also record the report in the running daemon's ledger (a `policy_check` event) through this admin socket.
                 admin_socket: admin_socket.as_deref(),
                 require_proof,
                 require_replay,

@@ -46,10 +46,10 @@ impl ProcessMetrics {
     }
 
     pub(super) fn sample(&self) {
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-            if let Some(secs) = cpu_seconds(&stat) {
-                self.cpu.set(secs);
-            }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(secs) = cpu_seconds(&stat)
+        {
+            self.cpu.set(secs);
         }
         if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
             if let Some(kb) = status_field(&status, "VmRSS:") {
@@ -105,7 +105,7 @@ impl EncodeMetric for SampledCounter {
 
 /// utime + stime (fields 14 and 15 of /proc/self/stat, after the parenthesised command).
 fn cpu_seconds(stat: &str) -> Option<f64> {
-    let after = &stat[stat.rfind(')')? + 2..];
+    let after = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state): utime is field 14, stime 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
