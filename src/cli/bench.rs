@@ -257,7 +257,6 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
                 let event = Event::Decision(Decision {
                     action: "issue_x509".into(),
                     outcome: Verdict::Allow,
-                    /// Generated per-workload rules added to the shipped ones.
                     rules: vec!["bench".into()],
                     caller: Caller::local(worker, worker, i32::try_from(i).ok()),
                     api: "bench".into(),

@@ -241,14 +241,11 @@ pub async fn run(command: Command) -> ExitCode {
             let ledger = (ledger.is_some() || data_dir.is_some())
                 .then(|| super::assurance::LedgerArgs::new(super::LedgerAt { ledger, data_dir, config: None }, since));
             super::assurance::promote_check(super::assurance::PromoteArgs {
-                /// The active release: a bundle file or a policies/ directory.
                 current: &current,
-                /// The candidate release: a bundle file or a policies/ directory.
                 candidate: &candidate,
                 source: &source,
                 ledger: ledger.as_ref(),
                 json_out: json,
-                /// Also record the report in the running daemon's ledger (a `policy_check` event) through this admin socket.
                 admin_socket: admin_socket.as_deref(),
                 require_proof,
                 require_replay,
