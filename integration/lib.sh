@@ -34,6 +34,7 @@ begin_suite() { # name: this subshell's work dir, and its teardown when it exits
 started=()              # pids this suite started and has not reaped yet, oldest first
 declare -A ledger_of=() # daemon name -> its ledger.db
 scratch=()              # directories besides $work that teardown removes
+on_teardown=()          # commands teardown runs after stopping the processes (e.g. a database server)
 daemon_pid=             # the mayfly daemon started last
 
 teardown() {
@@ -42,6 +43,9 @@ teardown() {
     kill -TERM "${started[i]}" 2>/dev/null && wait "${started[i]}" 2>/dev/null
   done
   started=()
+  for ((i = ${#on_teardown[@]} - 1; i >= 0; i--)); do
+    eval "${on_teardown[i]}" >/dev/null 2>&1
+  done
   keep_ledgers
   rm -rf "$work" "${scratch[@]}"
 }

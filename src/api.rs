@@ -57,6 +57,7 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Aws(AwsMintError::Upstream(_) | AwsMintError::Busy) => Code::Unavailable,
         IssueError::Aws(AwsMintError::Grant(_)) | IssueError::NoAws => Code::FailedPrecondition,
         IssueError::Aws(AwsMintError::Assertion(_)) => Code::Internal,
+        IssueError::Stale { .. } => Code::Unavailable,
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");

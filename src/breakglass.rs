@@ -17,6 +17,7 @@ use serde::Serialize;
 pub use approvals::{ApprovalError, Approvals, PendingRequest, Waited};
 pub use sinks::{Elevated, ElevatedSink, FileSink, WebhookSink};
 
+use crate::BoxFuture;
 use crate::attest::PeerInfo;
 use crate::clock::{Clock, unix_secs};
 use crate::config::BreakGlassConfig;
@@ -127,6 +128,22 @@ impl EmergencyLog {
     }
 }
 
+/// Break-glass requests shared by the daemons of one ledger (PostgreSQL), so a request
+/// waiting on one daemon can be approved through another.
+pub trait SharedRequests: Send + Sync + 'static {
+    fn put<'a>(&'a self, request: &'a PendingRequest) -> BoxFuture<'a, Result<(), String>>;
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<PendingRequest>, String>>;
+    /// Every daemon's requests still waiting at `now`.
+    fn pending(&self, now: SystemTime) -> BoxFuture<'_, Result<Vec<PendingRequest>, String>>;
+    /// Marks `id` approved, once: `false` when it already was, or has expired.
+    fn approve<'a>(
+        &'a self,
+        id: &'a str,
+        approver: &'a Operator,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, String>>;
+}
+
 /// A request waiting for approval, held with what it will be issued as.
 struct Held {
     auth: Authorized,
@@ -141,6 +158,7 @@ pub struct BreakGlassDesk {
     log: Arc<EmergencyLog>,
     approvals: Approvals<Held>,
     clock: Arc<dyn Clock>,
+    shared: Option<Arc<dyn SharedRequests>>,
 }
 
 /// The body of an elevated `denied` line.
@@ -155,7 +173,21 @@ struct DeniedLine<'a> {
 impl BreakGlassDesk {
     pub fn new(issuer: Arc<Issuer>, config: BreakGlassConfig, log: Arc<EmergencyLog>, clock: Arc<dyn Clock>) -> Self {
         let approvals = Approvals::new(config.approvers.clone(), config.approval_timeout);
-        Self { issuer, config, log, approvals, clock }
+        Self { issuer, config, log, approvals, clock, shared: None }
+    }
+
+    /// Shares waiting requests with the other daemons of the ledger.
+    pub fn with_shared(mut self, shared: Arc<dyn SharedRequests>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Another daemon recorded the approval of request `id`: if this daemon holds it, its
+    /// requester's wait ends with the credential.
+    pub fn approved_elsewhere(&self, id: &str, approver: Operator) {
+        if self.approvals.holds(id) {
+            self.approvals.commit_approval(id, approver);
+        }
     }
 
     /// The emergency path for a local caller or an operator off-host with an id-token.
@@ -270,7 +302,16 @@ impl BreakGlassDesk {
         reason: &str,
     ) -> Result<(), IssueError> {
         let now = self.clock.now();
-        let p = match self.approvals.check_approval(id, approver_uid, now) {
+        let checked = match (self.approvals.check_approval(id, approver_uid, now), &self.shared) {
+            // Held by another daemon: its shared row says who asked and until when.
+            (Err(ApprovalError::Unknown(_)), Some(shared)) => match shared.get(id).await {
+                Ok(Some(p)) => self.approvals.check_request(&p, approver_uid, now).map(|()| p),
+                Ok(None) => Err(ApprovalError::Unknown(id.to_owned())),
+                Err(e) => return Err(IssueError::BreakGlass(format!("the shared request cannot be read: {e}"))),
+            },
+            (checked, _) => checked,
+        };
+        let p = match checked {
             Ok(p) => p,
             Err(e) => {
                 self.log
@@ -296,9 +337,19 @@ impl BreakGlassDesk {
             requester_uid: Some(p.requester_uid),
             ..BreakGlassStep::default()
         };
+        if let Some(shared) = &self.shared {
+            // Once across daemons: a second approval, or one after the expiry, changes nothing.
+            match shared.approve(id, &approver, now).await {
+                Ok(true) => {}
+                Ok(false) => return Err(ApprovalError::Unknown(id.to_owned()).into()),
+                Err(e) => return Err(IssueError::BreakGlass(format!("the approval cannot be shared: {e}"))),
+            }
+        }
         self.log.elevate("approved", &step).await.map_err(IssueError::Elevated)?;
         self.log.record(step).await?;
-        self.approvals.commit_approval(id, approver);
+        if self.approvals.holds(id) {
+            self.approvals.commit_approval(id, approver);
+        }
         Ok(())
     }
 
@@ -314,8 +365,21 @@ impl BreakGlassDesk {
         Ok(self.log.record(step).await?)
     }
 
-    pub fn pending(&self) -> Vec<PendingRequest> {
-        self.approvals.list(self.clock.now())
+    /// Requests waiting for approval: every daemon's, when they share a ledger.
+    pub async fn pending(&self) -> Vec<PendingRequest> {
+        let now = self.clock.now();
+        match &self.shared {
+            Some(shared) => shared.pending(now).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "shared break-glass requests unreadable; listing this daemon's");
+                self.approvals.list(now)
+            }),
+            None => self.approvals.list(now),
+        }
+    }
+
+    /// Requests waiting for approval on this daemon (what its metrics report).
+    pub fn pending_here(&self) -> usize {
+        self.approvals.list(self.clock.now()).len()
     }
 
     /// Who may approve from now on (a reload of `break_glass.approvers`).
@@ -388,6 +452,13 @@ impl BreakGlassDesk {
             ..step(Stage::Pending, None)
         };
         let refused = |why: String| BreakGlassStep { request: Some(id.clone()), ..step(Stage::Denied, Some(why)) };
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.put(&request).await
+        {
+            let why = format!("the request cannot be shared for approval: {e}");
+            self.log.record(refused(why.clone())).await?;
+            return Err(IssueError::BreakGlass(why));
+        }
         if let Err(e) = self.approvals.add(request, Held { auth, ask: req.ask, origin }) {
             self.log.record(refused(e.to_string())).await?;
             return Err(e.into());

@@ -19,6 +19,7 @@ mod aws;
 mod bench;
 mod breakglass;
 mod check;
+mod ledger;
 mod policy;
 mod respond;
 
@@ -97,6 +98,10 @@ enum Command {
         /// AWS_REGION (us-east-1 if unset). The dev identity may assume roles `mayfly-dev-*`.
         #[arg(long, value_name = "URL")]
         aws_endpoint: Option<String>,
+        /// Keep the ledger in this PostgreSQL database instead of the data dir (for tries of
+        /// several daemons; this daemon's chain is named after its socket path).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
         /// Telemetry listener (plain HTTP: /metrics, /healthz, /readyz): `HOST:PORT`, or a
         /// port on 127.0.0.1. Off unless given.
         #[arg(long, value_name = "ADDR")]
@@ -145,6 +150,11 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
+    /// The ledger itself: copy it to another backend.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::Command,
+    },
     /// Policy releases: validate, test, build, sign, verify, keygen; status and rollback on a running daemon.
     Policy {
         #[command(subcommand)]
@@ -186,11 +196,17 @@ pub fn main() -> ExitCode {
                 listen,
                 oidc_issuers,
                 aws_endpoint,
+                postgres,
                 telemetry,
                 log,
             } => {
-                let net =
-                    DevNet { listen: (listen != "none").then_some(listen), oidc_issuers, aws_endpoint, telemetry };
+                let net = DevNet {
+                    listen: (listen != "none").then_some(listen),
+                    oidc_issuers,
+                    aws_endpoint,
+                    telemetry,
+                    postgres,
+                };
                 match Config::dev(data_dir, policies, socket, admin_socket, net) {
                     Ok(config) => run_daemon(config, log, true).await,
                     Err(e) => fail(e),
@@ -210,6 +226,7 @@ pub fn main() -> ExitCode {
             Command::X509(args) => x509::run(args).await,
             Command::Aws(args) => aws::run(args).await,
             Command::Audit { command } => audit::run(command).await,
+            Command::Ledger { command } => ledger::run(command).await,
             Command::Bench { command } => bench::run(command).await,
             Command::Policy { command } => policy::run(command).await,
             Command::Revoke(args) => respond::revoke(args).await,
@@ -345,7 +362,8 @@ fn man_pages(dir: &std::path::Path) -> ExitCode {
 /// else `./.mayfly`. Read-only: commands never write the ledger.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct LedgerAt {
-    /// A ledger file (a copy is fine), when not the data directory's own.
+    /// A ledger file (a copy is fine), when not the data directory's own; or a
+    /// `postgres://` URL of a ledger several daemons share.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
     /// The daemon's data directory [default: .mayfly].
@@ -359,7 +377,7 @@ pub struct LedgerAt {
 impl LedgerAt {
     pub fn location(&self) -> Result<crate::ledger::Location, String> {
         if let Some(file) = &self.ledger {
-            return Ok(crate::ledger::Location::file(file));
+            return location_of(&file.to_string_lossy());
         }
         if let Some(dir) = &self.data_dir {
             return Ok(crate::ledger::Location::in_data_dir(dir));
@@ -447,6 +465,20 @@ pub(crate) fn lifetime_note(l: &crate::api::pb::Lifetime) -> Option<String> {
         clamped_by: (!l.clamped_by.is_empty()).then(|| l.clamped_by.clone()),
     };
     lifetime.note()
+}
+
+/// A ledger named on the command line: a `postgres://` URL, an `sqlite:` path, or a file.
+pub(crate) fn location_of(text: &str) -> Result<crate::ledger::Location, String> {
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        let target = crate::ledger::postgres::Target::new(text, None)?;
+        return Ok(crate::ledger::Location::Postgres(target));
+    }
+    if let Some(url) = text.strip_prefix("postgres:") {
+        let target = crate::ledger::postgres::Target::new(url, None)?;
+        return Ok(crate::ledger::Location::Postgres(target));
+    }
+    let path = text.strip_prefix("sqlite:").unwrap_or(text);
+    Ok(crate::ledger::Location::file(std::path::Path::new(path)))
 }
 
 /// A client of the daemon's admin socket.

@@ -216,9 +216,21 @@ pub struct RawCa {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLedger {
+    /// `sqlite` (default: one daemon, a file in the data dir) or `postgres` (several daemons).
+    pub backend: Option<String>,
     pub path: Option<PathBuf>,
     pub busy_timeout: Option<String>,
     pub max_batch: Option<usize>,
+    /// PostgreSQL: the connection URL, or a file holding it (so the password is not here).
+    pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// PostgreSQL: verify the server's TLS certificate against this CA (PEM); TLS required.
+    pub tls_ca: Option<PathBuf>,
+    pub pool_size: Option<u32>,
+    /// PostgreSQL: this daemon's chain, unique among the daemons sharing the database.
+    pub chain: Option<String>,
+    /// PostgreSQL: refuse issuance when the view of the shared state is older than this.
+    pub max_staleness: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -360,6 +372,15 @@ impl Config {
             ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
             data_dir: Some(data_dir),
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
+            ledger: match &dev_net.postgres {
+                Some(url) => RawLedger {
+                    backend: Some("postgres".into()),
+                    url: Some(url.clone()),
+                    chain: Some(dev_chain(&socket)),
+                    ..RawLedger::default()
+                },
+                None => RawLedger::default(),
+            },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
             admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
             // Credentials for the emulator come from the environment, as for any AWS tool.
@@ -396,6 +417,46 @@ pub struct DevNet {
     pub aws_endpoint: Option<String>,
     /// The telemetry listener (`HOST:PORT` or a port on loopback).
     pub telemetry: Option<String>,
+    /// The ledger in this PostgreSQL database, on a chain named after the socket path.
+    pub postgres: Option<String>,
+}
+
+/// `mayfly dev`'s chain in a shared ledger: `dev-` and a digest of its socket's absolute
+/// path, stable across restarts and distinct for daemons on different sockets.
+fn dev_chain(socket: &Path) -> String {
+    let path = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, path.as_os_str().as_encoded_bytes());
+    format!("dev-{}", &hex::encode(digest)[..12])
+}
+
+/// Where `[ledger]` says the ledger is; errors name the key.
+fn ledger_location(raw: &RawLedger, data_dir: &Path) -> Result<crate::ledger::Location, ConfigError> {
+    match raw.backend.as_deref().unwrap_or("sqlite") {
+        "sqlite" => {
+            if raw.url.is_some() || raw.url_file.is_some() || raw.tls_ca.is_some() {
+                return Err(key("ledger.url")("only with backend = \"postgres\"".into()));
+            }
+            Ok(match &raw.path {
+                Some(path) => crate::ledger::Location::file(path),
+                None => crate::ledger::Location::in_data_dir(data_dir),
+            })
+        }
+        "postgres" => {
+            let url = match (&raw.url, &raw.url_file) {
+                (Some(url), None) => url.clone(),
+                (None, Some(file)) => std::fs::read_to_string(file)
+                    .map(|s| s.trim().to_owned())
+                    .map_err(|e| key("ledger.url_file")(format!("`{}`: {e}", file.display())))?,
+                _ => return Err(key("ledger.url")("set exactly one of `url` and `url_file`".into())),
+            };
+            if raw.path.is_some() {
+                return Err(key("ledger.path")("only with backend = \"sqlite\"".into()));
+            }
+            let target = crate::ledger::postgres::Target::new(&url, raw.tls_ca.clone()).map_err(key("ledger.url"))?;
+            Ok(crate::ledger::Location::Postgres(target))
+        }
+        other => Err(key("ledger.backend")(format!("`{}` is not one of sqlite, postgres", other.escape_debug()))),
+    }
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -449,9 +510,28 @@ impl Config {
             }
             Some(_) => return Err(key("ca")("set both `cert` and `key`, or only `generate = true`".into())),
         };
-        let ledger_location = match &raw.ledger.path {
-            Some(path) => crate::ledger::Location::file(path),
-            None => crate::ledger::Location::in_data_dir(&data_dir),
+        let ledger_location = ledger_location(&raw.ledger, &data_dir)?;
+        let max_staleness = duration("ledger.max_staleness", raw.ledger.max_staleness.clone(), "5s")?;
+        let pool_size = raw.ledger.pool_size.unwrap_or(8);
+        if !(2..=64).contains(&pool_size) {
+            return Err(key("ledger.pool_size")(format!("`{pool_size}` must be 2..=64")));
+        }
+        let chain = match (&raw.ledger.chain, &ledger_location) {
+            (Some(c), _)
+                if c.is_empty()
+                    || c.len() > 64
+                    || !c.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                return Err(key("ledger.chain")(format!("`{c}` must be 1..=64 of [A-Za-z0-9._-]")));
+            }
+            (Some(c), _) => c.clone(),
+            (None, crate::ledger::Location::Postgres(_)) => {
+                return Err(key("ledger.chain")(
+                    "required with backend = \"postgres\": a name unique to this daemon, the same across its restarts"
+                        .into(),
+                ));
+            }
+            (None, _) => String::new(),
         };
         let busy = duration("ledger.busy_timeout", raw.ledger.busy_timeout, "5s")?;
         let ledger_max_batch = raw.ledger.max_batch.unwrap_or(256);
@@ -673,6 +753,9 @@ impl Config {
                 location: ledger_location,
                 busy_timeout: busy.as_duration(),
                 max_batch: ledger_max_batch,
+                chain,
+                pool_size,
+                max_staleness: max_staleness.as_duration(),
             },
             default_ttl,
             jwt_ttl,

@@ -33,6 +33,7 @@ use crate::attest::UnixAttestor;
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
 use crate::breakglass::{BreakGlassDesk, Elevated, ElevatedSink, EmergencyLog, FileSink, WebhookSink};
 use crate::clock::Clock;
+use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
@@ -117,6 +118,8 @@ pub struct Daemon {
     /// The exchange's token verifier (its trusted issuers are reloadable).
     oidc: Option<Arc<OidcVerifier>>,
     reloads: (mpsc::Sender<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>, ReloadRequests),
+    /// Several daemons share the ledger.
+    cluster: Option<Cluster>,
 }
 
 type ReloadRequests = mpsc::Receiver<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>;
@@ -153,6 +156,8 @@ impl Daemon {
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
         let metrics = Arc::new(Metrics::new());
         ledger.observe(metrics.clone());
+        // Several daemons share the ledger: what they share is wired through `cluster`.
+        let cluster = opened.shared.map(Cluster::new);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
         // Why before anything is recorded: binding is what refuses a second daemon on the same
         // socket, and a second daemon must not append to this ledger.
@@ -174,16 +179,26 @@ impl Daemon {
             })?;
         }
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
-        let policy = Arc::new(
-            PolicyController::start(
-                config.policy.clone(),
-                config.trust_domain.clone(),
-                &config.data_dir,
-                as_ledger.clone(),
-                clock.clone(),
-            )
-            .await?,
-        );
+        let last_policy_change = match &cluster {
+            Some(c) => c.last_policy_change(reader.as_ref()).await.map_err(ledger_err)?,
+            None => None,
+        };
+        let mut policy = PolicyController::start(
+            config.policy.clone(),
+            config.trust_domain.clone(),
+            &config.data_dir,
+            as_ledger.clone(),
+            clock.clone(),
+        )
+        .await?;
+        if let Some(cluster) = &cluster {
+            policy.share(Arc::new(cluster.clone())).await?;
+        }
+        let policy = Arc::new(policy);
+        if let (Some(cluster), Some(last)) = (&cluster, last_policy_change) {
+            // The release the daemons serve is the latest any of them activated.
+            cluster.catch_up_policy(last, &policy).await;
+        }
         let store = policy.store();
         let policy_version = store.current().version().to_owned();
         let entries = store.current().inventory.entries().len();
@@ -230,29 +245,38 @@ impl Daemon {
             Some(_) => {
                 let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
                 let source = counted::CountedKeys { inner: Arc::new(source), metrics: metrics.clone() };
-                Some(Arc::new(OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))))
+                let verifier = OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source));
+                Some(Arc::new(match &cluster {
+                    Some(c) => verifier.with_replay(Arc::new(c.clone())),
+                    None => verifier,
+                }))
             }
             None => None,
         };
         let exchange = oidc
             .as_ref()
             .map(|verifier| ExchangeSettings { verifier: verifier.clone(), trust_domain: config.trust_domain.clone() });
-        let issuer = Arc::new(
-            Issuer::new(Parts {
-                attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
-                policy: store,
-                minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
-                ledger: as_ledger.clone(),
-                clock: clock.clone(),
-                revocations: revocations.clone(),
-                emergency: emergency.clone(),
-                shadow: shadow.clone(),
-                exchange,
-            })
-            .with_metrics(metrics.clone()),
-        );
-        let desk =
-            Arc::new(BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone()));
+        let issuer = Issuer::new(Parts {
+            attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
+            policy: store,
+            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
+            ledger: as_ledger.clone(),
+            clock: clock.clone(),
+            revocations: revocations.clone(),
+            emergency: emergency.clone(),
+            shadow: shadow.clone(),
+            exchange,
+        })
+        .with_metrics(metrics.clone());
+        let issuer = Arc::new(match &cluster {
+            Some(c) => issuer.with_freshness(Arc::new(c.clone())),
+            None => issuer,
+        });
+        let desk = BreakGlassDesk::new(issuer.clone(), config.break_glass.clone(), emergency.clone(), clock.clone());
+        let desk = Arc::new(match &cluster {
+            Some(c) => desk.with_shared(Arc::new(c.clone())),
+            None => desk,
+        });
         let validator = Arc::new(Validator::new(
             jwt.clone(),
             revocations.clone(),
@@ -316,6 +340,7 @@ impl Daemon {
             telemetry,
             oidc,
             reloads: mpsc::channel(4),
+            cluster,
         })
     }
 
@@ -370,6 +395,7 @@ impl Daemon {
             telemetry,
             oidc,
             reloads,
+            cluster,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
@@ -496,12 +522,46 @@ impl Daemon {
         tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
         let expiry =
             ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
-        tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
         // AWS revocation denies come off their roles once every session they caught is over.
-        if let Some(sdk) = &aws {
-            let sweep =
-                DenySweep { iam: sdk.clone(), ledger: as_ledger.clone(), reader: reader.clone(), clock: clock.clone() };
-            tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
+        let deny_sweep = aws.as_ref().map(|sdk| DenySweep {
+            iam: sdk.clone(),
+            ledger: as_ledger.clone(),
+            reader: reader.clone(),
+            clock: clock.clone(),
+        });
+        match &cluster {
+            None => {
+                tasks.spawn("expiry sweep", ok(expiry.run(poll, tasks.stop())));
+                if let Some(sweep) = deny_sweep {
+                    tasks.spawn("AWS deny sweep", ok(sweep.run(DENY_SWEEP_EVERY, tasks.stop())));
+                }
+            }
+            Some(cluster) => {
+                let follower = Follower {
+                    revocations: revocations.clone(),
+                    policy: policy.clone(),
+                    desk: desk.clone(),
+                    shadow: shadow.clone(),
+                };
+                tasks.spawn("shared-state feed", ok(cluster.follow(follower, tasks.stop())));
+                // One daemon at a time sweeps (expiry and AWS denies), every poll interval.
+                let expiry = Arc::new(tokio::sync::Mutex::new(expiry));
+                let deny_sweep = deny_sweep.map(Arc::new);
+                let sweeps = move || {
+                    let (expiry, deny_sweep) = (expiry.clone(), deny_sweep.clone());
+                    async move {
+                        if let Err(e) = expiry.lock().await.sweep().await {
+                            tracing::warn!(error = %e, "expiry sweep failed; retrying next tick");
+                        }
+                        if let Some(d) = deny_sweep
+                            && let Err(e) = d.sweep().await
+                        {
+                            tracing::warn!(error = %e, "AWS deny sweep failed; retrying next tick");
+                        }
+                    }
+                };
+                tasks.spawn("sweeps (leader)", ok(cluster.clone().lead(poll, tasks.stop(), sweeps)));
+            }
         }
 
         // Every socket serves: tell the service manager (systemd Type=notify).
@@ -626,7 +686,7 @@ fn sample_state(
         m.set_ca_not_after(minter.active_ca_not_after());
         m.set_jwt_keys(&jwt.active_kid(), &jwt.retired_keys());
         if let Some(desk) = desk.upgrade() {
-            m.set_break_glass_pending(desk.pending().len());
+            m.set_break_glass_pending(desk.pending_here());
         }
         m.set_locks_active(revocations.live_locks(clock.now()));
     });

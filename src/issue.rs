@@ -64,6 +64,16 @@ pub enum IssueError {
     Aws(#[from] AwsMintError),
     #[error("this daemon does not serve AWS credentials ([aws] is not configured)")]
     NoAws,
+    #[error("this daemon's view of the shared state is {} s old (over ledger.max_staleness); nothing was issued", .age.as_secs())]
+    Stale { age: std::time::Duration },
+}
+
+/// How current this daemon's view of state other daemons share is (revocations, locks,
+/// policy): past its bound, issuance is refused rather than made under a lock it may have
+/// missed.
+pub trait Freshness: Send + Sync + 'static {
+    /// `Err(age)` when the view is older than allowed.
+    fn check(&self) -> Result<(), std::time::Duration>;
 }
 
 /// Who is asking: a local process (kernel-attested) or the holder of an id-token presented
@@ -251,6 +261,8 @@ pub struct Issuer {
     reserved_audiences: Vec<String>,
     /// Counts decisions and issuances once the ledger has them.
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// Several daemons: how current the shared state is.
+    freshness: Option<Arc<dyn Freshness>>,
 }
 
 impl Issuer {
@@ -269,6 +281,7 @@ impl Issuer {
             exchange: parts.exchange,
             reserved_audiences,
             metrics: None,
+            freshness: None,
         }
     }
 
@@ -280,6 +293,12 @@ impl Issuer {
 
     pub(crate) fn metrics(&self) -> Option<&crate::telemetry::Metrics> {
         self.metrics.as_deref()
+    }
+
+    /// Refuses issuance while the view of the state shared with other daemons is stale.
+    pub fn with_freshness(mut self, freshness: Arc<dyn Freshness>) -> Self {
+        self.freshness = Some(freshness);
+        self
     }
 
     /// Issues one credential: the whole pipeline.
@@ -296,10 +315,15 @@ impl Issuer {
         self.minters.x509.x509_bundle()
     }
 
-    /// Refuses at once (nothing decided) a kind this daemon is not configured to serve.
+    /// Refuses at once (nothing decided) a kind this daemon is not configured to serve, or
+    /// any request while its view of the shared state is stale.
     pub(crate) fn serves(&self, kind: CredentialKind) -> Result<(), IssueError> {
         if kind == CredentialKind::Aws && self.minters.aws.is_none() {
             return Err(IssueError::NoAws);
+        }
+        if let Some(Err(age)) = self.freshness.as_ref().map(|f| f.check()) {
+            tracing::warn!(age_ms = age.as_millis(), "shared state too old; refusing issuance");
+            return Err(IssueError::Stale { age });
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod contract;
 pub mod event;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub enum LedgerError {
 pub enum Location {
     /// An SQLite database file.
     Sqlite(PathBuf),
+    /// A PostgreSQL database several daemons share, each appending to its own chain.
+    Postgres(postgres::Target),
 }
 
 impl Location {
@@ -74,6 +77,7 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Postgres(target) => write!(f, "{target}"),
         }
     }
 }
@@ -86,24 +90,53 @@ pub struct Settings {
     pub busy_timeout: Duration,
     /// Most events committed in one transaction.
     pub max_batch: usize,
+    /// This daemon's chain in a shared ledger (PostgreSQL): unique per daemon, stable
+    /// across its restarts.
+    pub chain: String,
+    /// Connections to a shared ledger.
+    pub pool_size: u32,
+    /// A daemon whose view of the shared state is older than this refuses issuance.
+    pub max_staleness: Duration,
 }
 
-/// The daemon's ledger: the group-commit writer, its task, and a reader over the same
-/// storage.
+impl Settings {
+    /// A local ledger with the defaults (tests, benchmarks).
+    pub fn local(location: Location) -> Self {
+        Self {
+            location,
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 256,
+            chain: String::new(),
+            pool_size: 8,
+            max_staleness: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The daemon's ledger: the group-commit writer, its task, a reader over the same storage,
+/// and — for a shared ledger — what other daemons share with this one.
 pub struct Opened {
     pub writer: GroupCommitLedger,
     pub task: JoinHandle<()>,
     pub reader: Arc<dyn LedgerRead>,
+    /// `Some` when several daemons share the ledger.
+    pub shared: Option<postgres::Shared>,
 }
 
-/// Opens (creating if needed) the ledger for writing and starts the group-commit writer.
+/// Opens (creating or migrating if needed) the ledger for writing and starts the
+/// group-commit writer.
 pub async fn open(settings: &Settings) -> Result<Opened, LedgerError> {
     match &settings.location {
         Location::Sqlite(path) => {
             let backend = sqlite::SqliteBackend::open(path, settings.busy_timeout).await?;
             let (writer, task) = GroupCommitLedger::start(backend, settings.max_batch).await?;
             let reader = Arc::new(sqlite::SqliteReader::open(path).await?);
-            Ok(Opened { writer, task, reader })
+            Ok(Opened { writer, task, reader, shared: None })
+        }
+        Location::Postgres(target) => {
+            let (backend, reader, shared) = postgres::open(target, settings).await?;
+            let (writer, task) = GroupCommitLedger::start(backend, settings.max_batch).await?;
+            Ok(Opened { writer, task, reader: Arc::new(reader), shared: Some(shared) })
         }
     }
 }
@@ -112,7 +145,49 @@ pub async fn open(settings: &Settings) -> Result<Opened, LedgerError> {
 pub async fn open_reader(location: &Location) -> Result<Arc<dyn LedgerRead>, LedgerError> {
     match location {
         Location::Sqlite(path) => Ok(Arc::new(sqlite::SqliteReader::open(path).await?)),
+        Location::Postgres(target) => Ok(Arc::new(postgres::PgReader::connect(target).await?)),
     }
+}
+
+/// Copies the ledger at `from` into chain `chain` of the shared ledger at `to`, unchanged
+/// (sequence numbers, times, bodies and hashes), then verifies the copy. Refuses a target
+/// chain that already holds events.
+pub async fn migrate(from: &Location, to: &Location, chain: &str) -> Result<usize, LedgerError> {
+    const PAGE: i64 = 1000;
+    let Location::Postgres(target) = to else {
+        return Err(LedgerError::Storage("the target of a migration is a PostgreSQL ledger (postgres:URL)".into()));
+    };
+    let source = open_reader(from).await?;
+    let source_chains = source.chains().await?;
+    let [source_chain] = source_chains.as_slice() else {
+        return Err(LedgerError::Storage(format!(
+            "`{from}` holds {} chains; copy one ledger file at a time",
+            source_chains.len()
+        )));
+    };
+    verify(source.as_ref()).await.map_err(|e| LedgerError::Storage(format!("the source does not verify: {e}")))?;
+    let mut backend = postgres::migration_backend(target, chain).await?;
+    if backend.head().await?.is_some() {
+        return Err(LedgerError::Storage(format!("chain `{chain}` already holds events in `{to}`")));
+    }
+    let mut rows: HashMap<EventId, CredentialRecord> =
+        source.credentials(CredentialFilter::All).await?.into_iter().map(|r| (r.issued_event, r.credential)).collect();
+    let mut after = i64::MIN;
+    let mut copied = 0;
+    loop {
+        let filter =
+            EventFilter { chain: Some(source_chain.clone()), after, limit: Some(PAGE), ..EventFilter::default() };
+        let page = source.events(filter).await?;
+        let Some(last) = page.last() else { break };
+        after = last.pos;
+        let credentials: Vec<(EventId, CredentialRecord)> =
+            page.iter().filter_map(|e| rows.remove(&e.seq).map(|c| (e.seq, c))).collect();
+        backend.append(&page, &credentials).await?;
+        copied += page.len();
+    }
+    let copy = open_reader(to).await?;
+    verify(copy.as_ref()).await.map_err(|e| LedgerError::Storage(format!("the copy does not verify: {e}")))?;
+    Ok(copied)
 }
 
 /// An event to append, encoded by the caller (off the writer task).
@@ -127,6 +202,10 @@ struct NewEvent {
 /// An event as stored: the chain fields make any edit, deletion or reordering detectable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StoredEvent {
+    /// The daemon chain it belongs to (`""`: the single chain of a local ledger).
+    pub chain: String,
+    /// Its position among all chains' events, in insertion order (a local ledger: `seq`).
+    pub pos: i64,
     pub seq: EventId,
     pub at_ms: i64,
     pub kind: String,
@@ -152,13 +231,15 @@ pub trait Ledger: Send + Sync + 'static {
     fn record(&self, at: SystemTime, event: Event) -> BoxFuture<'_, Result<EventId, LedgerError>>;
 }
 
-/// Which events a read returns, in sequence order.
+/// Which events a read returns, in position order.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
+    /// Only this chain (`None`: every chain).
+    pub chain: Option<String>,
     /// Only these kinds (empty: every kind).
     pub kinds: Vec<EventKind>,
-    /// Only events after this sequence number (paging).
-    pub after: EventId,
+    /// Only events after this position (`StoredEvent::pos`; paging).
+    pub after: i64,
     /// Only events at or after this time (Unix milliseconds).
     pub since_ms: Option<i64>,
     /// At most this many (the first ones after `after`).
@@ -181,6 +262,15 @@ impl EventFilter {
     }
 }
 
+/// A credential row and its `issued` event's place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRow {
+    pub chain: String,
+    /// The `issued` event's sequence number in `chain`.
+    pub issued_event: EventId,
+    pub credential: CredentialRecord,
+}
+
 /// Which credential rows a read returns.
 #[derive(Clone, Debug)]
 pub enum CredentialFilter {
@@ -196,17 +286,17 @@ pub enum CredentialFilter {
 /// Every read of the ledger goes through this: one trait, so a second backend serves
 /// every reader the same way.
 pub trait LedgerRead: Send + Sync + 'static {
+    /// The daemon chains in the ledger (a local ledger: the one chain `""`).
+    fn chains(&self) -> BoxFuture<'_, Result<Vec<String>, LedgerError>>;
     fn events(&self, filter: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>>;
-    /// These events by sequence number (the decisions behind credentials).
+    /// These events of one chain by sequence number (the decisions behind credentials).
     fn events_by_seq<'a>(
         &'a self,
+        chain: &'a str,
         seqs: &'a [EventId],
     ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>>;
-    /// Credential rows, each with the sequence number of its `issued` event.
-    fn credentials(
-        &self,
-        filter: CredentialFilter,
-    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>>;
+    /// Credential rows, each with where its `issued` event is.
+    fn credentials(&self, filter: CredentialFilter) -> BoxFuture<'_, Result<Vec<CredentialRow>, LedgerError>>;
 }
 
 /// Storage for chained batches. `append` must store all rows of a batch atomically.
@@ -299,8 +389,8 @@ impl ChainLink {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error(transparent)]
-    Chain(#[from] ChainError),
+    #[error("{}{source}", if chain.is_empty() { String::new() } else { format!("chain `{chain}`: ") })]
+    Chain { chain: String, source: ChainError },
     #[error("credential `{id}` does not match its issued event {seq} (edited)")]
     CredentialEdited { id: String, seq: EventId },
     #[error("credential `{id}` has no issued event (inserted)")]
@@ -311,41 +401,43 @@ pub enum VerifyError {
     Ledger(#[from] LedgerError),
 }
 
-/// `mayfly audit verify`: the whole hash chain, page by page, and the credential table
-/// against the chained `issued` events (every row equals its event's credential; every
-/// issued event has its row). Returns the number of events.
+/// `mayfly audit verify`: every chain, page by page, and the credential table against the
+/// chained `issued` events (every row equals its event's credential; every issued event
+/// has its row). Returns the number of events.
 pub async fn verify(reader: &dyn LedgerRead) -> Result<usize, VerifyError> {
     const PAGE: i64 = 10_000;
-    let mut link = ChainLink::default();
-    let mut issued: HashMap<EventId, CredentialRecord> = HashMap::new();
+    let mut issued: HashMap<(String, EventId), CredentialRecord> = HashMap::new();
     let mut count = 0;
-    loop {
-        let page =
-            reader.events(EventFilter { after: link.prev_seq, limit: Some(PAGE), ..EventFilter::default() }).await?;
-        if page.is_empty() {
-            break;
-        }
-        for e in &page {
-            link.check(e)?;
-            if e.kind == EventKind::Issued.as_str() {
-                // Why decode only here: an issued body that does not decode cannot be
-                // compared with its row, which is itself a failure.
-                match e.event()? {
-                    Event::Issued(i) => issued.insert(e.seq, i.credential),
-                    _ => None,
-                };
+    for chain in reader.chains().await? {
+        let mut link = ChainLink::default();
+        let mut after = i64::MIN;
+        loop {
+            let filter = EventFilter { chain: Some(chain.clone()), after, limit: Some(PAGE), ..EventFilter::default() };
+            let page = reader.events(filter).await?;
+            let Some(last) = page.last() else { break };
+            after = last.pos;
+            for e in &page {
+                link.check(e).map_err(|e| VerifyError::Chain { chain: chain.clone(), source: e })?;
+                if e.kind == EventKind::Issued.as_str() {
+                    // Why decode only here: an issued body that does not decode cannot be
+                    // compared with its row, which is itself a failure.
+                    if let Event::Issued(i) = e.event()? {
+                        issued.insert((chain.clone(), e.seq), i.credential);
+                    }
+                }
             }
-        }
-        count += page.len();
-    }
-    for (seq, row) in reader.credentials(CredentialFilter::All).await? {
-        match issued.remove(&seq) {
-            Some(event) if event == row => {}
-            Some(_) => return Err(VerifyError::CredentialEdited { id: row.id, seq }),
-            None => return Err(VerifyError::CredentialWithoutEvent { id: row.id }),
+            count += page.len();
         }
     }
-    if let Some(seq) = issued.keys().min() {
+    for row in reader.credentials(CredentialFilter::All).await? {
+        let seq = row.issued_event;
+        match issued.remove(&(row.chain, seq)) {
+            Some(event) if event == row.credential => {}
+            Some(_) => return Err(VerifyError::CredentialEdited { id: row.credential.id, seq }),
+            None => return Err(VerifyError::CredentialWithoutEvent { id: row.credential.id }),
+        }
+    }
+    if let Some((_, seq)) = issued.keys().min_by_key(|(_, seq)| *seq) {
         return Err(VerifyError::CredentialMissing { seq: *seq });
     }
     Ok(count)
@@ -442,9 +534,27 @@ async fn write_loop<B: Backend>(
 ) {
     let (mut last_seq, mut last_hash) = head.unwrap_or((0, GENESIS.to_owned()));
     let mut batch = Vec::with_capacity(max_batch);
+    // Why: a batch whose commit failed may still have committed (the connection dropped
+    // after COMMIT was sent); the chain continues from what storage says, not from memory.
+    let mut head_unknown = false;
     // Why: while one batch commits, new requests queue in the channel; taking all of them
     // at once is what turns one fsync per issuance into one per batch.
     while rx.recv_many(&mut batch, max_batch).await > 0 {
+        if head_unknown {
+            match backend.head().await {
+                Ok(head) => {
+                    (last_seq, last_hash) = head.unwrap_or((0, GENESIS.to_owned()));
+                    head_unknown = false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events = batch.len(), "ledger unreachable; nothing in this batch was recorded");
+                    for p in batch.drain(..) {
+                        let _ = p.ack.send(Err(LedgerError::Storage(e.to_string())));
+                    }
+                    continue;
+                }
+            }
+        }
         let mut rows = Vec::with_capacity(batch.len());
         let mut credentials = Vec::new();
         let (mut seq, mut prev) = (last_seq, last_hash.clone());
@@ -456,7 +566,16 @@ async fn write_loop<B: Backend>(
             let kind = p.event.kind.as_str().to_owned();
             let body = std::mem::take(&mut p.event.body);
             let hash = event_hash(&prev, seq, at_ms, &kind, &body);
-            rows.push(StoredEvent { seq, at_ms, kind, body, prev_hash: prev, hash: hash.clone() });
+            rows.push(StoredEvent {
+                chain: String::new(),
+                pos: seq,
+                seq,
+                at_ms,
+                kind,
+                body,
+                prev_hash: prev,
+                hash: hash.clone(),
+            });
             if let Some(c) = p.event.credential.take() {
                 credentials.push((seq, c));
             }
@@ -477,6 +596,7 @@ async fn write_loop<B: Backend>(
                 }
             }
             Err(e) => {
+                head_unknown = true;
                 tracing::error!(error = %e, events = batch.len(), "ledger batch failed; nothing in it was recorded");
                 for p in batch.drain(..) {
                     let _ = p.ack.send(Err(LedgerError::Storage(e.to_string())));

@@ -348,17 +348,26 @@ impl Desk {
     ) -> Result<Vec<(CredentialRecord, Option<event::Decision>)>, RevokeError> {
         let ledger_err = |e: LedgerError| RevokeError::Ledger(e.to_string());
         let rows = self.reader.credentials(filter).await.map_err(ledger_err)?;
-        let ids: Vec<EventId> = rows.iter().map(|(_, c)| c.decision_id).collect();
-        let decisions = self.reader.events_by_seq(&ids).await.map_err(ledger_err)?;
-        rows.into_iter()
-            .map(|(_, c)| {
-                let decision = match decisions.get(&c.decision_id).map(|e| e.event()).transpose().map_err(ledger_err)? {
-                    Some(Event::Decision(d)) => Some(d),
-                    _ => None,
-                };
-                Ok((c, decision))
+        // The decisions live in the chains of the daemons that issued the credentials.
+        let mut by_chain: HashMap<&str, Vec<EventId>> = HashMap::new();
+        for r in &rows {
+            by_chain.entry(r.chain.as_str()).or_default().push(r.credential.decision_id);
+        }
+        let mut decisions: HashMap<(String, EventId), event::Decision> = HashMap::new();
+        for (chain, ids) in by_chain {
+            for (seq, row) in self.reader.events_by_seq(chain, &ids).await.map_err(ledger_err)? {
+                if let Event::Decision(d) = row.event().map_err(ledger_err)? {
+                    decisions.insert((chain.to_owned(), seq), d);
+                }
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let decision = decisions.remove(&(r.chain, r.credential.decision_id));
+                (r.credential, decision)
             })
-            .collect()
+            .collect())
     }
 
     fn check_identity_target(&self, id: &str, all: bool) -> Result<(), RevokeError> {

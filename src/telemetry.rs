@@ -295,7 +295,7 @@ impl Metrics {
         let break_glass_pending = reg(
             &mut r,
             "mayfly_break_glass_pending",
-            "Break-glass requests waiting for a second person",
+            "Break-glass requests waiting for a second person on this daemon",
             Gauge::default(),
         );
         let break_glass_steps =

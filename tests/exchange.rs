@@ -430,6 +430,7 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
             oidc_issuers: vec![issuer.url.clone()],
             aws_endpoint: None,
             telemetry: None,
+            postgres: None,
         },
     )
     .unwrap();

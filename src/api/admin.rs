@@ -282,6 +282,7 @@ impl Admin for AdminService {
         let pending = self
             .break_glass
             .pending()
+            .await
             .into_iter()
             .map(|p| PendingBreakGlass {
                 id: p.id,

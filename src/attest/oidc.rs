@@ -184,14 +184,42 @@ pub fn check_fetch_url(url: &str) -> Result<(), OidcError> {
     }
 }
 
+/// Where a presented token is accepted once: this daemon's memory, or — several daemons
+/// sharing a ledger — one unique row they all see.
+pub trait ReplayGuard: Send + Sync + 'static {
+    /// `Ok(true)` the first time `key` is presented before `until`.
+    fn first_use<'a>(&'a self, key: &'a str, until: SystemTime) -> crate::BoxFuture<'a, Result<bool, String>>;
+}
+
+/// The single-daemon replay cache: issuer + jti (or token hash) → seen, each entry living
+/// until its token's expiry.
+pub struct MemoryReplay {
+    seen: moka::sync::Cache<String, Duration>,
+}
+
+impl Default for MemoryReplay {
+    fn default() -> Self {
+        // Why this large: evicting a live entry would let its token be replayed; at
+        // ~150 bytes an entry this bounds the cache near 150 MB, far above CI volume.
+        Self { seen: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(UntilTokenExpiry).build() }
+    }
+}
+
+impl ReplayGuard for MemoryReplay {
+    fn first_use<'a>(&'a self, key: &'a str, until: SystemTime) -> crate::BoxFuture<'a, Result<bool, String>> {
+        let remaining = until.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_secs(1));
+        let fresh = self.seen.entry(key.to_owned()).or_insert_with(|| remaining).is_fresh();
+        Box::pin(async move { Ok(fresh) })
+    }
+}
+
 pub struct OidcVerifier {
     /// Swapped whole on a reload (`set_issuers`); a verification uses one snapshot.
     issuers: arc_swap::ArcSwap<HashMap<String, IssuerConfig>>,
     source: Arc<dyn KeySource>,
     keys: moka::sync::Cache<String, Arc<JwkSet>>,
     last_refresh: Mutex<HashMap<String, Instant>>,
-    /// issuer + jti (or token hash) → seen; each entry lives until the token's expiry.
-    seen: moka::sync::Cache<String, Duration>,
+    replay: Arc<dyn ReplayGuard>,
 }
 
 struct UntilTokenExpiry;
@@ -209,10 +237,14 @@ impl OidcVerifier {
             source,
             keys: moka::sync::Cache::builder().max_capacity(1024).time_to_live(KEYS_TTL).build(),
             last_refresh: Mutex::new(HashMap::new()),
-            // Why this large: evicting a live entry would let its token be replayed; at
-            // ~150 bytes an entry this bounds the cache near 150 MB, far above CI volume.
-            seen: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(UntilTokenExpiry).build(),
+            replay: Arc::new(MemoryReplay::default()),
         }
+    }
+
+    /// Accepts each token once through `replay` (shared by several daemons).
+    pub fn with_replay(mut self, replay: Arc<dyn ReplayGuard>) -> Self {
+        self.replay = replay;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -301,11 +333,11 @@ impl OidcVerifier {
             ),
         };
         let remaining = Duration::from_secs(u64::try_from(exp + skew - now_secs).unwrap_or(0).max(1));
-        let entry = self.seen.entry(format!("{iss}\u{0}{id}")).or_insert_with(|| remaining);
-        if !entry.is_fresh() {
-            return Err(OidcError::Replayed);
+        match self.replay.first_use(&format!("{iss}\u{0}{id}"), SystemTime::now() + remaining).await {
+            Ok(true) => Ok(verified),
+            Ok(false) => Err(OidcError::Replayed),
+            Err(e) => Err(OidcError::Unavailable(format!("the replay cache cannot be checked: {e}"))),
         }
-        Ok(verified)
     }
 
     async fn key_for(

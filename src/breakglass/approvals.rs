@@ -121,19 +121,28 @@ impl<T> Approvals<T> {
         approver_uid: u32,
         now: SystemTime,
     ) -> Result<PendingRequest, ApprovalError> {
-        let map = self.lock();
-        let p = map
-            .get(id)
-            .map(|e| &e.request)
-            .filter(|p| p.expires_at > now)
-            .ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
+        let p = self.lock().get(id).map(|e| e.request.clone()).ok_or_else(|| ApprovalError::Unknown(id.to_owned()))?;
+        self.check_request(&p, approver_uid, now)?;
+        Ok(p)
+    }
+
+    /// Whether `approver_uid` may approve `p` now (a request held here or by another daemon).
+    pub fn check_request(&self, p: &PendingRequest, approver_uid: u32, now: SystemTime) -> Result<(), ApprovalError> {
+        if p.expires_at <= now || p.approved_by.is_some() {
+            return Err(ApprovalError::Unknown(p.id.clone()));
+        }
         if p.requester_uid == approver_uid {
             return Err(ApprovalError::SelfApproval);
         }
         if !self.approvers().contains(&approver_uid) {
             return Err(ApprovalError::NotAnApprover(approver_uid));
         }
-        Ok(p.clone())
+        Ok(())
+    }
+
+    /// Whether this daemon holds request `id` (and could issue it once approved).
+    pub fn holds(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
     }
 
     pub fn commit_approval(&self, id: &str, approver: Operator) {

@@ -91,6 +91,7 @@ async fn replay_ledger(candidate: &Release, ledger: &LedgerArgs) -> Result<Repor
     let mut after = 0;
     loop {
         let filter = EventFilter {
+            chain: None,
             kinds: vec![EventKind::Decision],
             after,
             since_ms: Some(replay::epoch_ms(from)),
@@ -99,7 +100,7 @@ async fn replay_ledger(candidate: &Release, ledger: &LedgerArgs) -> Result<Repor
         };
         let page = reader.events(filter).await.map_err(|e| format!("ledger `{location}`: {e}"))?;
         let Some(last) = page.last() else { break };
-        after = last.seq;
+        after = last.pos;
         report.feed(candidate, &page);
     }
     Ok(report)

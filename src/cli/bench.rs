@@ -81,6 +81,22 @@ pub enum Command {
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
+    /// Several daemons sharing a ledger: lock IDENTITY on one daemon (admin socket) and time
+    /// until each other daemon (workload socket) refuses it, then unlock and time until they
+    /// issue again; TRIALS times. Prints p50/p99/max of both.
+    Propagation {
+        /// The admin socket of the daemon the lock is placed on.
+        #[arg(long)]
+        admin_socket: PathBuf,
+        /// The workload socket of another daemon, where the lock must show (repeatable).
+        #[arg(long = "to", required = true)]
+        to: Vec<PathBuf>,
+        /// The identity the callers of `--to` sockets get (e.g. the dev identity).
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        trials: u32,
+    },
     /// Sign a CRL with ENTRIES revoked serials (what a revocation re-publishes), ROUNDS times.
     Crl {
         /// Revoked serials on the CRL.
@@ -100,6 +116,9 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Crl { entries, rounds } => bench_crl(entries, rounds),
         Command::Jwt { socket, requests, concurrency } => bench_jwt(socket, requests, concurrency).await,
         Command::Aws { socket, role, requests, concurrency } => bench_aws(socket, role, requests, concurrency).await,
+        Command::Propagation { admin_socket, to, identity, trials } => {
+            bench_propagation(&admin_socket, &to, &identity, trials).await
+        }
     }
 }
 
@@ -242,11 +261,7 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return fail(e);
     }
-    let settings = Settings {
-        location: Location::in_data_dir(&dir),
-        busy_timeout: Duration::from_secs(5),
-        max_batch: max_batch as usize,
-    };
+    let settings = Settings { max_batch: max_batch as usize, ..Settings::local(Location::in_data_dir(&dir)) };
     let result = async {
         let opened = crate::ledger::open(&settings).await?;
         let (ledger, writer) = (opened.writer, opened.task);
@@ -287,6 +302,115 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
 
 /// Runs `total` operations spread over `concurrency` tasks; returns the wall time, the
 /// latency of each successful operation and the number that failed.
+/// How long until each daemon behind `to` refuses `identity` after a lock placed through
+/// `admin_socket` (and issues again after the unlock).
+async fn bench_propagation(admin_socket: &std::path::Path, to: &[PathBuf], identity: &str, trials: u32) -> ExitCode {
+    use crate::api::pb::{LockRequest, UnlockRequest};
+    const GIVE_UP: Duration = Duration::from_secs(10);
+    let mut admin = match super::admin(admin_socket).await {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let mut brokers = Vec::new();
+    for socket in to {
+        match super::connect(socket).await {
+            Ok(channel) => brokers.push(BrokerClient::new(channel)),
+            Err(e) => return fail(format!("`{}`: {e}", socket.display())),
+        }
+    }
+    let csr = match bench_csr() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    // Until `refused` says so for every daemon: the time each took, from `since`.
+    async fn until_all(
+        brokers: &[BrokerClient<tonic::transport::Channel>],
+        csr: &[u8],
+        refused: bool,
+        since: Instant,
+    ) -> Result<Vec<Duration>, String> {
+        let tasks: Vec<_> = brokers
+            .iter()
+            .map(|b| {
+                let (mut b, csr) = (b.clone(), csr.to_vec());
+                tokio::spawn(async move {
+                    loop {
+                        let request =
+                            IssueX509Request { csr: csr.clone(), ttl_seconds: Some(300), spiffe_id: String::new() };
+                        let outcome = b.issue_x509(request).await;
+                        let is_refused = matches!(&outcome, Err(s) if s.message().contains("locked"));
+                        if is_refused == refused {
+                            return Ok(since.elapsed());
+                        }
+                        if let Err(s) = &outcome
+                            && !s.message().contains("locked")
+                        {
+                            return Err(format!("issuance failed: {}", s.message()));
+                        }
+                        if since.elapsed() > GIVE_UP {
+                            let what = if refused { "refused" } else { "issued" };
+                            return Err(format!("not {what} within {} s", GIVE_UP.as_secs()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.map_err(|e| e.to_string())??);
+        }
+        Ok(out)
+    }
+    let (mut locks, mut unlocks) = (Vec::new(), Vec::new());
+    for trial in 0..trials {
+        let reason = format!("bench propagation, trial {trial}");
+        let since = Instant::now();
+        if let Err(s) =
+            admin.lock(LockRequest { identity: identity.into(), reason: reason.clone(), ttl_seconds: 0 }).await
+        {
+            return fail(format!("lock refused: {}", s.message()));
+        }
+        match until_all(&brokers, &csr, true, since).await {
+            Ok(d) => locks.extend(d),
+            Err(e) => return fail(e),
+        }
+        let since = Instant::now();
+        if let Err(s) = admin.unlock(UnlockRequest { identity: identity.into(), reason }).await {
+            return fail(format!("unlock refused: {}", s.message()));
+        }
+        match until_all(&brokers, &csr, false, since).await {
+            Ok(d) => unlocks.extend(d),
+            Err(e) => return fail(e),
+        }
+    }
+    let show = |what: &str, v: &mut Vec<Duration>| {
+        v.sort_unstable();
+        let pct = |p: f64| {
+            let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+            v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        println!(
+            "  {what}: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  ({} samples)",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            v.len()
+        );
+    };
+    println!(
+        "propagation over {} daemon(s), {trials} trials (the time from the admin call's answer to the first refusal or issuance there)",
+        brokers.len()
+    );
+    show("lock → refused", &mut locks);
+    show("unlock → issued", &mut unlocks);
+    ExitCode::SUCCESS
+}
+
+fn bench_csr() -> Result<Vec<u8>, String> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    rcgen::CertificateParams::default().serialize_request(&key).map(|c| c.der().to_vec()).map_err(|e| e.to_string())
+}
+
 async fn drive<F, Fut>(total: u32, concurrency: u32, op: F) -> (Duration, Vec<Duration>, u32)
 where
     F: Fn(u32, u32) -> Fut + Clone + Send + 'static,

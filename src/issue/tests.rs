@@ -475,3 +475,47 @@ async fn shadow_mode_records_what_a_candidate_would_change_and_never_acts_on_it(
     t.shadow.stop(event::Operator::local(0, 0, None), "done").await.unwrap();
     assert!(t.shadow.version().is_none());
 }
+
+/// A view of shared state of a fixed age.
+struct Aged(Option<Duration>);
+
+impl Freshness for Aged {
+    fn check(&self) -> Result<(), Duration> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_whose_view_of_shared_state_is_stale_refuses_and_issues_nothing() {
+    let t = issuer(&["unix:uid:1001"], None).await;
+    let parts = |t: &TestIssuer| Parts {
+        attestor: Arc::new(crate::testing::FakeAttestor::with(&["unix:uid:1001"])),
+        policy: t.policy.clone(),
+        minters: Minters {
+            x509: Arc::new(crate::mint::x509::X509Minter::new(Arc::new(
+                crate::keys::CertificateAuthority::generate(
+                    &TrustDomain::parse("mayfly.local").unwrap(),
+                    t.clock.now(),
+                    Duration::from_secs(3600),
+                )
+                .unwrap(),
+            ))),
+            jwt: t.jwt.clone(),
+            aws: None,
+        },
+        ledger: t.ledger.clone(),
+        clock: t.clock.clone(),
+        revocations: t.revocations.clone(),
+        emergency: t.emergency.clone(),
+        shadow: t.shadow.clone(),
+        exchange: None,
+    };
+    let stale = Issuer::new(parts(&t)).with_freshness(Arc::new(Aged(Some(Duration::from_secs(7)))));
+    let err = stale.issue(Caller::Local(&local()), x509("1h")).await.unwrap_err();
+    assert!(matches!(err, IssueError::Stale { .. }), "{err:?}");
+    assert_eq!(crate::api::status(&err).code(), tonic::Code::Unavailable);
+    assert!(err.to_string().contains("7 s old") && err.to_string().contains("nothing was issued"), "{err}");
+    assert!(t.backend.events().is_empty() && t.backend.credentials().is_empty());
+    let fresh = Issuer::new(parts(&t)).with_freshness(Arc::new(Aged(None)));
+    fresh.issue(Caller::Local(&local()), x509("1h")).await.unwrap();
+}

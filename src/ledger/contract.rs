@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::event::{self, Caller, CredentialRecord, Event, EventKind, Issued, IssuedDetails, Lock, Locked, Verdict};
-use super::{Backend, CredentialFilter, EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
+use super::{
+    Backend, CredentialFilter, CredentialRow, EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead,
+};
 
 /// A backend under test: opens its writer side (again, on the same storage) and a reader.
 pub trait Harness: Send + Sync {
@@ -50,27 +52,39 @@ pub async fn run<H: Harness>(harness: H) {
     // Filters.
     let kinds = reader.events(EventFilter::kinds(&[EventKind::Issued, EventKind::Locked])).await.unwrap();
     assert_eq!(kinds.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3, 4], "kind filter");
-    let page = reader.events(EventFilter { after: 1, limit: Some(2), ..EventFilter::default() }).await.unwrap();
+    let page =
+        reader.events(EventFilter { after: all[0].pos, limit: Some(2), ..EventFilter::default() }).await.unwrap();
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3], "after + limit pages forward");
     let since = reader.events(EventFilter { since_ms: Some(all[3].at_ms), ..EventFilter::default() }).await.unwrap();
     assert_eq!(since.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5], "since_ms is inclusive");
     let tail = reader.events(EventFilter::tail(2)).await.unwrap();
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5], "a tail is the newest, oldest first");
-    let by_seq = reader.events_by_seq(&[1, 4, 99]).await.unwrap();
+    let chain = all[0].chain.clone();
+    assert!(all.iter().all(|e| e.chain == chain), "one writer writes one chain");
+    assert_eq!(reader.chains().await.unwrap(), std::slice::from_ref(&chain));
+    let by_seq = reader.events_by_seq(&chain, &[1, 4, 99]).await.unwrap();
     assert_eq!(by_seq.len(), 2, "unknown sequence numbers are absent, not errors");
     assert_eq!(by_seq[&4].kind, "locked");
 
     // Credential rows: written with their issued events, each knowing it.
     let rows = reader.credentials(CredentialFilter::All).await.unwrap();
-    assert_eq!(rows.iter().map(|(s, c)| (*s, c.id.as_str())).collect::<Vec<_>>(), [(2, "c-late"), (3, "c-early")]);
+    assert_eq!(
+        rows.iter().map(|r| (r.issued_event, r.credential.id.as_str())).collect::<Vec<_>>(),
+        [(2, "c-late"), (3, "c-early")]
+    );
+    assert!(rows.iter().all(|r| r.chain == chain));
     let active = reader.credentials(CredentialFilter::ActiveAt(700)).await.unwrap();
-    assert_eq!(active.iter().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>(), ["c-late"], "active: not_after > now");
+    assert_eq!(
+        active.iter().map(|r| r.credential.id.as_str()).collect::<Vec<_>>(),
+        ["c-late"],
+        "active: not_after > now"
+    );
     let expiring = |after: (i64, &str), until, limit| {
         let r = reader.clone();
         let after = (after.0, after.1.to_owned());
         async move { r.credentials(CredentialFilter::Expiring { after, until, limit }).await.unwrap() }
     };
-    let ids = |rows: Vec<(i64, CredentialRecord)>| rows.into_iter().map(|(_, c)| c.id).collect::<Vec<_>>();
+    let ids = |rows: Vec<CredentialRow>| rows.into_iter().map(|r| r.credential.id).collect::<Vec<_>>();
     assert_eq!(ids(expiring((i64::MIN, ""), 1000, 10).await), ["c-early", "c-late"], "expiry order is not_after");
     assert_eq!(ids(expiring((600, "c-early"), 1000, 10).await), ["c-late"], "the watermark is exclusive");
     assert_eq!(ids(expiring((i64::MIN, ""), 1000, 1).await), ["c-early"], "limit");

@@ -773,7 +773,9 @@ pub struct AwsDenyRemoved {
     pub role: String,
     pub policy_name: String,
     pub source_identity: Option<String>,
-    /// The `revoked` event that placed the deny.
+    /// The `revoked` event that placed the deny: its chain (several daemons) and sequence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placed_in_chain: Option<String>,
     pub placed_in: EventId,
     pub remove_after: Option<i64>,
     /// False when the deny was already gone from the role.

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::{
-    Backend, BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, LedgerError, LedgerRead, StoredEvent,
+    Backend, BoxFuture, CredentialFilter, CredentialRecord, CredentialRow, EventFilter, EventId, LedgerError,
+    LedgerRead, StoredEvent,
 };
 
 #[derive(Clone, Default)]
@@ -65,10 +66,16 @@ impl Backend for MemoryBackend {
 }
 
 impl LedgerRead for MemoryBackend {
+    fn chains(&self) -> BoxFuture<'_, Result<Vec<String>, LedgerError>> {
+        Box::pin(async { Ok(vec![String::new()]) })
+    }
+
     fn events(&self, f: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>> {
+        let other_chain = f.chain.as_deref().is_some_and(|c| !c.is_empty());
         let matching = lock(&self.events)
             .iter()
-            .filter(|e| e.seq > f.after)
+            .filter(|_| !other_chain)
+            .filter(|e| e.pos > f.after)
             .filter(|e| f.since_ms.is_none_or(|s| e.at_ms >= s))
             .filter(|e| f.kinds.is_empty() || f.kinds.iter().any(|k| k.as_str() == e.kind))
             .cloned()
@@ -83,16 +90,18 @@ impl LedgerRead for MemoryBackend {
 
     fn events_by_seq<'a>(
         &'a self,
+        chain: &'a str,
         seqs: &'a [EventId],
     ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>> {
-        let out = lock(&self.events).iter().filter(|e| seqs.contains(&e.seq)).map(|e| (e.seq, e.clone())).collect();
+        let out = lock(&self.events)
+            .iter()
+            .filter(|e| chain.is_empty() && seqs.contains(&e.seq))
+            .map(|e| (e.seq, e.clone()))
+            .collect();
         Box::pin(async move { Ok(out) })
     }
 
-    fn credentials(
-        &self,
-        filter: CredentialFilter,
-    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>> {
+    fn credentials(&self, filter: CredentialFilter) -> BoxFuture<'_, Result<Vec<CredentialRow>, LedgerError>> {
         let rows = lock(&self.credentials).clone();
         let out = match filter {
             CredentialFilter::All => rows,
@@ -107,6 +116,10 @@ impl LedgerRead for MemoryBackend {
                 rows
             }
         };
+        let out = out
+            .into_iter()
+            .map(|(issued_event, credential)| CredentialRow { chain: String::new(), issued_event, credential })
+            .collect();
         Box::pin(async move { Ok(out) })
     }
 }

@@ -14,7 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection};
 
 use super::{
-    Backend, BoxFuture, CredentialFilter, CredentialRecord, EventFilter, EventId, LedgerError, LedgerRead, StoredEvent,
+    Backend, BoxFuture, CredentialFilter, CredentialRecord, CredentialRow, EventFilter, EventId, LedgerError,
+    LedgerRead, StoredEvent,
 };
 
 /// The ledger's file in a data directory.
@@ -163,6 +164,10 @@ impl SqliteReader {
     }
 
     async fn select_events(&self, f: EventFilter) -> Result<Vec<StoredEvent>, LedgerError> {
+        // One chain, the default one.
+        if f.chain.as_deref().is_some_and(|c| !c.is_empty()) {
+            return Ok(Vec::new());
+        }
         let mut sql = String::from("SELECT seq, at_ms, kind, body, prev_hash, hash FROM events WHERE seq > ?");
         if f.since_ms.is_some() {
             sql.push_str(" AND at_ms >= ?");
@@ -214,7 +219,7 @@ impl SqliteReader {
         Ok(out)
     }
 
-    async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<(EventId, CredentialRecord)>, LedgerError> {
+    async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<CredentialRow>, LedgerError> {
         const COLUMNS: &str = "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event FROM credentials";
         let rows = match f {
             CredentialFilter::All => {
@@ -241,35 +246,51 @@ impl SqliteReader {
         }
         .map_err(storage)?;
         rows.iter()
-            .map(|r| Ok((r.try_get("issued_event")?, credential_row(r)?)))
+            .map(|r| {
+                Ok(CredentialRow {
+                    chain: String::new(),
+                    issued_event: r.try_get("issued_event")?,
+                    credential: credential_row(r)?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(storage)
     }
 }
 
 impl LedgerRead for SqliteReader {
+    fn chains(&self) -> BoxFuture<'_, Result<Vec<String>, LedgerError>> {
+        Box::pin(async { Ok(vec![String::new()]) })
+    }
+
     fn events(&self, filter: EventFilter) -> BoxFuture<'_, Result<Vec<StoredEvent>, LedgerError>> {
         Box::pin(self.select_events(filter))
     }
 
     fn events_by_seq<'a>(
         &'a self,
+        chain: &'a str,
         seqs: &'a [EventId],
     ) -> BoxFuture<'a, Result<HashMap<EventId, StoredEvent>, LedgerError>> {
-        Box::pin(self.select_by_seq(seqs))
+        Box::pin(async move {
+            if !chain.is_empty() {
+                return Ok(HashMap::new());
+            }
+            self.select_by_seq(seqs).await
+        })
     }
 
-    fn credentials(
-        &self,
-        filter: CredentialFilter,
-    ) -> BoxFuture<'_, Result<Vec<(EventId, CredentialRecord)>, LedgerError>> {
+    fn credentials(&self, filter: CredentialFilter) -> BoxFuture<'_, Result<Vec<CredentialRow>, LedgerError>> {
         Box::pin(self.select_credentials(filter))
     }
 }
 
 fn event_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, sqlx::Error> {
+    let seq = r.try_get("seq")?;
     Ok(StoredEvent {
-        seq: r.try_get("seq")?,
+        chain: String::new(),
+        pos: seq,
+        seq,
         at_ms: r.try_get("at_ms")?,
         kind: r.try_get("kind")?,
         body: r.try_get("body")?,

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::BoxFuture;
 use crate::clock::Clock;
 use crate::config::PolicySource;
 use crate::identity::TrustDomain;
@@ -91,6 +92,14 @@ pub struct PolicyController {
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
     watch: tokio::sync::Mutex<Watch>,
+    /// Several daemons: where each activated bundle is kept so the others serve it too.
+    releases: Option<Arc<dyn ReleaseStore>>,
+}
+
+/// Signed bundles by version, shared by the daemons of one ledger (PostgreSQL).
+pub trait ReleaseStore: Send + Sync + 'static {
+    fn put<'a>(&'a self, version: &'a str, bundle: &'a [u8]) -> BoxFuture<'a, Result<(), String>>;
+    fn get<'a>(&'a self, version: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>>;
 }
 
 impl PolicyController {
@@ -102,7 +111,7 @@ impl PolicyController {
         let signed = matches!(self.source, PolicySource::Bundle { .. });
         let keys = self.loader.keys.clone();
         let td = self.loader.trust_domain.clone();
-        tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             if path.is_dir() {
                 if signed {
                     return Err(
@@ -110,15 +119,38 @@ impl PolicyController {
                     );
                 }
                 let files = PolicyFiles::read_dir(&path).map_err(|e| e.to_string())?;
-                return Release::build(&files, &td, None, None, path.display().to_string());
+                return Release::build(&files, &td, None, None, path.display().to_string()).map(|r| (r, None));
             }
             let bytes = read_bounded(&path)?;
             let bundle = Bundle::parse(&bytes).map_err(|e| e.to_string())?;
             let key_id = if signed { Some(bundle.verify(&keys).map_err(|e| e.to_string())?) } else { None };
             Release::build(&bundle.files, &td, bundle.manifest.label.clone(), key_id, path.display().to_string())
+                .map(|r| (r, Some(bytes)))
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let (release, bytes) = match built {
+            Ok(parts) => parts,
+            Err(e) => return Err(e),
+        };
+        // Several daemons: they shadow the same candidate, read from the shared ledger.
+        if let (Some(releases), Some(bytes), true) = (&self.releases, bytes, signed) {
+            releases.put(release.version(), &bytes).await.map_err(|e| format!("cannot share the candidate: {e}"))?;
+        }
+        Ok(release)
+    }
+
+    /// A candidate another daemon shadows, from the shared ledger, verified with this
+    /// daemon's trusted keys.
+    pub async fn shared_candidate(&self, version: &str) -> Result<Release, String> {
+        let releases = self.releases.as_ref().ok_or("this daemon shares no releases")?;
+        let bytes =
+            releases.get(version).await?.ok_or_else(|| format!("release {version} is not in the shared ledger"))?;
+        let release = self.loader.build(&Content::Bundle(bytes), format!("shared ledger (candidate {version})"))?;
+        if release.version() != version {
+            return Err(format!("the shared bundle for {version} builds as {}", release.version()));
+        }
+        Ok(release)
     }
 }
 
@@ -242,7 +274,86 @@ impl PolicyController {
             ledger,
             clock,
             watch: tokio::sync::Mutex::new(Watch { last_seen: Some(fingerprint), held }),
+            releases: None,
         })
+    }
+
+    /// Shares activations with the other daemons of the ledger: the active bundle is kept in
+    /// `releases` now and every later one before it is activated. Signed bundles only (a
+    /// `mayfly dev` tree is each daemon's own).
+    pub async fn share(&mut self, releases: Arc<dyn ReleaseStore>) -> Result<(), ActivationError> {
+        if !matches!(self.source, PolicySource::Bundle { .. }) {
+            return Ok(());
+        }
+        if let Ok(bytes) = std::fs::read(self.state_dir.join("current.bundle")) {
+            let version = self.store.current().version().to_owned();
+            releases.put(&version, &bytes).await.map_err(ActivationError::NoRelease)?;
+        }
+        self.releases = Some(releases);
+        Ok(())
+    }
+
+    /// Another daemon activated `version`: serve it here too (recorded here as well). A no-op
+    /// when it is already active; refused (and recorded) when it does not verify with this
+    /// daemon's trusted keys.
+    pub async fn adopt(&self, version: &str, via: &str) {
+        let mut watch = self.watch.lock().await;
+        if self.store.current().version() == version {
+            return;
+        }
+        let Some(releases) = &self.releases else { return };
+        let bytes = match releases.get(version).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return self.reject(&format!("release {version} is not in the shared ledger"), Some(version)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, version, "cannot read a release another daemon activated; retrying at its next change");
+                return;
+            }
+        };
+        let source = format!("shared ledger ({via})");
+        let built = self.loader.build(&Content::Bundle(bytes.clone()), source);
+        let release = match built {
+            Ok(r) if r.version() == version => Arc::new(r),
+            Ok(r) => {
+                let why = format!("the shared bundle for {version} builds as {}", r.version());
+                return self.reject(&why, Some(version)).await;
+            }
+            Err(why) => return self.reject(&why, Some(version)).await,
+        };
+        let current = self.store.current();
+        if let Err(e) = self.record(Event::PolicyActivated(activated(&release, Some(&current), via))).await {
+            tracing::error!(error = %e, version, "cannot record the adopted activation; keeping the current policy");
+            return;
+        }
+        persist_new(&self.state_dir, &bytes);
+        if watch.held.iter().any(|h| h == version) {
+            watch.held.retain(|h| h != version);
+            self.write_held(&watch.held);
+        }
+        self.store.activate(release);
+        tracing::info!(from = current.version(), to = version, via, "policy activated (another daemon's release)");
+    }
+
+    /// Another daemon rolled back from `from` to `to`: do the same here, and hold `from`.
+    pub async fn follow_rollback(&self, from: &str, to: &str, via: &str) {
+        let (current, previous) = (self.store.current(), self.store.previous());
+        if current.version() == from && previous.as_ref().is_some_and(|p| p.version() == to) {
+            let operator = Operator { daemon: Some(via.to_owned()), ..Operator::default() };
+            if let Err(e) = self.rollback(operator, &format!("rolled back by another daemon ({via})")).await {
+                tracing::error!(error = %e, from, to, "cannot follow another daemon's rollback");
+            }
+            return;
+        }
+        self.adopt(to, via).await;
+        // The release rolled back from is no rollback target here either.
+        self.store.forget(from);
+        let mut watch = self.watch.lock().await;
+        if !watch.held.iter().any(|h| h == from) {
+            watch.held.push(from.to_owned());
+        }
+        self.write_held(&watch.held);
     }
 
     pub fn store(&self) -> Arc<PolicyStore> {
@@ -320,6 +431,13 @@ impl PolicyController {
             return Polled::Rejected { why: format!("`{}`: {why}", release.version()) };
         }
         let release = Arc::new(release);
+        if let (Some(releases), Content::Bundle(bytes)) = (&self.releases, &candidate.content)
+            && let Err(e) = releases.put(release.version(), bytes).await
+        {
+            tracing::error!(error = %e, version = release.version(), "cannot share the release with the other daemons; not activating it yet");
+            watch.last_seen = None;
+            return Polled::Rejected { why: format!("the release cannot be shared with the other daemons: {e}") };
+        }
         if let Err(e) = self.record(Event::PolicyActivated(activated(&release, Some(&current), "watch"))).await {
             tracing::error!(error = %e, version = release.version(), "cannot record the activation; keeping the current policy");
             watch.last_seen = None;

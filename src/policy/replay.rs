@@ -380,7 +380,16 @@ pub(crate) mod tests {
 
     fn stored(seq: i64, at_ms: i64, e: Event) -> StoredEvent {
         let (kind, body) = (e.kind().as_str().to_owned(), e.body().unwrap());
-        StoredEvent { seq, at_ms, kind, body, prev_hash: String::new(), hash: String::new() }
+        StoredEvent {
+            chain: String::new(),
+            pos: seq,
+            seq,
+            at_ms,
+            kind,
+            body,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
     }
 
     fn traffic(live: &Release) -> Vec<StoredEvent> {

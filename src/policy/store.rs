@@ -90,6 +90,11 @@ impl PolicyStore {
         Some((from, to))
     }
 
+    /// Drops `version` from the history (another daemon rolled back from it).
+    pub fn forget(&self, version: &str) {
+        self.lock().retain(|r| r.version() != version);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Release>>> {
         // Why: the guarded list is only pushed to and popped whole; a panic elsewhere cannot
         // leave it half-written, so a poisoned lock is still consistent.

@@ -158,15 +158,17 @@ pub struct PlacedDeny {
     pub policy_name: String,
     pub source_identity: String,
     pub remove_after: i64,
-    /// The `revoked` event that placed it (the latest one, for a policy placed again).
+    /// The `revoked` event that placed it (the latest one, for a policy placed again): its
+    /// chain and sequence number.
+    pub placed_in_chain: String,
     pub placed_in: i64,
 }
 
 /// From `revoked` and `aws_deny_removed` events in order: every applied deny whose latest
 /// placement has no removal after it.
-pub fn outstanding(events: &[(EventId, Event)]) -> Vec<PlacedDeny> {
+pub fn outstanding(events: &[(String, EventId, Event)]) -> Vec<PlacedDeny> {
     let mut latest: HashMap<(String, String), PlacedDeny> = HashMap::new();
-    for (seq, e) in events {
+    for (chain, seq, e) in events {
         match e {
             Event::Revoked(r) => {
                 for d in r.aws.iter().flat_map(|a| &a.denies).filter(|d| d.applied) {
@@ -175,6 +177,7 @@ pub fn outstanding(events: &[(EventId, Event)]) -> Vec<PlacedDeny> {
                         policy_name: d.policy_name.clone().unwrap_or_default(),
                         source_identity: d.source_identity.clone().unwrap_or_default(),
                         remove_after: d.remove_after.unwrap_or(i64::MAX),
+                        placed_in_chain: chain.clone(),
                         placed_in: *seq,
                     };
                     latest.insert((deny.role.clone(), deny.policy_name.clone()), deny);
@@ -182,7 +185,9 @@ pub fn outstanding(events: &[(EventId, Event)]) -> Vec<PlacedDeny> {
             }
             Event::AwsDenyRemoved(removed) => {
                 let key = (removed.role.clone(), removed.policy_name.clone());
-                if latest.get(&key).is_some_and(|d| removed.placed_in == d.placed_in) {
+                let placed_by = removed.placed_in_chain.as_deref().unwrap_or_default();
+                if latest.get(&key).is_some_and(|d| removed.placed_in == d.placed_in && placed_by == d.placed_in_chain)
+                {
                     latest.remove(&key);
                 }
             }
@@ -215,10 +220,10 @@ impl DenySweep {
     /// One pass: how many denies were removed.
     pub async fn sweep(&self) -> Result<usize, LedgerError> {
         let filter = EventFilter::kinds(&[EventKind::Revoked, EventKind::AwsDenyRemoved]);
-        let events: Vec<(EventId, Event)> = crate::ledger::read_typed(self.reader.as_ref(), filter)
+        let events: Vec<(String, EventId, Event)> = crate::ledger::read_typed(self.reader.as_ref(), filter)
             .await?
             .into_iter()
-            .map(|(row, e)| (row.seq, e))
+            .map(|(row, e)| (row.chain, row.seq, e))
             .collect();
         let now = unix_secs(self.clock.now());
         let mut removed = 0;
@@ -229,6 +234,7 @@ impl DenySweep {
                         role: deny.role.clone(),
                         policy_name: deny.policy_name.clone(),
                         source_identity: Some(deny.source_identity.clone()),
+                        placed_in_chain: Some(deny.placed_in_chain.clone()).filter(|c| !c.is_empty()),
                         placed_in: deny.placed_in,
                         remove_after: Some(deny.remove_after),
                         existed,
@@ -392,9 +398,8 @@ mod tests {
     async fn the_sweep_removes_a_deny_once_the_role_maximum_has_passed_and_records_it_once() {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::ledger::Settings {
-            location: crate::ledger::Location::in_data_dir(dir.path()),
-            busy_timeout: Duration::from_secs(5),
             max_batch: 16,
+            ..crate::ledger::Settings::local(crate::ledger::Location::in_data_dir(dir.path()))
         };
         let opened = crate::ledger::open(&settings).await.unwrap();
         let (ledger, reader): (Arc<dyn Ledger>, _) = (Arc::new(opened.writer), opened.reader);
@@ -449,15 +454,15 @@ mod tests {
             })
         };
         let events = [
-            (1, revoked(deny("deploy", 100, true))),
-            (2, revoked(deny("read", 5, false))),
-            (3, revoked(deny("deploy", 200, true))),
-            (4, removed(1)),
+            (String::new(), 1, revoked(deny("deploy", 100, true))),
+            (String::new(), 2, revoked(deny("read", 5, false))),
+            (String::new(), 3, revoked(deny("deploy", 200, true))),
+            (String::new(), 4, removed(1)),
         ];
         let out = outstanding(&events);
         assert_eq!(out.len(), 1, "a removal of an older placement does not end a newer one: {out:?}");
         assert_eq!((out[0].remove_after, out[0].placed_in), (200, 3));
-        let done = [(1, revoked(deny("deploy", 100, true))), (2, removed(1))];
+        let done = [(String::new(), 1, revoked(deny("deploy", 100, true))), (String::new(), 2, removed(1))];
         assert!(outstanding(&done).is_empty());
     }
 }

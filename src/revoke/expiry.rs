@@ -64,7 +64,7 @@ impl ExpirySweep {
             if batch.is_empty() {
                 return Ok(());
             }
-            for (_, c) in batch {
+            for c in batch.into_iter().map(|r| r.credential) {
                 if !self.revocations.is_revoked(&c.id) {
                     let emergency = self.emergency.is_flagged(&c.id);
                     let expired = Expired {

@@ -208,13 +208,21 @@ impl Running {
     }
 
     pub async fn credentials(&self) -> Vec<CredentialRecord> {
-        self.reader().await.credentials(CredentialFilter::All).await.unwrap().into_iter().map(|(_, c)| c).collect()
+        self.reader()
+            .await
+            .credentials(CredentialFilter::All)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.credential)
+            .collect()
     }
 
     /// The SQLite file itself, for tests that lock or edit it behind the daemon's back.
     pub fn ledger_file(&self) -> PathBuf {
         match &self.location {
             Location::Sqlite(path) => path.clone(),
+            Location::Postgres(target) => panic!("no ledger file: the ledger is in {target}"),
         }
     }
 
