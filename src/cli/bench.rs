@@ -94,6 +94,7 @@ pub enum Command {
         /// The identity the callers of `--to` sockets get (e.g. the dev identity).
         #[arg(long)]
         identity: String,
+        /// How many lock propagations to time.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         trials: u32,
     },
@@ -389,7 +390,7 @@ async fn bench_propagation(admin_socket: &std::path::Path, to: &[PathBuf], ident
             let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
             v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
-        println!(
+        out!(
             "  {what}: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  ({} samples)",
             pct(0.5),
             pct(0.99),
@@ -397,7 +398,7 @@ async fn bench_propagation(admin_socket: &std::path::Path, to: &[PathBuf], ident
             v.len()
         );
     };
-    println!(
+    out!(
         "propagation over {} daemon(s), {trials} trials (the time from the admin call's answer to the first refusal or issuance there)",
         brokers.len()
     );
