@@ -93,6 +93,16 @@ pub fn aws_credentials(issued: &crate::issue::AwsCredential) -> pb::AwsCredentia
     }
 }
 
+/// The lifetime asked for and granted, on the wire.
+pub fn lifetime(l: &crate::issue::Lifetime) -> pb::Lifetime {
+    let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+    pb::Lifetime {
+        requested_seconds: secs(l.requested),
+        granted_seconds: secs(l.granted),
+        clamped_by: l.clamped_by.clone().unwrap_or_default(),
+    }
+}
+
 /// An issued credential of another kind than asked for: cannot happen (the pipeline mints
 /// the kind it was asked), answered as an internal error rather than a panic.
 pub fn wrong_kind() -> Status {

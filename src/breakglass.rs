@@ -216,7 +216,7 @@ impl BreakGlassDesk {
             self.denied(&who.record, &req, &why).await;
             return Err(IssueError::BreakGlass(why));
         }
-        let auth = match self.issuer.authorize(&who, &req.ask, ttl, None, &origin).await {
+        let mut auth = match self.issuer.authorize(&who, &req.ask, ttl, None, &origin).await {
             Ok(auth) => auth,
             Err(e) => {
                 // A refused emergency request is loud too (it was recorded by `authorize`).
@@ -224,6 +224,10 @@ impl BreakGlassDesk {
                 return Err(e);
             }
         };
+        if req.ttl > self.config.max_ttl {
+            auth.lifetime.requested = req.ttl.as_secs();
+            auth.lifetime.clamped_by.get_or_insert_with(|| "break_glass.max_ttl".into());
+        }
         #[derive(Serialize)]
         struct Requested<'a> {
             decision_id: EventId,
@@ -371,6 +375,16 @@ impl BreakGlassDesk {
             }),
             None => self.approvals.list(now),
         }
+    }
+
+    /// Requests waiting for approval on this daemon (what its metrics report).
+    pub fn pending_here(&self) -> usize {
+        self.approvals.list(self.clock.now()).len()
+    }
+
+    /// Who may approve from now on (a reload of `break_glass.approvers`).
+    pub fn set_approvers(&self, approvers: Vec<u32>) {
+        self.approvals.set_approvers(approvers);
     }
 
     /// Why this request is refused before policy is asked, if it is.

@@ -114,11 +114,40 @@ pub fn rfc3339(t: SystemTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// A lifetime for people, in its largest whole units: `1h`, `1h30m`, `90s` → `1m30s`.
+pub fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(d, "d"), (h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() { "0s".into() } else { out }
+}
+
+/// Unix seconds as RFC 3339 (UTC), for people; the number itself if it is out of range.
+pub fn rfc3339_secs(secs: i64) -> String {
+    match u64::try_from(secs) {
+        Ok(s) => rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)),
+        Err(_) => secs.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn durations_and_times_read_as_people_write_them() {
+        assert_eq!(human_duration(3600), "1h");
+        assert_eq!(human_duration(5400), "1h30m");
+        assert_eq!(human_duration(90), "1m30s");
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(rfc3339_secs(0), "1970-01-01T00:00:00Z");
+    }
 
     #[tokio::test]
     async fn a_fixed_clock_wakes_sleepers_only_when_set_past_their_deadline() {

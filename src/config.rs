@@ -49,6 +49,34 @@ pub struct RawConfig {
     #[serde(default)]
     pub attestation: RawAttestation,
     pub aws: Option<RawAws>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub listen: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// Metrics, health and logs (`[telemetry]`).
+#[derive(Clone, Debug, Default)]
+pub struct TelemetryConfig {
+    /// The plain-HTTP listener for /metrics, /healthz, /readyz; `None`: off.
+    pub listen: Option<std::net::SocketAddr>,
+    pub log_format: crate::telemetry::logging::LogFormat,
+    /// A level or filter directive (`info`, `mayfly=debug`); `None`: RUST_LOG, else info.
+    pub log_level: Option<String>,
+}
+
+/// The telemetry listener's address: `HOST:PORT`, or a bare `PORT` on loopback.
+pub fn telemetry_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|e| format!("`{text}`: {e} (HOST:PORT, or a port for 127.0.0.1)"))
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -308,6 +336,9 @@ pub struct Config {
     pub aws: Option<AwsConfig>,
     /// Signed checkpoints of the ledger (`[ledger] checkpoint_*`); `None`: not published.
     pub checkpoint: Option<crate::ledger::checkpoint::CheckpointSettings>,
+    pub telemetry: TelemetryConfig,
+    /// The file this was read from (a reload reads it again); `None` for `mayfly dev`.
+    pub file: Option<PathBuf>,
 }
 
 pub const DEV_TRUST_DOMAIN: &str = "mayfly.local";
@@ -318,7 +349,9 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let raw: RawConfig =
             toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
-        Self::try_from(raw)
+        let mut config = Self::try_from(raw)?;
+        config.file = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// `mayfly dev`: embedded defaults, a generated CA in the data dir, and the policies/
@@ -371,6 +404,7 @@ impl Config {
                 region: std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).ok(),
                 ..RawAws::default()
             }),
+            telemetry: RawTelemetry { listen: dev_net.telemetry, ..RawTelemetry::default() },
             break_glass: RawBreakGlass {
                 log_file: Some(data_dir_for_dev.join("break-glass.log")),
                 // Dev: root may approve (`sudo mayfly break-glass approve …`), never the requester.
@@ -396,6 +430,8 @@ pub struct DevNet {
     pub oidc_issuers: Vec<String>,
     /// STS and IAM at this URL (an emulator such as moto), region from AWS_REGION.
     pub aws_endpoint: Option<String>,
+    /// The telemetry listener (`HOST:PORT` or a port on loopback).
+    pub telemetry: Option<String>,
     /// The ledger in this PostgreSQL database, on a chain named after the socket path.
     pub postgres: Option<String>,
     /// Signed checkpoints of the ledger in this file (outside the data directory).
@@ -686,6 +722,31 @@ impl Config {
                 })
             }
         };
+        let telemetry = TelemetryConfig {
+            listen: raw
+                .telemetry
+                .listen
+                .as_deref()
+                .filter(|l| *l != "none")
+                .map(telemetry_address)
+                .transpose()
+                .map_err(key("telemetry.listen"))?,
+            log_format: raw
+                .telemetry
+                .log_format
+                .as_deref()
+                .map(crate::telemetry::logging::LogFormat::parse)
+                .transpose()
+                .map_err(key("telemetry.log_format"))?
+                .unwrap_or_default(),
+            log_level: match raw.telemetry.log_level {
+                Some(level) => {
+                    crate::telemetry::logging::check_level(&level).map_err(key("telemetry.log_level"))?;
+                    Some(level)
+                }
+                None => None,
+            },
+        };
         let max_binary_bytes = raw.attestation.max_binary_bytes.unwrap_or(256 * 1024 * 1024);
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
@@ -721,6 +782,8 @@ impl Config {
             max_binary_bytes,
             aws,
             checkpoint,
+            telemetry,
+            file: None,
         })
     }
 }

@@ -1,8 +1,15 @@
 //! Builds everything from `Config` — the only module that names concrete implementations —
 //! and runs it: each long-running service (listeners, policy watch, key watch, CRL
-//! publishing, expiry sweep, AWS deny sweep) lives in the module that owns it and runs
-//! here under one task set with one drain path: on shutdown the stop flag flips, in-flight
-//! requests finish (bounded by `DRAIN_LIMIT`), the stop is recorded and the ledger flushed.
+//! publishing, expiry sweep, AWS deny sweep, reloads) lives in the module that owns it and
+//! runs here under one task set with one drain path: on shutdown `/readyz` turns "draining"
+//! (and the service manager hears STOPPING=1), the stop flag flips, in-flight requests
+//! finish (bounded by `DRAIN_LIMIT`), the stop is recorded and the ledger flushed; the
+//! telemetry listener stops last. A reload (`ReloadHandle`, SIGHUP) is `reload`'s.
+
+mod counted;
+mod reload;
+
+pub use reload::ReloadHandle;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::admin::AdminService;
@@ -44,6 +51,9 @@ use crate::revoke::aws::{AwsRevoker, DenySweep};
 use crate::revoke::expiry::ExpirySweep;
 use crate::revoke::publish::BundlePublisher;
 use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
+use crate::telemetry::health::Health;
+use crate::telemetry::layer::RequestMetricsLayer;
+use crate::telemetry::{Metrics, notify};
 use crate::validate::Validator;
 
 pub use crate::api::serve::DRAIN_LIMIT;
@@ -78,7 +88,7 @@ const DENY_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The bound TLS listener and what it serves under.
 struct NetListener {
     tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: serve::TlsConfig,
     jwt_issuer: String,
 }
 
@@ -104,11 +114,20 @@ pub struct Daemon {
     /// STS and IAM, when `[aws]` is configured.
     aws: Option<Arc<crate::aws::SdkAws>>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// The telemetry listener, when `[telemetry] listen` (or `dev --telemetry`) is set.
+    telemetry: Option<tokio::net::TcpListener>,
+    /// The exchange's token verifier (its trusted issuers are reloadable).
+    oidc: Option<Arc<OidcVerifier>>,
+    reloads: (mpsc::Sender<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>, ReloadRequests),
     /// Several daemons share the ledger.
     cluster: Option<Cluster>,
     /// Publishes signed checkpoints of this daemon's chain.
     checkpointer: Option<Arc<tokio::sync::Mutex<Checkpointer>>>,
 }
+
+type ReloadRequests = mpsc::Receiver<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>;
 
 impl Daemon {
     /// Loads keys, policy and inventory, opens the ledger and binds the sockets. When this
@@ -140,6 +159,8 @@ impl Daemon {
         let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
         let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
+        let metrics = Arc::new(Metrics::new());
+        ledger.observe(metrics.clone());
         // Several daemons share the ledger: what they share is wired through `cluster`.
         let cluster = opened.shared.map(Cluster::new);
         let ca_fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca.cert_der()));
@@ -147,6 +168,14 @@ impl Daemon {
         // socket, and a second daemon must not append to this ledger.
         let listener = serve::bind_socket(&config.socket, 0o666)?;
         let admin = config.admin_socket.as_deref().map(|path| serve::bind_socket(path, 0o600)).transpose()?;
+        let telemetry = match config.telemetry.listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|e| ServeError::Listen { address: address.to_string(), why: e.to_string() })?,
+            ),
+            None => None,
+        };
         if let (Some(path), Some(uid)) = (&config.admin_socket, config.admin_owner_uid) {
             // Why chown rather than widen the mode: the socket stays 0600, for exactly one owner.
             rustix::fs::chown(path, Some(rustix::fs::Uid::from_raw(uid)), None).map_err(|e| ServeError::Socket {
@@ -197,8 +226,8 @@ impl Daemon {
         let entries = store.current().inventory.entries().len();
         let net = match (tcp, &config.listen) {
             (Some(tcp), Some(listen)) => {
-                let acceptor = serve::tls_acceptor(&listen.tls, &ca, bound, now)?;
-                Some(NetListener { tcp, acceptor, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
+                let tls = Arc::new(arc_swap::ArcSwap::new(serve::tls_config(&listen.tls, &ca, bound, now)?));
+                Some(NetListener { tcp, tls, jwt_issuer: jwt_issuer.clone().unwrap_or_default() })
             }
             _ => None,
         };
@@ -216,6 +245,7 @@ impl Daemon {
         };
         let aws_minter = match (&aws, &config.aws) {
             (Some(sdk), Some(a)) => {
+                let sts = Arc::new(counted::CountedSts { inner: sdk.clone(), metrics: metrics.clone() });
                 let mode = match a.mode {
                     AwsMode::AssumeRole => crate::mint::aws::Mode::AssumeRole,
                     AwsMode::WebIdentity => crate::mint::aws::Mode::WebIdentity {
@@ -229,24 +259,25 @@ impl Daemon {
                     backoff: Duration::from_millis(200),
                     max_in_flight: a.max_in_flight,
                 };
-                Some(Arc::new(AwsMinter::new(sdk.clone(), Some(sdk.clone()), mode, limits)))
+                Some(Arc::new(AwsMinter::new(sts, Some(sdk.clone()), mode, limits)))
             }
             _ => None,
         };
-        let exchange = match &net {
+        let oidc = match &net {
             Some(_) => {
                 let source = HttpKeySource::new().map_err(|e| DaemonError::Oidc(e.to_string()))?;
-                Some(ExchangeSettings {
-                    verifier: Arc::new(match &cluster {
-                        Some(c) => OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source))
-                            .with_replay(Arc::new(c.clone())),
-                        None => OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source)),
-                    }),
-                    trust_domain: config.trust_domain.clone(),
-                })
+                let source = counted::CountedKeys { inner: Arc::new(source), metrics: metrics.clone() };
+                let verifier = OidcVerifier::new(config.oidc_issuers.clone(), Arc::new(source));
+                Some(Arc::new(match &cluster {
+                    Some(c) => verifier.with_replay(Arc::new(c.clone())),
+                    None => verifier,
+                }))
             }
             None => None,
         };
+        let exchange = oidc
+            .as_ref()
+            .map(|verifier| ExchangeSettings { verifier: verifier.clone(), trust_domain: config.trust_domain.clone() });
         let issuer = Issuer::new(Parts {
             attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             policy: store,
@@ -257,7 +288,8 @@ impl Daemon {
             emergency: emergency.clone(),
             shadow: shadow.clone(),
             exchange,
-        });
+        })
+        .with_metrics(metrics.clone());
         let issuer = Arc::new(match &cluster {
             Some(c) => issuer.with_freshness(Arc::new(c.clone())),
             None => issuer,
@@ -299,6 +331,8 @@ impl Daemon {
             }),
         };
         ledger.record(clock.now(), Event::DaemonStarted(started)).await.map_err(ledger_err)?;
+        let health = Arc::new(readiness(&ledger, &policy, &minter, &clock));
+        sample_state(&metrics, &policy, &minter, &jwt, &desk, &revocations, &clock);
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
         if let Some(addr) = bound {
             tracing::info!(listen = %addr, jwt_issuer = jwt_issuer.as_deref().unwrap_or_default(), issuers = config.oidc_issuers.len(), "TLS listener ready: token exchange, OIDC discovery, JWKS");
@@ -323,6 +357,11 @@ impl Daemon {
             net,
             aws,
             clock,
+            metrics,
+            health,
+            telemetry,
+            oidc,
+            reloads: mpsc::channel(4),
             cluster,
             checkpointer,
         })
@@ -330,6 +369,21 @@ impl Daemon {
 
     pub fn socket(&self) -> &Path {
         &self.config.socket
+    }
+
+    /// The telemetry listener's bound address, when there is one.
+    pub fn telemetry_address(&self) -> Option<std::net::SocketAddr> {
+        self.telemetry.as_ref().and_then(|t| t.local_addr().ok())
+    }
+
+    /// Asks the daemon (once it runs) to reload; SIGHUP does this.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle { tx: self.reloads.0.clone() }
+    }
+
+    /// The daemon's metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The TLS listener's bound address, when there is one.
@@ -359,12 +413,24 @@ impl Daemon {
             net,
             aws,
             clock,
+            metrics,
+            health,
+            telemetry,
+            oidc,
+            reloads,
             cluster,
             checkpointer,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
         let poll = config.policy_poll;
+        // Why its own stop flag: the telemetry listener outlives the drain, so /readyz
+        // answers "draining" while in-flight requests finish.
+        let telemetry_stop = watch::Sender::new(false);
+        let telemetry_task = telemetry.map(|tcp| {
+            let router = crate::telemetry::listener::router(metrics.clone(), health.clone());
+            tokio::spawn(crate::telemetry::listener::serve(tcp, router, telemetry_stop.subscribe()))
+        });
 
         // The workload socket: mayfly.v1 and the SPIFFE Workload API.
         let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
@@ -378,19 +444,27 @@ impl Daemon {
             jwt_ttl: config.jwt_ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(
-            issuer.clone(),
-            validator.clone(),
-            policy.store(),
-            revocations.clone(),
-            clock.clone(),
-            settings,
-            publisher.subscribe(),
-            tasks.stop(),
-        ))
+        let workload_api = SpiffeWorkloadApiServer::new(
+            WorkloadApiService::new(
+                issuer.clone(),
+                validator.clone(),
+                policy.store(),
+                revocations.clone(),
+                clock.clone(),
+                settings,
+                publisher.subscribe(),
+                tasks.stop(),
+            )
+            .with_metrics(metrics.clone()),
+        )
         .max_decoding_message_size(config.max_request_bytes);
         let routes = tonic::service::Routes::new(broker).add_service(workload_api);
-        tasks.spawn("workload socket", serve::workload(listener, routes, config.request_timeout, tasks.stop()));
+        let timed = |listener| RequestMetricsLayer::new(metrics.clone(), listener);
+        tasks.spawn(
+            "workload socket",
+            serve::workload(listener, routes, config.request_timeout, timed("workload"), tasks.stop()),
+        );
+        let tls_config = net.as_ref().map(|n| n.tls.clone());
 
         if let (Some(net), Some(listen)) = (net, &config.listen) {
             let api = ExchangeApi::new(
@@ -405,8 +479,11 @@ impl Daemon {
             )
             .with_bundles(publisher.subscribe())
             .with_aws_ttl(aws_ttl);
-            let router = api.router(listen.max_request_bytes);
-            tasks.spawn("TLS listener", serve::tls(net.tcp, net.acceptor, router, tasks.stop()));
+            let router = api
+                .router(listen.max_request_bytes)
+                .merge(crate::telemetry::health::routes(health.clone()))
+                .layer(timed("tls"));
+            tasks.spawn("TLS listener", serve::tls(net.tcp, net.tls, router, tasks.stop()));
         }
         if let Some(listener) = admin {
             let responders = Arc::new(Desk {
@@ -431,7 +508,10 @@ impl Daemon {
             ))
             .max_decoding_message_size(64 * 1024);
             let routes = tonic::service::Routes::new(service);
-            tasks.spawn("admin socket", serve::admin(listener, routes, config.request_timeout, tasks.stop()));
+            tasks.spawn(
+                "admin socket",
+                serve::admin(listener, routes, config.request_timeout, timed("admin"), tasks.stop()),
+            );
         }
 
         tasks.spawn("policy watch", ok(policy.clone().watch(poll, tasks.stop())));
@@ -448,7 +528,21 @@ impl Daemon {
             clock.clone(),
             config.max_ttl.as_duration(),
         );
-        tasks.spawn("key watch", ok(key_watch.run(poll, tasks.stop())));
+        let key_watch = Arc::new(tokio::sync::Mutex::new(key_watch));
+        tasks.spawn("key watch", ok(KeyWatch::run(key_watch.clone(), poll, tasks.stop())));
+        let reloader = reload::Reloader {
+            running: config.clone(),
+            policy: policy.clone(),
+            tls: tls_config,
+            keys: key_watch,
+            oidc,
+            desk: desk.clone(),
+            ledger: as_ledger.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        };
+        let (_, reload_requests) = reloads;
+        tasks.spawn("reloads", reloader.run(reload_requests, tasks.stop()));
         if let (Some(c), Some(settings)) = (&checkpointer, &config.checkpoint) {
             tasks.spawn("checkpoints", ok(Checkpointer::run(c.clone(), settings.interval, tasks.stop())));
         }
@@ -497,7 +591,12 @@ impl Daemon {
             }
         }
 
+        // Every socket serves: tell the service manager (systemd Type=notify).
+        notify::notify("READY=1");
         shutdown.await;
+        health.set_draining();
+        notify::notify("STOPPING=1");
+        tracing::info!("draining: /readyz answers 503 until the daemon has stopped");
         let clean = tasks.drain(DRAIN_LIMIT).await;
         let _ = std::fs::remove_file(&config.socket);
         if let Some(path) = &config.admin_socket {
@@ -520,6 +619,10 @@ impl Daemon {
                 Ok(size) => tracing::info!(size, "final checkpoint published"),
                 Err(e) => tracing::error!(error = %e, "the final checkpoint failed"),
             }
+        }
+        telemetry_stop.send_replace(true);
+        if let Some(task) = telemetry_task {
+            let _ = task.await;
         }
         tracing::info!("mayfly stopped");
         clean.map_err(DaemonError::Stopped)?;
@@ -569,6 +672,59 @@ impl Tasks {
         }
         if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
+}
+
+/// What `/readyz` checks: the ledger can be written, a policy release is active, the CA
+/// that signs is loaded and not expired.
+fn readiness(
+    ledger: &Arc<GroupCommitLedger>,
+    policy: &Arc<PolicyController>,
+    minter: &Arc<X509Minter>,
+    clock: &Arc<dyn Clock>,
+) -> Health {
+    // Why weak: the writer task ends only when every handle is gone, and the health (held
+    // by the telemetry listener) outlives the ledger at shutdown.
+    let (ledger, store, minter, clock) = (Arc::downgrade(ledger), policy.store(), minter.clone(), clock.clone());
+    Health::new()
+        .probe("ledger", move || match ledger.upgrade() {
+            Some(l) => l.writable().map(|()| "writable".to_owned()),
+            None => Err("the ledger is closed (the daemon is stopping)".to_owned()),
+        })
+        .probe("policy", move || Ok(format!("release {} active", store.current().version())))
+        .probe("ca", move || {
+            let not_after = minter.active_ca_not_after();
+            if not_after > clock.now() {
+                Ok(format!("loaded, valid until {}", crate::clock::rfc3339(not_after)))
+            } else {
+                Err(format!("the signing CA expired at {}", crate::clock::rfc3339(not_after)))
+            }
+        })
+}
+
+/// State the metrics read at each scrape.
+fn sample_state(
+    metrics: &Metrics,
+    policy: &Arc<PolicyController>,
+    minter: &Arc<X509Minter>,
+    jwt: &Arc<Es256Minter>,
+    desk: &Arc<BreakGlassDesk>,
+    revocations: &Arc<Revocations>,
+    clock: &Arc<dyn Clock>,
+) {
+    // Why weak: the desk holds the issuer, which holds the ledger and these metrics.
+    let (store, minter, jwt, desk, revocations, clock) =
+        (policy.store(), minter.clone(), jwt.clone(), Arc::downgrade(desk), revocations.clone(), clock.clone());
+    metrics.sample_with(move |m| {
+        let release = store.current();
+        let p = &release.provenance;
+        m.set_policy_release(&p.version, p.label.as_deref(), p.signed_by.as_deref());
+        m.set_ca_not_after(minter.active_ca_not_after());
+        m.set_jwt_keys(&jwt.active_kid(), &jwt.retired_keys());
+        if let Some(desk) = desk.upgrade() {
+            m.set_break_glass_pending(desk.pending_here());
+        }
+        m.set_locks_active(revocations.live_locks(clock.now()));
+    });
 }
 
 /// A service that cannot fail, as a task.

@@ -196,11 +196,37 @@ pub(crate) struct Identified {
     pub(crate) uid: Option<u32>,
 }
 
+/// The lifetime asked for, the one policy granted, and what capped it when it is shorter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    pub requested: u64,
+    pub granted: u64,
+    /// The rule whose `@max_ttl` capped the request (or a setting, `break_glass.max_ttl`).
+    pub clamped_by: Option<String>,
+}
+
+impl Lifetime {
+    /// For people: "granted 1h (requested 13h; capped by rule `x`)", or "" when not shortened.
+    pub fn note(&self) -> Option<String> {
+        (self.granted < self.requested).then(|| {
+            let by = self.clamped_by.as_deref().map(|r| format!("; capped by `{r}`")).unwrap_or_default();
+            format!(
+                "granted {} instead of the {} requested{by}",
+                crate::clock::human_duration(self.granted),
+                crate::clock::human_duration(self.requested)
+            )
+        })
+    }
+}
+
 /// What an allowed request may mint, and the decision event that allowed it.
 pub(crate) struct Authorized {
     pub(crate) grants: Vec<Grant>,
     pub(crate) identity: WorkloadId,
     pub(crate) decision_id: EventId,
+    /// The deciding rules (for the issuance's log line).
+    pub(crate) rules: Vec<String>,
+    pub(crate) lifetime: Lifetime,
     pub(crate) now: SystemTime,
     /// A permitting rule says `@approval("required")` (break-glass only).
     pub(crate) needs_approval: bool,
@@ -233,6 +259,8 @@ pub struct Issuer {
     /// JWT audiences no JWT-SVID is issued for: the audience of mayfly's own STS
     /// web-identity assertions (policy denies them, rule `mayfly-reserved-audience`).
     reserved_audiences: Vec<String>,
+    /// Counts decisions and issuances once the ledger has them.
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// Several daemons: how current the shared state is.
     freshness: Option<Arc<dyn Freshness>>,
 }
@@ -252,8 +280,19 @@ impl Issuer {
             shadow: parts.shadow,
             exchange: parts.exchange,
             reserved_audiences,
+            metrics: None,
             freshness: None,
         }
+    }
+
+    /// Reports every recorded decision and issuance to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub(crate) fn metrics(&self) -> Option<&crate::telemetry::Metrics> {
+        self.metrics.as_deref()
     }
 
     /// Refuses issuance while the view of the state shared with other daemons is stale.
@@ -474,16 +513,28 @@ impl Issuer {
             request: Some(request(dev_identity)),
             ..origin_fields(origin)
         };
+        let deciding = decision.rules.clone();
         let decision_id = self.record_decision(decision, now).await?;
         if !allowed {
-            tracing::info!(identity = %entry.id, decision_id, reason = %explain, "issuance denied");
+            tracing::info!(
+                identity = %entry.id, decision_id, kind = kind.as_str(), api = origin.api, rules = %deciding.join(","),
+                policy_version = release.version(), reason = %explain, "issuance denied"
+            );
             let rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
             return Err(IssueError::Denied { explain, rules });
         }
+        let clamped_by = decisions.iter().find_map(|d| match &d.verdict {
+            crate::policy::Verdict::Allow(g) => g.clamped_by().map(str::to_owned),
+            crate::policy::Verdict::Deny => None,
+        });
+        let lifetime =
+            Lifetime { requested: ttl.as_secs(), granted: granted_ttl_secs.unwrap_or(ttl.as_secs()), clamped_by };
         Ok(Authorized {
             grants: decisions.into_iter().filter_map(Decision::into_grant).collect(),
             identity: entry.id.clone(),
             decision_id,
+            rules: deciding,
+            lifetime,
             now,
             needs_approval: origin.emergency.is_some() && needs_approval,
             provenance: who.provenance.clone(),
@@ -492,7 +543,9 @@ impl Issuer {
 
     /// Records a refusal as a `decision` (deny, no rules, the reason).
     pub(crate) async fn refuse(&self, r: Refusal<'_>) -> Result<EventId, LedgerError> {
-        tracing::info!(caller = ?r.caller, reason = r.reason, "issuance refused");
+        let (kind, api, identity) = (r.kind.as_str(), r.origin.api, r.identity.map(ToString::to_string));
+        let (uid, pid, remote) = (r.caller.uid, r.caller.pid, r.caller.remote.clone());
+        let reason = r.reason.clone();
         let decision = event::Decision {
             action: format!("issue_{}", r.kind.as_str()),
             outcome: event::Verdict::Deny,
@@ -504,14 +557,31 @@ impl Issuer {
             request: r.request,
             ..origin_fields(r.origin)
         };
-        self.record_decision(decision, self.clock.now()).await
+        let decision_id = self.record_decision(decision, self.clock.now()).await?;
+        tracing::info!(
+            decision_id,
+            kind,
+            api,
+            identity = identity.unwrap_or_default(),
+            uid,
+            pid,
+            remote,
+            rules = "",
+            reason,
+            "issuance refused"
+        );
+        Ok(decision_id)
     }
 
     /// The one place a `decision` is written. A decision that carries its request is also
     /// decided under the shadow candidate, if there is one (never acted on).
     async fn record_decision(&self, decision: event::Decision, now: SystemTime) -> Result<EventId, LedgerError> {
         let shadowed = self.shadow.is_on().then(|| decision.clone());
+        let counted = self.metrics.as_ref().map(|m| (m.clone(), decision.outcome, decision.rules.clone()));
         let id = self.ledger.record(now, event::Event::Decision(decision)).await?;
+        if let Some((metrics, outcome, rules)) = counted {
+            metrics.decision(outcome, &rules);
+        }
         if let Some(decision) = shadowed {
             self.shadow.observe(&decision, id, now);
         }

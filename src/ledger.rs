@@ -21,8 +21,9 @@ pub mod sqlite;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -449,10 +450,26 @@ struct Pending {
     ack: oneshot::Sender<Result<EventId, LedgerError>>,
 }
 
+/// Told about the writer's work (telemetry): each committed (or failed) group, and each
+/// event once it is durable. Called on the writer's and the callers' tasks: keep it cheap.
+pub trait Observer: Send + Sync + 'static {
+    fn batch(&self, events: usize, took: Duration, committed: bool);
+    fn recorded(&self, event: &Event);
+}
+
+/// What the writer task and its handles share.
+#[derive(Default)]
+struct Shared {
+    observer: OnceLock<Arc<dyn Observer>>,
+    /// The last group failed to commit (cleared by the next one that commits).
+    failing: AtomicBool,
+}
+
 /// The group-commit writer in front of a `Backend`.
 #[derive(Clone)]
 pub struct GroupCommitLedger {
     tx: mpsc::Sender<Pending>,
+    shared: Arc<Shared>,
 }
 
 impl GroupCommitLedger {
@@ -461,8 +478,26 @@ impl GroupCommitLedger {
     pub async fn start<B: Backend>(mut backend: B, max_batch: usize) -> Result<(Self, JoinHandle<()>), LedgerError> {
         let head = backend.head().await?;
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-        let task = tokio::spawn(write_loop(backend, rx, head, max_batch.max(1)));
-        Ok((Self { tx }, task))
+        let shared = Arc::new(Shared::default());
+        let task = tokio::spawn(write_loop(backend, rx, head, max_batch.max(1), shared.clone()));
+        Ok((Self { tx, shared }, task))
+    }
+
+    /// Reports the writer's work to `observer` from now on (set once; later calls are ignored).
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = self.shared.observer.set(observer);
+    }
+
+    /// Whether events can be recorded now: the writer runs and its last commit succeeded
+    /// (readiness; it recovers with the next group that commits).
+    pub fn writable(&self) -> Result<(), String> {
+        if self.tx.is_closed() {
+            return Err("the ledger writer has stopped".into());
+        }
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return Err("the last ledger commit failed".into());
+        }
+        Ok(())
     }
 }
 
@@ -472,14 +507,22 @@ impl Ledger for GroupCommitLedger {
             // Why encode here: callers run in parallel, the writer task is one thread.
             let kind = event.kind();
             let body = event.body().map_err(|e| LedgerError::Encode(e.to_string()))?;
-            let credential = match event {
-                Event::Issued(i) => Some(i.credential),
-                _ => None,
+            let observer = self.shared.observer.get();
+            let (credential, event) = match (event, observer) {
+                // Why clone only when observed: the event is needed again once durable.
+                (Event::Issued(i), Some(_)) => (Some(i.credential.clone()), Some(Event::Issued(i))),
+                (Event::Issued(i), None) => (Some(i.credential), None),
+                (other, Some(_)) => (None, Some(other)),
+                (_, None) => (None, None),
             };
             let (ack, done) = oneshot::channel();
-            let event = NewEvent { kind, at, body, credential };
-            self.tx.send(Pending { event, ack }).await.map_err(|_| LedgerError::WriterStopped)?;
-            done.await.map_err(|_| LedgerError::WriterStopped)?
+            let new = NewEvent { kind, at, body, credential };
+            self.tx.send(Pending { event: new, ack }).await.map_err(|_| LedgerError::WriterStopped)?;
+            let id = done.await.map_err(|_| LedgerError::WriterStopped)??;
+            if let (Some(observer), Some(event)) = (observer, event) {
+                observer.recorded(&event);
+            }
+            Ok(id)
         })
     }
 }
@@ -489,6 +532,7 @@ async fn write_loop<B: Backend>(
     mut rx: mpsc::Receiver<Pending>,
     head: Option<(EventId, String)>,
     max_batch: usize,
+    shared: Arc<Shared>,
 ) {
     let (mut last_seq, mut last_hash) = head.unwrap_or((0, GENESIS.to_owned()));
     let mut batch = Vec::with_capacity(max_batch);
@@ -539,7 +583,13 @@ async fn write_loop<B: Backend>(
             }
             prev = hash;
         }
-        match backend.append(&rows, &credentials).await {
+        let started = Instant::now();
+        let appended = backend.append(&rows, &credentials).await;
+        shared.failing.store(appended.is_err(), Ordering::Relaxed);
+        if let Some(observer) = shared.observer.get() {
+            observer.batch(rows.len(), started.elapsed(), appended.is_ok());
+        }
+        match appended {
             Ok(()) => {
                 last_seq = seq;
                 last_hash = prev;
@@ -612,6 +662,40 @@ mod tests {
         assert_eq!(ids, (1..=200).collect::<Vec<_>>());
         assert!(backend.batches() < 200, "expected group commits, got {} batches", backend.batches());
         assert_eq!(verify_chain(&backend.events()), Ok(200));
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        batches: std::sync::Mutex<Vec<(usize, bool)>>,
+        events: std::sync::Mutex<Vec<EventKind>>,
+    }
+
+    impl Observer for Seen {
+        fn batch(&self, events: usize, _took: Duration, committed: bool) {
+            self.batches.lock().unwrap().push((events, committed));
+        }
+
+        fn recorded(&self, event: &Event) {
+            self.events.lock().unwrap().push(event.kind());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_durable_events_only_and_readiness_follows_the_last_commit() {
+        let backend = MemoryBackend::default();
+        let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 8).await.unwrap();
+        let seen = Arc::new(Seen::default());
+        ledger.observe(seen.clone());
+        ledger.record(AT, event(1)).await.unwrap();
+        assert!(ledger.writable().is_ok());
+        backend.set_failing(true);
+        assert!(ledger.record(AT, event(2)).await.is_err());
+        assert_eq!(ledger.writable().unwrap_err(), "the last ledger commit failed");
+        backend.set_failing(false);
+        ledger.record(AT, event(3)).await.unwrap();
+        assert!(ledger.writable().is_ok(), "the next commit clears it");
+        assert_eq!(*seen.batches.lock().unwrap(), vec![(1, true), (1, false), (1, true)]);
+        assert_eq!(seen.events.lock().unwrap().len(), 2, "the failed event was not counted");
     }
 
     #[tokio::test]

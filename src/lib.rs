@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod mint;
 pub mod policy;
 pub mod revoke;
+pub mod telemetry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod validate;

@@ -196,9 +196,17 @@ pub struct Grant {
     ttl: Ttl,
     /// For an AWS role: the session policy, tags and ceiling the permitting rules set.
     aws: Option<Box<aws::AwsGrant>>,
+    /// The rule whose `@max_ttl` made `ttl` shorter than the request, if one did.
+    clamped_by: Option<String>,
 }
 
 impl Grant {
+    /// The rule whose `@max_ttl` cut the requested lifetime down, if the request asked for
+    /// more than the rules allow.
+    pub fn clamped_by(&self) -> Option<&str> {
+        self.clamped_by.as_deref()
+    }
+
     pub fn identity(&self) -> &WorkloadId {
         &self.identity
     }
@@ -224,18 +232,18 @@ impl Grant {
 
     #[cfg(test)]
     pub(crate) fn for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
-        Self { identity, resource: Resource::X509, ttl, aws: None }
+        Self { identity, resource: Resource::X509, ttl, aws: None, clamped_by: None }
     }
 
     #[cfg(test)]
     pub(crate) fn jwt_for_tests(identity: WorkloadId, audience: &str, ttl: Ttl) -> Self {
-        Self { identity, resource: Resource::Jwt { audience: audience.into() }, ttl, aws: None }
+        Self { identity, resource: Resource::Jwt { audience: audience.into() }, ttl, aws: None, clamped_by: None }
     }
 
     #[cfg(test)]
     pub(crate) fn aws_for_tests(identity: WorkloadId, role: &str, ttl: Ttl, aws: aws::AwsGrant) -> Self {
         let role = AwsRole::parse(role).unwrap();
-        Self { identity, resource: Resource::Aws { role }, ttl, aws: Some(Box::new(aws)) }
+        Self { identity, resource: Resource::Aws { role }, ttl, aws: Some(Box::new(aws)), clamped_by: None }
     }
 }
 

@@ -119,6 +119,12 @@ impl Revocations {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// How many locks are in force at `now`.
+    pub fn live_locks(&self, now: SystemTime) -> usize {
+        let now = unix_secs(now);
+        self.read().locks.values().filter(|l| l.until.is_none_or(|u| now < u)).count()
+    }
+
     /// The lock set on exactly this target (identity or prefix), live or not.
     pub fn lock_for_target(&self, target: &str) -> Option<Lock> {
         self.read().locks.get(target).cloned()
@@ -260,7 +266,10 @@ pub struct Found {
 
 #[derive(Debug)]
 pub struct RevokeOutcome {
+    /// What the target matched; `revoked` says whether each was revoked before this call.
     pub found: Vec<Found>,
+    /// The identity was already locked (by exactly this target) before this call.
+    pub already_locked: bool,
     pub lock: Option<Lock>,
     /// False when the ledger could not record it: applied in memory only, lost at restart.
     pub durable: bool,
@@ -393,6 +402,12 @@ impl Desk {
         let reason = check_reason(reason)?;
         let found = self.find(&target, all).await?;
         let now = self.clock.now();
+        let already_locked = match &target {
+            Target::Identity(id) => {
+                self.revocations.lock_for_target(id).is_some_and(|l| l.until.is_none_or(|u| unix_secs(now) < u))
+            }
+            _ => false,
+        };
         let lock = match &target {
             Target::Identity(id) => Some(Lock {
                 target: id.clone(),
@@ -411,7 +426,7 @@ impl Desk {
             let call =
                 event::Admin { call: "revoke".into(), operator: Some(operator), details, ..event::Admin::default() };
             let event_id = self.record(Event::Admin(call)).await.ok();
-            return Ok(RevokeOutcome { found, lock, durable: event_id.is_some(), event_id, aws: None });
+            return Ok(RevokeOutcome { found, already_locked, lock, durable: event_id.is_some(), event_id, aws: None });
         }
         let list: Vec<Revoked> = found
             .iter()
@@ -463,12 +478,11 @@ impl Desk {
         if let Some(lock) = &lock {
             self.revocations.apply_lock(lock.clone());
         }
-        tracing::warn!(target = %target.describe(), revoked = list.len(), locked = lock.is_some(), durable, reason, "revocation applied");
-        let mut found = found;
-        for f in &mut found {
-            f.revoked = true;
-        }
-        Ok(RevokeOutcome { found, lock, durable, event_id: recorded.ok(), aws })
+        tracing::warn!(
+            target = %target.describe(), revoked = list.len(), already_revoked = found.len() - list.len(),
+            locked = lock.is_some(), durable, reason, "revocation applied"
+        );
+        Ok(RevokeOutcome { found, already_locked, lock, durable, event_id: recorded.ok(), aws })
     }
 
     pub async fn lock(

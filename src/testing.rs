@@ -137,7 +137,7 @@ impl IssuerBuilder {
         };
         let clock = Arc::new(FixedClock::new(now));
         let dyn_clock: Arc<dyn Clock> = clock.clone();
-        let policy = Arc::new(PolicyStore::new(Arc::new(self.release), None));
+        let policy = Arc::new(PolicyStore::new(Arc::new(self.release), Vec::new()));
         let revocations = Arc::new(Revocations::default());
         let emergency = Arc::new(EmergencyLog::new(self.elevated, Vec::new(), ledger.clone(), dyn_clock.clone()));
         let shadow = Arc::new(Shadow::new(policy.clone(), ledger.clone(), dyn_clock.clone()));

@@ -219,6 +219,12 @@ async fn a_signed_release_is_activated_hot_bad_ones_are_refused_and_an_operator_
     let status = client.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.current.unwrap().version, v1.version());
     assert_eq!(status.held, v2.version());
+    // Rolling back again does not return to the release just rolled back from: the history
+    // held only v1, so there is nothing earlier, and v1 stays.
+    let again = client.policy_rollback(PolicyRollbackRequest { reason: "INC-42: again".into() }).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert!(again.message().contains("no earlier good release"), "{}", again.message());
+    assert_eq!(lifetime(dir).await, 3600, "still v1, not the rolled-back v2");
 
     // Re-publishing the release rolled back from does not bring it back; a new one does.
     publish(dir, &signed(&v2, &signer));
@@ -261,4 +267,58 @@ fn own_uid() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_walks_back_through_the_history_and_never_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (signer, trusted) = key(dir, "release");
+    let (v1, v2, v3) = (policies("60m"), policies("40m"), policies("20m"));
+    publish(dir, &signed(&v1, &signer));
+    let daemon = start(dir, &trusted).await;
+    publish(dir, &signed(&v2, &signer));
+    wait_for(dir, "policy_activated", 2).await;
+    publish(dir, &signed(&v3, &signer));
+    wait_for(dir, "policy_activated", 3).await;
+    assert_eq!(lifetime(dir).await, 1200);
+    let mut client = admin(dir).await;
+    let status = client.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
+    let history: Vec<String> = status.history.iter().map(|r| r.version.clone()).collect();
+    assert_eq!(history, vec![v2.version(), v1.version()], "most recent first");
+
+    let rollback = |reason: &str| PolicyRollbackRequest { reason: reason.into() };
+    let first = client.policy_rollback(rollback("INC-1: v3 is wrong")).await.unwrap().into_inner();
+    assert_eq!((first.from.unwrap().version, first.to.unwrap().version), (v3.version(), v2.version()));
+    assert_eq!(lifetime(dir).await, 2400);
+    let second = client.policy_rollback(rollback("INC-1: v2 too")).await.unwrap().into_inner();
+    assert_eq!(
+        (second.from.unwrap().version, second.to.unwrap().version),
+        (v2.version(), v1.version()),
+        "the second rollback goes further back, not forward to v3"
+    );
+    assert_eq!(lifetime(dir).await, 3600);
+    let third = client.policy_rollback(rollback("INC-1: and again")).await.unwrap_err();
+    assert_eq!(third.code(), Code::FailedPrecondition);
+    assert!(third.message().contains(&v3.version()) && third.message().contains(&v2.version()), "{}", third.message());
+    let status = client.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.history.is_empty());
+    assert_eq!(status.held_versions, vec![v3.version(), v2.version()]);
+    daemon.stop().await;
+
+    // Across a restart, with v3 (held) still at the bundle path: v1 stays, both stay held.
+    let daemon = start(dir, &trusted).await;
+    assert_eq!(lifetime(dir).await, 3600);
+    let status = admin(dir).await.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.current.unwrap().version, v1.version());
+    assert_eq!(status.held_versions, vec![v3.version(), v2.version()]);
+    // A version that is not held moves on, and clears the held list.
+    let v4 = policies("30m");
+    publish(dir, &signed(&v4, &signer));
+    wait_for(dir, "policy_activated", 5).await;
+    assert_eq!(lifetime(dir).await, 1800);
+    let status = admin(dir).await.policy_status(PolicyStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.held_versions.is_empty());
+    assert_eq!(status.history.iter().map(|r| r.version.clone()).collect::<Vec<_>>(), vec![v1.version()]);
+    daemon.stop().await;
 }

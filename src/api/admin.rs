@@ -95,6 +95,7 @@ fn info(f: &Found) -> CredentialInfo {
         not_after: c.not_after,
         policy_version: f.policy_version.clone(),
         revoked: f.revoked,
+        already_revoked: false,
     }
 }
 
@@ -137,8 +138,10 @@ impl Admin for AdminService {
         let status = self.policy.status().await;
         Ok(Response::new(PolicyStatusResponse {
             current: Some(release(&status.current)),
-            previous: status.previous.as_deref().map(release),
-            held: status.held.unwrap_or_default(),
+            previous: status.history.first().map(|r| release(r)),
+            held: status.held.last().cloned().unwrap_or_default(),
+            history: status.history.iter().map(|r| release(r)).collect(),
+            held_versions: status.held,
         }))
     }
 
@@ -157,7 +160,7 @@ impl Admin for AdminService {
                 to: Some(release(&to)),
                 event_id,
             })),
-            Err(e @ ActivationError::NoPrevious) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ ActivationError::NoPrevious(_)) => Err(Status::failed_precondition(e.to_string())),
             Err(e @ ActivationError::Ledger(_)) => {
                 tracing::error!(error = %e, "rollback not recorded; nothing changed");
                 Err(Status::unavailable(e.to_string()))
@@ -216,8 +219,18 @@ impl Admin for AdminService {
             Some(why) if aws.needed || aws.applied == Some(false) => why.clone(),
             _ => String::new(),
         };
+        let already = outcome.found.iter().filter(|f| f.revoked).count();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let credentials = outcome
+            .found
+            .iter()
+            .map(|f| CredentialInfo { revoked: f.revoked || !req.dry_run, already_revoked: f.revoked, ..info(f) })
+            .collect();
         Ok(Response::new(RevokeResponse {
-            credentials: outcome.found.iter().map(info).collect(),
+            credentials,
+            newly_revoked: count(outcome.found.len() - already),
+            already_revoked: count(already),
+            already_locked: outcome.already_locked,
             locked: outcome.lock.map(|l| l.target).unwrap_or_default(),
             durable: outcome.durable,
             event_id: outcome.event_id.unwrap_or_default(),

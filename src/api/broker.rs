@@ -62,6 +62,7 @@ impl Broker for BrokerService {
         };
         let issued = self.issuer.issue(Caller::Local(&peer), request).await.map_err(|e| status(&e))?;
         let (credential_id, identity) = (issued.credential_id.clone(), issued.identity.to_string());
+        let lifetime = Some(super::lifetime(&issued.lifetime));
         let Credential::X509(x) = issued.credential else { return Err(wrong_kind()) };
         Ok(Response::new(IssueX509Response {
             credential_id,
@@ -70,6 +71,7 @@ impl Broker for BrokerService {
             trust_bundle: x.bundle,
             not_after: unix_secs(x.svid.not_after),
             serial: x.svid.serial,
+            lifetime,
         }))
     }
 
@@ -93,6 +95,7 @@ impl Broker for BrokerService {
             credential_id: issued.credential_id.clone(),
             spiffe_id: issued.identity.to_string(),
             credentials: Some(aws_credentials(aws)),
+            lifetime: Some(super::lifetime(&issued.lifetime)),
         }))
     }
 
@@ -148,7 +151,8 @@ fn emergency_response(outcome: EmergencyOutcome) -> BreakGlassResponse {
 
 fn issued_response(issued: Issued) -> BreakGlassResponse {
     let (credential_id, spiffe_id) = (issued.credential_id, issued.identity.to_string());
-    match issued.credential {
+    let lifetime = Some(super::lifetime(&issued.lifetime));
+    let answer = match issued.credential {
         Credential::X509(x) => BreakGlassResponse {
             credential_id,
             spiffe_id,
@@ -174,5 +178,6 @@ fn issued_response(issued: Issued) -> BreakGlassResponse {
             aws: Some(aws_credentials(&aws)),
             ..Default::default()
         },
-    }
+    };
+    BreakGlassResponse { lifetime, ..answer }
 }

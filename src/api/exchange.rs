@@ -92,17 +92,19 @@ impl ExchangeApi {
         self
     }
 
-    /// Every route of the listener, with the body limit on all of them.
+    /// Every route of the listener, with the body limit on all of them. A path nothing
+    /// serves answers 404, or gRPC UNIMPLEMENTED to a gRPC request (`/healthz` and
+    /// `/readyz` are merged in by the daemon, which owns the health).
     pub fn router(self, max_request_bytes: usize) -> Router {
         let grpc =
             tonic::service::Routes::new(ExchangeServer::new(self.clone()).max_decoding_message_size(max_request_bytes))
                 .prepare()
-                .into_axum_router();
+                .into_axum_router()
+                .fallback(unknown_path);
         Router::new()
             .route("/v1/exchange", post(http_exchange))
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/.well-known/jwks.json", get(jwks))
-            .route("/healthz", get(|| async { "ok\n" }))
             .route("/crl.der", get(crl_der))
             .route("/crl.pem", get(crl_pem))
             .route("/v1/introspect", post(introspect))
@@ -330,6 +332,11 @@ fn issued_json(issued: &Issued, break_glass: bool) -> Value {
         }),
     };
     if let Some(map) = answer.as_object_mut() {
+        if let Some(note) = issued.lifetime.note() {
+            map.insert("requested_ttl".into(), issued.lifetime.requested.into());
+            map.insert("granted_ttl".into(), issued.lifetime.granted.into());
+            map.insert("ttl_note".into(), note.into());
+        }
         map.insert("credential_id".into(), issued.credential_id.clone().into());
         map.insert("spiffe_id".into(), issued.identity.to_string().into());
         if break_glass || matches!(issued.credential, Credential::Aws(_)) {
@@ -364,6 +371,20 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: Asked, emergen
                 .into_response()
         }
     }
+}
+
+/// A path nothing serves: gRPC clients get UNIMPLEMENTED (as gRPC says), everyone else a
+/// plain 404 (tonic's own fallback answered every path HTTP 200 with a gRPC status).
+async fn unknown_path(request: axum::extract::Request) -> Response {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!("`{}` is not served here", request.uri().path())).into_http();
+    }
+    crate::telemetry::health::not_found().await
 }
 
 /// A CSR in JSON: PEM text, or base64 of DER.
@@ -464,6 +485,7 @@ impl Exchange for ExchangeApi {
             self.parse(&req.kind, opt(req.audience), csr, opt(req.role), req.ttl_seconds, remote).map_err(to_status)?;
         let issued = self.run(&req.token, parsed).await.map_err(to_status)?;
         let (credential_id, spiffe_id) = (issued.credential_id.clone(), issued.identity.to_string());
+        let lifetime = Some(super::lifetime(&issued.lifetime));
         let reply = match issued.credential {
             Credential::Jwt(svid) => PbResponse {
                 credential_id,
@@ -493,6 +515,6 @@ impl Exchange for ExchangeApi {
                 ..Default::default()
             },
         };
-        Ok(tonic::Response::new(reply))
+        Ok(tonic::Response::new(PbResponse { lifetime, ..reply }))
     }
 }

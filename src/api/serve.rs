@@ -18,6 +18,11 @@ use super::exchange::RemoteAddr;
 use crate::attest::PeerStream;
 use crate::config::TlsSource;
 use crate::keys::CertificateAuthority;
+use crate::telemetry::layer::RequestMetricsLayer;
+
+/// The TLS listener's server configuration, swapped whole on a reload: a handshake uses
+/// the configuration current when it starts, so no connection is dropped by a swap.
+pub type TlsConfig = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 
 /// How long shutdown waits for in-flight requests before closing their connections.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -39,12 +44,14 @@ pub async fn workload(
     listener: UnixListener,
     routes: tonic::service::Routes,
     request_timeout: Duration,
+    metrics: RequestMetricsLayer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
     tonic::transport::Server::builder()
         .timeout(request_timeout)
         .concurrency_limit_per_connection(64)
+        .layer(metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -58,11 +65,13 @@ pub async fn admin(
     listener: UnixListener,
     routes: tonic::service::Routes,
     request_timeout: Duration,
+    metrics: RequestMetricsLayer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::new));
     tonic::transport::Server::builder()
         .timeout(request_timeout)
+        .layer(metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -74,7 +83,7 @@ pub async fn admin(
 /// Accepts TLS connections until `stop`, then lets in-flight requests finish (bounded).
 pub async fn tls(
     tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: TlsConfig,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -90,7 +99,7 @@ pub async fn tls(
                         continue;
                     }
                 };
-                let acceptor = acceptor.clone();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
                 let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
@@ -124,28 +133,17 @@ pub async fn tls(
 
 /// The rustls server configuration: the configured certificate, or (dev) one for
 /// localhost and the bound address from the daemon's own CA. ALPN offers h2 (gRPC, curl)
-/// and http/1.1 (plain HTTPS clients fetching JWKS).
-pub fn tls_acceptor(
+/// and http/1.1 (plain HTTPS clients fetching JWKS). Read again on a reload.
+pub fn tls_config(
     source: &TlsSource,
     ca: &CertificateAuthority,
     bound: Option<std::net::SocketAddr>,
     now: std::time::SystemTime,
-) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
-    use rustls::pki_types::pem::PemObject;
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let fail = |why: String| ServeError::Listen { address: bound.map(|a| a.to_string()).unwrap_or_default(), why };
-    let (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match source {
-        TlsSource::Files { cert, key } => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|e| fail(format!("certificate `{}`: {e}", cert.display())))?;
-            let meta = std::fs::metadata(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
-            if meta.mode() & 0o077 != 0 {
-                return Err(fail(format!("key `{}` is readable by group or others; chmod 600 it", key.display())));
-            }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(format!("key `{}`: {e}", key.display())))?;
-            (chain, key)
-        }
+    match source {
+        TlsSource::Files { cert, key } => tls_files_config(cert, key).map_err(fail),
         TlsSource::FromCa => {
             let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
             if let Some(addr) = bound.filter(|a| !a.ip().is_unspecified() && a.ip().to_string() != "127.0.0.1") {
@@ -154,18 +152,52 @@ pub fn tls_acceptor(
             let (cert, key) = ca
                 .issue_tls_server(&names, now, std::time::Duration::from_secs(30 * 86_400))
                 .map_err(|e| fail(e.to_string()))?;
-            (vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec())))
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.expose().to_vec()));
+            server_config(vec![CertificateDer::from(cert)], key).map_err(fail)
         }
-    };
+    }
+}
+
+/// The server configuration for a certificate chain and key in PEM files (the key mode
+/// 0600 or stricter): at start, and again on a reload.
+pub fn tls_files_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("certificate `{}`: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("certificate `{}`: no PEM certificate in it", cert.display()));
+    }
+    let meta = std::fs::metadata(key).map_err(|e| format!("key `{}`: {e}", key.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!("key `{}` is readable by group or others; chmod 600 it", key.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key `{}`: {e}", key.display()))?;
+    server_config(chain, key_der)
+}
+
+fn server_config(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut config =
         rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
+}
+
+/// SHA-256 of the first certificate of a PEM file (what a reload reports it now serves).
+pub fn certificate_sha256(cert: &Path) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let first = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    Some(hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &first)))
 }
 
 /// Binds a socket with `mode`: the workload socket 0666 (any local user may connect;

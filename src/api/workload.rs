@@ -64,9 +64,21 @@ pub struct WorkloadApiService {
     bundles: watch::Receiver<Arc<TrustBundle>>,
     /// Flips to true at shutdown: streams end so the drain can finish.
     stop: watch::Receiver<bool>,
+    /// Open streams are counted here (`mayfly_workload_api_streams`).
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl WorkloadApiService {
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a stream open until the returned guard is dropped (the stream's task ends).
+    fn opened(&self, stream: &'static str) -> Option<crate::telemetry::StreamGuard> {
+        self.metrics.as_ref().map(|m| m.stream_opened(stream))
+    }
+
     #[expect(clippy::too_many_arguments, reason = "the narrow handles the Workload API uses, each named")]
     pub fn new(
         issuer: Arc<Issuer>,
@@ -78,7 +90,7 @@ impl WorkloadApiService {
         bundles: watch::Receiver<Arc<TrustBundle>>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        Self { issuer, validator, policy, revocations, clock, settings, bundles, stop }
+        Self { issuer, validator, policy, revocations, clock, settings, bundles, stop, metrics: None }
     }
 
     fn trust_domain_key(&self) -> String {
@@ -205,7 +217,11 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             peer,
             tx,
         };
-        tokio::spawn(stream.run(first));
+        let open = self.opened("x509_svid");
+        tokio::spawn(async move {
+            stream.run(first).await;
+            drop(open);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -219,7 +235,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             crl: bundle_crls(b),
             bundles: HashMap::from([(key.clone(), concat(&b.x509))]),
         };
-        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
+        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), self.opened("x509_bundles"), make)))
     }
 
     async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
@@ -272,7 +288,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         let make = move |b: &TrustBundle| JwtBundlesResponse {
             bundles: HashMap::from([(key.clone(), b.jwks.to_string().into_bytes())]),
         };
-        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), make)))
+        Ok(Response::new(follow_bundles(self.bundles.clone(), self.stop.clone(), self.opened("jwt_bundles"), make)))
     }
 
     async fn validate_jwtsvid(
@@ -452,10 +468,13 @@ impl SvidStream {
 fn follow_bundles<T: Send + 'static>(
     mut bundles: watch::Receiver<Arc<TrustBundle>>,
     mut stop: watch::Receiver<bool>,
+    open: Option<crate::telemetry::StreamGuard>,
     make: impl Fn(&TrustBundle) -> T + Send + 'static,
 ) -> ReceiverStream<Result<T, Status>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
+        // Counted open until this task ends.
+        let _open = open;
         loop {
             let message = make(&bundles.borrow_and_update());
             if tx.send(Ok(message)).await.is_err() {

@@ -214,7 +214,8 @@ impl ReplayGuard for MemoryReplay {
 }
 
 pub struct OidcVerifier {
-    issuers: HashMap<String, IssuerConfig>,
+    /// Swapped whole on a reload (`set_issuers`); a verification uses one snapshot.
+    issuers: arc_swap::ArcSwap<HashMap<String, IssuerConfig>>,
     source: Arc<dyn KeySource>,
     keys: moka::sync::Cache<String, Arc<JwkSet>>,
     last_refresh: Mutex<HashMap<String, Instant>>,
@@ -232,7 +233,7 @@ impl moka::Expiry<String, Duration> for UntilTokenExpiry {
 impl OidcVerifier {
     pub fn new(issuers: Vec<IssuerConfig>, source: Arc<dyn KeySource>) -> Self {
         Self {
-            issuers: issuers.into_iter().map(|c| (c.issuer.clone(), c)).collect(),
+            issuers: arc_swap::ArcSwap::from_pointee(issuers.into_iter().map(|c| (c.issuer.clone(), c)).collect()),
             source,
             keys: moka::sync::Cache::builder().max_capacity(1024).time_to_live(KEYS_TTL).build(),
             last_refresh: Mutex::new(HashMap::new()),
@@ -247,7 +248,13 @@ impl OidcVerifier {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
+        self.issuers.load().is_empty()
+    }
+
+    /// Trusts exactly these issuers from now on (a reload). Tokens of an issuer no longer
+    /// listed are refused from the next request; cached keys of listed ones are kept.
+    pub fn set_issuers(&self, issuers: Vec<IssuerConfig>) {
+        self.issuers.store(std::sync::Arc::new(issuers.into_iter().map(|c| (c.issuer.clone(), c)).collect()));
     }
 
     /// The `iss` a token claims, read without verifying anything: for the ledger only.
@@ -265,7 +272,8 @@ impl OidcVerifier {
         // unconfigured issuer is refused without any network request.
         let claimed = unverified_claims(token)?;
         let iss = claimed.get("iss").and_then(Value::as_str).ok_or_else(|| OidcError::Malformed("no `iss`".into()))?;
-        let config = self.issuers.get(iss).ok_or_else(|| OidcError::UnknownIssuer(iss.chars().take(256).collect()))?;
+        let issuers = self.issuers.load_full();
+        let config = issuers.get(iss).ok_or_else(|| OidcError::UnknownIssuer(iss.chars().take(256).collect()))?;
         if !config.algorithms.contains(&header.alg) {
             return Err(OidcError::Algorithm(format!("{:?}", header.alg)));
         }

@@ -45,6 +45,10 @@ pub enum ApprovalError {
     NotAnApprover(u32),
     #[error("no approvers are configured (break_glass.approvers): approval-required requests are denied")]
     NoApprovers,
+    #[error(
+        "nobody other than the requester (uid {0}) can approve: break_glass.approvers lists only the requester, who may never approve their own request"
+    )]
+    OnlyRequester(u32),
     #[error("only the requester may wait for request `{0}`")]
     NotRequester(String),
 }
@@ -59,7 +63,8 @@ pub enum Waited<T> {
 }
 
 pub struct Approvals<T> {
-    approvers: Vec<u32>,
+    /// Replaced whole on a reload (`set_approvers`).
+    approvers: std::sync::RwLock<Vec<u32>>,
     timeout: Duration,
     pending: Mutex<HashMap<String, Entry<T>>>,
     changed: watch::Sender<u64>,
@@ -67,7 +72,22 @@ pub struct Approvals<T> {
 
 impl<T> Approvals<T> {
     pub fn new(approvers: Vec<u32>, timeout: Duration) -> Self {
-        Self { approvers, timeout, pending: Mutex::new(HashMap::new()), changed: watch::Sender::new(0) }
+        Self {
+            approvers: std::sync::RwLock::new(approvers),
+            timeout,
+            pending: Mutex::new(HashMap::new()),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// Who may approve from now on (a reload); pending requests are checked against it.
+    pub fn set_approvers(&self, approvers: Vec<u32>) {
+        *self.approvers.write().unwrap_or_else(std::sync::PoisonError::into_inner) = approvers;
+    }
+
+    pub fn approvers(&self) -> Vec<u32> {
+        // Why: the list is replaced whole; a poisoned lock still holds a whole list.
+        self.approvers.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn timeout(&self) -> Duration {
@@ -76,8 +96,12 @@ impl<T> Approvals<T> {
 
     /// Registers a request; refuses at once when nobody could ever approve it.
     pub fn add(&self, request: PendingRequest, held: T) -> Result<(), ApprovalError> {
-        if self.approvers.is_empty() || self.approvers.iter().all(|uid| *uid == request.requester_uid) {
+        let approvers = self.approvers();
+        if approvers.is_empty() {
             return Err(ApprovalError::NoApprovers);
+        }
+        if approvers.iter().all(|uid| *uid == request.requester_uid) {
+            return Err(ApprovalError::OnlyRequester(request.requester_uid));
         }
         self.lock().insert(request.id.clone(), Entry { request, held });
         Ok(())
@@ -110,7 +134,7 @@ impl<T> Approvals<T> {
         if p.requester_uid == approver_uid {
             return Err(ApprovalError::SelfApproval);
         }
-        if !self.approvers.contains(&approver_uid) {
+        if !self.approvers().contains(&approver_uid) {
             return Err(ApprovalError::NotAnApprover(approver_uid));
         }
         Ok(())
@@ -199,16 +223,20 @@ mod tests {
             Approvals::<&str>::new(vec![], Duration::from_secs(600)).add(pending("a", 1000, now), "grant"),
             Err(ApprovalError::NoApprovers)
         );
-        assert_eq!(
-            Approvals::new(vec![1000], Duration::from_secs(600)).add(pending("a", 1000, now), "grant"),
-            Err(ApprovalError::NoApprovers),
-            "only the requester could approve"
-        );
+        let only_me = Approvals::new(vec![1000], Duration::from_secs(600)).add(pending("a", 1000, now), "grant");
+        assert_eq!(only_me, Err(ApprovalError::OnlyRequester(1000)), "only the requester could approve");
+        let said = only_me.unwrap_err().to_string();
+        assert!(said.contains("nobody other than the requester"), "{said}");
+        assert!(!said.contains("no approvers are configured"), "{said}");
         let a = Approvals::new(vec![1000, 2000], Duration::from_secs(600));
         a.add(pending("a", 1000, now), "grant").unwrap();
         assert_eq!(a.check_approval("a", 1000, now).unwrap_err(), ApprovalError::SelfApproval);
         assert_eq!(a.check_approval("a", 3000, now).unwrap_err(), ApprovalError::NotAnApprover(3000));
         assert!(a.check_approval("a", 2000, now).is_ok());
+        a.set_approvers(vec![1000, 3000]);
+        assert!(a.check_approval("a", 3000, now).is_ok(), "a reload's approvers take effect at once");
+        assert_eq!(a.check_approval("a", 2000, now).unwrap_err(), ApprovalError::NotAnApprover(2000));
+        a.set_approvers(vec![1000, 2000]);
         assert!(
             matches!(a.check_approval("a", 2000, now + Duration::from_secs(601)), Err(ApprovalError::Unknown(_))),
             "expired"

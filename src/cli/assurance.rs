@@ -223,9 +223,9 @@ pub async fn replay_cmd(
     };
     let doc = json!({ "check": "replay", "candidate_trust": candidate.trust, "escalations": report.escalations(), "replay": report });
     if json_out {
-        println!("{doc}");
+        out!("{doc}");
     } else {
-        print!("{}", replay_text(&report));
+        super::print_text(&replay_text(&report));
     }
     if let Err(code) = record(admin_socket, &doc).await {
         return code;
@@ -265,9 +265,9 @@ pub async fn diff_cmd(
     };
     let doc = json!({ "check": "proof", "proven": report.proven(), "proof": report });
     if json_out {
-        println!("{doc}");
+        out!("{doc}");
     } else {
-        print!("{}", proof_text(&report));
+        super::print_text(&proof_text(&report));
     }
     if let Err(code) = record(admin_socket, &doc).await {
         return code;
@@ -319,7 +319,7 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
             c
         }
         Err(why) => {
-            println!(
+            out!(
                 "# Policy promotion check\n\n| check | result |\n|---|---|\n| validate | **FAIL**: {why} |\n\n**verdict: BLOCK**"
             );
             return ExitCode::FAILURE;
@@ -417,7 +417,7 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
         "at": unix_secs(SystemTime::now()),
     });
     if a.json_out {
-        println!("{doc}");
+        out!("{doc}");
     } else {
         let mut md = format!(
             "# Policy promotion check\n\ncurrent `{}`{} → candidate `{}`{} ({})\n\n| check | result |\n|---|---|\n",
@@ -459,7 +459,7 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
             md.push_str("```\n");
         }
         md.push_str(&format!("\n**verdict: {}**\n", if blocked { "BLOCK" } else { "PASS" }));
-        print!("{md}");
+        super::print_text(&md);
     }
     if let Err(code) = record(a.admin_socket, &doc).await {
         return code;
@@ -467,11 +467,11 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
     if blocked { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_socket: &Path) -> ExitCode {
+pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, at: &super::AdminAt) -> ExitCode {
     if stop == path.is_some() {
         return super::fail("name a candidate (bundle file, or in dev a policies/ directory) or --stop");
     }
-    let mut client = match super::admin(admin_socket).await {
+    let mut client = match at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -483,11 +483,13 @@ pub async fn shadow_cmd(path: Option<&Path>, stop: bool, reason: &str, admin_soc
         Ok(r) => {
             let r = r.into_inner();
             if stop {
-                println!("shadow mode stopped (event {})", r.event_id);
+                out!("shadow mode stopped (event {})", r.event_id);
             } else {
-                println!(
+                out!(
                     "shadowing {} beside the active {}: live requests it decides differently become policy_shadow_diff events; nothing else changes (event {})",
-                    r.candidate_version, r.active_version, r.event_id
+                    r.candidate_version,
+                    r.active_version,
+                    r.event_id
                 );
             }
             ExitCode::SUCCESS
@@ -592,16 +594,16 @@ pub async fn evidence(version: &str, ledger: &LedgerArgs) -> ExitCode {
             _ => {}
         }
     }
-    println!("evidence for policy release {version} (ledger `{location}`)");
+    out!("evidence for policy release {version} (ledger `{location}`)");
     for l in &lines {
-        println!("  {l}");
+        out!("  {l}");
     }
     if !shadow.is_empty() {
         let counts: Vec<String> = shadow.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        println!("  shadow differences on live traffic: {}", counts.join(", "));
+        out!("  shadow differences on live traffic: {}", counts.join(", "));
     }
     if lines.is_empty() && shadow.is_empty() {
-        println!("  nothing recorded for this version");
+        out!("  nothing recorded for this version");
     }
     if activated_without_gate { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -19,6 +19,7 @@ pub enum Command {
     Tail {
         #[command(flatten)]
         at: LedgerAt,
+        /// How many events.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: i64,
         /// One JSON object per line.
@@ -27,7 +28,11 @@ pub enum Command {
     },
     /// The whole story of one identity: who owns it, each decision (rules, release), each
     /// credential issued, used, expired or revoked, and its locks — oldest first.
+    #[command(after_help = "Examples:\n  \
+        mayfly audit trace --identity spiffe://mayfly.local/ci/acme/app --data-dir /var/lib/mayfly\n  \
+        mayfly audit trace --identity spiffe://mayfly.local/dev/quickstart --json | head -5")]
     Trace {
+        /// The SPIFFE ID whose story to tell.
         #[arg(long)]
         identity: String,
         #[command(flatten)]
@@ -39,9 +44,15 @@ pub enum Command {
     /// Check the whole hash chain and the credential table; exit 1 naming the first bad event.
     /// With `--checkpoint`, also that the ledger holds, unchanged, every event a signed
     /// checkpoint covers (truncation and rewrites with recomputed hashes included).
+    #[command(
+        after_help = "Examples:\n  mayfly audit verify --data-dir /var/lib/mayfly --json\n  mayfly audit verify --data-dir /var/lib/mayfly --checkpoint /var/lib/mayfly-witness/checkpoint --checkpoint-key witness.pub"
+    )]
     Verify {
         #[command(flatten)]
         at: LedgerAt,
+        /// One JSON object: ledger, ok, events, error, checkpoints (file, ok, detail).
+        #[arg(long)]
+        json: bool,
         /// A signed checkpoint (`[ledger] checkpoint_file`); repeatable, one per daemon chain.
         #[arg(long, value_name = "FILE")]
         checkpoint: Vec<PathBuf>,
@@ -78,7 +89,7 @@ pub async fn run(command: Command) -> ExitCode {
             match events {
                 Ok(events) => {
                     for e in &events {
-                        println!("{}", if json { json_line(e) } else { text_line(e) });
+                        out!("{}", if json { json_line(e) } else { text_line(e) });
                     }
                     ExitCode::SUCCESS
                 }
@@ -91,44 +102,71 @@ pub async fn run(command: Command) -> ExitCode {
                 for (event, what) in &lines {
                     if json {
                         let body = serde_json::from_str::<Value>(&event.body).unwrap_or(Value::Null);
-                        let line = serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "kind": event.kind, "summary": what, "event": body });
-                        println!("{line}");
+                        let line = serde_json::json!({ "seq": event.seq, "at_ms": event.at_ms, "at": time_of(event), "kind": event.kind, "summary": what, "event": body });
+                        out!("{line}");
                     } else {
-                        println!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
+                        out!("{} #{:<6} {:<9} {what}", time_of(event), event.seq, event.kind);
                     }
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
-        Command::Verify { at, checkpoint, checkpoint_key } => {
+        Command::Verify { at, json, checkpoint, checkpoint_key } => {
             let (location, reader) = match at.open().await {
                 Ok(opened) => opened,
+                Err(e) if json => {
+                    out!("{}", serde_json::json!({ "ok": false, "error": e }));
+                    return ExitCode::FAILURE;
+                }
                 Err(e) => return fail(e),
             };
-            match crate::ledger::verify(reader.as_ref()).await {
-                Ok(n) => println!("ledger `{location}`: {n} events, hash chain and credential table intact"),
+            let verified = crate::ledger::verify(reader.as_ref()).await.map_err(|e| e.to_string());
+            let mut checkpoints = Vec::new();
+            if verified.is_ok() {
+                for file in &checkpoint {
+                    checkpoints
+                        .push((file, against_checkpoint(reader.as_ref(), file, checkpoint_key.as_deref()).await));
+                }
+            }
+            let ok = verified.is_ok() && checkpoints.iter().all(|(_, r)| r.is_ok());
+            if json {
+                let checkpoints: Vec<Value> = checkpoints
+                    .iter()
+                    .map(|(file, r)| {
+                        let (Ok(detail) | Err(detail)) = r;
+                        serde_json::json!({ "file": file.display().to_string(), "ok": r.is_ok(), "detail": detail })
+                    })
+                    .collect();
+                let doc = serde_json::json!({
+                    "ledger": location.to_string(),
+                    "ok": ok,
+                    "events": verified.as_ref().ok(),
+                    "error": verified.as_ref().err(),
+                    "checkpoints": checkpoints,
+                });
+                out!("{doc}");
+                return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+            match &verified {
+                Ok(n) => out!("ledger `{location}`: {n} events, hash chain and credential table intact"),
                 Err(why) => {
                     eprintln!("ledger `{location}`: FAILED: {why}");
                     return ExitCode::FAILURE;
                 }
             }
-            let mut failed = false;
-            for file in &checkpoint {
-                match against_checkpoint(reader.as_ref(), file, checkpoint_key.as_deref()).await {
-                    Ok(line) => println!("{line}"),
-                    Err(why) => {
-                        eprintln!("ledger `{location}`: FAILED against checkpoint `{}`: {why}", file.display());
-                        failed = true;
-                    }
+            for (file, r) in &checkpoints {
+                match r {
+                    Ok(line) => out!("{line}"),
+                    Err(why) => eprintln!("ledger `{location}`: FAILED against checkpoint `{}`: {why}", file.display()),
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Prove { credential_id, at, checkpoint, checkpoint_key } => {
             match prove(&at, &credential_id, &checkpoint, checkpoint_key.as_deref()).await {
                 Ok(proof) => {
-                    println!("{proof}");
+                    out!("{proof}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
@@ -254,8 +292,17 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
     for (row, event) in events {
         let summary = match &event {
             Event::Decision(d) if d.identity.as_deref() == Some(identity) => {
+                let lifetime = match d.granted_ttl_secs {
+                    Some(g) if g < d.requested_ttl_secs => format!(
+                        "; lifetime {} of {} requested",
+                        crate::clock::human_duration(g),
+                        crate::clock::human_duration(d.requested_ttl_secs)
+                    ),
+                    Some(g) => format!("; lifetime {}", crate::clock::human_duration(g)),
+                    None => String::new(),
+                };
                 let mut line = format!(
-                    "{} {} via {}: {} (rules {}; release {})",
+                    "{} {} via {}: {} (rules {}; release {}{lifetime})",
                     if d.is_allow() { "allow" } else { "deny" },
                     d.action,
                     d.api,
@@ -285,7 +332,10 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                 let provenance = i.details.provenance.as_ref().map(|p| format!(" from {}", who(p))).unwrap_or_default();
                 Some(format!(
                     "{flag}{} credential {} serial {} valid until {}{provenance}",
-                    c.kind, c.id, c.serial, c.not_after
+                    c.kind,
+                    c.id,
+                    c.serial,
+                    crate::clock::rfc3339_secs(c.not_after)
                 ))
             }
             Event::Used(u) if credentials.contains(&u.credential_id) => Some(format!(

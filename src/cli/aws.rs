@@ -11,7 +11,6 @@
 //! non-zero exit, which the SDKs report as a credentials failure.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use zeroize::Zeroizing;
@@ -33,10 +32,13 @@ struct CredentialProcess<'a> {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mayfly aws --role arn:aws:iam::123456789012:role/mayfly-dev-reader\n  \
+    credential_process = mayfly aws --socket /run/mayfly/workload.sock --role arn:aws:iam::111122223333:role/deploy\n\
+    A lifetime granted shorter than --ttl asks for is reported on stderr with the rule that capped it.")]
 pub struct Args {
-    /// The daemon's workload socket.
-    #[arg(long, default_value = "mayfly.sock", env = "MAYFLY_SOCKET")]
-    socket: PathBuf,
+    #[command(flatten)]
+    at: super::SocketAt,
     /// The IAM role ARN to assume.
     #[arg(long)]
     role: String,
@@ -54,15 +56,23 @@ pub async fn run(args: Args) -> ExitCode {
         Ok(t) => t.map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
         Err(e) => return fail(format!("--ttl: {e}")),
     };
-    let channel = match super::connect(&args.socket).await {
+    let socket = match args.at.socket() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let channel = match super::connect(&socket).await {
         Ok(c) => c,
-        Err(e) => return fail(format!("cannot reach the daemon at `{}`: {e}", args.socket.display())),
+        Err(e) => return fail(format!("cannot reach the daemon at `{}`: {e}", socket.display())),
     };
     let request = IssueAwsRequest { role: args.role, ttl_seconds, spiffe_id: args.spiffe_id.unwrap_or_default() };
     let reply = match BrokerClient::new(channel).issue_aws(request).await {
         Ok(r) => r.into_inner(),
         Err(status) => return fail(format!("{:?}: {}", status.code(), status.message())),
     };
+    // Why stderr: stdout is the credential_process document the SDK parses.
+    if let Some(note) = reply.lifetime.as_ref().and_then(super::lifetime_note) {
+        eprintln!("mayfly aws: {note}");
+    }
     let Some(mut c) = reply.credentials else {
         return fail("the daemon answered without credentials");
     };

@@ -17,17 +17,22 @@ use crate::ledger::{Ledger, Location, Settings};
 pub enum Command {
     /// Issue X.509 SVIDs from a running daemon; print throughput and latency.
     Issue {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// How many requests.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
     /// Append events to a fresh ledger (the default backend) through the group-commit writer.
     Ledger {
+        /// How many events.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         events: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
         concurrency: u32,
         /// Largest group commit (1 = one transaction and fsync per event).
@@ -37,32 +42,42 @@ pub enum Command {
     /// Time policy decisions (request building included): the shipped rules, then with
     /// RULES generated per-workload rules added, each through the scope index and as a full scan.
     Policy {
+        /// The policies/ tree.
         #[arg(default_value = "policies")]
         dir: PathBuf,
+        /// Generated per-workload rules added to the shipped ones.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         rules: u32,
+        /// How many decisions to time.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         decisions: u32,
     },
     /// FetchJWTSVID (mint + record) and ValidateJWTSVID (verify + record a use) over the
     /// SPIFFE Workload API of a running daemon; print throughput and latency for each.
     Jwt {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// How many requests.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
     /// IssueAws (attest, decide, STS AssumeRole, two durable events) against a running daemon
     /// with [aws] (e.g. `mayfly dev --aws-endpoint` and moto): what the broker adds to STS.
     Aws {
+        /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
+        /// The IAM role ARN to assume.
         #[arg(long)]
         role: String,
+        /// How many requests.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
+        /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
@@ -79,13 +94,16 @@ pub enum Command {
         /// The identity the callers of `--to` sockets get (e.g. the dev identity).
         #[arg(long)]
         identity: String,
+        /// How many lock propagations to time.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         trials: u32,
     },
     /// Sign a CRL with ENTRIES revoked serials (what a revocation re-publishes), ROUNDS times.
     Crl {
+        /// Revoked serials on the CRL.
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         entries: u32,
+        /// How many times to sign it.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
         rounds: u32,
     },
@@ -160,11 +178,8 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
     let selectors: Selectors = [Selector::new("unix", "uid", 1000)].into();
     let context = RequestContext::default();
     let now = SystemTime::now();
-    println!(
-        "policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms",
-        load.as_secs_f64() * 1000.0
-    );
-    println!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
+    out!("policy bench: {decisions} decisions per row; load of both rule sets {:.1} ms", load.as_secs_f64() * 1000.0);
+    out!("{:<44} {:>9} {:>9} {:>9} {:>8}", "rule set / evaluation", "p50 µs", "p99 µs", "mean µs", "allowed");
     for (name, engine) in [("shipped", &small), ("shipped + generated", &large)] {
         for indexed in [true, false] {
             let mut latencies = Vec::with_capacity(decisions as usize);
@@ -196,7 +211,7 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
                 engine.rule_count(),
                 if indexed { "scope index" } else { "full scan" }
             );
-            println!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
+            out!("{label:<44} {:>9.1} {:>9.1} {:>9.1} {:>8}", pct(0.5), pct(0.99), mean, allowed);
         }
     }
     ExitCode::SUCCESS
@@ -375,7 +390,7 @@ async fn bench_propagation(admin_socket: &std::path::Path, to: &[PathBuf], ident
             let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
             v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
-        println!(
+        out!(
             "  {what}: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  ({} samples)",
             pct(0.5),
             pct(0.99),
@@ -383,7 +398,7 @@ async fn bench_propagation(admin_socket: &std::path::Path, to: &[PathBuf], ident
             v.len()
         );
     };
-    println!(
+    out!(
         "propagation over {} daemon(s), {trials} trials (the time from the admin call's answer to the first refusal or issuance there)",
         brokers.len()
     );
@@ -444,10 +459,10 @@ fn report(what: &str, elapsed: Duration, latencies: &mut [Duration], errors: u32
         latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     let ok = latencies.len();
-    println!("{what}");
-    println!("  {ok} ok, {errors} failed, concurrency {concurrency}, {:.2} s", elapsed.as_secs_f64());
-    println!("  throughput {:.0}/s", ok as f64 / elapsed.as_secs_f64().max(1e-9));
-    println!(
+    out!("{what}");
+    out!("  {ok} ok, {errors} failed, concurrency {concurrency}, {:.2} s", elapsed.as_secs_f64());
+    out!("  throughput {:.0}/s", ok as f64 / elapsed.as_secs_f64().max(1e-9));
+    out!(
         "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
         pct(0.50),
         pct(0.90),
@@ -481,7 +496,7 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
     }
     times.sort();
     let median = times[times.len() / 2];
-    println!(
+    out!(
         "crl: {entries} revoked serials, {} bytes DER; sign+encode median {:.1} ms, best {:.1} ms, worst {:.1} ms over {rounds} rounds",
         size,
         median.as_secs_f64() * 1e3,

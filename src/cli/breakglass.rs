@@ -6,19 +6,27 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::admin;
+use serde_json::json;
+
+use super::{AdminAt, SocketAt};
 use crate::api::pb::broker_client::BrokerClient;
 use crate::api::pb::{
     BreakGlassApproveRequest, BreakGlassListRequest, BreakGlassRequest, BreakGlassReviewRequest, BreakGlassWaitRequest,
 };
+use crate::clock::rfc3339_secs;
 use crate::identity::Ttl;
 use crate::ledger::event::{Event, Operator, Stage};
 use crate::ledger::{EventFilter, read_typed};
 
-const DEFAULT_ADMIN_SOCKET: &str = "mayfly-admin.sock";
-
 #[derive(clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+        mayfly break-glass --kind x509 --reason \"primary DB down\" --ticket INC-1234 --out ./bg\n  \
+        sudo mayfly break-glass list --json                  # a second person\n  \
+        sudo mayfly break-glass approve ID --reason \"on-call lead: approved\"\n  \
+        mayfly break-glass report --since 7d --data-dir /var/lib/mayfly"
+)]
 pub struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -28,9 +36,9 @@ pub struct Args {
 
 #[derive(clap::Args)]
 pub struct RequestArgs {
-    #[arg(long, default_value = "mayfly.sock")]
-    socket: PathBuf,
-    /// x509 or jwt.
+    #[command(flatten)]
+    at: SocketAt,
+    /// x509, jwt or aws.
     #[arg(long)]
     kind: Option<String>,
     /// jwt: the audience.
@@ -45,6 +53,7 @@ pub struct RequestArgs {
     /// The incident or change ticket, e.g. INC-1234.
     #[arg(long)]
     ticket: Option<String>,
+    /// Lifetime asked for (capped by break_glass.max_ttl and the rule's @max_ttl).
     #[arg(long, default_value = "10m")]
     ttl: String,
     /// x509: where cert.pem, key.pem (0600) and bundle.pem go; jwt: token (0600).
@@ -56,27 +65,36 @@ pub struct RequestArgs {
 enum Command {
     /// Requests awaiting a second person (admin socket).
     List {
-        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-        admin_socket: PathBuf,
+        /// One JSON object per line: id, identity, requester_uid, reason, ticket, requested_at, expires_at (RFC 3339).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AdminAt,
     },
     /// Approve a pending request (never your own).
     Approve {
+        /// The pending request's id (`mayfly break-glass list`).
         id: String,
+        /// Why you approve (recorded with who you are).
         #[arg(long)]
         reason: String,
-        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-        admin_socket: PathBuf,
+        #[command(flatten)]
+        at: AdminAt,
     },
     /// Record the review of a break-glass request or credential.
     Review {
+        /// A break-glass request id or credential id.
         id: String,
+        /// What the review found (recorded).
         #[arg(long)]
         note: String,
-        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-        admin_socket: PathBuf,
+        #[command(flatten)]
+        at: AdminAt,
     },
-    /// Every break-glass request: who, why, ticket, approver, uses, end, review.
+    /// Every break-glass request: who, why, ticket, approver, uses, end, review (read from
+    /// the ledger: --ledger, --data-dir, --config or MAYFLY_CONFIG).
     Report {
+        /// How far back (e.g. 7d, 24h).
         #[arg(long, default_value = "7d")]
         since: String,
         /// Unreviewed requests older than this are flagged OVERDUE.
@@ -84,6 +102,7 @@ enum Command {
         review_within: String,
         #[command(flatten)]
         at: super::LedgerAt,
+        /// One JSON object per request, per line.
         #[arg(long)]
         json: bool,
     },
@@ -92,28 +111,28 @@ enum Command {
 pub async fn run(args: Args) -> ExitCode {
     match args.command {
         None => request(args.request).await,
-        Some(Command::List { admin_socket }) => list(admin_socket).await,
-        Some(Command::Approve { id, reason, admin_socket }) => {
-            let mut client = match admin(&admin_socket).await {
+        Some(Command::List { json, at }) => list(&at, json).await,
+        Some(Command::Approve { id, reason, at }) => {
+            let mut client = match at.client().await {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             match client.break_glass_approve(BreakGlassApproveRequest { id: id.clone(), reason }).await {
                 Ok(_) => {
-                    println!("approved {id}");
+                    out!("approved {id}");
                     ExitCode::SUCCESS
                 }
                 Err(s) => super::fail(format!("approval refused ({:?}): {}", s.code(), s.message())),
             }
         }
-        Some(Command::Review { id, note, admin_socket }) => {
-            let mut client = match admin(&admin_socket).await {
+        Some(Command::Review { id, note, at }) => {
+            let mut client = match at.client().await {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             match client.break_glass_review(BreakGlassReviewRequest { id: id.clone(), note }).await {
                 Ok(r) => {
-                    println!("review of {id} recorded (event {})", r.into_inner().event_id);
+                    out!("review of {id} recorded (event {})", r.into_inner().event_id);
                     ExitCode::SUCCESS
                 }
                 Err(s) => super::fail(format!("review refused ({:?}): {}", s.code(), s.message())),
@@ -145,9 +164,13 @@ async fn request(args: RequestArgs) -> ExitCode {
         },
         None => vec![],
     };
-    let channel = match super::connect(&args.socket).await {
+    let socket = match args.at.socket() {
+        Ok(s) => s,
+        Err(e) => return super::fail(e),
+    };
+    let channel = match super::connect(&socket).await {
         Ok(c) => c,
-        Err(e) => return super::fail(format!("cannot reach `{}`: {e}", args.socket.display())),
+        Err(e) => return super::fail(format!("cannot reach `{}`: {e}", socket.display())),
     };
     let mut client = BrokerClient::new(channel);
     if kind == "aws" && args.role.is_none() {
@@ -169,7 +192,8 @@ async fn request(args: RequestArgs) -> ExitCode {
     while !reply.pending_id.is_empty() {
         eprintln!(
             "waiting for a second person: `mayfly break-glass approve {} --reason …` (until {})",
-            reply.pending_id, reply.pending_until
+            reply.pending_id,
+            rfc3339_secs(reply.pending_until)
         );
         reply = match client.break_glass_wait(BreakGlassWaitRequest { pending_id: reply.pending_id.clone() }).await {
             Ok(r) => r.into_inner(),
@@ -211,29 +235,48 @@ async fn request(args: RequestArgs) -> ExitCode {
     if let Err(e) = written {
         return super::fail(e);
     }
-    println!(
+    out!(
         "break-glass {kind} for {} written to {}: credential {}, serial {}, until {}",
         reply.spiffe_id,
         args.out.display(),
         reply.credential_id,
         reply.serial,
-        reply.not_after
+        rfc3339_secs(reply.not_after)
     );
+    if let Some(note) = reply.lifetime.as_ref().and_then(super::lifetime_note) {
+        eprintln!("note: {note}");
+    }
     ExitCode::SUCCESS
 }
 
-async fn list(admin_socket: PathBuf) -> ExitCode {
-    let mut client = match admin(&admin_socket).await {
+async fn list(at: &AdminAt, json: bool) -> ExitCode {
+    let mut client = match at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
     match client.break_glass_list(BreakGlassListRequest {}).await {
         Ok(r) => {
             for p in r.into_inner().pending {
-                println!(
-                    "{} {} uid {} ticket {} until {}: {}",
-                    p.id, p.identity, p.requester_uid, p.ticket, p.expires_at, p.reason
-                );
+                if json {
+                    out!(
+                        "{}",
+                        json!({
+                            "id": p.id, "identity": p.identity, "requester_uid": p.requester_uid,
+                            "reason": p.reason, "ticket": p.ticket,
+                            "requested_at": rfc3339_secs(p.requested_at), "expires_at": rfc3339_secs(p.expires_at),
+                        })
+                    );
+                } else {
+                    out!(
+                        "{} {} uid {} ticket {} until {}: {}",
+                        p.id,
+                        p.identity,
+                        p.requester_uid,
+                        p.ticket,
+                        rfc3339_secs(p.expires_at),
+                        p.reason
+                    );
+                }
             }
             ExitCode::SUCCESS
         }
@@ -246,6 +289,8 @@ async fn list(admin_socket: PathBuf) -> ExitCode {
 struct Entry {
     decision: i64,
     at_ms: i64,
+    /// `at_ms` as RFC 3339.
+    at: String,
     identity: String,
     caller: Operator,
     justification: String,
@@ -294,6 +339,7 @@ async fn report(at: &super::LedgerAt, since: &str, review_within: &str, json: bo
                 let entry = Entry {
                     decision: row.seq,
                     at_ms: row.at_ms,
+                    at: crate::clock::rfc3339(row.at()),
                     identity: text(&d.identity),
                     caller: d.caller.clone(),
                     justification: text(&d.justification),
@@ -358,7 +404,7 @@ async fn report(at: &super::LedgerAt, since: &str, review_within: &str, json: bo
         entry.overdue = entry.reviews.is_empty() && entry.outcome == "issued" && now_ms - entry.at_ms > within_ms;
         overdue += usize::from(entry.overdue);
         if json {
-            println!("{}", serde_json::to_string(&entry).unwrap_or_default());
+            out!("{}", serde_json::to_string(&entry).unwrap_or_default());
         } else {
             let review = if !entry.reviews.is_empty() {
                 "reviewed".to_owned()
@@ -373,9 +419,10 @@ async fn report(at: &super::LedgerAt, since: &str, review_within: &str, json: bo
                 serde_json::to_string(&entry.approved_by).unwrap_or_default()
             };
             let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
-            println!(
-                "decision #{} {} by {} ticket {} — {} — {}; approved by {approvers}; credentials {}; {} use(s); ended {}; {review}",
+            out!(
+                "decision #{} at {} {} by {} ticket {} — {} — {}; approved by {approvers}; credentials {}; {} use(s); ended {}; {review}",
                 entry.decision,
+                entry.at,
                 entry.identity,
                 serde_json::to_string(&entry.caller).unwrap_or_default(),
                 entry.ticket,
@@ -388,7 +435,7 @@ async fn report(at: &super::LedgerAt, since: &str, review_within: &str, json: bo
         }
     }
     if !json {
-        println!("{} break-glass request(s), {overdue} overdue for review", entries.len());
+        out!("{} break-glass request(s), {overdue} overdue for review", entries.len());
     }
     ExitCode::SUCCESS
 }

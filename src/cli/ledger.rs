@@ -32,7 +32,7 @@ pub async fn run(command: Command) -> ExitCode {
             };
             match crate::ledger::migrate(&from, &to, &chain).await {
                 Ok(n) => {
-                    println!("copied {n} events from `{from}` to `{to}` as chain `{chain}`; the copy verifies");
+                    out!("copied {n} events from `{from}` to `{to}` as chain `{chain}`; the copy verifies");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),

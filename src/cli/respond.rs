@@ -3,15 +3,15 @@
 //! exits non-zero when it did not fully happen (including a revocation that holds but
 //! could not be recorded).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::admin;
+use serde_json::json;
+
+use super::AdminAt;
 use crate::api::pb::revoke_request::Target;
 use crate::api::pb::{CredentialInfo, ListCredentialsRequest, LockRequest, RevokeRequest, UnlockRequest};
+use crate::clock::rfc3339_secs as rfc3339;
 use crate::identity::Ttl;
-
-const DEFAULT_ADMIN_SOCKET: &str = "mayfly-admin.sock";
 
 #[derive(clap::Args)]
 #[group(id = "what", required = true, multiple = false)]
@@ -35,6 +35,11 @@ pub struct What {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mayfly revoke --identity spiffe://mayfly.local/ci/acme/app --reason \"INC-7: token in a log\" --dry-run\n  \
+    mayfly revoke --selector repository=acme/app --reason \"INC-7\" --json\n  \
+    mayfly revoke --credential 3f1c9a0b-… --reason \"leaked\" --admin-socket /run/mayfly/admin.sock\n\
+    Exit 0: revoked (or nothing was left to revoke); 1: refused, or applied but NOT recorded, or an AWS deny not placed.")]
 pub struct RevokeArgs {
     #[command(flatten)]
     what: What,
@@ -50,32 +55,46 @@ pub struct RevokeArgs {
     /// How long the identity's lock lasts (e.g. 24h); default: until `mayfly unlock`.
     #[arg(long)]
     lock_ttl: Option<String>,
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
+    /// One JSON object: credentials (each with already_revoked), newly_revoked,
+    /// already_revoked, locked, durable, event_id, aws_denies.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    at: AdminAt,
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mayfly lock --identity spiffe://mayfly.local/ci/acme/ --reason \"INC-7\" --ttl 2h")]
 pub struct LockArgs {
     /// A SPIFFE ID, or a prefix ending in `/`.
     #[arg(long)]
     identity: String,
+    /// Why (required): recorded with who you are.
     #[arg(long)]
     reason: String,
     /// How long the lock lasts (e.g. 2h); default: until unlocked.
     #[arg(long)]
     ttl: Option<String>,
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
+    /// One JSON object: identity, until (RFC 3339, or null), durable.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    at: AdminAt,
 }
 
 #[derive(clap::Args)]
 pub struct UnlockArgs {
+    /// The SPIFFE ID or prefix exactly as locked.
     #[arg(long)]
     identity: String,
+    /// Why (required): recorded with who you are.
     #[arg(long)]
     reason: String,
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
+    /// One JSON object: identity, unlocked.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    at: AdminAt,
 }
 
 #[derive(clap::Subcommand)]
@@ -91,8 +110,8 @@ pub enum CredentialsCommand {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-        admin_socket: PathBuf,
+        #[command(flatten)]
+        at: AdminAt,
     },
 }
 
@@ -119,7 +138,7 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let mut client = match admin(&args.admin_socket).await {
+    let mut client = match args.at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -133,38 +152,69 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
     match client.revoke(request).await {
         Ok(r) => {
             let r = r.into_inner();
-            let verb = if args.dry_run { "would revoke" } else { "revoked" };
-            for c in &r.credentials {
-                println!("{verb} {}", line(c));
-            }
-            println!("{} credential(s) {verb}", r.credentials.len());
-            if !r.locked.is_empty() {
-                println!("{} {}", if args.dry_run { "would lock" } else { "locked" }, r.locked);
-            }
-            let mut aws_failed = false;
-            for d in &r.aws_denies {
-                if d.applied {
-                    println!(
-                        "aws: role {} denies sessions of {} issued before {} (inline policy {}, removed after {})",
-                        d.role,
-                        d.source_identity,
-                        rfc3339(d.issued_before),
-                        d.policy_name,
-                        rfc3339(d.remove_after)
-                    );
-                } else {
-                    aws_failed = true;
-                    eprintln!(
-                        "WARNING: aws: role {}: the deny was NOT placed ({}); its sessions of {} stay valid until they expire",
-                        d.role, d.error, d.source_identity
-                    );
+            let aws_failed = !r.aws_note.is_empty() || r.aws_denies.iter().any(|d| !d.applied);
+            let not_durable = !r.durable && !args.dry_run;
+            if args.json {
+                let denies: Vec<_> = r
+                    .aws_denies
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "role": d.role, "policy_name": d.policy_name, "source_identity": d.source_identity,
+                            "issued_before": rfc3339(d.issued_before), "remove_after": rfc3339(d.remove_after),
+                            "applied": d.applied, "error": d.error,
+                        })
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    json!({
+                        "dry_run": args.dry_run,
+                        "credentials": r.credentials.iter().map(credential_json).collect::<Vec<_>>(),
+                        "newly_revoked": r.newly_revoked, "already_revoked": r.already_revoked,
+                        "locked": (!r.locked.is_empty()).then_some(&r.locked), "already_locked": r.already_locked,
+                        "durable": r.durable, "event_id": r.event_id, "aws_denies": denies,
+                        "aws_note": (!r.aws_note.is_empty()).then_some(&r.aws_note),
+                    })
+                );
+            } else {
+                let verb = if args.dry_run { "would revoke" } else { "revoked" };
+                for c in &r.credentials {
+                    let what = if c.already_revoked { "already revoked" } else { verb };
+                    out!("{what:<15} {}", line(c));
+                }
+                out!("{} credential(s) {verb}, {} already revoked before", r.newly_revoked, r.already_revoked);
+                if !r.locked.is_empty() {
+                    let lock = match (args.dry_run, r.already_locked) {
+                        (true, true) | (false, true) => "already locked (lock renewed)",
+                        (true, false) => "would lock",
+                        (false, false) => "locked",
+                    };
+                    out!("{lock} {}", r.locked);
+                }
+                for d in &r.aws_denies {
+                    if d.applied {
+                        out!(
+                            "aws: role {} denies sessions of {} issued before {} (inline policy {}, removed after {})",
+                            d.role,
+                            d.source_identity,
+                            rfc3339(d.issued_before),
+                            d.policy_name,
+                            rfc3339(d.remove_after)
+                        );
+                    }
                 }
             }
+            for d in r.aws_denies.iter().filter(|d| !d.applied) {
+                eprintln!(
+                    "WARNING: aws: role {}: the deny was NOT placed ({}); its sessions of {} stay valid until they expire",
+                    d.role, d.error, d.source_identity
+                );
+            }
             if !r.aws_note.is_empty() {
-                aws_failed = true;
                 eprintln!("WARNING: aws: {}", r.aws_note);
             }
-            if !r.durable && !args.dry_run {
+            if not_durable {
                 eprintln!(
                     "WARNING: applied on this daemon but NOT recorded in the ledger; it is lost at a restart. Fix the ledger and revoke again."
                 );
@@ -181,15 +231,21 @@ pub async fn lock(args: LockArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let mut client = match admin(&args.admin_socket).await {
+    let mut client = match args.at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
     match client.lock(LockRequest { identity: args.identity.clone(), reason: args.reason, ttl_seconds }).await {
         Ok(r) => {
             let r = r.into_inner();
-            let until = if r.until == 0 { "until unlocked".to_owned() } else { format!("until {}", rfc3339(r.until)) };
-            println!("locked {} {until}", args.identity);
+            if args.json {
+                let until = (r.until != 0).then(|| rfc3339(r.until));
+                out!("{}", json!({ "identity": args.identity, "until": until, "durable": r.durable }));
+            } else {
+                let until =
+                    if r.until == 0 { "until unlocked".to_owned() } else { format!("until {}", rfc3339(r.until)) };
+                out!("locked {} {until}", args.identity);
+            }
             if r.durable {
                 ExitCode::SUCCESS
             } else {
@@ -201,13 +257,17 @@ pub async fn lock(args: LockArgs) -> ExitCode {
 }
 
 pub async fn unlock(args: UnlockArgs) -> ExitCode {
-    let mut client = match admin(&args.admin_socket).await {
+    let mut client = match args.at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
     match client.unlock(UnlockRequest { identity: args.identity.clone(), reason: args.reason }).await {
         Ok(_) => {
-            println!("unlocked {}", args.identity);
+            if args.json {
+                out!("{}", json!({ "identity": args.identity, "unlocked": true }));
+            } else {
+                out!("unlocked {}", args.identity);
+            }
             ExitCode::SUCCESS
         }
         Err(s) => super::fail(format!("unlock refused ({:?}): {}", s.code(), s.message())),
@@ -215,8 +275,8 @@ pub async fn unlock(args: UnlockArgs) -> ExitCode {
 }
 
 pub async fn credentials(command: CredentialsCommand) -> ExitCode {
-    let CredentialsCommand::List { identity, active, json, admin_socket } = command;
-    let mut client = match admin(&admin_socket).await {
+    let CredentialsCommand::List { identity, active, json, at } = command;
+    let mut client = match at.client().await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -224,15 +284,9 @@ pub async fn credentials(command: CredentialsCommand) -> ExitCode {
         Ok(r) => {
             for c in r.into_inner().credentials {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "credential_id": c.credential_id, "kind": c.kind, "identity": c.identity, "serial": c.serial,
-                            "not_before": c.not_before, "not_after": c.not_after, "policy_version": c.policy_version, "revoked": c.revoked,
-                        })
-                    );
+                    out!("{}", credential_json(&c));
                 } else {
-                    println!("{}", line(&c));
+                    out!("{}", line(&c));
                 }
             }
             ExitCode::SUCCESS
@@ -261,9 +315,12 @@ fn line(c: &CredentialInfo) -> String {
     )
 }
 
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| secs.to_string())
+/// A credential as JSON: times as RFC 3339 and as Unix seconds.
+fn credential_json(c: &CredentialInfo) -> serde_json::Value {
+    json!({
+        "credential_id": c.credential_id, "kind": c.kind, "identity": c.identity, "serial": c.serial,
+        "not_before": c.not_before, "not_after": c.not_after,
+        "not_before_rfc3339": rfc3339(c.not_before), "not_after_rfc3339": rfc3339(c.not_after),
+        "policy_version": c.policy_version, "revoked": c.revoked, "already_revoked": c.already_revoked,
+    })
 }

@@ -15,10 +15,13 @@ use crate::api::pb::broker_client::BrokerClient;
 use crate::identity::Ttl;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mayfly x509 --out /tmp/c                       # a P-256 key made here, sent as a CSR\n  \
+    mayfly x509 --csr my.csr --ttl 30m --out /tmp/c --config /etc/mayfly/mayfly.toml\n\
+    When policy grants less than --ttl asks for, the output says so and names the rule that capped it.")]
 pub struct Args {
-    /// The daemon's workload socket.
-    #[arg(long, default_value = "mayfly.sock")]
-    socket: PathBuf,
+    #[command(flatten)]
+    at: super::SocketAt,
     /// A PKCS#10 CSR (PEM or DER). Without it a P-256 key is generated here.
     #[arg(long)]
     csr: Option<PathBuf>,
@@ -60,9 +63,13 @@ pub async fn run(args: Args) -> ExitCode {
             Err(e) => return fail(format!("making a key: {e}")),
         },
     };
-    let channel = match connect(&args.socket).await {
+    let socket = match args.at.socket() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let channel = match connect(&socket).await {
         Ok(c) => c,
-        Err(e) => return fail(format!("cannot connect to `{}`: {e}", args.socket.display())),
+        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
     };
     let request = IssueX509Request { csr, ttl_seconds, spiffe_id: args.spiffe_id.unwrap_or_default() };
     let reply = match BrokerClient::new(channel).issue_x509(request).await {
@@ -85,9 +92,12 @@ pub async fn run(args: Args) -> ExitCode {
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
-    println!("{}", reply.spiffe_id);
-    println!("  credential {}  serial {}  expires {expires}", reply.credential_id, reply.serial);
-    println!("  wrote {}/cert.pem, bundle.pem{}", args.out.display(), if key_pem.is_some() { ", key.pem" } else { "" });
+    out!("{}", reply.spiffe_id);
+    out!("  credential {}  serial {}  expires {expires}", reply.credential_id, reply.serial);
+    out!("  wrote {}/cert.pem, bundle.pem{}", args.out.display(), if key_pem.is_some() { ", key.pem" } else { "" });
+    if let Some(note) = reply.lifetime.as_ref().and_then(super::lifetime_note) {
+        out!("  {note}");
+    }
     ExitCode::SUCCESS
 }
 

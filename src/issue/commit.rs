@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use super::{Ask, Authorized, IssueError, Issuer, KeySource, Origin};
+use super::{Ask, Authorized, IssueError, Issuer, KeySource, Lifetime, Origin};
 use crate::aws::StsSession;
 use crate::clock::unix_secs;
 use crate::identity::WorkloadId;
@@ -24,6 +24,8 @@ pub struct Issued {
     pub decision_id: EventId,
     pub issued_id: EventId,
     pub credential: Credential,
+    /// Asked for, granted, and what capped it.
+    pub lifetime: Lifetime,
     /// Only `commit` can make one: an `Issued` proves its record is durable.
     _durable: Durable,
 }
@@ -77,7 +79,7 @@ impl Issuer {
         elevated: bool,
     ) -> Result<Issued, IssueError> {
         details.provenance = auth.provenance.clone();
-        let Authorized { grants, identity, decision_id, now, .. } = auth;
+        let Authorized { grants, identity, decision_id, now, rules, lifetime, .. } = auth;
         let credential_id = uuid::Uuid::new_v4().to_string();
         let minted = match ask {
             Ask::X509 { key } => self.mint_x509(grants, key, &credential_id, decision_id, now)?,
@@ -88,11 +90,17 @@ impl Issuer {
         details.aws = mint_details.aws;
         let kind = record.kind.clone();
         let not_after = record.not_after;
-        let issued = self.commit(&identity, record, details, credential, now, decision_id, elevated).await?;
+        let mut issued = self.commit(&identity, record, details, credential, now, decision_id, elevated).await?;
+        if let Some(metrics) = self.metrics() {
+            metrics.issued(&kind, origin.api);
+        }
         tracing::info!(
             identity = %identity, credential_id, decision_id, issued_id = issued.issued_id, kind, api = origin.api,
-            rotation = origin.rotates.is_some(), break_glass = origin.emergency.is_some(), not_after, "credential issued"
+            rules = %rules.join(","), requested_ttl_secs = lifetime.requested, granted_ttl_secs = lifetime.granted,
+            clamped_by = lifetime.clamped_by.as_deref().unwrap_or_default(), rotation = origin.rotates.is_some(),
+            break_glass = origin.emergency.is_some(), not_after, "credential issued"
         );
+        issued.lifetime = lifetime;
         Ok(issued)
     }
 
@@ -143,6 +151,7 @@ impl Issuer {
             decision_id,
             issued_id,
             credential,
+            lifetime: Lifetime::default(),
             _durable: Durable,
         })
     }

@@ -120,6 +120,8 @@ events! {
     DaemonStopped(DaemonStopped) = "daemon_stopped",
     /// An AWS revocation deny was deleted from a role: every session it caught has expired.
     AwsDenyRemoved(AwsDenyRemoved) = "aws_deny_removed",
+    /// A reload (SIGHUP): what was applied, what needs a restart, what failed.
+    ConfigReloaded(ConfigReloaded) = "config_reloaded",
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -780,6 +782,23 @@ pub struct AwsDenyRemoved {
     pub existed: bool,
 }
 
+/// A reload of the configuration and the files it names (SIGHUP). Nothing in it is a secret:
+/// key names, versions, fingerprints and reasons.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConfigReloaded {
+    /// The configuration file read again (`None`: `mayfly dev`, which has none).
+    pub file: Option<String>,
+    /// What took effect, one line each (`policy: …`, `listen.cert: …`, `break_glass.approvers: …`).
+    pub applied: Vec<String>,
+    /// Changed keys this daemon keeps until it restarts (`workload_api.socket`, …).
+    pub restart_required: Vec<String>,
+    /// What could not be applied and why; the daemon keeps what it had for those.
+    pub failed: Vec<String>,
+    /// The policy release active after the reload.
+    pub policy_version: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,7 +808,7 @@ mod tests {
         for kind in EventKind::ALL {
             assert_eq!(EventKind::parse(kind.as_str()), Some(*kind));
         }
-        assert_eq!(EventKind::ALL.len(), 22);
+        assert_eq!(EventKind::ALL.len(), 23);
     }
 
     #[test]

@@ -147,6 +147,11 @@ impl SqliteReader {
         match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LedgerError::Missing(shown)),
+            // A directory on the way the user may not search: the ledger is there or not,
+            // but this user cannot tell, and "missing" would send them looking elsewhere.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(LedgerError::PermissionDenied(shown));
+            }
             Err(e) => return Err(LedgerError::Storage(format!("`{shown}`: {e}"))),
         }
         if rustix::fs::access(path, rustix::fs::Access::READ_OK).is_err() {

@@ -86,6 +86,11 @@ impl Es256Minter {
         self.keys.load().active.key.kid().to_owned()
     }
 
+    /// Retired keys still in the JWKS, each with when it leaves.
+    pub fn retired_keys(&self) -> Vec<(String, SystemTime)> {
+        self.keys.load().retired.iter().map(|(k, until)| (k.key.kid().to_owned(), *until)).collect()
+    }
+
     /// Makes `next` the signing key. The replaced key stays in the JWKS, and its tokens
     /// keep validating, for `longest_ttl` (no token it signed lives longer).
     pub fn rotate(&self, next: JwtKey, now: SystemTime, longest_ttl: Duration) -> Result<(), MintError> {

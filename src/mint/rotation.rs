@@ -61,36 +61,49 @@ impl KeyWatch {
         Self { files, minter, jwt_file, jwt, publisher, ledger, clock, longest_ttl, jwt_refused: None, refused: None }
     }
 
-    pub async fn run(mut self, every: std::time::Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    /// Checks the files every `every` until the daemon stops; a reload checks at once
+    /// through the same lock (`check`).
+    pub async fn run(
+        watch: Arc<tokio::sync::Mutex<Self>>,
+        every: std::time::Duration,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut ticker = Ticker::delayed(every, stop).await;
         while ticker.next().await {
-            self.check().await;
+            watch.lock().await.check().await;
         }
     }
 
-    async fn check(&mut self) {
+    /// Prunes expired retired signers and reads the key files once; publishes any change.
+    pub async fn check(&mut self) -> Checked {
         let now = self.clock.now();
         let mut changed = self.minter.prune(now);
         changed |= self.jwt.prune(now);
+        let mut checked = Checked::default();
         if let Some((cert, key)) = self.files.clone() {
-            changed |= self.reload(&cert, &key, now).await;
+            checked.ca = self.reload(&cert, &key, now).await;
         }
         if let Some(path) = self.jwt_file.clone() {
-            changed |= self.reload_jwt(&path, now).await;
+            checked.jwt = self.reload_jwt(&path, now).await;
         }
+        changed |= checked.ca.rotated() || checked.jwt.rotated();
         if changed || self.publisher.crl_is_stale() {
             self.publisher.publish();
         }
+        checked
     }
 
-    async fn reload_jwt(&mut self, path: &Path, now: std::time::SystemTime) -> bool {
-        let Ok(bytes) = std::fs::read(path) else { return false };
+    async fn reload_jwt(&mut self, path: &Path, now: std::time::SystemTime) -> KeyFile {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => return KeyFile::Refused(format!("`{}`: {e}", path.display())),
+        };
         if self.jwt_refused.as_ref() == Some(&bytes) {
-            return false;
+            return KeyFile::Refused("the file was refused before and has not changed".into());
         }
         let from = self.jwt.active_kid();
         let next = match JwtKey::load(path) {
-            Ok(k) if k.kid() == from => return false,
+            Ok(k) if k.kid() == from => return KeyFile::Unchanged,
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "new JWT key file refused; the current key keeps signing");
@@ -98,29 +111,35 @@ impl KeyWatch {
                 if self.ledger.record(now, event).await.is_ok() {
                     self.jwt_refused = Some(bytes);
                 }
-                return false;
+                return KeyFile::Refused(e.to_string());
             }
         };
         let to = next.kid().to_owned();
         let event = Event::JwtKeyRotated(JwtKeyRotated { from_kid: from.clone(), to_kid: to.clone() });
         if let Err(e) = self.ledger.record(now, event).await {
             tracing::error!(error = %e, "JWT key rotation not recorded; not rotating yet");
-            return false;
+            return KeyFile::Refused(format!("not recorded, so not rotated: {e}"));
         }
         if let Err(e) = self.jwt.rotate(next, now, self.longest_ttl) {
             tracing::error!(error = %e, "JWT key rotation failed; the current key keeps signing");
-            return false;
+            return KeyFile::Refused(e.to_string());
         }
         self.jwt_refused = None;
         tracing::info!(from_kid = from, to_kid = to, "JWT signing key rotated");
-        true
+        KeyFile::Rotated { from, to }
     }
 
-    async fn reload(&mut self, cert: &Path, key: &Path, now: std::time::SystemTime) -> bool {
-        let Ok(bytes) = std::fs::read(cert) else { return false };
+    async fn reload(&mut self, cert: &Path, key: &Path, now: std::time::SystemTime) -> KeyFile {
+        let bytes = match std::fs::read(cert) {
+            Ok(b) => b,
+            Err(e) => return KeyFile::Refused(format!("`{}`: {e}", cert.display())),
+        };
         let same = pem::parse(&bytes).is_ok_and(|p| p.contents() == self.minter.active_ca_der().as_slice());
-        if same || self.refused.as_ref() == Some(&bytes) {
-            return false;
+        if same {
+            return KeyFile::Unchanged;
+        }
+        if self.refused.as_ref() == Some(&bytes) {
+            return KeyFile::Refused("the file was refused before and has not changed".into());
         }
         let sha = |der: &[u8]| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der));
         let from = sha(&self.minter.active_ca_der());
@@ -132,7 +151,7 @@ impl KeyWatch {
                 if self.ledger.record(now, event).await.is_ok() {
                     self.refused = Some(bytes);
                 }
-                return false;
+                return KeyFile::Refused(e.to_string());
             }
         };
         let to = sha(next.cert_der());
@@ -141,11 +160,39 @@ impl KeyWatch {
         let event = Event::CaRotated(CaRotated { from_sha256: from.clone(), to_sha256: to.clone() });
         if let Err(e) = self.ledger.record(now, event).await {
             tracing::error!(error = %e, "CA rotation not recorded; not rotating yet");
-            return false;
+            return KeyFile::Refused(format!("not recorded, so not rotated: {e}"));
         }
         self.minter.rotate(Arc::new(next), now, self.longest_ttl);
         self.refused = None;
         tracing::info!(from_sha256 = from, to_sha256 = to, "x509 CA rotated");
-        true
+        KeyFile::Rotated { from, to }
+    }
+}
+
+/// What one check of the key files found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub ca: KeyFile,
+    pub jwt: KeyFile,
+}
+
+/// One key file's state after a check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KeyFile {
+    /// Generated and kept in the data dir: nothing to read.
+    #[default]
+    NotConfigured,
+    Unchanged,
+    Rotated {
+        from: String,
+        to: String,
+    },
+    /// Not usable (or not recordable): the current signer keeps signing.
+    Refused(String),
+}
+
+impl KeyFile {
+    pub fn rotated(&self) -> bool {
+        matches!(self, KeyFile::Rotated { .. })
     }
 }

@@ -61,6 +61,11 @@ impl X509Minter {
         self.cas.load().active.cert_der().to_vec()
     }
 
+    /// Not-after of the CA that signs new SVIDs.
+    pub fn active_ca_not_after(&self) -> SystemTime {
+        self.cas.load().active.not_after()
+    }
+
     /// Makes `next` the signer. The replaced CA stays in the bundle until `longest_ttl`
     /// from `now` (no SVID it signed lives longer), or its own expiry if sooner.
     pub fn rotate(&self, next: Arc<CertificateAuthority>, now: SystemTime, longest_ttl: std::time::Duration) {

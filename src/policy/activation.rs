@@ -2,9 +2,12 @@
 //! tree), verifies and validates each new release off the request path, swaps it in,
 //! keeps the previous good one, and records every activation, rejection and rollback.
 //!
-//! Signed mode keeps the last two good bundles in `<data_dir>/policy/` (`current.bundle`,
-//! `previous.bundle`, re-verified on every start) and the version an operator rolled back
-//! from (`held`), so a restart neither loses a rollback nor fails on a bad published bundle.
+//! Signed mode keeps the active bundle and the rollback history in `<data_dir>/policy/`
+//! (`current.bundle`, then `previous.bundle`, `previous-2.bundle`, … most recent first,
+//! re-verified on every start) and the versions operators rolled back from (`held`, one a
+//! line), so a restart neither loses a rollback nor fails on a bad published bundle. A held
+//! version is not activated from the source again until a version that is not held is
+//! published (which clears the list). See `store` for the history's rules.
 //! Order of an activation: build the release → record `policy_activated` → persist → swap.
 //! A release that cannot be recorded is not activated.
 
@@ -19,14 +22,14 @@ use crate::ledger::event::{Event, Operator, PolicyActivated, PolicyRejected, Pol
 use crate::ledger::{EventId, Ledger, LedgerError};
 use crate::policy::bundle::{Bundle, PolicyFiles, PublicKey, sha256_hex};
 use crate::policy::release::Release;
-use crate::policy::store::PolicyStore;
+use crate::policy::store::{HISTORY, PolicyStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
     #[error("no usable policy release: {0}")]
     NoRelease(String),
-    #[error("there is no previous good release to roll back to")]
-    NoPrevious,
+    #[error("there is no earlier good release to roll back to{}", held_note(.0))]
+    NoPrevious(Vec<String>),
     #[error("cannot record the policy change; nothing changed: {0}")]
     Ledger(#[from] LedgerError),
     #[error("{0}")]
@@ -46,11 +49,32 @@ enum Content {
     Files(PolicyFiles),
 }
 
+fn held_note(held: &[String]) -> String {
+    if held.is_empty() { String::new() } else { format!(" (rolled back from, and held: {})", held.join(", ")) }
+}
+
 struct Watch {
     /// Fingerprint of the source as last considered: an unchanged source is not rebuilt.
     last_seen: Option<String>,
-    /// Version rolled back from: not re-activated from the source.
-    held: Option<String>,
+    /// Versions rolled back from, oldest first: not re-activated from the source.
+    held: Vec<String>,
+}
+
+/// What one look at the policy source did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Polled {
+    /// The source holds what was considered last time (or the active version again).
+    Unchanged {
+        version: String,
+    },
+    Activated {
+        from: String,
+        to: String,
+    },
+    /// Refused (bad, held, or not recordable); the active release stays.
+    Rejected {
+        why: String,
+    },
 }
 
 /// Reads and builds releases from the configured source.
@@ -133,8 +157,10 @@ impl PolicyController {
 /// What `status` reports.
 pub struct Status {
     pub current: Arc<Release>,
-    pub previous: Option<Arc<Release>>,
-    pub held: Option<String>,
+    /// The rollback history, most recent first (the first is where a rollback goes).
+    pub history: Vec<Arc<Release>>,
+    /// Versions rolled back from, oldest first.
+    pub held: Vec<String>,
 }
 
 impl PolicyController {
@@ -166,7 +192,7 @@ impl PolicyController {
             std::fs::create_dir_all(&state_dir)
                 .map_err(|e| ActivationError::NoRelease(format!("`{}`: {e}", state_dir.display())))?;
         }
-        let held = if signed { read_held(&state_dir) } else { None };
+        let held = if signed { read_held(&state_dir) } else { Vec::new() };
         let loader = Loader { source: source.clone(), keys, trust_domain };
         let kept = |name: &str| -> Option<Release> {
             let path = state_dir.join(name);
@@ -179,8 +205,10 @@ impl PolicyController {
                 }
             }
         };
-        let (stored_current, stored_previous) =
-            if signed { (kept("current.bundle"), kept("previous.bundle")) } else { (None, None) };
+        let stored_current = if signed { kept("current.bundle") } else { None };
+        // Most recent first; stops at the first missing or unusable file.
+        let stored_history: Vec<Release> =
+            if signed { (0..HISTORY).map_while(|i| kept(&history_file(i))).collect() } else { Vec::new() };
         let candidate = loader.read_source();
         let fingerprint = candidate.as_ref().map(|c| c.fingerprint.clone()).unwrap_or_else(|e| format!("error:{e}"));
         let built = candidate.and_then(|c| {
@@ -191,21 +219,25 @@ impl PolicyController {
             let (ledger, at) = (ledger.clone(), clock.now());
             async move { ledger.record(at, event).await }
         };
-        let (current, previous, via) = match built {
-            Ok((_, release)) if held.as_deref() == Some(release.version()) && stored_current.is_some() => {
+        let (current, history, via) = match built {
+            Ok((_, release)) if held.iter().any(|h| h == release.version()) && stored_current.is_some() => {
                 tracing::warn!(
                     version = release.version(),
                     "the published policy is held after a rollback; keeping the kept release"
                 );
-                (stored_current, stored_previous, "startup (published release held)")
+                (stored_current, stored_history, "startup (published release held)")
             }
             Ok((candidate, release)) => {
                 let same = stored_current.as_ref().is_some_and(|s| s.version() == release.version());
-                let previous = if same { stored_previous } else { stored_current };
+                let history = if same {
+                    stored_history
+                } else {
+                    stored_current.into_iter().chain(stored_history).take(HISTORY).collect()
+                };
                 if let (true, Content::Bundle(bytes)) = (signed && !same, &candidate.content) {
                     persist_new(&state_dir, bytes);
                 }
-                (Some(release), previous, "startup")
+                (Some(release), history, "startup")
             }
             Err(why) => {
                 let kept = stored_current.as_ref().map(|r| r.version().to_owned());
@@ -218,14 +250,15 @@ impl PolicyController {
                 .await?;
                 tracing::error!(reason = %why, "policy release rejected at start-up");
                 match stored_current {
-                    Some(kept) => (Some(kept), stored_previous, "startup (kept release)"),
+                    Some(kept) => (Some(kept), stored_history, "startup (kept release)"),
                     None => return Err(ActivationError::NoRelease(why)),
                 }
             }
         };
         let current = Arc::new(current.ok_or_else(|| ActivationError::NoRelease("no release".into()))?);
-        let previous = previous.map(Arc::new);
-        record(Event::PolicyActivated(activated(&current, previous.as_deref(), via))).await?;
+        // The store keeps the history oldest first.
+        let history: Vec<Arc<Release>> = history.into_iter().rev().map(Arc::new).collect();
+        record(Event::PolicyActivated(activated(&current, history.last().map(Arc::as_ref), via))).await?;
         tracing::info!(
             version = current.version(),
             label = current.provenance.label.as_deref().unwrap_or(""),
@@ -237,7 +270,7 @@ impl PolicyController {
             loader,
             source,
             state_dir,
-            store: Arc::new(PolicyStore::new(current, previous)),
+            store: Arc::new(PolicyStore::new(current, history)),
             ledger,
             clock,
             watch: tokio::sync::Mutex::new(Watch { last_seen: Some(fingerprint), held }),
@@ -295,7 +328,10 @@ impl PolicyController {
             return;
         }
         persist_new(&self.state_dir, &bytes);
-        watch.held = watch.held.take().filter(|h| h != version);
+        if watch.held.iter().any(|h| h == version) {
+            watch.held.retain(|h| h != version);
+            self.write_held(&watch.held);
+        }
         self.store.activate(release);
         tracing::info!(from = current.version(), to = version, via, "policy activated (another daemon's release)");
     }
@@ -311,9 +347,13 @@ impl PolicyController {
             return;
         }
         self.adopt(to, via).await;
+        // The release rolled back from is no rollback target here either.
+        self.store.forget(from);
         let mut watch = self.watch.lock().await;
-        watch.held = Some(from.to_owned());
-        self.write_held(Some(from));
+        if !watch.held.iter().any(|h| h == from) {
+            watch.held.push(from.to_owned());
+        }
+        self.write_held(&watch.held);
     }
 
     pub fn store(&self) -> Arc<PolicyStore> {
@@ -322,7 +362,7 @@ impl PolicyController {
 
     pub async fn status(&self) -> Status {
         let held = self.watch.lock().await.held.clone();
-        Status { current: self.store.current(), previous: self.store.previous(), held }
+        Status { current: self.store.current(), history: self.store.history(), held }
     }
 
     /// Checks the source once; activates a new good release, records a bad one. Building
@@ -335,7 +375,14 @@ impl PolicyController {
         }
     }
 
-    pub async fn poll(self: &Arc<Self>) {
+    /// Looks at the source now (a reload): like a tick of the watch, but a source that
+    /// has not changed since it was last refused is looked at again too.
+    pub async fn poll_now(self: &Arc<Self>) -> Polled {
+        self.watch.lock().await.last_seen = None;
+        self.poll().await
+    }
+
+    pub async fn poll(self: &Arc<Self>) -> Polled {
         let mut watch = self.watch.lock().await;
         let me = Arc::clone(self);
         let read = tokio::task::spawn_blocking(move || {
@@ -352,11 +399,11 @@ impl PolicyController {
                     watch.last_seen = Some(fingerprint);
                     self.reject(&why, None).await;
                 }
-                return;
+                return Polled::Rejected { why };
             }
         };
         if watch.last_seen.as_deref() == Some(fingerprint.as_str()) {
-            return;
+            return Polled::Unchanged { version: self.store.current().version().to_owned() };
         }
         watch.last_seen = Some(fingerprint);
         let me = Arc::clone(self);
@@ -368,16 +415,20 @@ impl PolicyController {
         .unwrap_or_else(|e| Err(format!("building the release failed: {e}")));
         let (release, candidate) = match built {
             Ok(parts) => parts,
-            Err(why) => return self.reject(&why, None).await,
+            Err(why) => {
+                self.reject(&why, None).await;
+                return Polled::Rejected { why };
+            }
         };
         let current = self.store.current();
         if release.version() == current.version() {
             tracing::debug!(version = release.version(), "policy source re-published the active version");
-            return;
+            return Polled::Unchanged { version: current.version().to_owned() };
         }
-        if watch.held.as_deref() == Some(release.version()) {
+        if watch.held.iter().any(|h| h == release.version()) {
             let why = "this version was rolled back by an operator; publish a different version to move on";
-            return self.reject(why, Some(release.version())).await;
+            self.reject(why, Some(release.version())).await;
+            return Polled::Rejected { why: format!("`{}`: {why}", release.version()) };
         }
         let release = Arc::new(release);
         if let (Some(releases), Content::Bundle(bytes)) = (&self.releases, &candidate.content)
@@ -385,30 +436,33 @@ impl PolicyController {
         {
             tracing::error!(error = %e, version = release.version(), "cannot share the release with the other daemons; not activating it yet");
             watch.last_seen = None;
-            return;
+            return Polled::Rejected { why: format!("the release cannot be shared with the other daemons: {e}") };
         }
         if let Err(e) = self.record(Event::PolicyActivated(activated(&release, Some(&current), "watch"))).await {
             tracing::error!(error = %e, version = release.version(), "cannot record the activation; keeping the current policy");
             watch.last_seen = None;
-            return;
+            return Polled::Rejected { why: format!("the activation cannot be recorded: {e}") };
         }
         if let Content::Bundle(bytes) = &candidate.content {
             persist_new(&self.state_dir, bytes);
         }
-        watch.held = None;
-        self.write_held(None);
+        watch.held.clear();
+        self.write_held(&[]);
         self.store.activate(release.clone());
         tracing::info!(from = current.version(), to = release.version(), "policy activated");
+        Polled::Activated { from: current.version().to_owned(), to: release.version().to_owned() }
     }
 
-    /// Returns to the previous good release and holds the one rolled back from.
+    /// Returns to the most recent release of the history and holds the one rolled back
+    /// from (it leaves the history: a second rollback goes further back, never forward).
     pub async fn rollback(
         &self,
         operator: Operator,
         reason: &str,
     ) -> Result<(Arc<Release>, Arc<Release>, EventId), ActivationError> {
         let mut watch = self.watch.lock().await;
-        let (from, to) = (self.store.current(), self.store.previous().ok_or(ActivationError::NoPrevious)?);
+        let to = self.store.previous().ok_or_else(|| ActivationError::NoPrevious(watch.held.clone()))?;
+        let from = self.store.current();
         let event = self
             .record(Event::PolicyRolledBack(PolicyRolledBack {
                 from: from.version().to_owned(),
@@ -419,10 +473,12 @@ impl PolicyController {
             }))
             .await?;
         if matches!(self.source, PolicySource::Bundle { .. }) {
-            self.persist_swap();
+            self.persist_rollback();
         }
-        watch.held = Some(from.version().to_owned());
-        self.write_held(Some(from.version()));
+        if !watch.held.iter().any(|h| h == from.version()) {
+            watch.held.push(from.version().to_owned());
+        }
+        self.write_held(&watch.held);
         self.store.rollback();
         tracing::warn!(from = from.version(), to = to.version(), reason, "policy rolled back");
         Ok((from, to, event))
@@ -444,6 +500,32 @@ impl PolicyController {
     async fn record(&self, event: Event) -> Result<EventId, LedgerError> {
         self.ledger.record(self.clock.now(), event).await
     }
+}
+
+/// What `mayfly config check` does with the policy source: loads the trusted keys, reads
+/// the source and builds the release as an activation would (signature, validation, the
+/// release's own tests). Returns a line describing the release.
+pub fn check_source(source: &PolicySource, trust_domain: &TrustDomain) -> Result<String, String> {
+    let keys = match source {
+        PolicySource::Bundle { trusted_keys, .. } => trusted_keys
+            .iter()
+            .map(|p| PublicKey::load(p).map_err(|e| format!("policy.trusted_keys: {e}")))
+            .collect::<Result<Vec<_>, _>>()?,
+        PolicySource::UnsignedDir(_) => Vec::new(),
+    };
+    let loader = Loader { source: source.clone(), keys, trust_domain: trust_domain.clone() };
+    let candidate = loader.read_source()?;
+    let release = loader.build(&candidate.content, candidate.source.clone())?;
+    let p = &release.provenance;
+    Ok(format!(
+        "release {}{} from `{}`, {}, {} rules, {} inventory entries",
+        p.version,
+        p.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default(),
+        candidate.source,
+        p.signed_by.as_deref().map(|k| format!("signed by {k}")).unwrap_or_else(|| "UNSIGNED".into()),
+        release.engine.rule_count(),
+        release.inventory.entries().len()
+    ))
 }
 
 fn source_name(source: &PolicySource) -> String {
@@ -490,13 +572,23 @@ impl Loader {
     }
 }
 
-/// current.bundle → previous.bundle, the new bundle → current.bundle. Best effort: the
-/// kept copies are a fallback for restarts, not the source of truth.
+/// The kept bundle of the `i`-th release of the history, most recent first.
+fn history_file(i: usize) -> String {
+    if i == 0 { "previous.bundle".to_owned() } else { format!("previous-{}.bundle", i + 1) }
+}
+
+/// Every kept bundle moves one place back (the oldest beyond `HISTORY` goes), the new one
+/// becomes current.bundle. Best effort: the kept copies are a fallback for restarts, not the
+/// source of truth.
 fn persist_new(state_dir: &Path, bytes: &[u8]) {
-    let (current, previous) = (state_dir.join("current.bundle"), state_dir.join("previous.bundle"));
+    let current = state_dir.join("current.bundle");
     let result = (|| -> std::io::Result<()> {
-        if current.exists() {
-            std::fs::rename(&current, &previous)?;
+        for i in (0..HISTORY).rev() {
+            let from = if i == 0 { current.clone() } else { state_dir.join(history_file(i - 1)) };
+            let to = state_dir.join(history_file(i));
+            if from.exists() {
+                std::fs::rename(&from, &to)?;
+            }
         }
         write_atomic(&current, bytes)
     })();
@@ -506,40 +598,46 @@ fn persist_new(state_dir: &Path, bytes: &[u8]) {
 }
 
 impl PolicyController {
-    fn persist_swap(&self) {
-        let (current, previous, tmp) = (
-            self.state_dir.join("current.bundle"),
-            self.state_dir.join("previous.bundle"),
-            self.state_dir.join("swap.tmp"),
-        );
+    /// previous.bundle becomes current.bundle and every older one moves up; the bundle
+    /// rolled back from is dropped (its version is held).
+    fn persist_rollback(&self) {
+        let dir = &self.state_dir;
         let result = (|| -> std::io::Result<()> {
-            std::fs::rename(&current, &tmp)?;
-            std::fs::rename(&previous, &current)?;
-            std::fs::rename(&tmp, &previous)
+            for i in 0..HISTORY {
+                let from = dir.join(history_file(i));
+                let to = if i == 0 { dir.join("current.bundle") } else { dir.join(history_file(i - 1)) };
+                if from.exists() {
+                    std::fs::rename(&from, &to)?;
+                }
+            }
+            Ok(())
         })();
         if let Err(e) = result {
-            tracing::error!(error = %e, dir = %self.state_dir.display(), "cannot swap the kept bundles");
+            tracing::error!(error = %e, dir = %dir.display(), "cannot move the kept bundles after a rollback");
         }
     }
 
-    fn write_held(&self, version: Option<&str>) {
+    fn write_held(&self, versions: &[String]) {
         if !matches!(self.source, PolicySource::Bundle { .. }) {
             return;
         }
         let path = self.state_dir.join("held");
-        let result = match version {
-            Some(v) => write_atomic(&path, v.as_bytes()),
-            None if path.exists() => std::fs::remove_file(&path),
-            None => Ok(()),
+        let result = if versions.is_empty() {
+            if path.exists() { std::fs::remove_file(&path) } else { Ok(()) }
+        } else {
+            write_atomic(&path, versions.join("\n").as_bytes())
         };
         if let Err(e) = result {
-            tracing::error!(error = %e, path = %path.display(), "cannot record the held policy version");
+            tracing::error!(error = %e, path = %path.display(), "cannot record the held policy versions");
         }
     }
 }
 
-fn read_held(state_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(state_dir.join("held")).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+/// The held versions, oldest first (a file of one line, written before the history, reads too).
+fn read_held(state_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(state_dir.join("held"))
+        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 fn activated(release: &Release, previous: Option<&Release>, via: &str) -> PolicyActivated {

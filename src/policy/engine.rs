@@ -398,28 +398,27 @@ impl Engine {
         // Permits are a union: each one authorises up to its own @max_ttl.
         let ceiling = live.iter().filter_map(|id| self.max_ttl.get(id)).max().copied();
         match ceiling {
-            Some(max) => Decision {
-                verdict: Verdict::Allow(Grant {
-                    identity: req.workload.id.clone(),
-                    resource: req.resource.clone(),
-                    ttl: req.requested_ttl.min(max),
-                    aws: matches!(req.resource, Resource::Aws { .. }).then(|| {
-                        // One rule shapes the session: the longest ceiling (ties: the first id).
-                        let rule = live
-                            .iter()
-                            .filter(|id| self.max_ttl.get(*id) == Some(&max))
-                            .min()
-                            .map(String::as_str)
-                            .unwrap_or_default();
-                        Box::new(self.aws.grant(rule, req.workload, max))
+            Some(max) => {
+                // The rule with the longest ceiling (ties: the first id): it shapes an AWS
+                // session, and it is what capped a request for more.
+                let widest =
+                    live.iter().filter(|id| self.max_ttl.get(*id) == Some(&max)).min().cloned().unwrap_or_default();
+                Decision {
+                    verdict: Verdict::Allow(Grant {
+                        identity: req.workload.id.clone(),
+                        resource: req.resource.clone(),
+                        ttl: req.requested_ttl.min(max),
+                        aws: matches!(req.resource, Resource::Aws { .. })
+                            .then(|| Box::new(self.aws.grant(&widest, req.workload, max))),
+                        clamped_by: (req.requested_ttl > max).then(|| widest.clone()),
                     }),
-                }),
-                needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
-                rules: live,
-                reasons: vec![],
-                errors,
-                policy_version: self.version.clone(),
-            },
+                    needs_approval: live.iter().any(|id| self.needs_approval.contains(id)),
+                    rules: live,
+                    reasons: vec![],
+                    errors,
+                    policy_version: self.version.clone(),
+                }
+            }
             None => {
                 let reasons = expired
                     .iter()

@@ -1,6 +1,12 @@
-//! The active release and the good one before it. A request takes one snapshot
+//! The active release and the rollback history: the good releases that were active before
+//! it, most recent last, at most `HISTORY` of them. A request takes one snapshot
 //! (`current()`, a single atomic load) and decides with that engine + inventory even if a
 //! new release is activated meanwhile: activation swaps a pointer and never blocks issuance.
+//!
+//! Rollback history: an activation pushes the release it replaces; a rollback pops the most
+//! recent one and makes it current, and the release rolled back from leaves the history
+//! (it is never a rollback target again). So `rollback` twice goes two releases back —
+//! never forward to the release just rolled back from — and fails once the history is empty.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,10 +14,13 @@ use arc_swap::ArcSwap;
 
 use super::release::Release;
 
+/// How many earlier releases the history keeps.
+pub const HISTORY: usize = 4;
+
 pub struct PolicyStore {
     current: ArcSwap<Release>,
-    /// Serialises writers; also holds the previous good release.
-    previous: Mutex<Option<Arc<Release>>>,
+    /// Serialises writers; also holds the rollback history, oldest first.
+    history: Mutex<Vec<Arc<Release>>>,
     /// Counts activations and rollbacks, so long-lived holders (Workload API streams)
     /// re-check entitlement when the release changes.
     changed: tokio::sync::watch::Sender<u64>,
@@ -24,10 +33,14 @@ impl std::fmt::Debug for PolicyStore {
 }
 
 impl PolicyStore {
-    pub fn new(current: Arc<Release>, previous: Option<Arc<Release>>) -> Self {
+    /// `history`: earlier good releases, oldest first (only the last `HISTORY` are kept).
+    pub fn new(current: Arc<Release>, history: Vec<Arc<Release>>) -> Self {
+        let mut history = history;
+        let excess = history.len().saturating_sub(HISTORY);
+        history.drain(..excess);
         Self {
             current: ArcSwap::new(current),
-            previous: Mutex::new(previous),
+            history: Mutex::new(history),
             changed: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -46,33 +59,45 @@ impl PolicyStore {
         self.current().inventory.entries().iter().find(|e| &e.id == id).map(|e| e.expires)
     }
 
+    /// The release a rollback would return to.
     pub fn previous(&self) -> Option<Arc<Release>> {
-        self.lock().clone()
+        self.lock().last().cloned()
     }
 
-    /// Makes `next` current; the release it replaces becomes the previous good one.
+    /// The rollback history, most recent first.
+    pub fn history(&self) -> Vec<Arc<Release>> {
+        self.lock().iter().rev().cloned().collect()
+    }
+
+    /// Makes `next` current; the release it replaces joins the history.
     pub fn activate(&self, next: Arc<Release>) -> Arc<Release> {
-        let mut previous = self.lock();
+        let mut history = self.lock();
         let replaced = self.current.swap(next);
-        *previous = Some(replaced.clone());
+        history.push(replaced.clone());
+        let excess = history.len().saturating_sub(HISTORY);
+        history.drain(..excess);
         self.changed.send_modify(|n| *n += 1);
         replaced
     }
 
-    /// Swaps current and previous (so a second rollback rolls forward again). Returns
-    /// (from, to), or `None` when there is no previous release.
+    /// Returns to the most recent earlier release; the release rolled back from leaves the
+    /// history. Returns (from, to), or `None` when the history is empty.
     pub fn rollback(&self) -> Option<(Arc<Release>, Arc<Release>)> {
-        let mut previous = self.lock();
-        let to = previous.take()?;
+        let mut history = self.lock();
+        let to = history.pop()?;
         let from = self.current.swap(to.clone());
-        *previous = Some(from.clone());
         self.changed.send_modify(|n| *n += 1);
         Some((from, to))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Release>>> {
-        // Why: the guarded value is a plain Option<Arc>; a panic elsewhere cannot leave it
-        // half-written, so a poisoned lock is still consistent.
-        self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Drops `version` from the history (another daemon rolled back from it).
+    pub fn forget(&self, version: &str) {
+        self.lock().retain(|r| r.version() != version);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Release>>> {
+        // Why: the guarded list is only pushed to and popped whole; a panic elsewhere cannot
+        // leave it half-written, so a poisoned lock is still consistent.
+        self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

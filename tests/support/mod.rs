@@ -125,6 +125,8 @@ pub async fn run(config: Config, dir: &Path, now: SystemTime, tls_ca: Option<Str
     let clock = Arc::new(FixedClock::new(now));
     let daemon = Daemon::build(config, clock.clone()).await.unwrap();
     let port = daemon.listen_address().map(|a| a.port());
+    let telemetry = daemon.telemetry_address();
+    let reload = daemon.reload_handle();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         daemon
@@ -141,6 +143,8 @@ pub async fn run(config: Config, dir: &Path, now: SystemTime, tls_ca: Option<Str
         location,
         clock,
         port,
+        telemetry,
+        reload,
         tls_ca,
         stop: Some(stop),
         task: Some(task),
@@ -156,6 +160,10 @@ pub struct Running {
     pub clock: Arc<FixedClock>,
     /// The TLS listener's port, with `Setup::tls`.
     pub port: Option<u16>,
+    /// The telemetry listener's address, with `[telemetry] listen`.
+    pub telemetry: Option<std::net::SocketAddr>,
+    /// What SIGHUP does to `mayfly serve`.
+    pub reload: mayfly::daemon::ReloadHandle,
     tls_ca: Option<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
