@@ -29,13 +29,14 @@ use crate::clock::Clock;
 use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
-use crate::keys::{CertificateAuthority, JwtKey, KeyError};
+use crate::keys::{CertificateAuthority, JwtKey, KeyError, WIT_KEY_FILE};
 use crate::ledger::checkpoint::{CheckpointError, Checkpointer};
 use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
 use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
 use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
 use crate::mint::rotation::KeyWatch;
+use crate::mint::wit::Es256WitMinter;
 use crate::mint::x509::X509Minter;
 use crate::mint::{JwtMinter, MintError, Minter};
 use crate::policy::activation::{ActivationError, PolicyController};
@@ -44,7 +45,7 @@ use crate::revoke::aws::{AwsRevoker, DenySweep};
 use crate::revoke::expiry::ExpirySweep;
 use crate::revoke::publish::BundlePublisher;
 use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
-use crate::validate::Validator;
+use crate::validate::{ProofSettings, Validator};
 
 pub use crate::api::serve::DRAIN_LIMIT;
 
@@ -56,6 +57,8 @@ pub enum DaemonError {
     Keys(#[from] KeyError),
     #[error("JWT signer: {0}")]
     Jwt(#[from] MintError),
+    #[error("wit.key: {0}")]
+    WitKey(String),
     #[error("policy: {0}")]
     Policy(#[from] ActivationError),
     #[error("ledger `{location}`: {source}")]
@@ -100,6 +103,8 @@ pub struct Daemon {
     publisher: Arc<BundlePublisher>,
     minter: Arc<X509Minter>,
     jwt: Arc<Es256Minter>,
+    /// The WIT key's kid: the JWT key watch refuses a key with it.
+    wit_kid: String,
     net: Option<NetListener>,
     /// STS and IAM, when `[aws]` is configured.
     aws: Option<Arc<crate::aws::SdkAws>>,
@@ -125,6 +130,18 @@ impl Daemon {
             None => JwtKey::load_or_generate(&config.data_dir)?,
         };
         let jwt_kid = jwt_key.kid().to_owned();
+        let wit_key = match &config.wit.key {
+            Some(path) => JwtKey::load(path)?,
+            None => JwtKey::load_or_generate_file(&config.data_dir.join(WIT_KEY_FILE))?,
+        };
+        // Why: a kid names one key across the whole bundle (WIT-SVID spec, section 6.1), and
+        // a WIT must never verify as a JWT-SVID: the two signers never share a key.
+        if wit_key.kid() == jwt_kid {
+            return Err(DaemonError::WitKey(format!(
+                "the WIT key is the JWT key (kid `{jwt_kid}`); WIT-SVIDs need a key of their own"
+            )));
+        }
+        let wit_kid = wit_key.kid().to_owned();
         // Why bound here: in dev the JWT issuer URL is the address actually bound.
         let tcp = match &config.listen {
             Some(l) => Some(
@@ -137,6 +154,8 @@ impl Daemon {
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let jwt_issuer = config.jwt_issuer.clone().or_else(|| bound.map(|a| format!("https://{a}")));
         let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?.with_issuer(jwt_issuer.clone()));
+        let wit =
+            Arc::new(Es256WitMinter::new(wit_key, config.trust_domain.clone())?.with_issuer(config.wit.issuer.clone()));
         let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
         let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
@@ -250,7 +269,7 @@ impl Daemon {
         let issuer = Issuer::new(Parts {
             attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             policy: store,
-            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
+            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), wit: wit.clone(), aws: aws_minter },
             ledger: as_ledger.clone(),
             clock: clock.clone(),
             revocations: revocations.clone(),
@@ -267,8 +286,12 @@ impl Daemon {
             Some(c) => desk.with_shared(Arc::new(c.clone())),
             None => desk,
         });
+        let proofs =
+            ProofSettings { window: config.wit.proof_max_lifetime, replay_entries: config.wit.replay_cache_entries };
         let validator = Arc::new(Validator::new(
             jwt.clone(),
+            wit.clone(),
+            proofs,
             revocations.clone(),
             emergency.clone(),
             as_ledger.clone(),
@@ -277,6 +300,7 @@ impl Daemon {
         let publisher = Arc::new(BundlePublisher::new(
             minter.clone() as Arc<dyn Minter>,
             jwt.clone() as Arc<dyn JwtMinter>,
+            wit.clone() as Arc<dyn crate::mint::WitMinter>,
             revocations.clone(),
             clock.clone(),
         ));
@@ -287,6 +311,7 @@ impl Daemon {
             inventory_entries: entries,
             ca_sha256: ca_fingerprint.clone(),
             jwt_kid,
+            wit_kid: Some(wit_kid.clone()),
             listen: bound.map(|a| a.to_string()),
             jwt_issuer: jwt_issuer.clone(),
             oidc_issuers: config.oidc_issuers.iter().map(|i| i.issuer.clone()).collect(),
@@ -320,6 +345,7 @@ impl Daemon {
             publisher,
             minter,
             jwt,
+            wit_kid,
             net,
             aws,
             clock,
@@ -356,6 +382,7 @@ impl Daemon {
             publisher,
             minter,
             jwt,
+            wit_kid,
             net,
             aws,
             clock,
@@ -376,6 +403,7 @@ impl Daemon {
             trust_domain: config.trust_domain.clone(),
             x509_ttl: config.default_ttl,
             jwt_ttl: config.jwt_ttl,
+            wit_ttl: config.wit.ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
         let workload_api = SpiffeWorkloadApiServer::new(WorkloadApiService::new(
@@ -447,7 +475,8 @@ impl Daemon {
             as_ledger.clone(),
             clock.clone(),
             config.max_ttl.as_duration(),
-        );
+        )
+        .with_reserved_kids(vec![wit_kid]);
         tasks.spawn("key watch", ok(key_watch.run(poll, tasks.stop())));
         if let (Some(c), Some(settings)) = (&checkpointer, &config.checkpoint) {
             tasks.spawn("checkpoints", ok(Checkpointer::run(c.clone(), settings.interval, tasks.stop())));

@@ -1,38 +1,136 @@
-//! Checks of mayfly's own JWTs presented back to it: the Workload API's `ValidateJWTSVID`
-//! and RFC 7662 introspection on the TLS listener. A check that passes the signature is a
-//! durable `used` event before the answer — also when the token was revoked (incident
-//! responders want the attempt); uses of break-glass credentials go to the elevated sinks
-//! too. Issues nothing and decides nothing.
+//! Checks of mayfly's own tokens presented back to it: the Workload API's `ValidateJWTSVID`,
+//! RFC 7662 introspection on the TLS listener, and a WIT-SVID's proof of possession
+//! (`POST /v1/wpt/verify`; the proof checks themselves are in `wpt`). A check that passes
+//! the signature (for a WIT: the WIT's and the proof's) is a durable `used` event before
+//! the answer — also when the credential was revoked (incident responders want the
+//! attempt); uses of break-glass credentials go to the elevated sinks too. Issues nothing
+//! and decides nothing.
+
+pub mod wpt;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::attest::PeerInfo;
 use crate::breakglass::EmergencyLog;
 use crate::clock::Clock;
+use crate::identity::WorkloadId;
 use crate::issue::IssueError;
 use crate::ledger::Ledger;
 use crate::ledger::event::{Caller, Event, Used};
-use crate::mint::{JwtMinter, ValidatedJwt};
+use crate::mint::{JwtMinter, ValidatedJwt, WitMinter};
 use crate::policy::CredentialKind;
 use crate::revoke::Revocations;
+use wpt::{Presented, ProofError, ReplayCache};
 
 pub struct Validator {
     jwt: Arc<dyn JwtMinter>,
+    wit: Arc<dyn WitMinter>,
+    proofs: ProofSettings,
+    replay: ReplayCache,
     revocations: Arc<Revocations>,
     emergency: Arc<EmergencyLog>,
     ledger: Arc<dyn Ledger>,
     clock: Arc<dyn Clock>,
 }
 
+/// How proofs of possession are accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct ProofSettings {
+    /// A proof's `exp` may be at most this far ahead (plus `wpt::SKEW_SECS`).
+    pub window: Duration,
+    /// Proof `jti`s remembered at once; beyond that new proofs are refused, never a live
+    /// entry forgotten.
+    pub replay_entries: usize,
+}
+
+impl Default for ProofSettings {
+    fn default() -> Self {
+        Self { window: Duration::from_secs(300), replay_entries: 100_000 }
+    }
+}
+
+/// A proof of possession that was accepted (and recorded as a use).
+#[derive(Clone, Debug)]
+pub struct VerifiedProof {
+    pub identity: WorkloadId,
+    /// The WIT's jti: its credential id.
+    pub credential_id: String,
+    /// The WIT's expiry, Unix seconds.
+    pub wit_expires_at: i64,
+    pub proof_jti: String,
+}
+
 impl Validator {
+    #[expect(clippy::too_many_arguments, reason = "the signers, settings and sinks a check uses, each named")]
     pub fn new(
         jwt: Arc<dyn JwtMinter>,
+        wit: Arc<dyn WitMinter>,
+        proofs: ProofSettings,
         revocations: Arc<Revocations>,
         emergency: Arc<EmergencyLog>,
         ledger: Arc<dyn Ledger>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { jwt, revocations, emergency, ledger, clock }
+        let replay = ReplayCache::new(proofs.replay_entries);
+        Self { jwt, wit, proofs, replay, revocations, emergency, ledger, clock }
+    }
+
+    /// A WIT-SVID and its Workload Proof Token, presented by a relying party at `remote`:
+    /// the WIT (signature by a WIT key, `typ`, expiry), the proof (`wpt::check_proof`), one
+    /// use per proof `jti` within the window, then revocation. A proof that passed is a
+    /// durable `used` event before the answer (a revoked WIT's too, marked refused).
+    pub async fn verify_proof(&self, p: &Presented<'_>, remote: &str) -> Result<VerifiedProof, ProofError> {
+        let now = self.clock.now();
+        let wit = match self.wit.validate_wit(p.wit, now) {
+            Ok(wit) => wit,
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "proof of possession refused: the WIT does not verify");
+                return Err(e.into());
+            }
+        };
+        let proof = match wpt::check_proof(p, &wit, now, self.proofs.window) {
+            Ok(proof) => proof,
+            Err(e) => {
+                tracing::info!(%remote, credential_id = wit.jti, identity = %wit.identity, error = %e, "proof of possession refused");
+                return Err(e);
+            }
+        };
+        // Why until exp + skew: a proof is accepted until its exp, judged by clocks up to
+        // the skew apart; it must be remembered at least as long.
+        let until = proof.exp.saturating_add(wpt::SKEW_SECS);
+        if let Err(e) = self.replay.first_use(&wit.jti, &proof.jti, until, crate::clock::unix_secs(now)) {
+            tracing::warn!(%remote, credential_id = wit.jti, identity = %wit.identity, error = %e, "proof of possession refused");
+            return Err(e);
+        }
+        let revoked = self.revocations.is_revoked(&wit.jti);
+        let emergency = self.emergency.is_flagged(&wit.jti);
+        let used = Used {
+            credential_id: wit.jti.clone(),
+            kind: CredentialKind::Wit.as_str().to_owned(),
+            identity: wit.identity.to_string(),
+            use_kind: "verify_wpt".to_owned(),
+            audience: Some(p.audience.to_owned()),
+            by: Caller { remote: Some(remote.to_owned()), ..Caller::default() },
+            refused: revoked.then(|| "revoked".to_owned()),
+            break_glass: emergency,
+            proof_jti: Some(proof.jti.clone()),
+        };
+        let line = emergency.then(|| used.clone());
+        self.ledger.record(now, Event::Used(used)).await?;
+        if let Some(line) = line {
+            self.emergency.later("used", &line).await;
+        }
+        if revoked {
+            tracing::warn!(credential_id = wit.jti, identity = %wit.identity, "a proof with a revoked WIT was presented");
+            return Err(ProofError::Revoked(wit.jti));
+        }
+        Ok(VerifiedProof {
+            identity: wit.identity,
+            credential_id: wit.jti,
+            wit_expires_at: wit.exp,
+            proof_jti: proof.jti,
+        })
     }
 
     /// Verifies one of mayfly's JWT-SVIDs for `audience` (a Workload API caller asks).
@@ -75,6 +173,7 @@ impl Validator {
             by,
             refused: revoked.then(|| "revoked".to_owned()),
             break_glass: emergency,
+            proof_jti: None,
         };
         let line = emergency.then(|| used.clone());
         self.ledger.record(now, Event::Used(used)).await?;
@@ -128,6 +227,8 @@ mod tests {
         let t = IssuerBuilder::new(&["unix:uid:1001"], release).build().await;
         let validator = Validator::new(
             t.jwt.clone(),
+            t.wit.clone(),
+            ProofSettings::default(),
             t.revocations.clone(),
             t.emergency.clone(),
             t.ledger.clone(),

@@ -3,7 +3,9 @@
 //! Issuance goes through the one `Issuer` path (attest → inventory → policy → ledger →
 //! mint → ledger); this module only turns wire requests into domain requests and keeps
 //! streams current: a fresh SVID at a fraction of its lifetime, every bundle change, and an
-//! empty set (then PERMISSION_DENIED) when the identity loses its entitlement. Decides nothing.
+//! empty set (then PERMISSION_DENIED) when the identity loses its entitlement or the SVID
+//! is revoked. Serves X.509 SVIDs, JWT-SVIDs and WIT-SVIDs (`FetchWITSVID` with a key
+//! mayfly makes, as a private JWK; `FetchWITBundles` with the WIT keys). Decides nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tonic::{Code, Request, Response, Status};
 use super::spiffe::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::spiffe::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, Witsvid, WitsvidRequest, WitsvidResponse,
     X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 use super::{invalid, status};
@@ -26,7 +28,7 @@ use crate::attest::PeerInfo;
 use crate::clock::Clock;
 use crate::identity::{TrustDomain, Ttl, WorkloadId};
 use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Issuer, KeySource, Origin};
-use crate::keys::SecretDer;
+use crate::keys::{SecretDer, SecretString};
 use crate::mint::{MintError, TrustBundle, X509Svid};
 use crate::policy::store::PolicyStore;
 use crate::revoke::Revocations;
@@ -50,6 +52,8 @@ pub struct WorkloadApiSettings {
     pub x509_ttl: Ttl,
     /// Requested lifetime of JWT-SVIDs (policy may grant less).
     pub jwt_ttl: Ttl,
+    /// Requested lifetime of WIT-SVIDs (policy may grant less).
+    pub wit_ttl: Ttl,
     /// A pushed SVID is renewed when this share of its lifetime has passed (1..=99).
     pub rotate_at_percent: u32,
 }
@@ -118,6 +122,68 @@ async fn issue_svid(
         // Why an error, not a panic: the pipeline mints the kind it is asked for.
         _ => Err(IssueError::Mint(MintError::Signing("unexpected credential kind".into()))),
     }
+}
+
+/// A WIT-SVID a stream holds: its key leaves with the first message it is in.
+struct HeldWit {
+    credential_id: String,
+    identity: WorkloadId,
+    token: SecretString,
+    /// The private JWK, until the message carrying it is sent. Zeroized on drop.
+    key: Option<SecretString>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// A WIT-SVID with a key mayfly makes, through the one pipeline.
+async fn issue_wit(
+    issuer: &Issuer,
+    peer: &PeerInfo,
+    ttl: Ttl,
+    spiffe_id: Option<WorkloadId>,
+    rotates: Option<String>,
+) -> Result<HeldWit, IssueError> {
+    let req = IssueRequest { ask: Ask::Wit, ttl, spiffe_id, origin: Origin { api: API, rotates, emergency: None } };
+    let Issued { credential_id, identity, credential, .. } = issuer.issue(Caller::Local(peer), req).await?;
+    match credential {
+        Credential::Wit(w) => Ok(HeldWit {
+            credential_id,
+            identity,
+            not_before: w.svid.not_before,
+            not_after: w.svid.not_after,
+            token: w.svid.token,
+            key: Some(SecretString::new(w.key.private_jwk().expose().to_owned())),
+        }),
+        // Why an error, not a panic: the pipeline mints the kind it is asked for.
+        _ => Err(IssueError::Mint(MintError::Signing("unexpected credential kind".into()))),
+    }
+}
+
+/// The message that hands a WIT-SVID and its private JWK to the workload (prost's copies
+/// are beyond zeroize's reach: built, sent, dropped).
+fn wit_response(held: &HeldWit) -> WitsvidResponse {
+    WitsvidResponse {
+        svids: vec![Witsvid {
+            spiffe_id: held.identity.to_string(),
+            wit_svid: held.token.expose().to_owned(),
+            wit_svid_key: held.key.as_ref().map(|k| k.expose().to_owned()).unwrap_or_default(),
+            hint: String::new(),
+        }],
+    }
+}
+
+/// Why a pushed credential must leave its stream now: it was revoked, or its identity
+/// is locked.
+fn withdrawal(
+    revocations: &Revocations,
+    credential_id: &str,
+    identity: &WorkloadId,
+    now: SystemTime,
+) -> Option<IssueError> {
+    if revocations.is_revoked(credential_id) {
+        return Some(IssueError::Revoked(credential_id.to_owned()));
+    }
+    revocations.lock_for(identity, now).map(|l| IssueError::Locked { identity: identity.to_string(), reason: l.reason })
 }
 
 /// Refuses a call without `workload.spiffe.io: true`, before anything else happens.
@@ -299,7 +365,30 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         check_header(request.metadata())?;
-        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+        let peer = peer_of(&request);
+        let spiffe_id = match request.into_inner().spiffe_id.as_str() {
+            "" => None,
+            s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
+        };
+        // As for X.509: the first WIT is issued before the call is answered, so a caller
+        // with no entitlement gets PERMISSION_DENIED as the call's status.
+        let first =
+            issue_wit(&self.issuer, &peer, self.settings.wit_ttl, spiffe_id, None).await.map_err(|e| status(&e))?;
+        let (tx, rx) = mpsc::channel(2);
+        let stream = WitStream {
+            issuer: self.issuer.clone(),
+            store: self.policy.clone(),
+            revocations: self.revocations.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            policy: self.policy.changes(),
+            revocation_changes: self.revocations.changes(),
+            stop: self.stop.clone(),
+            peer,
+            tx,
+        };
+        tokio::spawn(stream.run(first));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn fetch_wit_bundles(
@@ -307,7 +396,106 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         check_header(request.metadata())?;
-        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+        let key = self.trust_domain_key();
+        let make = move |b: &TrustBundle| WitBundlesResponse {
+            bundles: HashMap::from([(key.clone(), b.wit_jwks.to_string())]),
+        };
+        // Only the WIT keys' changes: a new CRL or CA says nothing to a WIT verifier.
+        Ok(Response::new(follow_changes(self.bundles.clone(), self.stop.clone(), make)))
+    }
+}
+
+/// One open FetchWITSVID stream: owns the caller's current WIT-SVID and renews it at the
+/// configured share of its life, on a new policy release (re-decided), and withdraws it —
+/// an empty set, then PERMISSION_DENIED — when it is revoked, its identity is locked or it
+/// loses its entitlement. A new WIT key needs no renewal: the old key stays published
+/// until its WITs have expired.
+struct WitStream {
+    issuer: Arc<Issuer>,
+    store: Arc<PolicyStore>,
+    revocations: Arc<Revocations>,
+    clock: Arc<dyn Clock>,
+    settings: WorkloadApiSettings,
+    policy: watch::Receiver<u64>,
+    revocation_changes: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    peer: PeerInfo,
+    tx: mpsc::Sender<Result<WitsvidResponse, Status>>,
+}
+
+impl WitStream {
+    async fn run(mut self, first: HeldWit) {
+        let mut current = first;
+        self.policy.mark_unchanged();
+        self.revocation_changes.mark_unchanged();
+        if self.tx.send(Ok(wit_response(&current))).await.is_err() {
+            return;
+        }
+        // Why: the key was handed over; the stream keeps only the token's facts.
+        drop(current.key.take());
+        let mut retry_at: Option<SystemTime> = None;
+        loop {
+            let rotate_at = rotation_time(current.not_before, current.not_after, self.settings.rotate_at_percent);
+            let entry_end = self.store.entry_expires(&current.identity).map(end_of_day);
+            let due = [Some(rotate_at), entry_end, retry_at].into_iter().flatten().min().unwrap_or(rotate_at);
+            let wake = tokio::select! {
+                () = self.clock.sleep_until(due) => Wake::Due,
+                r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
+                r = self.revocation_changes.changed() => if r.is_ok() { Wake::Revocation } else { Wake::Gone },
+                () = self.tx.closed() => Wake::Gone,
+                _ = self.stop.wait_for(|s| *s) => Wake::Gone,
+            };
+            let why = match wake {
+                Wake::Gone | Wake::BundleChanged => return,
+                Wake::Due => "rotation",
+                Wake::PolicyChanged => "policy release changed",
+                Wake::Revocation => "revocation",
+            };
+            if let Some(err) =
+                withdrawal(&self.revocations, &current.credential_id, &current.identity, self.clock.now())
+            {
+                tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "wit withdrawn from the stream");
+                if self.tx.send(Ok(WitsvidResponse { svids: vec![] })).await.is_ok() {
+                    let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
+                }
+                return;
+            }
+            if matches!(wake, Wake::Revocation) {
+                continue;
+            }
+            tracing::debug!(identity = %current.identity, credential_id = current.credential_id, why, "renewing pushed wit");
+            let rotates = Some(current.credential_id.clone());
+            let renewed =
+                issue_wit(&self.issuer, &self.peer, self.settings.wit_ttl, Some(current.identity.clone()), rotates)
+                    .await;
+            match renewed {
+                Ok(next) => {
+                    retry_at = None;
+                    current = next;
+                    if self.tx.send(Ok(wit_response(&current))).await.is_err() {
+                        return;
+                    }
+                    drop(current.key.take());
+                }
+                Err(e) if lost_entitlement(&e) => {
+                    tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %e, "entitlement lost; wit withdrawn from the stream");
+                    if self.tx.send(Ok(WitsvidResponse { svids: vec![] })).await.is_ok() {
+                        let _ = self.tx.send(Err(status(&e))).await;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let now = self.clock.now();
+                    if current.not_after <= now {
+                        let _ = self.tx.send(Err(status(&e))).await;
+                        return;
+                    }
+                    let left = current.not_after.duration_since(now).unwrap_or_default();
+                    retry_at = Some(now + RETRY_AFTER.min(left / 2));
+                    tracing::warn!(identity = %current.identity, error = %e, "wit renewal failed; the current wit stays until it can be renewed");
+                }
+            }
+        }
     }
 }
 
@@ -367,14 +555,7 @@ impl SvidStream {
             }
             // Whatever woke the stream, a revoked SVID (or a locked identity's) leaves the
             // workload now, not at the next rotation; the stream ends and is never renewed.
-            let revocations = &self.revocations;
-            let refusal = if revocations.is_revoked(&current.credential_id) {
-                Some(IssueError::Revoked(current.credential_id.clone()))
-            } else {
-                revocations
-                    .lock_for(&current.identity, self.clock.now())
-                    .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
-            };
+            let refusal = withdrawal(&self.revocations, &current.credential_id, &current.identity, self.clock.now());
             if let Some(err) = refusal {
                 tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
                 let empty = X509svidResponse {
@@ -460,6 +641,33 @@ fn follow_bundles<T: Send + 'static>(
             let message = make(&bundles.borrow_and_update());
             if tx.send(Ok(message)).await.is_err() {
                 return;
+            }
+            tokio::select! {
+                r = bundles.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Like `follow_bundles`, but a message only when it differs from the last one sent.
+fn follow_changes<T: PartialEq + Clone + Send + 'static>(
+    mut bundles: watch::Receiver<Arc<TrustBundle>>,
+    mut stop: watch::Receiver<bool>,
+    make: impl Fn(&TrustBundle) -> T + Send + 'static,
+) -> ReceiverStream<Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut sent: Option<T> = None;
+        loop {
+            let message = make(&bundles.borrow_and_update());
+            if sent.as_ref() != Some(&message) {
+                if tx.send(Ok(message.clone())).await.is_err() {
+                    return;
+                }
+                sent = Some(message);
             }
             tokio::select! {
                 r = bundles.changed() => if r.is_err() { return },

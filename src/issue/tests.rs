@@ -173,6 +173,7 @@ async fn a_failed_attestation_is_a_recorded_refusal_without_a_request() {
                 .unwrap(),
             ))),
             jwt: t.jwt.clone(),
+            wit: t.wit.clone(),
             aws: None,
         },
         ledger: t.ledger.clone(),
