@@ -196,6 +196,7 @@ mod tests {
     use crate::ledger::verify_chain;
     use crate::policy::release::Release;
     use crate::testing::IssuerBuilder;
+    use crate::validate::wpt::ProofError;
 
     const RULES: &str = r#"
         @id("api-jwt-db")
@@ -203,6 +204,107 @@ mod tests {
         permit (principal, action == Mayfly::Action::"issue_jwt", resource == Mayfly::Audience::"db")
         when { principal.attestation == "unix" };
     "#;
+
+    #[tokio::test]
+    async fn a_proof_is_accepted_once_each_acceptance_is_a_use_and_a_revoked_wit_is_refused() {
+        use crate::keys::ProofSigner;
+        use wpt::{ProofRequest, sign_proof};
+        let inventory = r#"
+            [[workload]]
+            id = "spiffe://mayfly.local/dev/api"
+            owner = "team-api"
+            purpose = "test"
+            environment = "dev"
+            tier = "standard"
+            expires = 2030-01-01
+            selectors = ["unix:uid:1001"]
+        "#;
+        let files = crate::policy::shipped_files_with(&[
+            ("inventory.toml", Some(inventory)),
+            ("tests/local.toml", None),
+            ("tests/ci.toml", None),
+            ("tests/break-glass.toml", None),
+        ]);
+        let release =
+            Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let t = IssuerBuilder::new(&["unix:uid:1001"], release).build().await;
+        let settings = ProofSettings { window: std::time::Duration::from_secs(60), replay_entries: 16 };
+        let validator = Validator::new(
+            t.jwt.clone(),
+            t.wit.clone(),
+            settings,
+            t.revocations.clone(),
+            t.emergency.clone(),
+            t.ledger.clone(),
+            t.clock.clone(),
+        );
+        let request =
+            IssueRequest { ask: Ask::Wit, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        let issued = t.issuer.issue(Asker::Local(&PeerInfo::without_credentials()), request).await.unwrap();
+        let Credential::Wit(w) = &issued.credential else { panic!("wit") };
+        let (token, signer) =
+            (w.svid.token.expose(), ProofSigner::from_private_jwk(w.key.private_jwk().expose()).unwrap());
+        let aud = "https://db.example.org";
+        let proof = |lifetime: u64| {
+            let req = ProofRequest {
+                wit: token,
+                audience: aud,
+                lifetime: std::time::Duration::from_secs(lifetime),
+                access_token: None,
+                txn_token: None,
+            };
+            sign_proof(&signer, &req, t.clock.now()).unwrap()
+        };
+        let presented =
+            |wpt: &'static str| wpt::Presented { wit: token, wpt, audience: aud, access_token: None, txn_token: None };
+        let wpt: &'static str = proof(30).leak();
+        let ok = validator.verify_proof(&presented(wpt), "127.0.0.1:5").await.unwrap();
+        assert_eq!(
+            (ok.identity.as_str(), ok.credential_id.as_str()),
+            ("spiffe://mayfly.local/dev/api", issued.credential_id.as_str())
+        );
+        let uses = |t: &crate::testing::TestIssuer| -> Vec<Used> {
+            t.backend
+                .events()
+                .iter()
+                .filter_map(|e| match e.event() {
+                    Ok(Event::Used(u)) => Some(u),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = uses(&t);
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].kind.as_str(), first[0].use_kind.as_str(), first[0].proof_jti.as_deref()),
+            ("wit", "verify_wpt", Some(ok.proof_jti.as_str()))
+        );
+        assert_eq!(first[0].audience.as_deref(), Some(aud));
+        // Once only; refusals before acceptance are not uses.
+        assert!(matches!(validator.verify_proof(&presented(wpt), "x").await, Err(ProofError::Replayed)));
+        let too_long: &'static str = proof(3600).leak();
+        assert!(matches!(validator.verify_proof(&presented(too_long), "x").await, Err(ProofError::TooLong { .. })));
+        let other_aud = wpt::Presented { audience: "https://other.example.org", ..presented(proof(30).leak()) };
+        assert!(matches!(validator.verify_proof(&other_aud, "x").await, Err(ProofError::Audience)));
+        assert_eq!(uses(&t).len(), 1);
+        // Revoked: a valid proof is recorded as a refused use and refused.
+        t.revocations.apply_revoked(&[crate::revoke::Revoked {
+            credential_id: issued.credential_id.clone(),
+            kind: "wit".into(),
+            identity: issued.identity.to_string(),
+            serial: issued.credential_id.clone(),
+            not_after: i64::MAX,
+            revoked_at: 0,
+        }]);
+        let err = validator.verify_proof(&presented(proof(30).leak()), "x").await.unwrap_err();
+        assert!(matches!(err, ProofError::Revoked(_)), "{err:?}");
+        assert_eq!(uses(&t).last().unwrap().refused.as_deref(), Some("revoked"));
+        // The WIT past its expiry: refused before the proof is looked at.
+        t.clock.advance(std::time::Duration::from_secs(600));
+        assert!(matches!(validator.verify_proof(&presented(proof(30).leak()), "x").await, Err(ProofError::Wit(_))));
+        let events = t.backend.events();
+        assert_eq!(verify_chain(&events), Ok(events.len()));
+    }
 
     #[tokio::test]
     async fn a_successful_validation_is_a_used_event_and_a_failed_one_is_not() {
