@@ -62,7 +62,6 @@ pub struct VerifiedProof {
 }
 
 impl Validator {
-    #[expect(clippy::too_many_arguments, reason = "the signers, settings and sinks a check uses, each named")]
     pub fn new(
         jwt: Arc<dyn JwtMinter>,
         wit: Arc<dyn WitMinter>,

@@ -354,7 +354,8 @@ mod tests {
             }
             forged(&m, h, c)
         };
-        let cases: Vec<(String, fn(&WitError) -> bool)> = vec![
+        type Expect = fn(&WitError) -> bool;
+        let cases: Vec<(String, Expect)> = vec![
             (with("h.typ", json!("JWT")), |e| *e == WitError::Type),
             (with("h.alg", json!("ES384")), |e| matches!(e, WitError::Algorithm(_))),
             (with("h.kid", json!("other")), |e| *e == WitError::UnknownKey),
