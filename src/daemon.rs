@@ -297,6 +297,11 @@ impl Daemon {
             as_ledger.clone(),
             clock.clone(),
         ));
+        // Proofs accepted just before a restart stay used.
+        let remembered = validator.remember_accepted_proofs(reader.as_ref()).await.map_err(ledger_err)?;
+        if remembered > 0 {
+            tracing::info!(remembered, "proof jtis still inside their window reloaded from the ledger");
+        }
         let publisher = Arc::new(BundlePublisher::new(
             minter.clone() as Arc<dyn Minter>,
             jwt.clone() as Arc<dyn JwtMinter>,

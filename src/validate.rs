@@ -16,8 +16,9 @@ use crate::breakglass::EmergencyLog;
 use crate::clock::Clock;
 use crate::identity::WorkloadId;
 use crate::issue::IssueError;
-use crate::ledger::Ledger;
+use crate::ledger::event::EventKind;
 use crate::ledger::event::{Caller, Event, Used};
+use crate::ledger::{EventFilter, Ledger, LedgerError, LedgerRead};
 use crate::mint::{JwtMinter, ValidatedJwt, WitMinter};
 use crate::policy::CredentialKind;
 use crate::revoke::Revocations;
@@ -73,6 +74,31 @@ impl Validator {
     ) -> Self {
         let replay = ReplayCache::new(proofs.replay_entries);
         Self { jwt, wit, proofs, replay, revocations, emergency, ledger, clock }
+    }
+
+    /// Refills the replay cache from the ledger after a restart: every proof accepted
+    /// recently enough to be still inside its window (a `used` event with a `proof_jti`)
+    /// is remembered again, so a proof captured before the restart is not good once more.
+    /// Returns how many.
+    pub async fn remember_accepted_proofs(&self, reader: &dyn LedgerRead) -> Result<usize, LedgerError> {
+        let now = crate::clock::unix_secs(self.clock.now());
+        // Why this far back: an accepted proof's exp is at most window + skew after its use.
+        let live_for =
+            i64::try_from(self.proofs.window.as_secs()).unwrap_or(i64::MAX).saturating_add(2 * wpt::SKEW_SECS);
+        let filter = EventFilter {
+            since_ms: Some(now.saturating_sub(live_for).saturating_mul(1000)),
+            ..EventFilter::kinds(&[EventKind::Used])
+        };
+        let mut remembered = 0;
+        for (stored, event) in crate::ledger::read_typed(reader, filter).await? {
+            if let Event::Used(Used { credential_id, proof_jti: Some(proof), .. }) = event {
+                let at = stored.at_ms / 1000;
+                if self.replay.first_use(&credential_id, &proof, at.saturating_add(live_for), now).is_ok() {
+                    remembered += 1;
+                }
+            }
+        }
+        Ok(remembered)
     }
 
     /// A WIT-SVID and its Workload Proof Token, presented by a relying party at `remote`:
@@ -281,6 +307,18 @@ mod tests {
         assert_eq!(first[0].audience.as_deref(), Some(aud));
         // Once only; refusals before acceptance are not uses.
         assert!(matches!(validator.verify_proof(&presented(wpt), "x").await, Err(ProofError::Replayed)));
+        // A restart: the new validator learns the accepted proof from the ledger.
+        let restarted = Validator::new(
+            t.jwt.clone(),
+            t.wit.clone(),
+            settings,
+            t.revocations.clone(),
+            t.emergency.clone(),
+            t.ledger.clone(),
+            t.clock.clone(),
+        );
+        assert_eq!(restarted.remember_accepted_proofs(&t.backend).await.unwrap(), 1);
+        assert!(matches!(restarted.verify_proof(&presented(wpt), "x").await, Err(ProofError::Replayed)));
         let too_long: &'static str = proof(3600).leak();
         assert!(matches!(validator.verify_proof(&presented(too_long), "x").await, Err(ProofError::TooLong { .. })));
         let other_aud = wpt::Presented { audience: "https://other.example.org", ..presented(proof(30).leak()) };

@@ -75,8 +75,12 @@ check "mayfly revoke --identity"                   "$bin" revoke --admin-socket 
 check "the WIT leaves the open stream (empty set, then PERMISSION_DENIED)" wait_hold
 check "a proof with the revoked WIT: refused"      refused_proof "revoked" "$wt/a/wit.jwt" "$(wit_py sign "$wt/a" "$aud")" "$aud"
 check "the identity is locked: no new WIT"         refused_with "locked" "$bin" wit --socket "$wt/w.sock" --out "$wt/b"
-unset SPIFFE_ENDPOINT_SOCKET WIT_STUBS
 check "dev stops cleanly"                          stop_daemon
+start_daemon dev "$wt/data" "$wt/admin.sock" \
+  "$bin" dev --data-dir "$wt/data" --policies "$root/policies" --socket "$wt/w.sock" --admin-socket "$wt/admin.sock" --listen "127.0.0.1:$wt_port" || exit 1
+check "after a restart, a proof accepted before it is still used" refused_proof "already used" "$wt/a/wit.jwt" "$(cat "$wt/signed.wpt")" "$aud"
+unset SPIFFE_ENDPOINT_SOCKET WIT_STUBS
+check "dev stops cleanly again"                    stop_daemon
 db=$wt/data/ledger.db
 check "each accepted proof is one used event"      rows_are "$db" "SELECT count(*) FROM events WHERE kind = 'used' AND body LIKE '%\"use\":\"verify_wpt\"%' AND body LIKE '%\"refused\":null%'" 3
 check "the revoked WIT's proof is a refused use"   rows_are "$db" "SELECT count(*) FROM events WHERE kind = 'used' AND body LIKE '%\"refused\":\"revoked\"%'" 1
