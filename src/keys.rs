@@ -395,7 +395,9 @@ impl WorkloadKey {
         // zeroized on drop, and so is every copy made here.
         let scalar = pair.private_key().as_be_bytes().map_err(rng_failed)?;
         let d = Zeroizing::new(b64url(scalar.as_ref()));
-        let mut jwk = Zeroizing::new(String::with_capacity(200));
+        // Why the capacity: the JWK is ~200 bytes; a buffer that grew would leave a copy of
+        // the scalar behind in freed memory, unzeroized.
+        let mut jwk = Zeroizing::new(String::with_capacity(512));
         jwk.push_str(&format!(r#"{{"kty":"EC","crv":"P-256","alg":"ES256","x":"{x}","y":"{y}","d":""#));
         jwk.push_str(&d);
         jwk.push_str("\"}");

@@ -74,7 +74,8 @@ async fn wit_bundle(d: &Running) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_wit_comes_with_its_key_verifies_against_the_published_bundle_and_is_renewed_at_half_life() {
+async fn a_wit_comes_with_its_key_verifies_against_the_published_bundle_is_renewed_at_half_life_and_expires_on_record()
+{
     let dir = tempfile::tempdir().unwrap();
     let d = start(&dir, SystemTime::now()).await;
     let mut c = d.workload().await;
@@ -136,6 +137,22 @@ async fn a_wit_comes_with_its_key_verifies_against_the_published_bundle_and_is_r
         issued[0].details.cnf_jkt.as_deref(),
         Some(mayfly::keys::ec_thumbprint(key["x"].as_str().unwrap(), key["y"].as_str().unwrap()).as_str())
     );
+    // The first WIT passing its expiry is an `expired` event, like any credential's.
+    d.clock.advance(Duration::from_secs(15 * 60 + 1));
+    let first_jti = claims["jti"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let expired = d
+            .typed()
+            .await
+            .into_iter()
+            .any(|e| matches!(e, Event::Expired(x) if x.credential_id == first_jti && x.kind == "wit"));
+        if expired {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no `expired` event for the first WIT");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Neither key nor token is on record.
     let stored = d.events().await;
     assert!(!stored.iter().any(|e| e.body.contains(key["d"].as_str().unwrap()) || e.body.contains(&svid.wit_svid)));

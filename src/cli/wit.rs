@@ -118,8 +118,8 @@ pub async fn fetch(args: Args) -> ExitCode {
         Ok(Err(s)) => return fail(format!("refused ({:?}): {}", s.code(), s.message())),
         Err(_) => return fail("no WIT-SVID within 30 s"),
     };
-    let Some(svid) = response.svids.into_iter().next() else { return fail("the answer holds no WIT-SVID") };
-    let key = Zeroizing::new(svid.wit_svid_key.clone());
+    let Some(mut svid) = response.svids.into_iter().next() else { return fail("the answer holds no WIT-SVID") };
+    let key = Zeroizing::new(std::mem::take(&mut svid.wit_svid_key));
     if let Err(e) = std::fs::create_dir_all(&args.out).map_err(|e| e.to_string()) {
         return fail(format!("`{}`: {e}", args.out.display()));
     }
