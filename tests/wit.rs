@@ -269,3 +269,90 @@ async fn bad_requests_are_refused_and_an_unentitled_identity_gets_permission_den
     assert!(!events.iter().any(|e| matches!(e, Event::Issued(_))));
     d.stop().await;
 }
+
+/// A copy of the shipped policies with another inventory (and without the shipped cases,
+/// which name the shipped identities).
+fn policies_with_inventory(inventory: &str) -> tempfile::TempDir {
+    fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() { copy_tree(&path, &target) } else { std::fs::copy(&path, &target).map(|_| ()).unwrap() }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&support::repo_policies(), dir.path());
+    std::fs::remove_dir_all(dir.path().join("tests")).unwrap();
+    std::fs::write(dir.path().join("inventory.toml"), inventory).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_of_two_identities_gets_a_wit_for_each_and_losing_one_leaves_the_other() {
+    let entry = |id: &str| {
+        format!(
+            "[[workload]]\nid = \"{id}\"\nowner = \"team\"\npurpose = \"tests\"\nenvironment = \"dev\"\ntier = \"standard\"\nexpires = 2030-01-01\nselectors = [\"unix:uid:self\"]\n"
+        )
+    };
+    let (a, b) = ("spiffe://mayfly.local/dev/frontend", "spiffe://mayfly.local/dev/worker");
+    let policies = policies_with_inventory(&format!("{}\n{}", entry(a), entry(b)));
+    let dir = tempfile::tempdir().unwrap();
+    let d = setup(dir.path()).policies(policies.path()).tls().start().await;
+    let mut c = d.workload().await;
+    let mut stream = c.fetch_witsvid(req(WitsvidRequest { spiffe_id: String::new() })).await.unwrap().into_inner();
+    let first = next(&mut stream).await.unwrap();
+    let bundle = wit_bundle(&d).await;
+    let mut ids: Vec<&str> = first.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [a, b], "one WIT per entitled identity");
+    for svid in &first.svids {
+        let (_, claims) = read_wit(&svid.wit_svid, &bundle);
+        assert_eq!(claims["sub"], svid.spiffe_id.as_str());
+        let key: Value = serde_json::from_str(&svid.wit_svid_key).unwrap();
+        assert_eq!(
+            (&key["x"], &key["y"]),
+            (&claims["cnf"]["jwk"]["x"], &claims["cnf"]["jwk"]["y"]),
+            "each with its own key"
+        );
+    }
+    let worker_jti = {
+        let w = first.svids.iter().find(|s| s.spiffe_id == b).unwrap();
+        read_wit(&w.wit_svid, &bundle).1["jti"].clone()
+    };
+    // The request that named no identity is on record as such, then one decision each.
+    let decisions: Vec<_> = d
+        .typed()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Decision(x) if x.action == "issue_wit" => Some(x),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decisions.len(), 3);
+    assert!(!decisions[0].is_allow() && decisions[0].reason.contains("several identities"));
+    assert!(decisions[1].is_allow() && decisions[2].is_allow());
+
+    // Revoking one identity: the set goes on with the other, freshly issued (keys leave with
+    // each message), then without either: empty, PERMISSION_DENIED.
+    let mut admin = d.admin().await;
+    let revoke = |id: &str| RevokeRequest {
+        target: Some(Target::Identity(id.into())),
+        reason: "INC-78: frontend compromised".into(),
+        dry_run: false,
+        all: false,
+        lock_ttl_seconds: 0,
+    };
+    admin.revoke(revoke(a)).await.unwrap();
+    let after = next(&mut stream).await.unwrap();
+    assert_eq!(after.svids.len(), 1);
+    assert_eq!(after.svids[0].spiffe_id, b);
+    let (_, renewed) = read_wit(&after.svids[0].wit_svid, &bundle);
+    assert_ne!(renewed["jti"], worker_jti);
+    assert!(!after.svids[0].wit_svid_key.is_empty());
+    admin.revoke(revoke(b)).await.unwrap();
+    assert!(next(&mut stream).await.unwrap().svids.is_empty());
+    assert_eq!(next(&mut stream).await.unwrap_err().code(), Code::PermissionDenied);
+    d.stop().await;
+}

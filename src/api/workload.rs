@@ -44,6 +44,8 @@ const MAX_AUDIENCE_BYTES: usize = 512;
 /// After a failed re-issuance that is not a denial (the ledger is unavailable), try again
 /// after this long (or sooner, if the SVID would expire first).
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// WIT-SVIDs one FetchWITSVID stream holds at most (one per identity the caller matches).
+const MAX_WITS_PER_STREAM: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct WorkloadApiSettings {
@@ -159,16 +161,46 @@ async fn issue_wit(
     }
 }
 
-/// The message that hands a WIT-SVID and its private JWK to the workload (prost's copies
-/// are beyond zeroize's reach: built, sent, dropped).
-fn wit_response(held: &HeldWit) -> WitsvidResponse {
-    WitsvidResponse {
-        svids: vec![Witsvid {
-            spiffe_id: held.identity.to_string(),
-            wit_svid: held.token.expose().to_owned(),
-            wit_svid_key: held.key.as_ref().map(|k| k.expose().to_owned()).unwrap_or_default(),
-            hint: String::new(),
-        }],
+/// WIT-SVIDs for every identity the caller is entitled to, or for the one it names. A
+/// caller that matches several identities gets one WIT for each that policy allows (each
+/// its own recorded decision), after the recorded refusal of the request that named none.
+async fn issue_wits(
+    issuer: &Issuer,
+    peer: &PeerInfo,
+    ttl: Ttl,
+    spiffe_id: Option<WorkloadId>,
+) -> Result<Vec<HeldWit>, IssueError> {
+    let named = spiffe_id.is_some();
+    match issue_wit(issuer, peer, ttl, spiffe_id, None).await {
+        Ok(held) => Ok(vec![held]),
+        Err(IssueError::Ambiguous(ids)) if !named => {
+            let mut held = Vec::new();
+            let mut refused = None;
+            for id in ids.iter().take(MAX_WITS_PER_STREAM).filter_map(|id| WorkloadId::parse(id).ok()) {
+                match issue_wit(issuer, peer, ttl, Some(id), None).await {
+                    Ok(w) => held.push(w),
+                    Err(e) if lost_entitlement(&e) => refused = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            match refused {
+                _ if !held.is_empty() => Ok(held),
+                Some(e) => Err(e),
+                None => Err(IssueError::Ambiguous(ids)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One WIT-SVID on the wire with its private JWK (prost's copies are beyond zeroize's
+/// reach: built, sent, dropped).
+fn wit_svid(held: &HeldWit) -> Witsvid {
+    Witsvid {
+        spiffe_id: held.identity.to_string(),
+        wit_svid: held.token.expose().to_owned(),
+        wit_svid_key: held.key.as_ref().map(|k| k.expose().to_owned()).unwrap_or_default(),
+        hint: String::new(),
     }
 }
 
@@ -370,10 +402,9 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             "" => None,
             s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
         };
-        // As for X.509: the first WIT is issued before the call is answered, so a caller
+        // As for X.509: the first WITs are issued before the call is answered, so a caller
         // with no entitlement gets PERMISSION_DENIED as the call's status.
-        let first =
-            issue_wit(&self.issuer, &peer, self.settings.wit_ttl, spiffe_id, None).await.map_err(|e| status(&e))?;
+        let first = issue_wits(&self.issuer, &peer, self.settings.wit_ttl, spiffe_id).await.map_err(|e| status(&e))?;
         let (tx, rx) = mpsc::channel(2);
         let stream = WitStream {
             issuer: self.issuer.clone(),
@@ -405,11 +436,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
     }
 }
 
-/// One open FetchWITSVID stream: owns the caller's current WIT-SVID and renews it at the
-/// configured share of its life, on a new policy release (re-decided), and withdraws it —
-/// an empty set, then PERMISSION_DENIED — when it is revoked, its identity is locked or it
-/// loses its entitlement. A new WIT key needs no renewal: the old key stays published
-/// until its WITs have expired.
+/// One open FetchWITSVID stream: owns the caller's current WIT-SVIDs, one per entitled
+/// identity, and renews them at the configured share of their life and on a new policy
+/// release (re-decided). A WIT that is revoked, whose identity is locked or that loses its
+/// entitlement leaves the set; an empty set is followed by PERMISSION_DENIED. Every message
+/// carries a key for each of its WITs — the keys leave with the message — so a set that
+/// changes is sent as freshly issued WITs. A new WIT key needs no renewal: the old key stays
+/// published until its WITs have expired.
 struct WitStream {
     issuer: Arc<Issuer>,
     store: Arc<PolicyStore>,
@@ -424,20 +457,26 @@ struct WitStream {
 }
 
 impl WitStream {
-    async fn run(mut self, first: HeldWit) {
+    async fn run(mut self, first: Vec<HeldWit>) {
         let mut current = first;
         self.policy.mark_unchanged();
         self.revocation_changes.mark_unchanged();
-        if self.tx.send(Ok(wit_response(&current))).await.is_err() {
+        if !self.send(&mut current).await {
             return;
         }
-        // Why: the key was handed over; the stream keeps only the token's facts.
-        drop(current.key.take());
         let mut retry_at: Option<SystemTime> = None;
         loop {
-            let rotate_at = rotation_time(current.not_before, current.not_after, self.settings.rotate_at_percent);
-            let entry_end = self.store.entry_expires(&current.identity).map(end_of_day);
-            let due = [Some(rotate_at), entry_end, retry_at].into_iter().flatten().min().unwrap_or(rotate_at);
+            let percent = self.settings.rotate_at_percent;
+            let due = current
+                .iter()
+                .flat_map(|w| {
+                    let entry_end = self.store.entry_expires(&w.identity).map(end_of_day);
+                    [Some(rotation_time(w.not_before, w.not_after, percent)), entry_end]
+                })
+                .chain([retry_at])
+                .flatten()
+                .min()
+                .unwrap_or_else(|| self.clock.now());
             let wake = tokio::select! {
                 () = self.clock.sleep_until(due) => Wake::Due,
                 r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
@@ -451,51 +490,75 @@ impl WitStream {
                 Wake::PolicyChanged => "policy release changed",
                 Wake::Revocation => "revocation",
             };
-            if let Some(err) =
-                withdrawal(&self.revocations, &current.credential_id, &current.identity, self.clock.now())
-            {
-                tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "wit withdrawn from the stream");
+            // Whatever woke the stream, a revoked WIT (or a locked identity's) leaves now.
+            let now = self.clock.now();
+            let mut refusal = None;
+            current.retain(|w| match withdrawal(&self.revocations, &w.credential_id, &w.identity, now) {
+                None => true,
+                Some(err) => {
+                    tracing::info!(identity = %w.identity, credential_id = w.credential_id, reason = %err, "wit withdrawn from the stream");
+                    refusal = Some(Status::permission_denied(err.to_string()));
+                    false
+                }
+            });
+            if matches!(wake, Wake::Revocation) && refusal.is_none() {
+                continue;
+            }
+            tracing::debug!(wits = current.len(), why, "renewing pushed wits");
+            let mut renewed = Vec::with_capacity(current.len());
+            let mut transient = None;
+            for held in &current {
+                let rotates = Some(held.credential_id.clone());
+                match issue_wit(&self.issuer, &self.peer, self.settings.wit_ttl, Some(held.identity.clone()), rotates)
+                    .await
+                {
+                    Ok(next) => renewed.push(next),
+                    Err(e) if lost_entitlement(&e) => {
+                        tracing::info!(identity = %held.identity, credential_id = held.credential_id, reason = %e, "entitlement lost; wit withdrawn from the stream");
+                        refusal = Some(status(&e));
+                    }
+                    Err(e) => transient = Some(e),
+                }
+            }
+            if let Some(e) = transient {
+                // The set stays as it is (its keys were handed out) until it can be renewed
+                // whole; the WITs made in this round are on record but never sent.
+                let expired = current.iter().any(|w| w.not_after <= now);
+                if expired || refusal.is_some() {
+                    let _ = self.tx.send(Err(status(&e))).await;
+                    return;
+                }
+                let left = current.iter().map(|w| w.not_after.duration_since(now).unwrap_or_default()).min();
+                retry_at = Some(now + RETRY_AFTER.min(left.unwrap_or_default() / 2));
+                tracing::warn!(error = %e, "wit renewal failed; the current wits stay until they can be renewed");
+                continue;
+            }
+            retry_at = None;
+            current = renewed;
+            if current.is_empty() {
+                // The set without any WIT, then the spec's PERMISSION_DENIED: the client drops
+                // them and may reconnect (and be re-decided) after a backoff.
                 if self.tx.send(Ok(WitsvidResponse { svids: vec![] })).await.is_ok() {
-                    let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
+                    let denied = refusal.unwrap_or_else(|| Status::permission_denied("no WIT-SVID is left"));
+                    let _ = self.tx.send(Err(denied)).await;
                 }
                 return;
             }
-            if matches!(wake, Wake::Revocation) {
-                continue;
-            }
-            tracing::debug!(identity = %current.identity, credential_id = current.credential_id, why, "renewing pushed wit");
-            let rotates = Some(current.credential_id.clone());
-            let renewed =
-                issue_wit(&self.issuer, &self.peer, self.settings.wit_ttl, Some(current.identity.clone()), rotates)
-                    .await;
-            match renewed {
-                Ok(next) => {
-                    retry_at = None;
-                    current = next;
-                    if self.tx.send(Ok(wit_response(&current))).await.is_err() {
-                        return;
-                    }
-                    drop(current.key.take());
-                }
-                Err(e) if lost_entitlement(&e) => {
-                    tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %e, "entitlement lost; wit withdrawn from the stream");
-                    if self.tx.send(Ok(WitsvidResponse { svids: vec![] })).await.is_ok() {
-                        let _ = self.tx.send(Err(status(&e))).await;
-                    }
-                    return;
-                }
-                Err(e) => {
-                    let now = self.clock.now();
-                    if current.not_after <= now {
-                        let _ = self.tx.send(Err(status(&e))).await;
-                        return;
-                    }
-                    let left = current.not_after.duration_since(now).unwrap_or_default();
-                    retry_at = Some(now + RETRY_AFTER.min(left / 2));
-                    tracing::warn!(identity = %current.identity, error = %e, "wit renewal failed; the current wit stays until it can be renewed");
-                }
+            if !self.send(&mut current).await {
+                return;
             }
         }
+    }
+
+    /// Sends the set, then drops its keys: they were handed over; the stream keeps only
+    /// the tokens' facts. False when the client is gone.
+    async fn send(&self, current: &mut [HeldWit]) -> bool {
+        let message = WitsvidResponse { svids: current.iter().map(wit_svid).collect() };
+        let sent = self.tx.send(Ok(message)).await.is_ok();
+        for held in current.iter_mut() {
+            drop(held.key.take());
+        }
+        sent
     }
 }
 
