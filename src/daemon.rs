@@ -288,7 +288,7 @@ impl Daemon {
         });
         let proofs =
             ProofSettings { window: config.wit.proof_max_lifetime, replay_entries: config.wit.replay_cache_entries };
-        let validator = Arc::new(Validator::new(
+        let validator = Validator::new(
             jwt.clone(),
             wit.clone(),
             proofs,
@@ -296,7 +296,12 @@ impl Daemon {
             emergency.clone(),
             as_ledger.clone(),
             clock.clone(),
-        ));
+        );
+        // Several daemons: a proof accepted by one is used for all (the shared replay table).
+        let validator = Arc::new(match &cluster {
+            Some(c) => validator.with_shared_replay(Arc::new(c.clone())),
+            None => validator,
+        });
         // Proofs accepted just before a restart stay used.
         let remembered = validator.remember_accepted_proofs(reader.as_ref()).await.map_err(ledger_err)?;
         if remembered > 0 {

@@ -9,9 +9,10 @@
 pub mod wpt;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::attest::PeerInfo;
+use crate::attest::oidc::ReplayGuard;
 use crate::breakglass::EmergencyLog;
 use crate::clock::Clock;
 use crate::identity::WorkloadId;
@@ -29,6 +30,8 @@ pub struct Validator {
     wit: Arc<dyn WitMinter>,
     proofs: ProofSettings,
     replay: ReplayCache,
+    /// Several daemons on one ledger: the replay table they share (each proof once for all).
+    shared_replay: Option<Arc<dyn ReplayGuard>>,
     revocations: Arc<Revocations>,
     emergency: Arc<EmergencyLog>,
     ledger: Arc<dyn Ledger>,
@@ -73,7 +76,13 @@ impl Validator {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let replay = ReplayCache::new(proofs.replay_entries);
-        Self { jwt, wit, proofs, replay, revocations, emergency, ledger, clock }
+        Self { jwt, wit, proofs, replay, shared_replay: None, revocations, emergency, ledger, clock }
+    }
+
+    /// Accepts each proof once across every daemon sharing `replay` (as well as locally).
+    pub fn with_shared_replay(mut self, replay: Arc<dyn ReplayGuard>) -> Self {
+        self.shared_replay = Some(replay);
+        self
     }
 
     /// Refills the replay cache from the ledger after a restart: every proof accepted
@@ -124,7 +133,20 @@ impl Validator {
         // Why until exp + skew: a proof is accepted until its exp, judged by clocks up to
         // the skew apart; it must be remembered at least as long.
         let until = proof.exp.saturating_add(wpt::SKEW_SECS);
-        if let Err(e) = self.replay.first_use(&wit.jti, &proof.jti, until, crate::clock::unix_secs(now)) {
+        let mut first = self.replay.first_use(&wit.jti, &proof.jti, until, crate::clock::unix_secs(now));
+        if let (Ok(()), Some(shared)) = (&first, &self.shared_replay) {
+            // Why the prefix: the table also holds id-tokens' issuer + jti; a WIT jti is a
+            // credential id, never an issuer URL, so the two never collide.
+            let key = format!("wpt\u{0}{}\u{0}{}", wit.jti, proof.jti);
+            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(until.max(0).unsigned_abs());
+            first = match shared.first_use(&key, expires).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ProofError::Replayed),
+                // Fail closed: without the shared table, another daemon may have taken it.
+                Err(why) => Err(ProofError::Unavailable(why)),
+            };
+        }
+        if let Err(e) = first {
             tracing::warn!(%remote, credential_id = wit.jti, identity = %wit.identity, error = %e, "proof of possession refused");
             return Err(e);
         }
@@ -341,6 +363,86 @@ mod tests {
         assert!(matches!(validator.verify_proof(&presented(proof(30).leak()), "x").await, Err(ProofError::Wit(_))));
         let events = t.backend.events();
         assert_eq!(verify_chain(&events), Ok(events.len()));
+    }
+
+    /// A replay table two validators (two daemons) share; `down` makes it unreachable.
+    #[derive(Default)]
+    struct SharedTable {
+        seen: std::sync::Mutex<std::collections::HashSet<String>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl ReplayGuard for SharedTable {
+        fn first_use<'a>(&'a self, key: &'a str, _until: SystemTime) -> crate::BoxFuture<'a, Result<bool, String>> {
+            let answer = if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("connection refused".to_owned())
+            } else {
+                Ok(self.seen.lock().unwrap().insert(key.to_owned()))
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    #[tokio::test]
+    async fn with_several_daemons_a_proof_is_accepted_once_for_all_and_never_without_the_shared_table() {
+        use crate::keys::ProofSigner;
+        use wpt::{ProofRequest, sign_proof};
+        let inventory = r#"
+            [[workload]]
+            id = "spiffe://mayfly.local/dev/api"
+            owner = "team-api"
+            purpose = "test"
+            environment = "dev"
+            tier = "standard"
+            expires = 2030-01-01
+            selectors = ["unix:uid:1001"]
+        "#;
+        let files = crate::policy::shipped_files_with(&[
+            ("inventory.toml", Some(inventory)),
+            ("tests/local.toml", None),
+            ("tests/ci.toml", None),
+        ]);
+        let release =
+            Release::build(&files, &TrustDomain::parse("mayfly.local").unwrap(), None, None, "t".into()).unwrap();
+        let t = IssuerBuilder::new(&["unix:uid:1001"], release).build().await;
+        let table = Arc::new(SharedTable::default());
+        let daemon = || {
+            Validator::new(
+                t.jwt.clone(),
+                t.wit.clone(),
+                ProofSettings::default(),
+                t.revocations.clone(),
+                t.emergency.clone(),
+                t.ledger.clone(),
+                t.clock.clone(),
+            )
+            .with_shared_replay(table.clone())
+        };
+        let (a, b) = (daemon(), daemon());
+        let request =
+            IssueRequest { ask: Ask::Wit, ttl: Ttl::parse("10m").unwrap(), spiffe_id: None, origin: Origin::default() };
+        let issued = t.issuer.issue(Asker::Local(&PeerInfo::without_credentials()), request).await.unwrap();
+        let Credential::Wit(w) = &issued.credential else { panic!("wit") };
+        let (token, signer) =
+            (w.svid.token.expose(), ProofSigner::from_private_jwk(w.key.private_jwk().expose()).unwrap());
+        let proof = || {
+            let req = ProofRequest {
+                wit: token,
+                audience: "db",
+                lifetime: std::time::Duration::from_secs(30),
+                access_token: None,
+                txn_token: None,
+            };
+            sign_proof(&signer, &req, t.clock.now()).unwrap()
+        };
+        let wpt = proof();
+        let p = wpt::Presented { wit: token, wpt: &wpt, audience: "db", access_token: None, txn_token: None };
+        assert!(a.verify_proof(&p, "a").await.is_ok());
+        assert!(matches!(b.verify_proof(&p, "b").await, Err(ProofError::Replayed)), "the other daemon knows it");
+        table.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let fresh = proof();
+        let p = wpt::Presented { wpt: &fresh, ..p };
+        assert!(matches!(b.verify_proof(&p, "b").await, Err(ProofError::Unavailable(_))), "fail closed");
     }
 
     #[tokio::test]

@@ -486,7 +486,7 @@ async fn verify_wpt(State(api): State<ExchangeApi>, remote: Option<Extension<Rem
             "credential_id": v.credential_id,
         }))
         .into_response(),
-        Err(e @ (ProofError::Ledger(_) | ProofError::Busy)) => {
+        Err(e @ (ProofError::Ledger(_) | ProofError::Busy | ProofError::Unavailable(_))) => {
             Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", e.to_string())
                 .into_response()
         }

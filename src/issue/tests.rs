@@ -555,6 +555,7 @@ async fn a_daemon_whose_view_of_shared_state_is_stale_refuses_and_issues_nothing
                 .unwrap(),
             ))),
             jwt: t.jwt.clone(),
+            wit: t.wit.clone(),
             aws: None,
         },
         ledger: t.ledger.clone(),

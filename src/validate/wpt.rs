@@ -65,6 +65,8 @@ pub enum ProofError {
     Replayed,
     #[error("too many proofs within the window; try again shortly")]
     Busy,
+    #[error("the shared replay table cannot be reached, so the proof was not accepted: {0}")]
+    Unavailable(String),
     #[error("the use cannot be recorded, so the proof was not accepted")]
     Ledger(#[from] LedgerError),
 }
