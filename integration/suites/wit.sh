@@ -67,6 +67,12 @@ check "mayfly wpt verify refuses it again (exit 1)" refused_with "already used" 
 check "PyJWT verifies mayfly wpt sign's proof with the cnf key" wit_py verify-wpt "$wt/a" "$(cat "$wt/signed.wpt")" "$aud"
 check "mayfly accepts mayfly wpt sign's proof"     accepted "$wt/a/wit.jwt" "$(cat "$wt/signed.wpt")" "$aud"
 export WIT_STUBS=$wt/stubs
+readme_try() { # the README's three commands: mayfly wit, wpt sign, wpt verify
+  "$bin" wit --socket "$wt/w.sock" --out "$wt/m" && [ "$(stat -c %a "$wt/m/wit-key.jwk")" = 600 ] &&
+    "$bin" wpt sign --wit "$wt/m/wit.jwt" --key "$wt/m/wit-key.jwk" --audience "$aud" > "$wt/m/wpt" &&
+    "$bin" wpt verify --wit "$wt/m/wit.jwt" --wpt "$wt/m/wpt" --audience "$aud" --url "https://127.0.0.1:$wt_port" --cacert "$wt/data/ca.pem"
+}
+check "mayfly wit, wpt sign, wpt verify (the README's try)" readme_try
 spawn "$venv/bin/python" "$root/integration/wit_check.py" hold 30 > "$wt/hold.json" 2>"$wt/hold.err"
 hold_pid=$spawned
 wait_until test -s "$wt/hold.json"
@@ -82,7 +88,7 @@ check "after a restart, a proof accepted before it is still used" refused_proof 
 unset SPIFFE_ENDPOINT_SOCKET WIT_STUBS
 check "dev stops cleanly again"                    stop_daemon
 db=$wt/data/ledger.db
-check "each accepted proof is one used event"      rows_are "$db" "SELECT count(*) FROM events WHERE kind = 'used' AND body LIKE '%\"use\":\"verify_wpt\"%' AND body LIKE '%\"refused\":null%'" 3
+check "each accepted proof is one used event"      rows_are "$db" "SELECT count(*) FROM events WHERE kind = 'used' AND body LIKE '%\"use\":\"verify_wpt\"%' AND body LIKE '%\"refused\":null%'" 4
 check "the revoked WIT's proof is a refused use"   rows_are "$db" "SELECT count(*) FROM events WHERE kind = 'used' AND body LIKE '%\"refused\":\"revoked\"%'" 1
 check "WITs are issued and revoked as kind wit"    rows_at_least "$db" "SELECT count(*) FROM credentials WHERE kind = 'wit'" 2
 check "no WIT key or token in the ledger"          bash -c "d=\$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"d\"])' '$wt/a/key.jwk'); ! sqlite3 '$db' 'SELECT body FROM events' | grep -q -e \"\$d\" -e 'eyJ'"
