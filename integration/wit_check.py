@@ -12,7 +12,7 @@ mayfly's code.
   wit_check.py sign DIR AUD [opts]        a WPT for DIR's WIT (--other-key, --exp-in S, --wth X, --jti J)
   wit_check.py verify-wpt DIR WPT AUD     verify a WPT (e.g. `mayfly wpt sign`'s) with the cnf key
   wit_check.py hold SECONDS               hold a FetchWITSVID stream; report when the WIT is withdrawn
-Each prints one JSON line; exit 0 when the check holds.
+`sign` prints the proof; the others one JSON line. Exit 0 when the check holds.
 """
 
 import base64
