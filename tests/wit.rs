@@ -356,3 +356,22 @@ async fn a_caller_of_two_identities_gets_a_wit_for_each_and_losing_one_leaves_th
     assert_eq!(next(&mut stream).await.unwrap_err().code(), Code::PermissionDenied);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_whose_wit_key_is_its_jwt_key_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = mayfly::keys::JwtKey::generate().unwrap();
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8_der().to_vec()));
+    let (jwt, wit) = (dir.path().join("jwt.pem"), dir.path().join("wit.pem"));
+    mayfly::keys::write_private(&jwt, pem.as_bytes()).unwrap();
+    mayfly::keys::write_private(&wit, pem.as_bytes()).unwrap();
+    let config = setup(dir.path())
+        .raw(|r| {
+            r.jwt.key = Some(jwt.clone());
+            r.wit.key = Some(wit.clone());
+        })
+        .config();
+    let clock = std::sync::Arc::new(mayfly::clock::FixedClock::new(SystemTime::now()));
+    let err = mayfly::daemon::Daemon::build(config, clock).await.err().expect("refused");
+    assert!(err.to_string().contains("WIT key is the JWT key"), "{err}");
+}
