@@ -7,8 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    // Messages that carry AWS secrets get a redacting Debug (api.rs), not prost's.
-    config.skip_debug(["mayfly.v1.AwsCredentials"]);
+    // Messages that carry secrets (AWS keys, a WIT-SVID's private key) get a redacting
+    // Debug (api.rs), not prost's.
+    config.skip_debug(["mayfly.v1.AwsCredentials", "mayfly.v1.BreakGlassResponse", ".WITSVID"]);
     let protos: Vec<PathBuf> =
         ["proto/mayfly/v1/broker.proto", "proto/mayfly/v1/admin.proto", "proto/spiffe/workload.proto"]
             .into_iter()

@@ -79,6 +79,32 @@ impl std::fmt::Debug for pb::AwsCredentials {
     }
 }
 
+impl std::fmt::Debug for pb::BreakGlassResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BreakGlassResponse")
+            .field("pending_id", &self.pending_id)
+            .field("credential_id", &self.credential_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("wit_key", &"<redacted>")
+            .field("aws", &self.aws)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for spiffe::Witsvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WITSVID")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("wit_svid", &format_args!("<{} bytes>", self.wit_svid.len()))
+            .field("wit_svid_key", &"<redacted>")
+            .field("hint", &self.hint)
+            .finish()
+    }
+}
+
 /// An issued AWS session on the wire (the secrets are copied into the message here;
 /// prost's buffers are beyond zeroize's reach, see PITFALLS).
 pub fn aws_credentials(issued: &crate::issue::AwsCredential) -> pb::AwsCredentials {

@@ -22,6 +22,7 @@ mod check;
 mod ledger;
 mod policy;
 mod respond;
+mod wit;
 
 pub use x509::connect;
 pub mod x509;
@@ -150,6 +151,15 @@ enum Command {
     /// Get AWS credentials for a role from a running daemon, printed as the JSON the AWS
     /// SDKs' `credential_process` setting reads.
     Aws(aws::Args),
+    /// Get a WIT-SVID (SPIFFE Workload API, FetchWITSVID) and write wit.jwt and its private
+    /// key wit-key.jwk (0600), and the WIT keys (wit-bundle.json).
+    Wit(wit::Args),
+    /// Workload Proof Tokens: sign one with a WIT's key (for tries), or have a running
+    /// daemon verify one (`POST /v1/wpt/verify`).
+    Wpt {
+        #[command(subcommand)]
+        command: wit::WptCommand,
+    },
     /// Read and check the ledger.
     Audit {
         #[command(subcommand)]
@@ -232,6 +242,8 @@ pub fn main() -> ExitCode {
             Command::Man { out } => man_pages(&out),
             Command::X509(args) => x509::run(args).await,
             Command::Aws(args) => aws::run(args).await,
+            Command::Wit(args) => wit::fetch(args).await,
+            Command::Wpt { command } => wit::wpt(command).await,
             Command::Audit { command } => audit::run(command).await,
             Command::Ledger { command } => ledger::run(command).await,
             Command::Bench { command } => bench::run(command).await,

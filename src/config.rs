@@ -37,6 +37,8 @@ pub struct RawConfig {
     pub ca: Option<RawCa>,
     #[serde(default)]
     pub jwt: RawJwt,
+    #[serde(default)]
+    pub wit: RawWit,
     pub listen: Option<RawListen>,
     #[serde(default)]
     pub oidc: RawOidc,
@@ -133,6 +135,33 @@ pub struct RawWorkloadApi {
 pub struct RawJwt {
     pub key: Option<PathBuf>,
     pub issuer: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWit {
+    pub key: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub ttl: Option<String>,
+    pub proof_max_lifetime: Option<String>,
+    pub replay_cache_entries: Option<usize>,
+}
+
+/// WIT-SVIDs and the proofs of possession relying parties ask mayfly to check.
+#[derive(Clone, Debug)]
+pub struct WitConfig {
+    /// The ES256 key that signs WIT-SVIDs (never the JWT key): a PKCS#8 PEM file, or
+    /// `None` for one generated on first start and kept in data_dir (wit-key.pem, 0600).
+    pub key: Option<PathBuf>,
+    /// `iss` of every WIT, when set; never an http(s) URL (a WIT must not pass for an
+    /// OIDC token).
+    pub issuer: Option<String>,
+    /// Lifetime asked for WIT-SVIDs on the Workload API (policy may grant less).
+    pub ttl: Ttl,
+    /// A proof's `exp` may be at most this far ahead.
+    pub proof_max_lifetime: Duration,
+    /// Proof `jti`s remembered at once (one use each); beyond that proofs are refused.
+    pub replay_cache_entries: usize,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -319,6 +348,7 @@ pub struct Config {
     /// `iss` of mayfly's JWTs and the base URL of its discovery document. `None` with a
     /// listener in dev: `https://<listen address>`.
     pub jwt_issuer: Option<String>,
+    pub wit: WitConfig,
     pub listen: Option<ListenConfig>,
     /// Trusted CI / OIDC issuers for the token exchange.
     pub oidc_issuers: Vec<IssuerConfig>,
@@ -649,6 +679,7 @@ impl Config {
                 "required with [listen]: the https:// URL relying parties reach this listener at".into(),
             ));
         }
+        let wit = wit_config(raw.wit, raw.jwt.key.as_deref(), jwt_issuer.as_deref(), max_ttl)?;
         let bg = raw.break_glass;
         let pattern = bg.ticket_pattern.unwrap_or_else(|| "INC-[0-9]+".into());
         let ticket_pattern = regex::Regex::new(&format!("^(?:{pattern})$"))
@@ -764,6 +795,7 @@ impl Config {
             ca,
             jwt_key: raw.jwt.key,
             jwt_issuer,
+            wit,
             listen,
             oidc_issuers,
             break_glass,
@@ -841,9 +873,89 @@ fn checkpoint_settings(
     }))
 }
 
+/// `[wit]`, checked against the JWT settings it must differ from.
+fn wit_config(
+    raw: RawWit,
+    jwt_key: Option<&Path>,
+    jwt_issuer: Option<&str>,
+    max_ttl: Ttl,
+) -> Result<WitConfig, ConfigError> {
+    if let (Some(wit), Some(jwt)) = (&raw.key, jwt_key)
+        && wit == jwt
+    {
+        return Err(key("wit.key")(format!(
+            "`{}` is also jwt.key: WIT-SVIDs are signed by a key of their own",
+            wit.display()
+        )));
+    }
+    let issuer = match raw.issuer {
+        None => None,
+        Some(iss) => {
+            let lower = iss.to_ascii_lowercase();
+            if iss.is_empty() || iss.len() > 256 || iss.chars().any(char::is_control) {
+                return Err(key("wit.issuer")("1..=256 characters, no control characters".into()));
+            }
+            // Why: an `iss` a verifier can run OIDC discovery on would let a WIT pass as an
+            // OIDC token without its proof (WIT-SVID spec, section 3.7).
+            if lower.starts_with("https://") || lower.starts_with("http://") || Some(iss.as_str()) == jwt_issuer {
+                return Err(key("wit.issuer")(format!(
+                    "`{iss}` must not be an http(s) URL or jwt.issuer (a WIT must never pass for an OIDC token); use e.g. spiffe://<trust domain>"
+                )));
+            }
+            Some(iss)
+        }
+    };
+    let duration = |k: &'static str, v: Option<String>, default: &str| -> Result<Ttl, ConfigError> {
+        Ttl::parse(v.as_deref().unwrap_or(default)).map_err(|e| key(k)(e.to_string()))
+    };
+    let ttl = duration("wit.ttl", raw.ttl, "30m")?;
+    if ttl > max_ttl {
+        return Err(key("wit.ttl")(format!("`{ttl}` is over issuance.max_ttl `{max_ttl}`")));
+    }
+    let window = duration("wit.proof_max_lifetime", raw.proof_max_lifetime, "5m")?;
+    if window.as_secs() > 900 {
+        return Err(key("wit.proof_max_lifetime")(format!("`{window}` is over 15 minutes: proofs are short")));
+    }
+    let replay_cache_entries = raw.replay_cache_entries.unwrap_or(100_000);
+    if !(1..=10_000_000).contains(&replay_cache_entries) {
+        return Err(key("wit.replay_cache_entries")(format!("`{replay_cache_entries}` must be 1..=10000000")));
+    }
+    Ok(WitConfig { key: raw.key, issuer, ttl, proof_max_lifetime: window.as_duration(), replay_cache_entries })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wit_settings_are_checked_and_never_borrow_the_jwt_key_or_an_oidc_issuer() {
+        let wit = |extra: &str| {
+            parse(&format!(
+                "{BASE}[jwt]\nkey = \"/etc/mayfly/jwt.pem\"\nissuer = \"https://mayfly.example.org\"\n[wit]\n{extra}"
+            ))
+        };
+        let c = wit("").unwrap().wit;
+        assert_eq!(
+            (c.ttl.as_secs(), c.proof_max_lifetime.as_secs(), c.replay_cache_entries, c.issuer),
+            (1800, 300, 100_000, None)
+        );
+        assert_eq!(
+            wit("issuer = \"spiffe://example.org\"\n").unwrap().wit.issuer.as_deref(),
+            Some("spiffe://example.org")
+        );
+        for (text, k) in [
+            ("key = \"/etc/mayfly/jwt.pem\"\n", "wit.key"),
+            ("issuer = \"https://mayfly.example.org\"\n", "wit.issuer"),
+            ("issuer = \"HTTP://wit.example.org\"\n", "wit.issuer"),
+            ("ttl = \"48h\"\n", "wit.ttl"),
+            ("proof_max_lifetime = \"1h\"\n", "wit.proof_max_lifetime"),
+            ("replay_cache_entries = 0\n", "wit.replay_cache_entries"),
+            ("colour = \"red\"\n", "colour"),
+        ] {
+            let err = wit(text).unwrap_err().to_string();
+            assert!(err.contains(k), "{text}: {err}");
+        }
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::try_from(

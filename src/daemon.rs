@@ -36,13 +36,14 @@ use crate::clock::Clock;
 use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
-use crate::keys::{CertificateAuthority, JwtKey, KeyError};
+use crate::keys::{CertificateAuthority, JwtKey, KeyError, WIT_KEY_FILE};
 use crate::ledger::checkpoint::{CheckpointError, Checkpointer};
 use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
 use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
 use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
 use crate::mint::rotation::KeyWatch;
+use crate::mint::wit::Es256WitMinter;
 use crate::mint::x509::X509Minter;
 use crate::mint::{JwtMinter, MintError, Minter};
 use crate::policy::activation::{ActivationError, PolicyController};
@@ -54,7 +55,7 @@ use crate::revoke::{AwsRevocation, Desk, NoAws, Revocations};
 use crate::telemetry::health::Health;
 use crate::telemetry::layer::RequestMetricsLayer;
 use crate::telemetry::{Metrics, notify};
-use crate::validate::Validator;
+use crate::validate::{ProofSettings, Validator};
 
 pub use crate::api::serve::DRAIN_LIMIT;
 
@@ -66,6 +67,8 @@ pub enum DaemonError {
     Keys(#[from] KeyError),
     #[error("JWT signer: {0}")]
     Jwt(#[from] MintError),
+    #[error("wit.key: {0}")]
+    WitKey(String),
     #[error("policy: {0}")]
     Policy(#[from] ActivationError),
     #[error("ledger `{location}`: {source}")]
@@ -110,6 +113,8 @@ pub struct Daemon {
     publisher: Arc<BundlePublisher>,
     minter: Arc<X509Minter>,
     jwt: Arc<Es256Minter>,
+    /// The WIT key's kid: the JWT key watch refuses a key with it.
+    wit_kid: String,
     net: Option<NetListener>,
     /// STS and IAM, when `[aws]` is configured.
     aws: Option<Arc<crate::aws::SdkAws>>,
@@ -144,6 +149,18 @@ impl Daemon {
             None => JwtKey::load_or_generate(&config.data_dir)?,
         };
         let jwt_kid = jwt_key.kid().to_owned();
+        let wit_key = match &config.wit.key {
+            Some(path) => JwtKey::load(path)?,
+            None => JwtKey::load_or_generate_file(&config.data_dir.join(WIT_KEY_FILE))?,
+        };
+        // Why: a kid names one key across the whole bundle (WIT-SVID spec, section 6.1), and
+        // a WIT must never verify as a JWT-SVID: the two signers never share a key.
+        if wit_key.kid() == jwt_kid {
+            return Err(DaemonError::WitKey(format!(
+                "the WIT key is the JWT key (kid `{jwt_kid}`); WIT-SVIDs need a key of their own"
+            )));
+        }
+        let wit_kid = wit_key.kid().to_owned();
         // Why bound here: in dev the JWT issuer URL is the address actually bound.
         let tcp = match &config.listen {
             Some(l) => Some(
@@ -156,6 +173,8 @@ impl Daemon {
         let bound = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let jwt_issuer = config.jwt_issuer.clone().or_else(|| bound.map(|a| format!("https://{a}")));
         let jwt = Arc::new(Es256Minter::new(jwt_key, config.trust_domain.clone())?.with_issuer(jwt_issuer.clone()));
+        let wit =
+            Arc::new(Es256WitMinter::new(wit_key, config.trust_domain.clone())?.with_issuer(config.wit.issuer.clone()));
         let ledger_err = |source| DaemonError::Ledger { location: config.ledger.location.to_string(), source };
         let opened = crate::ledger::open(&config.ledger).await.map_err(ledger_err)?;
         let (ledger, reader, writer) = (Arc::new(opened.writer), opened.reader, opened.task);
@@ -281,7 +300,7 @@ impl Daemon {
         let issuer = Issuer::new(Parts {
             attestor: Arc::new(UnixAttestor::new(config.max_binary_bytes)),
             policy: store,
-            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), aws: aws_minter },
+            minters: Minters { x509: minter.clone(), jwt: jwt.clone(), wit: wit.clone(), aws: aws_minter },
             ledger: as_ledger.clone(),
             clock: clock.clone(),
             revocations: revocations.clone(),
@@ -299,16 +318,31 @@ impl Daemon {
             Some(c) => desk.with_shared(Arc::new(c.clone())),
             None => desk,
         });
-        let validator = Arc::new(Validator::new(
+        let proofs =
+            ProofSettings { window: config.wit.proof_max_lifetime, replay_entries: config.wit.replay_cache_entries };
+        let validator = Validator::new(
             jwt.clone(),
+            wit.clone(),
+            proofs,
             revocations.clone(),
             emergency.clone(),
             as_ledger.clone(),
             clock.clone(),
-        ));
+        );
+        // Several daemons: a proof accepted by one is used for all (the shared replay table).
+        let validator = Arc::new(match &cluster {
+            Some(c) => validator.with_shared_replay(Arc::new(c.clone())),
+            None => validator,
+        });
+        // Proofs accepted just before a restart stay used.
+        let remembered = validator.remember_accepted_proofs(reader.as_ref()).await.map_err(ledger_err)?;
+        if remembered > 0 {
+            tracing::info!(remembered, "proof jtis still inside their window reloaded from the ledger");
+        }
         let publisher = Arc::new(BundlePublisher::new(
             minter.clone() as Arc<dyn Minter>,
             jwt.clone() as Arc<dyn JwtMinter>,
+            wit.clone() as Arc<dyn crate::mint::WitMinter>,
             revocations.clone(),
             clock.clone(),
         ));
@@ -319,6 +353,7 @@ impl Daemon {
             inventory_entries: entries,
             ca_sha256: ca_fingerprint.clone(),
             jwt_kid,
+            wit_kid: Some(wit_kid.clone()),
             listen: bound.map(|a| a.to_string()),
             jwt_issuer: jwt_issuer.clone(),
             oidc_issuers: config.oidc_issuers.iter().map(|i| i.issuer.clone()).collect(),
@@ -354,6 +389,7 @@ impl Daemon {
             publisher,
             minter,
             jwt,
+            wit_kid,
             net,
             aws,
             clock,
@@ -410,6 +446,7 @@ impl Daemon {
             publisher,
             minter,
             jwt,
+            wit_kid,
             net,
             aws,
             clock,
@@ -442,6 +479,7 @@ impl Daemon {
             trust_domain: config.trust_domain.clone(),
             x509_ttl: config.default_ttl,
             jwt_ttl: config.jwt_ttl,
+            wit_ttl: config.wit.ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
         let workload_api = SpiffeWorkloadApiServer::new(
@@ -527,7 +565,8 @@ impl Daemon {
             as_ledger.clone(),
             clock.clone(),
             config.max_ttl.as_duration(),
-        );
+        )
+        .with_reserved_kids(vec![wit_kid]);
         let key_watch = Arc::new(tokio::sync::Mutex::new(key_watch));
         tasks.spawn("key watch", ok(KeyWatch::run(key_watch.clone(), poll, tasks.stop())));
         let reloader = reload::Reloader {

@@ -20,13 +20,13 @@ use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain
 use crate::ledger::event::{self, Caller as CallerRecord, IssuedDetails, Provenance, RequestRecord, ResourceRecord};
 use crate::ledger::{EventId, Ledger, LedgerError};
 use crate::mint::aws::{AwsMintError, AwsMinter};
-use crate::mint::{JwtError, JwtMinter, MintError, Minter, VerifiedCsr};
+use crate::mint::{JwtError, JwtMinter, MintError, Minter, VerifiedCsr, WitMinter};
 use crate::policy::shadow::Shadow;
 use crate::policy::store::PolicyStore;
 use crate::policy::{AwsRole, Combined, CredentialKind, Decision, DecisionRequest, Grant, RequestContext, Resource};
 use crate::revoke::Revocations;
 
-pub use commit::{AwsCredential, Credential, Issued, X509Credential};
+pub use commit::{AwsCredential, Credential, Issued, WitCredential, X509Credential};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -107,6 +107,8 @@ pub enum Ask {
     Aws {
         role: AwsRole,
     },
+    /// A WIT-SVID. Its key is always made here, after the decision, and handed out once.
+    Wit,
 }
 
 impl Ask {
@@ -115,6 +117,7 @@ impl Ask {
             Ask::X509 { .. } => CredentialKind::X509,
             Ask::Jwt { .. } => CredentialKind::Jwt,
             Ask::Aws { .. } => CredentialKind::Aws,
+            Ask::Wit => CredentialKind::Wit,
         }
     }
 
@@ -123,6 +126,7 @@ impl Ask {
             Ask::X509 { .. } => vec![Resource::X509],
             Ask::Jwt { audiences } => audiences.iter().map(|a| Resource::Jwt { audience: a.clone() }).collect(),
             Ask::Aws { role } => vec![Resource::Aws { role: role.clone() }],
+            Ask::Wit => vec![Resource::Wit],
         }
     }
 }
@@ -163,6 +167,8 @@ pub struct ExchangeSettings {
 pub struct Minters {
     pub x509: Arc<dyn Minter>,
     pub jwt: Arc<dyn JwtMinter>,
+    /// WIT-SVIDs, signed by a key of their own.
+    pub wit: Arc<dyn WitMinter>,
     /// AWS STS sessions, when `[aws]` is configured.
     pub aws: Option<Arc<AwsMinter>>,
 }
@@ -652,6 +658,7 @@ fn caller_record(c: &CallerSummary) -> CallerRecord {
 pub(crate) fn resource_record(r: &Resource) -> ResourceRecord {
     match r {
         Resource::X509 => ResourceRecord::X509,
+        Resource::Wit => ResourceRecord::Wit,
         Resource::Jwt { audience } => ResourceRecord::Jwt { audience: audience.clone() },
         Resource::Aws { role } => ResourceRecord::Aws { role: role.arn().to_owned() },
     }

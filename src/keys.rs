@@ -261,10 +261,13 @@ impl fmt::Debug for SecretString {
 }
 
 pub const JWT_KEY_FILE: &str = "jwt-key.pem";
+/// The dev / default WIT-SVID signing key, beside the JWT key and never the same key.
+pub const WIT_KEY_FILE: &str = "wit-key.pem";
 
-/// The ES256 (P-256) key that signs JWT-SVIDs. The PKCS#8 bytes are zeroized on drop;
-/// `Debug` shows only the key id. The key id is the RFC 7638 JWK thumbprint, so it names
-/// the public key and changes whenever the key does.
+/// An ES256 (P-256) signing key: the one that signs JWT-SVIDs, and (another one) the one
+/// that signs WIT-SVIDs. The PKCS#8 bytes are zeroized on drop; `Debug` shows only the key
+/// id. The key id is the RFC 7638 JWK thumbprint, so it names the public key and changes
+/// whenever the key does (two different keys never share a kid).
 pub struct JwtKey {
     pkcs8: Zeroizing<Vec<u8>>,
     /// Uncompressed SEC1 point: 0x04 || x (32 bytes) || y (32 bytes).
@@ -293,10 +296,7 @@ impl JwtKey {
         if public_point.len() != 65 || public_point[0] != 0x04 {
             return Err("unexpected public key encoding".into());
         }
-        let (x, y) = (b64url(&public_point[1..33]), b64url(&public_point[33..65]));
-        // RFC 7638: the required members in lexicographic order, no whitespace.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let kid = b64url(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref());
+        let kid = ec_thumbprint(&b64url(&public_point[1..33]), &b64url(&public_point[33..65]));
         Ok(Self { pkcs8, public_point, kid })
     }
 
@@ -320,7 +320,12 @@ impl JwtKey {
     /// The dev / default key: reused from `dir` when present, otherwise generated and
     /// persisted there at mode 0600.
     pub fn load_or_generate(dir: &Path) -> Result<Self, KeyError> {
-        let path = dir.join(JWT_KEY_FILE);
+        Self::load_or_generate_file(&dir.join(JWT_KEY_FILE))
+    }
+
+    /// `load_or_generate` at another file name (the WIT signing key's).
+    pub fn load_or_generate_file(path: &Path) -> Result<Self, KeyError> {
+        let path = path.to_path_buf();
         if path.exists() {
             return Self::load(&path);
         }
@@ -341,6 +346,131 @@ impl JwtKey {
     /// The public key's x and y coordinates, base64url without padding (JWK form).
     pub fn public_xy(&self) -> (String, String) {
         (b64url(&self.public_point[1..33]), b64url(&self.public_point[33..65]))
+    }
+
+    /// The uncompressed SEC1 public point (0x04 || x || y).
+    pub fn public_point(&self) -> &[u8] {
+        &self.public_point
+    }
+}
+
+/// The RFC 7638 thumbprint of a P-256 public key given as JWK `x` and `y` (base64url).
+pub fn ec_thumbprint(x: &str, y: &str) -> String {
+    // RFC 7638: the required members in lexicographic order, no whitespace.
+    let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+    b64url(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref())
+}
+
+/// The key pair of one WIT-SVID, made by mayfly for the workload after policy allowed it:
+/// the public half goes into the token's `cnf.jwk`, the private half leaves once, as a JWK
+/// (RFC 7517) in a buffer zeroized on drop. `Debug` shows only the thumbprint.
+pub struct WorkloadKey {
+    /// The public JWK members: `x`, `y` (base64url of the P-256 coordinates).
+    pub x: String,
+    pub y: String,
+    /// RFC 7638 thumbprint of the public key (`jkt`): what the ledger may name it by.
+    pub thumbprint: String,
+    /// `{"kty","crv","x","y","d","alg"}`: the private JWK the Workload API hands out.
+    private_jwk: SecretString,
+}
+
+impl fmt::Debug for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WorkloadKey(ES256, jkt {}, private bytes redacted)", self.thumbprint)
+    }
+}
+
+impl WorkloadKey {
+    /// A fresh P-256 key pair. The scalar exists only in zeroizing buffers and the JWK.
+    pub fn generate() -> Result<Self, KeyError> {
+        use aws_lc_rs::encoding::AsBigEndian;
+        let rng_failed = |_| KeyError::Generate("the system RNG failed".into());
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(rng_failed)?;
+        let point = pair.public_key().as_ref();
+        if point.len() != 65 || point[0] != 0x04 {
+            return Err(KeyError::Generate("unexpected public key encoding".into()));
+        }
+        let (x, y) = (b64url(&point[1..33]), b64url(&point[33..65]));
+        // Why zeroizing: `d` is the workload's private key; the buffer aws-lc-rs returns is
+        // zeroized on drop, and so is every copy made here.
+        let scalar = pair.private_key().as_be_bytes().map_err(rng_failed)?;
+        let d = Zeroizing::new(b64url(scalar.as_ref()));
+        // Why the capacity: the JWK is ~200 bytes; a buffer that grew would leave a copy of
+        // the scalar behind in freed memory, unzeroized.
+        let mut jwk = Zeroizing::new(String::with_capacity(512));
+        jwk.push_str(&format!(r#"{{"kty":"EC","crv":"P-256","alg":"ES256","x":"{x}","y":"{y}","d":""#));
+        jwk.push_str(&d);
+        jwk.push_str("\"}");
+        let thumbprint = ec_thumbprint(&x, &y);
+        Ok(Self { x, y, thumbprint, private_jwk: SecretString(jwk) })
+    }
+
+    /// The private JWK (with `d`), for the one message that hands it to the workload.
+    pub fn private_jwk(&self) -> &SecretString {
+        &self.private_jwk
+    }
+}
+
+/// A workload's P-256 key read back from its private JWK (`mayfly wpt sign`, tests): signs
+/// proofs. The key pair is aws-lc-rs's (freed and cleansed by it); the JWK text is never
+/// kept.
+pub struct ProofSigner {
+    pair: EcdsaKeyPair,
+    /// The public JWK's `x` and `y`.
+    pub x: String,
+    pub y: String,
+}
+
+impl fmt::Debug for ProofSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProofSigner(ES256, jkt {}, private bytes redacted)", ec_thumbprint(&self.x, &self.y))
+    }
+}
+
+impl ProofSigner {
+    /// Parses an EC P-256 private JWK (`kty` EC, `crv` P-256, `x`, `y`, `d`; `alg`, when
+    /// present, ES256). The public members must match the private scalar.
+    pub fn from_private_jwk(text: &str) -> Result<Self, String> {
+        use base64::Engine;
+        #[derive(serde::Deserialize)]
+        struct Jwk {
+            kty: String,
+            crv: String,
+            x: String,
+            y: String,
+            d: Option<String>,
+            alg: Option<String>,
+        }
+        if text.len() > 4096 {
+            return Err("longer than 4096 bytes: not a P-256 JWK".into());
+        }
+        let jwk: Jwk = serde_json::from_str(text).map_err(|e| format!("not a JWK: {e}"))?;
+        if jwk.kty != "EC" || jwk.crv != "P-256" {
+            return Err(format!("`kty` `{}` / `crv` `{}`: only EC P-256 keys sign ES256 proofs", jwk.kty, jwk.crv));
+        }
+        if jwk.alg.as_deref().is_some_and(|a| a != "ES256") {
+            return Err("`alg` must be ES256".into());
+        }
+        let d = jwk.d.map(Zeroizing::new).ok_or("no `d`: this is a public key, a private JWK is needed")?;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let scalar = Zeroizing::new(b64.decode(d.as_bytes()).map_err(|_| "`d` is not base64url".to_owned())?);
+        let mut point = vec![0x04];
+        for (name, value) in [("x", &jwk.x), ("y", &jwk.y)] {
+            let bytes = b64.decode(value).map_err(|_| format!("`{name}` is not base64url"))?;
+            if bytes.len() != 32 {
+                return Err(format!("`{name}` is not a 32-byte P-256 coordinate"));
+            }
+            point.extend_from_slice(&bytes);
+        }
+        let pair = EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P256_SHA256_FIXED_SIGNING, &scalar, &point)
+            .map_err(|e| format!("the private and public members do not form a P-256 key: {e}"))?;
+        Ok(Self { pair, x: jwk.x, y: jwk.y })
+    }
+
+    /// The fixed-width (r || s) ES256 signature of `message`, as JWS wants it.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        self.pair.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|_| "signing failed".to_owned())
     }
 }
 

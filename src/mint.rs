@@ -5,8 +5,10 @@
 //! keys current from their files.
 
 pub mod aws;
+pub mod jws;
 pub mod jwt;
 pub mod rotation;
+pub mod wit;
 pub mod x509;
 
 use std::fmt;
@@ -15,6 +17,8 @@ use std::time::SystemTime;
 use crate::identity::WorkloadId;
 use crate::keys::{SecretDer, SecretString};
 use crate::policy::{Grant, JwtGrant};
+
+pub use wit::{ValidatedWit, WitError, WitMinter, WitSvid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
@@ -116,13 +120,16 @@ pub struct ValidatedJwt {
     pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
-/// What relying parties trust right now: the trust domain's X.509 CA certificates (DER)
-/// and its JWKS. Published through a watch channel so every open bundle stream sees each
-/// change.
+/// What relying parties trust right now: the trust domain's X.509 CA certificates (DER),
+/// its JWKS for JWT-SVIDs and, apart, the JWKS of its WIT-SVID keys. Published through a
+/// watch channel so every open bundle stream sees each change.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrustBundle {
     pub x509: Vec<Vec<u8>>,
     pub jwks: serde_json::Value,
+    /// The WIT-SVID keys (`use: wit-svid`): never in `jwks`, so no JWT-SVID or OIDC
+    /// verifier can take a WIT for one of its tokens.
+    pub wit_jwks: serde_json::Value,
     /// DER CRLs, one per CA in `x509`, listing revoked SVID serials.
     pub crls: Vec<Vec<u8>>,
 }

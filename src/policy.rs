@@ -56,6 +56,8 @@ pub enum CredentialKind {
     X509,
     Jwt,
     Aws,
+    /// A WIT-SVID: a JWT bound to a key mayfly makes for the workload (`cnf.jwk`).
+    Wit,
 }
 
 impl CredentialKind {
@@ -64,6 +66,7 @@ impl CredentialKind {
             CredentialKind::X509 => "x509",
             CredentialKind::Jwt => "jwt",
             CredentialKind::Aws => "aws",
+            CredentialKind::Wit => "wit",
         }
     }
 
@@ -72,6 +75,7 @@ impl CredentialKind {
             "issue_x509" => Some(Self::X509),
             "issue_jwt" => Some(Self::Jwt),
             "issue_aws" => Some(Self::Aws),
+            "issue_wit" => Some(Self::Wit),
             _ => None,
         }
     }
@@ -136,6 +140,8 @@ pub enum Resource {
     Aws {
         role: AwsRole,
     },
+    /// A WIT-SVID (`Mayfly::CredentialKind::"wit"`).
+    Wit,
 }
 
 impl Resource {
@@ -144,6 +150,7 @@ impl Resource {
             Resource::X509 => CredentialKind::X509,
             Resource::Jwt { .. } => CredentialKind::Jwt,
             Resource::Aws { .. } => CredentialKind::Aws,
+            Resource::Wit => CredentialKind::Wit,
         }
     }
 
@@ -153,6 +160,7 @@ impl Resource {
             Resource::X509 => "x509".into(),
             Resource::Jwt { audience } => format!("audience {audience}"),
             Resource::Aws { role } => format!("role {}", role.arn),
+            Resource::Wit => "wit".into(),
         }
     }
 }
@@ -233,6 +241,11 @@ impl Grant {
     #[cfg(test)]
     pub(crate) fn for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
         Self { identity, resource: Resource::X509, ttl, aws: None, clamped_by: None }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn wit_for_tests(identity: WorkloadId, ttl: Ttl) -> Self {
+        Self { identity, resource: Resource::Wit, ttl, aws: None, clamped_by: None }
     }
 
     #[cfg(test)]

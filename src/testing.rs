@@ -19,6 +19,7 @@ use crate::ledger::memory::MemoryBackend;
 use crate::ledger::{EventId, GroupCommitLedger, Ledger, LedgerError};
 use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
+use crate::mint::wit::Es256WitMinter;
 use crate::mint::x509::X509Minter;
 use crate::policy::release::Release;
 use crate::policy::shadow::Shadow;
@@ -83,6 +84,7 @@ pub struct TestIssuer {
     pub shadow: Arc<Shadow>,
     pub policy: Arc<PolicyStore>,
     pub jwt: Arc<Es256Minter>,
+    pub wit: Arc<Es256WitMinter>,
 }
 
 /// How to build a `TestIssuer`.
@@ -145,6 +147,10 @@ impl IssuerBuilder {
             Es256Minter::new(JwtKey::generate().unwrap_or_else(|e| panic!("jwt key: {e}")), td.clone())
                 .unwrap_or_else(|e| panic!("jwt minter: {e}")),
         );
+        let wit = Arc::new(
+            Es256WitMinter::new(JwtKey::generate().unwrap_or_else(|e| panic!("wit key: {e}")), td.clone())
+                .unwrap_or_else(|e| panic!("wit minter: {e}")),
+        );
         let aws = self.aws.map(|(sts, limits, web_identity)| {
             let mode = if web_identity {
                 crate::mint::aws::Mode::WebIdentity { jwt: jwt.clone(), audience: "db".into() }
@@ -157,7 +163,7 @@ impl IssuerBuilder {
         let issuer = Arc::new(Issuer::new(Parts {
             attestor: Arc::new(FakeAttestor::with(&selectors)),
             policy: policy.clone(),
-            minters: Minters { x509: Arc::new(X509Minter::new(Arc::new(ca))), jwt: jwt.clone(), aws },
+            minters: Minters { x509: Arc::new(X509Minter::new(Arc::new(ca))), jwt: jwt.clone(), wit: wit.clone(), aws },
             ledger: ledger.clone(),
             clock: dyn_clock,
             revocations: revocations.clone(),
@@ -165,7 +171,7 @@ impl IssuerBuilder {
             shadow: shadow.clone(),
             exchange: None,
         }));
-        TestIssuer { issuer, backend, ledger, clock, revocations, emergency, shadow, policy, jwt }
+        TestIssuer { issuer, backend, ledger, clock, revocations, emergency, shadow, policy, jwt, wit }
     }
 }
 

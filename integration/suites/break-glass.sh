@@ -51,5 +51,6 @@ bg_cred=$(sed -n 's/.*credential \([0-9a-f-]*\),.*/\1/p' "$work/bg-req.out")
 check "a review is recorded"                    "$bin" break-glass review "$bg_cred" --note "checked with the DBA: access was needed" --admin-socket "$bgd/run/admin.sock"
 check "report shows it reviewed"                report_line '; reviewed$'
 check "audit trace flags the emergency path"    bash -c "'$bin' audit trace --data-dir '$bgd/run/data' --identity '$dev_id' | grep -q 'BREAK-GLASS'"
+check "break-glass WIT-SVID (no approval needed): 10 min, its key 0600" bash -c "setpriv --reuid=65534 --regid=65534 --clear-groups '$bgd/mayfly' break-glass --socket '$bgd/run/w.sock' --kind wit --reason 'service mesh down' --ticket INC-503 --out '$bgd/run/wit' && [ \"\$(stat -c '%u %a' '$bgd/run/wit/wit-key.jwk')\" = '65534 600' ] && python3 -c 'import base64,json,sys; p=open(sys.argv[1]).read().split(\".\"); h,c=(json.loads(base64.urlsafe_b64decode(x+\"==\")) for x in p[:2]); print(h,c); sys.exit(0 if h[\"typ\"]==\"wit+jwt\" and c[\"exp\"]-c[\"iat\"]==600 else 1)' '$bgd/run/wit/wit.jwt'"
 check "dev (as nobody) stops cleanly"           stop_daemon
 check "audit verify passes"                     "$bin" audit verify --data-dir "$bgd/run/data"

@@ -119,7 +119,10 @@ impl Broker for BrokerService {
             "x509" => Ask::X509 { key: KeySource::Csr(VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?) },
             "jwt" => Ask::Jwt { audiences: vec![text("audience", &req.audience, 512)?] },
             "aws" => Ask::Aws { role: AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))? },
-            other => return Err(invalid("kind", format!("`{}` is not one of x509, jwt, aws", other.escape_debug()))),
+            "wit" => Ask::Wit,
+            other => {
+                return Err(invalid("kind", format!("`{}` is not one of x509, jwt, aws, wit", other.escape_debug())));
+            }
         };
         let outcome = self
             .desk
@@ -176,6 +179,15 @@ fn issued_response(issued: Issued) -> BreakGlassResponse {
             not_after: unix_secs(aws.session.expiration),
             serial: aws.session.access_key_id.clone(),
             aws: Some(aws_credentials(&aws)),
+            ..Default::default()
+        },
+        Credential::Wit(wit) => BreakGlassResponse {
+            credential_id,
+            spiffe_id,
+            not_after: unix_secs(wit.svid.not_after),
+            serial: wit.svid.jti.clone(),
+            token: wit.svid.token.expose().to_owned(),
+            wit_key: wit.key.private_jwk().expose().to_owned(),
             ..Default::default()
         },
     };

@@ -1,8 +1,10 @@
 //! The TLS listener's routes: the CI token exchange as gRPC (`mayfly.v1.Exchange`) and as
 //! plain HTTPS + JSON (`POST /v1/exchange`, so a workflow step can use curl), and the
 //! documents relying parties verify mayfly's JWTs with (`/.well-known/openid-configuration`,
-//! `/.well-known/jwks.json`). Parses at the edge, maps errors to statuses in one place,
-//! decides nothing: the `Issuer` verifies the token and runs the one issuance path.
+//! `/.well-known/jwks.json`), and for WIT-SVIDs the WIT keys (`/v1/wit/jwks.json`) and
+//! proof-of-possession checks for relying parties (`POST /v1/wpt/verify`). Parses at the
+//! edge, maps errors to statuses in one place, decides nothing: the `Issuer` verifies the
+//! token and runs the one issuance path; the `Validator` checks proofs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,7 @@ use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Is
 use crate::mint::{TrustBundle, VerifiedCsr};
 use crate::policy::AwsRole;
 use crate::validate::Validator;
+use crate::validate::wpt::{self, Presented, ProofError};
 
 /// The remote address of a TLS connection, put on each request by the listener.
 #[derive(Clone, Debug)]
@@ -108,6 +111,8 @@ impl ExchangeApi {
             .route("/crl.der", get(crl_der))
             .route("/crl.pem", get(crl_pem))
             .route("/v1/introspect", post(introspect))
+            .route("/v1/wpt/verify", post(verify_wpt))
+            .route("/v1/wit/jwks.json", get(wit_jwks))
             .with_state(self)
             .merge(grpc)
             .layer(DefaultBodyLimit::max(max_request_bytes))
@@ -157,7 +162,7 @@ impl ExchangeApi {
         };
         let ttl = ttl_for(match kind {
             Ask::Jwt { .. } => self.jwt_ttl,
-            Ask::X509 { .. } => self.x509_ttl,
+            Ask::X509 { .. } | Ask::Wit => self.x509_ttl,
             Ask::Aws { .. } => self.aws_ttl,
         })?;
         Ok(Asked { ask: kind, ttl, remote })
@@ -317,6 +322,12 @@ fn issued_json(issued: &Issued, break_glass: bool) -> Value {
             "serial": x.svid.serial,
             "expires_at": unix_secs(x.svid.not_after),
         }),
+        Credential::Wit(wit) => json!({
+            "kind": "wit",
+            "token": wit.svid.token.expose(),
+            "key": wit.key.private_jwk().expose(),
+            "expires_at": unix_secs(wit.svid.not_after),
+        }),
         Credential::Aws(aws) => json!({
             "kind": "aws",
             "expires_at": unix_secs(aws.session.expiration),
@@ -444,6 +455,82 @@ async fn introspect(State(api): State<ExchangeApi>, remote: Option<Extension<Rem
     }
 }
 
+/// `POST /v1/wpt/verify`: a relying party asks whether a WIT-SVID and its Workload Proof
+/// Token prove the caller's identity for `audience` (and bind the access or transaction
+/// token that came with the request, when given).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WptRequest {
+    wit: String,
+    wpt: String,
+    audience: String,
+    access_token: Option<String>,
+    txn_token: Option<String>,
+}
+
+/// 200 `{"spiffe_id", "expires_at", "credential_id"}` for an accepted proof (recorded as a
+/// use); 401 `{"error": "invalid_proof", "reason"}` for any refused one; 400 for a request
+/// that is not one; 503 when the use cannot be recorded or too many proofs are live.
+async fn verify_wpt(State(api): State<ExchangeApi>, remote: Option<Extension<RemoteAddr>>, body: Bytes) -> Response {
+    let remote = remote.map(|Extension(r)| r.0).unwrap_or_default();
+    let req: WptRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return Rejection::invalid("body", format!("not a proof check: {e}")).into_response(),
+    };
+    let text = |field: &str, v: &str, max: usize| -> Result<(), Rejection> {
+        if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+            return Err(Rejection::invalid(field, format!("required, 1..={max} bytes, no control characters")));
+        }
+        Ok(())
+    };
+    let checks = [
+        text("wit", &req.wit, crate::mint::wit::MAX_WIT_BYTES),
+        text("wpt", &req.wpt, wpt::MAX_WPT_BYTES),
+        text("audience", &req.audience, wpt::MAX_AUDIENCE_BYTES),
+        req.access_token.as_deref().map_or(Ok(()), |t| text("access_token", t, wpt::MAX_BOUND_TOKEN_BYTES)),
+        req.txn_token.as_deref().map_or(Ok(()), |t| text("txn_token", t, wpt::MAX_BOUND_TOKEN_BYTES)),
+    ];
+    if let Some(Err(rejection)) = checks.into_iter().find(Result::is_err) {
+        return rejection.into_response();
+    }
+    let presented = Presented {
+        wit: &req.wit,
+        wpt: &req.wpt,
+        audience: &req.audience,
+        access_token: req.access_token.as_deref(),
+        txn_token: req.txn_token.as_deref(),
+    };
+    match api.validator.verify_proof(&presented, &remote).await {
+        Ok(v) => Json(json!({
+            "spiffe_id": v.identity.to_string(),
+            "expires_at": v.wit_expires_at,
+            "credential_id": v.credential_id,
+        }))
+        .into_response(),
+        Err(e @ (ProofError::Ledger(_) | ProofError::Busy | ProofError::Unavailable(_))) => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "unavailable", e.to_string())
+                .into_response()
+        }
+        Err(e) => {
+            let mut response =
+                (StatusCode::UNAUTHORIZED, Json(json!({ "error": "invalid_proof", "reason": e.to_string() })))
+                    .into_response();
+            // Why this scheme: RFC 9110 wants a challenge with a 401, and a WIT is never a
+            // Bearer token (WIT-SVID spec, section 5).
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Workload-Proof-Token error=\"invalid_proof\""),
+            );
+            response
+        }
+    }
+}
+
+/// The WIT-SVID keys (`use: wit-svid`), for relying parties that verify WITs themselves.
+async fn wit_jwks(State(api): State<ExchangeApi>) -> Json<Value> {
+    Json(api.bundles.as_ref().map(|b| b.borrow().wit_jwks.clone()).unwrap_or_else(|| json!({ "keys": [] })))
+}
+
 /// One field of an application/x-www-form-urlencoded body.
 fn form_value(body: &[u8], name: &str) -> Option<String> {
     url::form_urlencoded::parse(body).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
@@ -505,6 +592,9 @@ impl Exchange for ExchangeApi {
                 expires_at: unix_secs(x.svid.not_after),
                 ..Default::default()
             },
+            // Why refused: the exchange parses no `wit` request (a WIT's key is handed out on
+            // the workload socket only), so this is a pipeline fault, not a reply.
+            Credential::Wit(_) => return Err(super::wrong_kind()),
             Credential::Aws(aws) => PbResponse {
                 credential_id,
                 spiffe_id,

@@ -3,7 +3,9 @@
 //! Issuance goes through the one `Issuer` path (attest → inventory → policy → ledger →
 //! mint → ledger); this module only turns wire requests into domain requests and keeps
 //! streams current: a fresh SVID at a fraction of its lifetime, every bundle change, and an
-//! empty set (then PERMISSION_DENIED) when the identity loses its entitlement. Decides nothing.
+//! empty set (then PERMISSION_DENIED) when the identity loses its entitlement or the SVID
+//! is revoked. Serves X.509 SVIDs, JWT-SVIDs and WIT-SVIDs (`FetchWITSVID` with a key
+//! mayfly makes, as a private JWK; `FetchWITBundles` with the WIT keys). Decides nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tonic::{Code, Request, Response, Status};
 use super::spiffe::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::spiffe::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, Witsvid, WitsvidRequest, WitsvidResponse,
     X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 use super::{invalid, status};
@@ -26,7 +28,7 @@ use crate::attest::PeerInfo;
 use crate::clock::Clock;
 use crate::identity::{TrustDomain, Ttl, WorkloadId};
 use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Issuer, KeySource, Origin};
-use crate::keys::SecretDer;
+use crate::keys::{SecretDer, SecretString};
 use crate::mint::{MintError, TrustBundle, X509Svid};
 use crate::policy::store::PolicyStore;
 use crate::revoke::Revocations;
@@ -42,6 +44,8 @@ const MAX_AUDIENCE_BYTES: usize = 512;
 /// After a failed re-issuance that is not a denial (the ledger is unavailable), try again
 /// after this long (or sooner, if the SVID would expire first).
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// WIT-SVIDs one FetchWITSVID stream holds at most (one per identity the caller matches).
+const MAX_WITS_PER_STREAM: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct WorkloadApiSettings {
@@ -50,6 +54,8 @@ pub struct WorkloadApiSettings {
     pub x509_ttl: Ttl,
     /// Requested lifetime of JWT-SVIDs (policy may grant less).
     pub jwt_ttl: Ttl,
+    /// Requested lifetime of WIT-SVIDs (policy may grant less).
+    pub wit_ttl: Ttl,
     /// A pushed SVID is renewed when this share of its lifetime has passed (1..=99).
     pub rotate_at_percent: u32,
 }
@@ -130,6 +136,98 @@ async fn issue_svid(
         // Why an error, not a panic: the pipeline mints the kind it is asked for.
         _ => Err(IssueError::Mint(MintError::Signing("unexpected credential kind".into()))),
     }
+}
+
+/// A WIT-SVID a stream holds: its key leaves with the first message it is in.
+struct HeldWit {
+    credential_id: String,
+    identity: WorkloadId,
+    token: SecretString,
+    /// The private JWK, until the message carrying it is sent. Zeroized on drop.
+    key: Option<SecretString>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// A WIT-SVID with a key mayfly makes, through the one pipeline.
+async fn issue_wit(
+    issuer: &Issuer,
+    peer: &PeerInfo,
+    ttl: Ttl,
+    spiffe_id: Option<WorkloadId>,
+    rotates: Option<String>,
+) -> Result<HeldWit, IssueError> {
+    let req = IssueRequest { ask: Ask::Wit, ttl, spiffe_id, origin: Origin { api: API, rotates, emergency: None } };
+    let Issued { credential_id, identity, credential, .. } = issuer.issue(Caller::Local(peer), req).await?;
+    match credential {
+        Credential::Wit(w) => Ok(HeldWit {
+            credential_id,
+            identity,
+            not_before: w.svid.not_before,
+            not_after: w.svid.not_after,
+            token: w.svid.token,
+            key: Some(SecretString::new(w.key.private_jwk().expose().to_owned())),
+        }),
+        // Why an error, not a panic: the pipeline mints the kind it is asked for.
+        _ => Err(IssueError::Mint(MintError::Signing("unexpected credential kind".into()))),
+    }
+}
+
+/// WIT-SVIDs for every identity the caller is entitled to, or for the one it names. A
+/// caller that matches several identities gets one WIT for each that policy allows (each
+/// its own recorded decision), after the recorded refusal of the request that named none.
+async fn issue_wits(
+    issuer: &Issuer,
+    peer: &PeerInfo,
+    ttl: Ttl,
+    spiffe_id: Option<WorkloadId>,
+) -> Result<Vec<HeldWit>, IssueError> {
+    let named = spiffe_id.is_some();
+    match issue_wit(issuer, peer, ttl, spiffe_id, None).await {
+        Ok(held) => Ok(vec![held]),
+        Err(IssueError::Ambiguous(ids)) if !named => {
+            let mut held = Vec::new();
+            let mut refused = None;
+            for id in ids.iter().take(MAX_WITS_PER_STREAM).filter_map(|id| WorkloadId::parse(id).ok()) {
+                match issue_wit(issuer, peer, ttl, Some(id), None).await {
+                    Ok(w) => held.push(w),
+                    Err(e) if lost_entitlement(&e) => refused = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            match refused {
+                _ if !held.is_empty() => Ok(held),
+                Some(e) => Err(e),
+                None => Err(IssueError::Ambiguous(ids)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One WIT-SVID on the wire with its private JWK (prost's copies are beyond zeroize's
+/// reach: built, sent, dropped).
+fn wit_svid(held: &HeldWit) -> Witsvid {
+    Witsvid {
+        spiffe_id: held.identity.to_string(),
+        wit_svid: held.token.expose().to_owned(),
+        wit_svid_key: held.key.as_ref().map(|k| k.expose().to_owned()).unwrap_or_default(),
+        hint: String::new(),
+    }
+}
+
+/// Why a pushed credential must leave its stream now: it was revoked, or its identity
+/// is locked.
+fn withdrawal(
+    revocations: &Revocations,
+    credential_id: &str,
+    identity: &WorkloadId,
+    now: SystemTime,
+) -> Option<IssueError> {
+    if revocations.is_revoked(credential_id) {
+        return Some(IssueError::Revoked(credential_id.to_owned()));
+    }
+    revocations.lock_for(identity, now).map(|l| IssueError::Locked { identity: identity.to_string(), reason: l.reason })
 }
 
 /// Refuses a call without `workload.spiffe.io: true`, before anything else happens.
@@ -315,7 +413,29 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         check_header(request.metadata())?;
-        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+        let peer = peer_of(&request);
+        let spiffe_id = match request.into_inner().spiffe_id.as_str() {
+            "" => None,
+            s => Some(WorkloadId::parse(s).map_err(|e| invalid("spiffe_id", e))?),
+        };
+        // As for X.509: the first WITs are issued before the call is answered, so a caller
+        // with no entitlement gets PERMISSION_DENIED as the call's status.
+        let first = issue_wits(&self.issuer, &peer, self.settings.wit_ttl, spiffe_id).await.map_err(|e| status(&e))?;
+        let (tx, rx) = mpsc::channel(2);
+        let stream = WitStream {
+            issuer: self.issuer.clone(),
+            store: self.policy.clone(),
+            revocations: self.revocations.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            policy: self.policy.changes(),
+            revocation_changes: self.revocations.changes(),
+            stop: self.stop.clone(),
+            peer,
+            tx,
+        };
+        tokio::spawn(stream.run(first));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn fetch_wit_bundles(
@@ -323,7 +443,138 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         check_header(request.metadata())?;
-        Err(Status::unimplemented("mayfly does not serve the WIT-SVID profile"))
+        let key = self.trust_domain_key();
+        let make = move |b: &TrustBundle| WitBundlesResponse {
+            bundles: HashMap::from([(key.clone(), b.wit_jwks.to_string())]),
+        };
+        // Only the WIT keys' changes: a new CRL or CA says nothing to a WIT verifier.
+        Ok(Response::new(follow_changes(self.bundles.clone(), self.stop.clone(), make)))
+    }
+}
+
+/// One open FetchWITSVID stream: owns the caller's current WIT-SVIDs, one per entitled
+/// identity, and renews them at the configured share of their life and on a new policy
+/// release (re-decided). A WIT that is revoked, whose identity is locked or that loses its
+/// entitlement leaves the set; an empty set is followed by PERMISSION_DENIED. Every message
+/// carries a key for each of its WITs — the keys leave with the message — so a set that
+/// changes is sent as freshly issued WITs. A new WIT key needs no renewal: the old key stays
+/// published until its WITs have expired.
+struct WitStream {
+    issuer: Arc<Issuer>,
+    store: Arc<PolicyStore>,
+    revocations: Arc<Revocations>,
+    clock: Arc<dyn Clock>,
+    settings: WorkloadApiSettings,
+    policy: watch::Receiver<u64>,
+    revocation_changes: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    peer: PeerInfo,
+    tx: mpsc::Sender<Result<WitsvidResponse, Status>>,
+}
+
+impl WitStream {
+    async fn run(mut self, first: Vec<HeldWit>) {
+        let mut current = first;
+        self.policy.mark_unchanged();
+        self.revocation_changes.mark_unchanged();
+        if !self.send(&mut current).await {
+            return;
+        }
+        let mut retry_at: Option<SystemTime> = None;
+        loop {
+            let percent = self.settings.rotate_at_percent;
+            let due = current
+                .iter()
+                .flat_map(|w| {
+                    let entry_end = self.store.entry_expires(&w.identity).map(end_of_day);
+                    [Some(rotation_time(w.not_before, w.not_after, percent)), entry_end]
+                })
+                .chain([retry_at])
+                .flatten()
+                .min()
+                .unwrap_or_else(|| self.clock.now());
+            let wake = tokio::select! {
+                () = self.clock.sleep_until(due) => Wake::Due,
+                r = self.policy.changed() => if r.is_ok() { Wake::PolicyChanged } else { Wake::Gone },
+                r = self.revocation_changes.changed() => if r.is_ok() { Wake::Revocation } else { Wake::Gone },
+                () = self.tx.closed() => Wake::Gone,
+                _ = self.stop.wait_for(|s| *s) => Wake::Gone,
+            };
+            let why = match wake {
+                Wake::Gone | Wake::BundleChanged => return,
+                Wake::Due => "rotation",
+                Wake::PolicyChanged => "policy release changed",
+                Wake::Revocation => "revocation",
+            };
+            // Whatever woke the stream, a revoked WIT (or a locked identity's) leaves now.
+            let now = self.clock.now();
+            let mut refusal = None;
+            current.retain(|w| match withdrawal(&self.revocations, &w.credential_id, &w.identity, now) {
+                None => true,
+                Some(err) => {
+                    tracing::info!(identity = %w.identity, credential_id = w.credential_id, reason = %err, "wit withdrawn from the stream");
+                    refusal = Some(Status::permission_denied(err.to_string()));
+                    false
+                }
+            });
+            if matches!(wake, Wake::Revocation) && refusal.is_none() {
+                continue;
+            }
+            tracing::debug!(wits = current.len(), why, "renewing pushed wits");
+            let mut renewed = Vec::with_capacity(current.len());
+            let mut transient = None;
+            for held in &current {
+                let rotates = Some(held.credential_id.clone());
+                match issue_wit(&self.issuer, &self.peer, self.settings.wit_ttl, Some(held.identity.clone()), rotates)
+                    .await
+                {
+                    Ok(next) => renewed.push(next),
+                    Err(e) if lost_entitlement(&e) => {
+                        tracing::info!(identity = %held.identity, credential_id = held.credential_id, reason = %e, "entitlement lost; wit withdrawn from the stream");
+                        refusal = Some(status(&e));
+                    }
+                    Err(e) => transient = Some(e),
+                }
+            }
+            if let Some(e) = transient {
+                // The set stays as it is (its keys were handed out) until it can be renewed
+                // whole; the WITs made in this round are on record but never sent.
+                let expired = current.iter().any(|w| w.not_after <= now);
+                if expired || refusal.is_some() {
+                    let _ = self.tx.send(Err(status(&e))).await;
+                    return;
+                }
+                let left = current.iter().map(|w| w.not_after.duration_since(now).unwrap_or_default()).min();
+                retry_at = Some(now + RETRY_AFTER.min(left.unwrap_or_default() / 2));
+                tracing::warn!(error = %e, "wit renewal failed; the current wits stay until they can be renewed");
+                continue;
+            }
+            retry_at = None;
+            current = renewed;
+            if current.is_empty() {
+                // The set without any WIT, then the spec's PERMISSION_DENIED: the client drops
+                // them and may reconnect (and be re-decided) after a backoff.
+                if self.tx.send(Ok(WitsvidResponse { svids: vec![] })).await.is_ok() {
+                    let denied = refusal.unwrap_or_else(|| Status::permission_denied("no WIT-SVID is left"));
+                    let _ = self.tx.send(Err(denied)).await;
+                }
+                return;
+            }
+            if !self.send(&mut current).await {
+                return;
+            }
+        }
+    }
+
+    /// Sends the set, then drops its keys: they were handed over; the stream keeps only
+    /// the tokens' facts. False when the client is gone.
+    async fn send(&self, current: &mut [HeldWit]) -> bool {
+        let message = WitsvidResponse { svids: current.iter().map(wit_svid).collect() };
+        let sent = self.tx.send(Ok(message)).await.is_ok();
+        for held in current.iter_mut() {
+            drop(held.key.take());
+        }
+        sent
     }
 }
 
@@ -383,14 +634,7 @@ impl SvidStream {
             }
             // Whatever woke the stream, a revoked SVID (or a locked identity's) leaves the
             // workload now, not at the next rotation; the stream ends and is never renewed.
-            let revocations = &self.revocations;
-            let refusal = if revocations.is_revoked(&current.credential_id) {
-                Some(IssueError::Revoked(current.credential_id.clone()))
-            } else {
-                revocations
-                    .lock_for(&current.identity, self.clock.now())
-                    .map(|l| IssueError::Locked { identity: current.identity.to_string(), reason: l.reason })
-            };
+            let refusal = withdrawal(&self.revocations, &current.credential_id, &current.identity, self.clock.now());
             if let Some(err) = refusal {
                 tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
                 let empty = X509svidResponse {
@@ -479,6 +723,33 @@ fn follow_bundles<T: Send + 'static>(
             let message = make(&bundles.borrow_and_update());
             if tx.send(Ok(message)).await.is_err() {
                 return;
+            }
+            tokio::select! {
+                r = bundles.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Like `follow_bundles`, but a message only when it differs from the last one sent.
+fn follow_changes<T: PartialEq + Clone + Send + 'static>(
+    mut bundles: watch::Receiver<Arc<TrustBundle>>,
+    mut stop: watch::Receiver<bool>,
+    make: impl Fn(&TrustBundle) -> T + Send + 'static,
+) -> ReceiverStream<Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut sent: Option<T> = None;
+        loop {
+            let message = make(&bundles.borrow_and_update());
+            if sent.as_ref() != Some(&message) {
+                if tx.send(Ok(message.clone())).await.is_err() {
+                    return;
+                }
+                sent = Some(message);
             }
             tokio::select! {
                 r = bundles.changed() => if r.is_err() { return },

@@ -339,10 +339,11 @@ async fn trace(at: &LedgerAt, identity: &str) -> Result<Vec<(StoredEvent, String
                 ))
             }
             Event::Used(u) if credentials.contains(&u.credential_id) => Some(format!(
-                "credential {} used: {} {}{}",
+                "credential {} used: {} {}{}{}",
                 u.credential_id,
                 u.use_kind,
                 who(&u.by),
+                u.proof_jti.as_deref().map(|j| format!(" with proof {j}")).unwrap_or_default(),
                 u.refused.as_deref().map(|r| format!(" REFUSED: {r}")).unwrap_or_default()
             )),
             Event::Expired(e) if credentials.contains(&e.credential_id) => {

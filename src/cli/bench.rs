@@ -65,6 +65,27 @@ pub enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
     },
+    /// WIT-SVIDs against a running daemon: FetchWITSVID (key pair + ES256 mint + decision +
+    /// issued record, the first message of a stream) beside FetchJWTSVID for comparison,
+    /// then, with --url, POST /v1/wpt/verify (WIT and proof verified, one use recorded) with
+    /// a fresh proof each time.
+    Wit {
+        /// The daemon's workload socket.
+        #[arg(long, default_value = "mayfly.sock")]
+        socket: PathBuf,
+        /// How many WIT-SVIDs to fetch in all.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        requests: u32,
+        /// How many fetches at once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
+        /// The daemon's TLS listener, e.g. https://127.0.0.1:8443 (proof checks are skipped without it).
+        #[arg(long)]
+        url: Option<String>,
+        /// The CA certificate (PEM) the listener's certificate chains to.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+    },
     /// IssueAws (attest, decide, STS AssumeRole, two durable events) against a running daemon
     /// with [aws] (e.g. `mayfly dev --aws-endpoint` and moto): what the broker adds to STS.
     Aws {
@@ -116,6 +137,9 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Policy { dir, rules, decisions } => bench_policy(&dir, rules, decisions),
         Command::Crl { entries, rounds } => bench_crl(entries, rounds),
         Command::Jwt { socket, requests, concurrency } => bench_jwt(socket, requests, concurrency).await,
+        Command::Wit { socket, requests, concurrency, url, cacert } => {
+            bench_wit(socket, requests, concurrency, url, cacert).await
+        }
         Command::Aws { socket, role, requests, concurrency } => bench_aws(socket, role, requests, concurrency).await,
         Command::Propagation { admin_socket, to, identity, trials } => {
             bench_propagation(&admin_socket, &to, &identity, trials).await
@@ -550,5 +574,115 @@ async fn bench_jwt(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode
     })
     .await;
     report("ValidateJWTSVID (ES256 verify + used record)", elapsed, &mut latencies, errors, concurrency);
+    ExitCode::SUCCESS
+}
+
+async fn bench_wit(
+    socket: PathBuf,
+    requests: u32,
+    concurrency: u32,
+    url: Option<String>,
+    cacert: Option<PathBuf>,
+) -> ExitCode {
+    use crate::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use crate::api::spiffe::{JwtsvidRequest, WitsvidRequest};
+    use crate::keys::ProofSigner;
+    use crate::validate::wpt::{ProofRequest, sign_proof};
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+        r
+    }
+    let channel = match super::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
+    };
+    let client = SpiffeWorkloadApiClient::new(channel);
+    let fetch = client.clone();
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut c = fetch.clone();
+        async move {
+            match c.fetch_witsvid(with_header(WitsvidRequest { spiffe_id: String::new() })).await {
+                Ok(r) => matches!(r.into_inner().message().await, Ok(Some(m)) if !m.svids.is_empty()),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    report(
+        "FetchWITSVID (P-256 key pair + ES256 mint + decision + issued record)",
+        elapsed,
+        &mut latencies,
+        errors,
+        concurrency,
+    );
+    let fetch = client.clone();
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let mut c = fetch.clone();
+        async move {
+            c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    report(
+        "FetchJWTSVID, for comparison (ES256 mint + decision + issued record)",
+        elapsed,
+        &mut latencies,
+        errors,
+        concurrency,
+    );
+    let Some(url) = url else { return ExitCode::SUCCESS };
+    let first = async {
+        let mut c = client.clone();
+        c.fetch_witsvid(with_header(WitsvidRequest { spiffe_id: String::new() })).await?.into_inner().message().await
+    };
+    let Ok(Some(svid)) = first.await.map(|m| m.and_then(|m| m.svids.into_iter().next())) else {
+        return fail("FetchWITSVID gave no WIT-SVID");
+    };
+    let signer = match ProofSigner::from_private_jwk(&svid.wit_svid_key) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => return fail(e),
+    };
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(15));
+    if let Some(path) = &cacert {
+        match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|p| reqwest::Certificate::from_pem(&p).map_err(|e| e.to_string()))
+        {
+            Ok(ca) => builder = builder.tls_certs_only([ca]),
+            Err(e) => return fail(format!("--cacert `{}`: {e}", path.display())),
+        }
+    }
+    let http = match builder.build() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let endpoint = format!("{}/v1/wpt/verify", url.trim_end_matches('/'));
+    let wit = std::sync::Arc::new(svid.wit_svid);
+    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
+        let (http, endpoint, wit, signer) = (http.clone(), endpoint.clone(), wit.clone(), signer.clone());
+        async move {
+            let request = ProofRequest {
+                wit: &wit,
+                audience: "bench",
+                lifetime: Duration::from_secs(60),
+                access_token: None,
+                txn_token: None,
+            };
+            let Ok(wpt) = sign_proof(&signer, &request, std::time::SystemTime::now()) else { return false };
+            let body = serde_json::json!({ "wit": *wit, "wpt": wpt, "audience": "bench" });
+            matches!(http.post(&endpoint).json(&body).send().await, Ok(r) if r.status().is_success())
+        }
+    })
+    .await;
+    report(
+        "POST /v1/wpt/verify (WIT + proof verify + replay check + used record; proof signing included)",
+        elapsed,
+        &mut latencies,
+        errors,
+        concurrency,
+    );
     ExitCode::SUCCESS
 }

@@ -38,7 +38,7 @@ pub struct Args {
 pub struct RequestArgs {
     #[command(flatten)]
     at: SocketAt,
-    /// x509, jwt or aws.
+    /// x509, jwt, aws or wit.
     #[arg(long)]
     kind: Option<String>,
     /// jwt: the audience.
@@ -56,7 +56,8 @@ pub struct RequestArgs {
     /// Lifetime asked for (capped by break_glass.max_ttl and the rule's @max_ttl).
     #[arg(long, default_value = "10m")]
     ttl: String,
-    /// x509: where cert.pem, key.pem (0600) and bundle.pem go; jwt: token (0600).
+    /// x509: where cert.pem, key.pem (0600) and bundle.pem go; jwt: token (0600); wit:
+    /// wit.jwt and wit-key.jwk (0600).
     #[arg(long, default_value = "break-glass")]
     out: PathBuf,
 }
@@ -215,6 +216,9 @@ async fn request(args: RequestArgs) -> ExitCode {
                 let _ = std::fs::remove_file(args.out.join("key.pem"));
                 crate::keys::write_private(&args.out.join("key.pem"), key_pem.as_bytes()).map_err(|e| e.to_string())
             })
+    } else if kind == "wit" {
+        // The WIT and its private JWK, as `mayfly wit` writes them (`mayfly wpt sign` reads them).
+        super::wit::write_wit(&args.out, &reply.token, &reply.wit_key)
     } else if kind == "aws" {
         // The credential_process format, so `credential_process = cat <file>` works too.
         let c = reply.aws.take().unwrap_or_default();

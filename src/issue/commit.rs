@@ -10,10 +10,10 @@ use super::{Ask, Authorized, IssueError, Issuer, KeySource, Lifetime, Origin};
 use crate::aws::StsSession;
 use crate::clock::unix_secs;
 use crate::identity::WorkloadId;
-use crate::keys::SecretDer;
+use crate::keys::{SecretDer, WorkloadKey};
 use crate::ledger::EventId;
 use crate::ledger::event::{AwsSessionRecord, CredentialRecord, Event, IssuedDetails};
-use crate::mint::{JwtSvid, VerifiedCsr, X509Svid};
+use crate::mint::{JwtSvid, VerifiedCsr, WitSvid, X509Svid};
 use crate::policy::{CredentialKind, JwtGrant};
 
 /// A credential whose `issued` event is durable: what the API answers with.
@@ -39,6 +39,15 @@ pub enum Credential {
     /// The token is zeroized on drop; only its jti and SHA-256 are recorded.
     Jwt(JwtSvid),
     Aws(AwsCredential),
+    Wit(WitCredential),
+}
+
+/// A WIT-SVID and the key it binds. The private JWK is zeroized when this is dropped
+/// (after the reply is written); only the key's thumbprint is recorded.
+#[derive(Debug)]
+pub struct WitCredential {
+    pub svid: WitSvid,
+    pub key: WorkloadKey,
 }
 
 #[derive(Debug)]
@@ -85,9 +94,11 @@ impl Issuer {
             Ask::X509 { key } => self.mint_x509(grants, key, &credential_id, decision_id, now)?,
             Ask::Jwt { .. } => self.mint_jwt(grants, &credential_id, decision_id, now)?,
             Ask::Aws { .. } => self.mint_aws(grants, &credential_id, decision_id, now).await?,
+            Ask::Wit => self.mint_wit(grants, &credential_id, decision_id, now)?,
         };
         let Minted { record, details: mint_details, credential } = minted;
         details.aws = mint_details.aws;
+        details.cnf_jkt = mint_details.cnf_jkt;
         let kind = record.kind.clone();
         let not_after = record.not_after;
         let mut issued = self.commit(&identity, record, details, credential, now, decision_id, elevated).await?;
@@ -218,6 +229,36 @@ impl Issuer {
             decision_id,
         };
         Ok(Minted { record, details: IssuedDetails::default(), credential: Credential::Jwt(svid) })
+    }
+
+    /// A WIT-SVID and the key pair it binds, made only now that policy allowed it. The
+    /// record keeps the jti (the credential id), the token's SHA-256 and the key's
+    /// thumbprint; never the token or the key.
+    fn mint_wit(
+        &self,
+        grants: Vec<crate::policy::Grant>,
+        credential_id: &str,
+        decision_id: EventId,
+        now: SystemTime,
+    ) -> Result<Minted, IssueError> {
+        let grant = grants.into_iter().next().ok_or(IssueError::NoEntry)?;
+        let identity = grant.identity().to_string();
+        // Why here and not earlier: a denied caller never causes a key to be made.
+        let key = WorkloadKey::generate().map_err(|e| crate::mint::MintError::KeyGeneration(e.to_string()))?;
+        // The jti is the credential id: a proof check names the credential without a lookup.
+        let svid = self.minters.wit.mint_wit(grant, &key, credential_id, now)?;
+        let record = CredentialRecord {
+            id: credential_id.to_owned(),
+            kind: CredentialKind::Wit.as_str().to_owned(),
+            identity,
+            serial: svid.jti.clone(),
+            fingerprint: svid.fingerprint.clone(),
+            not_before: unix_secs(svid.not_before),
+            not_after: unix_secs(svid.not_after),
+            decision_id,
+        };
+        let details = IssuedDetails { cnf_jkt: Some(svid.key_thumbprint.clone()), ..IssuedDetails::default() };
+        Ok(Minted { record, details, credential: Credential::Wit(WitCredential { svid, key }) })
     }
 
     /// Asks STS for the session the grant describes: the record keeps the access key id,

@@ -40,6 +40,14 @@ const AWS_RULE: &str = r#"
     when { principal.attestation == "unix" };
 "#;
 
+/// WIT-SVIDs for the (production) test identity, 20 min at most.
+const WIT_RULE: &str = r#"
+    @id("api-wit")
+    @max_ttl("20m")
+    permit (principal, action == Mayfly::Action::"issue_wit", resource == Mayfly::CredentialKind::"wit")
+    when { principal.attestation == "unix" };
+"#;
+
 const REPORTS_ROLE: &str = "arn:aws:iam::111122223333:role/api-reports-read";
 
 fn release(extra: &[(&str, Option<&str>)]) -> Release {
@@ -49,6 +57,7 @@ fn release(extra: &[(&str, Option<&str>)]) -> Release {
         ("tests/ci.toml", None),
         ("issuance/jwt-test.cedar", Some(JWT_RULE)),
         ("issuance/aws-test.cedar", Some(AWS_RULE)),
+        ("issuance/wit-test.cedar", Some(WIT_RULE)),
     ];
     files.extend_from_slice(extra);
     let files = crate::policy::shipped_files_with(&files);
@@ -173,6 +182,7 @@ async fn a_failed_attestation_is_a_recorded_refusal_without_a_request() {
                 .unwrap(),
             ))),
             jwt: t.jwt.clone(),
+            wit: t.wit.clone(),
             aws: None,
         },
         ledger: t.ledger.clone(),
@@ -228,6 +238,50 @@ async fn a_server_made_key_is_made_only_after_an_allow_and_matches_the_certifica
 
     let stranger = issuer(&["unix:uid:4242"], None).await;
     assert!(matches!(stranger.issuer.issue(Caller::Local(&local()), server_made()).await, Err(IssueError::NoEntry)));
+}
+
+fn wit(ttl: &str) -> IssueRequest {
+    IssueRequest { ask: Ask::Wit, ttl: Ttl::parse(ttl).unwrap(), spiffe_id: None, origin: Origin::default() }
+}
+
+#[tokio::test]
+async fn a_wit_binds_a_key_made_after_the_allow_and_only_its_thumbprint_is_recorded() {
+    let t = issuer(&["unix:uid:1001"], None).await;
+    let issued = t.issuer.issue(Caller::Local(&local()), wit("1h")).await.unwrap();
+    let Credential::Wit(w) = &issued.credential else { panic!("wit") };
+    assert_eq!(unix_secs(w.svid.not_after) - unix_secs(w.svid.not_before), 1200, "clamped to api-wit's 20 min");
+    assert_eq!(kinds(&t), ["decision", "issued"]);
+    assert_eq!(
+        (decision(&t, 0).action.as_str(), decision(&t, 0).rules.clone()),
+        ("issue_wit", vec!["api-wit".to_owned()])
+    );
+    // The token verifies with the WIT key, names the credential and binds the handed-out key.
+    let checked = t.wit.validate_wit(w.svid.token.expose(), t.clock.now()).unwrap();
+    assert_eq!(
+        (checked.identity.as_str(), checked.jti.as_str()),
+        ("spiffe://mayfly.local/api", issued.credential_id.as_str())
+    );
+    assert_eq!(checked.cnf.thumbprint, w.key.thumbprint);
+    let signer = crate::keys::ProofSigner::from_private_jwk(w.key.private_jwk().expose()).unwrap();
+    assert_eq!(crate::keys::ec_thumbprint(&signer.x, &signer.y), w.key.thumbprint);
+    // The record: kind, jti, the token's hash, the key's thumbprint — never the token or key.
+    let creds = t.backend.credentials();
+    assert_eq!((creds[0].1.kind.as_str(), creds[0].1.serial.as_str()), ("wit", issued.credential_id.as_str()));
+    let Event::Issued(record) = t.backend.events()[1].event().unwrap() else { panic!("issued") };
+    assert_eq!(record.details.cnf_jkt.as_deref(), Some(w.key.thumbprint.as_str()));
+    let d: serde_json::Value = serde_json::from_str(w.key.private_jwk().expose()).unwrap();
+    let bodies: String = t.backend.events().iter().map(|e| e.body.clone()).collect();
+    assert!(!bodies.contains(d["d"].as_str().unwrap()) && !bodies.contains(w.svid.token.expose()));
+    assert!(!format!("{issued:?}").contains(d["d"].as_str().unwrap()), "Debug shows no key");
+}
+
+#[tokio::test]
+async fn a_denied_wit_request_is_recorded_and_nothing_is_issued() {
+    let t = issuer(&["unix:uid:1001"], None).await;
+    let err = t.issuer.issue(Caller::Local(&local()), wit("13h")).await.unwrap_err();
+    assert!(matches!(&err, IssueError::Denied { rules, .. } if rules == &["forbid-ttl-over-12h"]), "{err:?}");
+    assert_eq!(kinds(&t), ["decision"]);
+    assert!(t.backend.credentials().is_empty());
 }
 
 #[tokio::test]
@@ -501,6 +555,7 @@ async fn a_daemon_whose_view_of_shared_state_is_stale_refuses_and_issues_nothing
                 .unwrap(),
             ))),
             jwt: t.jwt.clone(),
+            wit: t.wit.clone(),
             aws: None,
         },
         ledger: t.ledger.clone(),

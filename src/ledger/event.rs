@@ -320,6 +320,7 @@ pub struct RequestRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ResourceRecord {
     X509,
+    Wit,
     Jwt { audience: String },
     Aws { role: String },
 }
@@ -350,6 +351,9 @@ pub struct IssuedDetails {
     pub request: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<Operator>,
+    /// A WIT-SVID: the RFC 7638 thumbprint of the key it binds (`cnf.jwk`), never the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf_jkt: Option<String>,
     #[serde(flatten)]
     pub aws: AwsSessionRecord,
 }
@@ -397,6 +401,9 @@ pub struct Used {
     /// Why the use was refused although the token verified (`revoked`).
     pub refused: Option<String>,
     pub break_glass: bool,
+    /// A WIT-SVID's proof of possession: the accepted Workload Proof Token's `jti`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proof_jti: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -745,6 +752,9 @@ pub struct DaemonStarted {
     pub inventory_entries: usize,
     pub ca_sha256: String,
     pub jwt_kid: String,
+    /// The WIT-SVID signing key's kid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wit_kid: Option<String>,
     pub listen: Option<String>,
     pub jwt_issuer: Option<String>,
     pub oidc_issuers: Vec<String>,

@@ -44,6 +44,8 @@ pub struct KeyWatch {
     jwt_refused: Option<Vec<u8>>,
     /// The certificate file content last refused, so a bad file is reported once.
     refused: Option<Vec<u8>>,
+    /// Kids of other signers (the WIT key): a JWT key file holding one of them is refused.
+    reserved_kids: Vec<String>,
 }
 
 impl KeyWatch {
@@ -58,7 +60,25 @@ impl KeyWatch {
         clock: Arc<dyn Clock>,
         longest_ttl: std::time::Duration,
     ) -> Self {
-        Self { files, minter, jwt_file, jwt, publisher, ledger, clock, longest_ttl, jwt_refused: None, refused: None }
+        Self {
+            files,
+            minter,
+            jwt_file,
+            jwt,
+            publisher,
+            ledger,
+            clock,
+            longest_ttl,
+            jwt_refused: None,
+            refused: None,
+            reserved_kids: Vec::new(),
+        }
+    }
+
+    /// Kids no JWT key may have (another signer's): such a key file is refused.
+    pub fn with_reserved_kids(mut self, kids: Vec<String>) -> Self {
+        self.reserved_kids = kids;
+        self
     }
 
     /// Checks the files every `every` until the daemon stops; a reload checks at once
@@ -102,7 +122,17 @@ impl KeyWatch {
             return KeyFile::Refused("the file was refused before and has not changed".into());
         }
         let from = self.jwt.active_kid();
-        let next = match JwtKey::load(path) {
+        let loaded = JwtKey::load(path).and_then(|k| {
+            if self.reserved_kids.iter().any(|r| r == k.kid()) {
+                return Err(crate::keys::KeyError::Parse {
+                    path: path.into(),
+                    what: "JWT signing key",
+                    why: "it is the WIT-SVID key; JWT-SVIDs need a key of their own".into(),
+                });
+            }
+            Ok(k)
+        });
+        let next = match loaded {
             Ok(k) if k.kid() == from => return KeyFile::Unchanged,
             Ok(k) => k,
             Err(e) => {

@@ -26,7 +26,7 @@ pub struct Case {
     /// The SPIFFE ID the caller asks for (as `spiffe_id` in a request). Absent: whichever
     /// inventory entry the selectors match.
     pub identity: Option<String>,
-    /// `issue_x509`, `issue_jwt` or `issue_aws`.
+    /// `issue_x509`, `issue_jwt`, `issue_aws` or `issue_wit`.
     pub action: String,
     /// The JWT audience (`issue_jwt`).
     pub audience: Option<String>,
@@ -89,13 +89,15 @@ pub fn run_all(engine: &Engine, inventory: &Inventory, files: &PolicyFiles, defa
 }
 
 fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: SystemTime) -> Result<(), String> {
-    let kind = CredentialKind::from_action(&case.action)
-        .ok_or_else(|| format!("unknown action `{}` (known: issue_x509, issue_jwt, issue_aws)", case.action))?;
+    let kind = CredentialKind::from_action(&case.action).ok_or_else(|| {
+        format!("unknown action `{}` (known: issue_x509, issue_jwt, issue_aws, issue_wit)", case.action)
+    })?;
     let resource = match (kind, &case.audience, &case.role) {
         (CredentialKind::X509, None, None) => Resource::X509,
+        (CredentialKind::Wit, None, None) => Resource::Wit,
         (CredentialKind::Jwt, Some(audience), None) => Resource::Jwt { audience: audience.clone() },
         (CredentialKind::Aws, None, Some(role)) => Resource::Aws { role: AwsRole::parse(role)? },
-        _ => return Err("issue_jwt needs `audience`, issue_aws needs `role`, issue_x509 neither".into()),
+        _ => return Err("issue_jwt needs `audience`, issue_aws needs `role`, issue_x509 and issue_wit neither".into()),
     };
     let requested_ttl = Ttl::parse(&case.ttl).map_err(|e| format!("ttl: {e}"))?;
     let mut selectors = case

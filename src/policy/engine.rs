@@ -449,6 +449,7 @@ impl Engine {
         let action = uid(ACTION_TYPE, &format!("issue_{}", req.resource.kind().as_str()))?;
         let (resource, resource_attrs) = match req.resource {
             Resource::X509 => (uid(KIND_TYPE, "x509")?, HashMap::new()),
+            Resource::Wit => (uid(KIND_TYPE, "wit")?, HashMap::new()),
             Resource::Jwt { audience } => (uid(AUDIENCE_TYPE, audience)?, HashMap::new()),
             Resource::Aws { role } => (
                 uid(ROLE_TYPE, &role.arn)?,

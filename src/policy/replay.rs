@@ -114,6 +114,7 @@ pub fn from_decision(d: &event::Decision, seq: i64, at: SystemTime) -> Result<Re
         .iter()
         .map(|r| match r {
             ResourceRecord::X509 => Ok(Resource::X509),
+            ResourceRecord::Wit => Ok(Resource::Wit),
             ResourceRecord::Jwt { audience } => Ok(Resource::Jwt { audience: audience.clone() }),
             ResourceRecord::Aws { role } => AwsRole::parse(role).map(|role| Resource::Aws { role }),
         })

@@ -1,4 +1,4 @@
-//! What relying parties trust, published: CA certificates, the JWKS, and a CRL per CA
+//! What relying parties trust, published: CA certificates, the JWKS, the WIT keys, and a CRL per CA
 //! listing revoked SVIDs — re-signed on every revocation that changes it, on every key
 //! change, and at least hourly. Every bundle stream (Workload API, HTTPS) follows the
 //! watch channel.
@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::Revocations;
 use crate::clock::Clock;
 use crate::mint::rotation::Republish;
-use crate::mint::{JwtMinter, Minter, TrustBundle};
+use crate::mint::{JwtMinter, Minter, TrustBundle, WitMinter};
 
 /// A CRL older than this is re-signed even without a change (its validity is a day).
 const CRL_REFRESH: Duration = Duration::from_secs(3600);
@@ -19,6 +19,7 @@ const CRL_REFRESH: Duration = Duration::from_secs(3600);
 pub struct BundlePublisher {
     x509: Arc<dyn Minter>,
     jwt: Arc<dyn JwtMinter>,
+    wit: Arc<dyn WitMinter>,
     revocations: Arc<Revocations>,
     clock: Arc<dyn Clock>,
     bundles: watch::Sender<Arc<TrustBundle>>,
@@ -38,14 +39,16 @@ impl BundlePublisher {
     pub fn new(
         x509: Arc<dyn Minter>,
         jwt: Arc<dyn JwtMinter>,
+        wit: Arc<dyn WitMinter>,
         revocations: Arc<Revocations>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         let now = clock.now();
-        let empty = TrustBundle { x509: vec![], jwks: jwt.jwks(), crls: vec![] };
+        let empty = TrustBundle { x509: vec![], jwks: jwt.jwks(), wit_jwks: wit.wit_jwks(), crls: vec![] };
         let me = Self {
             x509,
             jwt,
+            wit,
             revocations,
             clock,
             bundles: watch::Sender::new(Arc::new(empty)),
@@ -104,7 +107,12 @@ impl BundlePublisher {
         };
         *lock(&self.crl_made) = now;
         *lock(&self.crl_entries) = entries;
-        self.bundles.send_replace(Arc::new(TrustBundle { x509: self.x509.x509_bundle(), jwks: self.jwt.jwks(), crls }));
+        self.bundles.send_replace(Arc::new(TrustBundle {
+            x509: self.x509.x509_bundle(),
+            jwks: self.jwt.jwks(),
+            wit_jwks: self.wit.wit_jwks(),
+            crls,
+        }));
     }
 }
 
