@@ -205,11 +205,11 @@ check "serve presents the first certificate" bash -c "[ \"\$($(declare -f served
 check "clients find the sockets through MAYFLY_CONFIG" env MAYFLY_CONFIG="$srv/mayfly.toml" "$bin" policy status
 check "x509 through --config"             "$bin" x509 --config "$srv/mayfly.toml" --out "$srv/c0"
 
-load() { # seconds, out-file: issuances and HTTPS fetches back to back; one line per failure
+load() { # seconds, out-file: issuances (into out-file.dir, its own) and HTTPS fetches back to back; one line per failure
   local until=$((SECONDS + $1)) n=0
   : >"$2"
   while [ $SECONDS -lt $until ]; do
-    "$bin" x509 --socket "$srv/w.sock" --out "$srv/load" >/dev/null 2>>"$2.err" || echo "x509 failed" >>"$2"
+    "$bin" x509 --socket "$srv/w.sock" --out "$2.dir" >/dev/null 2>>"$2.err" || echo "x509 failed" >>"$2"
     curl -sf --cacert "$srv/ca.pem" -o /dev/null "https://127.0.0.1:$sport/.well-known/jwks.json" || echo "https failed" >>"$2"
     n=$((n + 2))
   done
