@@ -102,6 +102,11 @@ enum Command {
         /// several daemons; this daemon's chain is named after its socket path).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// Publish signed checkpoints of the ledger to this file (outside the data dir)
+        /// every 5 s and at shutdown; the signing key is generated in the data dir, its
+        /// public half written beside the file as PATH.pub.
+        #[arg(long, value_name = "PATH")]
+        checkpoint_file: Option<PathBuf>,
         /// Telemetry listener (plain HTTP: /metrics, /healthz, /readyz): `HOST:PORT`, or a
         /// port on 127.0.0.1. Off unless given.
         #[arg(long, value_name = "ADDR")]
@@ -197,6 +202,7 @@ pub fn main() -> ExitCode {
                 oidc_issuers,
                 aws_endpoint,
                 postgres,
+                checkpoint_file,
                 telemetry,
                 log,
             } => {
@@ -206,6 +212,7 @@ pub fn main() -> ExitCode {
                     aws_endpoint,
                     telemetry,
                     postgres,
+                    checkpoint_file,
                 };
                 match Config::dev(data_dir, policies, socket, admin_socket, net) {
                     Ok(config) => run_daemon(config, log, true).await,

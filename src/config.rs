@@ -231,6 +231,15 @@ pub struct RawLedger {
     pub chain: Option<String>,
     /// PostgreSQL: refuse issuance when the view of the shared state is older than this.
     pub max_staleness: Option<String>,
+    /// Signed checkpoints of this daemon's chain: the latest in this file (outside the data
+    /// directory), replaced every `checkpoint_interval` and at shutdown.
+    pub checkpoint_file: Option<PathBuf>,
+    /// Their Ed25519 signing key (PKCS#8 PEM); default `<data_dir>/checkpoint-key.pem`,
+    /// generated when missing.
+    pub checkpoint_key: Option<PathBuf>,
+    pub checkpoint_interval: Option<String>,
+    /// Each checkpoint is also POSTed here as JSON (a witness off the box).
+    pub checkpoint_webhook: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -328,6 +337,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// The file this was read from (a reload reads it again); `None` for `mayfly dev`.
     pub file: Option<PathBuf>,
+    /// Signed checkpoints of the ledger (`[ledger] checkpoint_*`); `None`: not published.
+    pub checkpoint: Option<crate::ledger::checkpoint::CheckpointSettings>,
 }
 
 pub const DEV_TRUST_DOMAIN: &str = "mayfly.local";
@@ -372,14 +383,18 @@ impl Config {
             ca: Some(RawCa { generate: Some(true), ..RawCa::default() }),
             data_dir: Some(data_dir),
             policy: RawPolicy { poll_interval: Some("2s".into()), ..RawPolicy::default() },
-            ledger: match &dev_net.postgres {
-                Some(url) => RawLedger {
-                    backend: Some("postgres".into()),
-                    url: Some(url.clone()),
-                    chain: Some(dev_chain(&socket)),
-                    ..RawLedger::default()
-                },
-                None => RawLedger::default(),
+            ledger: RawLedger {
+                checkpoint_interval: dev_net.checkpoint_file.as_ref().map(|_| "5s".into()),
+                checkpoint_file: dev_net.checkpoint_file.clone(),
+                ..match &dev_net.postgres {
+                    Some(url) => RawLedger {
+                        backend: Some("postgres".into()),
+                        url: Some(url.clone()),
+                        chain: Some(dev_chain(&socket)),
+                        ..RawLedger::default()
+                    },
+                    None => RawLedger::default(),
+                }
             },
             workload_api: RawWorkloadApi { socket: Some(socket), ..RawWorkloadApi::default() },
             admin: RawAdmin { socket: Some(admin_socket), owner_uid: None },
@@ -419,6 +434,8 @@ pub struct DevNet {
     pub telemetry: Option<String>,
     /// The ledger in this PostgreSQL database, on a chain named after the socket path.
     pub postgres: Option<String>,
+    /// Signed checkpoints of the ledger in this file (outside the data directory).
+    pub checkpoint_file: Option<PathBuf>,
 }
 
 /// `mayfly dev`'s chain in a shared ledger: `dev-` and a digest of its socket's absolute
@@ -533,6 +550,7 @@ impl Config {
             }
             (None, _) => String::new(),
         };
+        let checkpoint = checkpoint_settings(&raw.ledger, &data_dir)?;
         let busy = duration("ledger.busy_timeout", raw.ledger.busy_timeout, "5s")?;
         let ledger_max_batch = raw.ledger.max_batch.unwrap_or(256);
         if !(1..=4096).contains(&ledger_max_batch) {
@@ -765,8 +783,62 @@ impl Config {
             aws,
             telemetry,
             file: None,
+            checkpoint,
         })
     }
+}
+
+/// `[ledger] checkpoint_*`: the file must be outside the data directory (whoever can
+/// rewrite the ledger there must not also be able to rewrite what pins it).
+fn checkpoint_settings(
+    raw: &RawLedger,
+    data_dir: &Path,
+) -> Result<Option<crate::ledger::checkpoint::CheckpointSettings>, ConfigError> {
+    let Some(file) = &raw.checkpoint_file else {
+        for (set, name) in [
+            (raw.checkpoint_key.is_some(), "ledger.checkpoint_key"),
+            (raw.checkpoint_interval.is_some(), "ledger.checkpoint_interval"),
+            (raw.checkpoint_webhook.is_some(), "ledger.checkpoint_webhook"),
+        ] {
+            if set {
+                return Err(key(name)("only with `checkpoint_file`".into()));
+            }
+        }
+        return Ok(None);
+    };
+    let resolve = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        // Why canonicalize the parent: a symlinked directory must not hide that the file
+        // is inside the data directory.
+        match (p.parent().and_then(|d| d.canonicalize().ok()), p.file_name()) {
+            (Some(dir), Some(name)) => dir.join(name),
+            _ => p,
+        }
+    };
+    let data = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let data = data.canonicalize().unwrap_or(data);
+    if resolve(file).starts_with(&data) {
+        return Err(key("ledger.checkpoint_file")(format!(
+            "`{}` is inside the data directory `{}`; keep checkpoints where whoever can rewrite the ledger cannot",
+            file.display(),
+            data_dir.display()
+        )));
+    }
+    let interval = Ttl::parse(raw.checkpoint_interval.as_deref().unwrap_or("60s"))
+        .map_err(|e| key("ledger.checkpoint_interval")(e.to_string()))?
+        .as_duration();
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&interval) {
+        return Err(key("ledger.checkpoint_interval")("must be 1s..=24h".into()));
+    }
+    if let Some(url) = &raw.checkpoint_webhook {
+        crate::attest::oidc::check_fetch_url(url).map_err(|e| key("ledger.checkpoint_webhook")(e.to_string()))?;
+    }
+    Ok(Some(crate::ledger::checkpoint::CheckpointSettings {
+        file: file.clone(),
+        key: raw.checkpoint_key.clone().unwrap_or_else(|| data_dir.join("checkpoint-key.pem")),
+        interval,
+        webhook: raw.checkpoint_webhook.clone(),
+    }))
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError};
+use crate::ledger::checkpoint::{CheckpointError, Checkpointer};
 use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
 use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
 use crate::mint::aws::AwsMinter;
@@ -77,6 +78,8 @@ pub enum DaemonError {
     Oidc(String),
     #[error("break_glass.webhook: {0}")]
     Webhook(String),
+    #[error("checkpoints: {0}")]
+    Checkpoint(#[from] CheckpointError),
 }
 
 /// The AWS revocation denies are checked for removal this often.
@@ -120,6 +123,8 @@ pub struct Daemon {
     reloads: (mpsc::Sender<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>, ReloadRequests),
     /// Several daemons share the ledger.
     cluster: Option<Cluster>,
+    /// Publishes signed checkpoints of this daemon's chain.
+    checkpointer: Option<Arc<tokio::sync::Mutex<Checkpointer>>>,
 }
 
 type ReloadRequests = mpsc::Receiver<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>;
@@ -178,6 +183,23 @@ impl Daemon {
                 why: format!("chown to uid {uid} (admin.owner_uid): {e}"),
             })?;
         }
+        // Why before anything is recorded: a ledger cut or rewritten behind the daemon's back
+        // must not be extended (and so laundered) by it.
+        let checkpointer = match &config.checkpoint {
+            Some(settings) => {
+                let sink = settings
+                    .webhook
+                    .as_ref()
+                    .map(|url| WebhookSink::new(url.clone(), 3).map(|s| Arc::new(s) as Arc<dyn ElevatedSink>))
+                    .transpose()
+                    .map_err(CheckpointError::Sink)?;
+                let trust_domain = config.trust_domain.to_string();
+                let c =
+                    Checkpointer::start(reader.clone(), &trust_domain, &config.ledger.chain, settings, sink).await?;
+                Some(Arc::new(tokio::sync::Mutex::new(c)))
+            }
+            None => None,
+        };
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let last_policy_change = match &cluster {
             Some(c) => c.last_policy_change(reader.as_ref()).await.map_err(ledger_err)?,
@@ -342,6 +364,7 @@ impl Daemon {
             oidc,
             reloads: mpsc::channel(4),
             cluster,
+            checkpointer,
         })
     }
 
@@ -397,6 +420,7 @@ impl Daemon {
             oidc,
             reloads,
             cluster,
+            checkpointer,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
@@ -520,6 +544,9 @@ impl Daemon {
         };
         let (_, reload_requests) = reloads;
         tasks.spawn("reloads", reloader.run(reload_requests, tasks.stop()));
+        if let (Some(c), Some(settings)) = (&checkpointer, &config.checkpoint) {
+            tasks.spawn("checkpoints", ok(Checkpointer::run(c.clone(), settings.interval, tasks.stop())));
+        }
         tasks.spawn("CRL publisher", ok(publisher.clone().follow_revocations(tasks.stop())));
         let expiry =
             ExpirySweep::new(as_ledger.clone(), reader.clone(), revocations.clone(), emergency.clone(), clock.clone());
@@ -586,6 +613,14 @@ impl Daemon {
         drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger, reader));
         drop(ledger);
         let _ = writer.await;
+        // The final checkpoint covers the `stopped` event: nothing may follow it until the
+        // next start.
+        if let Some(c) = &checkpointer {
+            match c.lock().await.publish(true).await {
+                Ok(size) => tracing::info!(size, "final checkpoint published"),
+                Err(e) => tracing::error!(error = %e, "the final checkpoint failed"),
+            }
+        }
         telemetry_stop.send_replace(true);
         if let Some(task) = telemetry_task {
             let _ = task.await;

@@ -8,11 +8,13 @@
 //! its file names: callers name a `Location`. Never holds secrets: serials, fingerprints
 //! and ids only.
 
+pub mod checkpoint;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod event;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
+pub mod merkle;
 pub mod postgres;
 pub mod sqlite;
 

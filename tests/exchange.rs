@@ -428,9 +428,7 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
         mayfly::config::DevNet {
             listen: Some("127.0.0.1:0".into()),
             oidc_issuers: vec![issuer.url.clone()],
-            aws_endpoint: None,
-            telemetry: None,
-            postgres: None,
+            ..mayfly::config::DevNet::default()
         },
     )
     .unwrap();

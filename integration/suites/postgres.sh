@@ -78,7 +78,10 @@ backend = "postgres"
 url_file = "$work/pg.url"
 chain = "daemon-$d"
 max_staleness = "3s"
+checkpoint_file = "$pg/$d/witness/checkpoint"
+checkpoint_interval = "1s"
 TOML
+  mkdir -p "$pg/$d/witness"
 done
 
 stop_pid_clean() { # pid: SIGTERM, and the daemon's exit status
@@ -135,8 +138,9 @@ exchange_on() { # daemon, token, expected HTTP status
 }
 
 for d in a b c; do start_node "$d" || exit 1; done
-chains=$(psqlq "SELECT string_agg(DISTINCT chain, ',' ORDER BY chain) FROM events")
-check "three daemons on one PostgreSQL, each on its own chain" test "$chains" = daemon-a,daemon-b,daemon-c
+three_chains() { [ "$(psqlq "SELECT string_agg(DISTINCT chain, ',' ORDER BY chain) FROM events")" = daemon-a,daemon-b,daemon-c ]; }
+# Why wait: a daemon's socket is bound before it records its start.
+check "three daemons on one PostgreSQL, each on its own chain" wait_until three_chains
 check "a second daemon on a running daemon's chain is refused" refused_with "in use by another running daemon" \
   "$bin" serve --config <(sed -e "s#$pg/c/#$pg/c2/#g" -e "s/${port[c]}/$(free_port)/g" -e 's/chain = "daemon-c"/chain = "daemon-a"/' "$pg/c/mayfly.toml")
 check "A issues a certificate"                   x509_on a first
@@ -229,6 +233,9 @@ check "kill -9 of C under load: all $received received certificates are on recor
 check "A stops cleanly"                          stop_pid_clean "$pid_a"
 check "B stops cleanly"                          stop_pid_clean "$pid_b"
 check "audit verify passes over every chain"     bash -c "'$bin' audit verify --ledger '$pg_url' | tee /dev/stderr | grep -q 'hash chain and credential table intact'"
+checkpoints=(--checkpoint "$pg/a/witness/checkpoint" --checkpoint "$pg/b/witness/checkpoint" --checkpoint "$pg/c/witness/checkpoint")
+check "each daemon's signed checkpoint covers its chain" bash -c "'$bin' audit verify --ledger '$pg_url' ${checkpoints[*]} | tee /dev/stderr | grep -c 'match the signed root' | grep -qx 3"
+check "A's and B's are final, C's (killed) is not" bash -c "grep -qx mayfly-final '$pg/a/witness/checkpoint' && grep -qx mayfly-final '$pg/b/witness/checkpoint' && ! grep -q mayfly-final '$pg/c/witness/checkpoint'"
 
 # An SQLite ledger of one daemon migrated in: its chain intact, and it verifies.
 mkdir -p "$pg/lite"; chmod 700 "$pg/lite"
@@ -238,3 +245,12 @@ stop_daemon >/dev/null
 check "mayfly ledger migrate --from sqlite --to postgres" "$bin" ledger migrate --from "sqlite:$pg/lite/data/ledger.db" --to "$pg_url" --chain migrated-lite
 check "the migrated chain is there, event for event" bash -c "[ \"\$(psql '$pg_url' -Atq -c \"SELECT count(*) FROM events WHERE chain = 'migrated-lite'\")\" = \"\$(sqlite3 '$pg/lite/data/ledger.db' 'SELECT count(*) FROM events')\" ]"
 check "audit verify passes with it"              "$bin" audit verify --ledger "$pg_url"
+
+# A dropped tail on one daemon's chain: the chains alone still verify; B's checkpoint does
+# not, and B refuses to start on it.
+psqlq "WITH tail AS (SELECT seq FROM events WHERE chain = 'daemon-b' ORDER BY seq DESC LIMIT 3)
+       DELETE FROM credentials WHERE chain = 'daemon-b' AND issued_event IN (SELECT seq FROM tail)" >/dev/null
+psqlq "DELETE FROM events WHERE chain = 'daemon-b' AND seq > (SELECT max(seq) - 3 FROM events WHERE chain = 'daemon-b')" >/dev/null
+check "B's tail dropped: the chains alone still verify" "$bin" audit verify --ledger "$pg_url"
+check "…B's checkpoint catches it, naming the chain" refused_with "FAILED against checkpoint \`$pg/b/witness/checkpoint\`" "$bin" audit verify --ledger "$pg_url" "${checkpoints[@]}"
+check "…and B refuses to start on it"           refused_with "does not extend its last checkpoint" timeout 30 "$bin" serve --config "$pg/b/mayfly.toml"

@@ -1,14 +1,17 @@
-//! `mayfly audit tail|trace|verify`: read the ledger (read-only), found the way every
+//! `mayfly audit tail|trace|verify|prove`: read the ledger (read-only), found the way every
 //! command finds it (`--ledger`, `--data-dir`, `--config`).
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::Value;
 
 use super::{LedgerAt, fail};
+use crate::ledger::checkpoint::{ChainTree, Checkpoint, CheckpointSettings, Mismatch, check_prefix};
 use crate::ledger::event::{Event, Stage};
-use crate::ledger::{EventFilter, StoredEvent};
+use crate::ledger::{CredentialFilter, EventFilter, LedgerRead, StoredEvent};
+use crate::policy::bundle::PublicKey;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -39,13 +42,38 @@ pub enum Command {
         json: bool,
     },
     /// Check the whole hash chain and the credential table; exit 1 naming the first bad event.
+    /// With `--checkpoint`, also that the ledger holds, unchanged, every event a signed
+    /// checkpoint covers (truncation and rewrites with recomputed hashes included).
     #[command(after_help = "Example:\n  mayfly audit verify --data-dir /var/lib/mayfly --json")]
     Verify {
         #[command(flatten)]
         at: LedgerAt,
-        /// One JSON object: ledger, ok, events, error.
+        /// One JSON object: ledger, ok, events, error, checkpoints [{file, ok, detail}].
         #[arg(long)]
         json: bool,
+        /// A signed checkpoint (`[ledger] checkpoint_file`); repeatable, one per daemon chain.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Vec<PathBuf>,
+        /// The checkpoints' Ed25519 public key (PEM) [default: FILE.pub beside each
+        /// checkpoint]. Pin it: a key read from beside the file is only as safe as the file.
+        #[arg(long, value_name = "PUB")]
+        checkpoint_key: Option<PathBuf>,
+    },
+    /// Print, as JSON, an inclusion proof of a credential's `issued` event in the Merkle
+    /// tree a signed checkpoint pins: the event, its leaf index, the audit path and the
+    /// checkpoint, for a verifier that trusts only the checkpoint's key (e.g.
+    /// integration/verify_proof.py).
+    Prove {
+        /// The credential's id (`mayfly credentials list`, `audit trace`).
+        credential_id: String,
+        #[command(flatten)]
+        at: LedgerAt,
+        /// The signed checkpoint to prove against.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: PathBuf,
+        /// Its public key [default: FILE.pub].
+        #[arg(long, value_name = "PUB")]
+        checkpoint_key: Option<PathBuf>,
     },
 }
 
@@ -82,7 +110,7 @@ pub async fn run(command: Command) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Verify { at, json } => {
+        Command::Verify { at, json, checkpoint, checkpoint_key } => {
             let (location, reader) = match at.open().await {
                 Ok(opened) => opened,
                 Err(e) if json => {
@@ -92,28 +120,155 @@ pub async fn run(command: Command) -> ExitCode {
                 Err(e) => return fail(e),
             };
             let verified = crate::ledger::verify(reader.as_ref()).await;
+            let mut checks = Vec::new();
+            if verified.is_ok() {
+                for file in &checkpoint {
+                    checks.push((file, against_checkpoint(reader.as_ref(), file, checkpoint_key.as_deref()).await));
+                }
+            }
+            let ok = verified.is_ok() && checks.iter().all(|(_, r)| r.is_ok());
             if json {
-                let (ok, events, error) = match &verified {
-                    Ok(n) => (true, Some(*n), None),
-                    Err(why) => (false, None, Some(why.to_string())),
+                let (events, error) = match &verified {
+                    Ok(n) => (Some(*n), None),
+                    Err(why) => (None, Some(why.to_string())),
                 };
-                let doc =
-                    serde_json::json!({ "ledger": location.to_string(), "ok": ok, "events": events, "error": error });
+                let checkpoints: Vec<_> = checks
+                    .iter()
+                    .map(|(file, r)| {
+                        let (ok, detail) = match r {
+                            Ok(line) => (true, line.clone()),
+                            Err(why) => (false, why.to_string()),
+                        };
+                        serde_json::json!({ "file": file.display().to_string(), "ok": ok, "detail": detail })
+                    })
+                    .collect();
+                let doc = serde_json::json!({
+                    "ledger": location.to_string(), "ok": ok, "events": events, "error": error,
+                    "checkpoints": checkpoints,
+                });
                 out!("{doc}");
                 return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
             }
             match verified {
-                Ok(n) => {
-                    out!("ledger `{location}`: {n} events, hash chain and credential table intact");
-                    ExitCode::SUCCESS
-                }
+                Ok(n) => out!("ledger `{location}`: {n} events, hash chain and credential table intact"),
                 Err(why) => {
                     eprintln!("ledger `{location}`: FAILED: {why}");
-                    ExitCode::FAILURE
+                    return ExitCode::FAILURE;
                 }
+            }
+            for (file, result) in &checks {
+                match result {
+                    Ok(line) => out!("{line}"),
+                    Err(why) => eprintln!("ledger `{location}`: FAILED against checkpoint `{}`: {why}", file.display()),
+                }
+            }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Prove { credential_id, at, checkpoint, checkpoint_key } => {
+            match prove(&at, &credential_id, &checkpoint, checkpoint_key.as_deref()).await {
+                Ok(proof) => {
+                    out!("{proof}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
         }
     }
+}
+
+/// A checkpoint and the key it must be signed with (`--checkpoint-key`, else `FILE.pub`).
+fn read_checkpoint(file: &Path, key: Option<&Path>) -> Result<(Checkpoint, String), String> {
+    let key_file = key.map_or_else(|| CheckpointSettings::public_key_file(file), Path::to_path_buf);
+    let key = PublicKey::load(&key_file).map_err(|e| e.to_string())?;
+    let note = std::fs::read_to_string(file).map_err(|e| format!("`{}`: {e}", file.display()))?;
+    let checkpoint = Checkpoint::open(&note, &key).map_err(|e| e.to_string())?;
+    Ok((checkpoint, note))
+}
+
+/// `audit verify --checkpoint`: the checkpoint's chain holds its events unchanged, and
+/// nothing follows a final checkpoint.
+async fn against_checkpoint(reader: &dyn LedgerRead, file: &Path, key: Option<&Path>) -> Result<String, String> {
+    let (checkpoint, _) = read_checkpoint(file, key)?;
+    let chain = checkpoint.chain().map_err(|e| e.to_string())?;
+    let mut tree = ChainTree::new(&chain);
+    check_prefix(reader, &mut tree, &checkpoint).await.map_err(|e| e.to_string())?.map_err(|m| m.to_string())?;
+    tree.extend(reader, None).await.map_err(|e| e.to_string())?;
+    let after = tree.size() - checkpoint.size;
+    if checkpoint.is_final() && after > 0 {
+        return Err(Mismatch::AfterFinal { size: checkpoint.size, after }.to_string());
+    }
+    let name = if chain.is_empty() { "the chain".to_owned() } else { format!("chain `{chain}`") };
+    Ok(format!(
+        "checkpoint `{}` ({}): {name}'s first {} events match the signed root{}",
+        file.display(),
+        checkpoint.origin,
+        checkpoint.size,
+        match (checkpoint.is_final(), after) {
+            (true, _) => ", and nothing follows the daemon's final checkpoint".to_owned(),
+            (false, 0) => String::new(),
+            (false, n) => format!("; {n} later events are not covered by it yet"),
+        }
+    ))
+}
+
+/// `audit prove`: the credential's `issued` event, its leaf index and audit path in the
+/// tree the checkpoint signs, as one JSON object.
+async fn prove(at: &LedgerAt, id: &str, file: &Path, key: Option<&Path>) -> Result<String, String> {
+    let (checkpoint, note) = read_checkpoint(file, key)?;
+    let chain = checkpoint.chain().map_err(|e| e.to_string())?;
+    let (_, reader) = at.open().await?;
+    let row = reader
+        .credentials(CredentialFilter::All)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|r| r.credential.id == id)
+        .ok_or_else(|| format!("no credential `{id}` in the ledger"))?;
+    if row.chain != chain {
+        return Err(format!(
+            "credential `{id}` was issued on chain `{}`; the checkpoint is of chain `{chain}`",
+            row.chain
+        ));
+    }
+    let index = u64::try_from(row.issued_event - 1).map_err(|_| "the issued event's number is not positive")?;
+    if index >= checkpoint.size {
+        return Err(format!(
+            "credential `{id}` was issued at event {} of the chain, after the checkpoint ({} events): prove it against a later one",
+            row.issued_event, checkpoint.size
+        ));
+    }
+    let mut tree = ChainTree::new(&chain).keeping_leaves();
+    check_prefix(reader.as_ref(), &mut tree, &checkpoint)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|m| format!("the ledger does not match the checkpoint: {m}"))?;
+    let event = reader
+        .events_by_seq(&chain, &[row.issued_event])
+        .await
+        .map_err(|e| e.to_string())?
+        .remove(&row.issued_event)
+        .ok_or_else(|| format!("issued event {} is missing", row.issued_event))?;
+    let proof = tree.inclusion_proof(index, checkpoint.size).ok_or("no inclusion proof for that leaf")?;
+    let leaf = tree.leaf(index).ok_or("no such leaf")?;
+    let proof = serde_json::json!({
+        "credential_id": id,
+        "chain": chain,
+        "event": {
+            "seq": event.seq,
+            "at_ms": event.at_ms,
+            "kind": event.kind,
+            "body": event.body,
+            "prev_hash": event.prev_hash,
+            "hash": event.hash,
+        },
+        "leaf_index": index,
+        "leaf_hash": hex::encode(leaf),
+        "tree_size": checkpoint.size,
+        "proof": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+        "root": hex::encode(checkpoint.root),
+        "checkpoint": note,
+    });
+    serde_json::to_string_pretty(&proof).map_err(|e| e.to_string())
 }
 
 /// Whether a lock or unlock target (an identity, or a prefix ending in `/`) covers `identity`.

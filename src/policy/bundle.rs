@@ -368,6 +368,20 @@ impl SigningKey {
     pub fn key_id(&self) -> &str {
         &self.key_id
     }
+
+    /// An Ed25519 signature over `message` (ledger checkpoints use the same keys).
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.pair.sign(message).as_ref());
+        out
+    }
+
+    /// The raw 32-byte public key.
+    pub fn public(&self) -> PublicKey {
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(self.pair.public_key().as_ref());
+        PublicKey { raw, key_id: key_id(&raw) }
+    }
 }
 
 /// A trusted Ed25519 public key (SubjectPublicKeyInfo PEM, `-----BEGIN PUBLIC KEY-----`).
@@ -416,7 +430,17 @@ impl PublicKey {
         &self.key_id
     }
 
-    fn to_pem(&self) -> String {
+    /// The raw 32-byte key.
+    pub fn raw(&self) -> &[u8; 32] {
+        &self.raw
+    }
+
+    /// Whether `signature` is this key's Ed25519 signature over `message`.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        UnparsedPublicKey::new(&ED25519, &self.raw).verify(message, signature).is_ok()
+    }
+
+    pub fn to_pem(&self) -> String {
         // Why a fixed prefix: an Ed25519 SubjectPublicKeyInfo is always this 12-byte DER header
         // (SEQUENCE, AlgorithmIdentifier 1.3.101.112, BIT STRING of 32 bytes) + the raw key.
         let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
