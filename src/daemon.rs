@@ -366,7 +366,8 @@ impl Daemon {
             }),
         };
         ledger.record(clock.now(), Event::DaemonStarted(started)).await.map_err(ledger_err)?;
-        let health = Arc::new(readiness(&ledger, &policy, &minter, &clock));
+        let freshness = cluster.clone().map(|c| Arc::new(c) as Arc<dyn crate::issue::Freshness>);
+        let health = Arc::new(readiness(&ledger, &policy, &minter, &clock, freshness));
         sample_state(&metrics, &policy, &minter, &jwt, &desk, &revocations, &clock);
         tracing::info!(socket = %config.socket.display(), policy_version, entries, ca_sha256 = ca_fingerprint, "mayfly ready");
         if let Some(addr) = bound {
@@ -720,11 +721,12 @@ fn readiness(
     policy: &Arc<PolicyController>,
     minter: &Arc<X509Minter>,
     clock: &Arc<dyn Clock>,
+    freshness: Option<Arc<dyn crate::issue::Freshness>>,
 ) -> Health {
     // Why weak: the writer task ends only when every handle is gone, and the health (held
     // by the telemetry listener) outlives the ledger at shutdown.
     let (ledger, store, minter, clock) = (Arc::downgrade(ledger), policy.store(), minter.clone(), clock.clone());
-    Health::new()
+    let health = Health::new()
         .probe("ledger", move || match ledger.upgrade() {
             Some(l) => l.writable().map(|()| "writable".to_owned()),
             None => Err("the ledger is closed (the daemon is stopping)".to_owned()),
@@ -737,7 +739,16 @@ fn readiness(
             } else {
                 Err(format!("the signing CA expired at {}", crate::clock::rfc3339(not_after)))
             }
-        })
+        });
+    // Several daemons: one whose view of the shared state is too old refuses issuance.
+    match freshness {
+        Some(f) => health.probe("shared_state", move || {
+            f.check()
+                .map(|()| "fresh".to_owned())
+                .map_err(|age| format!("{} s old, over ledger.max_staleness", age.as_secs()))
+        }),
+        None => health,
+    }
 }
 
 /// State the metrics read at each scrape.

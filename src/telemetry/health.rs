@@ -5,7 +5,8 @@
 //!   waiting for storage. Always 200 while the process serves HTTP.
 //! - `/readyz` — readiness: every probe the daemon registered passes (the ledger writer is
 //!   running and its last commit succeeded, a policy release is active, the signing CA is
-//!   loaded and not expired) and the daemon is not draining. 200 or 503.
+//!   loaded and not expired; with a shared ledger, the shared state is fresh) and the
+//!   daemon is not draining. 200 or 503.
 //!
 //! Both answer a small JSON body naming each check.
 
