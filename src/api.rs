@@ -34,7 +34,9 @@ pub mod spiffe {
 pub fn status(err: &IssueError) -> Status {
     let code = match err {
         IssueError::Attest(AttestError::PeerWithoutCredentials | AttestError::Proc { .. }) => Code::Unauthenticated,
-        IssueError::Attest(AttestError::CallerExited { .. }) => Code::PermissionDenied,
+        IssueError::Attest(AttestError::CallerExited { .. } | AttestError::CredentialsChanged { .. }) => {
+            Code::PermissionDenied
+        }
         IssueError::NoEntry | IssueError::EntryExpired { .. } | IssueError::Denied { .. } => Code::PermissionDenied,
         IssueError::Ambiguous(_) => Code::FailedPrecondition,
         IssueError::Ledger(_) => Code::Unavailable,
