@@ -257,7 +257,7 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
     let (status, body) =
         d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:s3:::bucket" })).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
-    assert_eq!(d.credentials().await, 0);
+    assert_eq!(d.credentials().await, 1, "only the renamed repository's JWT");
     d.stop().await;
 }
 

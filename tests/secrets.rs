@@ -127,7 +127,7 @@ async fn after_fetch_x509svid_no_copy_of_the_server_made_key_is_left_in_memory()
     // One empty X509SVIDRequest as a gRPC message.
     std::fs::write(&request, [0u8; 5]).unwrap();
     let mut curl = std::process::Command::new("curl")
-        .args(["-s", "--http2-prior-knowledge", "--unix-socket"])
+        .args(["-s", "-N", "--http2-prior-knowledge", "--unix-socket"])
         .arg(&d.socket)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "workload.spiffe.io: true"])
         .arg("--data-binary")
