@@ -1,17 +1,25 @@
 # Secrets out of the same user's reach: the daemon's memory is closed to its own uid, it dumps no core, and a key it sent is gone from it
-# `mayfly dev` runs as nobody (65534). Another process of nobody cannot open the daemon's
-# /proc/<pid>/mem (EACCES), while it can open that of a dumpable process of its own — the
-# control that the kernel here would otherwise allow it (no Yama); /proc/<pid>/limits says
+# `mayfly dev` runs as nobody (65534), forked by a shell of nobody's (a process that root
+# switched to nobody is left undumpable by the kernel; one a nobody process forks and execs
+# is dumpable again — so the daemon starts the way `sleep` starts for the control). Another
+# process of nobody cannot open the daemon's /proc/<pid>/mem (EACCES), while it opens that of
+# a `sleep` started the same way — the kernel here would otherwise allow it (no Yama), so it
+# is the daemon's PR_SET_DUMPABLE 0 that closes it; /proc/<pid>/limits says
 # the core size limit is 0, soft and hard. Then a client (nobody) fetches an X509-SVID with
 # a server-made key over raw gRPC, and root — the only one that still can — reads the
 # daemon's writable memory for the key as sent, its raw scalar (either byte order) and, as
 # the control that the scan sees the heap, the certificate the daemon still holds.
 # (Sourced by integration/run in a subshell; helpers in integration/lib.sh.)
 
-as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+as_nobody() { "${nobody[@]}" "$@"; }
+# A command forked by a shell of nobody's; its pid in the file $PIDFILE names, and a SIGTERM
+# to the shell reaches it.
+forked_by_nobody=("${nobody[@]}" bash -c 'cd "$1" && shift || exit 1; "$@" & child=$!; echo "$child" > "$PIDFILE"
+trap "kill -TERM $child; wait $child; exit" TERM INT; wait "$child"' -)
 
 opens_mem() { # pid: as nobody, open /proc/<pid>/mem for reading; prints the outcome, fails on EACCES/EPERM
-  as_nobody python3 -c '
+  as_nobody "$venv/bin/python" -c '
 import errno, sys
 try:
     open(f"/proc/{sys.argv[1]}/mem", "rb").close()
@@ -42,14 +50,16 @@ nb=$(mktemp -d /tmp/mayfly-integration-secrets-nobody.XXXXXX)
 scratch+=("$nb")
 cp -r "$root/policies" "$nb/policies"
 chown -R 65534:65534 "$nb"
-start_daemon dev "$nb/data" "$nb/mayfly.sock" as_nobody "$bin" dev --data-dir "$nb/data" --policies "$nb/policies" \
-  --socket "$nb/mayfly.sock" --admin-socket "$nb/admin.sock" --listen none || exit 1
-# start_daemon's pid is the bash that execs setpriv, which execs mayfly: the same process.
-pid=$daemon_pid
-check "the daemon runs as nobody"                 bash -c "ps -o uid= -p $pid | grep -qx ' *65534'"
+export PIDFILE=$nb/daemon.pid
+start_daemon dev "$nb/data" "$nb/mayfly.sock" "${forked_by_nobody[@]}" "$nb" "$bin" dev --data-dir "$nb/data" \
+  --policies "$nb/policies" --socket "$nb/mayfly.sock" --admin-socket "$nb/admin.sock" --listen none || exit 1
+pid=$(cat "$PIDFILE")
+check "the daemon runs as nobody"                 bash -c "ps -o uid=,comm= -p $pid | grep -Eq '^ *65534 +mayfly'"
 check "nobody cannot open the daemon's /proc/<pid>/mem (EACCES)" refused_with EACCES opens_mem "$pid"
-spawn as_nobody sleep 60
-check "control: nobody opens a dumpable nobody process's mem" opens_mem "$spawned"
+export PIDFILE=$nb/sleep.pid
+spawn "${forked_by_nobody[@]}" "$nb" sleep 60
+wait_until test -s "$PIDFILE"
+check "control: nobody opens the mem of a process of its own started the same way" opens_mem "$(cat "$PIDFILE")"
 stop "$spawned"
 check "core dumps are off: Max core file size 0, soft and hard" core_limit_is_zero "$pid"
 
