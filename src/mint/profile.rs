@@ -134,7 +134,7 @@ pub fn same_tbs(checked: &[u8], signed: &[u8]) -> Result<(), Violation> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".into()),
         Err(e) => Err(format!("does not parse: {e}")),
     }
