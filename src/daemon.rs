@@ -463,17 +463,19 @@ impl Daemon {
             jwt_ttl: config.jwt_ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload = Arc::new(WorkloadApiService::new(
-            issuer.clone(),
-            validator.clone(),
-            policy.store(),
-            revocations.clone(),
-            clock.clone(),
-            settings,
-            publisher.subscribe(),
-            tasks.stop(),
-        )
-        .with_metrics(metrics.clone()));
+        let workload = Arc::new(
+            WorkloadApiService::new(
+                issuer.clone(),
+                validator.clone(),
+                policy.store(),
+                revocations.clone(),
+                clock.clone(),
+                settings,
+                publisher.subscribe(),
+                tasks.stop(),
+            )
+            .with_metrics(metrics.clone()),
+        );
         // FetchX509SVID sends server-made keys: served outside tonic's codec (api::wiped).
         let workload_api = WithWipedSvids::new(
             SpiffeWorkloadApiServer::from_arc(workload.clone()).max_decoding_message_size(config.max_request_bytes),
