@@ -123,13 +123,35 @@ pub fn check(der: &[u8], want: &Expected<'_>) -> Result<(), Violation> {
 
 /// The to-be-signed bytes of the signed certificate are exactly the ones checked.
 pub fn same_tbs(checked: &[u8], signed: &[u8]) -> Result<(), Violation> {
-    let bad = |what: String| Violation::Profile(what);
-    let (a, b) = (parse(checked).map_err(bad)?, parse(signed).map_err(bad)?);
-    if a.tbs_certificate.as_ref() == b.tbs_certificate.as_ref() {
-        Ok(())
-    } else {
-        Err(bad("the signed certificate differs from the checked pre-certificate".into()))
+    match (tbs_of(checked), tbs_of(signed)) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        _ => Err(Violation::Profile("the signed certificate differs from the checked pre-certificate".into())),
     }
+}
+
+/// The DER of the TBSCertificate: the first element of the outer SEQUENCE (no parse).
+fn tbs_of(der: &[u8]) -> Option<&[u8]> {
+    let (outer, _) = sequence_header(der)?;
+    let inner = der.get(outer..)?;
+    let (header, len) = sequence_header(inner)?;
+    inner.get(..header.checked_add(len)?)
+}
+
+/// A DER SEQUENCE's header length and content length (definite lengths of up to 4 octets).
+fn sequence_header(der: &[u8]) -> Option<(usize, usize)> {
+    if *der.first()? != 0x30 {
+        return None;
+    }
+    let first = *der.get(1)?;
+    if first < 0x80 {
+        return Some((2, usize::from(first)));
+    }
+    let octets = usize::from(first & 0x7f);
+    if octets == 0 || octets > 4 {
+        return None;
+    }
+    let len = der.get(2..2 + octets)?.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    Some((2 + octets, len))
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
@@ -406,6 +428,8 @@ mod tests {
         let pre = p.signed_by(&f.key, f.ca.lint_issuer()).unwrap();
         let real = p.signed_by(&f.key, f.ca.issuer()).unwrap();
         same_tbs(pre.der(), real.der()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(real.der()).unwrap();
+        assert_eq!(tbs_of(real.der()).unwrap(), parsed.tbs_certificate.as_ref(), "the TBS as x509-parser reads it");
         assert_ne!(pre.der(), real.der(), "the signatures differ: another key signed the pre-certificate");
         let mut other = f.svid_params();
         other.serial_number = Some(vec![0x41].into());
