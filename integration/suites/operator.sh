@@ -209,7 +209,8 @@ load() { # seconds, out-file: issuances and HTTPS fetches back to back; one line
   local until=$((SECONDS + $1)) n=0
   : >"$2"
   while [ $SECONDS -lt $until ]; do
-    "$bin" x509 --socket "$srv/w.sock" --out "$srv/load" >/dev/null 2>>"$2.err" || echo "x509 failed" >>"$2"
+    # Why an out dir per loader: two writing one key.pem race (create_new fails with EEXIST).
+    "$bin" x509 --socket "$srv/w.sock" --out "$2.x509" >/dev/null 2>>"$2.err" || echo "x509 failed" >>"$2"
     curl -sf --cacert "$srv/ca.pem" -o /dev/null "https://127.0.0.1:$sport/.well-known/jwks.json" || echo "https failed" >>"$2"
     n=$((n + 2))
   done
