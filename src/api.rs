@@ -6,6 +6,7 @@ pub mod authority;
 pub mod broker;
 pub mod exchange;
 pub mod serve;
+pub mod wiped;
 pub mod workload;
 
 use tonic::{Code, Status};
@@ -34,16 +35,22 @@ pub mod spiffe {
 pub fn status(err: &IssueError) -> Status {
     let code = match err {
         IssueError::Attest(AttestError::PeerWithoutCredentials | AttestError::Proc { .. }) => Code::Unauthenticated,
-        IssueError::Attest(AttestError::CallerExited { .. }) => Code::PermissionDenied,
-        IssueError::NoEntry | IssueError::EntryExpired { .. } | IssueError::Denied { .. } => Code::PermissionDenied,
+        IssueError::Attest(AttestError::CallerExited { .. } | AttestError::CredentialsChanged { .. }) => {
+            Code::PermissionDenied
+        }
+        IssueError::NoEntry
+        | IssueError::NameReused(_)
+        | IssueError::EntryExpired { .. }
+        | IssueError::Denied { .. } => Code::PermissionDenied,
         IssueError::Ambiguous(_) => Code::FailedPrecondition,
         IssueError::Ledger(_) => Code::Unavailable,
         IssueError::Mint(MintError::CsrEncoding(_) | MintError::CsrSignature | MintError::CsrKeyAlgorithm) => {
             Code::InvalidArgument
         }
-        IssueError::Mint(MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_)) => {
-            Code::Internal
-        }
+        IssueError::Mint(
+            MintError::CaExpired(_) | MintError::Signing(_) | MintError::KeyGeneration(_) | MintError::Profile { .. },
+        ) => Code::Internal,
+        IssueError::Mint(MintError::TooShort { .. }) => Code::FailedPrecondition,
         IssueError::InvalidJwt(_) => Code::InvalidArgument,
         IssueError::Token(OidcError::Unavailable(_)) => Code::Unavailable,
         IssueError::Token(_) => Code::Unauthenticated,

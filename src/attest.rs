@@ -21,6 +21,13 @@ pub enum AttestError {
     CallerExited { pid: i32 },
     #[error("cannot read /proc for pid `{pid}`: {why}")]
     Proc { pid: i32, why: String },
+    /// Why it matters: SO_PEERCRED is fixed when the socket connects; a process that then
+    /// switched user (or can switch back) must not get the identity of the user it was.
+    #[error(
+        "the calling process `{pid}` no longer runs as the user that connected \
+         (connected as uid {uid} gid {gid}; now uids {now_uids} gids {now_gids}, as real/effective/saved/filesystem)"
+    )]
+    CredentialsChanged { pid: i32, uid: u32, gid: u32, now_uids: String, now_gids: String },
 }
 
 /// What attestation established about the caller. `caller` is a summary for the ledger.

@@ -266,6 +266,9 @@ async fn run_daemon(config: Config, log: LogArgs, announce_socket: bool) -> Exit
         return fail(format!("--log-level: {e}"));
     }
     crate::telemetry::logging::init(format, level.as_deref());
+    if let Err(e) = crate::daemon::protect_process() {
+        return fail(e);
+    }
     // Why before building: SIGHUP's default action ends the process; from here on it
     // means "reload" (requests wait until the daemon runs).
     let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::attest::oidc::{IssuerConfig, parse_algorithm};
-use crate::identity::{OidcClaims, TrustDomain, Ttl};
+use crate::identity::{OidcClaims, TrustDomain, Ttl, TtlBounds};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -277,6 +277,9 @@ pub struct RawIssuance {
     pub default_ttl: Option<String>,
     pub jwt_ttl: Option<String>,
     pub max_ttl: Option<String>,
+    /// The shortest lifetime issued (default 5 min): a shorter request is refused, and so
+    /// is a certificate the CA's own expiry would cut shorter.
+    pub min_ttl: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -359,6 +362,8 @@ pub struct Config {
     /// Lifetime asked for JWT-SVIDs (policy may grant less).
     pub jwt_ttl: Ttl,
     pub max_ttl: Ttl,
+    /// No credential lives shorter (`issuance.min_ttl`).
+    pub min_ttl: Ttl,
     /// Workload API streams renew an SVID when this share of its lifetime has passed.
     pub rotate_at_percent: u32,
     pub max_binary_bytes: u64,
@@ -373,8 +378,15 @@ pub struct Config {
 
 pub const DEV_TRUST_DOMAIN: &str = "mayfly.local";
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// `issuance.min_ttl` unless set: a credential shorter than this is refused.
+pub const DEFAULT_MIN_TTL: &str = "5m";
 
 impl Config {
+    /// The lifetimes a request may ask for.
+    pub fn ttl_bounds(&self) -> TtlBounds {
+        TtlBounds { min: self.min_ttl, max: self.max_ttl }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let raw: RawConfig =
@@ -595,6 +607,15 @@ impl Config {
         if jwt_ttl > max_ttl {
             return Err(key("issuance.jwt_ttl")(format!("`{jwt_ttl}` is over issuance.max_ttl `{max_ttl}`")));
         }
+        let min_ttl = duration("issuance.min_ttl", raw.issuance.min_ttl, DEFAULT_MIN_TTL)?;
+        for (name, ttl) in [("issuance.default_ttl", default_ttl), ("issuance.jwt_ttl", jwt_ttl)] {
+            if ttl < min_ttl {
+                return Err(key(name)(format!("`{ttl}` is under issuance.min_ttl `{min_ttl}`")));
+            }
+        }
+        if min_ttl > max_ttl {
+            return Err(key("issuance.min_ttl")(format!("`{min_ttl}` is over issuance.max_ttl `{max_ttl}`")));
+        }
         let rotate_at_percent = raw.workload_api.rotate_at_percent.unwrap_or(50);
         if !(10..=90).contains(&rotate_at_percent) {
             return Err(key("workload_api.rotate_at_percent")(format!("`{rotate_at_percent}` must be 10..=90")));
@@ -687,6 +708,11 @@ impl Config {
         let bg_max = duration("break_glass.max_ttl", bg.max_ttl, "15m")?;
         if bg_max.as_secs() > 3600 {
             return Err(key("break_glass.max_ttl")(format!("`{bg_max}` is over 1 h: emergency credentials are short")));
+        }
+        if bg_max < min_ttl {
+            return Err(key("break_glass.max_ttl")(format!(
+                "`{bg_max}` is under issuance.min_ttl `{min_ttl}`: no break-glass credential could be issued"
+            )));
         }
         if let Some(url) = &bg.webhook {
             crate::attest::oidc::check_fetch_url(url).map_err(|e| key("break_glass.webhook")(e.to_string()))?;
@@ -810,6 +836,7 @@ impl Config {
             default_ttl,
             jwt_ttl,
             max_ttl,
+            min_ttl,
             rotate_at_percent,
             max_binary_bytes,
             aws,
@@ -981,6 +1008,24 @@ mod tests {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mayfly.toml")).unwrap();
         let c = parse(&text).unwrap();
         assert_eq!(c.default_ttl.as_secs(), 3600);
+    }
+
+    #[test]
+    fn min_ttl_defaults_to_five_minutes_and_every_default_lifetime_must_clear_it() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.min_ttl.as_secs(), 300);
+        assert_eq!(c.ttl_bounds(), TtlBounds { min: c.min_ttl, max: c.max_ttl });
+        for (section, key_name) in [
+            ("[issuance]\ndefault_ttl = \"8s\"\n", "issuance.default_ttl"),
+            ("[issuance]\njwt_ttl = \"1m\"\n", "issuance.jwt_ttl"),
+            ("[issuance]\nmin_ttl = \"2d\"\n", "issuance.min_ttl"),
+            ("[break_glass]\nmax_ttl = \"2m\"\n", "break_glass.max_ttl"),
+        ] {
+            let err = parse(&format!("{BASE}\n{section}")).unwrap_err().to_string();
+            assert!(err.contains(key_name), "{section}: {err}");
+        }
+        let low = parse(&format!("{BASE}\n[issuance]\nmin_ttl = \"1s\"\ndefault_ttl = \"8s\"\n")).unwrap();
+        assert_eq!((low.min_ttl.as_secs(), low.default_ttl.as_secs()), (1, 8));
     }
 
     #[test]

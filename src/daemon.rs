@@ -28,6 +28,7 @@ use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::broker_server::BrokerServer;
 use crate::api::serve::{self, ServeError};
 use crate::api::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::api::wiped::WithWipedSvids;
 use crate::api::workload::{WorkloadApiService, WorkloadApiSettings};
 use crate::attest::UnixAttestor;
 use crate::attest::oidc::{HttpKeySource, OidcVerifier};
@@ -83,6 +84,22 @@ pub enum DaemonError {
     Webhook(String),
     #[error("checkpoints: {0}")]
     Checkpoint(#[from] CheckpointError),
+    #[error("cannot keep the daemon's memory from its own user: {0}")]
+    Protect(String),
+}
+
+/// Puts the daemon's memory out of reach of other processes of its own user, before any
+/// key is loaded: not dumpable (so `/proc/<pid>/mem`, ptrace and core dumps need
+/// CAP_SYS_PTRACE; /proc/<pid> files become root's) and a core size limit of 0, soft and
+/// hard (no core file, whatever the environment or a later `prctl` says). Process-wide:
+/// `serve` and `dev` call it first thing; a failure stops start-up.
+pub fn protect_process() -> Result<(), DaemonError> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| DaemonError::Protect(format!("PR_SET_DUMPABLE 0: {e}")))?;
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
+        .map_err(|e| DaemonError::Protect(format!("RLIMIT_CORE 0: {e}")))?;
+    Ok(())
 }
 
 /// The AWS revocation denies are checked for removal this often.
@@ -250,7 +267,7 @@ impl Daemon {
             }
             _ => None,
         };
-        let minter = Arc::new(X509Minter::new(Arc::new(ca)));
+        let minter = Arc::new(X509Minter::new(Arc::new(ca)).with_min_lifetime(config.min_ttl.as_duration()));
         // Revocations, locks and the break-glass flags are rebuilt from the ledger: they
         // survive restarts.
         let revocations = Arc::new(Revocations::load(reader.as_ref()).await.map_err(ledger_err)?);
@@ -308,7 +325,8 @@ impl Daemon {
             shadow: shadow.clone(),
             exchange,
         })
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_min_ttl(config.min_ttl);
         let issuer = Arc::new(match &cluster {
             Some(c) => issuer.with_freshness(Arc::new(c.clone())),
             None => issuer,
@@ -473,7 +491,8 @@ impl Daemon {
         // The workload socket: mayfly.v1 and the SPIFFE Workload API.
         let aws_ttl = config.aws.as_ref().map_or(config.default_ttl, |a| a.default_ttl);
         let broker = BrokerServer::new(
-            BrokerService::new(issuer.clone(), desk.clone(), config.default_ttl, config.max_ttl).with_aws_ttl(aws_ttl),
+            BrokerService::new(issuer.clone(), desk.clone(), config.default_ttl, config.ttl_bounds())
+                .with_aws_ttl(aws_ttl),
         )
         .max_decoding_message_size(config.max_request_bytes);
         let settings = WorkloadApiSettings {
@@ -483,7 +502,7 @@ impl Daemon {
             wit_ttl: config.wit.ttl,
             rotate_at_percent: config.rotate_at_percent,
         };
-        let workload_api = SpiffeWorkloadApiServer::new(
+        let workload = Arc::new(
             WorkloadApiService::new(
                 issuer.clone(),
                 validator.clone(),
@@ -495,8 +514,12 @@ impl Daemon {
                 tasks.stop(),
             )
             .with_metrics(metrics.clone()),
-        )
-        .max_decoding_message_size(config.max_request_bytes);
+        );
+        // FetchX509SVID sends server-made keys: served outside tonic's codec (api::wiped).
+        let workload_api = WithWipedSvids::new(
+            SpiffeWorkloadApiServer::from_arc(workload.clone()).max_decoding_message_size(config.max_request_bytes),
+            workload,
+        );
         let routes = tonic::service::Routes::new(broker).add_service(workload_api);
         let timed = |listener| RequestMetricsLayer::new(metrics.clone(), listener);
         tasks.spawn(
@@ -513,7 +536,7 @@ impl Daemon {
                 net.jwt_issuer.clone(),
                 config.default_ttl,
                 config.jwt_ttl,
-                config.max_ttl,
+                config.ttl_bounds(),
                 listen.request_timeout,
             )
             .with_bundles(publisher.subscribe())

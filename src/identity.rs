@@ -25,6 +25,8 @@ pub enum IdentityError {
     TtlNotPositive(i64),
     #[error("ttl `{requested}s` is over the maximum `{max}s`")]
     TtlOverMaximum { requested: u64, max: u64 },
+    #[error("ttl `{requested}s` is under the minimum `{min}s` (issuance.min_ttl): no credential lives shorter")]
+    TtlUnderMinimum { requested: u64, min: u64 },
     #[error("inventory: {0}")]
     Inventory(String),
 }
@@ -142,6 +144,22 @@ impl Selector {
         &self.0
     }
 
+    /// `type:key`, e.g. `oidc:repository_id`.
+    pub fn type_key(&self) -> &str {
+        let end = self.0.match_indices(':').nth(1).map_or(self.0.len(), |(i, _)| i);
+        &self.0[..end]
+    }
+
+    /// The value after `type:key:`.
+    pub fn value(&self) -> &str {
+        self.0.get(self.type_key().len() + 1..).unwrap_or_default()
+    }
+
+    /// Whether this pins an immutable CI id (`oidc:repository_id:…`, `oidc:project_id:…`, …).
+    pub fn is_id(&self) -> bool {
+        self.type_key().strip_prefix("oidc:").is_some_and(|k| OidcClaims::ID_KEYS.contains(&k))
+    }
+
     /// Checks the selector is one an attestor can produce, with a value of the right shape,
     /// so a typo in inventory.toml (`unix:uid:jenkins`) is an error, not an entry that
     /// silently never matches.
@@ -157,6 +175,7 @@ impl Selector {
                 value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             }
             ("unix", "container") => value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            ("oidc", k) if OidcClaims::ID_KEYS.contains(&k) => is_numeric_id(value),
             ("oidc", k) if OidcClaims::SELECTOR_KEYS.contains(&k) => !value.is_empty(),
             _ => {
                 return Err(format!(
@@ -172,6 +191,11 @@ impl Selector {
 /// The claims of a verified OIDC id-token that policy and the inventory may use. Raw
 /// claims are mapped to these typed fields before policy sees them (GitHub's `ref` is
 /// `git_ref` here, since `ref` reads as a keyword).
+///
+/// Names (`repository`, `repository_owner`) change when a repository is renamed or
+/// transferred, and a name can be taken again by whoever re-creates a deleted repository;
+/// the numeric ids (`repository_id`, `repository_owner_id`; GitLab `project_id`,
+/// `namespace_id`) never do. Inventory entries and rules pin on the ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcClaims {
@@ -179,6 +203,14 @@ pub struct OidcClaims {
     pub subject: String,
     pub repository: Option<String>,
     pub repository_owner: Option<String>,
+    /// GitHub's immutable repository id (digits).
+    pub repository_id: Option<String>,
+    /// GitHub's immutable id of the repository's owner (user or organisation; digits).
+    pub repository_owner_id: Option<String>,
+    /// GitLab's immutable project id (digits).
+    pub project_id: Option<String>,
+    /// GitLab's immutable id of the project's group or user namespace (digits).
+    pub namespace_id: Option<String>,
     pub git_ref: Option<String>,
     pub ref_type: Option<String>,
     pub environment: Option<String>,
@@ -194,11 +226,15 @@ pub struct OidcClaims {
 
 impl OidcClaims {
     /// The `oidc:<key>:<value>` selector keys an id-token yields.
-    pub const SELECTOR_KEYS: [&'static str; 12] = [
+    pub const SELECTOR_KEYS: [&'static str; 16] = [
         "iss",
         "sub",
         "repository",
         "repository_owner",
+        "repository_id",
+        "repository_owner_id",
+        "project_id",
+        "namespace_id",
         "ref",
         "ref_type",
         "environment",
@@ -209,12 +245,19 @@ impl OidcClaims {
         "ref_protected",
     ];
 
+    /// The selector keys whose values are immutable numeric ids (what entries pin on).
+    pub const ID_KEYS: [&'static str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+
     /// The present claims as (Cedar attribute name, value).
     pub fn fields(&self) -> Vec<(&'static str, &str)> {
         let mut out = vec![("issuer", self.issuer.as_str()), ("subject", self.subject.as_str())];
         let optional = [
             ("repository", &self.repository),
             ("repository_owner", &self.repository_owner),
+            ("repository_id", &self.repository_id),
+            ("repository_owner_id", &self.repository_owner_id),
+            ("project_id", &self.project_id),
+            ("namespace_id", &self.namespace_id),
             ("git_ref", &self.git_ref),
             ("ref_type", &self.ref_type),
             ("environment", &self.environment),
@@ -245,6 +288,32 @@ impl OidcClaims {
     }
 }
 
+/// A CI platform's immutable numeric id: 1 to 20 ASCII digits, no leading zero.
+pub fn is_numeric_id(value: &str) -> bool {
+    (1..=20).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) && !value.starts_with('0')
+}
+
+/// One SPIFFE ID path segment that stands for `text`, whatever it holds: ASCII letters,
+/// digits and `-` are kept, every other byte is written `_` and two lower-case hex digits
+/// (`/` is `_2f`, `_` itself `_5f`, `.` `_2e`). Injective — two texts never share a
+/// segment, unlike replacing what does not fit — and never `.` or `..`. `None` when the
+/// segment would be empty or longer than `max` bytes: refused, never truncated (a cut
+/// would make distinct texts one identity).
+pub fn path_segment(text: &str, max: usize) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+        if out.len() > max {
+            return None;
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -257,12 +326,25 @@ pub type Selectors = BTreeSet<Selector>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ttl(Duration);
 
+/// The lifetimes a request may ask for: `issuance.min_ttl ..= issuance.max_ttl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtlBounds {
+    pub min: Ttl,
+    pub max: Ttl,
+}
+
 impl Ttl {
-    /// A requested TTL in seconds, checked against the configured ceiling.
-    pub fn from_request(secs: i64, max: Ttl) -> Result<Self, IdentityError> {
+    /// The shortest lifetime there is.
+    pub const SECOND: Ttl = Ttl(Duration::from_secs(1));
+
+    /// A requested TTL in seconds, checked against the configured floor and ceiling.
+    pub fn from_request(secs: i64, bounds: TtlBounds) -> Result<Self, IdentityError> {
         let secs = u64::try_from(secs).ok().filter(|s| *s > 0).ok_or(IdentityError::TtlNotPositive(secs))?;
-        if secs > max.as_secs() {
-            return Err(IdentityError::TtlOverMaximum { requested: secs, max: max.as_secs() });
+        if secs > bounds.max.as_secs() {
+            return Err(IdentityError::TtlOverMaximum { requested: secs, max: bounds.max.as_secs() });
+        }
+        if secs < bounds.min.as_secs() {
+            return Err(IdentityError::TtlUnderMinimum { requested: secs, min: bounds.min.as_secs() });
         }
         Ok(Self(Duration::from_secs(secs)))
     }
@@ -319,6 +401,10 @@ pub struct InventoryEntry {
     /// Last day (UTC) on which the entry is valid.
     pub expires: Date,
     pub selectors: Selectors,
+    /// What the ids the entry pins were called when it was written (`oidc:repository:acme/app`).
+    /// Never matched on: a caller with this name but other ids is refused with the reason
+    /// (`Lookup::NameReused`) instead of "no entry".
+    pub known_as: Selectors,
 }
 
 impl InventoryEntry {
@@ -337,6 +423,34 @@ pub enum Lookup<'a> {
     Expired(&'a InventoryEntry),
     /// Several live entries match and the request did not say which one.
     Ambiguous(Vec<&'a WorkloadId>),
+    /// No entry matches, but one knows the caller's name (`known_as`) under other
+    /// immutable ids: a repository re-created or transferred under the same name is
+    /// another repository.
+    NameReused {
+        entry: &'a InventoryEntry,
+        pinned: &'a Selector,
+        presented: Option<Selector>,
+    },
+}
+
+impl Lookup<'_> {
+    /// Why a `NameReused` caller is refused, naming the entry, the pinned id and the one
+    /// presented (for the ledger and the caller: ids are public, and this tells an
+    /// operator whose repository moved what to re-pin).
+    pub fn name_reused_reason(entry: &InventoryEntry, pinned: &Selector, presented: Option<&Selector>) -> String {
+        let names: Vec<String> = entry.known_as.iter().map(|s| format!("`{s}`")).collect();
+        let has = match presented {
+            Some(p) => format!("this caller has `{p}`"),
+            None => format!("this caller presents no `{}`", pinned.type_key()),
+        };
+        format!(
+            "no inventory entry matches: `{}` knows {} but is pinned to `{pinned}`, and {has}; a repository \
+             deleted and re-created (or transferred) under the same name is another repository, so it is not \
+             this identity (re-pin the entry in inventory.toml if it really is)",
+            entry.id,
+            names.join(" and ")
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -361,6 +475,8 @@ struct RawEntry {
     tier: String,
     expires: toml::value::Datetime,
     selectors: Vec<String>,
+    #[serde(default)]
+    known_as: Vec<String>,
 }
 
 impl Inventory {
@@ -409,6 +525,24 @@ impl Inventory {
             for s in &selectors {
                 s.check_known().map_err(&at)?;
             }
+            let known_as = e
+                .known_as
+                .iter()
+                .map(|s| Selector::parse(s))
+                .collect::<Result<Selectors, _>>()
+                .map_err(|err| at(format!("known_as: {err}")))?;
+            for s in &known_as {
+                s.check_known().map_err(|err| at(format!("known_as: {err}")))?;
+                if !s.as_str().starts_with("oidc:") || s.is_id() {
+                    return Err(at(format!("known_as: `{s}` is not an oidc name (repository, repository_owner, …)")));
+                }
+            }
+            if !known_as.is_empty() && !selectors.iter().any(Selector::is_id) {
+                return Err(at(format!(
+                    "known_as names what pinned ids were called, but no selector pins one ({})",
+                    OidcClaims::ID_KEYS.join(", ")
+                )));
+            }
             entries.push(InventoryEntry {
                 id,
                 owner: e.owner,
@@ -417,6 +551,7 @@ impl Inventory {
                 tier: e.tier,
                 expires,
                 selectors,
+                known_as,
             });
         }
         Ok(Self { entries })
@@ -439,9 +574,21 @@ impl Inventory {
         match (live.as_slice(), matching.first()) {
             ([one], _) => Lookup::Found(one),
             ([], Some(expired)) => Lookup::Expired(expired),
-            ([], None) => Lookup::NoMatch,
+            ([], None) => self.name_reused(caller, wanted).unwrap_or(Lookup::NoMatch),
             (many, _) => Lookup::Ambiguous(many.iter().map(|e| &e.id).collect()),
         }
+    }
+
+    /// An entry that knows the caller by name and matches it in everything but a pinned
+    /// id: the name now belongs to another repository (or project).
+    fn name_reused(&self, caller: &Selectors, wanted: Option<&WorkloadId>) -> Option<Lookup<'_>> {
+        self.entries.iter().filter(|e| wanted.is_none_or(|w| &e.id == w)).find_map(|e| {
+            let named = !e.known_as.is_empty() && e.known_as.is_subset(caller);
+            let rest_matches = e.selectors.iter().filter(|s| !s.is_id()).all(|s| caller.contains(s));
+            let pinned = e.selectors.iter().find(|s| s.is_id() && !caller.contains(s))?;
+            let presented = caller.iter().find(|c| c.type_key() == pinned.type_key()).cloned();
+            (named && rest_matches).then_some(Lookup::NameReused { entry: e, pinned, presented })
+        })
     }
 }
 
@@ -473,15 +620,22 @@ mod tests {
     }
 
     #[test]
-    fn ttl_rejects_zero_negative_and_over_maximum() {
+    fn ttl_rejects_zero_negative_under_minimum_and_over_maximum() {
         let max = Ttl::parse("24h").unwrap();
-        assert_eq!(Ttl::from_request(0, max), Err(IdentityError::TtlNotPositive(0)));
-        assert_eq!(Ttl::from_request(-5, max), Err(IdentityError::TtlNotPositive(-5)));
+        let bounds = TtlBounds { min: Ttl::parse("5m").unwrap(), max };
+        assert_eq!(Ttl::from_request(0, bounds), Err(IdentityError::TtlNotPositive(0)));
+        assert_eq!(Ttl::from_request(-5, bounds), Err(IdentityError::TtlNotPositive(-5)));
         assert_eq!(
-            Ttl::from_request(86_401, max),
+            Ttl::from_request(86_401, bounds),
             Err(IdentityError::TtlOverMaximum { requested: 86_401, max: 86_400 })
         );
-        assert_eq!(Ttl::from_request(60, max).unwrap().as_secs(), 60);
+        let short = Ttl::from_request(1, bounds).unwrap_err();
+        assert_eq!(short, IdentityError::TtlUnderMinimum { requested: 1, min: 300 });
+        assert!(short.to_string().contains("issuance.min_ttl"), "{short}");
+        assert_eq!(Ttl::from_request(299, bounds), Err(IdentityError::TtlUnderMinimum { requested: 299, min: 300 }));
+        assert_eq!(Ttl::from_request(300, bounds).unwrap().as_secs(), 300);
+        let any = TtlBounds { min: Ttl::parse("1s").unwrap(), max };
+        assert_eq!(Ttl::from_request(60, any).unwrap().as_secs(), 60);
         assert_eq!(Ttl::parse("30m").unwrap().as_secs(), 1800);
         assert!(Ttl::parse("10x").is_err());
         assert!(Ttl::parse("0s").is_err());
@@ -561,6 +715,95 @@ mod tests {
         }
         let no_tier = INVENTORY.replace("tier = \"critical\"\n", "");
         assert!(Inventory::parse(&no_tier, &td()).unwrap_err().to_string().contains("tier"));
+    }
+
+    #[test]
+    fn path_segments_stand_for_any_text_without_collisions() {
+        assert_eq!(
+            path_segment("repo:acme/app:ref:refs/heads/main", 1024).unwrap(),
+            "repo_3aacme_2fapp_3aref_3arefs_2fheads_2fmain"
+        );
+        // Each separator a naive mapping would fold into one character stays distinct.
+        let texts = ["a/b", "a_b", "a_2fb", "a+b", "a,b", "a*b", "a.b", "a b", ".", "..", "a@b", "é"];
+        let segments: BTreeSet<String> = texts.iter().map(|t| path_segment(t, 64).unwrap()).collect();
+        assert_eq!(segments.len(), texts.len(), "{segments:?}");
+        for seg in &segments {
+            let id = format!("spiffe://example.org/dev/oidc/{seg}");
+            assert!(WorkloadId::parse(&id).is_ok(), "{id}");
+        }
+        assert_eq!(path_segment("", 64), None);
+        assert_eq!(path_segment(&"x".repeat(65), 64), None, "refused, not cut");
+        assert_eq!(path_segment("//", 5), None, "escaping counts toward the limit");
+    }
+
+    #[test]
+    fn ids_are_digits_without_a_leading_zero() {
+        assert!(is_numeric_id("892735111") && is_numeric_id("1"));
+        for bad in ["", "0", "0123", "12a", "-1", "1 2", &"9".repeat(21)] {
+            assert!(!is_numeric_id(bad), "{bad}");
+        }
+        assert!(Selector::parse("oidc:repository_id:892735111").unwrap().check_known().is_ok());
+        assert!(Selector::parse("oidc:repository_id:acme/app").unwrap().check_known().is_err());
+        let s = Selector::parse("oidc:project_id:48110736").unwrap();
+        assert_eq!((s.type_key(), s.value(), s.is_id()), ("oidc:project_id", "48110736", true));
+        assert!(!Selector::parse("oidc:repository:acme/app").unwrap().is_id());
+    }
+
+    const PINNED: &str = r#"
+        [[workload]]
+        id = "spiffe://example.org/ci/acme/app"
+        owner = "acme"
+        purpose = "ci"
+        environment = "ci"
+        tier = "critical"
+        expires = 2030-01-01
+        selectors = ["oidc:iss:https://token.actions.githubusercontent.com", "oidc:repository_owner_id:1342004", "oidc:repository_id:892735111"]
+        known_as = ["oidc:repository:acme/app"]
+    "#;
+
+    #[test]
+    fn entries_pinned_on_ids_survive_a_rename_and_name_a_reused_name() {
+        let inv = Inventory::parse(PINNED, &td()).unwrap();
+        let today = time::macros::date!(2026 - 11 - 23);
+        let iss = "oidc:iss:https://token.actions.githubusercontent.com";
+        let renamed = sel(&[
+            iss,
+            "oidc:repository:acme/application",
+            "oidc:repository_id:892735111",
+            "oidc:repository_owner_id:1342004",
+        ]);
+        assert!(matches!(inv.lookup(&renamed, None, today), Lookup::Found(e) if e.id.path() == "/ci/acme/app"));
+
+        let recreated =
+            sel(&[iss, "oidc:repository:acme/app", "oidc:repository_id:990000001", "oidc:repository_owner_id:1342004"]);
+        let Lookup::NameReused { entry, pinned, presented } = inv.lookup(&recreated, None, today) else {
+            panic!("{:?}", inv.lookup(&recreated, None, today))
+        };
+        assert_eq!(
+            (pinned.as_str(), presented.as_ref().map(Selector::as_str)),
+            ("oidc:repository_id:892735111", Some("oidc:repository_id:990000001"))
+        );
+        let why = Lookup::name_reused_reason(entry, pinned, presented.as_ref());
+        assert!(why.contains("re-created") && why.contains("`oidc:repository:acme/app`"), "{why}");
+
+        // Another name with other ids is just no match; so is the name from another issuer.
+        let other = sel(&[iss, "oidc:repository:evil/app", "oidc:repository_id:7", "oidc:repository_owner_id:8"]);
+        assert_eq!(inv.lookup(&other, None, today), Lookup::NoMatch);
+        let elsewhere =
+            sel(&["oidc:iss:https://gitlab.example.org", "oidc:repository:acme/app", "oidc:repository_id:7"]);
+        assert_eq!(inv.lookup(&elsewhere, None, today), Lookup::NoMatch);
+    }
+
+    #[test]
+    fn known_as_must_be_names_beside_pinned_ids() {
+        let id_as_name =
+            PINNED.replace(r#"known_as = ["oidc:repository:acme/app"]"#, r#"known_as = ["oidc:repository_id:1"]"#);
+        assert!(Inventory::parse(&id_as_name, &td()).unwrap_err().to_string().contains("not an oidc name"));
+        let unpinned = PINNED.replace(
+            r#""oidc:repository_owner_id:1342004", "oidc:repository_id:892735111""#,
+            r#""oidc:repository:acme/app""#,
+        );
+        assert!(Inventory::parse(&unpinned, &td()).unwrap_err().to_string().contains("no selector pins one"));
     }
 
     #[test]

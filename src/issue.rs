@@ -38,6 +38,9 @@ pub enum IssueError {
     EntryExpired { id: String, expires: String },
     #[error("the caller matches several identities ({}); name one with spiffe_id", .0.join(", "))]
     Ambiguous(Vec<String>),
+    /// An entry knows the caller's repository name under other immutable ids.
+    #[error("{0}")]
+    NameReused(String),
     #[error("{explain}")]
     Denied { explain: String, rules: Vec<String> },
     #[error("the ledger cannot record this issuance; nothing was issued")]
@@ -269,6 +272,8 @@ pub struct Issuer {
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// Several daemons: how current the shared state is.
     freshness: Option<Arc<dyn Freshness>>,
+    /// `issuance.min_ttl`: a grant shorter than this issues nothing.
+    min_ttl: Ttl,
 }
 
 impl Issuer {
@@ -288,6 +293,7 @@ impl Issuer {
             reserved_audiences,
             metrics: None,
             freshness: None,
+            min_ttl: Ttl::SECOND,
         }
     }
 
@@ -299,6 +305,12 @@ impl Issuer {
 
     pub(crate) fn metrics(&self) -> Option<&crate::telemetry::Metrics> {
         self.metrics.as_deref()
+    }
+
+    /// The shortest lifetime granted (`issuance.min_ttl`); without it, any positive one.
+    pub fn with_min_ttl(mut self, min_ttl: Ttl) -> Self {
+        self.min_ttl = min_ttl;
+        self
     }
 
     /// Refuses issuance while the view of the state shared with other daemons is stale.
@@ -461,6 +473,9 @@ impl Issuer {
                         IssueError::EntryExpired { id: e.id.to_string(), expires: e.expires.to_string() }
                     }
                     Lookup::Ambiguous(ids) => IssueError::Ambiguous(ids.iter().map(ToString::to_string).collect()),
+                    Lookup::NameReused { entry, pinned, presented } => {
+                        IssueError::NameReused(Lookup::name_reused_reason(entry, pinned, presented.as_ref()))
+                    }
                     _ => IssueError::NoEntry,
                 };
                 // The inventory said no: a candidate release's inventory might say yes, so
@@ -499,7 +514,16 @@ impl Issuer {
             })
             .collect();
         // Several resources (JWT audiences) are allowed only if each one is.
-        let Combined { allowed, granted_ttl_secs, rules, explain } = Combined::of(&decisions);
+        let Combined { mut allowed, granted_ttl_secs, rules, mut explain } = Combined::of(&decisions);
+        // The floor: a rule whose ceiling is under issuance.min_ttl grants nothing rather
+        // than a credential shorter than the operator allows (recorded as this deny).
+        if let Some(granted) = granted_ttl_secs.filter(|g| *g < self.min_ttl.as_secs()) {
+            allowed = false;
+            explain = format!(
+                "the rules grant at most {granted}s, under issuance.min_ttl {}; nothing is issued ({explain})",
+                self.min_ttl
+            );
+        }
         let needs_approval = decisions.iter().any(|d| d.needs_approval);
         let decision = event::Decision {
             action: format!("issue_{}", kind.as_str()),
@@ -526,7 +550,10 @@ impl Issuer {
                 identity = %entry.id, decision_id, kind = kind.as_str(), api = origin.api, rules = %deciding.join(","),
                 policy_version = release.version(), reason = %explain, "issuance denied"
             );
-            let rules = decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
+            let denying: Vec<String> =
+                decisions.iter().filter(|d| !d.is_allow()).flat_map(|d| d.rules.iter().cloned()).collect();
+            // Under the floor every decision allowed: the permitting rules are the ones to name.
+            let rules = if denying.is_empty() { deciding } else { denying };
             return Err(IssueError::Denied { explain, rules });
         }
         let clamped_by = decisions.iter().find_map(|d| match &d.verdict {
@@ -604,7 +631,9 @@ impl Issuer {
     }
 
     /// The dev identity for an unregistered token subject: `spiffe://<td>/dev/oidc/<sub>`,
-    /// the subject reduced to the characters a SPIFFE path allows.
+    /// the subject written as one path segment by `identity::path_segment` — injective, so
+    /// `repo:a/b` and `repo:a_b` (or a subject with `/`, `.`, `..`) never share an
+    /// identity; a subject too long for one is refused (no dev identity), never cut.
     fn dev_oidc_entry(
         &self,
         claims: Option<&OidcClaims>,
@@ -612,12 +641,7 @@ impl Issuer {
         now: SystemTime,
     ) -> Option<InventoryEntry> {
         let td = &self.exchange.as_ref()?.trust_domain;
-        let sub: String = claims?
-            .subject
-            .chars()
-            .take(128)
-            .map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' })
-            .collect();
+        let sub = crate::identity::path_segment(&claims?.subject, DEV_SUBJECT_MAX)?;
         let id = WorkloadId::parse(&format!("spiffe://{td}/dev/oidc/{sub}")).ok()?;
         Some(InventoryEntry {
             id,
@@ -627,9 +651,13 @@ impl Issuer {
             tier: "experimental".into(),
             expires: utc_date(now),
             selectors: selectors.clone(),
+            known_as: Selectors::new(),
         })
     }
 }
+
+/// Longest escaped subject in a dev identity (a SPIFFE ID is at most 2048 bytes).
+const DEV_SUBJECT_MAX: usize = 1024;
 
 /// The decision fields that say which API and path a request came through.
 fn origin_fields(origin: &Origin) -> event::Decision {

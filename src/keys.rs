@@ -34,6 +34,11 @@ pub enum KeyError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("generating the CA failed: {0}")]
     Generate(String),
+    #[error(
+        "the CA certificate `{path}` has no subjectKeyIdentifier; RFC 5280 4.2.1.2 requires one in every CA \
+         certificate (mayfly checks each certificate before signing it with a twin that carries the same identifier)"
+    )]
+    NoKeyIdentifier { path: PathBuf },
 }
 
 /// A private signing key. Zeroized on drop; `Debug` shows only the algorithm.
@@ -44,9 +49,9 @@ impl CaKey {
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map(Self).map_err(|e| KeyError::Generate(e.to_string()))
     }
 
-    /// PKCS#8 PEM of the private key, in a buffer zeroized on drop.
+    /// PKCS#8 PEM of the private key, in a buffer zeroized on drop (and no other copy).
     pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(self.0.serialize_pem())
+        private_key_pem(self.0.serialized_der())
     }
 }
 
@@ -81,6 +86,11 @@ impl SigningKey for CaKey {
 /// The X.509 CA: its certificate, its key (inside the rcgen `Issuer`) and its lifetime.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, CaKey>,
+    /// The CA's lint twin: the same name, key identifier and signature algorithm, with a
+    /// key made here at load that signs nothing but pre-certificates, which are parsed,
+    /// checked against mayfly's profile and thrown away before the real key signs
+    /// (`mint::profile`). Nothing it signs is trusted by anyone.
+    lint: Issuer<'static, KeyPair>,
     cert_der: Vec<u8>,
     cert_pem: String,
     not_after: SystemTime,
@@ -130,11 +140,9 @@ impl CertificateAuthority {
         let key_pem = Zeroizing::new(
             fs::read_to_string(key_path).map_err(|source| KeyError::Read { path: key_path.into(), source })?,
         );
-        let key = KeyPair::from_pem(&key_pem).map(CaKey).map_err(|e| KeyError::Parse {
-            path: key_path.into(),
-            what: "private key",
-            why: e.to_string(),
-        })?;
+        let parse = |why: String| KeyError::Parse { path: key_path.into(), what: "private key", why };
+        let der = private_key_der(&key_pem).map_err(parse)?;
+        let key = KeyPair::try_from(der.as_slice()).map(CaKey).map_err(|e| parse(e.to_string()))?;
         let cert_der = pem::parse(&cert_pem)
             .map_err(|e| KeyError::Parse { path: cert_path.into(), what: "certificate", why: e.to_string() })?
             .into_contents();
@@ -168,36 +176,70 @@ impl CertificateAuthority {
         if x509.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
             return Err(KeyError::Mismatch { path: path.into() });
         }
+        let has_key_id = x509
+            .iter_extensions()
+            .any(|e| matches!(e.parsed_extension(), x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(_)));
+        if !has_key_id {
+            return Err(KeyError::NoKeyIdentifier { path: path.into() });
+        }
+        let twin_key = KeyPair::generate_for(key.algorithm()).map_err(|e| KeyError::Generate(e.to_string()))?;
+        // Why the certificate's own SKI makes the twin's AKI equal the real one: rcgen takes
+        // a CA certificate's subjectKeyIdentifier as its key identifier when it has one.
+        let lint =
+            Issuer::from_ca_cert_der(&cert_der.as_slice().into(), twin_key).map_err(|e| parse_err(e.to_string()))?;
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0));
         let issuer =
             Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(|e| parse_err(e.to_string()))?;
         let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
-        Ok(Self { issuer, cert_der, cert_pem, not_after })
+        Ok(Self { issuer, lint, cert_der, cert_pem, not_after })
     }
 
     /// A TLS server certificate for `names` (DNS names or IP addresses) signed by this CA,
-    /// with a fresh P-256 key: `mayfly dev`'s listener certificate.
+    /// with a fresh P-256 key: `mayfly dev`'s listener certificate. Checked against mayfly's
+    /// TLS server profile (`mint::profile`) on a pre-certificate before the CA signs it.
     pub fn issue_tls_server(
         &self,
         names: &[String],
         now: SystemTime,
         validity: Duration,
     ) -> Result<(Vec<u8>, SecretDer), KeyError> {
+        use crate::mint::profile;
         let mut key =
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| KeyError::Generate(e.to_string()))?;
         let mut params = CertificateParams::new(names.to_vec()).map_err(|e| KeyError::Generate(e.to_string()))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "mayfly");
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        params.serial_number = Some(random_serial()?.into());
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone().into());
+        // Whole seconds: X.509 times carry no fractions.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(crate::clock::unix_secs(now).max(0).unsigned_abs());
+        let not_after = (now + validity).min(self.not_after);
         params.not_before = now.into();
-        params.not_after = (now + validity).min(self.not_after).into();
+        params.not_after = not_after.into();
+        let (ips, dns): (Vec<_>, Vec<_>) = names.iter().partition(|n| n.parse::<std::net::IpAddr>().is_ok());
+        let ips: Vec<std::net::IpAddr> = ips.iter().filter_map(|n| n.parse().ok()).collect();
+        let dns: Vec<String> = dns.into_iter().cloned().collect();
+        let spki = key.subject_public_key_info();
+        let expected = profile::Expected {
+            leaf: profile::Leaf::TlsServer { dns: &dns, ips: &ips },
+            ca_cert: &self.cert_der,
+            spki: &spki,
+            serial: &serial,
+            not_before: crate::clock::unix_secs(now),
+            not_after_max: crate::clock::unix_secs(now + validity),
+            min_lifetime: 1,
+        };
+        let refused = |v: profile::Violation| KeyError::Generate(format!("the listener certificate: {v}"));
+        let linted = params.signed_by(&key, &self.lint).map_err(|e| KeyError::Generate(e.to_string()))?;
+        profile::check(linted.der(), &expected).map_err(refused)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| KeyError::Generate(e.to_string()))?;
+        profile::same_tbs(linted.der(), cert.der()).map_err(refused)?;
         let secret = SecretDer::new(Zeroizing::new(key.serialize_der()));
         key.zeroize();
         Ok((cert.der().to_vec(), secret))
@@ -205,6 +247,11 @@ impl CertificateAuthority {
 
     pub fn issuer(&self) -> &Issuer<'static, CaKey> {
         &self.issuer
+    }
+
+    /// The lint twin that signs pre-certificates (see the field).
+    pub fn lint_issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.lint
     }
 
     pub fn cert_der(&self) -> &[u8] {
@@ -310,11 +357,10 @@ impl JwtKey {
         let text =
             Zeroizing::new(fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?);
         let parse = |why: String| KeyError::Parse { path: path.into(), what: "JWT signing key", why };
-        let pem = pem::parse(text.as_bytes()).map_err(|e| parse(e.to_string()))?;
-        if pem.tag() != "PRIVATE KEY" {
-            return Err(parse(format!("PEM label `{}` is not PRIVATE KEY (PKCS#8)", pem.tag())));
+        if !text.trim_start().starts_with(PEM_BEGIN) {
+            return Err(parse("not a `-----BEGIN PRIVATE KEY-----` (PKCS#8) PEM file".into()));
         }
-        Self::from_pkcs8(Zeroizing::new(pem.into_contents())).map_err(parse)
+        Self::from_pkcs8(private_key_der(&text).map_err(parse)?).map_err(parse)
     }
 
     /// The dev / default key: reused from `dir` when present, otherwise generated and
@@ -330,8 +376,7 @@ impl JwtKey {
             return Self::load(&path);
         }
         let key = Self::generate()?;
-        let pem = Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", key.pkcs8.to_vec())));
-        write_private(&path, pem.as_bytes())?;
+        write_private(&path, private_key_pem(&key.pkcs8).as_bytes())?;
         Ok(key)
     }
 
@@ -474,6 +519,56 @@ impl ProofSigner {
     }
 }
 
+const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+const PEM_END: &str = "-----END PRIVATE KEY-----";
+
+/// A PKCS#8 private key as PEM, written straight into one buffer of its exact size that
+/// is zeroized on drop: no intermediate copy (the `pem` crate keeps the DER in a plain
+/// `Vec` and grows its output, leaving pieces of the key in freed memory).
+pub fn private_key_pem(der: &[u8]) -> Zeroizing<String> {
+    use base64::Engine;
+    let b64_len = der.len().div_ceil(3) * 4;
+    let lines = b64_len.div_ceil(64);
+    let total = PEM_BEGIN.len() + 1 + b64_len + lines + PEM_END.len() + 1;
+    let mut b64 = Zeroizing::new(vec![0u8; b64_len]);
+    let written = base64::engine::general_purpose::STANDARD.encode_slice(der, &mut b64).unwrap_or(0);
+    let mut out = Zeroizing::new(String::with_capacity(total));
+    out.push_str(PEM_BEGIN);
+    out.push('\n');
+    for line in b64[..written].chunks(64) {
+        // Why this cannot fail: base64's alphabet is ASCII.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(PEM_END);
+    out.push('\n');
+    out
+}
+
+/// The DER inside a `-----BEGIN … PRIVATE KEY-----` PEM block (PKCS#8, SEC1 or PKCS#1),
+/// decoded into buffers of exact size that are zeroized on drop.
+pub fn private_key_der(pem_text: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    use base64::Engine;
+    let begin = pem_text.find("-----BEGIN ").ok_or("no `-----BEGIN` line")?;
+    let after_begin = &pem_text[begin..];
+    let label_end = after_begin.find('\n').ok_or("no line after `-----BEGIN`")?;
+    let label = after_begin[..label_end].trim_end();
+    if !label.ends_with("PRIVATE KEY-----") {
+        return Err(format!("`{label}` is not a private key"));
+    }
+    let body = &after_begin[label_end..];
+    let end = body.find("-----END ").ok_or("no `-----END` line")?;
+    let body = &body[..end];
+    let mut b64 = Zeroizing::new(Vec::with_capacity(body.len()));
+    b64.extend(body.bytes().filter(|b| !b.is_ascii_whitespace()));
+    let mut der = Zeroizing::new(vec![0u8; base64::decoded_len_estimate(b64.len())]);
+    let n = base64::engine::general_purpose::STANDARD
+        .decode_slice(&b64[..], &mut der[..])
+        .map_err(|e| format!("the key is not base64: {e}"))?;
+    der.truncate(n);
+    Ok(der)
+}
+
 fn b64url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -581,6 +676,20 @@ mod tests {
         assert!(shown.contains("redacted") && !shown.contains(&hex::encode(&first.pkcs8_der()[..8])));
         fs::set_permissions(dir.path().join(JWT_KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(JwtKey::load_or_generate(dir.path()), Err(KeyError::KeyPermissions { .. })));
+    }
+
+    #[test]
+    fn private_key_pem_round_trips_and_reads_like_openssl_writes() {
+        let key = CaKey::generate_p256().unwrap();
+        let pem = key.to_pkcs8_pem();
+        assert!(pem.starts_with(PEM_BEGIN) && pem.ends_with("-----END PRIVATE KEY-----\n"), "{}", pem.as_str());
+        assert_eq!(pem.capacity(), pem.len(), "written into a buffer of exactly its size");
+        assert!(pem.lines().all(|l| l.len() <= 64));
+        assert_eq!(private_key_der(&pem).unwrap().as_slice(), key.0.serialized_der());
+        // The pem crate (as openssl formats it) reads the same DER.
+        assert_eq!(pem::parse(pem.as_bytes()).unwrap().contents(), key.0.serialized_der());
+        assert!(private_key_der("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n").is_err());
+        assert!(private_key_der("-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod jws;
 pub mod jwt;
+pub mod profile;
 pub mod rotation;
 pub mod wit;
 pub mod x509;
@@ -34,6 +35,12 @@ pub enum MintError {
     Signing(String),
     #[error("key generation failed: {0}")]
     KeyGeneration(String),
+    /// The pre-certificate broke mayfly's profile: a bug; the CA signed nothing.
+    #[error("the certificate for `{identity}` breaks mayfly's certificate profile, so the CA signed nothing: {why}")]
+    Profile { identity: String, why: String },
+    /// The certificate would live shorter than `issuance.min_ttl`.
+    #[error("no certificate for `{identity}` was issued: {why}")]
+    TooShort { identity: String, why: String },
 }
 
 /// Why a JWT-SVID did not validate. Says what is wrong, never echoes the token.

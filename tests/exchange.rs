@@ -53,7 +53,8 @@ impl Issuer {
         let mut claims = json!({
             "iss": self.url, "aud": "mayfly", "sub": "repo:acme/app:ref:refs/heads/main",
             "exp": now + 300, "iat": now, "nbf": now, "jti": uuid::Uuid::new_v4().to_string(),
-            "repository": "acme/app", "repository_owner": "acme", "ref": "refs/heads/main", "ref_type": "branch",
+            "repository": "acme/app", "repository_owner": "acme", "repository_id": "892735111",
+            "repository_owner_id": "1342004", "ref": "refs/heads/main", "ref_type": "branch",
             "event_name": "push", "sha": "9fceb02d0ae598e95dc970b74767f19372d61af8",
             "job_workflow_ref": "acme/app/.github/workflows/ci.yml@refs/heads/main", "run_id": "4242",
         });
@@ -101,7 +102,8 @@ fn policies_for(issuer: &str) -> tempfile::TempDir {
         environment = "ci"
         tier = "critical"
         expires = 2030-01-01
-        selectors = ["oidc:iss:{issuer}", "oidc:repository:acme/app"]
+        selectors = ["oidc:iss:{issuer}", "oidc:repository_owner_id:1342004", "oidc:repository_id:892735111"]
+        known_as = ["oidc:repository:acme/app"]
         "#
     );
     std::fs::write(dir.path().join("inventory.toml"), inventory).unwrap();
@@ -219,10 +221,30 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
         .await;
     assert_eq!((status, body["error"].as_str()), (403, Some("access_denied")), "{body}");
     // Another repository of the same issuer matches no inventory entry (and `serve` makes no dev identities).
-    let other = issuer.token(|c| c["repository"] = json!("acme/other"));
+    let other = issuer.token(|c| {
+        c["repository"] = json!("acme/other");
+        c["repository_id"] = json!("700000001");
+        c["sub"] = json!("repo:acme/other:ref:refs/heads/main");
+    });
     let (status, body) = d.exchange(json!({ "token": other, "kind": "jwt", "audience": ARTIFACTS })).await;
     assert_eq!(status, 403);
     assert!(body["reason"].as_str().unwrap().contains("no inventory entry"), "{body}");
+    // acme/app deleted and re-created by someone else: the name is the same, the id is not.
+    let recreated = issuer.token(|c| {
+        c["repository_id"] = json!("990000001");
+        c["sub"] = json!("repo:acme@1342004/app@990000001:ref:refs/heads/main");
+    });
+    let (status, body) = d.exchange(json!({ "token": recreated, "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("access_denied")), "{body}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.contains("pinned to `oidc:repository_id:892735111`") && reason.contains("re-created"), "{reason}");
+    // Renamed (same ids, new name, the immutable subject): still the identity.
+    let renamed = issuer.token(|c| {
+        c["repository"] = json!("acme/application");
+        c["sub"] = json!("repo:acme@1342004/application@892735111:ref:refs/heads/main");
+    });
+    let (status, body) = d.exchange(json!({ "token": renamed, "kind": "jwt", "audience": ARTIFACTS })).await;
+    assert_eq!((status, body["spiffe_id"].as_str()), (200, Some(CI_ID)), "{body}");
     // X.509 through the exchange reuses the spine's minter; the rules give CI no X.509.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
@@ -235,7 +257,7 @@ async fn policy_still_decides_what_a_verified_runner_gets() {
     let (status, body) =
         d.exchange(json!({ "token": issuer.token(|_| {}), "kind": "aws", "role": "arn:aws:s3:::bucket" })).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{body}");
-    assert_eq!(d.credentials().await, 0);
+    assert_eq!(d.credentials().await, 1, "only the renamed repository's JWT");
     d.stop().await;
 }
 
@@ -437,11 +459,16 @@ async fn mayfly_dev_gives_an_unregistered_subject_a_dev_identity_for_quick_tries
     let ca_pem = std::fs::read_to_string(dir.path().join("data/ca.pem")).unwrap();
     let d = TestDaemon { dir, ca_pem, running };
 
-    let token = issuer.token(|c| c["sub"] = json!("repo:someone/tool:ref:refs/heads/dev"));
+    let token = issuer.token(|c| {
+        c["sub"] = json!("repo:someone/tool:ref:refs/heads/dev");
+        c["repository"] = json!("someone/tool");
+        c["repository_owner"] = json!("someone");
+    });
     let (status, body) =
         d.exchange(json!({ "token": token, "kind": "jwt", "audience": "anything-at-all", "ttl": "1h" })).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_someone_tool_ref_refs_heads_dev");
+    // The subject as one escaped path segment: `/` and `:` cannot make two subjects one identity.
+    assert_eq!(body["spiffe_id"], "spiffe://mayfly.local/dev/oidc/repo_3asomeone_2ftool_3aref_3arefs_2fheads_2fdev");
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(body["token"].as_str().unwrap()).unwrap().claims;
     assert_eq!(
         claims["iss"],

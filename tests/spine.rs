@@ -317,6 +317,35 @@ async fn a_connection_outliving_its_connecting_process_gets_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_switched_user_after_connecting_gets_nothing() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: switching to nobody after connecting needs root");
+        return;
+    }
+    let d = TestDaemon::start().await;
+    // Connected as root (the dev entry's `unix:uid:self`), then setuid(65534): SO_PEERCRED
+    // still says root, /proc/<pid>/status says nobody.
+    let (stream, holder) = handed_off_connection(&d.socket, "drop").await;
+    let mut client = BrokerClient::new(channel_over(stream).await);
+    let e = client.issue_x509(request(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("no longer runs as the user that connected"), "{}", e.message());
+    assert!(e.message().contains("uids 65534/65534/65534/65534"), "{}", e.message());
+    drop(holder);
+
+    let events = d.events().await;
+    assert_eq!(events.iter().filter(|e| e.kind == "issued").count(), 0, "nothing issued to the switched process");
+    let last = events.last().unwrap();
+    assert!(
+        last.kind == "decision"
+            && last.body.contains("\"outcome\":\"deny\"")
+            && last.body.contains("no longer runs as the user that connected"),
+        "{}",
+        last.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn when_the_ledger_cannot_be_written_the_caller_gets_unavailable_and_no_certificate() {
     let d = TestDaemon::start().await;
     d.issue(request(None)).await.unwrap();

@@ -97,7 +97,8 @@ check "the same id-token again: 401 (replay)"     exchange "$token" 401
 check "a token for another audience: 401"         exchange "$(mint '{}' someone-else)" 401
 check "an expired token: 401"                     exchange "$(mint "{\"exp\": $(( $(date +%s) - 3600 ))}")" 401
 check "a tampered token: 401"                     exchange "$(mint | python3 -c 'import sys; h,p,s=sys.stdin.read().strip().split("."); print(h+"."+p[:-4]+"AAAA."+s)')" 401
-check "another repository: 403 (no inventory entry)" exchange "$(mint '{"repository": "acme/other"}')" 403
+check "another repository: 403 (no inventory entry)" exchange "$(mint '{"repository": "acme/other", "sub": "repo:acme/other:ref:refs/heads/main"}')" 403
+check "a sub naming another repository than the claims: 401" exchange "$(mint '{"repository": "acme/other"}')" 401
 check "an audience no rule grants: 403"           exchange "$(mint)" 403 https://payments.example.org
 check "a CI run exchanges its id-token for AWS credentials (moto STS)" exchange_aws "$(mint)" 200 arn:aws:iam::123456789012:role/acme-app-read
 check "the session's source identity is the CI identity" field_is "$ex/aws.json" source_identity mayfly.local+ci+acme+app-mock

@@ -26,6 +26,8 @@ socket = "$sp/w.sock"
 generate = true
 [issuance]
 default_ttl = "8s"
+# Below the 5-minute default floor on purpose: a rotation within the suite's time.
+min_ttl = "1s"
 TOML
 start_daemon serve "$sp/data" "$sp/w.sock" "$bin" serve --config "$sp/mayfly.toml" || exit 1
 export SPIFFE_ENDPOINT_SOCKET=unix://$sp/w.sock

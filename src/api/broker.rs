@@ -13,7 +13,7 @@ use super::{aws_credentials, invalid, status, wrong_kind};
 use crate::attest::PeerInfo;
 use crate::breakglass::{BreakGlassDesk, EmergencyOutcome, EmergencyRequest};
 use crate::clock::unix_secs;
-use crate::identity::{Ttl, WorkloadId};
+use crate::identity::{Ttl, TtlBounds, WorkloadId};
 use crate::issue::{Ask, Caller, Credential, IssueRequest, Issued, Issuer, KeySource, Origin};
 use crate::mint::VerifiedCsr;
 use crate::policy::AwsRole;
@@ -22,7 +22,7 @@ pub struct BrokerService {
     issuer: Arc<Issuer>,
     desk: Arc<BreakGlassDesk>,
     default_ttl: Ttl,
-    max_ttl: Ttl,
+    bounds: TtlBounds,
     /// What an AWS request without a lifetime asks for.
     aws_ttl: Ttl,
 }
@@ -30,8 +30,8 @@ pub struct BrokerService {
 const API: &str = "mayfly.v1";
 
 impl BrokerService {
-    pub fn new(issuer: Arc<Issuer>, desk: Arc<BreakGlassDesk>, default_ttl: Ttl, max_ttl: Ttl) -> Self {
-        Self { issuer, desk, default_ttl, max_ttl, aws_ttl: default_ttl }
+    pub fn new(issuer: Arc<Issuer>, desk: Arc<BreakGlassDesk>, default_ttl: Ttl, bounds: TtlBounds) -> Self {
+        Self { issuer, desk, default_ttl, bounds, aws_ttl: default_ttl }
     }
 
     pub fn with_aws_ttl(mut self, ttl: Ttl) -> Self {
@@ -47,7 +47,7 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         let ttl = match req.ttl_seconds {
             None => self.default_ttl,
-            Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| invalid("ttl_seconds", e))?,
+            Some(secs) => Ttl::from_request(secs, self.bounds).map_err(|e| invalid("ttl_seconds", e))?,
         };
         let spiffe_id = match req.spiffe_id.as_str() {
             "" => None,
@@ -81,7 +81,7 @@ impl Broker for BrokerService {
         let role = AwsRole::parse(req.role.trim()).map_err(|e| invalid("role", e))?;
         let ttl = match req.ttl_seconds {
             None => self.aws_ttl,
-            Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| invalid("ttl_seconds", e))?,
+            Some(secs) => Ttl::from_request(secs, self.bounds).map_err(|e| invalid("ttl_seconds", e))?,
         };
         let spiffe_id = match req.spiffe_id.as_str() {
             "" => None,
@@ -113,7 +113,7 @@ impl Broker for BrokerService {
         let ticket = text("ticket", &req.ticket, 64)?;
         let ttl = match req.ttl_seconds {
             None => self.default_ttl,
-            Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| invalid("ttl_seconds", e))?,
+            Some(secs) => Ttl::from_request(secs, self.bounds).map_err(|e| invalid("ttl_seconds", e))?,
         };
         let ask = match req.kind.as_str() {
             "x509" => Ask::X509 { key: KeySource::Csr(VerifiedCsr::parse(&req.csr).map_err(|e| invalid("csr", e))?) },

@@ -24,7 +24,7 @@ use super::pb::{ExchangeRequest as PbRequest, ExchangeResponse as PbResponse};
 use super::{aws_credentials, status};
 use crate::breakglass::{BreakGlassDesk, EmergencyOutcome, EmergencyRequest};
 use crate::clock::unix_secs;
-use crate::identity::Ttl;
+use crate::identity::{Ttl, TtlBounds};
 use crate::issue::{Ask, Caller, Credential, IssueError, IssueRequest, Issued, Issuer, KeySource, Origin};
 use crate::mint::{TrustBundle, VerifiedCsr};
 use crate::policy::AwsRole;
@@ -45,7 +45,7 @@ pub struct ExchangeApi {
     x509_ttl: Ttl,
     jwt_ttl: Ttl,
     aws_ttl: Ttl,
-    max_ttl: Ttl,
+    bounds: TtlBounds,
     request_timeout: Duration,
     /// The published bundle: its JWKS at /.well-known/jwks.json, its CRLs at /crl.der and /crl.pem.
     bundles: Option<tokio::sync::watch::Receiver<Arc<TrustBundle>>>,
@@ -67,7 +67,7 @@ impl ExchangeApi {
         jwt_issuer: String,
         x509_ttl: Ttl,
         jwt_ttl: Ttl,
-        max_ttl: Ttl,
+        bounds: TtlBounds,
         request_timeout: Duration,
     ) -> Self {
         Self {
@@ -78,7 +78,7 @@ impl ExchangeApi {
             x509_ttl,
             jwt_ttl,
             aws_ttl: x509_ttl,
-            max_ttl,
+            bounds,
             request_timeout,
             bundles: None,
         }
@@ -130,7 +130,7 @@ impl ExchangeApi {
     ) -> Result<Asked, Rejection> {
         let ttl_for = |default: Ttl| match ttl {
             None => Ok(default),
-            Some(secs) => Ttl::from_request(secs, self.max_ttl).map_err(|e| Rejection::invalid("ttl", e)),
+            Some(secs) => Ttl::from_request(secs, self.bounds).map_err(|e| Rejection::invalid("ttl", e)),
         };
         let kind = match kind {
             "jwt" => {

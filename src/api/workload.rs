@@ -23,7 +23,7 @@ use super::spiffe::{
     ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, Witsvid, WitsvidRequest, WitsvidResponse,
     X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
-use super::{invalid, status};
+use super::{invalid, status, wiped};
 use crate::attest::PeerInfo;
 use crate::clock::Clock;
 use crate::identity::{TrustDomain, Ttl, WorkloadId};
@@ -105,6 +105,39 @@ impl WorkloadApiService {
 
     async fn issue_x509(&self, peer: &PeerInfo, rotates: Option<String>) -> Result<Svid, IssueError> {
         issue_svid(&self.issuer, peer, self.settings.x509_ttl, None, rotates).await
+    }
+
+    /// FetchX509SVID: the security header, the first SVID (issued before the call is
+    /// answered, so a caller with no entitlement gets PERMISSION_DENIED as the call's
+    /// status, as the spec asks), then the stream that keeps it current, as encoded
+    /// gRPC messages (`api::wiped` serves them).
+    pub(crate) async fn x509_svid_frames(
+        &self,
+        metadata: &MetadataMap,
+        peer: PeerInfo,
+    ) -> Result<mpsc::Receiver<Result<bytes::Bytes, Status>>, Status> {
+        check_header(metadata)?;
+        let first = self.issue_x509(&peer, None).await.map_err(|e| status(&e))?;
+        let (tx, rx) = mpsc::channel(2);
+        let stream = SvidStream {
+            issuer: self.issuer.clone(),
+            store: self.policy.clone(),
+            revocations: self.revocations.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            bundles: self.bundles.clone(),
+            policy: self.policy.changes(),
+            revocation_changes: self.revocations.changes(),
+            stop: self.stop.clone(),
+            peer,
+            tx,
+        };
+        let open = self.opened("x509_svid");
+        tokio::spawn(async move {
+            stream.run(first).await;
+            drop(open);
+        });
+        Ok(rx)
     }
 }
 
@@ -253,18 +286,20 @@ fn concat(certs: &[Vec<u8>]) -> Vec<u8> {
     certs.concat()
 }
 
-fn svid_response(issued: &Svid, bundle: &TrustBundle) -> X509svidResponse {
-    X509svidResponse {
-        svids: vec![X509svid {
-            spiffe_id: issued.identity.to_string(),
-            x509_svid: issued.svid.cert_der.clone(),
-            x509_svid_key: issued.private_key.as_ref().map(|k| k.expose().to_vec()).unwrap_or_default(),
-            bundle: concat(&bundle.x509),
-            hint: String::new(),
-        }],
-        crl: bundle_crls(bundle),
-        federated_bundles: HashMap::new(),
-    }
+/// The message carrying `issued` (and its key, the first time), as a self-wiping frame.
+fn svid_response(issued: &Svid, bundle: &TrustBundle) -> Result<bytes::Bytes, Status> {
+    wiped::svid_frame(&wiped::SvidMessage {
+        spiffe_id: issued.identity.as_str(),
+        cert_der: &issued.svid.cert_der,
+        key: issued.private_key.as_ref(),
+        bundle: &concat(&bundle.x509),
+        crls: &bundle.crls,
+    })
+}
+
+/// A message without an SVID (the withdrawal), as a frame.
+fn empty_response(crl: Vec<Vec<u8>>) -> Result<bytes::Bytes, Status> {
+    wiped::plain_frame(&X509svidResponse { svids: vec![], crl, federated_bundles: HashMap::new() })
 }
 
 /// When a pushed SVID is renewed: `percent` of the way from not-before to not-after.
@@ -292,35 +327,15 @@ impl SpiffeWorkloadApi for WorkloadApiService {
     type FetchWITSVIDStream = ReceiverStream<Result<WitsvidResponse, Status>>;
     type FetchWITBundlesStream = ReceiverStream<Result<WitBundlesResponse, Status>>;
 
+    /// Served by `api::wiped` (in front of this service), which encodes the key into
+    /// buffers that wipe themselves; reaching this means the route was not installed, and
+    /// no key is sent through a codec that would leave copies of it.
     async fn fetch_x509svid(
         &self,
-        request: Request<X509svidRequest>,
+        _request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_header(request.metadata())?;
-        let peer = peer_of(&request);
-        // The first SVID is issued before the call is answered: a caller with no
-        // entitlement gets PERMISSION_DENIED as the call's status, as the spec asks.
-        let first = self.issue_x509(&peer, None).await.map_err(|e| status(&e))?;
-        let (tx, rx) = mpsc::channel(2);
-        let stream = SvidStream {
-            issuer: self.issuer.clone(),
-            store: self.policy.clone(),
-            revocations: self.revocations.clone(),
-            clock: self.clock.clone(),
-            settings: self.settings.clone(),
-            bundles: self.bundles.clone(),
-            policy: self.policy.changes(),
-            revocation_changes: self.revocations.changes(),
-            stop: self.stop.clone(),
-            peer,
-            tx,
-        };
-        let open = self.opened("x509_svid");
-        tokio::spawn(async move {
-            stream.run(first).await;
-            drop(open);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tracing::error!("FetchX509SVID reached the generated service; api::wiped::WithWipedSvids is not installed");
+        Err(Status::internal("internal error: FetchX509SVID is not served on this route"))
     }
 
     async fn fetch_x509_bundles(
@@ -590,7 +605,7 @@ struct SvidStream {
     revocation_changes: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
     peer: PeerInfo,
-    tx: mpsc::Sender<Result<X509svidResponse, Status>>,
+    tx: mpsc::Sender<Result<bytes::Bytes, Status>>,
 }
 
 enum Wake {
@@ -608,10 +623,11 @@ impl SvidStream {
         self.policy.mark_unchanged();
         self.revocation_changes.mark_unchanged();
         let mut sent = self.bundles.borrow().clone();
-        if self.tx.send(Ok(svid_response(&current, &sent))).await.is_err() {
+        if self.tx.send(svid_response(&current, &sent)).await.is_err() {
             return;
         }
-        // Why: the key was handed over; the stream keeps only the certificate facts.
+        // Why: the key was handed over (its frame wipes itself once sent); the stream
+        // keeps only the certificate facts.
         drop(current.private_key.take());
         let mut retry_at: Option<SystemTime> = None;
         loop {
@@ -637,12 +653,8 @@ impl SvidStream {
             let refusal = withdrawal(&self.revocations, &current.credential_id, &current.identity, self.clock.now());
             if let Some(err) = refusal {
                 tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %err, "svid withdrawn from the stream");
-                let empty = X509svidResponse {
-                    svids: vec![],
-                    crl: bundle_crls(&self.bundles.borrow()),
-                    federated_bundles: HashMap::new(),
-                };
-                if self.tx.send(Ok(empty)).await.is_ok() {
+                let empty = empty_response(bundle_crls(&self.bundles.borrow()));
+                if self.tx.send(empty).await.is_ok() {
                     let _ = self.tx.send(Err(Status::permission_denied(err.to_string()))).await;
                 }
                 return;
@@ -672,7 +684,7 @@ impl SvidStream {
                     retry_at = None;
                     current = next;
                     sent = self.bundles.borrow_and_update().clone();
-                    if self.tx.send(Ok(svid_response(&current, &sent))).await.is_err() {
+                    if self.tx.send(svid_response(&current, &sent)).await.is_err() {
                         return;
                     }
                     drop(current.private_key.take());
@@ -681,8 +693,7 @@ impl SvidStream {
                     tracing::info!(identity = %current.identity, credential_id = current.credential_id, reason = %e, "entitlement lost; svid withdrawn from the stream");
                     // The set without the SVID, then the spec's PERMISSION_DENIED: the client
                     // drops the SVID and may reconnect (and be re-decided) after a backoff.
-                    let empty = X509svidResponse { svids: vec![], crl: vec![], federated_bundles: HashMap::new() };
-                    if self.tx.send(Ok(empty)).await.is_ok() {
+                    if self.tx.send(empty_response(vec![])).await.is_ok() {
                         let _ = self.tx.send(Err(status(&e))).await;
                     }
                     return;

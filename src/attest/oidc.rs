@@ -3,7 +3,10 @@
 //! (exact `iss`), signed with an allowed asymmetric algorithm by a key from that issuer's
 //! JWKS, for a configured audience, inside its lifetime (with a small skew), and only once
 //! (a replay cache keyed by issuer + `jti`, or the token's hash, until the token expires).
-//! Its claims become selectors and typed Cedar context. Keys are fetched through the
+//! Its claims become selectors and typed Cedar context, with the CI platforms' immutable
+//! ids (GitHub `repository_id`/`repository_owner_id`, GitLab `project_id`/`namespace_id`)
+//! beside the names; both GitHub subject formats (`repo:OWNER/REPO:…` and the immutable
+//! `repo:OWNER@OWNER_ID/REPO@REPO_ID:…`) are parsed and must agree with those claims. Keys are fetched through the
 //! issuer's discovery document and cached (moka); an unknown `kid` refreshes them at most
 //! once per `REFRESH_MIN_INTERVAL` per issuer. Knows nothing of policy or minting.
 
@@ -427,11 +430,22 @@ fn map_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Veri
         (true, Some("tag")) if !r.starts_with("refs/") => format!("refs/tags/{r}"),
         _ => r,
     });
-    let oidc = OidcClaims {
+    let id = |name: &str| -> Result<Option<String>, OidcError> {
+        match text(name) {
+            Some(v) if crate::identity::is_numeric_id(&v) => Ok(Some(v)),
+            Some(v) => Err(OidcError::Malformed(format!("`{name}` `{}` is not a numeric id", v.escape_debug()))),
+            None => Ok(None),
+        }
+    };
+    let mut oidc = OidcClaims {
         issuer: config.issuer.clone(),
         subject,
         repository: text("repository").or_else(|| text("project_path")),
         repository_owner: text("repository_owner").or_else(|| text("namespace_path")),
+        repository_id: id("repository_id")?,
+        repository_owner_id: id("repository_owner_id")?,
+        project_id: id("project_id")?,
+        namespace_id: id("namespace_id")?,
         git_ref,
         ref_type,
         environment: text("environment"),
@@ -441,6 +455,10 @@ fn map_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Veri
         run_id: text("run_id").or_else(|| text("pipeline_id")),
         ref_protected: text("ref_protected"),
     };
+    let subject = oidc.subject.clone();
+    if !gitlab && let Some(sub) = GithubSubject::parse(&subject)? {
+        sub.reconcile(&mut oidc)?;
+    }
     let selectors = oidc
         .selectors()
         .into_iter()
@@ -462,6 +480,74 @@ fn map_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Veri
         jti: claims.get("jti").and_then(Value::as_str).map(str::to_owned),
     };
     Ok(VerifiedToken { claims: oidc, selectors, provenance, dev_fallback: config.dev_fallback })
+}
+
+/// What a GitHub Actions `sub` says about the repository, in either format:
+/// `repo:OWNER/REPO:<context>` or, the default for repositories created, renamed or
+/// transferred since 2026-07-15, `repo:OWNER@OWNER_ID/REPO@REPO_ID:<context>`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GithubSubject<'a> {
+    pub owner: &'a str,
+    pub repo: &'a str,
+    /// Both ids, in the immutable format; `None` in the name format.
+    pub ids: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> GithubSubject<'a> {
+    /// `Ok(None)` for a subject that is not `repo:…` (a customised template: nothing to
+    /// check it against); an error for a `repo:` subject in neither format.
+    pub fn parse(sub: &'a str) -> Result<Option<Self>, OidcError> {
+        let Some(rest) = sub.strip_prefix("repo:") else { return Ok(None) };
+        let bad = || OidcError::Malformed(format!("`sub` `{}` is in neither GitHub format", sub.escape_debug()));
+        // Owner and repository names never hold `:` (nor `/` or `@`); the context follows.
+        let path = rest.split(':').next().unwrap_or_default();
+        let (owner, repo) = path.split_once('/').ok_or_else(bad)?;
+        let split_id = |part: &'a str| match part.split_once('@') {
+            Some((name, id)) if crate::identity::is_numeric_id(id) => Some((name, Some(id))),
+            Some(_) => None,
+            None => Some((part, None)),
+        };
+        let ((owner, owner_id), (repo, repo_id)) = (split_id(owner).ok_or_else(bad)?, split_id(repo).ok_or_else(bad)?);
+        let name_ok = |n: &str| !n.is_empty() && !n.contains('/');
+        if !name_ok(owner) || !name_ok(repo) {
+            return Err(bad());
+        }
+        let ids = match (owner_id, repo_id) {
+            (Some(o), Some(r)) => Some((o, r)),
+            (None, None) => None,
+            // One id without the other is neither format.
+            _ => return Err(bad()),
+        };
+        Ok(Some(Self { owner, repo, ids }))
+    }
+
+    /// The subject and the claims must name the same repository; ids the claims lack are
+    /// taken from the immutable subject.
+    fn reconcile(&self, oidc: &mut OidcClaims) -> Result<(), OidcError> {
+        let disagree = |what: &str, sub: &str, claim: &str| {
+            Err(OidcError::Malformed(format!("`sub` names {what} `{sub}` but the `{what}` claim says `{claim}`")))
+        };
+        let full = format!("{}/{}", self.owner, self.repo);
+        if let Some(claim) = oidc.repository.as_deref().filter(|c| !c.eq_ignore_ascii_case(&full)) {
+            return disagree("repository", &full, claim);
+        }
+        if let Some(claim) = oidc.repository_owner.as_deref().filter(|c| !c.eq_ignore_ascii_case(self.owner)) {
+            return disagree("repository_owner", self.owner, claim);
+        }
+        if let Some((owner_id, repo_id)) = self.ids {
+            for (what, from_sub, claim) in [
+                ("repository_owner_id", owner_id, &mut oidc.repository_owner_id),
+                ("repository_id", repo_id, &mut oidc.repository_id),
+            ] {
+                match claim.as_deref() {
+                    Some(c) if c != from_sub => return disagree(what, from_sub, c),
+                    Some(_) => {}
+                    None => *claim = Some(from_sub.to_owned()),
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -505,7 +591,19 @@ mod tests {
             audiences: vec!["mayfly".into()],
             algorithms: vec![Algorithm::ES256, Algorithm::RS256],
             clock_skew: Duration::from_secs(60),
-            selector_claims: ["repository", "ref", "environment", "event_name"].into_iter().map(String::from).collect(),
+            selector_claims: [
+                "repository",
+                "ref",
+                "environment",
+                "event_name",
+                "repository_id",
+                "repository_owner_id",
+                "project_id",
+                "namespace_id",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
             dev_fallback: false,
         };
         let verifier = OidcVerifier::new(vec![config], source.clone());
@@ -518,6 +616,7 @@ mod tests {
             json!({
                 "iss": ISS, "aud": "mayfly", "sub": "repo:acme/app:ref:refs/heads/main", "exp": now + 300, "iat": now, "nbf": now,
                 "jti": format!("{}", uuid::Uuid::new_v4()), "repository": "acme/app", "repository_owner": "acme",
+                "repository_id": "892735111", "repository_owner_id": "1342004",
                 "ref": "refs/heads/main", "ref_type": "branch", "event_name": "push", "sha": "0123abcd",
                 "job_workflow_ref": "acme/app/.github/workflows/deploy.yml@refs/heads/main", "run_id": "42"
             })
@@ -557,6 +656,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn both_github_subject_formats_are_read_and_must_agree_with_the_id_claims() {
+        let f = fixture();
+        let v = f.verify(&f.sign(&f.claims())).await.unwrap();
+        assert_eq!(v.claims.repository_id.as_deref(), Some("892735111"));
+        assert_eq!(v.claims.repository_owner_id.as_deref(), Some("1342004"));
+        let sel: Vec<&str> = v.selectors.iter().map(Selector::as_str).collect();
+        assert!(sel.contains(&"oidc:repository_id:892735111") && sel.contains(&"oidc:repository_owner_id:1342004"));
+
+        // The immutable format, after a rename: the ids agree, the name is the new one.
+        let mut c = f.claims();
+        c["sub"] = json!("repo:acme@1342004/application@892735111:ref:refs/heads/main");
+        c["repository"] = json!("acme/application");
+        let v = f.verify(&f.sign(&c)).await.unwrap();
+        assert_eq!(v.claims.repository_id.as_deref(), Some("892735111"));
+        assert_eq!(v.claims.repository.as_deref(), Some("acme/application"));
+
+        // A token whose id claims are missing takes them from the immutable subject.
+        let mut c = f.claims();
+        c["sub"] = json!("repo:acme@1342004/app@892735111:environment:prod");
+        c.as_object_mut().unwrap().remove("repository_id");
+        c.as_object_mut().unwrap().remove("repository_owner_id");
+        let v = f.verify(&f.sign(&c)).await.unwrap();
+        assert_eq!(
+            (v.claims.repository_owner_id.as_deref(), v.claims.repository_id.as_deref()),
+            (Some("1342004"), Some("892735111"))
+        );
+
+        // The subject and the claims naming different repositories is refused, saying which.
+        for (sub, field, why) in [
+            ("repo:acme@1342004/app@990000001:ref:refs/heads/main", "repository_id", "990000001"),
+            ("repo:evil@1342004/app@892735111:ref:refs/heads/main", "repository", "evil/app"),
+            ("repo:acme@77/app@892735111:ref:refs/heads/main", "repository_owner_id", "77"),
+            ("repo:acme/other:ref:refs/heads/main", "repository", "acme/other"),
+        ] {
+            let mut c = f.claims();
+            c["sub"] = json!(sub);
+            let err = f.verify(&f.sign(&c)).await.unwrap_err();
+            assert!(matches!(&err, OidcError::Malformed(m) if m.contains(field) && m.contains(why)), "{sub}: {err}");
+        }
+        // Neither format, or an id that is not one.
+        for sub in ["repo:acme@1342004/app:ref:refs/heads/main", "repo:acme/app@12x:ref:x", "repo:noslash:ref:x"] {
+            let mut c = f.claims();
+            c["sub"] = json!(sub);
+            assert!(matches!(f.verify(&f.sign(&c)).await.unwrap_err(), OidcError::Malformed(_)), "{sub}");
+        }
+        let mut c = f.claims();
+        c["repository_id"] = json!("12; DROP");
+        assert!(
+            matches!(f.verify(&f.sign(&c)).await.unwrap_err(), OidcError::Malformed(m) if m.contains("numeric id"))
+        );
+        // A customised subject template is not a `repo:` subject: nothing to compare.
+        let mut c = f.claims();
+        c["sub"] = json!("repository_owner_id:1342004:repository_id:892735111");
+        assert!(f.verify(&f.sign(&c)).await.is_ok());
+        // GitHub sends ids as strings; a number is read the same.
+        let mut c = f.claims();
+        c["repository_id"] = json!(892735111);
+        assert_eq!(f.verify(&f.sign(&c)).await.unwrap().claims.repository_id.as_deref(), Some("892735111"));
+    }
+
+    #[test]
+    fn github_subjects_parse_in_both_formats() {
+        assert_eq!(
+            GithubSubject::parse("repo:acme/app:ref:refs/heads/main").unwrap(),
+            Some(GithubSubject { owner: "acme", repo: "app", ids: None })
+        );
+        assert_eq!(
+            GithubSubject::parse("repo:acme@1342004/app.js@892735111:pull_request").unwrap(),
+            Some(GithubSubject { owner: "acme", repo: "app.js", ids: Some(("1342004", "892735111")) })
+        );
+        assert_eq!(GithubSubject::parse("project_path:acme/app:ref_type:branch:ref:main").unwrap(), None);
+        assert!(GithubSubject::parse("repo:/app:ref:x").is_err());
+        assert!(GithubSubject::parse("repo:acme@0123/app@1:ref:x").is_err(), "no leading zero");
+    }
+
+    #[tokio::test]
     async fn a_gitlab_token_is_mapped_to_the_same_shape() {
         let f = fixture();
         let mut c = f.claims();
@@ -568,7 +743,15 @@ mod tests {
         m.insert("ref".into(), json!("main"));
         m.insert("ref_protected".into(), json!("true"));
         m.insert("pipeline_id".into(), json!(77));
+        m.insert("project_id".into(), json!("4242"));
+        m.insert("namespace_id".into(), json!("77"));
+        m.insert("sub".into(), json!("project_path:acme/app:ref_type:branch:ref:main"));
+        m.remove("repository_id");
+        m.remove("repository_owner_id");
         let v = f.verify(&f.sign(&c)).await.unwrap();
+        assert_eq!((v.claims.project_id.as_deref(), v.claims.namespace_id.as_deref()), (Some("4242"), Some("77")));
+        assert!(v.selectors.iter().any(|s| s.as_str() == "oidc:project_id:4242"));
+        assert!(v.selectors.iter().any(|s| s.as_str() == "oidc:namespace_id:77"));
         assert_eq!(v.claims.repository.as_deref(), Some("acme/app"));
         assert_eq!(v.claims.git_ref.as_deref(), Some("refs/heads/main"));
         assert_eq!(v.claims.ref_protected.as_deref(), Some("true"));

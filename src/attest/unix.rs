@@ -7,6 +7,12 @@
 //! exited (even if its connection lives on in a child) or whose PID now names another
 //! process gets no selectors. This is the same approach as SPIRE's peer tracker, with a
 //! pidfd added.
+//!
+//! Credentials now, not at connect: SO_PEERCRED is what the caller was when it connected.
+//! At request time the real, effective, saved and filesystem uids and gids in
+//! /proc/<pid>/status (read through the same pinned directory fd) must all equal the
+//! connect-time uid and gid; a process that switched user since, or holds another user's
+//! id it could switch back to, gets no selectors.
 
 use std::fs::File;
 use std::io::Read;
@@ -178,6 +184,20 @@ impl Attestor for UnixAttestor {
             return Err(exited);
         }
 
+        let ids = read_at(&dir, "status")
+            .ok()
+            .and_then(|text| parse_ids(&text))
+            .ok_or_else(|| proc_err("status: no Uid/Gid lines".into()))?;
+        if !ids.all_are(peer.uid, peer.gid) {
+            return Err(AttestError::CredentialsChanged {
+                pid,
+                uid: peer.uid,
+                gid: peer.gid,
+                now_uids: ids.uids.map(|u| u.to_string()).join("/"),
+                now_gids: ids.gids.map(|g| g.to_string()).join("/"),
+            });
+        }
+
         let exe = rustix::fs::readlinkat(&dir, "exe", Vec::new())
             .map(|p| p.to_string_lossy().into_owned())
             .map_err(|e| proc_err(format!("exe: {e}")))?;
@@ -256,6 +276,29 @@ fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat { state: fields.first()?.chars().next()?, start_time: fields.get(19)?.parse().ok()? })
 }
 
+/// The `Uid:` and `Gid:` lines of /proc/<pid>/status: real, effective, saved, filesystem.
+#[derive(Debug, PartialEq, Eq)]
+struct Ids {
+    uids: [u32; 4],
+    gids: [u32; 4],
+}
+
+impl Ids {
+    fn all_are(&self, uid: u32, gid: u32) -> bool {
+        self.uids.iter().all(|u| *u == uid) && self.gids.iter().all(|g| *g == gid)
+    }
+}
+
+fn parse_ids(status: &str) -> Option<Ids> {
+    let four = |key: &str| -> Option<[u32; 4]> {
+        let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+        let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+        let out = [ids.next()??, ids.next()??, ids.next()??, ids.next()??];
+        ids.next().is_none().then_some(out)
+    };
+    Some(Ids { uids: four("Uid:")?, gids: four("Gid:")? })
+}
+
 fn has_exited(pidfd: &OwnedFd) -> bool {
     let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
@@ -293,6 +336,20 @@ mod tests {
         let s = parse_stat(line).unwrap();
         assert_eq!(s.state, 'S');
         assert_eq!(s.start_time, 424242);
+    }
+
+    #[test]
+    fn status_ids_are_read_and_must_all_match_the_connect_time_ones() {
+        let status = "Name:\tpython3\nUmask:\t0022\nUid:\t0\t65534\t65534\t65534\nGid:\t0\t0\t0\t0\nGroups:\t0\n";
+        let ids = parse_ids(status).unwrap();
+        assert_eq!(ids, Ids { uids: [0, 65534, 65534, 65534], gids: [0; 4] });
+        assert!(!ids.all_are(0, 0), "effective uid changed");
+        assert!(!ids.all_are(65534, 0), "the real uid is still root: it could switch back");
+        let same = parse_ids("Uid:\t1000\t1000\t1000\t1000\nGid:\t100\t100\t100\t100\n").unwrap();
+        assert!(same.all_are(1000, 100));
+        assert!(!same.all_are(1000, 101));
+        assert_eq!(parse_ids("Uid:\t1\t2\t3\nGid:\t1\t1\t1\t1\n"), None, "three fields is malformed");
+        assert_eq!(parse_ids("Name:\tx\n"), None);
     }
 
     #[test]

@@ -192,6 +192,7 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
                 tier: "standard".into(),
                 expires: time::macros::date!(2099 - 12 - 31),
                 selectors: Selectors::new(),
+                known_as: Selectors::new(),
             })
         })
         .collect::<Result<Vec<_>, _>>();

@@ -213,7 +213,13 @@ fn restart_required(running: &Config, next: &Config) -> Vec<String> {
         ("listen", listen(r) != listen(n)),
         ("ledger", differs(&r.ledger, &n.ledger)),
         ("ledger.checkpoint_*", differs(&r.checkpoint, &n.checkpoint)),
-        ("issuance", differs(&(r.default_ttl, r.jwt_ttl, r.max_ttl), &(n.default_ttl, n.jwt_ttl, n.max_ttl))),
+        (
+            "issuance",
+            differs(
+                &(r.default_ttl, r.jwt_ttl, r.max_ttl, r.min_ttl),
+                &(n.default_ttl, n.jwt_ttl, n.max_ttl, n.min_ttl),
+            ),
+        ),
         ("attestation.max_binary_bytes", r.max_binary_bytes != n.max_binary_bytes),
         ("aws", differs(&r.aws, &n.aws)),
         ("telemetry", telemetry(r) != telemetry(n)),

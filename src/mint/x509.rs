@@ -1,6 +1,8 @@
 //! X.509 SVIDs signed by the local CA (rcgen). The profile follows the X509-SVID standard:
 //! exactly one URI SAN (the SPIFFE ID), CA=false, digitalSignature (critical),
-//! serverAuth + clientAuth, a random 127-bit serial, not-after clamped to the CA's.
+//! serverAuth + clientAuth, a random 127-bit serial, not-after clamped to the CA's. Every
+//! certificate is first signed by the CA's lint twin and checked against that profile
+//! (`profile`), and only then signed for real; the signed TBS must equal the checked one.
 //!
 //! CA rotation: `rotate` makes a new CA the signer at once; the one it replaces stays in
 //! the trust bundle until every SVID it signed has expired, so nothing verifying against
@@ -13,6 +15,7 @@ use arc_swap::ArcSwap;
 use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
 use x509_parser::prelude::FromDer;
 
+use super::profile::{self, Violation};
 use super::{MintError, Minter, VerifiedCsr, X509Svid};
 use crate::keys::{CertificateAuthority, random_serial};
 use crate::policy::Grant;
@@ -43,6 +46,8 @@ impl VerifiedCsr {
 
 pub struct X509Minter {
     cas: ArcSwap<CaSet>,
+    /// `issuance.min_ttl`: no certificate lives shorter (a CA about to expire issues none).
+    min_lifetime: std::time::Duration,
 }
 
 /// The signing CA and the retired ones still trusted, each until its last SVID expires.
@@ -53,7 +58,16 @@ struct CaSet {
 
 impl X509Minter {
     pub fn new(ca: Arc<CertificateAuthority>) -> Self {
-        Self { cas: ArcSwap::from_pointee(CaSet { active: ca, retired: vec![] }) }
+        Self {
+            cas: ArcSwap::from_pointee(CaSet { active: ca, retired: vec![] }),
+            min_lifetime: std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// No certificate shorter than `min` (`issuance.min_ttl`); without it, one second.
+    pub fn with_min_lifetime(mut self, min: std::time::Duration) -> Self {
+        self.min_lifetime = min;
+        self
     }
 
     /// DER of the CA that signs new SVIDs.
@@ -131,7 +145,32 @@ impl Minter for X509Minter {
         params.not_before = now.into();
         params.not_after = not_after.into();
 
-        let cert = params.signed_by(&csr.public_key, ca.issuer()).map_err(|e| MintError::Signing(e.to_string()))?;
+        let sign_err = |e: rcgen::Error| MintError::Signing(e.to_string());
+        let violation = |v: Violation| match v {
+            Violation::TooShort { .. } => {
+                MintError::TooShort { identity: grant.identity().to_string(), why: v.to_string() }
+            }
+            Violation::Profile(why) => {
+                tracing::error!(identity = %grant.identity(), why, "pre-certificate broke the X509-SVID profile; nothing signed");
+                MintError::Profile { identity: grant.identity().to_string(), why }
+            }
+        };
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&csr.public_key);
+        let expected = profile::Expected {
+            leaf: profile::Leaf::Svid(grant.identity()),
+            ca_cert: ca.cert_der(),
+            spki: &spki,
+            serial: &serial,
+            not_before: crate::clock::unix_secs(now),
+            not_after_max: crate::clock::unix_secs(now + grant.ttl().as_duration()),
+            min_lifetime: self.min_lifetime.as_secs(),
+        };
+        // Why twice: the CA key signs only what the profile check has seen (Boulder's
+        // pre-signing lint); the lint twin's signature is thrown away.
+        let linted = params.signed_by(&csr.public_key, ca.lint_issuer()).map_err(sign_err)?;
+        profile::check(linted.der(), &expected).map_err(violation)?;
+        let cert = params.signed_by(&csr.public_key, ca.issuer()).map_err(sign_err)?;
+        profile::same_tbs(linted.der(), cert.der()).map_err(violation)?;
         let cert_der = cert.der().to_vec();
         let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert_der));
         Ok(X509Svid { cert_der, serial: hex::encode(serial), fingerprint, not_before: now, not_after })

@@ -201,6 +201,7 @@ mod tests {
             tier: "critical".into(),
             expires: time::macros::date!(2030 - 01 - 01),
             selectors: Default::default(),
+            known_as: Default::default(),
         };
         let ttl = Ttl::from_secs(3600).unwrap();
         let b = rules.grant("b", &entry, ttl);

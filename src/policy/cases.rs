@@ -52,6 +52,9 @@ pub struct Case {
     pub expect: String,
     /// The deciding rule ids, in any order (checked only when given).
     pub rules: Option<Vec<String>>,
+    /// Words the decision's explanation must contain (checked only when given): what a
+    /// refused caller and the ledger are told.
+    pub reason: Option<String>,
     /// The lifetime the grant must carry (checked only when given; allow only).
     pub granted_ttl: Option<String>,
     /// `issue_aws`: the session-policies/ names the session is scoped by (`[]`: none, the
@@ -158,9 +161,15 @@ fn check(engine: &Engine, inventory: &Inventory, case: &Case, default_now: Syste
                 let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
                 ("deny", format!("the selectors match several identities ({}); name one", ids.join(", ")), vec![], None)
             }
+            Lookup::NameReused { entry, pinned, presented } => {
+                ("deny", Lookup::name_reused_reason(entry, pinned, presented.as_ref()), vec![], None)
+            }
         };
     if decided != case.expect {
         return Err(format!("expected {}, decided {decided}: {explain}", case.expect));
+    }
+    if let Some(want) = case.reason.as_ref().filter(|w| !explain.contains(w.as_str())) {
+        return Err(format!("expected the reason to say `{want}`, it says: {explain}"));
     }
     if let Some(expected) = &case.rules {
         let (mut want, mut got) = (expected.clone(), rules);

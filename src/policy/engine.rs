@@ -544,6 +544,7 @@ mod tests {
             tier: "standard".into(),
             expires: time::macros::date!(2030 - 01 - 01),
             selectors: Selectors::new(),
+            known_as: Selectors::new(),
         }
     }
 

@@ -174,6 +174,7 @@ pub fn decide(release: &Release, r: &Recorded) -> Outcome {
                 tier: "experimental".into(),
                 expires: crate::clock::utc_date(r.at),
                 selectors: r.selectors.clone(),
+                known_as: Default::default(),
             };
             &dev_entry
         }
@@ -183,6 +184,9 @@ pub fn decide(release: &Release, r: &Recorded) -> Outcome {
         }
         (_, Lookup::Ambiguous(ids)) => {
             return denied(None, &format!("the caller matches several identities ({})", ids.len()));
+        }
+        (_, Lookup::NameReused { entry, pinned, presented }) => {
+            return denied(None, &Lookup::name_reused_reason(entry, pinned, presented.as_ref()));
         }
     };
     let decisions: Vec<Decision> = r
@@ -341,6 +345,9 @@ pub(crate) mod tests {
             subject: format!("repo:{repository}:ref:refs/heads/main"),
             repository: Some(repository.into()),
             repository_owner: Some("acme".into()),
+            // The shipped inventory pins acme/app on its immutable ids.
+            repository_id: (repository == "acme/app").then(|| "892735111".into()),
+            repository_owner_id: Some("1342004".into()),
             git_ref: Some("refs/heads/main".into()),
             event_name: Some(event_name.into()),
             ..OidcClaims::default()

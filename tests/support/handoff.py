@@ -5,6 +5,9 @@ mode "exit": the connecting process forks; it exits at once, and the grandchild 
   keeps the connection) waits until its parent is gone before handing the connection on.
   The daemon saw the pid of the process that exited: it must issue nothing.
 mode "stay": the connecting process stays alive while the test uses the connection.
+mode "drop": the connecting process (root) switches to nobody (65534) after connecting,
+  then stays alive while the test uses the connection. SO_PEERCRED still says root: the
+  daemon must see the switch and issue nothing.
 """
 import os
 import socket
@@ -27,6 +30,11 @@ if mode == "exit":
         control.recv(1)
         os._exit(0)
     os._exit(0)
+
+if mode == "drop":
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
 
 socket.send_fds(control, [b"x"], [conn.fileno()])
 control.recv(1)
