@@ -340,9 +340,83 @@ async fn every_bad_token_gets_401_a_recorded_denial_and_nothing_issued() {
         let (status, reply) = d.exchange(body).await;
         assert_eq!(status, 400, "{reply}");
     }
-    let huge = d.client().post(d.url("/v1/exchange")).body(vec![b'x'; 200 * 1024]).send().await.unwrap();
+    let huge = d
+        .client()
+        .post(d.url("/v1/exchange"))
+        .header("content-type", "application/json")
+        .body(vec![b'x'; 200 * 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(huge.status().as_u16(), 413);
-    assert_eq!(d.events().await.len(), before);
+    // A body that does not say it is JSON: 415, for the exchange and for proof checks.
+    let token = issuer.token(|_| {});
+    for (path, content_type) in [
+        ("/v1/exchange", "application/x-www-form-urlencoded"),
+        ("/v1/exchange", "text/plain"),
+        ("/v1/wpt/verify", "application/jsonx"),
+    ] {
+        let body = json!({ "token": token, "kind": "jwt", "audience": ARTIFACTS });
+        let reply = d
+            .client()
+            .post(d.url(path))
+            .header("content-type", content_type)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 415, "{path} as {content_type}");
+    }
+    // The charset parameter is allowed: the same token is then taken.
+    let reply = d
+        .client()
+        .post(d.url("/v1/exchange"))
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(json!({ "token": token, "kind": "jwt", "audience": ARTIFACTS }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    assert_eq!(d.events().await.len(), before + 2, "only the one taken request is decided and issued");
+    d.stop().await;
+}
+
+/// A declared length over the limit is refused from the request head: the client that never
+/// sends the 10 MB it announced still gets its 413, and the connection is not held open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declared_body_over_the_limit_is_413_before_any_of_it_arrives() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let issuer = Issuer::start().await;
+    let policies = policies_for(&issuer.url);
+    let d = TestDaemon::start(&issuer.url, &dir_path(&policies)).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(d.ca_pem.as_bytes()).unwrap()).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let port: u16 = d.url("").rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.write_all(
+        b"POST /v1/exchange HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 10000000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 64];
+    // The bound is how long the test waits for a refusal that needs no body, not a speed target.
+    let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut head))
+        .await
+        .expect("413 without the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     d.stop().await;
 }
 

@@ -128,7 +128,7 @@ check "break-glass report: a ledger not there is named" refused_with "no ledger 
 # A slow upload to the TLS listener is in flight when SIGTERM comes: the drain waits for it,
 # and meanwhile /readyz must answer 503 "draining".
 head -c 20000 /dev/zero | tr '\0' 'a' >"$op/slow.body"
-spawn curl -s --cacert "$op/data/ca.pem" --limit-rate 4k -o /dev/null -X POST --data-binary @"$op/slow.body" "https://127.0.0.1:$lport/v1/exchange"
+spawn curl -s --cacert "$op/data/ca.pem" --limit-rate 4k -o /dev/null -H "content-type: application/json" -X POST --data-binary @"$op/slow.body" "https://127.0.0.1:$lport/v1/exchange"
 slow_pid=$spawned
 sleep 0.5
 kill -TERM "$dev_pid"

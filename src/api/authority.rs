@@ -27,10 +27,22 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// The server's SETTINGS_MAX_FRAME_SIZE (HTTP/2 default; tonic does not change it).
+/// The server's SETTINGS_MAX_FRAME_SIZE (HTTP/2 default; tonic does not change it). A frame
+/// announcing more ends the connection before any of it is buffered (RFC 9113 §4.2).
 const MAX_FRAME: usize = 16_384;
 /// A header block (HEADERS + CONTINUATIONs) larger than this ends the connection.
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The server's SETTINGS_MAX_HEADER_LIST_SIZE (hyper's default, 16 KiB; tonic does not change
+/// it), counted as RFC 9113 §6.5.2 counts it: name + value + 32 octets per field. A block that
+/// decodes to more ends the connection, and no more than this is ever held decoded: HPACK
+/// lets a 1-byte reference stand for a 4 KiB table entry, so a 64 KiB block could otherwise
+/// decode to 256 MiB.
+const MAX_HEADER_LIST: usize = 16 * 1024;
+/// The HPACK dynamic table size the server allows (SETTINGS_HEADER_TABLE_SIZE, HTTP/2
+/// default). A size update above it ends the connection instead of growing the table.
+const MAX_TABLE: usize = 4096;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 8192;
 /// What grpc-go and tonic clients send as the authority on a Unix socket.
 const LOCAL_AUTHORITY: &[u8] = b"localhost";
 
@@ -57,13 +69,15 @@ pub struct AuthorityFix<S> {
 
 impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
+        let mut decoder = fluke_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(MAX_TABLE);
         Self {
             inner,
             input: Vec::new(),
             output: Vec::new(),
             preface_seen: false,
             pending: None,
-            decoder: fluke_hpack::Decoder::new(),
+            decoder,
             encoder: fluke_hpack::Encoder::new(),
             eof: false,
         }
@@ -93,6 +107,9 @@ impl<S> AuthorityFix<S> {
                 return Ok(());
             }
             let len = usize::from(self.input[0]) << 16 | usize::from(self.input[1]) << 8 | usize::from(self.input[2]);
+            if len > MAX_FRAME {
+                return Err(protocol("a frame larger than SETTINGS_MAX_FRAME_SIZE (16 KiB)"));
+            }
             if self.input.len() < FRAME_HEADER + len {
                 return Ok(());
             }
@@ -131,21 +148,30 @@ impl<S> AuthorityFix<S> {
     /// CONTINUATION) frames without padding.
     fn emit(&mut self, stream: u32, flags: u8, priority: Option<[u8; 5]>, block: &[u8]) -> io::Result<()> {
         let decoder = &mut self.decoder;
+        let mut fixed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut list_size = 0usize;
         // Why catch_unwind: the decoder panics on some malformed integers; a bad client must
         // lose its connection, not take a server task down with it.
-        let headers = std::panic::catch_unwind(AssertUnwindSafe(|| decoder.decode(block)))
-            .map_err(|_| protocol("malformed header block"))?
-            .map_err(|e| protocol(&format!("malformed header block: {e:?}")))?;
-        let fixed: Vec<(Vec<u8>, Vec<u8>)> = headers
-            .into_iter()
-            .map(|(name, value)| {
-                if name == b":authority" && Authority::try_from(value.as_slice()).is_err() {
-                    (name, LOCAL_AUTHORITY.to_vec())
-                } else {
-                    (name, value)
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            decoder.decode_with_cb(block, |name, value| {
+                // The table entries a field borrows are counted, never copied, past the limit.
+                list_size = list_size.saturating_add(name.len() + value.len() + 32);
+                if list_size > MAX_HEADER_LIST {
+                    return;
                 }
+                let value = if name.as_ref() == b":authority" && Authority::try_from(value.as_ref()).is_err() {
+                    LOCAL_AUTHORITY.to_vec()
+                } else {
+                    value.into_owned()
+                };
+                fixed.push((name.into_owned(), value));
             })
-            .collect();
+        }))
+        .map_err(|_| protocol("malformed header block"))?
+        .map_err(|e| protocol(&format!("malformed header block: {e:?}")))?;
+        if list_size > MAX_HEADER_LIST {
+            return Err(protocol("a header list larger than SETTINGS_MAX_HEADER_LIST_SIZE (16 KiB)"));
+        }
         let mut encoded = Vec::new();
         if let Some(p) = priority {
             encoded.extend_from_slice(&p);
@@ -211,7 +237,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 8192];
+            let mut chunk = [0u8; READ_CHUNK];
             let mut read = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
@@ -223,10 +249,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 }
                 Poll::Ready(Ok(())) => {
                     this.input.extend_from_slice(read.filled());
-                    if this.input.len() > MAX_HEADER_BLOCK + MAX_FRAME * 64 {
+                    this.process()?;
+                    // `process` takes every complete frame and refuses one announcing more
+                    // than MAX_FRAME, so what stays is part of one frame; checked all the same.
+                    if this.input.len() >= FRAME_HEADER + MAX_FRAME {
                         return Poll::Ready(Err(protocol("too much unprocessed input")));
                     }
-                    this.process()?;
                 }
             }
         }
@@ -369,5 +397,91 @@ mod tests {
         let mut out = Vec::new();
         let err = AuthorityFix::new(input.as_slice()).read_to_end(&mut out).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A literal field with incremental indexing and a new name, no Huffman coding.
+    fn indexed_literal(name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x40];
+        hpack_int(&mut out, 0x00, 7, name.len());
+        out.extend_from_slice(name);
+        hpack_int(&mut out, 0x00, 7, value.len());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn hpack_int(out: &mut Vec<u8>, first: u8, prefix: u32, mut n: usize) {
+        let max = (1usize << prefix) - 1;
+        if n < max {
+            out.push(first | n as u8);
+            return;
+        }
+        out.push(first | max as u8);
+        n -= max;
+        while n >= 128 {
+            out.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+
+    async fn refused(input: Vec<u8>) -> String {
+        let mut out = Vec::new();
+        let err = AuthorityFix::new(input.as_slice()).read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        err.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_frame_announcing_more_than_16_kib_is_refused_before_it_is_buffered() {
+        let mut input = PREFACE.to_vec();
+        // The frame header says 1 MiB; only its first bytes follow. The filter must not wait
+        // for (or keep) the rest.
+        input.extend_from_slice(&[0x10, 0x00, 0x00, HEADERS, END_HEADERS, 0, 0, 0, 1]);
+        input.extend_from_slice(&[0x82; 100]);
+        assert!(refused(input).await.contains("SETTINGS_MAX_FRAME_SIZE"));
+        // Any frame type: a DATA frame of 16 KiB + 1 is refused as well.
+        let mut input = PREFACE.to_vec();
+        write_frame_unchecked(&mut input, 0x0, 0, 1, MAX_FRAME + 1);
+        assert!(refused(input).await.contains("SETTINGS_MAX_FRAME_SIZE"));
+    }
+
+    fn write_frame_unchecked(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, len: usize) {
+        out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.resize(out.len() + len, 0);
+    }
+
+    #[tokio::test]
+    async fn a_block_of_references_to_a_large_entry_is_refused_at_the_header_list_limit() {
+        // One 4,000-byte entry in the dynamic table, then 16,000 one-byte references to it
+        // (index 62, the newest dynamic entry): 16 KiB on the wire, 64 MB decoded.
+        let mut block = indexed_literal(b"x-fill", &[b'a'; 4000]);
+        block.extend(std::iter::repeat_n(0x80 | 62, 16_000 - block.len()));
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, 0, 1, &block[..MAX_FRAME.min(block.len())]);
+        write_frame(&mut input, CONTINUATION, END_HEADERS, 1, &block[MAX_FRAME.min(block.len())..]);
+        assert!(refused(input).await.contains("SETTINGS_MAX_HEADER_LIST_SIZE"));
+    }
+
+    #[tokio::test]
+    async fn a_header_list_just_under_the_limit_passes() {
+        // Three references to a 4,000-byte entry: 3 × 4,038 + 4,038 ≈ 16 KB, under 16 KiB.
+        let mut block = vec![0x83, 0x86, 0x84]; // :method POST, :scheme http, :path /
+        block.extend(indexed_literal(b"x-fill", &[b'a'; 4000]));
+        block.extend([0x80 | 62, 0x80 | 62, 0x80 | 62]);
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, END_HEADERS, 1, &block);
+        let blocks = through_filter(input).await;
+        assert_eq!(blocks[0].iter().filter(|(n, _)| n == b"x-fill").count(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_table_size_update_above_4096_is_refused() {
+        let mut block = Vec::new();
+        hpack_int(&mut block, 0x20, 5, 1 << 20);
+        block.extend(indexed_literal(b"x-big", &[b'b'; 100]));
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, END_HEADERS, 1, &block);
+        assert!(refused(input).await.contains("malformed header block"));
     }
 }

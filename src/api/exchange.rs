@@ -104,16 +104,21 @@ impl ExchangeApi {
                 .prepare()
                 .into_axum_router()
                 .fallback(unknown_path);
-        Router::new()
+        let json_only = axum::middleware::from_fn(move |request, next| json_body(max_request_bytes, request, next));
+        let json_routes = Router::new()
             .route("/v1/exchange", post(http_exchange))
+            .route("/v1/wpt/verify", post(verify_wpt))
+            .route_layer(json_only)
+            .with_state(self.clone());
+        Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/.well-known/jwks.json", get(jwks))
             .route("/crl.der", get(crl_der))
             .route("/crl.pem", get(crl_pem))
             .route("/v1/introspect", post(introspect))
-            .route("/v1/wpt/verify", post(verify_wpt))
             .route("/v1/wit/jwks.json", get(wit_jwks))
             .with_state(self)
+            .merge(json_routes)
             .merge(grpc)
             .layer(DefaultBodyLimit::max(max_request_bytes))
     }
@@ -382,6 +387,43 @@ async fn http_break_glass(api: &ExchangeApi, token: &str, parsed: Asked, emergen
                 .into_response()
         }
     }
+}
+
+/// The JSON routes' gate, before any of the body is read: a declared length over the limit
+/// is 413 at once (the body limit alone would read up to the limit first), and a body that
+/// does not say it is JSON is 415.
+async fn json_body(
+    max_request_bytes: usize,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(max_request_bytes).unwrap_or(u64::MAX)) {
+        return Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::InvalidArgument,
+            "invalid_request",
+            format!("the body is over the limit of {max_request_bytes} bytes"),
+        )
+        .into_response();
+    }
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::InvalidArgument,
+            "invalid_request",
+            "the body must be JSON (content-type: application/json)",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// A path nothing serves: gRPC clients get UNIMPLEMENTED (as gRPC says), everyone else a

@@ -21,7 +21,7 @@ use super::spiffe::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::spiffe::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, Witsvid, WitsvidRequest, WitsvidResponse,
-    X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
 };
 use super::{invalid, status, wiped};
 use crate::attest::PeerInfo;
