@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod authority;
 pub mod broker;
+pub mod deadline;
 pub mod exchange;
 pub mod serve;
 pub mod wiped;
@@ -65,11 +66,27 @@ pub fn status(err: &IssueError) -> Status {
         IssueError::Aws(AwsMintError::Grant(_)) | IssueError::NoAws => Code::FailedPrecondition,
         IssueError::Aws(AwsMintError::Assertion(_)) => Code::Internal,
         IssueError::Stale { .. } => Code::Unavailable,
+        IssueError::Limited(limited) => return limited_status(limited),
     };
     if code == Code::Internal || code == Code::Unavailable {
         tracing::error!(error = %err, "issuance failed");
     }
     Status::new(code, err.to_string())
+}
+
+/// RESOURCE_EXHAUSTED with when to retry: `grpc-retry-pushback-ms` (gRPC's retry pushback,
+/// which gRPC clients with a retry policy honour) and `retry-after` (seconds, as HTTP says).
+pub fn limited_status(limited: &crate::limits::Limited) -> Status {
+    let mut status = Status::resource_exhausted(limited.to_string());
+    let ms = limited.retry_after.as_millis().max(1);
+    let secs = limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
+    if let Ok(v) = ms.to_string().parse() {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    if let Ok(v) = secs.max(1).to_string().parse() {
+        status.metadata_mut().insert("retry-after", v);
+    }
+    status
 }
 
 impl std::fmt::Debug for pb::AwsCredentials {

@@ -76,6 +76,11 @@ pub fn unix_secs(t: SystemTime) -> i64 {
     time::OffsetDateTime::from(t).unix_timestamp()
 }
 
+/// Unix milliseconds (0 before the epoch, saturating far after it).
+pub fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// The daemon's periodic tasks: ticks every `period` (a late tick is not caught up in a
 /// burst) until `stop` turns true.
 pub struct Ticker {

@@ -53,6 +53,28 @@ pub struct RawConfig {
     pub aws: Option<RawAws>,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`: what any one caller may take (see `limits::LimitsConfig` for each key).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub connections_per_uid: Option<usize>,
+    pub connections_per_address: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub max_in_flight: Option<usize>,
+    pub max_queued: Option<usize>,
+    pub queue_timeout: Option<String>,
+    pub in_flight_per_caller: Option<usize>,
+    pub rate_per_caller: Option<u32>,
+    pub burst_per_caller: Option<u32>,
+    pub refusal_window: Option<String>,
+    pub refusals_in_full: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -372,6 +394,8 @@ pub struct Config {
     /// Signed checkpoints of the ledger (`[ledger] checkpoint_*`); `None`: not published.
     pub checkpoint: Option<crate::ledger::checkpoint::CheckpointSettings>,
     pub telemetry: TelemetryConfig,
+    /// `[limits]`: connections, admission, rates, refusal counting.
+    pub limits: crate::limits::LimitsConfig,
     /// The file this was read from (a reload reads it again); `None` for `mayfly dev`.
     pub file: Option<PathBuf>,
 }
@@ -808,6 +832,7 @@ impl Config {
         if max_binary_bytes == 0 {
             return Err(key("attestation.max_binary_bytes")("must be positive".into()));
         }
+        let limits = limits(raw.limits)?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -842,6 +867,7 @@ impl Config {
             aws,
             checkpoint,
             telemetry,
+            limits,
             file: None,
         })
     }
@@ -1096,4 +1122,46 @@ mod tests {
         }
         assert!(parse(BASE).unwrap().aws.is_none(), "no [aws]: no AWS credentials served");
     }
+}
+
+/// `[limits]` over the defaults; every count at least 1, every duration positive.
+fn limits(raw: RawLimits) -> Result<crate::limits::LimitsConfig, ConfigError> {
+    let d = crate::limits::LimitsConfig::default();
+    let count = |k: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
+        match v {
+            Some(0) => Err(key(k)("must be at least 1".into())),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        }
+    };
+    let duration = |k: &'static str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) => Ttl::parse(&s).map(|t| t.as_duration()).map_err(|e| key(k)(e.to_string())),
+            None => Ok(default),
+        }
+    };
+    let rate = |k: &'static str, v: Option<u32>, default| match v {
+        Some(n) => std::num::NonZeroU32::new(n).ok_or_else(|| key(k)("must be at least 1".into())),
+        None => Ok(default),
+    };
+    Ok(crate::limits::LimitsConfig {
+        connections_per_uid: count("limits.connections_per_uid", raw.connections_per_uid, d.connections_per_uid)?,
+        connections_per_address: count(
+            "limits.connections_per_address",
+            raw.connections_per_address,
+            d.connections_per_address,
+        )?,
+        max_connections: count("limits.max_connections", raw.max_connections, d.max_connections)?,
+        header_timeout: duration("limits.header_timeout", raw.header_timeout, d.header_timeout)?,
+        idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
+        body_timeout: duration("limits.body_timeout", raw.body_timeout, d.body_timeout)?,
+        max_in_flight: count("limits.max_in_flight", raw.max_in_flight, d.max_in_flight)?,
+        max_queued: raw.max_queued.unwrap_or(d.max_queued),
+        queue_timeout: duration("limits.queue_timeout", raw.queue_timeout, d.queue_timeout)?,
+        in_flight_per_caller: count("limits.in_flight_per_caller", raw.in_flight_per_caller, d.in_flight_per_caller)?,
+        rate_per_caller: rate("limits.rate_per_caller", raw.rate_per_caller, d.rate_per_caller)?,
+        burst_per_caller: rate("limits.burst_per_caller", raw.burst_per_caller, d.burst_per_caller)?,
+        refusal_window: duration("limits.refusal_window", raw.refusal_window, d.refusal_window)?,
+        refusals_in_full: count("limits.refusals_in_full", raw.refusals_in_full, d.refusals_in_full)?,
+    })
 }

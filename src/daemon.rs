@@ -36,11 +36,13 @@ use crate::breakglass::{BreakGlassDesk, Elevated, ElevatedSink, EmergencyLog, Fi
 use crate::clock::Clock;
 use crate::cluster::{Cluster, Follower};
 use crate::config::{AwsMode, CaSource, Config};
+use crate::issue::refusals::RefusalLog;
 use crate::issue::{ExchangeSettings, Issuer, Minters, Parts};
 use crate::keys::{CertificateAuthority, JwtKey, KeyError, WIT_KEY_FILE};
 use crate::ledger::checkpoint::{CheckpointError, Checkpointer};
 use crate::ledger::event::{AwsEndpoint, DaemonStarted, DaemonStopped, Event, EventKind, Operator};
 use crate::ledger::{EventFilter, GroupCommitLedger, Ledger, LedgerError, LedgerRead};
+use crate::limits::Admission;
 use crate::mint::aws::AwsMinter;
 use crate::mint::jwt::Es256Minter;
 use crate::mint::rotation::KeyWatch;
@@ -147,6 +149,10 @@ pub struct Daemon {
     cluster: Option<Cluster>,
     /// Publishes signed checkpoints of this daemon's chain.
     checkpointer: Option<Arc<tokio::sync::Mutex<Checkpointer>>>,
+    /// Issuance admission (`[limits]`); its idle buckets are forgotten periodically.
+    admission: Arc<Admission>,
+    /// Refusals counted rather than written one by one.
+    refusals: Arc<RefusalLog>,
 }
 
 type ReloadRequests = mpsc::Receiver<tokio::sync::oneshot::Sender<crate::ledger::event::ConfigReloaded>>;
@@ -327,6 +333,9 @@ impl Daemon {
         })
         .with_metrics(metrics.clone())
         .with_min_ttl(config.min_ttl);
+        let admission = Arc::new(Admission::new(&config.limits));
+        let refusals = Arc::new(RefusalLog::new(config.limits.refusal_window, config.limits.refusals_in_full));
+        let issuer = issuer.with_limits(admission.clone(), refusals.clone());
         let issuer = Arc::new(match &cluster {
             Some(c) => issuer.with_freshness(Arc::new(c.clone())),
             None => issuer,
@@ -419,6 +428,8 @@ impl Daemon {
             reloads: mpsc::channel(4),
             cluster,
             checkpointer,
+            admission,
+            refusals,
         })
     }
 
@@ -476,6 +487,8 @@ impl Daemon {
             reloads,
             cluster,
             checkpointer,
+            admission,
+            refusals,
         } = self;
         let as_ledger = ledger.clone() as Arc<dyn Ledger>;
         let mut tasks = Tasks::new();
@@ -522,9 +535,29 @@ impl Daemon {
         );
         let routes = tonic::service::Routes::new(broker).add_service(workload_api);
         let timed = |listener| RequestMetricsLayer::new(metrics.clone(), listener);
+        // Client connections stay below the descriptor limit, less a reserve for the admin
+        // socket, health checks and the ledger.
+        let descriptors = crate::limits::raise_descriptor_limit();
+        let listener_limits = serve::ListenerLimits {
+            limits: config.limits.clone(),
+            max_connections: crate::limits::connections_within(descriptors, config.limits.max_connections),
+            metrics: metrics.clone(),
+        };
+        tracing::info!(
+            descriptors,
+            max_connections = listener_limits.max_connections,
+            "client connections bounded per listener"
+        );
         tasks.spawn(
             "workload socket",
-            serve::workload(listener, routes, config.request_timeout, timed("workload"), tasks.stop()),
+            serve::workload(
+                listener,
+                routes,
+                config.request_timeout,
+                timed("workload"),
+                listener_limits.clone(),
+                tasks.stop(),
+            ),
         );
         let tls_config = net.as_ref().map(|n| n.tls.clone());
 
@@ -541,11 +574,11 @@ impl Daemon {
             )
             .with_bundles(publisher.subscribe())
             .with_aws_ttl(aws_ttl);
-            let router = api
-                .router(listen.max_request_bytes)
-                .merge(crate::telemetry::health::routes(health.clone()))
+            let router = api.router(listen.max_request_bytes).merge(crate::telemetry::health::routes(health.clone()));
+            // gRPC framing adds 5 bytes a message to the limit on what it carries.
+            let router = serve::body_deadline(router, listen.max_request_bytes + 64, config.limits.body_timeout)
                 .layer(timed("tls"));
-            tasks.spawn("TLS listener", serve::tls(net.tcp, net.tls, router, tasks.stop()));
+            tasks.spawn("TLS listener", serve::tls(net.tcp, net.tls, router, listener_limits.clone(), tasks.stop()));
         }
         if let Some(listener) = admin {
             let responders = Arc::new(Desk {
@@ -654,6 +687,15 @@ impl Daemon {
             }
         }
 
+        {
+            let (admission, refusals, ledger, clock) =
+                (admission.clone(), refusals.clone(), as_ledger.clone(), clock.clone());
+            tasks.spawn(
+                "refusal counts",
+                ok(refusals.run(ledger, clock, tasks.stop(), move || admission.forget_idle())),
+            );
+        }
+
         // Every socket serves: tell the service manager (systemd Type=notify).
         notify::notify("READY=1");
         shutdown.await;
@@ -670,6 +712,12 @@ impl Daemon {
         if shadow.is_on() {
             let daemon = Operator { daemon: Some("stopping".into()), ..Operator::default() };
             let _ = shadow.stop(daemon, "the daemon stopped; shadow mode does not survive a restart").await;
+        }
+        // Refusals counted since the last aggregate, now that no request is in flight.
+        for aggregate in refusals.take_due(clock.now(), true) {
+            if let Err(e) = ledger.record(clock.now(), Event::Refusals(aggregate)).await {
+                tracing::error!(error = %e, "counted refusals could not be recorded at the stop");
+            }
         }
         let stopped = ledger.record(clock.now(), Event::DaemonStopped(DaemonStopped { clean: clean.is_ok() })).await;
         drop((issuer, desk, validator, shadow, emergency, policy, publisher, as_ledger, reader));

@@ -8,6 +8,7 @@
 //! in `validate`. Knows nothing of protobuf or sockets.
 
 mod commit;
+pub mod refusals;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,6 +20,7 @@ use crate::clock::{Clock, utc_date};
 use crate::identity::{InventoryEntry, Lookup, OidcClaims, Selectors, TrustDomain, Ttl, WorkloadId};
 use crate::ledger::event::{self, Caller as CallerRecord, IssuedDetails, Provenance, RequestRecord, ResourceRecord};
 use crate::ledger::{EventId, Ledger, LedgerError};
+use crate::limits::{Admission, Admitted, CallerKey, Limited};
 use crate::mint::aws::{AwsMintError, AwsMinter};
 use crate::mint::{JwtError, JwtMinter, MintError, Minter, VerifiedCsr, WitMinter};
 use crate::policy::shadow::Shadow;
@@ -69,6 +71,8 @@ pub enum IssueError {
     NoAws,
     #[error("this daemon's view of the shared state is {} s old (over ledger.max_staleness); nothing was issued", .age.as_secs())]
     Stale { age: std::time::Duration },
+    #[error(transparent)]
+    Limited(#[from] Limited),
 }
 
 /// How current this daemon's view of state other daemons share is (revocations, locks,
@@ -274,6 +278,10 @@ pub struct Issuer {
     freshness: Option<Arc<dyn Freshness>>,
     /// `issuance.min_ttl`: a grant shorter than this issues nothing.
     min_ttl: Ttl,
+    /// `[limits]`: admission before anything is done for a caller.
+    admission: Option<Arc<Admission>>,
+    /// Repeated refusals counted rather than written one by one.
+    refusals: Option<Arc<refusals::RefusalLog>>,
 }
 
 impl Issuer {
@@ -294,6 +302,8 @@ impl Issuer {
             metrics: None,
             freshness: None,
             min_ttl: Ttl::SECOND,
+            admission: None,
+            refusals: None,
         }
     }
 
@@ -313,6 +323,14 @@ impl Issuer {
         self
     }
 
+    /// Admits each request through `admission` (refusing what is over a bound) and counts
+    /// repeated refusals in `refusals` (see `issue::refusals`).
+    pub fn with_limits(mut self, admission: Arc<Admission>, refusals: Arc<refusals::RefusalLog>) -> Self {
+        self.admission = Some(admission);
+        self.refusals = Some(refusals);
+        self
+    }
+
     /// Refuses issuance while the view of the state shared with other daemons is stale.
     pub fn with_freshness(mut self, freshness: Arc<dyn Freshness>) -> Self {
         self.freshness = Some(freshness);
@@ -323,6 +341,7 @@ impl Issuer {
     pub async fn issue(&self, caller: Caller<'_>, req: IssueRequest) -> Result<Issued, IssueError> {
         let kind = req.ask.kind();
         self.serves(kind)?;
+        let _admitted = self.admit(caller).await?;
         let who = self.identify(caller, kind, req.ttl, &req.origin).await?;
         let auth = self.authorize(&who, &req.ask, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
         self.deliver(auth, req.ask, &req.origin, IssuedDetails::default(), false).await
@@ -331,6 +350,43 @@ impl Issuer {
     /// The X.509 CA certificates relying parties trust now.
     pub fn x509_bundle(&self) -> Vec<Vec<u8>> {
         self.minters.x509.x509_bundle()
+    }
+
+    /// Admission for the caller as the kernel or the network names it (uid, source address),
+    /// before anything is read or decided for it: `None` without `[limits]`.
+    pub(crate) async fn admit(&self, caller: Caller<'_>) -> Result<Option<Admitted<'_>>, IssueError> {
+        let Some(admission) = self.admission.as_deref() else { return Ok(None) };
+        let key = match caller {
+            Caller::Local(peer) => CallerKey::Uid(peer.uid),
+            Caller::Presented { remote, .. } => match CallerKey::address(remote) {
+                Some(key) => key,
+                None => return Ok(None),
+            },
+        };
+        match admission.admit(key.clone()).await {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(limited) => Err(self.limited(&key, limited)),
+        }
+    }
+
+    /// Takes a token of `key`'s bucket (a verified token's subject, an identity).
+    fn check_rate(&self, key: CallerKey) -> Result<(), IssueError> {
+        match self.admission.as_deref().map(|a| a.check_rate(&key)) {
+            Some(Err(limited)) => Err(self.limited(&key, limited)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a request a limit refused (metrics, and the ledger in aggregate).
+    fn limited(&self, key: &CallerKey, limited: Limited) -> IssueError {
+        tracing::debug!(caller = %key, limit = limited.kind.as_str(), "request refused by a limit");
+        if let Some(m) = &self.metrics {
+            m.limited(limited.kind.as_str());
+        }
+        if let Some(r) = &self.refusals {
+            r.on_limited(key, limited.kind, self.clock.now());
+        }
+        IssueError::Limited(limited)
     }
 
     /// Refuses at once (nothing decided) a kind this daemon is not configured to serve, or
@@ -389,15 +445,20 @@ impl Issuer {
             Caller::Presented { token, remote } => {
                 let exchange = self.exchange.as_ref().ok_or(IssueError::NoExchange)?;
                 match exchange.verifier.verify(token, self.clock.now()).await {
-                    Ok(t) => Ok(Identified {
-                        selectors: t.selectors,
-                        record: CallerRecord { oidc: Some(t.provenance.clone()), ..CallerRecord::default() },
-                        attestation: "oidc",
-                        oidc: Some(t.claims),
-                        dev_fallback: t.dev_fallback,
-                        provenance: Some(t.provenance),
-                        uid: None,
-                    }),
+                    Ok(t) => {
+                        if let (Some(issuer), Some(subject)) = (&t.provenance.issuer, &t.provenance.subject) {
+                            self.check_rate(CallerKey::Subject { issuer: issuer.clone(), subject: subject.clone() })?;
+                        }
+                        Ok(Identified {
+                            selectors: t.selectors,
+                            record: CallerRecord { oidc: Some(t.provenance.clone()), ..CallerRecord::default() },
+                            attestation: "oidc",
+                            oidc: Some(t.claims),
+                            dev_fallback: t.dev_fallback,
+                            provenance: Some(t.provenance),
+                            uid: None,
+                        })
+                    }
                     Err(e) => {
                         let record = CallerRecord {
                             remote: Some(remote.to_owned()),
@@ -484,6 +545,8 @@ impl Issuer {
                 return Err(err);
             }
         };
+        // Each identity's own bucket, however many processes or runners share it.
+        self.check_rate(CallerKey::Identity(entry.id.to_string()))?;
         if let Some(lock) = self.revocations.lock_for(&entry.id, now) {
             let err = IssueError::Locked { identity: entry.id.to_string(), reason: lock.reason };
             self.refuse(refusal(Some(&entry.id), err.to_string(), None)).await?;
@@ -609,9 +672,34 @@ impl Issuer {
     /// The one place a `decision` is written. A decision that carries its request is also
     /// decided under the shadow candidate, if there is one (never acted on).
     async fn record_decision(&self, decision: event::Decision, now: SystemTime) -> Result<EventId, LedgerError> {
-        let shadowed = self.shadow.is_on().then(|| decision.clone());
         let counted = self.metrics.as_ref().map(|m| (m.clone(), decision.outcome, decision.rules.clone()));
-        let id = self.ledger.record(now, event::Event::Decision(decision)).await?;
+        // A refusal this caller already has in full this window is counted, not written.
+        let repeat = self.refusals.as_deref().and_then(|log| {
+            let key = refusals::RefusalLog::key(&decision)?;
+            Some((log, key, refusals::RefusalLog::fingerprint(&decision)))
+        });
+        if let Some((log, key, fingerprint)) = &repeat
+            && let refusals::Verdict::Counted(first) = log.on_refusal(key, *fingerprint, now)
+        {
+            if let Some((metrics, outcome, rules)) = counted {
+                metrics.decision(outcome, &rules);
+                metrics.refusal_counted();
+            }
+            return Ok(first.unwrap_or_default());
+        }
+        let shadowed = self.shadow.is_on().then(|| decision.clone());
+        let id = match self.ledger.record(now, event::Event::Decision(decision)).await {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some((log, key, fingerprint)) = &repeat {
+                    log.forget(key, *fingerprint);
+                }
+                return Err(e);
+            }
+        };
+        if let Some((log, key, fingerprint)) = &repeat {
+            log.recorded(key, *fingerprint, id);
+        }
         if let Some((metrics, outcome, rules)) = counted {
             metrics.decision(outcome, &rules);
         }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod issue;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod mint;
 pub mod policy;
 pub mod revoke;

@@ -94,6 +94,22 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    listener: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: String,
 }
@@ -136,6 +152,10 @@ pub struct Metrics {
     break_glass_pending: Gauge,
     break_glass_steps: Family<StageLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    limited: Family<LimitLabels, Counter>,
+    connections_refused: Family<ConnectionLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
+    refusals_counted: Counter,
     process: process::ProcessMetrics,
     samplers: Mutex<Vec<Sampler>>,
 }
@@ -292,6 +312,26 @@ impl Metrics {
             "AWS STS calls, by call and outcome (ok, or the AWS error code; retries counted each)",
             Family::default(),
         );
+        let limited = reg(
+            &mut r,
+            "mayfly_limited",
+            "Requests refused by a limit before anything was decided, by limit (rate, caller_busy, busy)",
+            Family::default(),
+        );
+        let connections_refused = reg(
+            &mut r,
+            "mayfly_connections_refused",
+            "Connections closed at accept or before their first request, by listener and reason (per_caller, total, header_timeout, idle_timeout)",
+            Family::default(),
+        );
+        let connections_open =
+            reg(&mut r, "mayfly_connections_open", "Client connections open now, by listener.", Family::default());
+        let refusals_counted = reg(
+            &mut r,
+            "mayfly_refusals_counted",
+            "Refusals counted in a refusals event rather than written one by one (repeats within the window)",
+            Counter::default(),
+        );
         let break_glass_pending = reg(
             &mut r,
             "mayfly_break_glass_pending",
@@ -334,6 +374,10 @@ impl Metrics {
             break_glass_pending,
             break_glass_steps,
             reloads,
+            limited,
+            connections_refused,
+            connections_open,
+            refusals_counted,
             process,
             samplers: Mutex::new(Vec::new()),
         }
@@ -392,6 +436,30 @@ impl Metrics {
     }
 
     /// `result`: `applied`, `partial` or `failed`.
+    /// A request a limit refused (`limits::LimitKind`).
+    pub fn limited(&self, limit: &'static str) {
+        self.limited.get_or_create(&LimitLabels { limit: limit.into() }).inc();
+    }
+
+    /// A connection closed at accept or before its first request.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ConnectionLabels { listener: listener.into(), reason: reason.into() })
+            .inc();
+    }
+
+    /// Client connections open now on `listener`.
+    pub fn connections_open(&self, listener: &'static str, open: usize) {
+        self.connections_open
+            .get_or_create(&ListenerLabels { listener: listener.into() })
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// A refusal counted rather than written (a repeat within its window).
+    pub fn refusal_counted(&self) {
+        self.refusals_counted.inc();
+    }
+
     pub fn reloaded(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result: result.into() }).inc();
     }

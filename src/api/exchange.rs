@@ -204,11 +204,23 @@ pub struct Rejection {
     grpc: Code,
     error: &'static str,
     reason: String,
+    /// Whole seconds to wait (a limit refused the request): `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl Rejection {
     fn new(http: StatusCode, grpc: Code, error: &'static str, reason: impl Into<String>) -> Self {
-        Self { http, grpc, error, reason: reason.into() }
+        Self { http, grpc, error, reason: reason.into(), retry_after: None }
+    }
+
+    fn status(self) -> tonic::Status {
+        let mut status = tonic::Status::new(self.grpc, self.reason);
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = secs.to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after", v);
+        }
+        status
     }
 
     fn invalid(field: &str, why: impl std::fmt::Display) -> Self {
@@ -225,9 +237,11 @@ impl Rejection {
             Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request"),
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Code::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),
+            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        Self { http, grpc: s.code(), error, reason: s.message().to_owned() }
+        let retry_after = s.metadata().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        Self { http, grpc: s.code(), error, reason: s.message().to_owned(), retry_after }
     }
 }
 
@@ -238,6 +252,9 @@ impl IntoResponse for Rejection {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        }
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -607,7 +624,7 @@ impl Exchange for ExchangeApi {
     async fn exchange(&self, request: tonic::Request<PbRequest>) -> Result<tonic::Response<PbResponse>, tonic::Status> {
         let remote = request.extensions().get::<RemoteAddr>().map(|r| r.0.clone()).unwrap_or_default();
         let req = request.into_inner();
-        let to_status = |r: Rejection| tonic::Status::new(r.grpc, r.reason);
+        let to_status = Rejection::status;
         let opt = |s: String| if s.is_empty() { None } else { Some(s) };
         let csr = if req.csr.is_empty() { None } else { Some(req.csr.as_slice()) };
         let parsed =

@@ -14,10 +14,13 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use super::authority::AuthorityFix;
+use super::deadline::{OnTimeout, ReadDeadline};
 use super::exchange::RemoteAddr;
 use crate::attest::PeerStream;
 use crate::config::TlsSource;
 use crate::keys::CertificateAuthority;
+use crate::limits::{CallerKey, Connections, LimitsConfig};
+use crate::telemetry::Metrics;
 use crate::telemetry::layer::RequestMetricsLayer;
 
 /// The TLS listener's server configuration, swapped whole on a reload: a handshake uses
@@ -28,6 +31,8 @@ pub type TlsConfig = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// A TLS handshake that has not finished after this long is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an accept loop waits after a failed accept (e.g. no descriptor left).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -37,27 +42,102 @@ pub enum ServeError {
     Listen { address: String, why: String },
 }
 
+/// What the listeners bound for every caller (`[limits]`), and where they count refusals.
+#[derive(Clone)]
+pub struct ListenerLimits {
+    pub limits: LimitsConfig,
+    /// Each listener's connection total (within the descriptor limit, see `limits`).
+    pub max_connections: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ListenerLimits {
+    fn on_timeout(&self, listener: &'static str) -> OnTimeout {
+        let metrics = self.metrics.clone();
+        Arc::new(move |which| metrics.connection_refused(listener, which))
+    }
+}
+
 /// Serves the workload socket: `mayfly.v1` and the SPIFFE Workload API. Why the
 /// authority filter: gRPC C-core clients (py-spiffe) send the socket path as :authority,
-/// which the HTTP/2 server would reject; see `api::authority`.
+/// which the HTTP/2 server would reject; see `api::authority`. Each connection counts
+/// against its uid's share (`limits.connections_per_uid`) and the socket's total, and is
+/// under the header and idle deadlines (`api::deadline`); the server pings every quarter
+/// of the idle timeout, which live clients answer.
 pub async fn workload(
     listener: UnixListener,
     routes: tonic::service::Routes,
     request_timeout: Duration,
     metrics: RequestMetricsLayer,
+    limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(|s| AuthorityFix::new(PeerStream::new(s))));
-    tonic::transport::Server::builder()
+    let connections = Connections::new(limits.limits.connections_per_uid, limits.max_connections);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<AuthorityFix<ReadDeadline<PeerStream>>>>(16);
+    let accept_stop = stop.clone();
+    let accepting = tokio::spawn(accept_workload(listener, connections, limits.clone(), tx, accept_stop));
+    let idle = limits.limits.idle_timeout;
+    let served = tonic::transport::Server::builder()
         .timeout(request_timeout)
         .concurrency_limit_per_connection(64)
+        .http2_keepalive_interval(Some((idle / 4).max(Duration::from_secs(1))))
+        .http2_keepalive_timeout(Some((idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(20))))
         .layer(metrics)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async move {
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    accepting.abort();
+    served
+}
+
+/// Accepts workload-socket connections: the uid from SO_PEERCRED decides the share it
+/// counts against before anything else is done for it (a refused connection is closed at
+/// once). An accept error (descriptors exhausted) backs off rather than spinning.
+async fn accept_workload(
+    listener: UnixListener,
+    connections: Arc<Connections>,
+    limits: ListenerLimits,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<AuthorityFix<ReadDeadline<PeerStream>>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let on_timeout = limits.on_timeout("workload");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on the workload socket failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let slot = match connections.admit(CallerKey::Uid(uid)) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                tracing::debug!(uid, reason = refused.as_str(), "workload connection refused");
+                limits.metrics.connection_refused("workload", refused.as_str());
+                continue;
+            }
+        };
+        limits.metrics.connections_open("workload", connections.open());
+        let conn = ReadDeadline::new(
+            PeerStream::new(stream),
+            limits.limits.header_timeout,
+            limits.limits.idle_timeout,
+            Some(slot),
+            Some(on_timeout.clone()),
+        );
+        if tx.send(Ok(AuthorityFix::new(conn))).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Serves the admin socket (0600): responders and operators.
@@ -81,24 +161,42 @@ pub async fn admin(
 }
 
 /// Accepts TLS connections until `stop`, then lets in-flight requests finish (bounded).
+///
+/// Each connection counts against its source address's share
+/// (`limits.connections_per_address`) and the listener's total; the handshake, the request
+/// head, an idle connection and a request body are each under a deadline.
 pub async fn tls(
     tcp: tokio::net::TcpListener,
     config: TlsConfig,
     router: axum::Router,
+    limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Connections::new(limits.limits.connections_per_address, limits.max_connections);
+    let on_timeout = limits.on_timeout("tls");
+    let (header_timeout, idle_timeout) = (limits.limits.header_timeout, limits.limits.idle_timeout);
     loop {
         tokio::select! {
             accepted = tcp.accept() => {
                 let (tcp, remote) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept on the TLS listener failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tracing::warn!(error = %e, "accept on the TLS listener failed; backing off");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
+                let slot = match connections.admit(CallerKey::Address(remote.ip())) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        tracing::debug!(%remote, reason = refused.as_str(), "TLS connection refused");
+                        limits.metrics.connection_refused("tls", refused.as_str());
+                        continue;
+                    }
+                };
+                limits.metrics.connections_open("tls", connections.open());
+                let tcp = ReadDeadline::new(tcp, TLS_HANDSHAKE_TIMEOUT.min(header_timeout), idle_timeout, Some(slot), Some(on_timeout.clone()));
                 let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
                 let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
                 let watcher = graceful.watcher();
@@ -112,8 +210,13 @@ pub async fn tls(
                         Err(_) => return,
                     };
                     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
-                    builder.http2().max_concurrent_streams(64);
+                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+                    builder
+                        .http2()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .max_concurrent_streams(64)
+                        .keep_alive_interval(Some((idle_timeout / 4).max(Duration::from_secs(1))))
+                        .keep_alive_timeout((idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(20)));
                     let service = hyper_util::service::TowerToHyperService::new(service);
                     let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(connection).await {
@@ -235,4 +338,60 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| fail(e.to_string()))?;
     Ok(listener)
+}
+
+/// Request bodies on the TLS listener must arrive whole within `timeout` (a client
+/// trickling a body holds a connection and a task for no longer), and a declared length
+/// over `max_bytes` is refused from the request head. The body is then handed on in full
+/// (bounded by `max_bytes`).
+pub fn body_deadline(router: axum::Router, max_bytes: usize, timeout: Duration) -> axum::Router {
+    use axum::http::{Method, StatusCode, header};
+    use axum::response::IntoResponse;
+    let refuse = |status: StatusCode, reason: String| {
+        (status, axum::Json(serde_json::json!({ "error": "invalid_request", "reason": reason }))).into_response()
+    };
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if request.method() != Method::POST {
+                return next.run(request).await;
+            }
+            let declared = request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > u64::try_from(max_bytes).unwrap_or(u64::MAX)) {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is over the limit of {max_bytes} bytes"),
+                );
+            }
+            let (parts, body) = request.into_parts();
+            match tokio::time::timeout(timeout, axum::body::to_bytes(body, max_bytes)).await {
+                Ok(Ok(bytes)) => {
+                    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+                }
+                Ok(Err(e)) if over_limit(&e) => {
+                    refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over the limit of {max_bytes} bytes"))
+                }
+                Ok(Err(_)) => refuse(StatusCode::BAD_REQUEST, "the body could not be read".into()),
+                Err(_) => refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {} s (limits.body_timeout)", timeout.as_secs()),
+                ),
+            }
+        },
+    ))
+}
+
+/// Whether reading a body failed on its length limit (not on the client going away).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

@@ -223,6 +223,7 @@ fn restart_required(running: &Config, next: &Config) -> Vec<String> {
         ("attestation.max_binary_bytes", r.max_binary_bytes != n.max_binary_bytes),
         ("aws", differs(&r.aws, &n.aws)),
         ("telemetry", telemetry(r) != telemetry(n)),
+        ("limits", r.limits != n.limits),
         ("break_glass (other than approvers)", differs(&bg(r), &bg(n))),
     ]
     .into_iter()

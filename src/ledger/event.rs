@@ -122,6 +122,10 @@ events! {
     AwsDenyRemoved(AwsDenyRemoved) = "aws_deny_removed",
     /// A reload (SIGHUP): what was applied, what needs a restart, what failed.
     ConfigReloaded(ConfigReloaded) = "config_reloaded",
+    /// One caller's refusals of one window that were counted rather than written one by
+    /// one: repeats of refusals recorded in full, the ones beyond those, and requests a
+    /// limit refused (`issue::refusals`).
+    Refusals(Refusals) = "refusals",
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -775,6 +779,33 @@ pub struct AwsEndpoint {
 #[serde(default)]
 pub struct DaemonStopped {
     pub clean: bool,
+}
+
+/// Refusals of one caller within one window, counted (see `Event::Refusals`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Refusals {
+    /// Who: `uid N`, `address A`, `subject S of I` (a verified id-token).
+    pub caller: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The window, Unix milliseconds.
+    pub since_ms: i64,
+    pub until_ms: i64,
+    /// Refusals that repeated one recorded in full (its `decision` event), by that event.
+    pub repeats: Vec<RefusalRepeats>,
+    /// Distinct refusals beyond the ones recorded in full, counted only.
+    pub unrecorded: u64,
+    /// Requests a limit refused before anything was decided, by limit (`rate`,
+    /// `caller_busy`, `busy`).
+    pub limited: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefusalRepeats {
+    pub decision: EventId,
+    pub count: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
