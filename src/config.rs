@@ -976,6 +976,48 @@ fn wit_config(
     Ok(WitConfig { key: raw.key, issuer, ttl, proof_max_lifetime: window.as_duration(), replay_cache_entries })
 }
 
+/// `[limits]` over the defaults; every count at least 1, every duration positive.
+fn limits(raw: RawLimits) -> Result<crate::limits::LimitsConfig, ConfigError> {
+    let d = crate::limits::LimitsConfig::default();
+    let count = |k: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
+        match v {
+            Some(0) => Err(key(k)("must be at least 1".into())),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        }
+    };
+    let duration = |k: &'static str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) => Ttl::parse(&s).map(|t| t.as_duration()).map_err(|e| key(k)(e.to_string())),
+            None => Ok(default),
+        }
+    };
+    let rate = |k: &'static str, v: Option<u32>, default| match v {
+        Some(n) => std::num::NonZeroU32::new(n).ok_or_else(|| key(k)("must be at least 1".into())),
+        None => Ok(default),
+    };
+    Ok(crate::limits::LimitsConfig {
+        connections_per_uid: count("limits.connections_per_uid", raw.connections_per_uid, d.connections_per_uid)?,
+        connections_per_address: count(
+            "limits.connections_per_address",
+            raw.connections_per_address,
+            d.connections_per_address,
+        )?,
+        max_connections: count("limits.max_connections", raw.max_connections, d.max_connections)?,
+        header_timeout: duration("limits.header_timeout", raw.header_timeout, d.header_timeout)?,
+        idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
+        body_timeout: duration("limits.body_timeout", raw.body_timeout, d.body_timeout)?,
+        max_in_flight: count("limits.max_in_flight", raw.max_in_flight, d.max_in_flight)?,
+        max_queued: raw.max_queued.unwrap_or(d.max_queued),
+        queue_timeout: duration("limits.queue_timeout", raw.queue_timeout, d.queue_timeout)?,
+        in_flight_per_caller: count("limits.in_flight_per_caller", raw.in_flight_per_caller, d.in_flight_per_caller)?,
+        rate_per_caller: rate("limits.rate_per_caller", raw.rate_per_caller, d.rate_per_caller)?,
+        burst_per_caller: rate("limits.burst_per_caller", raw.burst_per_caller, d.burst_per_caller)?,
+        refusal_window: duration("limits.refusal_window", raw.refusal_window, d.refusal_window)?,
+        refusals_in_full: count("limits.refusals_in_full", raw.refusals_in_full, d.refusals_in_full)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1055,6 +1097,23 @@ mod tests {
     }
 
     #[test]
+    fn limits_default_when_absent_and_a_bad_value_names_its_key() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.limits, crate::limits::LimitsConfig::default());
+        let set = parse(&format!("{BASE}\n[limits]\nconnections_per_uid = 8\nrefusal_window = \"2m\"\n")).unwrap();
+        assert_eq!((set.limits.connections_per_uid, set.limits.refusal_window.as_secs()), (8, 120));
+        for (text, k) in [
+            ("connections_per_uid = 0\n", "limits.connections_per_uid"),
+            ("rate_per_caller = 0\n", "limits.rate_per_caller"),
+            ("body_timeout = \"soon\"\n", "limits.body_timeout"),
+            ("per_uid = 3\n", "per_uid"),
+        ] {
+            let err = parse(&format!("{BASE}\n[limits]\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(k), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         assert!(parse(BASE).is_ok());
         let unknown = format!("{BASE}\n[issuance]\nmax_tll = \"1h\"\n");
@@ -1122,46 +1181,4 @@ mod tests {
         }
         assert!(parse(BASE).unwrap().aws.is_none(), "no [aws]: no AWS credentials served");
     }
-}
-
-/// `[limits]` over the defaults; every count at least 1, every duration positive.
-fn limits(raw: RawLimits) -> Result<crate::limits::LimitsConfig, ConfigError> {
-    let d = crate::limits::LimitsConfig::default();
-    let count = |k: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
-        match v {
-            Some(0) => Err(key(k)("must be at least 1".into())),
-            Some(n) => Ok(n),
-            None => Ok(default),
-        }
-    };
-    let duration = |k: &'static str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-        match v {
-            Some(s) => Ttl::parse(&s).map(|t| t.as_duration()).map_err(|e| key(k)(e.to_string())),
-            None => Ok(default),
-        }
-    };
-    let rate = |k: &'static str, v: Option<u32>, default| match v {
-        Some(n) => std::num::NonZeroU32::new(n).ok_or_else(|| key(k)("must be at least 1".into())),
-        None => Ok(default),
-    };
-    Ok(crate::limits::LimitsConfig {
-        connections_per_uid: count("limits.connections_per_uid", raw.connections_per_uid, d.connections_per_uid)?,
-        connections_per_address: count(
-            "limits.connections_per_address",
-            raw.connections_per_address,
-            d.connections_per_address,
-        )?,
-        max_connections: count("limits.max_connections", raw.max_connections, d.max_connections)?,
-        header_timeout: duration("limits.header_timeout", raw.header_timeout, d.header_timeout)?,
-        idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
-        body_timeout: duration("limits.body_timeout", raw.body_timeout, d.body_timeout)?,
-        max_in_flight: count("limits.max_in_flight", raw.max_in_flight, d.max_in_flight)?,
-        max_queued: raw.max_queued.unwrap_or(d.max_queued),
-        queue_timeout: duration("limits.queue_timeout", raw.queue_timeout, d.queue_timeout)?,
-        in_flight_per_caller: count("limits.in_flight_per_caller", raw.in_flight_per_caller, d.in_flight_per_caller)?,
-        rate_per_caller: rate("limits.rate_per_caller", raw.rate_per_caller, d.rate_per_caller)?,
-        burst_per_caller: rate("limits.burst_per_caller", raw.burst_per_caller, d.burst_per_caller)?,
-        refusal_window: duration("limits.refusal_window", raw.refusal_window, d.refusal_window)?,
-        refusals_in_full: count("limits.refusals_in_full", raw.refusals_in_full, d.refusals_in_full)?,
-    })
 }

@@ -667,3 +667,28 @@ impl Exchange for ExchangeApi {
         Ok(tonic::Response::new(PbResponse { lifetime, ..reply }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limits::{LimitKind, Limited};
+
+    #[test]
+    fn a_limited_request_is_429_with_retry_after_and_resource_exhausted_with_pushback() {
+        let err = IssueError::Limited(Limited { kind: LimitKind::Rate, retry_after: Duration::from_millis(1500) });
+        let status = status(&err);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "1500");
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "2", "whole seconds, rounded up");
+        let response = Rejection::from_issue(&err).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "2");
+        let grpc = Rejection::from_issue(&err).status();
+        assert_eq!(
+            (grpc.code(), grpc.metadata().get("retry-after").unwrap().to_str().unwrap()),
+            (Code::ResourceExhausted, "2")
+        );
+    }
+}

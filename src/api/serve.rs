@@ -73,6 +73,8 @@ pub async fn workload(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let connections = Connections::new(limits.limits.connections_per_uid, limits.max_connections);
+    let counted = Arc::downgrade(&connections);
+    limits.metrics.sample_with(move |m| m.connections_open("workload", counted.upgrade().map_or(0, |c| c.open())));
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<AuthorityFix<ReadDeadline<PeerStream>>>>(16);
     let accept_stop = stop.clone();
     let accepting = tokio::spawn(accept_workload(listener, connections, limits.clone(), tx, accept_stop));
@@ -126,7 +128,6 @@ async fn accept_workload(
                 continue;
             }
         };
-        limits.metrics.connections_open("workload", connections.open());
         let conn = ReadDeadline::new(
             PeerStream::new(stream),
             limits.limits.header_timeout,
@@ -174,6 +175,8 @@ pub async fn tls(
 ) -> Result<(), String> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Connections::new(limits.limits.connections_per_address, limits.max_connections);
+    let counted = Arc::downgrade(&connections);
+    limits.metrics.sample_with(move |m| m.connections_open("tls", counted.upgrade().map_or(0, |c| c.open())));
     let on_timeout = limits.on_timeout("tls");
     let (header_timeout, idle_timeout) = (limits.limits.header_timeout, limits.limits.idle_timeout);
     loop {
@@ -195,7 +198,6 @@ pub async fn tls(
                         continue;
                     }
                 };
-                limits.metrics.connections_open("tls", connections.open());
                 let tcp = ReadDeadline::new(tcp, TLS_HANDSHAKE_TIMEOUT.min(header_timeout), idle_timeout, Some(slot), Some(on_timeout.clone()));
                 let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
                 let service = router.clone().layer(axum::Extension(RemoteAddr(remote.to_string())));
