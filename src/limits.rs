@@ -38,7 +38,8 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
     /// A TLS request body must have arrived whole within this.
     pub body_timeout: Duration,
-    /// Issuances running at once, daemon-wide.
+    /// Issuances running at once, daemon-wide (default 8 per CPU: issuance is CPU-bound
+    /// beyond the ledger's commit waits, so more only lengthens everyone's latency).
     pub max_in_flight: usize,
     /// Issuances waiting for a running slot; beyond this, RESOURCE_EXHAUSTED at once.
     pub max_queued: usize,
@@ -65,7 +66,7 @@ impl Default for LimitsConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             body_timeout: Duration::from_secs(10),
-            max_in_flight: 128,
+            max_in_flight: 8 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             max_queued: 256,
             queue_timeout: Duration::from_secs(1),
             in_flight_per_caller: 32,
@@ -234,35 +235,88 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Issuance admission: token buckets per caller, a per-caller share of the running and
-/// waiting requests, and a bounded wait for one of `max_in_flight` running slots.
+/// Issuance admission: token buckets per caller, a per-caller share of the requests running
+/// or waiting, and a bounded wait for one of `max_in_flight` running slots. Freed slots go
+/// to the waiting callers in turn (round robin), not first come first served, so a caller
+/// with many requests waiting delays another caller by at most one slot's turn.
 pub struct Admission {
-    running: tokio::sync::Semaphore,
-    waiting: AtomicUsize,
+    max_running: usize,
     max_queued: usize,
     queue_timeout: Duration,
     per_caller: usize,
-    in_flight: Mutex<HashMap<CallerKey, usize>>,
+    queue: Mutex<Queue>,
     buckets: DefaultKeyedRateLimiter<CallerKey>,
     clock: DefaultClock,
 }
 
+#[derive(Default)]
+struct Queue {
+    running: usize,
+    waiting: usize,
+    /// Requests running or waiting, per caller.
+    held: HashMap<CallerKey, usize>,
+    /// Each caller's waiters, oldest first: (id, wake-up).
+    waiters: HashMap<CallerKey, std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>>,
+    /// Callers with waiters, in the order their turn comes.
+    turn: std::collections::VecDeque<CallerKey>,
+    next_id: u64,
+}
+
+impl Queue {
+    fn unhold(&mut self, key: &CallerKey) {
+        if let Some(held) = self.held.get_mut(key) {
+            *held -= 1;
+            if *held == 0 {
+                self.held.remove(key);
+            }
+        }
+    }
+
+    /// Gives a free slot to the next caller in turn that still waits.
+    fn hand_over(&mut self) {
+        while let Some(key) = self.turn.pop_front() {
+            let Some(queue) = self.waiters.get_mut(&key) else { continue };
+            let Some((_, wake)) = queue.pop_front() else {
+                self.waiters.remove(&key);
+                continue;
+            };
+            if queue.is_empty() {
+                self.waiters.remove(&key);
+            } else {
+                self.turn.push_back(key.clone());
+            }
+            self.waiting -= 1;
+            if wake.send(()).is_ok() {
+                self.running += 1;
+                return;
+            }
+            // The waiter went away (its request was dropped): its place is free too.
+            self.unhold(&key);
+        }
+    }
+}
+
 /// An admitted request: holds its running slot and its caller's share until dropped.
 pub struct Admitted<'a> {
-    _share: CallerShare<'a>,
-    _running: tokio::sync::SemaphorePermit<'a>,
+    admission: &'a Admission,
+    key: CallerKey,
+}
+
+impl fmt::Debug for Admitted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admitted").field("key", &self.key).finish()
+    }
 }
 
 impl Admission {
     pub fn new(config: &LimitsConfig) -> Self {
         let quota = Quota::per_second(config.rate_per_caller).allow_burst(config.burst_per_caller);
         Self {
-            running: tokio::sync::Semaphore::new(config.max_in_flight.max(1)),
-            waiting: AtomicUsize::new(0),
+            max_running: config.max_in_flight.max(1),
             max_queued: config.max_queued,
             queue_timeout: config.queue_timeout,
             per_caller: config.in_flight_per_caller.max(1),
-            in_flight: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue::default()),
             buckets: RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
         }
@@ -276,41 +330,66 @@ impl Admission {
         })
     }
 
-    /// Admits one request of `key`: its bucket, its share, then a running slot (waiting at
-    /// most `queue_timeout`, and only while fewer than `max_queued` wait).
-    pub async fn admit(&self, key: CallerKey) -> Result<Admitted<'_>, Limited> {
-        self.check_rate(&key)?;
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            let held = in_flight.entry(key.clone()).or_insert(0);
-            if *held >= self.per_caller {
-                return Err(Limited { kind: LimitKind::CallerBusy, retry_after: Duration::from_millis(100) });
-            }
-            *held += 1;
-        }
-        let share = CallerShare { admission: self, key };
-        let running = match self.running.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let busy = Limited { kind: LimitKind::Busy, retry_after: self.queue_timeout };
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
-                    return Err(busy);
-                }
-                let acquired = tokio::time::timeout(self.queue_timeout, self.running.acquire()).await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
-                match acquired {
-                    Ok(Ok(permit)) => permit,
-                    _ => return Err(busy),
-                }
-            }
-        };
-        Ok(Admitted { _share: share, _running: running })
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Requests running now (for tests and metrics).
-    pub fn running(&self, max_in_flight: usize) -> usize {
-        max_in_flight.saturating_sub(self.running.available_permits())
+    /// Admits one request of `key`: its bucket, its share, then a running slot — at once
+    /// if one is free and nobody waits, else in turn among the waiting callers, waiting at
+    /// most `queue_timeout` and only while fewer than `max_queued` wait.
+    pub async fn admit(&self, key: CallerKey) -> Result<Admitted<'_>, Limited> {
+        self.check_rate(&key)?;
+        let busy = Limited { kind: LimitKind::Busy, retry_after: self.queue_timeout.max(Duration::from_millis(100)) };
+        let (id, woken) = {
+            let mut q = self.lock();
+            if q.held.get(&key).copied().unwrap_or(0) >= self.per_caller {
+                return Err(Limited { kind: LimitKind::CallerBusy, retry_after: Duration::from_millis(100) });
+            }
+            if q.running < self.max_running && q.waiting == 0 {
+                q.running += 1;
+                *q.held.entry(key.clone()).or_insert(0) += 1;
+                return Ok(Admitted { admission: self, key });
+            }
+            if q.waiting >= self.max_queued {
+                return Err(busy);
+            }
+            let (wake, woken) = tokio::sync::oneshot::channel();
+            let id = q.next_id;
+            q.next_id += 1;
+            let queue = q.waiters.entry(key.clone()).or_default();
+            let first = queue.is_empty();
+            queue.push_back((id, wake));
+            if first {
+                q.turn.push_back(key.clone());
+            }
+            q.waiting += 1;
+            *q.held.entry(key.clone()).or_insert(0) += 1;
+            (id, woken)
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(self.queue_timeout, woken).await {
+            return Ok(Admitted { admission: self, key });
+        }
+        let mut q = self.lock();
+        let queued = q.waiters.get_mut(&key).and_then(|w| w.iter().position(|(i, _)| *i == id).map(|at| (w, at)));
+        match queued {
+            Some((queue, at)) => {
+                queue.remove(at);
+                if queue.is_empty() {
+                    q.waiters.remove(&key);
+                    q.turn.retain(|k| k != &key);
+                }
+                q.waiting -= 1;
+                q.unhold(&key);
+                Err(busy)
+            }
+            // Handed a slot just as the wait ran out: it is this request's.
+            None => Ok(Admitted { admission: self, key }),
+        }
+    }
+
+    /// Requests running now.
+    pub fn running(&self) -> usize {
+        self.lock().running
     }
 
     /// Forgets buckets that are full again (bounded memory under many callers); called
@@ -319,28 +398,14 @@ impl Admission {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
     }
-
-    fn release(&self, key: &CallerKey) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(held) = in_flight.get_mut(key) {
-            *held -= 1;
-            if *held == 0 {
-                in_flight.remove(key);
-            }
-        }
-    }
 }
 
-/// A caller's place in `in_flight`, given back when dropped: with the admitted request,
-/// or at once if admission fails after it was taken.
-struct CallerShare<'a> {
-    admission: &'a Admission,
-    key: CallerKey,
-}
-
-impl Drop for CallerShare<'_> {
+impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.admission.release(&self.key);
+        let mut q = self.admission.lock();
+        q.running -= 1;
+        q.unhold(&self.key);
+        q.hand_over();
     }
 }
 
@@ -452,6 +517,63 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(first);
         assert!(waiter.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_to_the_waiting_callers_in_turn_not_to_the_one_with_the_most_waiting() {
+        let admission = Arc::new(Admission::new(&LimitsConfig {
+            max_in_flight: 1,
+            max_queued: 16,
+            in_flight_per_caller: 8,
+            queue_timeout: Duration::from_secs(30),
+            ..config()
+        }));
+        let (noisy, quiet) = (CallerKey::Uid(65534), CallerKey::Uid(1000));
+        let first = admission.admit(noisy.clone()).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        let spawn = |key: CallerKey, name: &'static str| {
+            let (admission, order) = (Arc::clone(&admission), Arc::clone(&order));
+            tokio::spawn(async move {
+                let admitted = admission.admit(key).await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(admitted);
+            })
+        };
+        for name in ["noisy-1", "noisy-2", "noisy-3"] {
+            waiters.push(spawn(noisy.clone(), name));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        waiters.push(spawn(quiet.clone(), "quiet"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(first);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec!["noisy-1", "quiet", "noisy-2", "noisy-3"]);
+        assert_eq!(admission.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_frees_its_place() {
+        let admission =
+            Arc::new(Admission::new(&LimitsConfig { max_in_flight: 1, in_flight_per_caller: 2, ..config() }));
+        let key = CallerKey::Uid(7);
+        let held = admission.admit(key.clone()).await.unwrap();
+        let dropped = {
+            let admission = Arc::clone(&admission);
+            let key = key.clone();
+            tokio::spawn(async move { admission.admit(key).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        dropped.abort();
+        let _ = dropped.await;
+        assert_eq!(admission.lock().held.get(&key), Some(&2), "running and waiting");
+        drop(held);
+        // The slot went to nobody (the waiter is gone) and both places of the share are free.
+        assert_eq!((admission.running(), admission.lock().held.get(&key)), (0, None));
+        assert_eq!(admission.lock().waiting, 0);
     }
 
     #[test]
