@@ -165,7 +165,7 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
-    /// The ledger itself: copy it to another backend.
+    /// The ledger itself: back it up, copy it to another backend.
     Ledger {
         #[command(subcommand)]
         command: ledger::Command,
