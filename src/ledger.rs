@@ -12,6 +12,7 @@ pub mod checkpoint;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod event;
+pub mod export;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 pub mod merkle;
