@@ -216,6 +216,8 @@ need_moto() { need_pip "moto awscli" 'moto[server]>=5.1,<6' 'awscli>=1.40,<2'; }
 # Prometheus's own Python client: its OpenMetrics parser reads /metrics independently of ours.
 need_prometheus_parser() { need_pip "prometheus_client" 'prometheus-client>=0.20,<1'; }
 need_pkilint() { need_pip "pkilint validators" 'pkilint==0.13.3'; }
+# CloudEvents' JSON schema needs date-time and uri-reference checked: the format extras.
+need_jsonschema() { need_pip "jsonschema rfc3339_validator rfc3986_validator" 'jsonschema[format-nongpl]>=4.23,<5'; }
 
 need_pip() { # modules, requirement...: the modules importable from integration/.venv
   local stamp=$state/pip-${1// /-}

@@ -19,6 +19,7 @@ mod aws;
 mod bench;
 mod breakglass;
 mod check;
+mod init;
 mod ledger;
 mod policy;
 mod respond;
@@ -130,6 +131,8 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Write a starter directory: mayfly.toml (for `serve`) and the example policies/ tree.
+    Init(init::Args),
     /// Check a configuration and the files it names, without starting anything.
     Config {
         #[command(subcommand)]
@@ -165,7 +168,7 @@ enum Command {
         #[command(subcommand)]
         command: audit::Command,
     },
-    /// The ledger itself: copy it to another backend.
+    /// The ledger itself: back it up, copy it to another backend.
     Ledger {
         #[command(subcommand)]
         command: ledger::Command,
@@ -233,6 +236,7 @@ pub fn main() -> ExitCode {
                 Ok(config) => run_daemon(config, log, false).await,
                 Err(e) => fail(e),
             },
+            Command::Init(args) => init::run(args),
             Command::Config { command } => check::run(command).await,
             Command::Completions { shell } => {
                 let mut out = std::io::stdout();

@@ -12,6 +12,7 @@ pub mod checkpoint;
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod event;
+pub mod export;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 pub mod merkle;
@@ -51,6 +52,12 @@ pub enum LedgerError {
     Decode { seq: EventId, source: DecodeError },
     #[error("an event could not be encoded: {0}")]
     Encode(String),
+    #[error(
+        "the ledger `{ledger}` has schema version {found}, newer than this mayfly knows ({known}): upgrade mayfly, do not run an older one against it (UPGRADING.md)"
+    )]
+    NewerSchema { ledger: String, found: i64, known: i64 },
+    #[error("`{0}` exists; a backup never replaces a file")]
+    Exists(String),
 }
 
 /// Where a ledger lives. Built from the config (`[ledger]`) or a CLI's `--data-dir` /
@@ -190,6 +197,34 @@ pub async fn migrate(from: &Location, to: &Location, chain: &str) -> Result<usiz
     let copy = open_reader(to).await?;
     verify(copy.as_ref()).await.map_err(|e| LedgerError::Storage(format!("the copy does not verify: {e}")))?;
     Ok(copied)
+}
+
+/// What `backup` copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupCopy {
+    /// Events in the copy (it verified).
+    pub events: usize,
+    pub bytes: u64,
+}
+
+/// Copies the live ledger at `from` to the new file `to`, consistently while its daemon
+/// writes, and verifies the copy (hash chain and credential table) before it takes the
+/// name. SQLite only: a PostgreSQL ledger is backed up with the database's own tools.
+pub async fn backup(from: &Location, to: &Path) -> Result<BackupCopy, LedgerError> {
+    let Location::Sqlite(source) = from else {
+        return Err(LedgerError::Storage(format!(
+            "`{from}` is a PostgreSQL ledger: back it up with PostgreSQL's tools, e.g. `pg_dump --format=custom --file=mayfly.dump DBNAME` (consistent while daemons write; README: Backups)"
+        )));
+    };
+    let events = sqlite::backup(source, to, |copy| async move {
+        let reader = sqlite::SqliteReader::open(&copy).await?;
+        verify(&reader)
+            .await
+            .map_err(|e| LedgerError::Storage(format!("the copy does not verify, so it was not kept: {e}")))
+    })
+    .await?;
+    let bytes = std::fs::metadata(to).map_err(|e| LedgerError::Storage(e.to_string()))?.len();
+    Ok(BackupCopy { events, bytes })
 }
 
 /// An event to append, encoded by the caller (off the writer task).

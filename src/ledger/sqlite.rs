@@ -3,6 +3,12 @@
 //! `LedgerRead` beside it (WAL lets readers run while the writer commits). The SQL is kept
 //! to what PostgreSQL also accepts, apart from the `?` placeholders. The only place that
 //! knows the file's name and layout.
+//!
+//! Schema changes are versioned migrations, as in `postgres`: the version is the database
+//! header's `user_version` (0 for ledgers written before it was recorded, whose tables
+//! migration 1 finds already made); the writer applies what the file lacks at open, in one
+//! `BEGIN IMMEDIATE` transaction; writer and readers refuse a file newer than this build.
+//! `backup` copies a live ledger with `VACUUM INTO`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +27,15 @@ use super::{
 /// The ledger's file in a data directory.
 pub const FILE_NAME: &str = "ledger.db";
 
-const SCHEMA: &[&str] = &[
+/// The schema this build writes (`PRAGMA user_version`); a ledger at a higher version is
+/// refused. UPGRADING.md lists what each version changed.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migration N (1-based) takes a ledger from version N-1 to N. Never edit a shipped one:
+/// append.
+const MIGRATIONS: &[&[&str]] = &[&[
+    // 1: the events and the credential table. `IF NOT EXISTS`: ledgers from before the
+    // version was recorded (user_version 0) already hold these tables.
     "CREATE TABLE IF NOT EXISTS events (
         seq BIGINT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
@@ -43,7 +57,7 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS credentials_identity ON credentials(identity)",
     "CREATE INDEX IF NOT EXISTS credentials_not_after ON credentials(not_after)",
-];
+]];
 
 fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
@@ -64,9 +78,7 @@ impl SqliteBackend {
             .foreign_keys(true)
             .busy_timeout(busy_timeout);
         let mut conn = SqliteConnection::connect_with(&options).await.map_err(storage)?;
-        for stmt in SCHEMA {
-            sqlx::query(*stmt).execute(&mut conn).await.map_err(storage)?;
-        }
+        migrate(&mut conn, &path.display().to_string()).await?;
         // The ledger holds no secrets, but it maps every identity and binary on the host.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(storage)?;
         Ok(Self { conn })
@@ -133,6 +145,95 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// Copies the live ledger at `source` to the new file `to` (mode 0600) with `VACUUM INTO`,
+/// then hands the copy to `check` before it takes its name; refuses an existing `to`.
+///
+/// Why `VACUUM INTO` and not the online backup API: sqlx exposes no safe binding of
+/// `sqlite3_backup_*` (and `unsafe` is forbidden here); `VACUUM INTO` runs in one read
+/// transaction, so under WAL the copy is the snapshot of one commit while the daemon keeps
+/// writing, and the writer is never blocked. The copy is a compacted, rollback-journal file:
+/// self-contained, no -wal beside it.
+pub async fn backup<F, Fut, T>(source: &Path, to: &Path, check: F) -> Result<T, LedgerError>
+where
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = to.display().to_string();
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(LedgerError::Exists(shown));
+    }
+    // Why a leading read: `open` distinguishes a missing ledger from an unreadable one.
+    let reader = SqliteReader::open(source).await?;
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    // Why an empty file made here: VACUUM INTO fills an empty file and keeps its mode, so
+    // the copy is never readable by others, not even while it is written.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| LedgerError::Storage(format!("`{}`: {e}", partial.display())))?;
+    let copied = async {
+        sqlx::query("VACUUM INTO ?")
+            .bind(partial.to_string_lossy().into_owned())
+            .execute(&reader.pool)
+            .await
+            .map_err(storage)?;
+        reader.pool.close().await;
+        std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(storage)?;
+        let checked = check(partial.clone()).await?;
+        let dir_fd = std::fs::File::open(&dir).map_err(storage)?;
+        rustix::fs::renameat_with(&dir_fd, &partial, &dir_fd, to, rustix::fs::RenameFlags::NOREPLACE).map_err(|e| {
+            match e {
+                rustix::io::Errno::EXIST => LedgerError::Exists(shown.clone()),
+                e => LedgerError::Storage(format!("`{shown}`: {e}")),
+            }
+        })?;
+        dir_fd.sync_all().map_err(storage)?;
+        Ok(checked)
+    }
+    .await;
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    copied
+}
+
+/// Applies the migrations the ledger lacks; refuses a schema newer than this build knows.
+async fn migrate(conn: &mut SqliteConnection, shown: &str) -> Result<(), LedgerError> {
+    // Why IMMEDIATE: the write lock is taken before the version is read, so two processes
+    // opening one new file cannot both migrate it.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(storage)?;
+    let current: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(storage)?;
+    newer_refused(current, shown)?;
+    for (index, steps) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        for step in *steps {
+            sqlx::query(*step).execute(&mut *tx).await.map_err(|e| storage(format!("migration {}: {e}", index + 1)))?;
+        }
+    }
+    if current < SCHEMA_VERSION {
+        // Why format: a PRAGMA takes no bound parameter; the value is this build's constant.
+        sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {SCHEMA_VERSION}")))
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+    }
+    tx.commit().await.map_err(storage)
+}
+
+fn newer_refused(version: i64, shown: &str) -> Result<(), LedgerError> {
+    if version > SCHEMA_VERSION {
+        return Err(LedgerError::NewerSchema { ledger: shown.to_owned(), found: version, known: SCHEMA_VERSION });
+    }
+    Ok(())
+}
+
 /// Read-only access: every `LedgerRead` of this backend.
 pub struct SqliteReader {
     pool: SqlitePool,
@@ -160,6 +261,8 @@ impl SqliteReader {
         let options =
             SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).map_err(storage)?.read_only(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(storage)?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&pool).await.map_err(storage)?;
+        newer_refused(version, &shown)?;
         Ok(Self { pool })
     }
 
@@ -343,5 +446,96 @@ mod tests {
         assert!(matches!(missing, LedgerError::Missing(_)), "{missing}");
         SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap().close().await.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    async fn user_version(path: &Path) -> i64 {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
+        let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut conn).await.unwrap()
+    }
+
+    async fn set_user_version(path: &Path, version: i64) {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
+        let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}"))).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_ledger_records_its_schema_version_and_an_unversioned_one_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap().close().await.unwrap();
+        assert_eq!(user_version(&path).await, SCHEMA_VERSION);
+
+        // A ledger from before the version was recorded: its tables exist, user_version 0.
+        let mut old = SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap();
+        let event = StoredEvent {
+            chain: String::new(),
+            pos: 1,
+            seq: 1,
+            at_ms: 1,
+            kind: "daemon_started".into(),
+            body: "{}".into(),
+            prev_hash: crate::ledger::GENESIS.into(),
+            hash: "h".into(),
+        };
+        old.append(std::slice::from_ref(&event), &[]).await.unwrap();
+        old.close().await.unwrap();
+        set_user_version(&path, 0).await;
+        let mut migrated = SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(migrated.head().await.unwrap(), Some((1, "h".to_owned())), "events kept");
+        migrated.close().await.unwrap();
+        assert_eq!(user_version(&path).await, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_newer_than_this_build_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap().close().await.unwrap();
+        set_user_version(&path, SCHEMA_VERSION + 1).await;
+        let newer = format!("schema version {}, newer than this mayfly knows ({SCHEMA_VERSION})", SCHEMA_VERSION + 1);
+        let writer = SqliteBackend::open(&path, Duration::from_secs(1)).await.err().unwrap();
+        assert!(matches!(writer, LedgerError::NewerSchema { .. }) && writer.to_string().contains(&newer), "{writer}");
+        let reader = SqliteReader::open(&path).await.err().unwrap();
+        assert!(reader.to_string().contains(&newer), "{reader}");
+        assert_eq!(user_version(&path).await, SCHEMA_VERSION + 1, "the refusal changed nothing");
+    }
+
+    #[tokio::test]
+    async fn a_backup_taken_while_the_writer_commits_verifies_and_never_replaces_a_file() {
+        use crate::ledger::{Event, Ledger, Location, Settings, event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let opened = crate::ledger::open(&Settings::local(Location::file(&path))).await.unwrap();
+        let writer = std::sync::Arc::new(opened.writer);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let (writer, stop) = (writer.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let e = Event::DaemonStopped(event::DaemonStopped { clean: true });
+                    writer.record(std::time::SystemTime::now(), e).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let copy = dir.path().join("copy.db");
+        let backed = crate::ledger::backup(&Location::file(&path), &copy).await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = load.await.unwrap();
+        assert!(backed.events > 0 && backed.events <= written, "{backed:?} of {written}");
+        let reader = SqliteReader::open(&copy).await.unwrap();
+        assert_eq!(crate::ledger::verify(&reader).await.unwrap(), backed.events);
+        assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+
+        let again = crate::ledger::backup(&Location::file(&path), &copy).await.unwrap_err();
+        assert!(matches!(again, LedgerError::Exists(_)), "{again}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!left.iter().any(|n| n.to_string_lossy().contains("partial")), "{left:?}");
     }
 }
