@@ -69,11 +69,11 @@ impl Default for LimitsConfig {
             max_in_flight: 8 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             max_queued: 256,
             queue_timeout: Duration::from_secs(1),
-            in_flight_per_caller: 32,
+            in_flight_per_caller: 64,
             rate_per_caller: NonZeroU32::new(500).unwrap_or(NonZeroU32::MIN),
             burst_per_caller: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
             refusal_window: Duration::from_secs(60),
-            refusals_in_full: 8,
+            refusals_in_full: 32,
         }
     }
 }

@@ -79,10 +79,14 @@ async fn metrics_count_what_the_ledger_holds() {
     let issued = events.iter().filter(|e| matches!(e, Event::Issued(_))).count();
     let denied = events.iter().filter(|e| matches!(e, Event::Decision(d) if !d.is_allow())).count();
     let allowed = events.iter().filter(|e| matches!(e, Event::Decision(d) if d.is_allow())).count();
-    assert_eq!((issued, denied, allowed), (3, 2, 3));
+    // The second, identical denial is counted (in a `refusals` event at the window's end),
+    // not written again; the metrics count both.
+    assert_eq!((issued, denied, allowed), (3, 1, 3));
+    let counted = sum(&text, "mayfly_refusals_counted_total", &[]);
+    assert_eq!(counted, 1.0);
     let issued_metric = [("kind", "x509"), ("api", "mayfly.v1")];
     assert_eq!(sum(&text, "mayfly_credentials_issued_total", &issued_metric), issued as f64, "{text}");
-    assert_eq!(sum(&text, "mayfly_decisions_total", &[("outcome", "deny")]), denied as f64);
+    assert_eq!(sum(&text, "mayfly_decisions_total", &[("outcome", "deny")]), denied as f64 + counted);
     assert_eq!(sum(&text, "mayfly_decisions_total", &[("outcome", "deny"), ("rule", "forbid-ttl-over-12h")]), 2.0);
     assert_eq!(sum(&text, "mayfly_decisions_total", &[("outcome", "allow")]), allowed as f64);
     let issue_rpc = [("listener", "workload"), ("rpc", "/mayfly.v1.Broker/IssueX509")];
