@@ -678,6 +678,7 @@ impl Issuer {
             let key = refusals::RefusalLog::key(&decision)?;
             Some((log, key, refusals::RefusalLog::fingerprint(&decision)))
         });
+        let shadowed = self.shadow.is_on().then(|| decision.clone());
         if let Some((log, key, fingerprint)) = &repeat
             && let refusals::Verdict::Counted(first) = log.on_refusal(key, *fingerprint, now)
         {
@@ -685,9 +686,13 @@ impl Issuer {
                 metrics.decision(outcome, &rules);
                 metrics.refusal_counted();
             }
-            return Ok(first.unwrap_or_default());
+            let id = first.unwrap_or_default();
+            // The shadow candidate still sees every live request (its own writes are bounded).
+            if let Some(decision) = shadowed {
+                self.shadow.observe(&decision, id, now);
+            }
+            return Ok(id);
         }
-        let shadowed = self.shadow.is_on().then(|| decision.clone());
         let id = match self.ledger.record(now, event::Event::Decision(decision)).await {
             Ok(id) => id,
             Err(e) => {

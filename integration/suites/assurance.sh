@@ -27,6 +27,7 @@ prove_says() { # current, candidate, expected exit, pattern
 
 # Why the sleep: the daemon is live, and its ledger writer commits events in groups.
 pa_rows() { sleep 0.3; rows_are "$pa/data/ledger.db" "$@"; }
+pa_rows_at_least() { rows_at_least "$pa/data/ledger.db" "$@"; }
 
 gate() { # candidate, expected exit, pattern
   "$bin" policy promote-check --current "$pa/current.bundle" --candidate "$pa/$1.bundle" --key "$pa/release.pub" --data-dir "$pa/data" --since 1h --admin-socket "$pa/admin.sock" > "$pa/gate-$1.md" 2>&1; local rc=$?
@@ -122,6 +123,10 @@ algorithms = ["RS256"]
 [aws]
 region = "us-east-1"
 endpoint = "$moto_url"
+[limits]
+# Repeated refusals are counted into a refusals event per window: short here, so replay
+# sees the repeats (it weighs each by its count) within the suite.
+refusal_window = "1s"
 TOML
 start_daemon serve "$pa/data" "$pa/admin.sock" "$bin" serve --config "$pa/mayfly.toml" || exit 1
 tools='{"repository": "acme/tools", "sub": "repo:acme/tools:ref:refs/heads/main"}'
@@ -131,6 +136,7 @@ check "traffic: acme/tools asks for the deploy role: 403" ask "$tools" "$deploy"
 check "traffic: ... and again: 403"               ask "$tools" "$deploy" 403
 check "traffic: acme/app gets an artifact-cache JWT" ask '{}' "$cache" 200
 check "traffic: a pull_request_target run gets one too" ask '{"event_name": "pull_request_target"}' "$cache" 200
+check "the repeated refusal is counted in a refusals event" wait_until pa_rows_at_least "SELECT count(*) FROM events WHERE kind = 'refusals'" 1
 check "replay: the careless permit newly allows acme/tools' recorded requests (exit 1)" replay_says careless 1 'NEWLY ALLOWED (possible privilege escalation): 2 request(s)'
 check "replay: ... by identity and rule"          grep -q 'spiffe://mayfly.local/ci/acme/tools  issue_aws role arn:aws:iam::111122223333:role/acme-app-deploy  ×2  now: allowed; by ci-any-acme-repo-deploys' "$pa/replay-careless.txt"
 check "replay: the tightening escalates nothing (exit 0)" replay_says tight 0 'result: no escalation'

@@ -8,8 +8,8 @@
 # the figures); 1,100 idle connections of nobody: 64 kept (limits.connections_per_uid), the
 # rest closed at accept, the kept ones closed at the header timeout, and root's issuance
 # meanwhile all succeeds; 300 TLS connections trickling bodies: 64 kept (per address), each
-# answered 408 at the body timeout; 120 concurrent requests of nobody: beyond its share
-# RESOURCE_EXHAUSTED at once; 1,500 identical refusals of uid 4242: one decision in full and,
+# answered 408 at the body timeout; 240 concurrent requests of nobody (two clients): beyond its
+# share RESOURCE_EXHAUSTED at once; 1,500 identical refusals of uid 4242: one decision in full and,
 # at the stop, one `refusals` event counting the rest (1,500 refusals of uid 4242 add at most
 # 8 KB while they run); a body not JSON is 415; the ledger
 # verifies; the metrics say what was refused.
@@ -103,11 +103,14 @@ check "64 trickling bodies kept (per address), each answered 408 at the body tim
   bash -c "grep -q '\"statuses\": {\"408\": 64}' '$hx/trickle.json' && grep -q '\"connect_failed\": 236' '$hx/trickle.json'"
 
 # --- admission: many concurrent requests from one caller ---------------------------------------
+# Two clients of nobody's, 120 requests in flight each (one connection carries at most 64).
 spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst.txt" "$nbin" bench issue --socket "$hx/w.sock" --requests 1200 --concurrency 120
 burst_pid=$spawned
-check "root's issuance while nobody has 120 requests in flight: all succeed" legit burst 100
-await "$burst_pid"
-cat "$hx/burst.txt"
+spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst2.txt" "$nbin" bench issue --socket "$hx/w.sock" --requests 1200 --concurrency 120
+burst2_pid=$spawned
+check "root's issuance while nobody has 240 requests in flight: all succeed" legit burst 100
+await "$burst_pid"; await "$burst2_pid"
+cat "$hx/burst.txt" "$hx/burst2.txt"
 check "nobody's requests beyond its share: RESOURCE_EXHAUSTED (mayfly_limited{caller_busy})" metric_at_least 'mayfly_limited_total{limit="caller_busy"}' 1
 check "nobody still got credentials (its share was served)" bash -c "grep -Eq '^  [1-9][0-9]* ok' '$hx/burst.txt'"
 

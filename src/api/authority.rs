@@ -193,6 +193,22 @@ impl<S> AuthorityFix<S> {
     }
 }
 
+impl AuthorityFix<()> {
+    /// Runs the filter over a whole client byte stream at once: what the server would be
+    /// handed, or why the connection ends (the fuzz target `http2_filter`).
+    pub fn filter(input: &[u8]) -> io::Result<Vec<u8>> {
+        let mut fix = AuthorityFix::new(());
+        for chunk in input.chunks(READ_CHUNK) {
+            fix.input.extend_from_slice(chunk);
+            fix.process()?;
+            if fix.input.len() >= FRAME_HEADER + MAX_FRAME {
+                return Err(protocol("too much unprocessed input"));
+            }
+        }
+        Ok(std::mem::take(&mut fix.output))
+    }
+}
+
 fn split_headers(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5]>, &[u8])> {
     let mut body = payload;
     let mut pad = 0usize;

@@ -290,28 +290,36 @@ fn emergency_text(field: &str, v: &str, max: usize) -> Result<String, Rejection>
     Ok(v.to_owned())
 }
 
+/// The JSON body of `POST /v1/exchange`, read with nothing decided: the fields, the
+/// lifetime in seconds and the CSR's bytes. Bounded by the body limit before it is called.
+pub struct JsonBody {
+    req: JsonRequest,
+    ttl: Option<i64>,
+    csr: Option<Vec<u8>>,
+}
+
+/// Parses an exchange body (also the fuzz target `exchange_body`); a refusal names the field.
+pub fn parse_json_body(body: &[u8]) -> Result<JsonBody, Rejection> {
+    let req: JsonRequest = serde_json::from_slice(body)
+        .map_err(|e| Rejection::invalid("body", format!("not an exchange request: {e}")))?;
+    let ttl = match &req.ttl {
+        None => None,
+        Some(Value::Number(n)) => Some(n.as_i64().ok_or_else(|| Rejection::invalid("ttl", "whole seconds"))?),
+        Some(Value::String(s)) => {
+            let t = Ttl::parse(s).map_err(|e| Rejection::invalid("ttl", e))?;
+            Some(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
+        }
+        Some(_) => return Err(Rejection::invalid("ttl", "seconds or a duration like \"10m\"")),
+    };
+    let csr = req.csr.as_deref().map(csr_bytes).transpose().map_err(|e| Rejection::invalid("csr", e))?;
+    Ok(JsonBody { req, ttl, csr })
+}
+
 async fn http_exchange(State(api): State<ExchangeApi>, remote: Option<Extension<RemoteAddr>>, body: Bytes) -> Response {
     let remote = remote.map(|Extension(r)| r.0).unwrap_or_default();
-    let req: JsonRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return Rejection::invalid("body", format!("not an exchange request: {e}")).into_response(),
-    };
-    let ttl = match req.ttl {
-        None => None,
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(secs) => Some(secs),
-            None => return Rejection::invalid("ttl", "whole seconds").into_response(),
-        },
-        Some(Value::String(s)) => match Ttl::parse(&s) {
-            Ok(t) => Some(i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
-            Err(e) => return Rejection::invalid("ttl", e).into_response(),
-        },
-        Some(_) => return Rejection::invalid("ttl", "seconds or a duration like \"10m\"").into_response(),
-    };
-    let csr = match req.csr.as_deref().map(csr_bytes) {
-        Some(Err(e)) => return Rejection::invalid("csr", e).into_response(),
-        Some(Ok(bytes)) => Some(bytes),
-        None => None,
+    let JsonBody { req, ttl, csr } = match parse_json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
     };
     let parsed = match api.parse(&req.kind, req.audience, csr.as_deref(), req.role, ttl, remote) {
         Ok(p) => p,

@@ -92,7 +92,7 @@ async fn replay_ledger(candidate: &Release, ledger: &LedgerArgs) -> Result<Repor
     loop {
         let filter = EventFilter {
             chain: None,
-            kinds: vec![EventKind::Decision],
+            kinds: vec![EventKind::Decision, EventKind::Refusals],
             after,
             since_ms: Some(replay::epoch_ms(from)),
             limit: Some(5000),
@@ -116,10 +116,16 @@ pub fn replay_text(r: &Report) -> String {
         r.replayed,
         r.not_replayable
     );
+    if r.repeats > 0 {
+        out.push_str(&format!(
+            "  and {} repeated refusal(s) counted with the decisions they repeat (refusals events)\n",
+            r.repeats
+        ));
+    }
     let mut last = None;
     for ((change, identity, request, rules), diffs) in r.grouped() {
         if last != Some(change) {
-            let count = r.differences.iter().filter(|d| d.change == change).count();
+            let count = r.requests_with(change);
             out.push_str(&format!("{}: {count} request(s)\n", change.title()));
             last = Some(change);
         }
@@ -131,7 +137,7 @@ pub fn replay_text(r: &Report) -> String {
         };
         out.push_str(&format!(
             "  {identity}  {request}  ×{}  now: {}{lifetimes}; by {rules}\n",
-            diffs.len(),
+            diffs.iter().map(|d| d.requests()).sum::<u64>(),
             if d.after.allowed { "allowed" } else { "denied" }
         ));
         out.push_str(&format!("      was: {}\n      now: {}\n", d.before.reason, d.after.reason));
@@ -351,9 +357,9 @@ pub async fn promote_check(a: PromoteArgs<'_>) -> ExitCode {
                     rfc3339(
                         SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(r.since_unix.max(0).unsigned_abs())
                     ),
-                    r.differences.iter().filter(|d| d.change == replay::Change::NewlyAllowed).count(),
-                    r.differences.iter().filter(|d| d.change == replay::Change::LongerLifetime).count(),
-                    r.differences.iter().filter(|d| d.change == replay::Change::NewlyDenied).count(),
+                    r.requests_with(replay::Change::NewlyAllowed),
+                    r.requests_with(replay::Change::LongerLifetime),
+                    r.requests_with(replay::Change::NewlyDenied),
                 );
                 rows.push(("replay".into(), summary, esc > 0));
                 Some(r)

@@ -45,9 +45,17 @@ pub struct Difference {
     pub resource: String,
     pub before: Outcome,
     pub after: Outcome,
+    /// The same request refused again by the same caller within its window, counted in a
+    /// `refusals` event rather than recorded again (`issue::refusals`).
+    pub repeats: u64,
 }
 
 impl Difference {
+    /// How many requests this difference stands for: the recorded one and its repeats.
+    pub fn requests(&self) -> u64 {
+        1 + self.repeats
+    }
+
     /// Whose request it is: the identity either release resolved it to.
     pub fn identity(&self) -> String {
         self.after.identity.clone().or_else(|| self.before.identity.clone()).unwrap_or_else(|| "(no identity)".into())
@@ -66,12 +74,21 @@ pub struct Report {
     /// Refused before the inventory (attestation, an invalid token) or recorded before
     /// decisions carried their request: nothing to decide again.
     pub not_replayable: usize,
+    /// Repeats of recorded refusals, counted in `refusals` events (each decided like the
+    /// decision it repeats).
+    pub repeats: u64,
     pub differences: Vec<Difference>,
 }
 
 impl Report {
-    pub fn escalations(&self) -> usize {
-        self.differences.iter().filter(|d| d.change.is_escalation()).count()
+    /// Requests (repeats included) the candidate would give more.
+    pub fn escalations(&self) -> u64 {
+        self.differences.iter().filter(|d| d.change.is_escalation()).map(Difference::requests).sum()
+    }
+
+    /// Requests (repeats included) whose decision changes as `change` says.
+    pub fn requests_with(&self, change: Change) -> u64 {
+        self.differences.iter().filter(|d| d.change == change).map(Difference::requests).sum()
     }
 
     /// Differences grouped by change, identity, request and the rules that now decide,
@@ -262,12 +279,24 @@ impl Report {
     }
 
     /// Replays the decisions among `events` inside the window (a page at a time is fine).
+    /// A `refusals` event adds its repeats to the differences of the decisions they repeat
+    /// (written after them, so already fed).
     pub fn feed(&mut self, candidate: &Release, events: &[StoredEvent]) {
-        let window: Vec<&StoredEvent> =
-            events.iter().filter(|e| e.kind == EventKind::Decision.as_str() && e.at_ms >= self.since_ms).collect();
-        self.decisions += window.len();
-        for e in window {
-            self.replay_one(candidate, e);
+        let since_ms = self.since_ms;
+        for e in events.iter().filter(|e| e.at_ms >= since_ms) {
+            if e.kind == EventKind::Decision.as_str() {
+                self.decisions += 1;
+                self.replay_one(candidate, e);
+            } else if e.kind == EventKind::Refusals.as_str()
+                && let Ok(Event::Refusals(r)) = e.event()
+            {
+                for repeat in r.repeats {
+                    self.repeats += repeat.count;
+                    if let Some(d) = self.differences.iter_mut().find(|d| d.seq == repeat.decision) {
+                        d.repeats += repeat.count;
+                    }
+                }
+            }
         }
     }
 
@@ -288,6 +317,7 @@ impl Report {
                 resource,
                 before: r.outcome,
                 after,
+                repeats: 0,
             });
         }
     }
@@ -428,6 +458,25 @@ pub(crate) mod tests {
         assert_eq!(rules, &vec!["ci-any-acme-repo-deploys".to_owned()]);
         assert_eq!(diffs.len(), 2);
         assert!(diffs[0].before.reason.contains("no rule permits"), "{}", diffs[0].before.reason);
+    }
+
+    #[test]
+    fn repeats_counted_in_a_refusals_event_weigh_the_decision_they_repeat() {
+        let current = release(None);
+        let mut events = traffic(&current);
+        // acme/tools' first refusal (seq 1) was repeated 5 times within its window.
+        let counted = event::Refusals {
+            caller: "subject repo:acme/tools of https://token.actions.githubusercontent.com".into(),
+            repeats: vec![event::RefusalRepeats { decision: 1, count: 5 }],
+            ..event::Refusals::default()
+        };
+        events.push(stored(7, 1_800_000_000_007, Event::Refusals(counted)));
+        let report = replay(&release(Some(CARELESS)), &events, SystemTime::UNIX_EPOCH);
+        assert_eq!((report.decisions, report.repeats), (6, 5));
+        assert_eq!(report.escalations(), 7, "2 recorded + 5 counted: {report:?}");
+        let d = report.differences.iter().find(|d| d.seq == 1).unwrap();
+        assert_eq!(d.requests(), 6);
+        assert_eq!(report.requests_with(Change::NewlyAllowed), 7);
     }
 
     #[test]
