@@ -272,7 +272,23 @@ impl Queue {
         }
     }
 
-    /// Gives a free slot to the next caller in turn that still waits.
+    /// Takes waiter `id` of `key` out of the queue, giving back its place; `false` if it is
+    /// no longer there (a slot was handed to it, or its drop already took it out).
+    fn remove_waiter(&mut self, key: &CallerKey, id: u64) -> bool {
+        let Some(queue) = self.waiters.get_mut(key) else { return false };
+        let Some(at) = queue.iter().position(|(i, _)| *i == id) else { return false };
+        queue.remove(at);
+        if queue.is_empty() {
+            self.waiters.remove(key);
+            self.turn.retain(|k| k != key);
+        }
+        self.waiting -= 1;
+        self.unhold(key);
+        true
+    }
+
+    /// Gives a free slot to the next caller in turn that waits. The slot is the waiter's
+    /// from here on: if its request is gone by now, its `Waiter` guard gives the slot back.
     fn hand_over(&mut self) {
         while let Some(key) = self.turn.pop_front() {
             let Some(queue) = self.waiters.get_mut(&key) else { continue };
@@ -283,15 +299,12 @@ impl Queue {
             if queue.is_empty() {
                 self.waiters.remove(&key);
             } else {
-                self.turn.push_back(key.clone());
+                self.turn.push_back(key);
             }
             self.waiting -= 1;
-            if wake.send(()).is_ok() {
-                self.running += 1;
-                return;
-            }
-            // The waiter went away (its request was dropped): its place is free too.
-            self.unhold(&key);
+            self.running += 1;
+            let _ = wake.send(());
+            return;
         }
     }
 }
@@ -300,6 +313,50 @@ impl Queue {
 pub struct Admitted<'a> {
     admission: &'a Admission,
     key: CallerKey,
+}
+
+/// A request waiting for a running slot (see `Admission::admit`).
+struct Waiter<'a> {
+    admission: &'a Admission,
+    key: CallerKey,
+    id: u64,
+    /// Turned into an `Admitted`, or out of the queue: nothing left to give back.
+    settled: bool,
+}
+
+impl<'a> Waiter<'a> {
+    /// Its slot was handed over: the `Admitted` holds it from now on.
+    fn admitted(mut self) -> Admitted<'a> {
+        self.settled = true;
+        Admitted { admission: self.admission, key: self.key.clone() }
+    }
+
+    /// The wait ran out: out of the queue (`true`), or `false` if a slot was handed over
+    /// in that instant (it is this request's).
+    fn leave_queue(&mut self) -> bool {
+        let mut q = self.admission.lock();
+        if q.remove_waiter(&self.key, self.id) {
+            self.settled = true;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut q = self.admission.lock();
+        if !q.remove_waiter(&self.key, self.id) {
+            // Handed a slot it never took: give it to the next in turn.
+            q.running -= 1;
+            q.unhold(&self.key);
+            q.hand_over();
+        }
+    }
 }
 
 impl fmt::Debug for Admitted<'_> {
@@ -366,25 +423,18 @@ impl Admission {
             *q.held.entry(key.clone()).or_insert(0) += 1;
             (id, woken)
         };
-        if let Ok(Ok(())) = tokio::time::timeout(self.queue_timeout, woken).await {
-            return Ok(Admitted { admission: self, key });
+        // Why a guard: the request may be dropped at any await (its client went away); the
+        // guard gives back its place in the queue, or the slot handed to it, either way.
+        let waiter = Waiter { admission: self, key, id, settled: false };
+        // Why `&mut woken`: the receiver must outlive the wait. Were it dropped when the wait
+        // runs out, a slot handed over in that instant would fail to send and be taken back,
+        // and the check below could not tell that from a grant.
+        let mut woken = woken;
+        if let Ok(Ok(())) = tokio::time::timeout(self.queue_timeout, &mut woken).await {
+            return Ok(waiter.admitted());
         }
-        let mut q = self.lock();
-        let queued = q.waiters.get_mut(&key).and_then(|w| w.iter().position(|(i, _)| *i == id).map(|at| (w, at)));
-        match queued {
-            Some((queue, at)) => {
-                queue.remove(at);
-                if queue.is_empty() {
-                    q.waiters.remove(&key);
-                    q.turn.retain(|k| k != &key);
-                }
-                q.waiting -= 1;
-                q.unhold(&key);
-                Err(busy)
-            }
-            // Handed a slot just as the wait ran out: it is this request's.
-            None => Ok(Admitted { admission: self, key }),
-        }
+        let mut waiter = waiter;
+        if waiter.leave_queue() { Err(busy) } else { Ok(waiter.admitted()) }
     }
 
     /// Requests running now.
@@ -569,11 +619,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         dropped.abort();
         let _ = dropped.await;
-        assert_eq!(admission.lock().held.get(&key), Some(&2), "running and waiting");
+        // The dropped waiter gave its place back at once; the running one still holds its own.
+        {
+            let q = admission.lock();
+            assert_eq!((q.held.get(&key), q.waiting), (Some(&1), 0));
+        }
         drop(held);
         // The slot went to nobody (the waiter is gone) and both places of the share are free.
-        assert_eq!((admission.running(), admission.lock().held.get(&key)), (0, None));
-        assert_eq!(admission.lock().waiting, 0);
+        let q = admission.lock();
+        assert_eq!((q.running, q.held.get(&key), q.waiting), (0, None, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn under_churn_timeouts_and_cancellations_every_place_is_given_back() {
+        let admission = Arc::new(Admission::new(&LimitsConfig {
+            max_in_flight: 3,
+            max_queued: 8,
+            in_flight_per_caller: 4,
+            queue_timeout: Duration::from_millis(3),
+            ..config()
+        }));
+        let mut tasks = Vec::new();
+        for i in 0..400u32 {
+            let admission = Arc::clone(&admission);
+            let task = tokio::spawn(async move {
+                if let Ok(admitted) = admission.admit(CallerKey::Uid(i % 5)).await {
+                    tokio::time::sleep(Duration::from_micros(u64::from(i % 7) * 300)).await;
+                    drop(admitted);
+                }
+            });
+            if i % 9 == 0 {
+                task.abort();
+            }
+            tasks.push(task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let q = admission.lock();
+        assert_eq!((q.running, q.waiting, q.held.len(), q.turn.len(), q.waiters.len()), (0, 0, 0, 0, 0));
     }
 
     #[test]

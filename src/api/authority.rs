@@ -147,6 +147,7 @@ impl<S> AuthorityFix<S> {
     /// Decodes one header block, fixes `:authority`, and writes it back as HEADERS (+
     /// CONTINUATION) frames without padding.
     fn emit(&mut self, stream: u32, flags: u8, priority: Option<[u8; 5]>, block: &[u8]) -> io::Result<()> {
+        check_size_updates(block)?;
         let decoder = &mut self.decoder;
         let mut fixed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut list_size = 0usize;
@@ -207,6 +208,56 @@ impl AuthorityFix<()> {
         }
         Ok(std::mem::take(&mut fix.output))
     }
+}
+
+/// Walks a header block's field representations (RFC 7541 §6) without decoding them, and
+/// refuses one whose dynamic table size update carries a malformed integer: fluke-hpack
+/// 0.3.1 panics on exactly that (`update_max_dynamic_size` unwraps the integer), and a
+/// panic must not be what a stranger can make the daemon do, even a caught one. Everything
+/// else malformed is the decoder's to refuse.
+fn check_size_updates(block: &[u8]) -> io::Result<()> {
+    let bad = || protocol("malformed header block");
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        let (prefix, then) = match first {
+            b if b & 0x80 != 0 => (7, 0),    // indexed field
+            b if b & 0xc0 == 0x40 => (6, 1), // literal, incremental indexing
+            b if b & 0xe0 == 0x20 => (5, 0), // dynamic table size update
+            _ => (4, 1),                     // literal without indexing / never indexed
+        };
+        let (index, used) = hpack_integer(&block[at..], prefix).ok_or_else(bad)?;
+        at += used;
+        if then == 1 {
+            // A new name (index 0) is a string before the value string.
+            let strings = if index == 0 { 2 } else { 1 };
+            for _ in 0..strings {
+                let (len, used) = hpack_integer(block.get(at..).ok_or_else(bad)?, 7).ok_or_else(bad)?;
+                at = at.checked_add(used).and_then(|a| a.checked_add(len)).ok_or_else(bad)?;
+                if at > block.len() {
+                    return Err(bad());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An HPACK integer (RFC 7541 §5.1) with an `prefix`-bit prefix: its value and the bytes it
+/// took; `None` if it is cut short or longer than 5 bytes (the decoder's own limit).
+fn hpack_integer(buf: &[u8], prefix: u32) -> Option<(usize, usize)> {
+    let mask = (1usize << prefix) - 1;
+    let mut value = usize::from(*buf.first()?) & mask;
+    if value < mask {
+        return Some((value, 1));
+    }
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        value += usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 fn split_headers(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5]>, &[u8])> {
@@ -499,5 +550,55 @@ mod tests {
         let mut input = PREFACE.to_vec();
         write_frame(&mut input, HEADERS, END_HEADERS, 1, &block);
         assert!(refused(input).await.contains("malformed header block"));
+    }
+
+    /// The input cargo-fuzz found (fuzz/corpus/http2_filter/size-update-panic): a dynamic table
+    /// size update whose integer runs past 5 bytes, on which fluke-hpack 0.3.1 panics. It is
+    /// refused before the decoder sees it.
+    #[test]
+    fn a_size_update_with_a_malformed_integer_is_refused_before_the_decoder_sees_it() {
+        let mut block = vec![0x82]; // :method GET
+        block.extend_from_slice(&[0x3f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert!(check_size_updates(&block).is_err());
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, HEADERS, END_HEADERS, 1, &block);
+        let err = AuthorityFix::filter(&input).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A well-formed update at the start of a block, and literals, pass the walk.
+        let mut ok = Vec::new();
+        hpack_int(&mut ok, 0x20, 5, 4096);
+        ok.extend(indexed_literal(b"x-a", b"b"));
+        ok.push(0x82);
+        assert!(check_size_updates(&ok).is_ok());
+        assert_eq!(hpack_integer(&[0x1f, 0x9a, 0x0a], 5), Some((1337, 3)));
+    }
+
+    #[test]
+    fn the_fuzz_crash_input_ends_the_connection_without_a_panic() {
+        let crash: &[u8] = &[
+            0, 0, 0, 4, 0, 96, 0, 0, 0, 0, 0, 136, 1, 4, 0, 0, 0, 1, 131, 134, 64, 0, 1, 0, 0, 0, 0, 183, 183, 183,
+            183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183,
+            183, 183, 183, 183, 183, 183, 135, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183,
+            183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183,
+            183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183,
+            183, 183, 183, 63, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 0, 0, 1, 0,
+            0, 0, 0, 136, 183, 183, 183, 183, 183, 183, 183, 183, 183, 183, 0, 0, 0, 174, 108, 121, 47, 119, 111, 0, 0,
+            0, 0, 242, 107, 108, 111, 97, 100, 46, 115, 111, 99, 0, 0, 0, 4, 255, 255, 255, 255, 255, 255, 6, 15, 1,
+            12, 0, 0, 0, 58, 97, 117, 115, 114, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0,
+        ];
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(crash);
+        let hook = std::panic::take_hook();
+        let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = panicked.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.location().is_some_and(|l| l.file().contains("fluke-hpack")) {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+        let result = AuthorityFix::filter(&input);
+        std::panic::set_hook(hook);
+        assert!(result.is_err());
+        assert!(!panicked.load(std::sync::atomic::Ordering::SeqCst), "the decoder panicked");
     }
 }
