@@ -51,10 +51,20 @@ pub struct CallerSummary {
 /// callers run it on a blocking thread.
 pub trait Attestor: Send + Sync + 'static {
     fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError>;
+
+    /// `attest` when it needs no slow read (the executable's hash is cached): cheap enough
+    /// for an async task. `None`: call `attest` on a blocking thread instead.
+    fn attest_cached(&self, _peer: &PeerInfo) -> Option<Result<Attestation, AttestError>> {
+        None
+    }
 }
 
 impl<A: Attestor + ?Sized> Attestor for Arc<A> {
     fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
         (**self).attest(peer)
+    }
+
+    fn attest_cached(&self, peer: &PeerInfo) -> Option<Result<Attestation, AttestError>> {
+        (**self).attest_cached(peer)
     }
 }

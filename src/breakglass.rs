@@ -216,7 +216,7 @@ impl BreakGlassDesk {
             self.denied(&who.record, &req, &why).await;
             return Err(IssueError::BreakGlass(why));
         }
-        let mut auth = match self.issuer.authorize(&who, &req.ask, ttl, None, &origin).await {
+        let mut auth = match self.issuer.authorize(&who, &req.ask, ttl, None, &origin, false).await {
             Ok(auth) => auth,
             Err(e) => {
                 // A refused emergency request is loud too (it was recorded by `authorize`).

@@ -236,7 +236,11 @@ impl Lifetime {
 pub(crate) struct Authorized {
     pub(crate) grants: Vec<Grant>,
     pub(crate) identity: WorkloadId,
+    /// The recorded decision's id; 0 while it is `deferred`.
     pub(crate) decision_id: EventId,
+    /// An allow not yet written: it is stored with the `issued` event in one transaction
+    /// (`Ledger::record_issuance`), or alone if nothing is issued after all.
+    pub(crate) deferred: Option<Box<event::Decision>>,
     /// The deciding rules (for the issuance's log line).
     pub(crate) rules: Vec<String>,
     pub(crate) lifetime: Lifetime,
@@ -343,7 +347,11 @@ impl Issuer {
         self.serves(kind)?;
         let _admitted = self.admit(caller).await?;
         let who = self.identify(caller, kind, req.ttl, &req.origin).await?;
-        let auth = self.authorize(&who, &req.ask, req.ttl, req.spiffe_id.as_ref(), &req.origin).await?;
+        // Why defer: an allow is then written with its issuance in one commit (one fsync,
+        // not two in series). Not for AWS: an STS call takes seconds, and the decision is
+        // on record before it starts.
+        let defer = kind != CredentialKind::Aws;
+        let auth = self.authorize(&who, &req.ask, req.ttl, req.spiffe_id.as_ref(), &req.origin, defer).await?;
         self.deliver(auth, req.ask, &req.origin, IssuedDetails::default(), false).await
     }
 
@@ -474,7 +482,8 @@ impl Issuer {
     }
 
     /// inventory → lock → decide every resource → record one decision. Every refusal is a
-    /// recorded `decision`; an allow returns the grants.
+    /// recorded `decision`; an allow returns the grants, its decision recorded — or, with
+    /// `defer`, kept to be recorded with the issuance (`deliver` writes it either way).
     pub(crate) async fn authorize(
         &self,
         who: &Identified,
@@ -482,6 +491,7 @@ impl Issuer {
         ttl: Ttl,
         wanted: Option<&WorkloadId>,
         origin: &Origin,
+        defer: bool,
     ) -> Result<Authorized, IssueError> {
         // One snapshot for the whole request: the inventory and rules it is decided under
         // belong to one release even if another is activated meanwhile.
@@ -607,7 +617,11 @@ impl Issuer {
             ..origin_fields(origin)
         };
         let deciding = decision.rules.clone();
-        let decision_id = self.record_decision(decision, now).await?;
+        let (decision_id, deferred) = if allowed && defer {
+            (0, Some(Box::new(decision)))
+        } else {
+            (self.record_decision(decision, now).await?, None)
+        };
         if !allowed {
             tracing::info!(
                 identity = %entry.id, decision_id, kind = kind.as_str(), api = origin.api, rules = %deciding.join(","),
@@ -629,6 +643,7 @@ impl Issuer {
             grants: decisions.into_iter().filter_map(Decision::into_grant).collect(),
             identity: entry.id.clone(),
             decision_id,
+            deferred,
             rules: deciding,
             lifetime,
             now,
@@ -671,7 +686,11 @@ impl Issuer {
 
     /// The one place a `decision` is written. A decision that carries its request is also
     /// decided under the shadow candidate, if there is one (never acted on).
-    async fn record_decision(&self, decision: event::Decision, now: SystemTime) -> Result<EventId, LedgerError> {
+    pub(crate) async fn record_decision(
+        &self,
+        decision: event::Decision,
+        now: SystemTime,
+    ) -> Result<EventId, LedgerError> {
         let counted = self.metrics.as_ref().map(|m| (m.clone(), decision.outcome, decision.rules.clone()));
         // A refusal this caller already has in full this window is counted, not written.
         let repeat = self.refusals.as_deref().and_then(|log| {
@@ -705,16 +724,34 @@ impl Issuer {
         if let Some((log, key, fingerprint)) = &repeat {
             log.recorded(key, *fingerprint, id);
         }
-        if let Some((metrics, outcome, rules)) = counted {
-            metrics.decision(outcome, &rules);
-        }
-        if let Some(decision) = shadowed {
-            self.shadow.observe(&decision, id, now);
-        }
+        self.decided(Noticed { counted, shadowed }, id, now);
         Ok(id)
     }
 
+    /// What a decision is told to once it is durable, taken before it goes to the ledger.
+    pub(crate) fn notice(&self, decision: &event::Decision) -> Noticed {
+        Noticed {
+            counted: self.metrics.as_ref().map(|m| (m.clone(), decision.outcome, decision.rules.clone())),
+            shadowed: self.shadow.is_on().then(|| decision.clone()),
+        }
+    }
+
+    /// A decision is durable as `id`: counted, and decided again under the shadow candidate.
+    pub(crate) fn decided(&self, noticed: Noticed, id: EventId, now: SystemTime) {
+        if let Some((metrics, outcome, rules)) = noticed.counted {
+            metrics.decision(outcome, &rules);
+        }
+        if let Some(decision) = noticed.shadowed {
+            self.shadow.observe(&decision, id, now);
+        }
+    }
+
     async fn attest(&self, peer: &PeerInfo) -> Result<crate::attest::Attestation, AttestError> {
+        // Why here when it can: a few /proc reads cost less than the hand-off to a blocking
+        // thread and back; hashing an executable not seen before does not belong on a worker.
+        if let Some(done) = self.attestor.attest_cached(peer) {
+            return done;
+        }
         let attestor = Arc::clone(&self.attestor);
         let peer = peer.clone();
         let pid = peer.pid.unwrap_or(0);
@@ -747,6 +784,13 @@ impl Issuer {
             known_as: Selectors::new(),
         })
     }
+}
+
+/// Taken from a decision before it is written: the metrics it counts toward and, with a
+/// shadow candidate on, the decision itself to replay under it.
+pub(crate) struct Noticed {
+    counted: Option<(Arc<crate::telemetry::Metrics>, event::Verdict, Vec<String>)>,
+    shadowed: Option<event::Decision>,
 }
 
 /// Longest escaped subject in a dev identity (a SPIFFE ID is at most 2048 bytes).

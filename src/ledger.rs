@@ -266,6 +266,25 @@ impl StoredEvent {
 pub trait Ledger: Send + Sync + 'static {
     /// Resolves once the event is committed; its sequence number is its id.
     fn record(&self, at: SystemTime, event: Event) -> BoxFuture<'_, Result<EventId, LedgerError>>;
+
+    /// Records the decision that allowed an issuance and its `issued` event together,
+    /// the `issued` event right after the decision and naming it (`decision_id` is set
+    /// here, whatever the caller put there); resolves with both ids once both are durable.
+    /// The group-commit writer stores the two in one transaction (one commit, one fsync);
+    /// this default records them one after the other.
+    fn record_issuance(
+        &self,
+        at: SystemTime,
+        decision: event::Decision,
+        mut issued: event::Issued,
+    ) -> BoxFuture<'_, Result<(EventId, EventId), LedgerError>> {
+        Box::pin(async move {
+            let decision_id = self.record(at, Event::Decision(decision)).await?;
+            issued.credential.decision_id = decision_id;
+            let issued_id = self.record(at, Event::Issued(issued)).await?;
+            Ok((decision_id, issued_id))
+        })
+    }
 }
 
 /// Which events a read returns, in position order.
@@ -482,6 +501,10 @@ pub async fn verify(reader: &dyn LedgerRead) -> Result<usize, VerifyError> {
 
 struct Pending {
     event: NewEvent,
+    /// An `issued` event stored right after `event` (the decision that allowed it), in the
+    /// same transaction, its `decision_id` set to the decision's sequence number here.
+    then: Option<event::Issued>,
+    /// Acknowledged with the (first) event's sequence number.
     ack: oneshot::Sender<Result<EventId, LedgerError>>,
 }
 
@@ -552,12 +575,41 @@ impl Ledger for GroupCommitLedger {
             };
             let (ack, done) = oneshot::channel();
             let new = NewEvent { kind, at, body, credential };
-            self.tx.send(Pending { event: new, ack }).await.map_err(|_| LedgerError::WriterStopped)?;
+            self.tx.send(Pending { event: new, then: None, ack }).await.map_err(|_| LedgerError::WriterStopped)?;
             let id = done.await.map_err(|_| LedgerError::WriterStopped)??;
             if let (Some(observer), Some(event)) = (observer, event) {
                 observer.recorded(&event);
             }
             Ok(id)
+        })
+    }
+
+    fn record_issuance(
+        &self,
+        at: SystemTime,
+        decision: event::Decision,
+        issued: event::Issued,
+    ) -> BoxFuture<'_, Result<(EventId, EventId), LedgerError>> {
+        Box::pin(async move {
+            let decision = Event::Decision(decision);
+            let body = decision.body().map_err(|e| LedgerError::Encode(e.to_string()))?;
+            let observer = self.shared.observer.get();
+            // Why clone only when observed: the events are needed again once durable.
+            let observed = observer.map(|_| issued.clone());
+            let (ack, done) = oneshot::channel();
+            let new = NewEvent { kind: EventKind::Decision, at, body, credential: None };
+            self.tx
+                .send(Pending { event: new, then: Some(issued), ack })
+                .await
+                .map_err(|_| LedgerError::WriterStopped)?;
+            let decision_id = done.await.map_err(|_| LedgerError::WriterStopped)??;
+            if let (Some(observer), Some(mut issued)) = (observer, observed) {
+                issued.credential.decision_id = decision_id;
+                observer.recorded(&decision);
+                observer.recorded(&Event::Issued(issued));
+            }
+            // Why +1: the writer stores the pair as consecutive rows of one batch.
+            Ok((decision_id, decision_id + 1))
         })
     }
 }
@@ -592,31 +644,53 @@ async fn write_loop<B: Backend>(
                 }
             }
         }
-        let mut rows = Vec::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len() * 2);
         let mut credentials = Vec::new();
         let (mut seq, mut prev) = (last_seq, last_hash.clone());
+        // Each pending's first sequence number (`None`: refused before it was stored).
+        let mut firsts: Vec<Result<EventId, LedgerError>> = Vec::with_capacity(batch.len());
         for p in &mut batch {
-            seq += 1;
             let at_ms =
                 i64::try_from(p.event.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis())
                     .unwrap_or(i64::MAX);
-            let kind = p.event.kind.as_str().to_owned();
-            let body = std::mem::take(&mut p.event.body);
-            let hash = event_hash(&prev, seq, at_ms, &kind, &body);
-            rows.push(StoredEvent {
-                chain: String::new(),
-                pos: seq,
-                seq,
-                at_ms,
-                kind,
-                body,
-                prev_hash: prev,
-                hash: hash.clone(),
-            });
-            if let Some(c) = p.event.credential.take() {
-                credentials.push((seq, c));
+            // The issued event of a decision + issuance pair names the decision's seq,
+            // known only here; encoded before either row is taken so both or neither are.
+            let linked = match p.then.take() {
+                None => None,
+                Some(mut issued) => {
+                    issued.credential.decision_id = seq + 1;
+                    let credential = issued.credential.clone();
+                    match Event::Issued(issued).body() {
+                        Ok(body) => Some((body, credential)),
+                        Err(e) => {
+                            firsts.push(Err(LedgerError::Encode(e.to_string())));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let mut push = |kind: EventKind, body: String, credential: Option<CredentialRecord>| {
+                seq += 1;
+                let kind = kind.as_str().to_owned();
+                let hash = event_hash(&prev, seq, at_ms, &kind, &body);
+                let prev_hash = std::mem::replace(&mut prev, hash.clone());
+                rows.push(StoredEvent { chain: String::new(), pos: seq, seq, at_ms, kind, body, prev_hash, hash });
+                if let Some(c) = credential {
+                    credentials.push((seq, c));
+                }
+                seq
+            };
+            let first = push(p.event.kind, std::mem::take(&mut p.event.body), p.event.credential.take());
+            if let Some((body, credential)) = linked {
+                push(EventKind::Issued, body, Some(credential));
             }
-            prev = hash;
+            firsts.push(Ok(first));
+        }
+        if rows.is_empty() {
+            for (p, first) in batch.drain(..).zip(firsts) {
+                let _ = p.ack.send(first);
+            }
+            continue;
         }
         let started = Instant::now();
         let appended = backend.append(&rows, &credentials).await;
@@ -628,8 +702,8 @@ async fn write_loop<B: Backend>(
             Ok(()) => {
                 last_seq = seq;
                 last_hash = prev;
-                for (p, row) in batch.drain(..).zip(&rows) {
-                    let _ = p.ack.send(Ok(row.seq));
+                for (p, first) in batch.drain(..).zip(firsts) {
+                    let _ = p.ack.send(first);
                 }
             }
             Err(e) => {
@@ -731,6 +805,84 @@ mod tests {
         assert!(ledger.writable().is_ok(), "the next commit clears it");
         assert_eq!(*seen.batches.lock().unwrap(), vec![(1, true), (1, false), (1, true)]);
         assert_eq!(seen.events.lock().unwrap().len(), 2, "the failed event was not counted");
+    }
+
+    fn pair(n: u32) -> (event::Decision, event::Issued) {
+        let decision =
+            event::Decision { action: "issue_x509".into(), outcome: event::Verdict::Allow, ..Default::default() };
+        let credential = CredentialRecord {
+            id: format!("cred-{n}"),
+            kind: "x509".into(),
+            identity: "spiffe://t/a".into(),
+            serial: format!("{n:032x}"),
+            fingerprint: "f".into(),
+            not_before: 1,
+            not_after: 2,
+            decision_id: 999_999,
+        };
+        (decision, event::Issued { credential, details: event::IssuedDetails::default() })
+    }
+
+    #[tokio::test]
+    async fn a_decision_and_its_issuance_are_one_commit_and_the_issued_event_names_the_decision() {
+        let backend = MemoryBackend::default();
+        let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 64).await.unwrap();
+        let seen = Arc::new(Seen::default());
+        ledger.observe(seen.clone());
+        ledger.record(AT, event(1)).await.unwrap();
+        let (d, i) = pair(1);
+        assert_eq!(ledger.record_issuance(AT, d, i).await.unwrap(), (2, 3));
+        assert_eq!(*seen.batches.lock().unwrap(), vec![(1, true), (2, true)], "one commit for the pair");
+        // Many at once, mixed with single events: each pair stays adjacent and linked.
+        let handles: Vec<_> = (0..100u32)
+            .map(|n| {
+                let l = ledger.clone();
+                tokio::spawn(async move {
+                    if n % 3 == 0 {
+                        let id = l.record(AT, event(i64::from(n))).await.unwrap();
+                        (id, None)
+                    } else {
+                        let (d, i) = pair(n);
+                        let (did, iid) = l.record_issuance(AT, d, i).await.unwrap();
+                        (did, Some(iid))
+                    }
+                })
+            })
+            .collect();
+        let events = {
+            let mut out = Vec::new();
+            for h in handles {
+                out.push(h.await.unwrap());
+            }
+            out
+        };
+        let stored = backend.events();
+        assert_eq!(verify_chain(&stored), Ok(stored.len()));
+        for (first, issued) in events {
+            let Some(issued) = issued else { continue };
+            assert_eq!(issued, first + 1);
+            let row = &stored[usize::try_from(issued - 1).unwrap()];
+            let Ok(Event::Issued(i)) = row.event() else { panic!("seq {issued} is not the issued event") };
+            assert_eq!(i.credential.decision_id, first, "the issued event names its decision");
+            assert_eq!(stored[usize::try_from(first - 1).unwrap()].kind, "decision");
+        }
+        let credentials = backend.credentials();
+        assert!(credentials.iter().all(|(seq, c)| c.decision_id == seq - 1), "credential rows name the decision too");
+        // The observer saw both events of every pair, with the decision's id in place.
+        assert_eq!(seen.events.lock().unwrap().iter().filter(|k| **k == EventKind::Issued).count(), 1 + 66);
+    }
+
+    #[tokio::test]
+    async fn a_failed_pair_stores_neither_event() {
+        let backend = MemoryBackend::default();
+        let (ledger, _task) = GroupCommitLedger::start(backend.clone(), 8).await.unwrap();
+        backend.set_failing(true);
+        let (d, i) = pair(1);
+        assert!(ledger.record_issuance(AT, d, i).await.is_err());
+        backend.set_failing(false);
+        assert!(backend.events().is_empty());
+        let (d, i) = pair(2);
+        assert_eq!(ledger.record_issuance(AT, d, i).await.unwrap(), (1, 2));
     }
 
     #[tokio::test]

@@ -63,7 +63,7 @@ print(int(total))' "$1"
 metric_at_least() { local v; v=$(metric "$1"); echo "$1 = $v (at least $2)"; [ "$v" -ge "$2" ]; }
 serves() { "$bin" x509 --socket "$hx/w.sock" --out "$hx/x509-$1" >/dev/null; }
 legit() { # name, requests: root's issuance during an attack: every request succeeds
-  "$bin" bench issue --socket "$hx/w.sock" --requests "$2" --concurrency 1 | tee "$hx/legit-$1.txt"
+  "$bin" bench issue --csr --socket "$hx/w.sock" --requests "$2" --concurrency 1 | tee "$hx/legit-$1.txt"
   grep -q " 0 failed" "$hx/legit-$1.txt"
 }
 rss_mib() { hostile rss "$daemon_pid" | "$pybin" -c 'import json,sys; print(json.load(sys.stdin)["rss_kib"] // 1024)'; }
@@ -104,9 +104,9 @@ check "64 trickling bodies kept (per address), each answered 408 at the body tim
 
 # --- admission: many concurrent requests from one caller ---------------------------------------
 # Two clients of nobody's, 120 requests in flight each (one connection carries at most 64).
-spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst.txt" "$nbin" bench issue --socket "$hx/w.sock" --requests 1200 --concurrency 120
+spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst.txt" "$nbin" bench issue --csr --socket "$hx/w.sock" --requests 1200 --concurrency 120
 burst_pid=$spawned
-spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst2.txt" "$nbin" bench issue --socket "$hx/w.sock" --requests 1200 --concurrency 120
+spawn bash -c 'exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@" >"$0"' "$hx/burst2.txt" "$nbin" bench issue --csr --socket "$hx/w.sock" --requests 1200 --concurrency 120
 burst2_pid=$spawned
 check "root's issuance while nobody has 240 requests in flight: all succeed" legit burst 100
 await "$burst_pid"; await "$burst2_pid"
@@ -118,7 +118,7 @@ check "nobody still got credentials (its share was served)" bash -c "grep -Eq '^
 sqlite3 "$db" "select count(*) from events" >"$hx/events-before"
 bytes_before=$(sqlite3 "$db" "select coalesce(sum(length(body)), 0) from events")
 check "uid 4242's 1,500 requests (no inventory entry) are all refused" bash -c "
-  setpriv --reuid=4242 --regid=4242 --clear-groups '$nbin' bench issue --socket '$hx/w.sock' --requests 1500 --concurrency 4 | tee /dev/stderr | grep -q '0 ok, 1500 failed'"
+  setpriv --reuid=4242 --regid=4242 --clear-groups '$nbin' bench issue --csr --socket '$hx/w.sock' --requests 1500 --concurrency 4 | tee /dev/stderr | grep -q '0 ok, 1500 failed'"
 bytes_during=$(sqlite3 "$db" "select coalesce(sum(length(body)), 0) from events")
 check "the flood added at most 8 KB to the ledger while it ran" bash -c "echo \$(( $bytes_during - $bytes_before )) bytes; [ \$(( $bytes_during - $bytes_before )) -le 8192 ]"
 

@@ -10,6 +10,12 @@
 //! re-encoded, so the encoder's dynamic table stays in step with the server's decoder
 //! (both at the HTTP/2 default of 4096 bytes). The authority carries no meaning on a Unix
 //! socket: attestation, not any header, identifies the caller. The write side is untouched.
+//!
+//! Only clients that need it pay for it: when a connection's first header block has nothing
+//! to fix (grpc-go, tonic, the Rust SPIFFE clients send `localhost`), that block goes to the
+//! server as the client sent it and the filter steps aside for the rest of the connection.
+//! The server's HPACK decoder has then seen exactly the client's encoding, so the two stay
+//! in step; hyper enforces the same frame and header-list limits on what follows.
 
 use std::io;
 use std::panic::AssertUnwindSafe;
@@ -51,6 +57,8 @@ struct PendingBlock {
     flags: u8,
     priority: Option<[u8; 5]>,
     block: Vec<u8>,
+    /// The frames as received (passed on unchanged if the block needs no fix).
+    frames: Vec<u8>,
 }
 
 pub struct AuthorityFix<S> {
@@ -65,6 +73,10 @@ pub struct AuthorityFix<S> {
     decoder: fluke_hpack::Decoder<'static>,
     encoder: fluke_hpack::Encoder<'static>,
     eof: bool,
+    /// A header block was filtered already (only the first can open the pass-through).
+    filtered_one: bool,
+    /// The first header block needed no fix: everything is passed on unread from now on.
+    passthrough: bool,
 }
 
 impl<S> AuthorityFix<S> {
@@ -80,6 +92,8 @@ impl<S> AuthorityFix<S> {
             decoder,
             encoder: fluke_hpack::Encoder::new(),
             eof: false,
+            filtered_one: false,
+            passthrough: false,
         }
     }
 
@@ -103,6 +117,10 @@ impl<S> AuthorityFix<S> {
             self.preface_seen = true;
         }
         loop {
+            if self.passthrough {
+                self.output.append(&mut self.input);
+                return Ok(());
+            }
             if self.input.len() < FRAME_HEADER {
                 return Ok(());
             }
@@ -122,20 +140,22 @@ impl<S> AuthorityFix<S> {
                 (HEADERS, None) => {
                     let (priority, block) = split_headers(flags, payload)?;
                     if flags & END_HEADERS != 0 {
-                        self.emit(stream, flags, priority, block)?;
+                        self.emit(stream, flags, priority, block, &frame)?;
                     } else {
-                        self.pending = Some(PendingBlock { stream, flags, priority, block: block.to_vec() });
+                        let block = block.to_vec();
+                        self.pending = Some(PendingBlock { stream, flags, priority, block, frames: frame });
                     }
                 }
                 (CONTINUATION, Some(pending)) if pending.stream == stream => {
                     pending.block.extend_from_slice(payload);
+                    pending.frames.extend_from_slice(&frame);
                     if pending.block.len() > MAX_HEADER_BLOCK {
                         return Err(protocol("header block too large"));
                     }
                     if flags & END_HEADERS != 0
                         && let Some(p) = self.pending.take()
                     {
-                        self.emit(p.stream, p.flags, p.priority, &p.block)?;
+                        self.emit(p.stream, p.flags, p.priority, &p.block, &p.frames)?;
                     }
                 }
                 (_, Some(_)) => return Err(protocol("a header block was interrupted by another frame")),
@@ -145,12 +165,21 @@ impl<S> AuthorityFix<S> {
     }
 
     /// Decodes one header block, fixes `:authority`, and writes it back as HEADERS (+
-    /// CONTINUATION) frames without padding.
-    fn emit(&mut self, stream: u32, flags: u8, priority: Option<[u8; 5]>, block: &[u8]) -> io::Result<()> {
+    /// CONTINUATION) frames without padding — or, for a connection's first block with
+    /// nothing to fix, writes `frames` (the block as received) and opens the pass-through.
+    fn emit(
+        &mut self,
+        stream: u32,
+        flags: u8,
+        priority: Option<[u8; 5]>,
+        block: &[u8],
+        frames: &[u8],
+    ) -> io::Result<()> {
         check_size_updates(block)?;
         let decoder = &mut self.decoder;
         let mut fixed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut list_size = 0usize;
+        let mut rewrote = false;
         // Why catch_unwind: the decoder panics on some malformed integers; a bad client must
         // lose its connection, not take a server task down with it.
         std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -161,6 +190,7 @@ impl<S> AuthorityFix<S> {
                     return;
                 }
                 let value = if name.as_ref() == b":authority" && Authority::try_from(value.as_ref()).is_err() {
+                    rewrote = true;
                     LOCAL_AUTHORITY.to_vec()
                 } else {
                     value.into_owned()
@@ -172,6 +202,12 @@ impl<S> AuthorityFix<S> {
         .map_err(|e| protocol(&format!("malformed header block: {e:?}")))?;
         if list_size > MAX_HEADER_LIST {
             return Err(protocol("a header list larger than SETTINGS_MAX_HEADER_LIST_SIZE (16 KiB)"));
+        }
+        let first = !std::mem::replace(&mut self.filtered_one, true);
+        if first && !rewrote {
+            self.output.extend_from_slice(frames);
+            self.passthrough = true;
+            return Ok(());
         }
         let mut encoded = Vec::new();
         if let Some(p) = priority {
@@ -440,6 +476,31 @@ mod tests {
             blocks[2].iter().any(|(n, v)| n == b":authority" && v == b"localhost:50051"),
             "a valid authority is kept"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_first_block_needs_no_fix_is_passed_through_byte_for_byte() {
+        let mut client = fluke_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        write_frame(&mut input, 0x4, 0, 0, &[]);
+        let ok: &[(&[u8], &[u8])] = &[(b":method", b"POST"), (b":authority", b"localhost"), (b":path", b"/x")];
+        // Padded, so a re-encoding would show: the server must get the client's own bytes.
+        input.extend(headers_frame(&mut client, 1, ok, true));
+        write_frame(&mut input, 0x0, END_STREAM, 1, b"body");
+        // Later blocks are the server's to judge (hyper refuses a path authority itself).
+        let bad: &[(&[u8], &[u8])] = &[(b":method", b"POST"), (b":authority", b"/run/x.sock"), (b":path", b"/y")];
+        input.extend(headers_frame(&mut client, 3, bad, false));
+        let mut filtered = Vec::new();
+        AuthorityFix::new(input.as_slice()).read_to_end(&mut filtered).await.unwrap();
+        assert_eq!(filtered, input);
+        // The same bytes from a client whose first block had a path authority are rewritten.
+        let mut client = fluke_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(headers_frame(&mut client, 1, bad, false));
+        input.extend(headers_frame(&mut client, 3, ok, true));
+        let blocks = through_filter(input).await;
+        assert!(blocks[0].iter().any(|(n, v)| n == b":authority" && v == b"localhost"));
+        assert!(blocks[1].iter().any(|(n, v)| n == b":path" && v == b"/x"));
     }
 
     #[tokio::test]

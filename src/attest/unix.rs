@@ -136,7 +136,29 @@ impl UnixAttestor {
         Self { daemon_uid: rustix::process::geteuid().as_raw(), max_binary_bytes, hashes: moka::sync::Cache::new(4096) }
     }
 
-    fn exe_sha256(&self, file: &mut File) -> std::io::Result<Option<String>> {
+    /// The executable's hash from the cache, keyed by what `stat` of `/proc/<pid>/exe` says
+    /// (the same key `exe_sha256` stores under): no open, no read. `Some(None)`: over the cap.
+    fn cached_sha256(&self, dir: &OwnedFd) -> Option<Option<String>> {
+        let st = rustix::fs::statat(dir, "exe", rustix::fs::AtFlags::empty()).ok()?;
+        let len = u64::try_from(st.st_size).ok()?;
+        if len > self.max_binary_bytes {
+            return Some(None);
+        }
+        let key = (
+            st.st_dev,
+            st.st_ino,
+            len,
+            st.st_mtime,
+            i64::try_from(st.st_mtime_nsec).ok()?,
+            st.st_ctime,
+            i64::try_from(st.st_ctime_nsec).ok()?,
+        );
+        self.hashes.get(&key).map(Some)
+    }
+
+    /// The executable's SHA-256 (`None` over the size cap); with `hash: false`, `Err(None)`
+    /// when it is not cached (hashing reads the whole file).
+    fn exe_sha256(&self, file: &mut File, hash: bool) -> Result<Option<String>, Option<std::io::Error>> {
         let meta = file.metadata()?;
         if meta.len() > self.max_binary_bytes {
             return Ok(None);
@@ -145,6 +167,9 @@ impl UnixAttestor {
             (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
         if let Some(hit) = self.hashes.get(&key) {
             return Ok(Some(hit));
+        }
+        if !hash {
+            return Err(None);
         }
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 256 * 1024];
@@ -168,6 +193,23 @@ impl UnixAttestor {
 
 impl Attestor for UnixAttestor {
     fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+        // Why this cannot be `None`: with `hash: true` nothing is left undone.
+        self.attest_with(peer, true).unwrap_or(Err(AttestError::PeerWithoutCredentials))
+    }
+
+    fn attest_cached(&self, peer: &PeerInfo) -> Option<Result<Attestation, AttestError>> {
+        self.attest_with(peer, false)
+    }
+}
+
+impl UnixAttestor {
+    /// Everything below, with `hash: false`, gives up (`None`) where the executable would
+    /// have to be hashed; every other step is a few reads of /proc.
+    fn attest_with(&self, peer: &PeerInfo, hash: bool) -> Option<Result<Attestation, AttestError>> {
+        self.attest_steps(peer, hash).transpose()
+    }
+
+    fn attest_steps(&self, peer: &PeerInfo, hash: bool) -> Result<Option<Attestation>, AttestError> {
         let pid = peer.pid.ok_or(AttestError::PeerWithoutCredentials)?;
         let exited = AttestError::CallerExited { pid };
         let (pidfd, start_time) = match (&peer.pidfd, peer.start_time) {
@@ -178,11 +220,10 @@ impl Attestor for UnixAttestor {
             return Err(exited);
         }
         let proc_err = |why: String| AttestError::Proc { pid, why };
+        // Why no start-time check here as well: the pidfd above and the check after
+        // everything is read (pidfd, then start time) are what prove the process is the one
+        // that connected; one here would only fail a little sooner.
         let dir = open_proc(pid).map_err(|_| exited.clone())?;
-        let stat = read_stat(&dir).map_err(|_| exited.clone())?;
-        if stat.start_time != start_time || stat.is_dead() {
-            return Err(exited);
-        }
 
         let ids = read_at(&dir, "status")
             .ok()
@@ -201,10 +242,19 @@ impl Attestor for UnixAttestor {
         let exe = rustix::fs::readlinkat(&dir, "exe", Vec::new())
             .map(|p| p.to_string_lossy().into_owned())
             .map_err(|e| proc_err(format!("exe: {e}")))?;
-        let mut exe_file = rustix::fs::openat(&dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map(File::from)
-            .map_err(|e| proc_err(format!("exe: {e}")))?;
-        let sha256 = self.exe_sha256(&mut exe_file).map_err(|e| proc_err(format!("exe: {e}")))?;
+        let sha256 = match self.cached_sha256(&dir) {
+            Some(known) => known,
+            None => {
+                let mut exe_file = rustix::fs::openat(&dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map(File::from)
+                    .map_err(|e| proc_err(format!("exe: {e}")))?;
+                match self.exe_sha256(&mut exe_file, hash) {
+                    Ok(h) => h,
+                    Err(None) => return Ok(None),
+                    Err(Some(e)) => return Err(proc_err(format!("exe: {e}"))),
+                }
+            }
+        };
         if sha256.is_none() {
             tracing::warn!(
                 pid,
@@ -235,10 +285,10 @@ impl Attestor for UnixAttestor {
         if let Some(c) = &container {
             selectors.insert(Selector::new("unix", "container", c));
         }
-        Ok(Attestation {
+        Ok(Some(Attestation {
             selectors,
             caller: CallerSummary { uid: peer.uid, gid: peer.gid, pid, exe: Some(exe), sha256, container },
-        })
+        }))
     }
 }
 
@@ -248,9 +298,16 @@ fn open_proc(pid: i32) -> rustix::io::Result<OwnedFd> {
 
 fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<String> {
     let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let mut text = String::new();
-    File::from(fd).take(1 << 20).read_to_string(&mut text)?;
-    Ok(text)
+    let mut file = File::from(fd);
+    // Why one read is usually enough: stat, status and cgroup are generated whole on each
+    // read and are far under 4 KiB; a full buffer means there may be more, read to the end.
+    let mut buf = vec![0u8; 4096];
+    let n = file.read(&mut buf)?;
+    buf.truncate(n);
+    if n == 4096 {
+        file.take(1 << 20).read_to_end(&mut buf)?;
+    }
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 struct Stat {
@@ -378,6 +435,20 @@ mod tests {
         assert_eq!(
             UnixAttestor::new(1 << 30).attest(&PeerInfo::without_credentials()),
             Err(AttestError::PeerWithoutCredentials)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cached_path_gives_way_until_the_binary_is_hashed_then_answers_the_same() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = PeerInfo::capture(&a);
+        let attestor = UnixAttestor::new(1 << 30);
+        assert_eq!(attestor.attest_cached(&peer), None, "hashing the executable is left to a blocking thread");
+        let full = attestor.attest(&peer).unwrap();
+        assert_eq!(attestor.attest_cached(&peer), Some(Ok(full)));
+        assert_eq!(
+            attestor.attest_cached(&PeerInfo::without_credentials()),
+            Some(Err(AttestError::PeerWithoutCredentials))
         );
     }
 

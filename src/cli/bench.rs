@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::fail;
+
+mod hot;
+mod load;
 use crate::api::pb::IssueX509Request;
 use crate::api::pb::broker_client::BrokerClient;
 use crate::ledger::event::{Caller, Decision, Event, Verdict};
@@ -15,17 +18,26 @@ use crate::ledger::{Ledger, Location, Settings};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Issue X.509 SVIDs from a running daemon; print throughput and latency.
+    /// Issue X.509 SVIDs from a running daemon at each concurrency level in turn; print
+    /// throughput, latency and the daemon's CPU per issuance (read from /proc of the pid
+    /// serving the socket) beside one P-256 verify + sign measured in the same run.
     Issue {
         /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
-        /// How many requests.
+        /// How many requests at each level.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
-        /// Requests (or writers) in flight at once.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-        concurrency: u32,
+        /// Requests in flight at once: one level, or several (`1,8,32`) run in turn.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: Vec<u32>,
+        /// `mayfly.v1` IssueX509 with a CSR the client made (the key never travels). Without
+        /// it: the SPIFFE Workload API's FetchX509SVID (the daemon makes the key).
+        #[arg(long)]
+        csr: bool,
+        /// Then run open loop at half the best throughput seen and print its latency.
+        #[arg(long)]
+        half_load: bool,
     },
     /// Append events to a fresh ledger (the default backend) through the group-commit writer.
     Ledger {
@@ -38,6 +50,11 @@ pub enum Command {
         /// Largest group commit (1 = one transaction and fsync per event).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_batch: u32,
+        /// Grow the ledger of this data directory instead (kept, appended to): each write is
+        /// an issuance as the daemon records it (a decision with its request and the
+        /// `issued` event, one commit), so a daemon started on it sees a ledger of that size.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Time policy decisions (request building included): the shipped rules, then with
     /// RULES generated per-workload rules added, each through the scope index and as a full scan.
@@ -53,17 +70,36 @@ pub enum Command {
         decisions: u32,
     },
     /// FetchJWTSVID (mint + record) and ValidateJWTSVID (verify + record a use) over the
-    /// SPIFFE Workload API of a running daemon; print throughput and latency for each.
+    /// SPIFFE Workload API of a running daemon at each concurrency level; print throughput,
+    /// latency and the daemon's CPU per operation beside one ES256 sign / verify.
     Jwt {
         /// The daemon's workload socket.
         #[arg(long, default_value = "mayfly.sock")]
         socket: PathBuf,
-        /// How many requests.
+        /// How many requests at each level.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         requests: u32,
-        /// Requests (or writers) in flight at once.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-        concurrency: u32,
+        /// Requests in flight at once: one level, or several (`1,8,32`) run in turn.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: Vec<u32>,
+    },
+    /// The peer benchmark: cfssl's `serve` signing the same kind of CSR over HTTP on
+    /// loopback (POST /api/v1/cfssl/sign), with its CPU read from /proc of PID: the figures
+    /// `bench issue --csr` prints, for the process that does no attestation, no policy and
+    /// keeps no record.
+    Cfssl {
+        /// cfssl's address, e.g. http://127.0.0.1:8888.
+        #[arg(long)]
+        url: String,
+        /// cfssl's pid (its CPU time is read from /proc).
+        #[arg(long)]
+        pid: i32,
+        /// How many requests at each level.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        requests: u32,
+        /// Requests in flight at once: one level, or several (`1,8,32`) run in turn.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: Vec<u32>,
     },
     /// WIT-SVIDs against a running daemon: FetchWITSVID (key pair + ES256 mint + decision +
     /// issued record, the first message of a stream) beside FetchJWTSVID for comparison,
@@ -132,11 +168,19 @@ pub enum Command {
 
 pub async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Issue { socket, requests, concurrency } => bench_issue(socket, requests, concurrency).await,
-        Command::Ledger { events, concurrency, max_batch } => bench_ledger(events, concurrency, max_batch).await,
+        Command::Issue { socket, requests, concurrency, csr, half_load } => {
+            hot::issue(socket, requests, &concurrency, csr, half_load).await
+        }
+        Command::Ledger { events, concurrency, max_batch, data_dir: None } => {
+            bench_ledger(events, concurrency, max_batch).await
+        }
+        Command::Ledger { events, concurrency, max_batch, data_dir: Some(dir) } => {
+            grow_ledger(&dir, events, concurrency, max_batch).await
+        }
         Command::Policy { dir, rules, decisions } => bench_policy(&dir, rules, decisions),
         Command::Crl { entries, rounds } => bench_crl(entries, rounds),
-        Command::Jwt { socket, requests, concurrency } => bench_jwt(socket, requests, concurrency).await,
+        Command::Jwt { socket, requests, concurrency } => hot::jwt(socket, requests, &concurrency).await,
+        Command::Cfssl { url, pid, requests, concurrency } => hot::cfssl(&url, pid, requests, &concurrency).await,
         Command::Wit { socket, requests, concurrency, url, cacert } => {
             bench_wit(socket, requests, concurrency, url, cacert).await
         }
@@ -242,29 +286,6 @@ fn bench_policy(dir: &std::path::Path, generated: u32, decisions: u32) -> ExitCo
     ExitCode::SUCCESS
 }
 
-async fn bench_issue(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode {
-    let key = match rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
-        Ok(k) => k,
-        Err(e) => return fail(e),
-    };
-    let csr = match rcgen::CertificateParams::default().serialize_request(&key) {
-        Ok(c) => c.der().to_vec(),
-        Err(e) => return fail(e),
-    };
-    let channel = match super::connect(&socket).await {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
-    };
-    let client = BrokerClient::new(channel);
-    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
-        let mut client = client.clone();
-        let req = IssueX509Request { csr: csr.clone(), ttl_seconds: Some(300), spiffe_id: String::new() };
-        async move { client.issue_x509(req).await.is_ok() }
-    })
-    .await;
-    report("issue x509 over the workload socket", elapsed, &mut latencies, errors, concurrency);
-    ExitCode::SUCCESS
-}
 async fn bench_aws(socket: PathBuf, role: String, requests: u32, concurrency: u32) -> ExitCode {
     let channel = match super::connect(&socket).await {
         Ok(c) => c,
@@ -324,6 +345,90 @@ async fn bench_ledger(events: u32, concurrency: u32, max_batch: u32) -> ExitCode
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// Appends `events` events (as issuance pairs) to the ledger in `dir`, through the writer
+/// the daemon uses; prints the rate and the ledger's size.
+async fn grow_ledger(dir: &std::path::Path, events: u32, concurrency: u32, max_batch: u32) -> ExitCode {
+    use crate::ledger::event::{CredentialRecord, Issued, IssuedDetails, RequestRecord, ResourceRecord};
+    let settings = Settings { max_batch: max_batch as usize, ..Settings::local(Location::in_data_dir(dir)) };
+    let opened = match crate::ledger::open(&settings).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let (ledger, writer) = (opened.writer, opened.task);
+    let handle = ledger.clone();
+    let exe = "/usr/local/bin/payments-api";
+    let sha = "9f2c".repeat(16);
+    let (elapsed, _, errors) = drive(events.div_ceil(2), concurrency, move |worker, i| {
+        let ledger = handle.clone();
+        let sha = sha.clone();
+        async move {
+            let identity = format!("spiffe://mayfly.local/svc/payments-{}", worker % 50);
+            let decision = Decision {
+                action: "issue_x509".into(),
+                resource: Some("x509".into()),
+                outcome: Verdict::Allow,
+                reason: "allowed by local-workloads-x509 (ttl 5m)".into(),
+                rules: vec!["local-workloads-x509".into()],
+                policy_version: format!("sha256:{}", "ab".repeat(32)),
+                identity: Some(identity.clone()),
+                owner: Some("payments-team@example.org".into()),
+                purpose: Some("payments API: mTLS to the ledger service".into()),
+                caller: Caller {
+                    exe: Some(exe.into()),
+                    sha256: Some(sha.clone()),
+                    ..Caller::local(1000 + worker, 1000, i32::try_from(i).ok())
+                },
+                requested_ttl_secs: 300,
+                granted_ttl_secs: Some(300),
+                api: "mayfly.v1".into(),
+                request: Some(RequestRecord {
+                    attestation: "unix".into(),
+                    selectors: vec![
+                        format!("unix:gid:{}", 1000),
+                        format!("unix:path:{exe}"),
+                        format!("unix:sha256:{sha}"),
+                        format!("unix:uid:{}", 1000 + worker),
+                    ],
+                    resources: vec![ResourceRecord::X509],
+                    requested_ttl_secs: 300,
+                    ..RequestRecord::default()
+                }),
+                ..Decision::default()
+            };
+            let now = SystemTime::now();
+            let at = crate::clock::unix_secs(now);
+            let credential = CredentialRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                kind: "x509".into(),
+                identity,
+                serial: format!("{:032x}", rand_serial(worker, i)),
+                fingerprint: "c3".repeat(32),
+                not_before: at,
+                not_after: at + 300,
+                decision_id: 0,
+            };
+            let issued = Issued { credential, details: IssuedDetails::default() };
+            ledger.record_issuance(now, decision, issued).await.is_ok()
+        }
+    })
+    .await;
+    drop(ledger);
+    let _ = writer.await;
+    let written = u64::from(events.div_ceil(2)).saturating_sub(u64::from(errors)) * 2;
+    out!(
+        "grew the ledger in `{}` by {written} events ({errors} failed writes) in {:.1} s: {:.0} events/s",
+        dir.display(),
+        elapsed.as_secs_f64(),
+        written as f64 / elapsed.as_secs_f64().max(1e-9)
+    );
+    ExitCode::SUCCESS
+}
+
+/// A serial-like number, distinct per writer and write (no randomness needed here).
+fn rand_serial(worker: u32, i: u32) -> u128 {
+    (u128::from(worker) << 64 | u128::from(i)).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
 }
 
 /// Runs `total` operations spread over `concurrency` tasks; returns the wall time, the
@@ -528,53 +633,6 @@ fn bench_crl(entries: u32, rounds: u32) -> ExitCode {
         times[0].as_secs_f64() * 1e3,
         times[times.len() - 1].as_secs_f64() * 1e3
     );
-    ExitCode::SUCCESS
-}
-
-/// JWT-SVIDs through the standard API, as a SPIFFE client calls it (with the header).
-async fn bench_jwt(socket: PathBuf, requests: u32, concurrency: u32) -> ExitCode {
-    use crate::api::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    use crate::api::spiffe::{JwtsvidRequest, ValidateJwtsvidRequest};
-    fn with_header<T>(message: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        r.metadata_mut().insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
-        r
-    }
-    let channel = match super::connect(&socket).await {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot connect to `{}`: {e}", socket.display())),
-    };
-    let client = SpiffeWorkloadApiClient::new(channel);
-    let fetch = client.clone();
-    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
-        let mut c = fetch.clone();
-        async move {
-            c.fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
-    report("FetchJWTSVID (ES256 mint + decision + issued record)", elapsed, &mut latencies, errors, concurrency);
-    let token = {
-        let mut c = client.clone();
-        match c
-            .fetch_jwtsvid(with_header(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
-            .await
-        {
-            Ok(r) => r.into_inner().svids.first().map(|s| s.svid.clone()).unwrap_or_default(),
-            Err(e) => return fail(format!("FetchJWTSVID refused: {}", e.message())),
-        }
-    };
-    let (elapsed, mut latencies, errors) = drive(requests, concurrency, move |_, _| {
-        let mut c = client.clone();
-        let svid = token.clone();
-        async move {
-            c.validate_jwtsvid(with_header(ValidateJwtsvidRequest { audience: "bench".into(), svid })).await.is_ok()
-        }
-    })
-    .await;
-    report("ValidateJWTSVID (ES256 verify + used record)", elapsed, &mut latencies, errors, concurrency);
     ExitCode::SUCCESS
 }
 

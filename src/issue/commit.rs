@@ -68,6 +68,22 @@ pub struct AwsCredential {
     pub source_identity: String,
 }
 
+/// The decision that allowed an issuance: on record already, or to be written with it.
+pub(crate) enum Decided {
+    Recorded(EventId),
+    Deferred(Box<crate::ledger::event::Decision>),
+}
+
+impl Issuer {
+    /// Nothing will be issued after an allow: a deferred decision is written alone now.
+    async fn settle(&self, decision: Decided, now: SystemTime) -> Result<EventId, IssueError> {
+        match decision {
+            Decided::Recorded(id) => Ok(id),
+            Decided::Deferred(d) => Ok(self.record_decision(*d, now).await?),
+        }
+    }
+}
+
 /// Minted, not yet recorded: exists only in the pipeline's frame until `commit`.
 struct Minted {
     record: CredentialRecord,
@@ -88,20 +104,33 @@ impl Issuer {
         elevated: bool,
     ) -> Result<Issued, IssueError> {
         details.provenance = auth.provenance.clone();
-        let Authorized { grants, identity, decision_id, now, rules, lifetime, .. } = auth;
+        let Authorized { grants, identity, decision_id, deferred, now, rules, lifetime, .. } = auth;
+        let decision = match deferred {
+            Some(d) => Decided::Deferred(d),
+            None => Decided::Recorded(decision_id),
+        };
         let credential_id = uuid::Uuid::new_v4().to_string();
+        // A deferred decision's id is set by the ledger as the pair is written.
         let minted = match ask {
-            Ask::X509 { key } => self.mint_x509(grants, key, &credential_id, decision_id, now)?,
-            Ask::Jwt { .. } => self.mint_jwt(grants, &credential_id, decision_id, now)?,
-            Ask::Aws { .. } => self.mint_aws(grants, &credential_id, decision_id, now).await?,
-            Ask::Wit => self.mint_wit(grants, &credential_id, decision_id, now)?,
+            Ask::X509 { key } => self.mint_x509(grants, key, &credential_id, decision_id, now),
+            Ask::Jwt { .. } => self.mint_jwt(grants, &credential_id, decision_id, now),
+            Ask::Aws { .. } => self.mint_aws(grants, &credential_id, decision_id, now).await,
+            Ask::Wit => self.mint_wit(grants, &credential_id, decision_id, now),
+        };
+        let minted = match minted {
+            Ok(m) => m,
+            Err(e) => {
+                // Allowed, then nothing could be minted: the allow is still on record.
+                self.settle(decision, now).await?;
+                return Err(e);
+            }
         };
         let Minted { record, details: mint_details, credential } = minted;
         details.aws = mint_details.aws;
         details.cnf_jkt = mint_details.cnf_jkt;
         let kind = record.kind.clone();
         let not_after = record.not_after;
-        let mut issued = self.commit(&identity, record, details, credential, now, decision_id, elevated).await?;
+        let mut issued = self.commit(&identity, record, details, credential, now, decision, elevated).await?;
         if let Some(metrics) = self.metrics() {
             metrics.issued(&kind, origin.api);
         }
@@ -126,7 +155,7 @@ impl Issuer {
         details: IssuedDetails,
         credential: Credential,
         now: SystemTime,
-        decision_id: EventId,
+        decision: Decided,
         elevated: bool,
     ) -> Result<Issued, IssueError> {
         let id = record.id.clone();
@@ -134,6 +163,7 @@ impl Issuer {
         // call takes seconds; an approval, minutes) stops the credential from leaving.
         if let Some(lock) = self.revocations.lock_for(identity, self.clock.now()) {
             tracing::warn!(identity = %identity, credential_id = id, kind = record.kind, "identity locked while the request was in flight; the credential is dropped");
+            self.settle(decision, now).await?;
             return Err(IssueError::Locked { identity: identity.to_string(), reason: lock.reason });
         }
         if elevated {
@@ -143,11 +173,29 @@ impl Issuer {
                 emergency: &'a IssuedDetails,
             }
             let line = Line { credential: &record, emergency: &details };
-            self.emergency.elevate("issued", &line).await.map_err(IssueError::Elevated)?;
+            if let Err(e) = self.emergency.elevate("issued", &line).await {
+                self.settle(decision, now).await?;
+                return Err(IssueError::Elevated(e));
+            }
         }
         let issued = crate::ledger::event::Issued { credential: record, details };
-        let issued_id = match self.ledger.record(now, Event::Issued(issued)).await {
-            Ok(id) => id,
+        let written = match decision {
+            Decided::Recorded(decision_id) => {
+                self.ledger.record(now, Event::Issued(issued)).await.map(|issued_id| (decision_id, issued_id))
+            }
+            Decided::Deferred(decision) => {
+                // Both rows or neither: a failed commit leaves no allow without its outcome
+                // and no credential without its decision.
+                let noticed = self.notice(&decision);
+                let written = self.ledger.record_issuance(now, *decision, issued).await;
+                if let Ok((decision_id, _)) = &written {
+                    self.decided(noticed, *decision_id, now);
+                }
+                written
+            }
+        };
+        let (decision_id, issued_id) = match written {
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(identity = %identity, credential_id = id, error = %e, "a credential was minted but could not be recorded; it was not handed out");
                 return Err(e.into());

@@ -150,6 +150,8 @@ async fn issuance_records_decision_then_credential() {
     assert_eq!(creds.len(), 1);
     assert_eq!(creds[0].1.serial, x.svid.serial);
     assert_eq!(creds[0].1.decision_id, issued.decision_id);
+    assert_eq!((issued.decision_id, issued.issued_id), (1, 2));
+    assert_eq!(t.backend.batches(), 1, "the allow and the issuance are one commit");
     assert_eq!(verify_chain(&t.backend.events()), Ok(2));
 }
 
@@ -210,11 +212,22 @@ async fn when_the_issued_record_fails_nothing_is_returned() {
 }
 
 #[tokio::test]
-async fn when_the_decision_cannot_be_recorded_nothing_is_minted() {
+async fn when_the_decision_cannot_be_recorded_nothing_is_handed_out() {
+    // The allow is written with the issuance; a ledger that takes neither means no answer
+    // but an error, and nothing on record claims a credential.
     let t = issuer(&["unix:uid:1001"], Some(0)).await;
     let err = t.issuer.issue(Caller::Local(&local()), x509("1h")).await.unwrap_err();
     assert!(matches!(err, IssueError::Ledger(_)));
-    assert!(t.backend.events().is_empty());
+    assert!(t.backend.events().is_empty() && t.backend.credentials().is_empty());
+}
+
+#[tokio::test]
+async fn a_denial_is_durable_before_its_answer_and_alone() {
+    let t = issuer(&["unix:uid:1001"], None).await;
+    let err = t.issuer.issue(Caller::Local(&local()), jwt(&["https://not-granted.example"], "1h")).await.unwrap_err();
+    assert!(matches!(err, IssueError::Denied { .. }), "{err:?}");
+    assert_eq!(kinds(&t), ["decision"]);
+    assert_eq!(t.backend.batches(), 1);
 }
 
 #[tokio::test]

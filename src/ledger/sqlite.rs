@@ -29,14 +29,15 @@ pub const FILE_NAME: &str = "ledger.db";
 
 /// The schema this build writes (`PRAGMA user_version`); a ledger at a higher version is
 /// refused. UPGRADING.md lists what each version changed.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migration N (1-based) takes a ledger from version N-1 to N. Never edit a shipped one:
 /// append.
-const MIGRATIONS: &[&[&str]] = &[&[
-    // 1: the events and the credential table. `IF NOT EXISTS`: ledgers from before the
-    // version was recorded (user_version 0) already hold these tables.
-    "CREATE TABLE IF NOT EXISTS events (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        // 1: the events and the credential table. `IF NOT EXISTS`: ledgers from before the
+        // version was recorded (user_version 0) already hold these tables.
+        "CREATE TABLE IF NOT EXISTS events (
         seq BIGINT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         kind TEXT NOT NULL,
@@ -44,7 +45,7 @@ const MIGRATIONS: &[&[&str]] = &[&[
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
     )",
-    "CREATE TABLE IF NOT EXISTS credentials (
+        "CREATE TABLE IF NOT EXISTS credentials (
         id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         identity TEXT NOT NULL,
@@ -55,9 +56,16 @@ const MIGRATIONS: &[&[&str]] = &[&[
         decision_id BIGINT NOT NULL REFERENCES events(seq),
         issued_event BIGINT NOT NULL REFERENCES events(seq)
     )",
-    "CREATE INDEX IF NOT EXISTS credentials_identity ON credentials(identity)",
-    "CREATE INDEX IF NOT EXISTS credentials_not_after ON credentials(not_after)",
-]];
+        "CREATE INDEX IF NOT EXISTS credentials_identity ON credentials(identity)",
+        "CREATE INDEX IF NOT EXISTS credentials_not_after ON credentials(not_after)",
+    ],
+    &[
+        // 2: events by kind, as PostgreSQL has them. What start-up reads (revocations and
+        // locks, the last `expired` event, recent `used` events) is then found through the
+        // index instead of a scan of the whole ledger, so start-up does not grow with it.
+        "CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq)",
+    ],
+];
 
 fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())

@@ -96,6 +96,9 @@ pub struct Engine {
     /// Break-glass permits annotated `@approval("required")`: a second person must approve.
     needs_approval: HashSet<String>,
     schema: Schema,
+    /// The schema's action entities (and their groups), made once per release: each
+    /// request's entities start from these.
+    actions: Entities,
     max_ttl: HashMap<String, Ttl>,
     aws: aws::AwsRules,
     reasons: HashMap<String, String>,
@@ -227,6 +230,7 @@ impl Engine {
         }
         let index = ScopeIndex::build(&policies).map_err(PolicyError::Validation)?;
         let break_glass_index = ScopeIndex::build(&break_glass).map_err(PolicyError::Validation)?;
+        let actions = Entities::from_entities([], Some(&schema)).map_err(|e| PolicyError::Validation(e.to_string()))?;
         Ok(Self {
             exceptions,
             policies,
@@ -235,6 +239,7 @@ impl Engine {
             break_glass_index,
             needs_approval,
             schema,
+            actions,
             max_ttl,
             aws: aws_rules,
             reasons,
@@ -468,7 +473,11 @@ impl Engine {
         ]);
         let workload = Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
         let target = Entity::new(resource.clone(), resource_attrs, HashSet::new()).map_err(|e| e.to_string())?;
-        let entities = Entities::from_entities([workload, target], Some(&self.schema)).map_err(|e| e.to_string())?;
+        // Why no schema here: the two entities are built above with exactly the schema's
+        // attribute types, and the release's rules were validated against it when it was
+        // loaded; checking again costs more than the decision (the action entities the
+        // schema defines come from `actions`).
+        let entities = self.actions.clone().add_entities([workload, target], None).map_err(|e| e.to_string())?;
         let ttl = i64::try_from(req.requested_ttl.as_secs()).map_err(|e| e.to_string())?;
         let c = req.context;
         let mut context = vec![
@@ -488,8 +497,8 @@ impl Engine {
         }
         let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
         let scope = [action.to_string(), principal.to_string(), resource.to_string()];
-        let request =
-            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
+        // The context is built above with the schema's types (see `entities`).
+        let request = Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
         Ok((request, entities, scope))
     }
 }

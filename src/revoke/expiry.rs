@@ -64,21 +64,35 @@ impl ExpirySweep {
             if batch.is_empty() {
                 return Ok(());
             }
-            for c in batch.into_iter().map(|r| r.credential) {
-                if !self.revocations.is_revoked(&c.id) {
-                    let emergency = self.emergency.is_flagged(&c.id);
-                    let expired = Expired {
+            // Why all at once: each record waits for a commit; queued together they share
+            // one group commit instead of one fsync per expired credential, so the sweep
+            // keeps up with issuance.
+            let credentials: Vec<_> = batch.into_iter().map(|r| r.credential).collect();
+            let expired: Vec<Option<Expired>> = credentials
+                .iter()
+                .map(|c| {
+                    (!self.revocations.is_revoked(&c.id)).then(|| Expired {
                         credential_id: c.id.clone(),
                         kind: c.kind.clone(),
                         identity: c.identity.clone(),
                         serial: c.serial.clone(),
                         not_after: c.not_after,
-                        break_glass: emergency,
-                    };
-                    let line = emergency.then(|| expired.clone());
-                    self.ledger.record(self.clock.now(), Event::Expired(expired)).await?;
-                    if let Some(line) = line {
-                        self.emergency.later("expired", &line).await;
+                        break_glass: self.emergency.is_flagged(&c.id),
+                    })
+                })
+                .collect();
+            let at = self.clock.now();
+            let recorded = futures_util::future::join_all(
+                expired.iter().flatten().map(|e| self.ledger.record(at, Event::Expired(e.clone()))),
+            )
+            .await;
+            let mut outcomes = recorded.into_iter();
+            // The watermark moves over a prefix of the batch whose events are all durable.
+            for (c, e) in credentials.into_iter().zip(expired) {
+                if let Some(e) = e {
+                    outcomes.next().unwrap_or(Err(LedgerError::WriterStopped))?;
+                    if e.break_glass {
+                        self.emergency.later("expired", &e).await;
                     }
                 }
                 self.watermark = Some((c.not_after, c.id));
