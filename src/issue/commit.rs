@@ -135,7 +135,7 @@ impl Issuer {
             metrics.issued(&kind, origin.api);
         }
         tracing::info!(
-            identity = %identity, credential_id, decision_id, issued_id = issued.issued_id, kind, api = origin.api,
+            identity = %identity, credential_id, decision_id = issued.decision_id, issued_id = issued.issued_id, kind, api = origin.api,
             rules = %rules.join(","), requested_ttl_secs = lifetime.requested, granted_ttl_secs = lifetime.granted,
             clamped_by = lifetime.clamped_by.as_deref().unwrap_or_default(), rotation = origin.rotates.is_some(),
             break_glass = origin.emergency.is_some(), not_after, "credential issued"
