@@ -33,7 +33,7 @@ TOML
   chmod 700 "$dir/data"
 }
 
-start() { # starts the daemon of $dir ($pid); $ms: from its exec until its socket accepts a connection
+start() { # starts the daemon of $dir ($pid); $ms: from its exec until its socket serves HTTP/2
   rm -f "$dir/w.sock"
   local out
   out=$("$py" - "$dir/w.sock" "$dir/daemon.log" "$bin" serve --config "$dir/mayfly.toml" <<'PY'
@@ -41,11 +41,17 @@ import socket, subprocess, sys, time
 sock, log, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
 t = time.monotonic()
 p = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+# Ready means served, not only listening: the kernel accepts a connection as soon as the
+# socket listens, so wait for the server's HTTP/2 SETTINGS in answer to a client preface.
+hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 while time.monotonic() - t < 120 and p.poll() is None:
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(sock)
-        break
+        s.sendall(hello)
+        s.settimeout(0.5)
+        if s.recv(9):
+            break
     except OSError:
         time.sleep(0.0002)
     finally:

@@ -42,7 +42,7 @@ pub enum Command {
     /// Append events to a fresh ledger (the default backend) through the group-commit writer.
     Ledger {
         /// How many events.
-        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=20_000_000))]
         events: u32,
         /// Requests (or writers) in flight at once.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -400,13 +400,16 @@ async fn grow_ledger(dir: &std::path::Path, events: u32, concurrency: u32, max_b
             let now = SystemTime::now();
             let at = crate::clock::unix_secs(now);
             let credential = CredentialRecord {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: uuid::Uuid::now_v7().to_string(),
                 kind: "x509".into(),
                 identity,
                 serial: format!("{:032x}", rand_serial(worker, i)),
                 fingerprint: "c3".repeat(32),
                 not_before: at,
-                not_after: at + 300,
+                // Why a month: the grown ledger is history to measure issuance against; with
+                // five minutes the daemon's expiry sweep would record every one of them as it
+                // starts, during the measurement.
+                not_after: at + 30 * 86_400,
                 decision_id: 0,
             };
             let issued = Issued { credential, details: IssuedDetails::default() };

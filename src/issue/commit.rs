@@ -109,7 +109,12 @@ impl Issuer {
             Some(d) => Decided::Deferred(d),
             None => Decided::Recorded(decision_id),
         };
-        let credential_id = uuid::Uuid::new_v4().to_string();
+        // Why UUIDv7 (time first, then 74 random bits): credential ids are the credential
+        // table's key, and ids that grow with time are appended to its index instead of
+        // landing on a random page of it; with random (v4) ids, issuance on a 3-million-event
+        // ledger cost 5x the CPU it did on an empty one. The time it shows is the issuance
+        // time the certificate or token states anyway.
+        let credential_id = uuid::Uuid::now_v7().to_string();
         // A deferred decision's id is set by the ledger as the pair is written.
         let minted = match ask {
             Ask::X509 { key } => self.mint_x509(grants, key, &credential_id, decision_id, now),

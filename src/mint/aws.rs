@@ -274,9 +274,11 @@ pub fn source_identity(id: &WorkloadId) -> String {
 
 /// A `RoleSessionName` (2–64 of `[\w+=,.@-]`) unique to this issuance: the identity's path
 /// (its most specific end, if long) and 16 hex digits of the credential id, e.g.
-/// `ci.acme.app-3f1c9a0b7d2e4f61`.
+/// `ci.acme.app-9a8b0c1d2e3f4a5b`.
 pub fn session_name(id: &WorkloadId, credential_id: &str) -> String {
-    let unique: String = credential_id.chars().filter(char::is_ascii_hexdigit).take(16).collect();
+    // The last 16 hex digits: the random end of a UUIDv7 (its first ones are the time).
+    let hex: Vec<char> = credential_id.chars().filter(char::is_ascii_hexdigit).collect();
+    let unique: String = hex[hex.len().saturating_sub(16)..].iter().collect();
     let path: String = id
         .path()
         .trim_start_matches('/')
@@ -364,7 +366,7 @@ mod tests {
         let minted = minter.mint(grant(1800, 3600, Some(doc)), CREDENTIAL, SystemTime::now()).await.unwrap();
         let sent = &sts.requests.lock().unwrap()[0].0;
         assert_eq!(sent.role_arn, "arn:aws:iam::111122223333:role/ci/acme-app-read");
-        assert_eq!(sent.role_session_name, "ci.acme.app-3f1c9a0b7d2e4f61");
+        assert_eq!(sent.role_session_name, "ci.acme.app-9a8b0c1d2e3f4a5b");
         assert_eq!(sent.source_identity, "mayfly.local+ci+acme+app");
         assert_eq!(
             sent.tags,
@@ -521,7 +523,7 @@ mod tests {
         assert_eq!(source_identity(&long).len(), 64);
         let other_long = id(&format!("{}x", long.as_str()));
         assert_ne!(source_identity(&long), source_identity(&other_long));
-        assert!(session_name(&long, CREDENTIAL).ends_with("component-3f1c9a0b7d2e4f61"), "keeps the most specific end");
+        assert!(session_name(&long, CREDENTIAL).ends_with("component-9a8b0c1d2e3f4a5b"), "keeps the most specific end");
         assert_ne!(session_name(&long, CREDENTIAL), session_name(&long, "99999999-0000-4000-8000-000000000000"));
         assert_eq!(
             source_identity(&id("spiffe://mayfly.local/ci/acme/app")),
