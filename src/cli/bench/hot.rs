@@ -54,21 +54,10 @@ pub async fn issue(socket: PathBuf, requests: u32, levels: &[u32], csr: bool, ha
     } else {
         "issue x509 over the workload socket (SPIFFE FetchX509SVID, key made by the daemon)"
     };
-    let mut done = Vec::new();
-    for &c in levels {
-        done.push(load::level(what, pid, requests, c, op.clone()).await);
-    }
-    let crypto = match Crypto::measure(CRYPTO_ROUNDS) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
+    let done = match certificate_levels(what, pid, requests, levels, op.clone()).await {
+        Ok(done) => done,
+        Err(code) => return code,
     };
-    let unit = crypto.sign_us + crypto.verify_us;
-    out!(
-        "crypto, this run, one core (aws-lc-rs): P-256 sign {:.1} µs, verify {:.1} µs; verify + sign {unit:.1} µs",
-        crypto.sign_us,
-        crypto.verify_us
-    );
-    load::table(what, &done, "verify+sign", unit);
     if half_load && let Some(best) = done.iter().map(|l| l.throughput).reduce(f64::max) {
         let rate = best / 2.0;
         let before = pid.and_then(load::cpu_time);
@@ -176,14 +165,30 @@ pub async fn cfssl(url: &str, pid: i32, requests: u32, levels: &[u32]) -> ExitCo
         }
     };
     let what = "cfssl serve: sign a CSR (POST /api/v1/cfssl/sign, loopback HTTP/1.1)";
+    match certificate_levels(what, Some(pid), requests, levels, op).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+/// Each level of a certificate-signing load, then one P-256 verify + sign timed here and
+/// the summary table against it (mayfly and cfssl alike).
+async fn certificate_levels<F, Fut>(
+    what: &str,
+    pid: Option<i32>,
+    requests: u32,
+    levels: &[u32],
+    op: F,
+) -> Result<Vec<Level>, ExitCode>
+where
+    F: Fn(u32, u32) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let mut done = Vec::new();
     for &c in levels {
-        done.push(load::level(what, Some(pid), requests, c, op.clone()).await);
+        done.push(load::level(what, pid, requests, c, op.clone()).await);
     }
-    let crypto = match Crypto::measure(CRYPTO_ROUNDS) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
+    let crypto = Crypto::measure(CRYPTO_ROUNDS).map_err(fail)?;
     let unit = crypto.sign_us + crypto.verify_us;
     out!(
         "crypto, this run, one core (aws-lc-rs): P-256 sign {:.1} µs, verify {:.1} µs; verify + sign {unit:.1} µs",
@@ -191,5 +196,5 @@ pub async fn cfssl(url: &str, pid: i32, requests: u32, levels: &[u32]) -> ExitCo
         crypto.verify_us
     );
     load::table(what, &done, "verify+sign", unit);
-    ExitCode::SUCCESS
+    Ok(done)
 }
