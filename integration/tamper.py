@@ -60,9 +60,9 @@ def rewrite(db, events):
         c = json.loads(body)
         db.execute(
             "INSERT INTO credentials (id, kind, identity, serial, fingerprint, not_before, not_after, decision_id,"
-            " issued_event) VALUES (?,?,?,?,?,?,?,?,?)",
+            " issued_event, break_glass) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (c["id"], c["kind"], c["identity"], c["serial"], c["fingerprint"], c["not_before"], c["not_after"],
-             c["decision_id"], seq))
+             c["decision_id"], seq, bool(c.get("break_glass"))))
 
 
 def middle(events, kind=None):

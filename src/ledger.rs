@@ -337,6 +337,9 @@ pub enum CredentialFilter {
     /// Rows whose not-after is in `(after, until]`, ordered by (not_after, id), at most
     /// `limit`: the expiry sweep's next batch. `after` is (not_after, id), exclusive.
     Expiring { after: (i64, String), until: i64, limit: i64 },
+    /// Rows issued on the emergency path, in issuance order: found through a partial
+    /// index, so the read costs what the few flagged rows cost, not the ledger's size.
+    BreakGlass,
 }
 
 /// Every read of the ledger goes through this: one trait, so a second backend serves
@@ -478,7 +481,7 @@ pub async fn verify(reader: &dyn LedgerRead) -> Result<usize, VerifyError> {
                     // Why decode only here: an issued body that does not decode cannot be
                     // compared with its row, which is itself a failure.
                     if let Event::Issued(i) = e.event()? {
-                        issued.insert((chain.clone(), e.seq), i.credential);
+                        issued.insert((chain.clone(), e.seq), i.row());
                     }
                 }
             }
@@ -568,8 +571,8 @@ impl Ledger for GroupCommitLedger {
             let observer = self.shared.observer.get();
             let (credential, event) = match (event, observer) {
                 // Why clone only when observed: the event is needed again once durable.
-                (Event::Issued(i), Some(_)) => (Some(i.credential.clone()), Some(Event::Issued(i))),
-                (Event::Issued(i), None) => (Some(i.credential), None),
+                (Event::Issued(i), Some(_)) => (Some(i.row()), Some(Event::Issued(i))),
+                (Event::Issued(i), None) => (Some(i.row()), None),
                 (other, Some(_)) => (None, Some(other)),
                 (_, None) => (None, None),
             };
@@ -659,7 +662,7 @@ async fn write_loop<B: Backend>(
                 None => None,
                 Some(mut issued) => {
                     issued.credential.decision_id = seq + 1;
-                    let credential = issued.credential.clone();
+                    let credential = issued.row();
                     match Event::Issued(issued).body() {
                         Ok(body) => Some((body, credential)),
                         Err(e) => {
@@ -819,6 +822,7 @@ mod tests {
             not_before: 1,
             not_after: 2,
             decision_id: 999_999,
+            break_glass: false,
         };
         (decision, event::Issued { credential, details: event::IssuedDetails::default() })
     }

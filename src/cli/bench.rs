@@ -411,6 +411,7 @@ async fn grow_ledger(dir: &std::path::Path, events: u32, concurrency: u32, max_b
                 // starts, during the measurement.
                 not_after: at + 30 * 86_400,
                 decision_id: 0,
+                break_glass: false,
             };
             let issued = Issued { credential, details: IssuedDetails::default() };
             ledger.record_issuance(now, decision, issued).await.is_ok()

@@ -248,6 +248,7 @@ impl Issuer {
             not_before: unix_secs(svid.not_before),
             not_after: unix_secs(svid.not_after),
             decision_id,
+            break_glass: false,
         };
         let bundle = self.minters.x509.x509_bundle();
         Ok(Minted {
@@ -280,6 +281,7 @@ impl Issuer {
             not_before: unix_secs(svid.not_before),
             not_after: unix_secs(svid.not_after),
             decision_id,
+            break_glass: false,
         };
         Ok(Minted { record, details: IssuedDetails::default(), credential: Credential::Jwt(svid) })
     }
@@ -309,6 +311,7 @@ impl Issuer {
             not_before: unix_secs(svid.not_before),
             not_after: unix_secs(svid.not_after),
             decision_id,
+            break_glass: false,
         };
         let details = IssuedDetails { cnf_jkt: Some(svid.key_thumbprint.clone()), ..IssuedDetails::default() };
         Ok(Minted { record, details, credential: Credential::Wit(WitCredential { svid, key }) })
@@ -345,6 +348,7 @@ impl Issuer {
             not_before: unix_secs(now),
             not_after: unix_secs(session.expiration),
             decision_id,
+            break_glass: false,
         };
         let aws = AwsSessionRecord {
             role_arn: Some(request.role_arn.clone()),

@@ -27,11 +27,12 @@ pub async fn run<H: Harness>(harness: H) {
     let reader = harness.reader().await.expect("open a reader");
     assert!(reader.events(EventFilter::all()).await.unwrap().is_empty(), "a new ledger is empty");
 
-    // Written in this order: a decision, two credentials, a lock, and a stop.
+    // Written in this order: a decision, two credentials (the second on the emergency
+    // path), a lock, and a stop.
     let written = vec![
         (t0, decision("spiffe://mayfly.local/a")),
         (t0 + Duration::from_secs(1), issued("c-late", "spiffe://mayfly.local/a", 1, 900)),
-        (t0 + Duration::from_secs(2), issued("c-early", "spiffe://mayfly.local/b", 1, 600)),
+        (t0 + Duration::from_secs(2), break_glass(issued("c-early", "spiffe://mayfly.local/b", 1, 600))),
         (t0 + Duration::from_secs(3), lock("spiffe://mayfly.local/b")),
         (t0 + Duration::from_secs(4), Event::DaemonStopped(event::DaemonStopped { clean: true })),
     ];
@@ -89,6 +90,13 @@ pub async fn run<H: Harness>(harness: H) {
     assert_eq!(ids(expiring((600, "c-early"), 1000, 10).await), ["c-late"], "the watermark is exclusive");
     assert_eq!(ids(expiring((i64::MIN, ""), 1000, 1).await), ["c-early"], "limit");
     assert!(expiring((i64::MIN, ""), 599, 10).await.is_empty(), "until is inclusive of nothing later");
+    let flagged = reader.credentials(CredentialFilter::BreakGlass).await.unwrap();
+    assert_eq!(
+        flagged.iter().map(|r| (r.issued_event, r.credential.id.as_str())).collect::<Vec<_>>(),
+        [(3, "c-early")],
+        "the break-glass filter: the emergency issuance only"
+    );
+    assert!(flagged[0].credential.break_glass && !rows[0].credential.break_glass, "the row carries its event's flag");
 
     assert_eq!(super::verify(reader.as_ref()).await.unwrap(), written.len(), "verify passes over what was written");
 
@@ -149,9 +157,21 @@ fn issued(id: &str, identity: &str, not_before: i64, not_after: i64) -> Event {
             not_before,
             not_after,
             decision_id: 1,
+            break_glass: false,
         },
         details: IssuedDetails::default(),
     })
+}
+
+/// An issuance on the emergency path (flagged in its details).
+fn break_glass(issued: Event) -> Event {
+    match issued {
+        Event::Issued(mut i) => {
+            i.details.break_glass = true;
+            Event::Issued(i)
+        }
+        other => other,
+    }
 }
 
 fn lock(target: &str) -> Event {

@@ -149,6 +149,11 @@ pub struct CredentialRecord {
     pub not_before: i64,
     pub not_after: i64,
     pub decision_id: EventId,
+    /// Issued on the emergency path: the `issued` event's `break_glass` detail, kept in the
+    /// table too so start-up finds the flagged few through an index, not by reading every
+    /// `issued` event. Never serialized here (the event body has it once, in its details).
+    #[serde(skip)]
+    pub break_glass: bool,
 }
 
 /// Who made a request or a call: a local process (peer credentials and what `/proc` said),
@@ -335,6 +340,13 @@ pub struct Issued {
     pub credential: CredentialRecord,
     #[serde(flatten)]
     pub details: IssuedDetails,
+}
+
+impl Issued {
+    /// The credential-table row this event stands for (the break-glass flag from its details).
+    pub fn row(&self) -> CredentialRecord {
+        CredentialRecord { break_glass: self.details.break_glass, ..self.credential.clone() }
+    }
 }
 
 /// What an auditor needs beyond the credential row: a token caller's provenance, the
@@ -863,6 +875,7 @@ mod tests {
             not_before: 1,
             not_after: 2,
             decision_id: 7,
+            break_glass: false,
         };
         let event = Event::Issued(Issued { credential: credential.clone(), details: IssuedDetails::default() });
         let body = event.body().unwrap();

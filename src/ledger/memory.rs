@@ -115,6 +115,7 @@ impl LedgerRead for MemoryBackend {
                 rows.truncate(usize::try_from(limit).unwrap_or(0));
                 rows
             }
+            CredentialFilter::BreakGlass => rows.into_iter().filter(|(_, c)| c.break_glass).collect(),
         };
         let out = out
             .into_iter()

@@ -34,7 +34,7 @@ use super::{
 use crate::keys::SecretString;
 
 /// The schema this build writes; a database at a higher version is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// The `NOTIFY` channel that wakes other daemons' feeds.
 const CHANNEL: &str = "mayfly_events";
 /// How often the feed reads without a wake-up.
@@ -50,8 +50,9 @@ pub const SHARED_KINDS: [EventKind; 7] = [
     EventKind::BreakGlass,
 ];
 
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE events (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE events (
         pos BIGSERIAL PRIMARY KEY,
         chain TEXT NOT NULL,
         seq BIGINT NOT NULL,
@@ -63,13 +64,13 @@ const MIGRATIONS: &[&[&str]] = &[&[
         xid XID8 NOT NULL DEFAULT pg_current_xact_id(),
         UNIQUE (chain, seq)
     )",
-    "CREATE INDEX events_kind ON events (kind, pos)",
-    "CREATE INDEX events_xid ON events (xid)",
-    // Exactly once across daemons, whoever sweeps: one `expired` per credential, one
-    // removal per placed deny. A duplicate fails its batch; the sweep finds it done.
-    "CREATE UNIQUE INDEX events_expired_once ON events (((body::jsonb) ->> 'credential_id')) WHERE kind = 'expired'",
-    "CREATE UNIQUE INDEX events_deny_removed_once ON events (((body::jsonb) ->> 'placed_in_chain'), ((body::jsonb) ->> 'placed_in'), ((body::jsonb) ->> 'role'), ((body::jsonb) ->> 'policy_name')) WHERE kind = 'aws_deny_removed'",
-    "CREATE TABLE credentials (
+        "CREATE INDEX events_kind ON events (kind, pos)",
+        "CREATE INDEX events_xid ON events (xid)",
+        // Exactly once across daemons, whoever sweeps: one `expired` per credential, one
+        // removal per placed deny. A duplicate fails its batch; the sweep finds it done.
+        "CREATE UNIQUE INDEX events_expired_once ON events (((body::jsonb) ->> 'credential_id')) WHERE kind = 'expired'",
+        "CREATE UNIQUE INDEX events_deny_removed_once ON events (((body::jsonb) ->> 'placed_in_chain'), ((body::jsonb) ->> 'placed_in'), ((body::jsonb) ->> 'role'), ((body::jsonb) ->> 'policy_name')) WHERE kind = 'aws_deny_removed'",
+        "CREATE TABLE credentials (
         id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         identity TEXT NOT NULL,
@@ -82,12 +83,12 @@ const MIGRATIONS: &[&[&str]] = &[&[
         issued_event BIGINT NOT NULL,
         FOREIGN KEY (chain, issued_event) REFERENCES events (chain, seq)
     )",
-    "CREATE INDEX credentials_identity ON credentials (identity)",
-    "CREATE INDEX credentials_not_after ON credentials (not_after, id)",
-    "CREATE TABLE seen_tokens (key TEXT PRIMARY KEY, expires_ms BIGINT NOT NULL)",
-    "CREATE INDEX seen_tokens_expiry ON seen_tokens (expires_ms)",
-    "CREATE TABLE releases (version TEXT PRIMARY KEY, bundle BYTEA NOT NULL, stored_ms BIGINT NOT NULL)",
-    "CREATE TABLE break_glass_requests (
+        "CREATE INDEX credentials_identity ON credentials (identity)",
+        "CREATE INDEX credentials_not_after ON credentials (not_after, id)",
+        "CREATE TABLE seen_tokens (key TEXT PRIMARY KEY, expires_ms BIGINT NOT NULL)",
+        "CREATE INDEX seen_tokens_expiry ON seen_tokens (expires_ms)",
+        "CREATE TABLE releases (version TEXT PRIMARY KEY, bundle BYTEA NOT NULL, stored_ms BIGINT NOT NULL)",
+        "CREATE TABLE break_glass_requests (
         id TEXT PRIMARY KEY,
         chain TEXT NOT NULL,
         requester_uid BIGINT NOT NULL,
@@ -99,7 +100,18 @@ const MIGRATIONS: &[&[&str]] = &[&[
         expires_ms BIGINT NOT NULL,
         approved_by TEXT
     )",
-]];
+    ],
+    &[
+        // 2: the break-glass flag in the credential table (an `issued` event's detail until
+        // now), behind a partial index: start-up rebuilds the flagged set from the few
+        // flagged rows instead of reading every `issued` event of every chain.
+        "ALTER TABLE credentials ADD COLUMN break_glass BOOLEAN NOT NULL DEFAULT FALSE",
+        "UPDATE credentials c SET break_glass = TRUE FROM events e
+           WHERE e.chain = c.chain AND e.seq = c.issued_event AND e.kind = 'issued'
+             AND (e.body::jsonb ->> 'break_glass') = 'true'",
+        "CREATE INDEX credentials_break_glass ON credentials (issued_event) WHERE break_glass",
+    ],
+];
 
 /// A PostgreSQL server and database: the URL (which may hold a password, so it never
 /// prints) and the CA that signs the server's certificate, when TLS is required.
@@ -299,10 +311,10 @@ impl Backend for PgBackend {
                SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[])
                RETURNING 1
              ), cr AS (
-               INSERT INTO credentials (id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, chain, issued_event)
-               SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, $1, issued_event
-               FROM UNNEST($8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
-                 AS t(id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event)
+               INSERT INTO credentials (id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, chain, issued_event, break_glass)
+               SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, $1, issued_event, break_glass
+               FROM UNNEST($8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[], $19::BOOLEAN[])
+                 AS t(id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event, break_glass)
                RETURNING 1
              )
              SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM cr),
@@ -326,6 +338,7 @@ impl Backend for PgBackend {
         .bind(credentials.iter().map(|(seq, _)| *seq).collect::<Vec<i64>>())
         .bind(notify)
         .bind(CHANNEL)
+        .bind(credentials.iter().map(|(_, c)| c.break_glass).collect::<Vec<bool>>())
         .execute(&self.pool)
         .await
         .map(|_| ())
@@ -403,7 +416,7 @@ impl PgReader {
     }
 
     async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<CredentialRow>, LedgerError> {
-        const COLUMNS: &str = "SELECT c.id, c.kind, c.identity, c.serial, c.fingerprint, c.not_before, c.not_after, c.decision_id, c.chain, c.issued_event FROM credentials c JOIN events e ON e.chain = c.chain AND e.seq = c.issued_event";
+        const COLUMNS: &str = "SELECT c.id, c.kind, c.identity, c.serial, c.fingerprint, c.not_before, c.not_after, c.decision_id, c.chain, c.issued_event, c.break_glass FROM credentials c JOIN events e ON e.chain = c.chain AND e.seq = c.issued_event";
         let rows = match f {
             CredentialFilter::All => {
                 sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} ORDER BY e.pos"))).fetch_all(&self.pool).await
@@ -425,6 +438,11 @@ impl PgReader {
                 .fetch_all(&self.pool)
                 .await
             }
+            CredentialFilter::BreakGlass => {
+                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE c.break_glass ORDER BY e.pos")))
+                    .fetch_all(&self.pool)
+                    .await
+            }
         }
         .map_err(storage)?;
         rows.iter()
@@ -441,6 +459,7 @@ impl PgReader {
                         not_before: r.try_get("not_before")?,
                         not_after: r.try_get("not_after")?,
                         decision_id: r.try_get("decision_id")?,
+                        break_glass: r.try_get("break_glass")?,
                     },
                 })
             })
@@ -816,6 +835,53 @@ mod tests {
         sqlx::query("UPDATE mayfly_schema SET version = $1").bind(SCHEMA_VERSION + 1).execute(&pool).await.unwrap();
         let newer = migrate(&pool).await.unwrap_err().to_string();
         assert!(newer.contains("newer than this mayfly knows"), "{newer}");
+    }
+
+    #[tokio::test]
+    async fn migration_2_flags_the_break_glass_credentials_a_schema_1_ledger_holds() {
+        let Some((target, _)) = test_database().await else { return };
+        let pool = PgPoolOptions::new().max_connections(2).connect_with(target.options().unwrap()).await.unwrap();
+        sqlx::query("CREATE TABLE mayfly_schema (only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row), version INTEGER NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        for step in MIGRATIONS[0] {
+            sqlx::query(*step).execute(&pool).await.unwrap();
+        }
+        sqlx::query("INSERT INTO mayfly_schema (version) VALUES (1)").execute(&pool).await.unwrap();
+        // Two issuances as schema 1 stored them: the flag only in the emergency one's body.
+        let bodies = [
+            (
+                "c-normal",
+                r#"{"id":"c-normal","kind":"x509","identity":"spiffe://t/a","serial":"01","fingerprint":"f","not_before":1,"not_after":2,"decision_id":1}"#,
+            ),
+            (
+                "c-emergency",
+                r#"{"id":"c-emergency","kind":"x509","identity":"spiffe://t/a","serial":"02","fingerprint":"f","not_before":1,"not_after":2,"decision_id":1,"break_glass":true,"ticket":"INC-1"}"#,
+            ),
+        ];
+        for (seq, (id, body)) in (1_i64..).zip(bodies) {
+            sqlx::query("INSERT INTO events (chain, seq, at_ms, kind, body, prev_hash, hash) VALUES ('a', $1, 1, 'issued', $2, 'p', 'h')")
+                .bind(seq)
+                .bind(body)
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO credentials VALUES ($1, 'x509', 'spiffe://t/a', $2, 'f', 1, 2, 1, 'a', $3)")
+                .bind(id)
+                .bind(format!("0{seq}"))
+                .bind(seq)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        migrate(&pool).await.unwrap();
+        let reader = PgReader::connect(&target).await.unwrap();
+        let flagged = reader.credentials(CredentialFilter::BreakGlass).await.unwrap();
+        assert_eq!(flagged.iter().map(|r| r.credential.id.as_str()).collect::<Vec<_>>(), ["c-emergency"]);
+        assert!(flagged[0].credential.break_glass);
+        let all = reader.credentials(CredentialFilter::All).await.unwrap();
+        assert!(!all[0].credential.break_glass, "the other row stays unflagged");
     }
 
     #[tokio::test]

@@ -327,6 +327,7 @@ mod tests {
             not_before: 0,
             not_after: 0,
             decision_id: 1,
+            break_glass: false,
         }
     }
 
