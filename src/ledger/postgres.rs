@@ -210,7 +210,11 @@ pub async fn open(target: &Target, settings: &Settings) -> Result<(PgBackend, Pg
         max_staleness: settings.max_staleness,
         _claim: Arc::new(tokio::sync::Mutex::new(claim)),
     };
-    Ok((PgBackend { pool: pool.clone(), chain: settings.chain.clone() }, PgReader { pool }, shared))
+    Ok((
+        PgBackend { pool: pool.clone(), chain: settings.chain.clone() },
+        PgReader { pool, break_glass: "c.break_glass" },
+        shared,
+    ))
 }
 
 /// A writer for `mayfly ledger migrate`: the schema made current, `chain` not claimed by a
@@ -354,6 +358,9 @@ impl Backend for PgBackend {
 /// Every read of the shared ledger.
 pub struct PgReader {
     pool: PgPool,
+    /// The SQL for a credential row's break-glass flag: its column, or for a database
+    /// before schema 2 (no daemon of this release has started on it), its event's detail.
+    break_glass: &'static str,
 }
 
 impl PgReader {
@@ -372,7 +379,14 @@ impl PgReader {
             Some(v) if v > SCHEMA_VERSION => Err(LedgerError::Storage(format!(
                 "the ledger's schema is version {v}, newer than this mayfly knows ({SCHEMA_VERSION})"
             ))),
-            Some(_) => Ok(Self { pool }),
+            Some(v) => {
+                let break_glass = if v >= 2 {
+                    "c.break_glass"
+                } else {
+                    "COALESCE((e.body::jsonb ->> 'break_glass') = 'true', FALSE)"
+                };
+                Ok(Self { pool, break_glass })
+            }
             None => Err(LedgerError::Missing(target.to_string())),
         }
     }
@@ -416,20 +430,23 @@ impl PgReader {
     }
 
     async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<CredentialRow>, LedgerError> {
-        const COLUMNS: &str = "SELECT c.id, c.kind, c.identity, c.serial, c.fingerprint, c.not_before, c.not_after, c.decision_id, c.chain, c.issued_event, c.break_glass FROM credentials c JOIN events e ON e.chain = c.chain AND e.seq = c.issued_event";
+        let flag = self.break_glass;
+        let columns = format!(
+            "SELECT c.id, c.kind, c.identity, c.serial, c.fingerprint, c.not_before, c.not_after, c.decision_id, c.chain, c.issued_event, {flag} AS break_glass FROM credentials c JOIN events e ON e.chain = c.chain AND e.seq = c.issued_event"
+        );
         let rows = match f {
             CredentialFilter::All => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} ORDER BY e.pos"))).fetch_all(&self.pool).await
+                sqlx::query(sqlx::AssertSqlSafe(format!("{columns} ORDER BY e.pos"))).fetch_all(&self.pool).await
             }
             CredentialFilter::ActiveAt(now) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE c.not_after > $1 ORDER BY e.pos")))
+                sqlx::query(sqlx::AssertSqlSafe(format!("{columns} WHERE c.not_after > $1 ORDER BY e.pos")))
                     .bind(now)
                     .fetch_all(&self.pool)
                     .await
             }
             CredentialFilter::Expiring { after, until, limit } => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{COLUMNS} WHERE (c.not_after, c.id) > ($1, $2) AND c.not_after <= $3 ORDER BY c.not_after, c.id LIMIT $4"
+                    "{columns} WHERE (c.not_after, c.id) > ($1, $2) AND c.not_after <= $3 ORDER BY c.not_after, c.id LIMIT $4"
                 )))
                 .bind(after.0)
                 .bind(after.1)
@@ -439,7 +456,7 @@ impl PgReader {
                 .await
             }
             CredentialFilter::BreakGlass => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE c.break_glass ORDER BY e.pos")))
+                sqlx::query(sqlx::AssertSqlSafe(format!("{columns} WHERE {flag} ORDER BY e.pos")))
                     .fetch_all(&self.pool)
                     .await
             }
@@ -875,6 +892,10 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // Read before any migration (a newer `audit verify`): the flag comes from the events.
+        let unmigrated = PgReader::connect(&target).await.unwrap();
+        let flagged = unmigrated.credentials(CredentialFilter::BreakGlass).await.unwrap();
+        assert_eq!(flagged.iter().map(|r| r.credential.id.as_str()).collect::<Vec<_>>(), ["c-emergency"]);
         migrate(&pool).await.unwrap();
         let reader = PgReader::connect(&target).await.unwrap();
         let flagged = reader.credentials(CredentialFilter::BreakGlass).await.unwrap();

@@ -255,6 +255,9 @@ fn newer_refused(version: i64, shown: &str) -> Result<(), LedgerError> {
 /// Read-only access: every `LedgerRead` of this backend.
 pub struct SqliteReader {
     pool: SqlitePool,
+    /// The SQL for a credential row's break-glass flag: its column, or for a ledger before
+    /// schema 3, its `issued` event's detail.
+    break_glass: &'static str,
 }
 
 impl SqliteReader {
@@ -281,7 +284,15 @@ impl SqliteReader {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(storage)?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&pool).await.map_err(storage)?;
         newer_refused(version, &shown)?;
-        Ok(Self { pool })
+        // A ledger not migrated yet (a backup, a copy, a file whose daemon has not started
+        // this release) has no flag column: the flag is then read from each row's event,
+        // as the migration would have filled it.
+        let break_glass = if version >= 3 {
+            "break_glass"
+        } else {
+            "IFNULL((SELECT json_extract(body, '$.break_glass') = 1 FROM events WHERE seq = issued_event), 0)"
+        };
+        Ok(Self { pool, break_glass })
     }
 
     async fn select_events(&self, f: EventFilter) -> Result<Vec<StoredEvent>, LedgerError> {
@@ -341,20 +352,23 @@ impl SqliteReader {
     }
 
     async fn select_credentials(&self, f: CredentialFilter) -> Result<Vec<CredentialRow>, LedgerError> {
-        const COLUMNS: &str = "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event, break_glass FROM credentials";
+        let flag = self.break_glass;
+        let columns = format!(
+            "SELECT id, kind, identity, serial, fingerprint, not_before, not_after, decision_id, issued_event, {flag} AS break_glass FROM credentials"
+        );
         let rows = match f {
             CredentialFilter::All => {
-                sqlx::query(AssertSqlSafe(format!("{COLUMNS} ORDER BY issued_event"))).fetch_all(&self.pool).await
+                sqlx::query(AssertSqlSafe(format!("{columns} ORDER BY issued_event"))).fetch_all(&self.pool).await
             }
             CredentialFilter::ActiveAt(now) => {
-                sqlx::query(AssertSqlSafe(format!("{COLUMNS} WHERE not_after > ? ORDER BY issued_event")))
+                sqlx::query(AssertSqlSafe(format!("{columns} WHERE not_after > ? ORDER BY issued_event")))
                     .bind(now)
                     .fetch_all(&self.pool)
                     .await
             }
             CredentialFilter::Expiring { after, until, limit } => {
                 sqlx::query(AssertSqlSafe(format!(
-                    "{COLUMNS} WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ? ORDER BY not_after, id LIMIT ?"
+                    "{columns} WHERE (not_after > ? OR (not_after = ? AND id > ?)) AND not_after <= ? ORDER BY not_after, id LIMIT ?"
                 )))
                 .bind(after.0)
                 .bind(after.0)
@@ -365,7 +379,7 @@ impl SqliteReader {
                 .await
             }
             CredentialFilter::BreakGlass => {
-                sqlx::query(AssertSqlSafe(format!("{COLUMNS} WHERE break_glass ORDER BY issued_event")))
+                sqlx::query(AssertSqlSafe(format!("{columns} WHERE {flag} ORDER BY issued_event")))
                     .fetch_all(&self.pool)
                     .await
             }
@@ -549,6 +563,12 @@ mod tests {
         }
         sqlx::query("PRAGMA user_version = 2").execute(&mut conn).await.unwrap();
         conn.close().await.unwrap();
+        // Read before any migration (a backup, `audit verify` on a copy): the flag comes from
+        // the events.
+        let unmigrated = SqliteReader::open(&path).await.unwrap();
+        let flagged = unmigrated.credentials(CredentialFilter::BreakGlass).await.unwrap();
+        assert_eq!(flagged.iter().map(|r| r.credential.id.as_str()).collect::<Vec<_>>(), ["c-emergency"]);
+        unmigrated.pool.close().await;
 
         SqliteBackend::open(&path, Duration::from_secs(1)).await.unwrap().close().await.unwrap();
         assert_eq!(user_version(&path).await, SCHEMA_VERSION);
