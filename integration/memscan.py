@@ -4,12 +4,14 @@
   fetch OUT       FetchX509SVID over raw gRPC (SPIFFE_ENDPOINT_SOCKET, with the security
                   header), exactly as sent: the key to OUT.key and the certificate to
                   OUT.cert (mode 0600), then close the stream. Prints the SPIFFE ID.
-  scan PID KEY CERT
+  scan PID KEY CERT CA
                   Read every writable private mapping of PID (/proc/PID/maps, /proc/PID/mem;
                   needs root once the daemon is not dumpable) and count the copies of: the
                   PKCS#8 key as sent, its 32-byte private scalar (big-endian, and byte-reversed
-                  as little-endian limbs), and the certificate (public; the daemon keeps it
-                  while the stream lives, so it is the control that the scan sees the heap).
+                  as little-endian limbs), the certificate (public; counted, not required:
+                  once the stream is closed its buffers may be freed and purged), and the
+                  bundle's CA certificate (OUT.ca, also written by fetch), which the daemon
+                  holds for its whole life: the control that the scan sees the heap.
                   Prints one JSON line.
 
 Set up: the integration venv with py-spiffe (for its generated messages) and grpcio.
@@ -35,11 +37,21 @@ def fetch(out):
     stream.cancel()
     channel.close()
     svid = first.svids[0]
-    for suffix, data in ((".key", svid.x509_svid_key), (".cert", svid.x509_svid)):
+    for suffix, data in ((".key", svid.x509_svid_key), (".cert", svid.x509_svid), (".ca", first_der(svid.bundle))):
         fd = os.open(out + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     print(svid.spiffe_id)
+
+
+def first_der(data):
+    """The first DER element of concatenated ones (the bundle's first CA certificate)."""
+    if len(data) < 2 or data[0] != 0x30:
+        raise SystemExit("memscan: the bundle is not DER")
+    if data[1] < 0x80:
+        return data[: 2 + data[1]]
+    n = data[1] & 0x7F
+    return data[: 2 + n + int.from_bytes(data[2 : 2 + n], "big")]
 
 
 def scalar(pkcs8):
@@ -59,9 +71,15 @@ def regions(pid):
                 yield start, end
 
 
-def scan(pid, key_file, cert_file):
-    key, cert = open(key_file, "rb").read(), open(cert_file, "rb").read()
-    needles = {"key_der": key, "scalar": scalar(key), "scalar_reversed": scalar(key)[::-1], "certificate": cert}
+def scan(pid, key_file, cert_file, ca_file):
+    key, cert, ca = (open(f, "rb").read() for f in (key_file, cert_file, ca_file))
+    needles = {
+        "key_der": key,
+        "scalar": scalar(key),
+        "scalar_reversed": scalar(key)[::-1],
+        "certificate": cert,
+        "ca": ca,
+    }
     counts = {name: 0 for name in needles}
     longest = max(len(n) for n in needles.values())
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -91,8 +109,8 @@ def scan(pid, key_file, cert_file):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "fetch":
         fetch(sys.argv[2])
-    elif len(sys.argv) == 5 and sys.argv[1] == "scan":
-        scan(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 6 and sys.argv[1] == "scan":
+        scan(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     else:
         print(__doc__)
         sys.exit(2)

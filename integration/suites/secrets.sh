@@ -34,12 +34,12 @@ core_limit_is_zero() { # pid
   grep -Eq '^Max core file size +0 +0 ' "/proc/$1/limits"
 }
 
-no_copy_left() { # scan-json: the key (DER, raw scalar either way round) nowhere; the certificate found
+no_copy_left() { # scan-json: the key (DER, raw scalar either way round) nowhere; the CA certificate found
   cat "$1"
   python3 -c '
 import json, sys
 c = json.load(open(sys.argv[1]))
-sys.exit(0 if c["key_der"] == c["scalar"] == c["scalar_reversed"] == 0 and c["certificate"] >= 1 else 1)' "$1"
+sys.exit(0 if c["key_der"] == c["scalar"] == c["scalar_reversed"] == 0 and c["ca"] >= 1 else 1)' "$1"
 }
 
 command -v setpriv >/dev/null || { echo "integration: setpriv (util-linux) is required"; exit 2; }
@@ -67,7 +67,7 @@ export SPIFFE_ENDPOINT_SOCKET=unix://$nb/mayfly.sock
 check "a workload (nobody) fetches an X509-SVID with a server-made key" as_nobody "$venv/bin/python" "$root/integration/memscan.py" fetch "$nb/sent"
 unset SPIFFE_ENDPOINT_SOCKET
 sleep 1
-check "root scans the daemon's memory"            save "$work/scan.json" "$venv/bin/python" "$root/integration/memscan.py" scan "$pid" "$nb/sent.key" "$nb/sent.cert"
-check "no copy of the sent key is left in it (the certificate is found)" no_copy_left "$work/scan.json"
+check "root scans the daemon's memory"            save "$work/scan.json" "$venv/bin/python" "$root/integration/memscan.py" scan "$pid" "$nb/sent.key" "$nb/sent.cert" "$nb/sent.ca"
+check "no copy of the sent key is left in it (the CA certificate, its control, is found)" no_copy_left "$work/scan.json"
 rm -f "$nb/sent.key"
 check "dev stops cleanly"                         stop_daemon
