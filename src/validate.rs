@@ -324,6 +324,12 @@ mod tests {
         };
         let presented =
             |wpt: &'static str| wpt::Presented { wit: token, wpt, audience: aud, access_token: None, txn_token: None };
+        // More than a page of JWT-SVID validations first (uses without a proof), all inside
+        // the window: the proof's use lands on the second page that a restart reads.
+        for n in 0..5000 {
+            let used = Used { credential_id: format!("jwt-{n}"), kind: "jwt".into(), ..Used::default() };
+            t.ledger.record(t.clock.now(), Event::Used(used)).await.unwrap();
+        }
         let wpt: &'static str = proof(30).leak();
         let ok = validator.verify_proof(&presented(wpt), "127.0.0.1:5").await.unwrap();
         assert_eq!(
@@ -350,12 +356,6 @@ mod tests {
         assert_eq!(first[0].audience.as_deref(), Some(aud));
         // Once only; refusals before acceptance are not uses.
         assert!(matches!(validator.verify_proof(&presented(wpt), "x").await, Err(ProofError::Replayed)));
-        // More than a page of JWT-SVID validations after it (uses without a proof), all
-        // inside the window: read page by page and not counted as proofs.
-        for n in 0..5000 {
-            let used = Used { credential_id: format!("jwt-{n}"), kind: "jwt".into(), ..Used::default() };
-            t.ledger.record(t.clock.now(), Event::Used(used)).await.unwrap();
-        }
         // A restart: the new validator learns the accepted proof from the ledger.
         let restarted = Validator::new(
             t.jwt.clone(),
